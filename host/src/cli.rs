@@ -1,0 +1,295 @@
+//! The `grenache-host` command line.
+//!
+//! Exit codes are part of the interface: 0 success, 1 the service answered
+//! with an error (or failed while answering), 2 the command could not run as
+//! asked (bad arguments, a plugin that does not load, invalid JSON).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::plugin::{self, Limits, NoNetwork, Runtime};
+
+/// Exit code for "the service answered with an error".
+pub const EXIT_SERVICE_ERROR: u8 = 1;
+/// Exit code for "the command could not run as asked".
+pub const EXIT_USAGE: u8 = 2;
+
+/// Run Grenache microservices as sandboxed WebAssembly plugins.
+///
+/// A plugin is a wasm component built for wasm32-wasip2 against wit/plugin.wit.
+/// Each request runs in a fresh sandboxed instance with its own memory and
+/// time limits: a plugin that crashes fails that request only.
+#[derive(Debug, Parser)]
+#[command(name = "grenache-host", version, propagate_version = true)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug or trace. RUST_LOG, when set, wins.
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Call a plugin's handler once, locally, without any network.
+    ///
+    /// Prints the reply as compact JSON on one line and exits 0. A handler
+    /// error is printed on stderr with exit code 1. A payload that is not JSON
+    /// is refused before the plugin runs (exit code 2). Outgoing requests the
+    /// plugin makes fail with "no network in this mode".
+    ///
+    /// Example: grenache-host invoke plugins/fibonacci.wasm fibonacci_worker '{"length":10}'
+    Invoke {
+        /// The plugin file (a wasm component).
+        plugin: PathBuf,
+        /// The service to call, one the plugin serves (see `inspect`).
+        service: String,
+        /// The request payload, as JSON.
+        payload: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Load a plugin and print its manifest: the services it serves and the
+    /// services it wants punched when its host is behind a NAT.
+    Inspect {
+        /// The plugin file (a wasm component).
+        plugin: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// Per-request sandbox limits.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Memory one request may use, e.g. 64MiB, 512KiB, 1GiB.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub memory_limit: u64,
+    /// Wall time one request may take, host calls included, e.g. 5s, 250ms.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub time_limit: Duration,
+    /// Largest reply a plugin may return, e.g. 1MiB.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_reply: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.memory_limit,
+            time: self.time_limit,
+            max_reply_bytes: usize::try_from(self.max_reply).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// Parses `123`, `64KiB`, `64MiB`, `1GiB` (also `KB`/`MB`/`GB`, read as the
+/// binary units) into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or 1GiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?}; use KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("{text:?}: a size must be more than zero"));
+    }
+    Ok(bytes)
+}
+
+/// Parses `250ms`, `5s`, `2m` into a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; write e.g. 250ms, 5s or 2m"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {text:?}; use ms, s or m"
+            ))
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("{text:?}: a duration must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// Sets up `tracing` on stderr: `RUST_LOG` if set, else `--log-level`.
+pub fn init_logging(level: &str) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(&spec)
+            .map_err(|e| format!("RUST_LOG={spec:?} is not a valid filter: {e}"))?,
+        _ => EnvFilter::try_new(level).map_err(|e| {
+            format!(
+                "--log-level {level:?} is not valid ({e}); use error, warn, info, debug or trace"
+            )
+        })?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    Ok(())
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Invoke {
+            plugin,
+            service,
+            payload,
+            limits,
+        } => invoke(plugin, service, payload, limits).await,
+        Command::Inspect { plugin, limits } => inspect(plugin, limits).await,
+    }
+}
+
+/// Prints `error: <message>` and returns the usage exit code.
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+async fn load(
+    path: &std::path::Path,
+    limits: &LimitArgs,
+) -> Result<plugin::LoadedPlugin, ExitCode> {
+    let runtime = Runtime::new(limits.limits()).map_err(usage_error)?;
+    runtime
+        .load(path, Arc::new(NoNetwork))
+        .await
+        .map_err(usage_error)
+}
+
+async fn invoke(path: PathBuf, service: String, payload: String, limits: LimitArgs) -> ExitCode {
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {
+        return usage_error(format!(
+            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"
+        ));
+    }
+    let plugin = match load(&path, &limits).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if !plugin.serves().contains(&service) {
+        return usage_error(format!(
+            "{} does not serve {service:?}; it serves: {}",
+            path.display(),
+            plugin.serves().join(", ")
+        ));
+    }
+    match plugin.handle(&service, &payload).await {
+        Ok(reply) => {
+            // The runtime has checked the reply is JSON; print it compactly.
+            match serde_json::from_str::<serde_json::Value>(&reply) {
+                Ok(value) => {
+                    println!("{value}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: reply is not JSON: {e}");
+                    ExitCode::from(EXIT_SERVICE_ERROR)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_SERVICE_ERROR)
+        }
+    }
+}
+
+async fn inspect(path: PathBuf, limits: LimitArgs) -> ExitCode {
+    let plugin = match load(&path, &limits).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let manifest = serde_json::json!({
+        "plugin": plugin.name(),
+        "serves": plugin.serves(),
+        "punch": plugin.punch_targets(),
+    });
+    println!("{manifest}");
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").unwrap_err().contains("64MiB"));
+        assert!(parse_size("5TiB").unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

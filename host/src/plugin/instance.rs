@@ -1,0 +1,169 @@
+//! The per-request side of the runtime: what lives in each `Store` and how
+//! the plugin's imports (`host.request`, `host.request-peer`, `host.log`) are
+//! served.
+//!
+//! A fresh [`RequestState`] is built for every call into a plugin, so nothing
+//! a plugin does survives its request, and a trap poisons only that store.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{bindgen, ResourceTable};
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::network::{OutboundError, PluginNetwork};
+use super::output::CapturedOutput;
+
+bindgen!({
+    path: "../wit",
+    world: "plugin",
+    imports: { default: async },
+    exports: { default: async },
+});
+
+pub use grenache::plugin::types::PluginManifest as Manifest;
+use grenache::plugin::types::{Level, RequestError};
+
+/// Tables in a component are small; this is far above what a Rust plugin
+/// uses and only stops a runaway `table.grow`.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Everything one request's `Store` holds.
+pub struct RequestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Name of the plugin, for log lines.
+    pub(crate) plugin: Arc<str>,
+    network: Arc<dyn PluginNetwork>,
+    /// Wall-clock instant at which the request must have finished.
+    pub(crate) deadline: Instant,
+    /// Set when the epoch callback stopped the plugin for running too long.
+    pub(crate) timed_out: bool,
+    memory_limit: usize,
+    /// Set to the size asked for when the plugin tried to grow past its limit.
+    pub(crate) memory_refused: Option<usize>,
+    pub(crate) output: CapturedOutput,
+}
+
+impl RequestState {
+    pub(crate) fn new(
+        plugin: Arc<str>,
+        network: Arc<dyn PluginNetwork>,
+        deadline: Instant,
+        memory_limit: usize,
+    ) -> Self {
+        let output = CapturedOutput::default();
+        // No preopened directories, no environment, no arguments, no sockets:
+        // the plugin reaches the world only through the `host` interface.
+        let wasi = WasiCtx::builder()
+            .stdout(output.clone())
+            .stderr(output.clone())
+            .build();
+        RequestState {
+            wasi,
+            table: ResourceTable::new(),
+            plugin,
+            network,
+            deadline,
+            timed_out: false,
+            memory_limit,
+            memory_refused: None,
+            output,
+        }
+    }
+
+    /// The time a host call may take: the plugin's own timeout, cut to what
+    /// is left of this request's budget.
+    fn host_call_timeout(&self, timeout_ms: u32) -> Duration {
+        let asked = Duration::from_millis(u64::from(timeout_ms));
+        asked.min(self.deadline.saturating_duration_since(Instant::now()))
+    }
+}
+
+impl WasiView for RequestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl ResourceLimiter for RequestState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.memory_refused = Some(desired);
+            wasmtime::bail!("memory limit of {} bytes exceeded", self.memory_limit);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl From<OutboundError> for RequestError {
+    fn from(e: OutboundError) -> Self {
+        match e {
+            OutboundError::NoPeers(m) => RequestError::NoPeers(m),
+            OutboundError::Timeout(m) => RequestError::Timeout(m),
+            OutboundError::Remote(m) => RequestError::Remote(m),
+            OutboundError::Transport(m) => RequestError::Transport(m),
+            OutboundError::Denied(m) => RequestError::Denied(m),
+        }
+    }
+}
+
+impl grenache::plugin::types::Host for RequestState {}
+
+impl grenache::plugin::host::Host for RequestState {
+    async fn request(
+        &mut self,
+        service: String,
+        payload: String,
+        timeout_ms: u32,
+    ) -> Result<String, RequestError> {
+        let timeout = self.host_call_timeout(timeout_ms);
+        self.network
+            .request(service, payload, timeout)
+            .await
+            .map_err(RequestError::from)
+    }
+
+    async fn request_peer(
+        &mut self,
+        peer: String,
+        service: String,
+        payload: String,
+        timeout_ms: u32,
+    ) -> Result<String, RequestError> {
+        let timeout = self.host_call_timeout(timeout_ms);
+        self.network
+            .request_peer(peer, service, payload, timeout)
+            .await
+            .map_err(RequestError::from)
+    }
+
+    async fn log(&mut self, level: Level, message: String) {
+        let plugin = &*self.plugin;
+        match level {
+            Level::Trace => tracing::trace!(target: "plugin", "[{plugin}] {message}"),
+            Level::Debug => tracing::debug!(target: "plugin", "[{plugin}] {message}"),
+            Level::Info => tracing::info!(target: "plugin", "[{plugin}] {message}"),
+            Level::Warn => tracing::warn!(target: "plugin", "[{plugin}] {message}"),
+            Level::Error => tracing::error!(target: "plugin", "[{plugin}] {message}"),
+        }
+    }
+}

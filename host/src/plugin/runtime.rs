@@ -1,0 +1,546 @@
+//! The plugin runtime: one wasmtime [`Engine`] shared by every plugin, and a
+//! [`LoadedPlugin`] per component file, pre-instantiated once and
+//! instantiated afresh in its own `Store` for every call.
+//!
+//! Limits are enforced per call: memory through a [`wasmtime::ResourceLimiter`]
+//! on the store, wall time through epoch interruption (an OS thread ticks the
+//! engine's epoch; the store's deadline callback yields to tokio on each tick
+//! and stops the plugin once the deadline has passed). Whatever goes wrong in
+//! a call (trap, panic, timeout, memory) becomes a [`CallError`] for that call
+//! only: its store is dropped and the next call starts clean.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
+
+use super::instance::{Manifest, Plugin, PluginPre, RequestState};
+use super::network::PluginNetwork;
+
+/// Default memory one call may use: 64 MiB.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
+/// Default wall time one call may take, host calls included: 5 s.
+pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(5);
+/// Default largest reply a plugin may return: 1 MiB (the RPC payload cap).
+pub const DEFAULT_MAX_REPLY: usize = 1 << 20;
+/// How often the engine's epoch advances; the granularity of time limits.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Component instances that may be alive at once across all plugins.
+const MAX_LIVE_INSTANCES: u32 = 256;
+/// A Rust wasip2 component uses three core instances; leave headroom.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
+
+/// Per-call limits applied to every plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest linear memory a call may grow to, in bytes.
+    pub memory_bytes: u64,
+    /// Wall time a call may take, including time spent in host calls.
+    pub time: Duration,
+    /// Largest reply (JSON text) a plugin may return, in bytes.
+    pub max_reply_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: DEFAULT_MEMORY_LIMIT,
+            time: DEFAULT_TIME_LIMIT,
+            max_reply_bytes: DEFAULT_MAX_REPLY,
+        }
+    }
+}
+
+/// Why a plugin file could not be loaded. Each message is one line naming the
+/// file, the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot load {path}: file not found; check the path, or build the bundled plugins with `cargo xtask plugins`")]
+    NotFound { path: PathBuf },
+    #[error("cannot load {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("cannot load {path}: not a WebAssembly file (it does not start with `\\0asm`); pass a component built with `cargo build --target wasm32-wasip2`")]
+    NotWasm { path: PathBuf },
+    #[error("cannot load {path}: a core wasm module, not a component (built for wasm32-unknown-unknown or wasm32-wasip1?); build it with `cargo build --target wasm32-wasip2`")]
+    CoreModule { path: PathBuf },
+    #[error("cannot load {path}: invalid component ({reason}); rebuild it with `cargo build --target wasm32-wasip2`")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot load {path}: not a grenache plugin ({reason}); build it against wit/ with `wit_bindgen::generate!({{ path: \"wit\", world: \"plugin\" }})`")]
+    WrongWorld { path: PathBuf, reason: String },
+    #[error(
+        "cannot load {path}: its manifest() failed ({reason}); fix the plugin's manifest function"
+    )]
+    Manifest { path: PathBuf, reason: String },
+}
+
+/// Why one call into a plugin failed. The `Display` text is what a Grenache
+/// caller receives as the `err` string.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The plugin's handler returned an error message.
+    #[error("{0}")]
+    Handler(String),
+    /// The plugin ran past its time limit and was stopped.
+    #[error("plugin {plugin} exceeded its time limit of {limit:?} and was stopped")]
+    TimeLimit { plugin: String, limit: Duration },
+    /// The plugin tried to grow its memory past its limit and was stopped.
+    #[error("plugin {plugin} exceeded its memory limit of {limit} MiB (asked for {asked} MiB) and was stopped")]
+    MemoryLimit {
+        plugin: String,
+        limit: u64,
+        asked: u64,
+    },
+    /// The plugin trapped (a Rust panic shows up here with its message).
+    #[error("plugin {plugin} crashed: {detail}")]
+    Trap { plugin: String, detail: String },
+    /// The plugin answered, but with something the host must not pass on.
+    #[error("plugin {plugin} returned an invalid reply: {detail}")]
+    BadReply { plugin: String, detail: String },
+}
+
+/// The shared runtime: the engine, the linker with the host's imports, and
+/// the limits every call gets.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<RequestState>>,
+    limits: Limits,
+}
+
+impl Runtime {
+    /// Builds the engine (pooling allocator sized for `limits`, epoch
+    /// interruption) and starts its epoch ticker thread.
+    pub fn new(limits: Limits) -> anyhow::Result<Self> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(MAX_LIVE_INSTANCES)
+            .total_core_instances(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(MAX_LIVE_INSTANCES * 2)
+            .total_tables(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
+            .total_stacks(MAX_LIVE_INSTANCES)
+            .max_memory_size(usize::try_from(limits.memory_bytes)?)
+            .max_unused_warm_slots(32);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            // Plugins use the WASIp2 (sync ABI) contract only; calls are ~3x
+            // cheaper without component-model concurrency.
+            .concurrency_support(false)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)
+            .map_err(|e| anyhow::anyhow!("cannot start the wasm engine: {e:#}"))?;
+
+        // The ticker is an OS thread, not a tokio task: a plugin spinning on
+        // a runtime worker must not be able to starve it.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| anyhow::anyhow!("cannot link WASI: {e:#}"))?;
+        Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the host interface: {e:#}"))?;
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            limits,
+        })
+    }
+
+    /// The limits every call gets.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Reads, compiles and type-checks a plugin file, then reads its
+    /// manifest. Everything that can go wrong with the file is a [`LoadError`].
+    pub async fn load(
+        &self,
+        path: &Path,
+        network: Arc<dyn PluginNetwork>,
+    ) -> Result<LoadedPlugin, LoadError> {
+        let path_buf = path.to_path_buf();
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => LoadError::NotFound {
+                path: path_buf.clone(),
+            },
+            _ => LoadError::Unreadable {
+                path: path_buf.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+        check_component_header(&bytes, path)?;
+
+        // Compiling takes a while (Cranelift); keep it off the async workers.
+        let engine = self.engine.clone();
+        let component =
+            tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
+                .await
+                .map_err(|e| LoadError::Invalid {
+                    path: path_buf.clone(),
+                    reason: e.to_string(),
+                })?
+                .map_err(|e| LoadError::Invalid {
+                    path: path_buf.clone(),
+                    reason: one_line(&e),
+                })?;
+
+        let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
+            path: path_buf.clone(),
+            reason: one_line(&e),
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
+        let pre = PluginPre::new(pre).map_err(wrong_world)?;
+
+        let name: Arc<str> = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "plugin".to_string())
+            .into();
+        let mut plugin = LoadedPlugin {
+            name,
+            path: path_buf.clone(),
+            pre,
+            runtime: self.clone(),
+            network,
+            manifest: Manifest {
+                serves: vec![],
+                punch: vec![],
+            },
+        };
+        plugin.manifest = plugin
+            .read_manifest()
+            .await
+            .map_err(|e| LoadError::Manifest {
+                path: path_buf.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(bad) = plugin
+            .manifest
+            .serves
+            .iter()
+            .chain(&plugin.manifest.punch)
+            .find(|s| !valid_service_name(s))
+        {
+            return Err(LoadError::Manifest {
+                path: path_buf,
+                reason: format!(
+                    "service name {bad:?} is empty, too long or has control characters"
+                ),
+            });
+        }
+        Ok(plugin)
+    }
+}
+
+/// A service name must be usable as a DHT key and an RPC key.
+fn valid_service_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 256 && !name.chars().any(char::is_control)
+}
+
+/// Tells a core module, a component and something else apart from the
+/// header, so the error can say which of them the user passed.
+fn check_component_header(bytes: &[u8], path: &Path) -> Result<(), LoadError> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(LoadError::NotWasm {
+            path: path.to_path_buf(),
+        });
+    }
+    // Bytes 4..8: version (u16 LE) then layer (u16 LE); layer 0 is a core
+    // module, layer 1 a component.
+    let layer = u16::from_le_bytes([bytes[6], bytes[7]]);
+    match layer {
+        0 => Err(LoadError::CoreModule {
+            path: path.to_path_buf(),
+        }),
+        1 => Ok(()),
+        other => Err(LoadError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("unknown wasm binary layer {other}"),
+        }),
+    }
+}
+
+/// wasmtime errors carry a chain of causes, sometimes over several lines;
+/// user-facing messages are one line.
+fn one_line(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One plugin file, compiled and type-checked, ready to be instantiated for
+/// each call.
+pub struct LoadedPlugin {
+    name: Arc<str>,
+    path: PathBuf,
+    pre: PluginPre<RequestState>,
+    runtime: Runtime,
+    network: Arc<dyn PluginNetwork>,
+    manifest: Manifest,
+}
+
+impl LoadedPlugin {
+    /// The plugin's name: its file name without `.wasm`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The services it serves.
+    pub fn serves(&self) -> &[String] {
+        &self.manifest.serves
+    }
+
+    /// The services it wants punched when its host is behind a NAT.
+    pub fn punch_targets(&self) -> &[String] {
+        &self.manifest.punch
+    }
+
+    /// A fresh store with this call's limits.
+    fn new_store(&self) -> Store<RequestState> {
+        let limits = self.runtime.limits;
+        let deadline = Instant::now() + limits.time;
+        let state = RequestState::new(
+            self.name.clone(),
+            self.network.clone(),
+            deadline,
+            usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+        );
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|s| s);
+        // Check the clock on every tick: yield to tokio so other tasks run
+        // while a plugin computes, and stop the plugin once its time is up.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut cx| {
+            if Instant::now() >= cx.data().deadline {
+                cx.data_mut().timed_out = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        store
+    }
+
+    /// Turns a failed call into the reason the caller sees, and logs what the
+    /// plugin printed.
+    fn finish(
+        &self,
+        store: &Store<RequestState>,
+        err: Option<wasmtime::Error>,
+    ) -> Option<CallError> {
+        let state = store.data();
+        self.log_output(state);
+        let err = err?;
+        let plugin = self.name.to_string();
+        let error = if state.timed_out {
+            CallError::TimeLimit {
+                plugin,
+                limit: self.runtime.limits.time,
+            }
+        } else if let Some(asked) = state.memory_refused {
+            CallError::MemoryLimit {
+                plugin,
+                limit: self.runtime.limits.memory_bytes >> 20,
+                asked: (asked as u64).div_ceil(1 << 20),
+            }
+        } else {
+            let mut detail = match err.downcast_ref::<Trap>() {
+                // Rust keeps its stack in linear memory, so a stack overflow
+                // surfaces as an access below address zero.
+                Some(Trap::MemoryOutOfBounds) => {
+                    format!(
+                        "{} (a stack overflow in the plugin looks like this)",
+                        Trap::MemoryOutOfBounds
+                    )
+                }
+                Some(trap) => trap.to_string(),
+                None => one_line(&err),
+            };
+            if let Some(panic) = state.output.panic_message() {
+                detail = format!("{panic} ({detail})");
+            }
+            CallError::Trap { plugin, detail }
+        };
+        // Callers decide how loudly to report a failed call.
+        tracing::debug!("{error}");
+        Some(error)
+    }
+
+    fn log_output(&self, state: &RequestState) {
+        let (lines, dropped) = state.output.lines();
+        for line in lines {
+            tracing::info!(target: "plugin", "[{}] {line}", self.name);
+        }
+        if dropped > 0 {
+            tracing::warn!(target: "plugin", "[{}] {dropped} bytes of output dropped", self.name);
+        }
+    }
+
+    /// Runs `call` with a hard wall-clock cap slightly above the time limit,
+    /// in case the plugin is stuck somewhere epochs cannot reach.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = wasmtime::Result<T>>,
+    ) -> wasmtime::Result<T> {
+        let cap = self.runtime.limits.time + Duration::from_secs(1);
+        match tokio::time::timeout(cap, call).await {
+            Ok(result) => result,
+            Err(_) => Err(wasmtime::format_err!("stopped after {cap:?}")),
+        }
+    }
+
+    async fn read_manifest(&self) -> Result<Manifest, CallError> {
+        let mut store = self.new_store();
+        let result = self
+            .bounded(async {
+                let instance = self.pre.instantiate_async(&mut store).await?;
+                instance
+                    .grenache_plugin_service()
+                    .call_manifest(&mut store)
+                    .await
+            })
+            .await;
+        match result {
+            Ok(manifest) => {
+                self.finish(&store, None);
+                Ok(manifest)
+            }
+            Err(e) => Err(self.finish(&store, Some(e)).expect("an error was passed")),
+        }
+    }
+
+    /// Calls the plugin's `handle(service, payload)` in a fresh instance.
+    /// On success the reply is JSON text no larger than the reply limit.
+    pub async fn handle(&self, service: &str, payload: &str) -> Result<String, CallError> {
+        let mut store = self.new_store();
+        let result = self
+            .bounded(async {
+                let instance = self.pre.instantiate_async(&mut store).await?;
+                instance
+                    .grenache_plugin_service()
+                    .call_handle(&mut store, service, payload)
+                    .await
+            })
+            .await;
+        let reply = match result {
+            Ok(Ok(reply)) => {
+                self.finish(&store, None);
+                reply
+            }
+            Ok(Err(message)) => {
+                self.finish(&store, None);
+                return Err(CallError::Handler(message));
+            }
+            Err(e) => return Err(self.finish(&store, Some(e)).expect("an error was passed")),
+        };
+        self.check_reply(reply)
+    }
+
+    fn check_reply(&self, reply: String) -> Result<String, CallError> {
+        let bad = |detail: String| {
+            let e = CallError::BadReply {
+                plugin: self.name.to_string(),
+                detail,
+            };
+            tracing::debug!("{e}");
+            e
+        };
+        let limit = self.runtime.limits.max_reply_bytes;
+        if reply.len() > limit {
+            return Err(bad(format!(
+                "{} bytes, more than the {limit}-byte limit",
+                reply.len()
+            )));
+        }
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&reply) {
+            return Err(bad(format!("not JSON ({e})")));
+        }
+        Ok(reply)
+    }
+
+    /// Tells the plugin that `peer` punched this host.
+    pub async fn on_punch(&self, peer: &str) -> Result<(), CallError> {
+        let mut store = self.new_store();
+        let result = self
+            .bounded(async {
+                let instance = self.pre.instantiate_async(&mut store).await?;
+                instance
+                    .grenache_plugin_service()
+                    .call_on_punch(&mut store, &peer.to_string())
+                    .await
+            })
+            .await;
+        match self.finish(&store, result.err()) {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_tells_module_component_and_garbage_apart() {
+        let p = Path::new("x.wasm");
+        assert!(matches!(
+            check_component_header(b"hello world", p),
+            Err(LoadError::NotWasm { .. })
+        ));
+        assert!(matches!(
+            check_component_header(b"\0asm", p),
+            Err(LoadError::NotWasm { .. })
+        ));
+        assert!(matches!(
+            check_component_header(b"\0asm\x01\0\0\0", p),
+            Err(LoadError::CoreModule { .. })
+        ));
+        assert!(check_component_header(b"\0asm\x0d\0\x01\0", p).is_ok());
+    }
+
+    #[test]
+    fn load_errors_are_one_line_and_name_the_file() {
+        let e = LoadError::CoreModule {
+            path: "plugins/x.wasm".into(),
+        };
+        let text = e.to_string();
+        assert!(!text.contains('\n'));
+        assert!(text.starts_with("cannot load plugins/x.wasm: "));
+        assert!(text.contains("wasm32-wasip2"));
+    }
+
+    #[test]
+    fn service_names() {
+        assert!(valid_service_name("fibonacci_worker"));
+        assert!(!valid_service_name(""));
+        assert!(!valid_service_name("a\nb"));
+        assert!(!valid_service_name(&"x".repeat(300)));
+    }
+}

@@ -1,0 +1,143 @@
+//! `fibonacci_worker`: the worker of Grenache's classic hole-punching example.
+//!
+//! `{"length": n}` answers the first `n` terms with `f(0) = f(1) = 1`, so
+//! `{"length":10}` gives `[1,1,2,3,5,8,13,21,34,55]`.
+//!
+//! Every answer is exact for every consumer: terms are JSON numbers, and a
+//! JavaScript consumer (the Node.js side of Grenache) reads numbers as IEEE
+//! doubles, exact only up to 2^53 − 1. So the worker refuses any length whose
+//! last term would pass that bound ([`MAX_LENGTH`] = 78) instead of sending a
+//! number some consumers would silently round.
+
+#[cfg(target_arch = "wasm32")]
+mod bindings {
+    wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
+
+    use exports::grenache::plugin::service::{Guest, PluginManifest};
+
+    struct Fibonacci;
+
+    impl Guest for Fibonacci {
+        fn manifest() -> PluginManifest {
+            PluginManifest {
+                serves: vec![super::SERVICE.to_string()],
+                punch: vec!["fibonacci_consumer".to_string()],
+            }
+        }
+
+        fn handle(service: String, payload: String) -> Result<String, String> {
+            if service != super::SERVICE {
+                return Err(format!(
+                    "this plugin serves {}, not {service}",
+                    super::SERVICE
+                ));
+            }
+            super::answer(&payload)
+        }
+
+        fn on_punch(_peer: String) {}
+    }
+
+    export!(Fibonacci);
+}
+
+/// The Grenache service name this plugin answers.
+pub const SERVICE: &str = "fibonacci_worker";
+
+/// Largest integer every JSON consumer reads exactly (JavaScript's
+/// `Number.MAX_SAFE_INTEGER`).
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// Longest sequence whose terms all stay within [`MAX_SAFE_INTEGER`].
+pub const MAX_LENGTH: u64 = 78;
+
+/// Answers one request: parses `{"length": n}` and returns the sequence as
+/// JSON text, or a message saying what is wrong with the request.
+pub fn answer(payload: &str) -> Result<String, String> {
+    let length = parse_length(payload)?;
+    let terms = sequence(length)?;
+    Ok(serde_json::Value::from(terms).to_string())
+}
+
+fn parse_length(payload: &str) -> Result<u64, String> {
+    const USAGE: &str = r#"send {"length": n} with n a whole number from 0 to 78"#;
+    let value: serde_json::Value =
+        serde_json::from_str(payload).map_err(|e| format!("payload is not JSON ({e}); {USAGE}"))?;
+    let length = value
+        .get("length")
+        .ok_or_else(|| format!("missing \"length\"; {USAGE}"))?;
+    match length.as_u64() {
+        Some(n) => Ok(n),
+        None if length.as_i64().is_some() => Err(format!("length {length} is negative; {USAGE}")),
+        None => Err(format!("length {length} is not a whole number; {USAGE}")),
+    }
+}
+
+/// The first `length` terms of the sequence with `f(0) = f(1) = 1`.
+///
+/// Refuses lengths whose terms would exceed [`MAX_SAFE_INTEGER`].
+pub fn sequence(length: u64) -> Result<Vec<u64>, String> {
+    if length > MAX_LENGTH {
+        return Err(format!(
+            "length {length} is too large: term {length} would exceed 2^53-1, the largest integer \
+             every JSON consumer reads exactly; the largest length is {MAX_LENGTH}"
+        ));
+    }
+    let mut terms = Vec::with_capacity(length as usize);
+    let (mut a, mut b) = (1u64, 1u64);
+    for _ in 0..length {
+        terms.push(a);
+        (a, b) = (b, a + b);
+    }
+    Ok(terms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_example() {
+        assert_eq!(
+            answer(r#"{"length":10}"#).unwrap(),
+            "[1,1,2,3,5,8,13,21,34,55]"
+        );
+    }
+
+    #[test]
+    fn every_term_is_the_sum_of_the_two_before_and_the_last_is_safe() {
+        let terms = sequence(MAX_LENGTH).unwrap();
+        assert_eq!(terms.len() as u64, MAX_LENGTH);
+        for w in terms.windows(3) {
+            assert_eq!(w[2], w[0] + w[1]);
+        }
+        let last = *terms.last().unwrap();
+        assert!(last <= MAX_SAFE_INTEGER);
+        // The next term would not be exact in a JavaScript consumer.
+        assert!(terms[terms.len() - 1] + terms[terms.len() - 2] > MAX_SAFE_INTEGER);
+    }
+
+    #[test]
+    fn small_lengths() {
+        assert_eq!(sequence(0).unwrap(), Vec::<u64>::new());
+        assert_eq!(sequence(1).unwrap(), vec![1]);
+        assert_eq!(sequence(2).unwrap(), vec![1, 1]);
+    }
+
+    #[test]
+    fn bad_lengths_are_refused_with_a_reason() {
+        let cases = [
+            (r#"{"length":79}"#, "too large"),
+            (r#"{"length":-1}"#, "negative"),
+            (r#"{"length":2.5}"#, "not a whole number"),
+            (r#"{"length":"10"}"#, "not a whole number"),
+            (r#"{}"#, "missing"),
+            (r#"[10]"#, "missing"),
+            (r#"{"length":"#, "not JSON"),
+        ];
+        for (payload, reason) in cases {
+            let err = answer(payload).unwrap_err();
+            assert!(err.contains(reason), "{payload}: {err}");
+        }
+    }
+}

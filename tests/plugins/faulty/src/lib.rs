@@ -1,0 +1,83 @@
+//! A plugin that misbehaves on purpose, one service per fault, so the tests
+//! can prove that each fault costs exactly one request and the next request
+//! to the same plugin (`echo`) still succeeds.
+
+#![cfg(target_arch = "wasm32")]
+
+wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
+
+use exports::grenache::plugin::service::{Guest, PluginManifest};
+use grenache::plugin::host::{log, request};
+use grenache::plugin::types::{Level, RequestError};
+
+const SERVICES: &[&str] = &[
+    "echo",
+    "panic",
+    "unreachable",
+    "loop",
+    "oom",
+    "stack_overflow",
+    "huge_reply",
+    "not_json",
+    "network",
+    "log",
+];
+
+struct Faulty;
+
+impl Guest for Faulty {
+    fn manifest() -> PluginManifest {
+        PluginManifest {
+            serves: SERVICES.iter().map(|s| s.to_string()).collect(),
+            punch: vec![],
+        }
+    }
+
+    fn handle(service: String, payload: String) -> Result<String, String> {
+        match service.as_str() {
+            "echo" => Ok(payload),
+            "panic" => panic!("faulty plugin panicked on purpose"),
+            "unreachable" => std::process::abort(),
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "oom" => {
+                // Keep every block alive so the memory really grows.
+                let mut blocks: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    blocks.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&blocks);
+                }
+            }
+            "stack_overflow" => Ok(recurse(std::hint::black_box(1)).to_string()),
+            "huge_reply" => Ok(format!("\"{}\"", "x".repeat(8 << 20))),
+            "not_json" => Ok("this is not json".to_string()),
+            "network" => match request("fibonacci_worker", &payload, 1000) {
+                Ok(reply) => Ok(reply),
+                Err(RequestError::Transport(m)) => Err(format!("transport: {m}")),
+                Err(other) => Err(format!("{other:?}")),
+            },
+            "log" => {
+                log(Level::Info, &format!("logged {payload}"));
+                println!("stdout {payload}");
+                eprintln!("stderr {payload}");
+                Ok(payload)
+            }
+            other => Err(format!("unknown service {other}")),
+        }
+    }
+
+    fn on_punch(_peer: String) {}
+}
+
+#[inline(never)]
+#[allow(unconditional_recursion)] // on purpose: the test needs a stack overflow
+fn recurse(n: u64) -> u64 {
+    let pad = std::hint::black_box([n; 64]);
+    recurse(pad[3] + 1) + pad[5]
+}
+
+export!(Faulty);
