@@ -53,7 +53,7 @@ impl Guest for Faulty {
                 }
             }
             "stack_overflow" => Ok(recurse(std::hint::black_box(1)).to_string()),
-            "huge_reply" => Ok(format!("\"{}\"", "x".repeat(8 << 20))),
+            "huge_reply" => Ok(format!("\"{}\"", "x".repeat(2 << 20))),
             "not_json" => Ok("this is not json".to_string()),
             "network" => match request("fibonacci_worker", &payload, 1000) {
                 Ok(reply) => Ok(reply),
