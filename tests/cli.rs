@@ -8,7 +8,12 @@ use common::{host, plugin, shown, test_plugin};
 #[test]
 fn invoke_answers_the_classic_fibonacci_request() {
     let fib = plugin("fibonacci");
-    let r = shown(host(&["invoke", fib.to_str().unwrap(), "fibonacci_worker", r#"{"length":10}"#]));
+    let r = shown(host(&[
+        "invoke",
+        fib.to_str().unwrap(),
+        "fibonacci_worker",
+        r#"{"length":10}"#,
+    ]));
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
     assert_eq!(r.stdout, "[1,1,2,3,5,8,13,21,34,55]\n");
 }
@@ -16,7 +21,12 @@ fn invoke_answers_the_classic_fibonacci_request() {
 #[test]
 fn invoke_prints_the_reply_as_compact_json() {
     let faulty = test_plugin("faulty");
-    let r = shown(host(&["invoke", faulty.to_str().unwrap(), "echo", "{ \"a\" : [ 1 , 2 ] }"]));
+    let r = shown(host(&[
+        "invoke",
+        faulty.to_str().unwrap(),
+        "echo",
+        "{ \"a\" : [ 1 , 2 ] }",
+    ]));
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
     assert_eq!(r.stdout, "{\"a\":[1,2]}\n");
 }
@@ -30,7 +40,12 @@ fn handler_errors_go_to_stderr_with_exit_code_1() {
         (r#"{"length":1.5}"#, "not a whole number"),
         (r#"{"size":10}"#, "missing"),
     ] {
-        let r = shown(host(&["invoke", fib.to_str().unwrap(), "fibonacci_worker", payload]));
+        let r = shown(host(&[
+            "invoke",
+            fib.to_str().unwrap(),
+            "fibonacci_worker",
+            payload,
+        ]));
         assert_eq!(r.code, 1, "{payload}: {}", r.stderr);
         assert_eq!(r.stdout, "", "{payload}");
         assert!(r.stderr.contains(reason), "{payload}: {}", r.stderr);
@@ -40,12 +55,22 @@ fn handler_errors_go_to_stderr_with_exit_code_1() {
 #[test]
 fn the_longest_exact_sequence_is_answered_and_one_more_is_refused() {
     let fib = plugin("fibonacci");
-    let r = shown(host(&["invoke", fib.to_str().unwrap(), "fibonacci_worker", r#"{"length":78}"#]));
+    let r = shown(host(&[
+        "invoke",
+        fib.to_str().unwrap(),
+        "fibonacci_worker",
+        r#"{"length":78}"#,
+    ]));
     assert_eq!(r.code, 0, "{}", r.stderr);
     let terms: Vec<u64> = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(terms.len(), 78);
     assert_eq!(terms[77], 8_944_394_323_791_464);
-    let r = shown(host(&["invoke", fib.to_str().unwrap(), "fibonacci_worker", r#"{"length":79}"#]));
+    let r = shown(host(&[
+        "invoke",
+        fib.to_str().unwrap(),
+        "fibonacci_worker",
+        r#"{"length":79}"#,
+    ]));
     assert_eq!(r.code, 1);
 }
 
@@ -53,7 +78,12 @@ fn the_longest_exact_sequence_is_answered_and_one_more_is_refused() {
 fn a_payload_that_is_not_json_is_refused_before_the_plugin_runs() {
     let faulty = test_plugin("faulty");
     // The `log` service would print "logged ..." if it ran.
-    let r = shown(host(&["invoke", faulty.to_str().unwrap(), "log", "{not json"]));
+    let r = shown(host(&[
+        "invoke",
+        faulty.to_str().unwrap(),
+        "log",
+        "{not json",
+    ]));
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("not valid JSON"), "{}", r.stderr);
     assert!(!r.stderr.contains("logged"), "the plugin ran: {}", r.stderr);
@@ -62,9 +92,18 @@ fn a_payload_that_is_not_json_is_refused_before_the_plugin_runs() {
 #[test]
 fn a_service_the_plugin_does_not_serve_is_a_usage_error() {
     let fib = plugin("fibonacci");
-    let r = shown(host(&["invoke", fib.to_str().unwrap(), "fibonacci_consumer", "{}"]));
+    let r = shown(host(&[
+        "invoke",
+        fib.to_str().unwrap(),
+        "fibonacci_consumer",
+        "{}",
+    ]));
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("serves: fibonacci_worker"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("serves: fibonacci_worker"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -72,8 +111,15 @@ fn plugin_logs_and_output_reach_the_host_log_prefixed_with_the_plugin_name() {
     let faulty = test_plugin("faulty");
     let r = shown(host(&["invoke", faulty.to_str().unwrap(), "log", "42"]));
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(r.stdout, "42\n", "plugin stdout must not leak into the reply");
-    for line in ["[faulty] logged 42", "[faulty] stdout 42", "[faulty] stderr 42"] {
+    assert_eq!(
+        r.stdout, "42\n",
+        "plugin stdout must not leak into the reply"
+    );
+    for line in [
+        "[faulty] logged 42",
+        "[faulty] stdout 42",
+        "[faulty] stderr 42",
+    ] {
         assert!(r.stderr.contains(line), "missing {line:?} in {}", r.stderr);
     }
 }
@@ -81,7 +127,12 @@ fn plugin_logs_and_output_reach_the_host_log_prefixed_with_the_plugin_name() {
 #[test]
 fn outgoing_requests_say_there_is_no_network_in_invoke_mode() {
     let consumer = plugin("consumer");
-    let r = shown(host(&["invoke", consumer.to_str().unwrap(), "fibonacci_consumer", r#"{"length":3}"#]));
+    let r = shown(host(&[
+        "invoke",
+        consumer.to_str().unwrap(),
+        "fibonacci_consumer",
+        r#"{"length":3}"#,
+    ]));
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("no network in this mode"), "{}", r.stderr);
 }
@@ -103,12 +154,20 @@ fn inspect_reports_each_plugins_manifest() {
 /// Runs `invoke` on `path` and checks the load error: exit code 2, one line
 /// naming the file, then the expected cause and fix.
 fn assert_load_error(path: &std::path::Path, cause: &str, fix: &str) {
-    let r = shown(host(&["invoke", path.to_str().unwrap(), "fibonacci_worker", "{}"]));
+    let r = shown(host(&[
+        "invoke",
+        path.to_str().unwrap(),
+        "fibonacci_worker",
+        "{}",
+    ]));
     assert_eq!(r.code, 2, "{}", r.stderr);
     let lines: Vec<&str> = r.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected: {}", r.stderr);
     let line = lines[0];
-    assert!(line.contains(&path.display().to_string()), "names the file: {line}");
+    assert!(
+        line.contains(&path.display().to_string()),
+        "names the file: {line}"
+    );
     assert!(line.contains(cause), "cause {cause:?}: {line}");
     assert!(line.contains(fix), "fix {fix:?}: {line}");
 }
@@ -116,7 +175,11 @@ fn assert_load_error(path: &std::path::Path, cause: &str, fix: &str) {
 #[test]
 fn loading_errors_are_one_clear_line_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
-    assert_load_error(&dir.path().join("missing.wasm"), "file not found", "cargo xtask plugins");
+    assert_load_error(
+        &dir.path().join("missing.wasm"),
+        "file not found",
+        "cargo xtask plugins",
+    );
 
     let text = dir.path().join("notes.wasm");
     std::fs::write(&text, "just some text\n").unwrap();
@@ -125,7 +188,11 @@ fn loading_errors_are_one_clear_line_with_exit_code_2() {
     // The smallest valid core module: magic + version 1.
     let module = dir.path().join("core.wasm");
     std::fs::write(&module, b"\0asm\x01\0\0\0").unwrap();
-    assert_load_error(&module, "core wasm module, not a component", "--target wasm32-wasip2");
+    assert_load_error(
+        &module,
+        "core wasm module, not a component",
+        "--target wasm32-wasip2",
+    );
 
     let truncated = dir.path().join("truncated.wasm");
     let mut bytes = std::fs::read(plugin("fibonacci")).unwrap();
@@ -133,17 +200,30 @@ fn loading_errors_are_one_clear_line_with_exit_code_2() {
     std::fs::write(&truncated, bytes).unwrap();
     assert_load_error(&truncated, "invalid component", "rebuild");
 
-    assert_load_error(&test_plugin("other-world"), "not a grenache plugin", "world: \"plugin\"");
+    assert_load_error(
+        &test_plugin("other-world"),
+        "not a grenache plugin",
+        "world: \"plugin\"",
+    );
 }
 
 #[test]
 fn help_explains_each_command() {
     let r = shown(host(&["--help"]));
     assert_eq!(r.code, 0);
-    assert!(r.stdout.contains("invoke") && r.stdout.contains("inspect"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("invoke") && r.stdout.contains("inspect"),
+        "{}",
+        r.stdout
+    );
     let r = shown(host(&["invoke", "--help"]));
     assert_eq!(r.code, 0);
-    for needle in ["--memory-limit", "--time-limit", "exit code 1", "fibonacci_worker"] {
+    for needle in [
+        "--memory-limit",
+        "--time-limit",
+        "exit code 1",
+        "fibonacci_worker",
+    ] {
         assert!(r.stdout.contains(needle), "{needle}: {}", r.stdout);
     }
 }
@@ -154,7 +234,14 @@ fn wrong_arguments_are_refused_with_exit_code_2() {
     let r = shown(host(&["invoke", fib.to_str().unwrap()]));
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("required"), "{}", r.stderr);
-    let r = shown(host(&["invoke", fib.to_str().unwrap(), "fibonacci_worker", "{}", "--memory-limit", "lots"]));
+    let r = shown(host(&[
+        "invoke",
+        fib.to_str().unwrap(),
+        "fibonacci_worker",
+        "{}",
+        "--memory-limit",
+        "lots",
+    ]));
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("64MiB"), "{}", r.stderr);
 }
@@ -162,12 +249,29 @@ fn wrong_arguments_are_refused_with_exit_code_2() {
 #[test]
 fn memory_and_time_limits_are_settable() {
     let faulty = test_plugin("faulty");
-    let r = shown(host(&["invoke", faulty.to_str().unwrap(), "oom", "1", "--memory-limit", "8MiB"]));
+    let r = shown(host(&[
+        "invoke",
+        faulty.to_str().unwrap(),
+        "oom",
+        "1",
+        "--memory-limit",
+        "8MiB",
+    ]));
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("memory limit of 8 MiB"), "{}", r.stderr);
     let started = std::time::Instant::now();
-    let r = shown(host(&["invoke", faulty.to_str().unwrap(), "loop", "1", "--time-limit", "300ms"]));
+    let r = shown(host(&[
+        "invoke",
+        faulty.to_str().unwrap(),
+        "loop",
+        "1",
+        "--time-limit",
+        "300ms",
+    ]));
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("time limit of 300ms"), "{}", r.stderr);
-    assert!(started.elapsed() < std::time::Duration::from_secs(20), "the loop was stopped");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the loop was stopped"
+    );
 }

@@ -17,12 +17,20 @@ async fn faulty(limits: Limits) -> LoadedPlugin {
 }
 
 fn test_limits() -> Limits {
-    Limits { memory_bytes: 32 << 20, time: Duration::from_millis(500), ..Limits::default() }
+    Limits {
+        memory_bytes: 32 << 20,
+        time: Duration::from_millis(500),
+        ..Limits::default()
+    }
 }
 
 async fn assert_next_request_succeeds(plugin: &LoadedPlugin, after: &str) {
     let reply = plugin.handle("echo", r#"{"after":"x"}"#).await;
-    assert_eq!(reply.as_deref(), Ok(r#"{"after":"x"}"#), "echo after {after}");
+    assert_eq!(
+        reply.as_deref(),
+        Ok(r#"{"after":"x"}"#),
+        "echo after {after}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,13 +38,41 @@ async fn each_fault_fails_one_request_and_the_next_succeeds() {
     let plugin = faulty(test_limits()).await;
     type Case = (&'static str, fn(&CallError) -> bool, &'static str);
     let cases: &[Case] = &[
-        ("panic", |e| matches!(e, CallError::Trap { .. }), "panicked on purpose"),
-        ("unreachable", |e| matches!(e, CallError::Trap { .. }), "unreachable"),
-        ("loop", |e| matches!(e, CallError::TimeLimit { .. }), "time limit of 500ms"),
-        ("oom", |e| matches!(e, CallError::MemoryLimit { .. }), "memory limit of 32 MiB"),
-        ("stack_overflow", |e| matches!(e, CallError::Trap { .. }), "stack overflow"),
-        ("huge_reply", |e| matches!(e, CallError::BadReply { .. }), "limit"),
-        ("not_json", |e| matches!(e, CallError::BadReply { .. }), "not JSON"),
+        (
+            "panic",
+            |e| matches!(e, CallError::Trap { .. }),
+            "panicked on purpose",
+        ),
+        (
+            "unreachable",
+            |e| matches!(e, CallError::Trap { .. }),
+            "unreachable",
+        ),
+        (
+            "loop",
+            |e| matches!(e, CallError::TimeLimit { .. }),
+            "time limit of 500ms",
+        ),
+        (
+            "oom",
+            |e| matches!(e, CallError::MemoryLimit { .. }),
+            "memory limit of 32 MiB",
+        ),
+        (
+            "stack_overflow",
+            |e| matches!(e, CallError::Trap { .. }),
+            "stack overflow",
+        ),
+        (
+            "huge_reply",
+            |e| matches!(e, CallError::BadReply { .. }),
+            "limit",
+        ),
+        (
+            "not_json",
+            |e| matches!(e, CallError::BadReply { .. }),
+            "not JSON",
+        ),
     ];
     for (service, is_expected, text) in cases {
         // Twice each: a fault must not leave anything behind for the next one.
@@ -51,7 +87,13 @@ async fn each_fault_fails_one_request_and_the_next_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_request_does_not_stall_the_others() {
-    let plugin = Arc::new(faulty(Limits { time: Duration::from_secs(2), ..test_limits() }).await);
+    let plugin = Arc::new(
+        faulty(Limits {
+            time: Duration::from_secs(2),
+            ..test_limits()
+        })
+        .await,
+    );
     let looping = tokio::spawn({
         let plugin = plugin.clone();
         async move { plugin.handle("loop", "1").await }
@@ -60,7 +102,10 @@ async fn a_looping_request_does_not_stall_the_others() {
     let started = std::time::Instant::now();
     for i in 0..50 {
         let payload = i.to_string();
-        assert_eq!(plugin.handle("echo", &payload).await.as_deref(), Ok(payload.as_str()));
+        assert_eq!(
+            plugin.handle("echo", &payload).await.as_deref(),
+            Ok(payload.as_str())
+        );
     }
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -68,7 +113,10 @@ async fn a_looping_request_does_not_stall_the_others() {
         started.elapsed()
     );
     let looped = looping.await.unwrap();
-    assert!(matches!(looped, Err(CallError::TimeLimit { .. })), "{looped:?}");
+    assert!(
+        matches!(looped, Err(CallError::TimeLimit { .. })),
+        "{looped:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +134,10 @@ async fn concurrent_requests_each_get_their_own_instance() {
     for task in tasks {
         let (i, result) = task.await.unwrap();
         if i % 4 == 0 {
-            assert!(matches!(result, Err(CallError::Trap { .. })), "{i}: {result:?}");
+            assert!(
+                matches!(result, Err(CallError::Trap { .. })),
+                "{i}: {result:?}"
+            );
         } else {
             assert_eq!(result, Ok(i.to_string()));
         }
@@ -96,8 +147,14 @@ async fn concurrent_requests_each_get_their_own_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handler_error_string_passes_through_unchanged() {
     let runtime = Runtime::new(Limits::default()).unwrap();
-    let fib = runtime.load(&common::plugin("fibonacci"), Arc::new(NoNetwork)).await.unwrap();
-    let err = fib.handle("fibonacci_worker", r#"{"length":-1}"#).await.unwrap_err();
+    let fib = runtime
+        .load(&common::plugin("fibonacci"), Arc::new(NoNetwork))
+        .await
+        .unwrap();
+    let err = fib
+        .handle("fibonacci_worker", r#"{"length":-1}"#)
+        .await
+        .unwrap_err();
     match err {
         CallError::Handler(message) => assert!(message.starts_with("length -1 is negative")),
         other => panic!("expected the handler's own message, got {other:?}"),
@@ -107,8 +164,14 @@ async fn the_handler_error_string_passes_through_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_punch_runs_the_plugin_callback() {
     let runtime = Runtime::new(Limits::default()).unwrap();
-    let consumer = runtime.load(&common::plugin("consumer"), Arc::new(NoNetwork)).await.unwrap();
+    let consumer = runtime
+        .load(&common::plugin("consumer"), Arc::new(NoNetwork))
+        .await
+        .unwrap();
     // With no network the consumer's request-peer fails; the callback itself
     // must still complete without trapping.
-    consumer.on_punch("127.0.0.1:4000").await.expect("on-punch returns");
+    consumer
+        .on_punch("127.0.0.1:4000")
+        .await
+        .expect("on-punch returns");
 }

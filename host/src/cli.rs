@@ -4,6 +4,7 @@
 //! with an error (or failed while answering), 2 the command could not run as
 //! asked (bad arguments, a plugin that does not load, invalid JSON).
 
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -62,6 +63,105 @@ pub enum Command {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Serve plugins: announce their services on the DHT and answer Grenache
+    /// requests over uTP on one UDP socket, punching through NATs.
+    ///
+    /// Prints `listening on <port>` once the socket is bound. Stops on Ctrl-C.
+    ///
+    /// Example: grenache-host run plugins/fibonacci.wasm --bootstrap 127.0.0.1:20001 --behind-nat
+    Run {
+        /// Plugin files (wasm components); each serves the services in its manifest.
+        #[arg(required = true)]
+        plugins: Vec<PathBuf>,
+        /// Address of the RPC socket (uTP and punches); port 0 picks a free port.
+        #[arg(long, default_value = "0.0.0.0:0", value_name = "IP:PORT")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        dht: BootstrapArgs,
+        /// This host is behind a NAT: every second, look up each service the
+        /// plugins want punched and punch every peer found, so they can reach us.
+        #[arg(long)]
+        behind_nat: bool,
+        /// Largest RPC message (and so payload) accepted or sent.
+        #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+        max_payload: u64,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Run a DHT node that hosts bootstrap from (server mode).
+    ///
+    /// Prints `dht listening on <ip:port>` and runs until Ctrl-C.
+    ///
+    /// Example: grenache-host dht --listen 127.0.0.1:20001
+    Dht {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:20001", value_name = "IP:PORT")]
+        listen: SocketAddrV4,
+        /// Other DHT nodes to join (repeatable). Without it, this node starts a new DHT.
+        #[arg(long, value_name = "IP:PORT")]
+        bootstrap: Vec<String>,
+    },
+    /// Call a service once through the DHT and print its reply.
+    ///
+    /// Prints the reply as compact JSON and exits 0. A remote error prints the
+    /// message and exits 1. No peers, a timeout or bad arguments exit 2.
+    ///
+    /// Example: grenache-host call fibonacci_worker '{"length":10}' --bootstrap 127.0.0.1:20001
+    Call {
+        /// The service name.
+        service: String,
+        /// The request payload, as JSON.
+        payload: String,
+        #[command(flatten)]
+        dht: BootstrapArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Load-test a service: N requests, C in flight, then one line of figures.
+    ///
+    /// Prints requests ok, failed, requests/s and p50/p90/p99 latency after a
+    /// warm-up. Exits 1 if any request failed.
+    ///
+    /// Example: grenache-host bench fibonacci_worker '{"length":10}' --bootstrap 127.0.0.1:20001 --requests 10000 --concurrency 32
+    Bench {
+        /// The service name.
+        service: String,
+        /// The request payload, as JSON.
+        payload: String,
+        #[command(flatten)]
+        dht: BootstrapArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Requests to send (after the warm-up).
+        #[arg(long, default_value_t = 1000)]
+        requests: u64,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Warm-up requests, not counted.
+        #[arg(long, default_value_t = 20)]
+        warmup: u64,
+    },
+}
+
+/// Where to join the DHT.
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    /// A DHT node to join through, e.g. one started with `grenache-host dht`
+    /// (repeatable). The public BitTorrent network is never contacted.
+    #[arg(long, value_name = "IP:PORT")]
+    pub bootstrap: Vec<String>,
+}
+
+/// Options of the one-shot clients.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Deadline of each request, lookup and connect included.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// Address of the client's socket.
+    #[arg(long, default_value = "0.0.0.0:0", value_name = "IP:PORT")]
+    pub listen: SocketAddr,
 }
 
 /// Per-request sandbox limits.
@@ -79,7 +179,7 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
-    fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         Limits {
             memory_bytes: self.memory_limit,
             time: self.time_limit,
@@ -147,11 +247,14 @@ pub fn init_logging(level: &str) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => EnvFilter::try_new(&spec)
             .map_err(|e| format!("RUST_LOG={spec:?} is not a valid filter: {e}"))?,
-        _ => EnvFilter::try_new(level).map_err(|e| {
-            format!(
+        // The DHT and uTP crates are chatty at info; their news is ours to tell.
+        _ => {
+            EnvFilter::try_new(format!("{level},mainline=warn,librqbit_utp=warn")).map_err(|e| {
+                format!(
                 "--log-level {level:?} is not valid ({e}); use error, warn, info, debug or trace"
             )
-        })?,
+            })?
+        }
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -191,11 +294,51 @@ async fn run(cli: Cli) -> ExitCode {
             limits,
         } => invoke(plugin, service, payload, limits).await,
         Command::Inspect { plugin, limits } => inspect(plugin, limits).await,
+        Command::Run {
+            plugins,
+            listen,
+            dht,
+            behind_nat,
+            max_payload,
+            limits,
+        } => {
+            let config = crate::node::NodeConfig {
+                plugins,
+                listen,
+                bootstrap: dht.bootstrap,
+                behind_nat,
+                max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
+            };
+            crate::commands::run(config, limits.limits()).await
+        }
+        Command::Dht { listen, bootstrap } => crate::commands::dht(listen, bootstrap).await,
+        Command::Call {
+            service,
+            payload,
+            dht,
+            client,
+        } => crate::commands::call(service, payload, dht.bootstrap, client).await,
+        Command::Bench {
+            service,
+            payload,
+            dht,
+            client,
+            requests,
+            concurrency,
+            warmup,
+        } => {
+            let plan = crate::commands::BenchPlan {
+                requests,
+                concurrency,
+                warmup,
+            };
+            crate::commands::bench(service, payload, dht.bootstrap, client, plan).await
+        }
     }
 }
 
 /// Prints `error: <message>` and returns the usage exit code.
-fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn usage_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_USAGE)
 }

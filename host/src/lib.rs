@@ -6,10 +6,22 @@
 //! - [`plugin`]: the wasm runtime. One engine, one pre-instantiated component
 //!   per plugin, a fresh store per request with memory and time limits; a
 //!   plugin that traps, loops or runs out of memory fails one request only.
+//! - [`rpc`]: Grenache RPC: the envelope codec, the client (one uTP
+//!   connection per peer, deadlines) and the server (routes by key to plugins).
+//! - [`transport`]: the host's one UDP socket, shared by uTP and punches.
+//! - [`punch`]: hole punching as a sans-IO state machine.
+//! - [`discovery`]: the embedded DHT node; service key = SHA-1 of its name.
+//! - [`node`]: wires the parts together for `run`.
 //! - [`cli`]: the `grenache-host` command line: argument parsing, logging
 //!   set-up and each subcommand.
 //!
 //! The contract between host and plugins is the WIT package in `wit/`.
 
 pub mod cli;
+pub mod commands;
+pub mod discovery;
+pub mod node;
 pub mod plugin;
+pub mod punch;
+pub mod rpc;
+pub mod transport;

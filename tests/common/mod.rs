@@ -7,7 +7,10 @@ use std::process::{Command, Output};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn built(path: PathBuf) -> PathBuf {
@@ -26,7 +29,11 @@ pub fn plugin(name: &str) -> PathBuf {
 
 /// A purpose-built test plugin from `tests/plugins/`.
 pub fn test_plugin(name: &str) -> PathBuf {
-    built(root().join("target/test-plugins").join(format!("{name}.wasm")))
+    built(
+        root()
+            .join("target/test-plugins")
+            .join(format!("{name}.wasm")),
+    )
 }
 
 /// The `grenache-host` binary built for this test run.

@@ -1,0 +1,240 @@
+//! The network subcommands of the CLI: `run`, `dht`, `call` and `bench`.
+//! Argument parsing and exit codes are in [`crate::cli`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::cli::{usage_error, ClientArgs, EXIT_SERVICE_ERROR};
+use crate::discovery::{DhtConfig, Discovery};
+use crate::node::{ClientParts, Node, NodeConfig};
+use crate::plugin::{Limits, OutboundError, Runtime};
+use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
+
+/// How long a client waits to join the DHT before looking anything up.
+const BOOTSTRAP_WAIT: Duration = Duration::from_secs(5);
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// `grenache-host run`.
+pub async fn run(config: NodeConfig, limits: Limits) -> ExitCode {
+    if config.bootstrap.is_empty() {
+        tracing::warn!(
+            "no --bootstrap given: this host's DHT node is alone and only it can find its services; \
+             start a node with `grenache-host dht` and pass --bootstrap <ip:port>"
+        );
+    }
+    let runtime = match Runtime::new(limits) {
+        Ok(r) => r,
+        Err(e) => return usage_error(e),
+    };
+    let node = match Node::start(config, runtime).await {
+        Ok(node) => node,
+        Err(e) => return usage_error(format!("{e:#}")),
+    };
+    // The same line the Grenache examples print, for scripts to wait on.
+    println!("listening on {}", node.endpoint.local_addr().port());
+    tracing::info!(
+        "RPC socket {}, DHT node {}",
+        node.endpoint.local_addr(),
+        node.discovery.local_addr().await
+    );
+    shutdown_signal().await;
+    tracing::info!(
+        "stopping: served {} requests ({} errors), closed {} bad connections, dropped {} stray datagrams",
+        node.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        node.stats.errors.load(std::sync::atomic::Ordering::Relaxed),
+        node.stats.bad_connections.load(std::sync::atomic::Ordering::Relaxed),
+        node.endpoint.stats.garbage_datagrams.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    ExitCode::SUCCESS
+}
+
+/// `grenache-host dht`.
+pub async fn dht(listen: SocketAddrV4, bootstrap: Vec<String>) -> ExitCode {
+    let config = DhtConfig {
+        listen: Some(listen),
+        bootstrap,
+        server_mode: true,
+    };
+    let discovery = match Discovery::start(&config) {
+        Ok(d) => d,
+        Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
+    };
+    println!("dht listening on {}", discovery.local_addr().await);
+    shutdown_signal().await;
+    tracing::info!("stopping the DHT node");
+    ExitCode::SUCCESS
+}
+
+async fn client(bootstrap: &[String], args: &ClientArgs) -> Result<ClientParts, ExitCode> {
+    if bootstrap.is_empty() {
+        return Err(usage_error("--bootstrap <ip:port> is required: the address of a DHT node, e.g. one started with `grenache-host dht`"));
+    }
+    let parts = ClientParts::start(args.listen, bootstrap, DEFAULT_MAX_MESSAGE)
+        .await
+        .map_err(|e| usage_error(format!("{e:#}")))?;
+    if tokio::time::timeout(BOOTSTRAP_WAIT, parts.discovery.bootstrapped()).await != Ok(true) {
+        tracing::warn!(
+            "could not join the DHT through {} yet; trying anyway",
+            bootstrap.join(", ")
+        );
+    }
+    Ok(parts)
+}
+
+fn check_payload(payload: &str) -> Result<(), ExitCode> {
+    serde_json::from_str::<serde::de::IgnoredAny>(payload).map(|_| ()).map_err(|e| {
+        usage_error(format!("the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"))
+    })
+}
+
+/// `grenache-host call`.
+pub async fn call(
+    service: String,
+    payload: String,
+    bootstrap: Vec<String>,
+    args: ClientArgs,
+) -> ExitCode {
+    if let Err(code) = check_payload(&payload) {
+        return code;
+    }
+    let parts = match client(&bootstrap, &args).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match parts
+        .client
+        .request(&service, &payload, Duration::from_millis(args.timeout_ms))
+        .await
+    {
+        Ok(reply) => match serde_json::from_str::<serde_json::Value>(&reply) {
+            Ok(value) => {
+                println!("{value}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(format!("the reply is not JSON: {e}")),
+        },
+        Err(OutboundError::Remote(message)) => {
+            eprintln!("error from {service}: {message}");
+            ExitCode::from(EXIT_SERVICE_ERROR)
+        }
+        Err(e) => usage_error(format!("{service}: {e}")),
+    }
+}
+
+/// What `bench` sends.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchPlan {
+    pub requests: u64,
+    pub concurrency: usize,
+    pub warmup: u64,
+}
+
+/// `grenache-host bench`.
+pub async fn bench(
+    service: String,
+    payload: String,
+    bootstrap: Vec<String>,
+    args: ClientArgs,
+    plan: BenchPlan,
+) -> ExitCode {
+    if let Err(code) = check_payload(&payload) {
+        return code;
+    }
+    if plan.requests == 0 || plan.concurrency == 0 {
+        return usage_error("--requests and --concurrency must be at least 1");
+    }
+    let parts = match client(&bootstrap, &args).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let send_all = |count: u64| {
+        let client = parts.client.clone();
+        let (service, payload) = (service.clone(), payload.clone());
+        futures::stream::iter(0..count)
+            .map(move |_| {
+                let (client, service, payload) = (client.clone(), service.clone(), payload.clone());
+                async move {
+                    let started = Instant::now();
+                    let result = client.request(&service, &payload, timeout).await;
+                    (result, started.elapsed())
+                }
+            })
+            .buffer_unordered(plan.concurrency)
+            .collect::<Vec<_>>()
+    };
+    // Warm-up: connections, lookups and the plugin's code paths.
+    let warm = send_all(plan.warmup).await;
+    if let Some((Err(e), _)) = warm.iter().find(|(r, _)| r.is_err()) {
+        if warm.iter().all(|(r, _)| r.is_err()) {
+            return usage_error(format!("{service}: every warm-up request failed: {e}"));
+        }
+    }
+    eprintln!(
+        "bench: {} requests to {service}, {} in flight",
+        plan.requests, plan.concurrency
+    );
+    let started = Instant::now();
+    let results = send_all(plan.requests).await;
+    let elapsed = started.elapsed();
+
+    let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for (result, latency) in results {
+        match result {
+            Ok(_) => latencies.push(latency),
+            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    latencies.sort();
+    let failed: u64 = errors.values().sum();
+    let percentile = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies[i].as_secs_f64() * 1e3
+    };
+    println!(
+        "requests ok={} failed={failed} rps={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms elapsed={:.2}s",
+        latencies.len(),
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        percentile(0.50),
+        percentile(0.90),
+        percentile(0.99),
+        elapsed.as_secs_f64(),
+    );
+    for (message, count) in &errors {
+        eprintln!("bench: {count} failed: {message}");
+    }
+    if failed > 0 {
+        ExitCode::from(EXIT_SERVICE_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

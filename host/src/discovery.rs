@@ -1,0 +1,180 @@
+//! Finding services: an embedded BitTorrent DHT node (crate `mainline`).
+//!
+//! A service's DHT key is the SHA-1 of its name (`fibonacci_worker` →
+//! `9fb29a11…`). A host announces each service with the port of its RPC
+//! socket (never the DHT socket's, which is a different mapping behind a
+//! NAT) and re-announces periodically. mainline never expires peers, so a
+//! lookup can return hosts that are gone: callers report peers that fail with
+//! [`Discovery::mark_bad`] and lookups skip them for a while.
+//!
+//! The embedded node never contacts the public BitTorrent network: it joins
+//! only the bootstrap nodes it is given, or stays alone.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mainline::{Dht, Id};
+
+/// How often a host re-announces its services.
+pub const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a peer that failed is skipped.
+pub const BAD_PEER_TTL: Duration = Duration::from_secs(30);
+/// How long a lookup result is reused.
+pub const LOOKUP_CACHE_TTL: Duration = Duration::from_secs(2);
+/// Per-query DHT timeout: short, since nodes answer within milliseconds on a
+/// LAN and a dead node must not stall a lookup for mainline's default 2 s.
+const DHT_REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// The DHT key of a service: SHA-1 of its name.
+pub fn service_key(service: &str) -> Id {
+    Id::from_bytes(sha1_smol::Sha1::from(service).digest().bytes()).expect("SHA-1 is 20 bytes")
+}
+
+/// How to start the embedded DHT node.
+#[derive(Debug, Clone, Default)]
+pub struct DhtConfig {
+    /// Address to bind; port 0 for any free port. Default: all interfaces.
+    pub listen: Option<SocketAddrV4>,
+    /// Nodes to join through (`ip:port` or `host:port`). Empty: a lone node.
+    pub bootstrap: Vec<String>,
+    /// Answer other nodes' queries (bootstrap / introducer nodes must).
+    pub server_mode: bool,
+}
+
+/// Why discovery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot start the DHT node: {0}")]
+    Start(String),
+    #[error("cannot announce {service}: {reason}")]
+    Announce { service: String, reason: String },
+}
+
+/// A running DHT node plus the host's view of which peers are healthy.
+pub struct Discovery {
+    dht: mainline::async_dht::AsyncDht,
+    bad: Mutex<HashMap<SocketAddr, Instant>>,
+    cache: Mutex<HashMap<String, (Instant, Vec<SocketAddr>)>>,
+}
+
+impl Discovery {
+    /// Starts the node (its own OS thread, its own UDP socket).
+    pub fn start(config: &DhtConfig) -> Result<Self, DiscoveryError> {
+        let mut builder = Dht::builder();
+        let listen = config
+            .listen
+            .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        builder
+            .bind_address(*listen.ip())
+            .port(listen.port())
+            .request_timeout(DHT_REQUEST_TIMEOUT);
+        if config.bootstrap.is_empty() {
+            // Never fall back to mainline's public routers.
+            builder.no_bootstrap();
+        } else {
+            builder.bootstrap(&config.bootstrap);
+        }
+        if config.server_mode {
+            builder.server_mode();
+        }
+        let dht = builder
+            .build()
+            .map_err(|e| DiscoveryError::Start(format!("{e} (binding {listen})")))?;
+        Ok(Discovery {
+            dht: dht.as_async(),
+            bad: Mutex::default(),
+            cache: Mutex::default(),
+        })
+    }
+
+    /// The address the DHT node listens on.
+    pub async fn local_addr(&self) -> SocketAddrV4 {
+        self.dht.info().await.local_addr()
+    }
+
+    /// Waits until the node has joined through its bootstrap nodes.
+    pub async fn bootstrapped(&self) -> bool {
+        self.dht.bootstrapped().await
+    }
+
+    /// Announces that `service` is served on `port` of this host's address
+    /// as the DHT nodes see it.
+    pub async fn announce(&self, service: &str, port: u16) -> Result<(), DiscoveryError> {
+        self.dht
+            .announce_peer(service_key(service), Some(port))
+            .await
+            .map(|_| ())
+            .map_err(|e| DiscoveryError::Announce {
+                service: service.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Peers announcing `service`, healthy ones only, waiting at most
+    /// `timeout`. Takes the first batch the DHT returns rather than waiting for
+    /// the whole query to finish.
+    pub async fn lookup(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
+        let cached = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .get(service)
+                .filter(|(at, _)| at.elapsed() < LOOKUP_CACHE_TTL)
+                .map(|(_, p)| p.clone())
+        };
+        let peers = match cached {
+            Some(peers) => peers,
+            None => {
+                let mut stream = self.dht.get_peers(service_key(service));
+                let found: Vec<SocketAddr> =
+                    match tokio::time::timeout(timeout, stream.next()).await {
+                        Ok(Some(batch)) => batch.into_iter().map(SocketAddr::V4).collect(),
+                        _ => vec![],
+                    };
+                if !found.is_empty() {
+                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    cache.insert(service.to_string(), (Instant::now(), found.clone()));
+                }
+                found
+            }
+        };
+        let mut bad = self.bad.lock().unwrap_or_else(|p| p.into_inner());
+        bad.retain(|_, at| at.elapsed() < BAD_PEER_TTL);
+        let mut peers: Vec<SocketAddr> =
+            peers.into_iter().filter(|p| !bad.contains_key(p)).collect();
+        peers.dedup();
+        peers
+    }
+
+    /// Remembers that `peer` failed, so lookups skip it for [`BAD_PEER_TTL`].
+    pub fn mark_bad(&self, peer: SocketAddr) {
+        tracing::debug!(%peer, "marking peer bad for {BAD_PEER_TTL:?}");
+        self.bad
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, Instant::now());
+    }
+
+    /// Forgets a failure: the peer answered.
+    pub fn mark_good(&self, peer: SocketAddr) {
+        self.bad
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_of_a_service_is_the_sha1_of_its_name() {
+        assert_eq!(
+            service_key("fibonacci_worker").to_string(),
+            "9fb29a114994929e3a2aecfc69eb453aa58d5b66"
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! A running host: the parts wired together for `grenache-host run`.
+//!
+//! [`Node::start`] binds the RPC socket, starts the DHT node, loads the
+//! plugins (their outgoing calls go through this node's RPC client), serves
+//! requests, announces every service and re-announces it, and runs the punch
+//! loop ([`crate::punch::PunchState`] driven by real time and the socket).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::discovery::{DhtConfig, Discovery, REANNOUNCE_INTERVAL};
+use crate::plugin::{LoadedPlugin, OutboundCall, OutboundError, PluginNetwork, Runtime};
+use crate::punch::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
+use crate::rpc::client::RpcClient;
+use crate::rpc::server::{self, ServerStats, Services};
+use crate::transport::Endpoint;
+
+/// How to run a host.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub plugins: Vec<PathBuf>,
+    /// The RPC socket's address (port 0: any free port).
+    pub listen: SocketAddr,
+    pub bootstrap: Vec<String>,
+    pub behind_nat: bool,
+    pub max_message: usize,
+}
+
+/// The client side shared by `run`, `call` and `bench`: the socket, the DHT
+/// node and the RPC client.
+pub struct ClientParts {
+    pub endpoint: Endpoint,
+    pub punches: tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
+    pub discovery: Arc<Discovery>,
+    pub client: RpcClient,
+}
+
+impl ClientParts {
+    /// Binds the socket at `listen` and starts a DHT node on the same IP that
+    /// joins through `bootstrap`.
+    pub async fn start(
+        listen: SocketAddr,
+        bootstrap: &[String],
+        max_message: usize,
+    ) -> anyhow::Result<Self> {
+        let (endpoint, punches) = Endpoint::bind(listen).await?;
+        let dht_ip = match listen.ip() {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        };
+        let config = DhtConfig {
+            listen: Some(SocketAddrV4::new(dht_ip, 0)),
+            bootstrap: bootstrap.to_vec(),
+            server_mode: false,
+        };
+        let discovery = Arc::new(Discovery::start(&config)?);
+        let client = RpcClient::new(endpoint.clone(), Some(discovery.clone()), max_message);
+        Ok(ClientParts {
+            endpoint,
+            punches,
+            discovery,
+            client,
+        })
+    }
+}
+
+/// Plugins' outgoing calls, carried by the node's RPC client.
+struct NodeNetwork {
+    client: RpcClient,
+}
+
+impl PluginNetwork for NodeNetwork {
+    fn request(&self, service: String, payload: String, timeout: Duration) -> OutboundCall {
+        let client = self.client.clone();
+        Box::pin(async move { client.request(&service, &payload, timeout).await })
+    }
+
+    fn request_peer(
+        &self,
+        peer: String,
+        service: String,
+        payload: String,
+        timeout: Duration,
+    ) -> OutboundCall {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let addr: SocketAddr = peer.parse().map_err(|_| {
+                OutboundError::Transport(format!("{peer:?} is not an ip:port address"))
+            })?;
+            client.request_peer(addr, &service, &payload, timeout).await
+        })
+    }
+}
+
+/// A running host.
+pub struct Node {
+    pub endpoint: Endpoint,
+    pub discovery: Arc<Discovery>,
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    pub stats: Arc<ServerStats>,
+}
+
+impl Node {
+    /// Starts everything; returns once the socket is bound and the plugins
+    /// are loaded (announcing and punching carry on in the background).
+    pub async fn start(config: NodeConfig, runtime: Runtime) -> anyhow::Result<Node> {
+        let ClientParts {
+            endpoint,
+            punches,
+            discovery,
+            client,
+        } = ClientParts::start(config.listen, &config.bootstrap, config.max_message).await?;
+        let network: Arc<dyn PluginNetwork> = Arc::new(NodeNetwork { client });
+        let mut plugins = Vec::new();
+        for path in &config.plugins {
+            let plugin = runtime.load(path, network.clone()).await?;
+            tracing::info!(
+                "loaded {} from {}: serves {:?}, punches {:?}",
+                plugin.name(),
+                path.display(),
+                plugin.serves(),
+                plugin.punch_targets()
+            );
+            plugins.push(Arc::new(plugin));
+        }
+        let services = Arc::new(Services::new(&plugins)?);
+        let stats = Arc::new(ServerStats::default());
+        tokio::spawn(server::serve(
+            endpoint.clone(),
+            services,
+            config.max_message,
+            stats.clone(),
+        ));
+
+        let names: Vec<String> = plugins
+            .iter()
+            .flat_map(|p| p.serves().iter().cloned())
+            .collect();
+        tokio::spawn(announce_loop(
+            discovery.clone(),
+            names,
+            endpoint.local_addr().port(),
+        ));
+
+        let targets: Vec<String> = plugins
+            .iter()
+            .flat_map(|p| p.punch_targets().iter().cloned())
+            .collect();
+        let punch = PunchState::new(
+            Instant::now(),
+            targets,
+            config.behind_nat,
+            DEFAULT_PUNCH_INTERVAL,
+        );
+        tokio::spawn(punch_loop(
+            punch,
+            punches,
+            endpoint.clone(),
+            discovery.clone(),
+            plugins.clone(),
+        ));
+
+        Ok(Node {
+            endpoint,
+            discovery,
+            plugins,
+            stats,
+        })
+    }
+}
+
+/// Announces every service now and every [`REANNOUNCE_INTERVAL`]; retries
+/// quickly while the DHT has no one to announce to.
+async fn announce_loop(discovery: Arc<Discovery>, services: Vec<String>, port: u16) {
+    let mut announced_once = false;
+    loop {
+        let mut all_ok = true;
+        for service in &services {
+            match discovery.announce(service, port).await {
+                Ok(()) if !announced_once => tracing::info!("announced {service} on port {port}"),
+                Ok(()) => tracing::debug!("re-announced {service}"),
+                Err(e) => {
+                    all_ok = false;
+                    tracing::warn!("{e}; retrying");
+                }
+            }
+        }
+        announced_once |= all_ok;
+        let wait = if all_ok {
+            REANNOUNCE_INTERVAL
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Drives [`PunchState`] with the real clock, the socket and the DHT.
+async fn punch_loop(
+    mut state: PunchState,
+    mut punches: tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
+    endpoint: Endpoint,
+    discovery: Arc<Discovery>,
+    plugins: Vec<Arc<LoadedPlugin>>,
+) {
+    let local = endpoint.local_addr();
+    let own = [local, SocketAddr::from((Ipv4Addr::LOCALHOST, local.port()))];
+    let mut actions: Vec<PunchAction> = Vec::new();
+    loop {
+        actions.extend(state.poll(Instant::now()));
+        while let Some(action) = actions.pop() {
+            match action {
+                PunchAction::Lookup(service) => {
+                    let peers = discovery.lookup(&service, Duration::from_millis(800)).await;
+                    actions.extend(state.on_lookup(Instant::now(), &peers, &own));
+                }
+                PunchAction::SendPunch(peer) => {
+                    tracing::debug!(%peer, "punch");
+                    endpoint.punch(peer).await;
+                }
+                PunchAction::NotifyPlugins(peer) => {
+                    tracing::debug!(%peer, "punched by");
+                    for plugin in &plugins {
+                        let plugin = plugin.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = plugin.on_punch(&peer.to_string()).await {
+                                tracing::warn!("on-punch failed: {e}");
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        let wake = state
+            .next_wakeup()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            punched = punches.recv() => match punched {
+                Some(from) => actions.extend(state.on_punch(Instant::now(), from)),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}

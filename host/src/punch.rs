@@ -1,0 +1,237 @@
+//! Hole punching as a sans-IO state machine.
+//!
+//! Grenache's behaviour, made explicit: a host behind a NAT looks up every
+//! service its plugins want punched, once per round (1 s), and sends one punch
+//! (`C3 BF`) from its RPC socket to every address found. The punch opens (and
+//! keeps open) a mapping in its NAT toward that peer. Any host that receives a
+//! punch tells its plugins (`on-punch`) and punches back, at most once per
+//! round per peer, so the answer cannot turn into a punch storm.
+//!
+//! [`PunchState`] takes the time and events as arguments and returns
+//! [`PunchAction`]s; the node's driver does the I/O. The tests run it in
+//! simulated time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The punch datagram: `ÿ` in UTF-8, exactly as Grenache's boxgloves sends it.
+pub const PUNCH: [u8; 2] = [0xC3, 0xBF];
+
+/// How often a host behind a NAT punches its targets (Grenache: every 1 s).
+pub const DEFAULT_PUNCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Forget peers we have not punched for this long.
+const FORGET_AFTER: Duration = Duration::from_secs(120);
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PunchAction {
+    /// Look this service up and report the peers with [`PunchState::on_lookup`].
+    Lookup(String),
+    /// Send one punch datagram to this address from the RPC socket.
+    SendPunch(SocketAddr),
+    /// Tell the plugins that this peer punched us.
+    NotifyPlugins(SocketAddr),
+}
+
+/// The punching state of one host.
+#[derive(Debug)]
+pub struct PunchState {
+    targets: Vec<String>,
+    behind_nat: bool,
+    interval: Duration,
+    next_round: Instant,
+    /// When we last sent a punch to each peer.
+    last_sent: HashMap<SocketAddr, Instant>,
+}
+
+impl PunchState {
+    /// `targets` are the services to punch each round when `behind_nat`.
+    pub fn new(now: Instant, targets: Vec<String>, behind_nat: bool, interval: Duration) -> Self {
+        PunchState {
+            targets,
+            behind_nat,
+            interval,
+            next_round: now,
+            last_sent: HashMap::new(),
+        }
+    }
+
+    /// When the driver should call [`poll`](Self::poll) next.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        (self.behind_nat && !self.targets.is_empty()).then_some(self.next_round)
+    }
+
+    /// Starts a punch round when one is due.
+    pub fn poll(&mut self, now: Instant) -> Vec<PunchAction> {
+        if !self.behind_nat || now < self.next_round {
+            return vec![];
+        }
+        self.next_round = now + self.interval;
+        self.last_sent
+            .retain(|_, at| now.duration_since(*at) < FORGET_AFTER);
+        self.targets
+            .iter()
+            .cloned()
+            .map(PunchAction::Lookup)
+            .collect()
+    }
+
+    /// A lookup for a punch target found these peers: punch each of them.
+    /// `own` is this host's own address, which is never punched.
+    pub fn on_lookup(
+        &mut self,
+        now: Instant,
+        peers: &[SocketAddr],
+        own: &[SocketAddr],
+    ) -> Vec<PunchAction> {
+        peers
+            .iter()
+            .filter(|p| !own.contains(p))
+            .map(|&peer| {
+                self.last_sent.insert(peer, now);
+                PunchAction::SendPunch(peer)
+            })
+            .collect()
+    }
+
+    /// `from` punched us: tell the plugins, and punch back unless we punched
+    /// that peer less than one interval ago.
+    pub fn on_punch(&mut self, now: Instant, from: SocketAddr) -> Vec<PunchAction> {
+        let mut actions = vec![PunchAction::NotifyPlugins(from)];
+        let recent = self
+            .last_sent
+            .get(&from)
+            .is_some_and(|at| now.duration_since(*at) < self.interval);
+        if !recent {
+            self.last_sent.insert(from, now);
+            actions.push(PunchAction::SendPunch(from));
+        }
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn behind_nat_looks_up_every_target_once_per_interval() {
+        let t0 = Instant::now();
+        let mut s = PunchState::new(
+            t0,
+            vec!["a".into(), "b".into()],
+            true,
+            DEFAULT_PUNCH_INTERVAL,
+        );
+        assert_eq!(
+            s.poll(t0),
+            vec![
+                PunchAction::Lookup("a".into()),
+                PunchAction::Lookup("b".into())
+            ]
+        );
+        assert_eq!(s.poll(t0 + Duration::from_millis(999)), vec![]);
+        assert_eq!(s.next_wakeup(), Some(t0 + DEFAULT_PUNCH_INTERVAL));
+        assert_eq!(s.poll(t0 + Duration::from_millis(1000)).len(), 2);
+    }
+
+    #[test]
+    fn a_public_host_never_starts_punching() {
+        let t0 = Instant::now();
+        let mut s = PunchState::new(t0, vec!["a".into()], false, DEFAULT_PUNCH_INTERVAL);
+        assert_eq!(s.next_wakeup(), None);
+        assert_eq!(s.poll(t0 + Duration::from_secs(10)), vec![]);
+    }
+
+    #[test]
+    fn lookups_punch_every_peer_but_ourselves() {
+        let t0 = Instant::now();
+        let mut s = PunchState::new(t0, vec!["a".into()], true, DEFAULT_PUNCH_INTERVAL);
+        let actions = s.on_lookup(t0, &[addr(1), addr(2), addr(9)], &[addr(9)]);
+        assert_eq!(
+            actions,
+            vec![
+                PunchAction::SendPunch(addr(1)),
+                PunchAction::SendPunch(addr(2))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_punch_is_answered_at_most_once_per_interval_per_peer() {
+        let t0 = Instant::now();
+        let mut s = PunchState::new(t0, vec![], false, DEFAULT_PUNCH_INTERVAL);
+        assert_eq!(
+            s.on_punch(t0, addr(1)),
+            vec![
+                PunchAction::NotifyPlugins(addr(1)),
+                PunchAction::SendPunch(addr(1))
+            ]
+        );
+        // A burst of punches from the same peer: plugins hear each, one answer.
+        for ms in [1, 10, 500, 999] {
+            assert_eq!(
+                s.on_punch(t0 + Duration::from_millis(ms), addr(1)),
+                vec![PunchAction::NotifyPlugins(addr(1))]
+            );
+        }
+        // Another peer is answered independently.
+        assert_eq!(s.on_punch(t0 + Duration::from_millis(5), addr(2)).len(), 2);
+        assert_eq!(
+            s.on_punch(t0 + Duration::from_millis(1000), addr(1)).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn two_hosts_punching_each_other_do_not_ping_pong() {
+        // Simulate a worker behind NAT (w) and a public consumer (c) exchanging
+        // datagrams with 1 ms latency for ten seconds; count punches on the wire.
+        let t0 = Instant::now();
+        let (w_addr, c_addr) = (addr(1), addr(2));
+        let mut w = PunchState::new(t0, vec!["consumer".into()], true, DEFAULT_PUNCH_INTERVAL);
+        let mut c = PunchState::new(t0, vec![], false, DEFAULT_PUNCH_INTERVAL);
+        let mut in_flight: Vec<(Instant, SocketAddr, SocketAddr)> = vec![]; // (arrival, from, to)
+        let (mut sent, mut notified_c) = (0, 0);
+        let latency = Duration::from_millis(1);
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(10) {
+            let mut actions: Vec<(SocketAddr, PunchAction)> = vec![];
+            for a in w.poll(now) {
+                if let PunchAction::Lookup(_) = a {
+                    actions.extend(
+                        w.on_lookup(now, &[c_addr], &[w_addr])
+                            .into_iter()
+                            .map(|x| (w_addr, x)),
+                    );
+                }
+            }
+            in_flight.sort_by_key(|p| p.0);
+            while in_flight.first().is_some_and(|p| p.0 <= now) {
+                let (_, from, to) = in_flight.remove(0);
+                let state = if to == w_addr { &mut w } else { &mut c };
+                actions.extend(state.on_punch(now, from).into_iter().map(|x| (to, x)));
+            }
+            for (me, action) in actions {
+                match action {
+                    PunchAction::SendPunch(to) => {
+                        sent += 1;
+                        in_flight.push((now + latency, me, to));
+                    }
+                    PunchAction::NotifyPlugins(_) if me == c_addr => notified_c += 1,
+                    _ => {}
+                }
+            }
+            now += Duration::from_millis(1);
+        }
+        // Each second: the worker's punch and the consumer's answer.
+        assert_eq!(notified_c, 10, "the consumer hears one punch per second");
+        assert!((19..=21).contains(&sent), "{sent} punches in 10 s");
+    }
+}

@@ -1,0 +1,280 @@
+//! The RPC client: sends Grenache requests to peers and matches replies.
+//!
+//! One uTP connection per peer is opened on demand and reused; a reader task
+//! per connection decodes replies and wakes the matching request. A request
+//! by service name looks the service up, tries healthy peers in random order
+//! and marks peers that cannot be reached as bad, all within the request's
+//! deadline.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+use super::codec::{self, MessageDecoder, Reply};
+use super::pending::Pending;
+use crate::discovery::Discovery;
+use crate::plugin::OutboundError;
+use crate::transport::{ConnectError, Endpoint};
+
+/// When several peers serve a service, give each this long to accept a
+/// connection before trying the next.
+const CONNECT_BUDGET_PER_PEER: Duration = Duration::from_millis(1500);
+/// How long a lookup may take out of a request's deadline.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+type Waiter = oneshot::Sender<Reply>;
+
+/// One open connection to a peer.
+struct Connection {
+    writer: tokio::sync::Mutex<librqbit_utp::UtpStreamWriteHalf>,
+    pending: Arc<Mutex<Pending<Waiter>>>,
+}
+
+impl Connection {
+    fn is_closed(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_closed()
+    }
+}
+
+/// Sends requests and matches replies; cheap to clone.
+#[derive(Clone)]
+pub struct RpcClient {
+    endpoint: Endpoint,
+    discovery: Option<Arc<Discovery>>,
+    /// Per peer, a slot holding its connection; the slot's lock serialises
+    /// connecting so concurrent requests share one connection.
+    connections: Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>>>>,
+    max_message: usize,
+}
+
+impl RpcClient {
+    /// A client on `endpoint`'s socket; `discovery` is needed for requests by
+    /// service name.
+    pub fn new(endpoint: Endpoint, discovery: Option<Arc<Discovery>>, max_message: usize) -> Self {
+        RpcClient {
+            endpoint,
+            discovery,
+            connections: Arc::default(),
+            max_message,
+        }
+    }
+
+    /// Looks `service` up and sends `payload` to one healthy peer at random,
+    /// trying others if a peer cannot be reached.
+    pub async fn request(
+        &self,
+        service: &str,
+        payload: &str,
+        timeout: Duration,
+    ) -> Result<String, OutboundError> {
+        let deadline = Instant::now() + timeout;
+        let discovery = self
+            .discovery
+            .as_ref()
+            .ok_or_else(|| OutboundError::Transport("no discovery configured".into()))?;
+        let mut peers = discovery.lookup(service, LOOKUP_TIMEOUT.min(timeout)).await;
+        if peers.is_empty() {
+            return Err(OutboundError::NoPeers(format!(
+                "no host announces {service:?} on the DHT (is one running and bootstrapped from the same node?)"
+            )));
+        }
+        peers.shuffle(&mut rand::rng());
+        let mut last_error = None;
+        for (i, peer) in peers.iter().enumerate() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // The last candidate may use all the time left.
+            let connect_by = if i + 1 == peers.len() {
+                deadline
+            } else {
+                deadline.min(now + CONNECT_BUDGET_PER_PEER)
+            };
+            match self
+                .send(*peer, service, payload, connect_by, deadline)
+                .await
+            {
+                Err(SendError::Unreachable(e)) => {
+                    discovery.mark_bad(*peer);
+                    last_error = Some(e);
+                }
+                Err(SendError::Lost(e)) => {
+                    discovery.mark_bad(*peer);
+                    return Err(e);
+                }
+                Ok(reply) => {
+                    discovery.mark_good(*peer);
+                    return reply_result(reply);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            OutboundError::Timeout(format!("no reply for {service} within {timeout:?}"))
+        }))
+    }
+
+    /// Sends `payload` as a request with `key` to `peer` directly.
+    pub async fn request_peer(
+        &self,
+        peer: SocketAddr,
+        key: &str,
+        payload: &str,
+        timeout: Duration,
+    ) -> Result<String, OutboundError> {
+        let deadline = Instant::now() + timeout;
+        match self.send(peer, key, payload, deadline, deadline).await {
+            Ok(reply) => reply_result(reply),
+            Err(SendError::Unreachable(e) | SendError::Lost(e)) => Err(e),
+        }
+    }
+
+    async fn send(
+        &self,
+        peer: SocketAddr,
+        key: &str,
+        payload: &str,
+        connect_by: Instant,
+        deadline: Instant,
+    ) -> Result<Reply, SendError> {
+        let connection = self.connection(peer, connect_by).await.map_err(|e| {
+            SendError::Unreachable(match e {
+                ConnectError::Timeout { .. } => OutboundError::Timeout(e.to_string()),
+                ConnectError::Failed { .. } => OutboundError::Transport(e.to_string()),
+            })
+        })?;
+        let rid = codec::new_rid();
+        let message = codec::encode_request(&rid, key, payload);
+        if message.len() > self.max_message {
+            return Err(SendError::Lost(OutboundError::Transport(format!(
+                "request of {} bytes is over the {}-byte message limit",
+                message.len(),
+                self.max_message
+            ))));
+        }
+        let (tx, rx) = oneshot::channel();
+        let lost = |why: &str| {
+            SendError::Lost(OutboundError::Transport(format!(
+                "connection to {peer} {why}"
+            )))
+        };
+        if connection
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rid.clone(), tx)
+            .is_err()
+        {
+            return Err(lost("closed before the request was sent"));
+        }
+        {
+            // One whole message per write: Node peers parse each packet alone.
+            let mut writer = connection.writer.lock().await;
+            if let Err(e) = writer.write_all(&message).await {
+                connection
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .abandon(&rid);
+                return Err(lost(&format!("failed while sending: {e}")));
+            }
+        }
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(lost("was lost before the reply arrived")),
+            Err(_) => {
+                connection
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .abandon(&rid);
+                Err(SendError::Lost(OutboundError::Timeout(format!(
+                    "no reply from {peer} for {key} in time"
+                ))))
+            }
+        }
+    }
+
+    /// The open connection to `peer`, connecting if there is none.
+    async fn connection(
+        &self,
+        peer: SocketAddr,
+        connect_by: Instant,
+    ) -> Result<Arc<Connection>, ConnectError> {
+        let slot = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer)
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let stream = self.endpoint.connect(peer, connect_by).await?;
+        let (mut reader, writer) = stream.split();
+        let pending: Arc<Mutex<Pending<Waiter>>> = Arc::default();
+        let connection = Arc::new(Connection {
+            writer: tokio::sync::Mutex::new(writer),
+            pending: pending.clone(),
+        });
+        let max_message = self.max_message;
+        tokio::spawn(async move {
+            let mut decoder = MessageDecoder::new(max_message);
+            let mut buf = vec![0u8; 64 * 1024];
+            let why = 'read: loop {
+                let n = match reader.read(&mut buf).await {
+                    Ok(0) => break "closed by the peer".to_string(),
+                    Ok(n) => n,
+                    Err(e) => break format!("failed: {e}"),
+                };
+                decoder.push(&buf[..n]);
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(value)) => match codec::parse_reply(&value) {
+                            Ok(reply) => {
+                                let waiter = pending
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .complete(&reply.rid);
+                                if let Some(waiter) = waiter {
+                                    let _ = waiter.send(reply);
+                                }
+                            }
+                            Err(e) => break 'read format!("sent a malformed reply: {e}"),
+                        },
+                        Ok(None) => break,
+                        Err(e) => break 'read format!("sent garbage: {e}"),
+                    }
+                }
+            };
+            let failed = pending.lock().unwrap_or_else(|p| p.into_inner()).close();
+            tracing::debug!(%peer, "connection {why}; {} waiting request(s) fail", failed.len());
+        });
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+enum SendError {
+    /// Nothing was sent: another peer may be tried.
+    Unreachable(OutboundError),
+    /// The request may have reached the peer: do not resend it elsewhere.
+    Lost(OutboundError),
+}
+
+fn reply_result(reply: Reply) -> Result<String, OutboundError> {
+    match reply.err {
+        None => Ok(reply.result),
+        Some(message) => Err(OutboundError::Remote(message)),
+    }
+}

@@ -1,0 +1,376 @@
+//! The Grenache RPC envelope on the wire.
+//!
+//! A request is the JSON array `[rid, key, payload]` and a reply
+//! `[rid, err, result]`, with `rid` a lowercase uuid v4 string, `key` the
+//! service name (or the target `ip:port` when a Node punch client calls a
+//! punched address), `err` `null` or an error string, and `payload`/`result`
+//! any JSON value. There is no framing: each message is written whole with
+//! one write, and a receiver must cope with several messages in one packet
+//! and one message over several packets, so [`MessageDecoder`] parses the
+//! byte stream as a sequence of JSON values.
+//!
+//! Payloads travel as raw JSON text ([`RawValue`]) end to end: the host
+//! validates them but never re-encodes what a plugin produced.
+
+use serde_json::value::RawValue;
+
+/// Default cap on one message (and so on one payload): 1 MiB.
+pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+
+/// One decoded message: a request or a reply, told apart by the second
+/// element (a string key, or `null`/string error followed by a result). The
+/// two shapes overlap (`["rid","x",1]` could be a reply with error "x"), so
+/// the receiver's role decides: servers read requests, clients replies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub rid: String,
+    pub key: String,
+    /// The payload as JSON text.
+    pub payload: String,
+}
+
+/// A reply: `err` is `None` for success (Grenache treats `""` as success too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub rid: String,
+    pub err: Option<String>,
+    /// The result as JSON text (`null` when absent).
+    pub result: String,
+}
+
+/// Why a message could not be decoded. Any of these means the peer is not
+/// speaking Grenache: the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("not a Grenache message: {0}")]
+    Shape(String),
+    #[error("message of more than {limit} bytes (request id {rid:?})")]
+    TooLarge { limit: usize, rid: Option<String> },
+}
+
+/// A fresh request id: a lowercase uuid v4, as Grenache's Node client makes.
+pub fn new_rid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("strings always serialise")
+}
+
+/// Encodes `[rid, key, payload]`; `payload` must already be JSON text.
+pub fn encode_request(rid: &str, key: &str, payload: &str) -> Vec<u8> {
+    format!("[{},{},{}]", json_string(rid), json_string(key), payload).into_bytes()
+}
+
+/// Encodes `[rid, null, result]`; `result` must already be JSON text.
+pub fn encode_ok(rid: &str, result: &str) -> Vec<u8> {
+    format!("[{},null,{}]", json_string(rid), result).into_bytes()
+}
+
+/// Encodes `[rid, "<message>", null]`.
+pub fn encode_err(rid: &str, message: &str) -> Vec<u8> {
+    format!("[{},{},null]", json_string(rid), json_string(message)).into_bytes()
+}
+
+/// Reads `[a, b, c]` as three raw elements.
+fn split3(value: &RawValue) -> Result<[&RawValue; 3], DecodeError> {
+    let parts: Vec<&RawValue> = serde_json::from_str(value.get()).map_err(|_| {
+        DecodeError::Shape(format!(
+            "expected a JSON array, got {}",
+            preview(value.get())
+        ))
+    })?;
+    <[&RawValue; 3]>::try_from(parts).map_err(|parts| {
+        DecodeError::Shape(format!(
+            "expected 3 elements [rid, key, payload], got {}",
+            parts.len()
+        ))
+    })
+}
+
+fn string_of(raw: &RawValue, what: &str) -> Result<String, DecodeError> {
+    serde_json::from_str::<String>(raw.get()).map_err(|_| {
+        DecodeError::Shape(format!(
+            "{what} must be a string, got {}",
+            preview(raw.get())
+        ))
+    })
+}
+
+fn preview(text: &str) -> String {
+    let mut p: String = text.chars().take(40).collect();
+    if p.len() < text.len() {
+        p.push('…');
+    }
+    p
+}
+
+/// Interprets one JSON value as a request.
+pub fn parse_request(value: &RawValue) -> Result<Request, DecodeError> {
+    let [rid, key, payload] = split3(value)?;
+    Ok(Request {
+        rid: string_of(rid, "the request id")?,
+        key: string_of(key, "the key")?,
+        payload: payload.get().to_string(),
+    })
+}
+
+/// Interprets one JSON value as a reply.
+pub fn parse_reply(value: &RawValue) -> Result<Reply, DecodeError> {
+    let [rid, err, result] = split3(value)?;
+    let err = match serde_json::from_str::<Option<String>>(err.get()) {
+        Ok(Some(e)) if e.is_empty() => None,
+        Ok(e) => e,
+        Err(_) => {
+            return Err(DecodeError::Shape(format!(
+                "err must be null or a string, got {}",
+                preview(err.get())
+            )))
+        }
+    };
+    Ok(Reply {
+        rid: string_of(rid, "the request id")?,
+        err,
+        result: result.get().to_string(),
+    })
+}
+
+/// Turns a byte stream into whole JSON values, however the bytes were split
+/// into packets.
+#[derive(Debug)]
+pub struct MessageDecoder {
+    buffer: Vec<u8>,
+    max_message: usize,
+}
+
+impl MessageDecoder {
+    /// A decoder that refuses any message longer than `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        MessageDecoder {
+            buffer: Vec::new(),
+            max_message,
+        }
+    }
+
+    /// Adds received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete value, `Ok(None)` if more bytes are needed, or an
+    /// error if the stream is not a sequence of JSON values (after an error
+    /// the decoder should be dropped together with its connection).
+    pub fn next_message(&mut self) -> Result<Option<Box<RawValue>>, DecodeError> {
+        let start = self.buffer.iter().position(|b| !b.is_ascii_whitespace());
+        let Some(start) = start else {
+            self.buffer.clear();
+            return Ok(None);
+        };
+        let mut stream = serde_json::Deserializer::from_slice(&self.buffer[start..])
+            .into_iter::<Box<RawValue>>();
+        match stream.next() {
+            Some(Ok(value)) => {
+                let end = start + stream.byte_offset();
+                if end - start > self.max_message {
+                    return Err(self.too_large());
+                }
+                self.buffer.drain(..end);
+                Ok(Some(value))
+            }
+            Some(Err(e)) if e.is_eof() => {
+                if self.buffer.len() - start > self.max_message {
+                    return Err(self.too_large());
+                }
+                Ok(None)
+            }
+            Some(Err(e)) => Err(DecodeError::NotJson(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes received but not yet part of a whole message.
+    pub fn pending_bytes(&self) -> usize {
+        self.buffer.len()
+    }
+
+    fn too_large(&self) -> DecodeError {
+        DecodeError::TooLarge {
+            limit: self.max_message,
+            rid: leading_rid(&self.buffer),
+        }
+    }
+}
+
+/// The request id at the start of a (possibly incomplete) message, so an
+/// oversized request can still get an error reply naming it.
+fn leading_rid(buffer: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(&buffer[..buffer.len().min(128)])
+        .ok()
+        .or_else(|| {
+            // Cut at a char boundary if the 128-byte window split one.
+            std::str::from_utf8(&buffer[..64.min(buffer.len())]).ok()
+        })?;
+    let rest = text
+        .trim_start()
+        .strip_prefix('[')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let end = rest.find('"')?;
+    let rid = &rest[..end];
+    (rid.len() <= 64 && rid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .then(|| rid.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TV2: &str = r#"["3f2cf13b-da02-4abf-bb01-9306b37281a3","rpc_test","hello"]"#;
+    const TV3: &str = r#"["3f2cf13b-da02-4abf-bb01-9306b37281a3",null,"world"]"#;
+    const TV4: &str = r#"["f5e82789-41d0-450f-88ed-cd320deb8fac","127.0.0.1:38772",{"length":10}]"#;
+    const TV5: &str = r#"["f5e82789-41d0-450f-88ed-cd320deb8fac",null,[1,1,2,3,5,8,13,21,34,55]]"#;
+
+    fn decode_all(bytes: &[u8]) -> Vec<String> {
+        let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
+        d.push(bytes);
+        let mut out = vec![];
+        while let Some(v) = d.next_message().unwrap() {
+            out.push(v.get().to_string());
+        }
+        out
+    }
+
+    #[test]
+    fn tv1_the_punch_is_not_json_traffic() {
+        // TV-1 lives in the transport; here: a punch never decodes as a message.
+        let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
+        d.push(&[0xC3, 0xBF]);
+        assert!(d.next_message().is_err());
+    }
+
+    #[test]
+    fn tv2_tv3_request_and_reply_by_service_name() {
+        assert_eq!(TV2.len(), 59);
+        let v = decode_all(TV2.as_bytes());
+        let req = parse_request(&RawValue::from_string(v[0].clone()).unwrap()).unwrap();
+        assert_eq!(req.rid, "3f2cf13b-da02-4abf-bb01-9306b37281a3");
+        assert_eq!(req.key, "rpc_test");
+        assert_eq!(req.payload, r#""hello""#);
+        let reply = encode_ok(&req.rid, r#""world""#);
+        assert_eq!(reply, TV3.as_bytes());
+        assert_eq!(reply.len(), 53);
+        assert_eq!(
+            encode_request(&req.rid, &req.key, &req.payload),
+            TV2.as_bytes()
+        );
+    }
+
+    #[test]
+    fn tv4_tv5_request_to_a_punched_address() {
+        assert_eq!(TV4.len(), 72);
+        let req = parse_request(&RawValue::from_string(TV4.into()).unwrap()).unwrap();
+        assert_eq!(req.key, "127.0.0.1:38772");
+        assert_eq!(req.payload, r#"{"length":10}"#);
+        let reply = encode_ok(&req.rid, "[1,1,2,3,5,8,13,21,34,55]");
+        assert_eq!(reply, TV5.as_bytes());
+        assert_eq!(reply.len(), 71);
+    }
+
+    #[test]
+    fn tv6_error_replies() {
+        let parse = |s: &str| parse_reply(&RawValue::from_string(s.into()).unwrap()).unwrap();
+        let r = parse(r#"["879afcb4-326f-4b24-a6b3-960f8629e164","ERR_SOMETHING",null]"#);
+        assert_eq!(
+            (r.err.as_deref(), r.result.as_str()),
+            (Some("ERR_SOMETHING"), "null")
+        );
+        let r = parse(r#"["034d102c-2a87-472b-aa35-1c2eaf0b96ed","ERR_X",{"partial":1}]"#);
+        assert_eq!(
+            (r.err.as_deref(), r.result.as_str()),
+            (Some("ERR_X"), r#"{"partial":1}"#)
+        );
+        let r = parse(r#"["28e6f58d-3a04-465e-9a8f-fa8b8889051c",null,null]"#);
+        assert_eq!((r.err, r.result.as_str()), (None, "null"));
+        let r = parse(r#"["28e6f58d-3a04-465e-9a8f-fa8b8889051c","",1]"#);
+        assert_eq!(r.err, None, "an empty err string means success");
+        assert_eq!(
+            encode_err("879afcb4-326f-4b24-a6b3-960f8629e164", "ERR_SOMETHING"),
+            br#"["879afcb4-326f-4b24-a6b3-960f8629e164","ERR_SOMETHING",null]"#
+        );
+    }
+
+    #[test]
+    fn tv7_broker_messages_round_trip() {
+        let req = r#"["28aa1b26-c47c-44b0-a05d-c2963382ffc0","fibo_broker",{"service":"fibonacci_worker","server":false}]"#;
+        let r = parse_request(&RawValue::from_string(req.into()).unwrap()).unwrap();
+        assert_eq!(encode_request(&r.rid, &r.key, &r.payload), req.as_bytes());
+        let reply = r#"["28aa1b26-c47c-44b0-a05d-c2963382ffc0",null,{"fibonacci_worker":{"69b2f36dd451211e4c8b858103fde1e2":{"service":"fibonacci_worker","server":false,"address":"127.0.0.1","port":38742}}}]"#;
+        assert_eq!(reply.len(), 184);
+        let r = parse_reply(&RawValue::from_string(reply.into()).unwrap()).unwrap();
+        assert_eq!(encode_ok(&r.rid, &r.result), reply.as_bytes());
+    }
+
+    #[test]
+    fn tv8_coalesced_and_split_messages() {
+        // Several messages in one packet, as libutp's Nagle makes them.
+        let joined = format!("{TV2}{TV4}{TV2}");
+        assert_eq!(decode_all(joined.as_bytes()), vec![TV2, TV4, TV2]);
+        // One message over several packets, split at every possible point.
+        for cut in 1..TV4.len() {
+            let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
+            d.push(&TV4.as_bytes()[..cut]);
+            assert!(d.next_message().unwrap().is_none(), "cut at {cut}");
+            d.push(&TV4.as_bytes()[cut..]);
+            assert_eq!(d.next_message().unwrap().unwrap().get(), TV4);
+        }
+        // The 1382-byte boundary message decodes whole.
+        let rid = new_rid();
+        let overhead = encode_request(&rid, "k", r#""""#).len();
+        let pad = "x".repeat(1382 - overhead);
+        let msg = encode_request(&rid, "k", &format!("\"{pad}\""));
+        assert_eq!(msg.len(), 1382);
+        assert_eq!(decode_all(&msg).len(), 1);
+    }
+
+    #[test]
+    fn tv9_rids_are_lowercase_uuid_v4() {
+        let rid = new_rid();
+        assert_eq!(rid.len(), 36);
+        assert_eq!(rid, rid.to_lowercase());
+        assert_eq!(&rid[14..15], "4", "version nibble");
+        assert!(matches!(&rid[19..20], "8" | "9" | "a" | "b"), "variant");
+    }
+
+    #[test]
+    fn garbage_and_wrong_shapes_are_errors() {
+        let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
+        d.push(b"GET / HTTP/1.1\r\n");
+        assert!(matches!(d.next_message(), Err(DecodeError::NotJson(_))));
+        for bad in [r#"{"a":1}"#, r#"["a","b"]"#, r#"[1,"b",2]"#, r#"["a",2,3]"#] {
+            assert!(
+                parse_request(&RawValue::from_string(bad.into()).unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(parse_reply(&RawValue::from_string(r#"["a",5,3]"#.into()).unwrap()).is_err());
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_with_their_rid() {
+        let mut d = MessageDecoder::new(100);
+        let big = encode_request(
+            "3f2cf13b-da02-4abf-bb01-9306b37281a3",
+            "k",
+            &format!("\"{}\"", "x".repeat(200)),
+        );
+        d.push(&big[..150]);
+        match d.next_message() {
+            Err(DecodeError::TooLarge { limit: 100, rid }) => {
+                assert_eq!(rid.as_deref(), Some("3f2cf13b-da02-4abf-bb01-9306b37281a3"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

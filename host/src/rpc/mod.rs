@@ -1,0 +1,12 @@
+//! Grenache RPC over uTP: the envelope ([`codec`]), the table of requests
+//! waiting for replies ([`pending`]), the client that reuses one uTP
+//! connection per peer ([`client`]) and the server that routes requests to
+//! plugins ([`server`]).
+
+pub mod client;
+pub mod codec;
+pub mod pending;
+pub mod server;
+
+/// Default deadline of one request: 10 s.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,0 +1,184 @@
+//! The RPC server: accepts uTP connections on the host's socket, decodes
+//! requests, routes each by its key to the plugin serving that service, and
+//! writes the reply on the same connection.
+//!
+//! A key of the form `ip:port` (what a Node punch client sends when it calls
+//! a punched address) goes to the host's primary plugin, the first loaded.
+//! A connection that sends something that is not a Grenache request is
+//! closed and counted; everyone else keeps being served.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::codec::{self, DecodeError, MessageDecoder, Request};
+use crate::plugin::LoadedPlugin;
+use crate::transport::Endpoint;
+
+/// Which plugin answers which service.
+pub struct Services {
+    by_name: HashMap<String, Arc<LoadedPlugin>>,
+    primary: Option<(String, Arc<LoadedPlugin>)>,
+}
+
+impl Services {
+    /// Routes every service in each plugin's manifest to it; the first
+    /// plugin's first service answers `ip:port` keys. A service served by two
+    /// plugins is an error.
+    pub fn new(plugins: &[Arc<LoadedPlugin>]) -> anyhow::Result<Self> {
+        let mut by_name = HashMap::new();
+        for plugin in plugins {
+            for service in plugin.serves() {
+                if let Some(other) = by_name.insert(service.clone(), plugin.clone()) {
+                    anyhow::bail!(
+                        "{} and {} both serve {service:?}; run them on different hosts",
+                        other.path().display(),
+                        plugin.path().display()
+                    );
+                }
+            }
+        }
+        let primary = plugins
+            .iter()
+            .find_map(|p| p.serves().first().map(|s| (s.clone(), p.clone())));
+        Ok(Services { by_name, primary })
+    }
+
+    /// The plugin and service name a request key resolves to.
+    fn route(&self, key: &str) -> Option<(&str, &Arc<LoadedPlugin>)> {
+        if let Some((name, plugin)) = self.by_name.get_key_value(key) {
+            return Some((name.as_str(), plugin));
+        }
+        if key.parse::<SocketAddr>().is_ok() {
+            return self.primary.as_ref().map(|(s, p)| (s.as_str(), p));
+        }
+        None
+    }
+
+    fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+        names.sort();
+        names
+    }
+}
+
+/// Server counters.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub bad_connections: AtomicU64,
+}
+
+/// Accepts connections forever.
+pub async fn serve(
+    endpoint: Endpoint,
+    services: Arc<Services>,
+    max_message: usize,
+    stats: Arc<ServerStats>,
+) {
+    loop {
+        match endpoint.accept().await {
+            Ok(stream) => {
+                let services = services.clone();
+                let stats = stats.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, services, max_message, stats).await
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accepting a uTP connection failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: librqbit_utp::UtpStream,
+    services: Arc<Services>,
+    max_message: usize,
+    stats: Arc<ServerStats>,
+) {
+    let peer = stream.remote_addr();
+    let (mut reader, writer) = stream.split();
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let mut decoder = MessageDecoder::new(max_message);
+    let mut buf = vec![0u8; 64 * 1024];
+    let problem = 'read: loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            let request = match decoder.next_message() {
+                Ok(Some(value)) => match codec::parse_request(&value) {
+                    Ok(request) => request,
+                    Err(e) => break 'read e,
+                },
+                Ok(None) => break,
+                Err(e) => break 'read e,
+            };
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
+            tokio::spawn(async move {
+                let reply = answer(&services, &request, peer, &stats).await;
+                if let Err(e) = writer.lock().await.write_all(&reply).await {
+                    tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
+                }
+            });
+        }
+    };
+    stats.bad_connections.fetch_add(1, Ordering::Relaxed);
+    if let DecodeError::TooLarge {
+        limit,
+        rid: Some(rid),
+    } = &problem
+    {
+        let reply = codec::encode_err(rid, &format!("request too large: more than {limit} bytes"));
+        let _ = writer.lock().await.write_all(&reply).await;
+    }
+    tracing::warn!(%peer, "closing a connection that {problem}", problem = describe(&problem));
+}
+
+fn describe(e: &DecodeError) -> String {
+    match e {
+        DecodeError::TooLarge { limit, .. } => {
+            format!("sent a message over the {limit}-byte limit")
+        }
+        other => format!("does not speak Grenache ({other})"),
+    }
+}
+
+/// The reply to one request, encoded.
+async fn answer(
+    services: &Services,
+    request: &Request,
+    peer: SocketAddr,
+    stats: &ServerStats,
+) -> Vec<u8> {
+    let Some((service, plugin)) = services.route(&request.key) else {
+        stats.errors.fetch_add(1, Ordering::Relaxed);
+        let message = format!(
+            "ERR_SERVICE_NOT_FOUND: no service {:?} on this host (it serves: {})",
+            request.key,
+            services.names().join(", ")
+        );
+        return codec::encode_err(&request.rid, &message);
+    };
+    tracing::info!("request for {service} from {peer}");
+    match plugin.handle(service, &request.payload).await {
+        Ok(result) => codec::encode_ok(&request.rid, &result),
+        Err(e) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            if !matches!(e, crate::plugin::CallError::Handler(_)) {
+                tracing::warn!(%peer, service, "request failed: {e}");
+            }
+            codec::encode_err(&request.rid, &e.to_string())
+        }
+    }
+}

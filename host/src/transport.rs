@@ -1,0 +1,325 @@
+//! One UDP socket per host, carrying the uTP listener, the uTP dialers and
+//! the punches.
+//!
+//! Sharing the socket is what makes NAT traversal work: the port the host
+//! announces is the port its punches leave from, so the hole a punch opens is
+//! the one the peer's uTP connection comes back through. Every received
+//! datagram is sorted by [`classify`]: an exact punch goes to the punch
+//! channel, a datagram that can be uTP goes to `librqbit-utp`, and anything
+//! else is dropped and counted (it never reaches the uTP parser).
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use librqbit_dualstack_sockets::PollSendToVectored;
+use librqbit_utp::{SocketOpts, Transport, UtpSocket, UtpSocketUdp, UtpStream};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::punch::PUNCH;
+
+/// Receive buffer for the shared socket; uTP throughput suffers badly with
+/// the kernel default.
+const RECV_BUFFER: usize = 4 << 20;
+/// librqbit-utp sends a single SYN; a connect is re-issued this often until
+/// the request's deadline.
+pub const CONNECT_RETRY: Duration = Duration::from_millis(400);
+/// A connection whose peer stops acknowledging data for this long is closed,
+/// so requests sent to a host that died fail fast instead of at their deadline.
+pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
+/// The uTP header is 20 bytes.
+const UTP_HEADER: usize = 20;
+
+/// What one received datagram is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datagram {
+    /// Exactly `C3 BF`.
+    Punch,
+    /// Long enough, version 1, a known packet type: hand it to uTP.
+    Utp,
+    /// Neither: drop it.
+    Garbage,
+}
+
+/// Sorts a datagram (grenache-wire TV-1: only the exact two bytes are a
+/// punch; nothing shorter than a uTP header reaches uTP).
+pub fn classify(bytes: &[u8]) -> Datagram {
+    if bytes == PUNCH {
+        return Datagram::Punch;
+    }
+    // First byte: packet type (0..=4) in the high nibble, version 1 in the low.
+    match bytes.first() {
+        Some(&b) if bytes.len() >= UTP_HEADER && b & 0x0F == 1 && b >> 4 <= 4 => Datagram::Utp,
+        _ => Datagram::Garbage,
+    }
+}
+
+/// Counters a host reports about its socket.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    pub punches_received: AtomicU64,
+    pub garbage_datagrams: AtomicU64,
+}
+
+/// The demultiplexing transport handed to librqbit-utp.
+struct DemuxTransport {
+    socket: Arc<UdpSocket>,
+    local: SocketAddr,
+    punches: mpsc::UnboundedSender<SocketAddr>,
+    stats: Arc<TransportStats>,
+}
+
+impl PollSendToVectored for DemuxTransport {
+    fn poll_send_to_vectored(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+        target: SocketAddr,
+    ) -> Poll<std::io::Result<usize>> {
+        // tokio has no vectored send_to; uTP hands us header + payload, so
+        // join them (a small copy per packet).
+        let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.socket.poll_send_to(cx, &joined, target)
+    }
+}
+
+impl Transport for DemuxTransport {
+    fn recv_from<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = std::io::Result<(usize, SocketAddr)>> + Send + Sync + 'a {
+        async move {
+            loop {
+                match self.socket.recv_from(buf).await {
+                    Ok((n, from)) => match classify(&buf[..n]) {
+                        Datagram::Utp => return Ok((n, from)),
+                        Datagram::Punch => {
+                            self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
+                            let _ = self.punches.send(from);
+                        }
+                        Datagram::Garbage => {
+                            self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
+                            tracing::trace!(%from, len = n, "dropped a datagram that is neither uTP nor a punch");
+                        }
+                    },
+                    // An error returned here would stop the uTP dispatcher and
+                    // every stream on the socket. ICMP errors (port
+                    // unreachable after a peer died) are reported on the next
+                    // receive: they concern one peer, never the socket.
+                    Err(e) => {
+                        tracing::debug!("receive error on the RPC socket (ignored): {e}");
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_to<'a>(
+        &'a self,
+        buf: &'a [u8],
+        target: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send + Sync + 'a {
+        self.socket.send_to(buf, target)
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> Poll<std::io::Result<usize>> {
+        self.socket.poll_send_to(cx, buf, target)
+    }
+
+    fn bind_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type ConnectFn = dyn Fn(SocketAddr) -> BoxFuture<librqbit_utp::Result<UtpStream>> + Send + Sync;
+type AcceptFn = dyn Fn() -> BoxFuture<librqbit_utp::Result<UtpStream>> + Send + Sync;
+
+/// Why a uTP connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no uTP answer from {peer} within {waited:?} ({attempts} attempts)")]
+    Timeout {
+        peer: SocketAddr,
+        waited: Duration,
+        attempts: u32,
+    },
+    #[error("uTP connect to {peer} failed: {reason}")]
+    Failed { peer: SocketAddr, reason: String },
+}
+
+/// The host's socket: uTP in both directions plus punches.
+#[derive(Clone)]
+pub struct Endpoint {
+    socket: Arc<UdpSocket>,
+    local: SocketAddr,
+    connect: Arc<ConnectFn>,
+    accept: Arc<AcceptFn>,
+    pub stats: Arc<TransportStats>,
+}
+
+/// librqbit-utp does not export its default environment type; obtain a value
+/// of it through the public alias.
+fn default_env<T, E: Default>(_: PhantomData<UtpSocket<T, E>>) -> E {
+    E::default()
+}
+
+impl Endpoint {
+    /// Binds the socket at `addr` (port 0 for any free port). Punches received
+    /// arrive on the returned channel as the sender's address.
+    pub async fn bind(
+        addr: SocketAddr,
+    ) -> anyhow::Result<(Endpoint, mpsc::UnboundedReceiver<SocketAddr>)> {
+        let std_socket = std::net::UdpSocket::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot bind the RPC socket to {addr}: {e}; pick another --listen address or port"
+            )
+        })?;
+        std_socket.set_nonblocking(true)?;
+        if let Err(e) = socket2::SockRef::from(&std_socket).set_recv_buffer_size(RECV_BUFFER) {
+            tracing::debug!("cannot raise SO_RCVBUF: {e}");
+        }
+        let socket = Arc::new(UdpSocket::from_std(std_socket)?);
+        let local = socket.local_addr()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(TransportStats::default());
+        let transport = DemuxTransport {
+            socket: socket.clone(),
+            local,
+            punches: tx,
+            stats: stats.clone(),
+        };
+        let env = default_env(PhantomData::<UtpSocketUdp>);
+        let utp = UtpSocket::new_with_opts(
+            transport,
+            env,
+            SocketOpts {
+                remote_inactivity_timeout: Some(PEER_SILENCE_LIMIT),
+                ..SocketOpts::default()
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("cannot start uTP on {local}: {e}"))?;
+        let for_connect = utp.clone();
+        let endpoint = Endpoint {
+            socket,
+            local,
+            connect: Arc::new(move |peer| {
+                let utp = for_connect.clone();
+                Box::pin(async move { utp.connect(peer).await })
+            }),
+            accept: Arc::new(move || {
+                let utp = utp.clone();
+                Box::pin(async move { utp.accept().await })
+            }),
+            stats,
+        };
+        Ok((endpoint, rx))
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Sends one punch to `peer`.
+    pub async fn punch(&self, peer: SocketAddr) {
+        if let Err(e) = self.socket.send_to(&PUNCH, peer).await {
+            tracing::debug!(%peer, "punch not sent: {e}");
+        }
+    }
+
+    /// Sends raw bytes (for tests and diagnostics).
+    pub async fn send_raw(&self, bytes: &[u8], peer: SocketAddr) -> std::io::Result<usize> {
+        self.socket.send_to(bytes, peer).await
+    }
+
+    /// Waits for the next incoming uTP connection.
+    pub async fn accept(&self) -> librqbit_utp::Result<UtpStream> {
+        (self.accept)().await
+    }
+
+    /// Connects to `peer`, re-sending the SYN every [`CONNECT_RETRY`] until
+    /// `deadline` (a SYN may be lost, or the peer's NAT may not be open yet).
+    pub async fn connect(
+        &self,
+        peer: SocketAddr,
+        deadline: Instant,
+    ) -> Result<UtpStream, ConnectError> {
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ConnectError::Timeout {
+                    peer,
+                    waited: started.elapsed(),
+                    attempts,
+                });
+            }
+            attempts += 1;
+            let wait = CONNECT_RETRY.min(deadline - now);
+            match tokio::time::timeout(wait, (self.connect)(peer)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => {
+                    // Refused or reset: wait out the rest of this attempt,
+                    // the peer may just be starting.
+                    tracing::debug!(%peer, "uTP connect attempt {attempts} failed: {e}");
+                    let rest = wait.saturating_sub(now.elapsed());
+                    if Instant::now() + rest >= deadline {
+                        return Err(ConnectError::Failed {
+                            peer,
+                            reason: e.to_string(),
+                        });
+                    }
+                    tokio::time::sleep(rest).await;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tv1_only_the_exact_punch_is_a_punch() {
+        assert_eq!(classify(&[0xC3, 0xBF]), Datagram::Punch);
+        assert_eq!(classify(&[0xFF]), Datagram::Garbage);
+        assert_eq!(classify(&[0xC3, 0xBF, 0x0A]), Datagram::Garbage);
+        assert_eq!(classify(&[]), Datagram::Garbage);
+        assert_eq!(
+            classify(&[0x41; 19]),
+            Datagram::Garbage,
+            "shorter than a uTP header"
+        );
+    }
+
+    #[test]
+    fn utp_packets_go_to_utp() {
+        for first in [0x01u8, 0x11, 0x21, 0x31, 0x41] {
+            let mut packet = [0u8; 20];
+            packet[0] = first;
+            assert_eq!(classify(&packet), Datagram::Utp, "{first:#x}");
+        }
+        let mut bad_version = [0u8; 20];
+        bad_version[0] = 0x42;
+        assert_eq!(classify(&bad_version), Datagram::Garbage);
+        let mut bad_type = [0u8; 20];
+        bad_type[0] = 0x51;
+        assert_eq!(classify(&bad_type), Datagram::Garbage);
+    }
+}
