@@ -64,3 +64,152 @@ pub fn shown(out: Output) -> Shown {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// A `grenache-host` process running in the background, its stdout and
+/// stderr collected line by line. Killed when dropped, so a failing test
+/// leaves nothing behind.
+pub struct HostProcess {
+    pub name: String,
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HostProcess {
+    /// Starts `grenache-host <args>`.
+    pub fn spawn(name: &str, args: &[&str]) -> HostProcess {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = Command::new(host_bin())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("grenache-host starts");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for reader in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(reader)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        HostProcess {
+            name: name.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// How many lines so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until a line contains `needle` and returns it; fails the test
+    /// with the process's output if it does not appear within `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: no line containing {needle:?} within {timeout:?}; output:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop (SIGTERM) and returns its exit code.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Generous deadline for things that take well under a second here.
+pub const SOON: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Starts a DHT node on a free loopback port; returns it and its address.
+pub fn start_dht() -> (HostProcess, String) {
+    let dht = HostProcess::spawn("dht", &["dht", "--listen", "127.0.0.1:0"]);
+    let line = dht.wait_for("dht listening on ", SOON);
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    (dht, addr)
+}
+
+/// Starts `run` with `plugins` on loopback, joined through `bootstrap`;
+/// returns it and its RPC port once it has announced its services.
+pub fn start_host(
+    name: &str,
+    plugins: &[&std::path::Path],
+    bootstrap: &str,
+    extra: &[&str],
+) -> (HostProcess, u16) {
+    let mut args: Vec<String> = vec!["run".into()];
+    args.extend(plugins.iter().map(|p| p.display().to_string()));
+    args.extend(["--listen", "127.0.0.1:0", "--bootstrap", bootstrap].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let host = HostProcess::spawn(name, &args);
+    let line = host.wait_for("listening on ", SOON);
+    let port = line.rsplit(' ').next().unwrap().parse().unwrap();
+    host.wait_for("announced", SOON);
+    (host, port)
+}

@@ -19,7 +19,9 @@ tasks:
   plugins   build every plugin crate (plugins/*, tests/plugins/*) for wasm32-wasip2;
             writes plugins/<name>.wasm and target/test-plugins/<name>.wasm
   test      build the plugins, then run every test in the workspace
-  demo      build the plugins and the host, then run the demo";
+  demo      build the plugins and the host, then run Grenache's classic hole-punching
+            example on 127.0.0.1 (a DHT node, a consumer, a worker --behind-nat);
+            --keep-running keeps it going until Ctrl-C";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -164,20 +166,160 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["test", "--workspace"]).args(extra))
 }
 
+/// A child process whose output lines are echoed with a prefix and kept for
+/// [`Child::wait_for`].
+struct Child {
+    name: &'static str,
+    process: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Child {
+    fn spawn(name: &'static str, program: &Path, args: &[&str]) -> Result<Child> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut process = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out: Box<dyn std::io::Read + Send> = Box::new(process.stdout.take().unwrap());
+        let err: Box<dyn std::io::Read + Send> = Box::new(process.stderr.take().unwrap());
+        for reader in [out, err] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(reader)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    println!("{name:>14} | {line}");
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Ok(Child {
+            name,
+            process,
+            lines,
+        })
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    fn wait_for(&self, needle: &str, timeout: std::time::Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return Ok(l.clone());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{} did not print {needle:?} within {timeout:?}", self.name);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the process with SIGTERM, as Ctrl-C would.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.process.id().to_string())
+            .status();
+        let _ = self.process.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if matches!(self.process.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}
+
+/// The classic example on loopback: a DHT node, a public consumer host and
+/// a worker host behind a (pretend) NAT that punches the consumer.
 fn demo(extra: &[String]) -> Result<()> {
+    let keep_running = extra.iter().any(|a| a == "--keep-running");
     build_plugins()?;
     run(cargo().args(["build", "--package", "grenache-host"]))?;
-    let host = root().join("target/debug/grenache-host");
-    let fib = root().join("plugins/fibonacci.wasm");
-    println!("\n== The fibonacci plugin, inspected ==");
-    run(Command::new(&host).arg("inspect").arg(&fib))?;
-    println!(
-        "\n== grenache-host invoke plugins/fibonacci.wasm fibonacci_worker '{{\"length\":10}}' =="
+    let root = root();
+    let host = root.join("target/debug/grenache-host");
+    let (consumer_wasm, fib_wasm) = (
+        root.join("plugins/consumer.wasm"),
+        root.join("plugins/fibonacci.wasm"),
     );
-    run(Command::new(&host)
-        .arg("invoke")
-        .arg(&fib)
-        .args(["fibonacci_worker", r#"{"length":10}"#])
-        .args(extra))?;
+    let secs = std::time::Duration::from_secs;
+
+    println!("\n== 1. A DHT node for the hosts to find each other (grenache-host dht) ==");
+    let dht = Child::spawn("dht", &host, &["dht", "--listen", "127.0.0.1:0"])?;
+    let line = dht.wait_for("dht listening on ", secs(15))?;
+    let bootstrap = line.rsplit(' ').next().unwrap_or_default().to_string();
+
+    println!("\n== 2. The public consumer (fibonacci_consumer) ==");
+    let consumer = Child::spawn(
+        "consumer host",
+        &host,
+        &[
+            "run",
+            consumer_wasm.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap",
+            &bootstrap,
+        ],
+    )?;
+    consumer.wait_for("announced fibonacci_consumer", secs(15))?;
+
+    println!(
+        "\n== 3. The worker behind NAT (fibonacci_worker --behind-nat) punches the consumer =="
+    );
+    let worker = Child::spawn(
+        "worker host",
+        &host,
+        &[
+            "run",
+            fib_wasm.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap",
+            &bootstrap,
+            "--behind-nat",
+        ],
+    )?;
+    consumer.wait_for("punch from", secs(15))?;
+    consumer.wait_for(
+        "got data reply, sequence is: [1,1,2,3,5,8,13,21,34,55]",
+        secs(15),
+    )?;
+    worker.wait_for("request for fibonacci_worker", secs(15))?;
+
+    if keep_running {
+        println!("\n== Running until Ctrl-C ==");
+        let mut children = [dht, consumer, worker];
+        loop {
+            std::thread::sleep(secs(1));
+            if children
+                .iter_mut()
+                .any(|c| !matches!(c.process.try_wait(), Ok(None)))
+            {
+                bail!("a demo process exited");
+            }
+        }
+    }
+    println!(
+        "\n== The consumer got [1,1,2,3,5,8,13,21,34,55] through the punched path; stopping =="
+    );
+    for mut child in [worker, consumer, dht] {
+        child.stop();
+    }
+    println!("Done. Run `cargo xtask demo --keep-running` to watch it longer.");
     Ok(())
 }

@@ -1,0 +1,384 @@
+//! Hosts on 127.0.0.1 finding each other through a real DHT node and talking
+//! Grenache RPC over real uTP sockets, as a user runs them.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use common::{host, plugin, shown, start_dht, start_host, test_plugin, HostProcess, SOON};
+
+#[test]
+fn call_reaches_a_fibonacci_host_through_the_dht() {
+    let (_dht, bootstrap) = start_dht();
+    let (_worker, _) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        r#"{"length":10}"#,
+        "--bootstrap",
+        &bootstrap,
+    ]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "[1,1,2,3,5,8,13,21,34,55]\n");
+
+    // A remote (handler) error: its message, exit code 1.
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        r#"{"length":-1}"#,
+        "--bootstrap",
+        &bootstrap,
+    ]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("length -1 is negative"), "{}", r.stderr);
+
+    // Nobody serves it: exit code 2 with a clear message.
+    let r = shown(host(&[
+        "call",
+        "no_such_service",
+        "{}",
+        "--bootstrap",
+        &bootstrap,
+        "--timeout-ms",
+        "3000",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no peers"), "{}", r.stderr);
+
+    // Bad arguments: exit code 2 before any network work.
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        "{length:10}",
+        "--bootstrap",
+        &bootstrap,
+    ]));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("not valid JSON"), "{}", r.stderr);
+    let r = shown(host(&["call", "fibonacci_worker", "{}"]));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--bootstrap"), "{}", r.stderr);
+}
+
+#[test]
+fn the_classic_example_runs_on_one_machine() {
+    let (_dht, bootstrap) = start_dht();
+    let (consumer, _) = start_host("consumer host", &[&plugin("consumer")], &bootstrap, &[]);
+    let (worker, worker_port) = start_host(
+        "worker host",
+        &[&plugin("fibonacci")],
+        &bootstrap,
+        &["--behind-nat"],
+    );
+    let punch = consumer.wait_for("[consumer] punch from ", SOON);
+    assert!(
+        punch.ends_with(&format!("127.0.0.1:{worker_port}")),
+        "{punch}"
+    );
+    consumer.wait_for(
+        "[consumer] got data reply, sequence is: [1,1,2,3,5,8,13,21,34,55]",
+        SOON,
+    );
+    worker.wait_for("request for fibonacci_worker from 127.0.0.1:", SOON);
+    // It keeps going: one punch and one request per second, like Grenache.
+    let deadline = Instant::now() + SOON;
+    while consumer.count("got data reply") < 3 {
+        assert!(Instant::now() < deadline, "{}", consumer.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_consumer_plugin_can_request_by_service_name() {
+    let (_dht, bootstrap) = start_dht();
+    let (_worker, _) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let (_consumer, _) = start_host("consumer", &[&plugin("consumer")], &bootstrap, &[]);
+    // call → consumer host → (plugin's host.request) → worker host.
+    let r = shown(host(&[
+        "call",
+        "fibonacci_consumer",
+        r#"{"length":5}"#,
+        "--bootstrap",
+        &bootstrap,
+    ]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "[1,1,2,3,5]\n");
+}
+
+fn bench(bootstrap: &str, requests: u32, concurrency: u32) -> HostProcess {
+    HostProcess::spawn(
+        "bench",
+        &[
+            "bench",
+            "fibonacci_worker",
+            r#"{"length":10}"#,
+            "--bootstrap",
+            bootstrap,
+            "--requests",
+            &requests.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+            "--timeout-ms",
+            "5000",
+        ],
+    )
+}
+
+fn figure(line: &str, name: &str) -> f64 {
+    let key = format!("{name}=");
+    let start = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+        + key.len();
+    line[start..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn two_fibonacci_hosts_share_the_load() {
+    let (_dht, bootstrap) = start_dht();
+    let (a, _) = start_host("worker a", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let (b, _) = start_host("worker b", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let mut run = bench(&bootstrap, 400, 8);
+    let line = run.wait_for("requests ok=", SOON * 3);
+    assert_eq!(figure(&line, "failed"), 0.0, "{}", run.output());
+    assert!(run.terminate(SOON).is_some());
+    let (served_a, served_b) = (
+        a.count("request for fibonacci_worker"),
+        b.count("request for fibonacci_worker"),
+    );
+    assert!(
+        served_a >= 80 && served_b >= 80,
+        "uneven split: a={served_a} b={served_b}"
+    );
+}
+
+#[test]
+fn bench_fails_over_when_a_host_dies_losing_at_most_the_requests_in_flight() {
+    let (_dht, bootstrap) = start_dht();
+    let (mut a, _) = start_host("worker a", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let (_b, _) = start_host("worker b", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let concurrency = 8;
+    let mut run = bench(&bootstrap, 6000, concurrency);
+    // Kill a once the load is flowing through it.
+    a.wait_for("request for fibonacci_worker", SOON);
+    let deadline = Instant::now() + SOON;
+    while a.count("request for fibonacci_worker") < 300 {
+        assert!(Instant::now() < deadline, "{}", a.output());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.kill();
+    let line = run.wait_for("requests ok=", SOON * 3);
+    eprintln!("bench across the kill: {line}");
+    let (ok, failed) = (figure(&line, "ok"), figure(&line, "failed"));
+    assert!(
+        failed <= concurrency as f64,
+        "lost {failed} > {concurrency} in flight: {}",
+        run.output()
+    );
+    assert_eq!(ok + failed, 6000.0, "{line}");
+    assert!(run.terminate(SOON).is_some() || !run.is_running());
+}
+
+#[test]
+fn garbage_does_not_crash_or_wedge_a_host() {
+    let (_dht, bootstrap) = start_dht();
+    let (mut worker, port) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let target = format!("127.0.0.1:{port}");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Stray datagrams: short, long, almost-punches, fake uTP headers.
+    let mut junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xFF],
+        vec![0xC3, 0xBF, 0x0A],
+        vec![0xC3],
+        vec![0u8; 1400],
+        vec![0x41; 19],
+    ];
+    for first in [0x01u8, 0x11, 0x21, 0x31, 0x41, 0x42] {
+        let mut packet = vec![first; 64];
+        packet[1] = 0;
+        junk.push(packet);
+    }
+    let mut seed = 0x9E37_79B9u32;
+    for len in [20usize, 21, 100, 1500, 9000] {
+        let bytes = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect();
+        junk.push(bytes);
+    }
+    for _ in 0..20 {
+        for j in &junk {
+            sock.send_to(j, &target).unwrap();
+        }
+    }
+    assert!(worker.is_running(), "{}", worker.output());
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        r#"{"length":3}"#,
+        "--bootstrap",
+        &bootstrap,
+    ]));
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}\n{}",
+        r.stderr,
+        worker.output()
+    );
+}
+
+#[test]
+fn malformed_messages_close_that_connection_only() {
+    let (_dht, bootstrap) = start_dht();
+    let (worker, port) = start_host(
+        "worker",
+        &[&plugin("fibonacci"), &test_plugin("faulty")],
+        &bootstrap,
+        &[],
+    );
+    // Real uTP connections from a client of this crate send malformed
+    // messages; the host answers with errors or closes, and keeps serving.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use grenache_host::transport::Endpoint;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let peer = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+
+        // 1. Two requests in one write (coalesced), one split over two writes.
+        let mut s = ep.connect(peer, deadline).await.unwrap();
+        s.write_all(br#"["a1000000-0000-4000-8000-000000000001","fibonacci_worker",{"length":2}]["a1000000-0000-4000-8000-000000000002","echo",7]"#).await.unwrap();
+        let mut got = String::new();
+        let mut buf = [0u8; 4096];
+        while !(got.contains("000000000001") && got.contains("000000000002")) {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed early: {got}");
+            got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        }
+        assert!(got.contains(r#"["a1000000-0000-4000-8000-000000000001",null,[1,1]]"#), "{got}");
+        assert!(got.contains(r#"["a1000000-0000-4000-8000-000000000002",null,7]"#), "{got}");
+
+        // 2. An unknown service: an error reply that says so.
+        s.write_all(br#"["a1000000-0000-4000-8000-000000000003","nope",1]"#).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        let reply = std::str::from_utf8(&buf[..n]).unwrap();
+        assert!(reply.contains("ERR_SERVICE_NOT_FOUND") && reply.contains("nope"), "{reply}");
+
+        // 3. A plugin crash: a Grenache error string, not a dropped request.
+        s.write_all(br#"["a1000000-0000-4000-8000-000000000004","panic",1]"#).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        let reply = std::str::from_utf8(&buf[..n]).unwrap();
+        assert!(reply.contains("crashed") && reply.contains("panicked on purpose"), "{reply}");
+
+        // 4. Garbage: the host closes this connection.
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    });
+    worker.wait_for("does not speak Grenache", SOON);
+    // Everyone else is still served.
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        r#"{"length":4}"#,
+        "--bootstrap",
+        &bootstrap,
+    ]));
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2,3]\n"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn an_oversized_request_gets_an_error_reply() {
+    let (_dht, bootstrap) = start_dht();
+    let (_worker, _) = start_host(
+        "worker",
+        &[&test_plugin("faulty")],
+        &bootstrap,
+        &["--max-payload", "4KiB"],
+    );
+    let big = format!("\"{}\"", "x".repeat(8 << 10));
+    let r = shown(host(&[
+        "call",
+        "echo",
+        &big,
+        "--bootstrap",
+        &bootstrap,
+        "--timeout-ms",
+        "5000",
+    ]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("too large"), "{}", r.stderr);
+    let r = shown(host(&[
+        "call",
+        "echo",
+        "\"small\"",
+        "--bootstrap",
+        &bootstrap,
+    ]));
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "\"small\"\n"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn dht_and_run_stop_cleanly_on_a_signal() {
+    let (mut dht, bootstrap) = start_dht();
+    let (mut worker, _) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    assert_eq!(worker.terminate(SOON), Some(0), "{}", worker.output());
+    worker.wait_for("stopping", SOON);
+    assert_eq!(dht.terminate(SOON), Some(0), "{}", dht.output());
+}
+
+#[test]
+fn a_request_to_a_dead_address_times_out_with_a_clear_error() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use grenache_host::plugin::OutboundError;
+        use grenache_host::rpc::client::RpcClient;
+        use grenache_host::transport::Endpoint;
+        let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let client = RpcClient::new(ep, None, 1 << 20);
+        // A bound socket that never answers.
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let started = Instant::now();
+        let err = client
+            .request_peer(
+                silent.local_addr().unwrap(),
+                "fibonacci_worker",
+                "{}",
+                Duration::from_millis(1500),
+            )
+            .await
+            .unwrap_err();
+        let waited = started.elapsed();
+        assert!(matches!(err, OutboundError::Timeout(_)), "{err:?}");
+        assert!(err.to_string().contains("attempts"), "{err}");
+        assert!(
+            waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    });
+}
