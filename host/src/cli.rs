@@ -101,7 +101,7 @@ pub enum Command {
         #[arg(long, value_name = "IP:PORT")]
         bootstrap: Vec<String>,
     },
-    /// Call a service once through the DHT and print its reply.
+    /// Call a service once through the DHT (or at --peer) and print its reply.
     ///
     /// Prints the reply as compact JSON and exits 0. A remote error prints the
     /// message and exits 1. No peers, a timeout or bad arguments exit 2.
@@ -116,6 +116,10 @@ pub enum Command {
         dht: BootstrapArgs,
         #[command(flatten)]
         client: ClientArgs,
+        /// Call this peer directly instead of looking the service up (no
+        /// --bootstrap needed), as Grenache's request to {address, port} does.
+        #[arg(long, value_name = "IP:PORT")]
+        peer: Option<SocketAddr>,
     },
     /// Load-test a service: N requests, C in flight, then one line of figures.
     ///
@@ -317,7 +321,8 @@ async fn run(cli: Cli) -> ExitCode {
             payload,
             dht,
             client,
-        } => crate::commands::call(service, payload, dht.bootstrap, client).await,
+            peer,
+        } => crate::commands::call(service, payload, dht.bootstrap, client, peer).await,
         Command::Bench {
             service,
             payload,

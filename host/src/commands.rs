@@ -12,7 +12,9 @@ use crate::cli::{usage_error, ClientArgs, EXIT_SERVICE_ERROR};
 use crate::discovery::{DhtConfig, Discovery};
 use crate::node::{ClientParts, Node, NodeConfig};
 use crate::plugin::{Limits, OutboundError, Runtime};
+use crate::rpc::client::RpcClient;
 use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
+use crate::transport::Endpoint;
 
 /// How long a client waits to join the DHT before looking anything up.
 const BOOTSTRAP_WAIT: Duration = Duration::from_secs(5);
@@ -118,19 +120,27 @@ pub async fn call(
     payload: String,
     bootstrap: Vec<String>,
     args: ClientArgs,
+    peer: Option<std::net::SocketAddr>,
 ) -> ExitCode {
     if let Err(code) = check_payload(&payload) {
         return code;
     }
-    let parts = match client(&bootstrap, &args).await {
-        Ok(p) => p,
-        Err(code) => return code,
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let reply = if let Some(peer) = peer {
+        let (endpoint, _punches) = match Endpoint::bind(args.listen).await {
+            Ok(e) => e,
+            Err(e) => return usage_error(format!("{e:#}")),
+        };
+        let client = RpcClient::new(endpoint, None, DEFAULT_MAX_MESSAGE);
+        client.request_peer(peer, &service, &payload, timeout).await
+    } else {
+        let parts = match client(&bootstrap, &args).await {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        parts.client.request(&service, &payload, timeout).await
     };
-    match parts
-        .client
-        .request(&service, &payload, Duration::from_millis(args.timeout_ms))
-        .await
-    {
+    match reply {
         Ok(reply) => match serde_json::from_str::<serde_json::Value>(&reply) {
             Ok(value) => {
                 println!("{value}");

@@ -90,6 +90,8 @@ impl PollSendToVectored for DemuxTransport {
 }
 
 impl Transport for DemuxTransport {
+    // The trait asks for a future that is also Sync, which `async fn` cannot promise.
+    #[allow(clippy::manual_async_fn)]
     fn recv_from<'a>(
         &'a self,
         buf: &'a mut [u8],

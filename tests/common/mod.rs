@@ -77,16 +77,21 @@ pub struct HostProcess {
 impl HostProcess {
     /// Starts `grenache-host <args>`.
     pub fn spawn(name: &str, args: &[&str]) -> HostProcess {
+        let mut command = Command::new(host_bin());
+        command.args(args).env_remove("RUST_LOG");
+        Self::spawn_command(name, command)
+    }
+
+    /// Starts any command, collecting its output the same way.
+    pub fn spawn_command(name: &str, mut command: Command) -> HostProcess {
         use std::io::BufRead;
         use std::process::Stdio;
-        let mut child = Command::new(host_bin())
-            .args(args)
-            .env_remove("RUST_LOG")
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("grenache-host starts");
+            .unwrap_or_else(|e| panic!("{name}: cannot start {command:?}: {e}"));
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -212,4 +217,20 @@ pub fn start_host(
     let port = line.rsplit(' ').next().unwrap().parse().unwrap();
     host.wait_for("announced", SOON);
     (host, port)
+}
+
+/// `node tests/node/peer.js <args>`: a Grenache-style Node.js peer on
+/// utp-native. Its npm packages are installed by `cargo xtask test`.
+pub fn node_peer(name: &str, args: &[&str]) -> HostProcess {
+    let dir = root().join("tests/node");
+    assert!(
+        dir.join("node_modules/utp-native").is_dir(),
+        "tests/node/node_modules is missing: run the suite with `cargo xtask test`, which installs it with npm"
+    );
+    let mut command = Command::new("node");
+    command
+        .arg(dir.join("peer.js"))
+        .args(args)
+        .current_dir(&dir);
+    HostProcess::spawn_command(name, command)
 }

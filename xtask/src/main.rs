@@ -161,8 +161,23 @@ fn build_plugins() -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// Installs the npm packages of the Node.js interop peers (tests/node).
+fn ensure_node_packages() -> Result<()> {
+    let dir = root().join("tests/node");
+    if dir.join("node_modules/utp-native").is_dir() {
+        return Ok(());
+    }
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir))
+    .context(
+        "the Node.js interop tests need Node.js 20 and npm (e.g. `apt-get install -y nodejs npm`)",
+    )
+}
+
 fn test(extra: &[String]) -> Result<()> {
     build_plugins()?;
+    ensure_node_packages()?;
     run(cargo().args(["test", "--workspace"]).args(extra))
 }
 

@@ -28,6 +28,8 @@ const CONNECT_BUDGET_PER_PEER: Duration = Duration::from_millis(1500);
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
 type Waiter = oneshot::Sender<Reply>;
+/// The connection to one peer, if open; locked while connecting.
+type PeerSlot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
 
 /// One open connection to a peer.
 struct Connection {
@@ -51,7 +53,7 @@ pub struct RpcClient {
     discovery: Option<Arc<Discovery>>,
     /// Per peer, a slot holding its connection; the slot's lock serialises
     /// connecting so concurrent requests share one connection.
-    connections: Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>>>>,
+    connections: Arc<Mutex<HashMap<SocketAddr, PeerSlot>>>,
     max_message: usize,
 }
 

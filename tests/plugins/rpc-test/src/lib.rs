@@ -1,0 +1,28 @@
+//! The server of Grenache's `simple_connection` example: `rpc_test` answers
+//! `"world"` to anything, so the wire test vectors TV-2/TV-3 can be checked
+//! byte for byte.
+
+#![cfg(target_arch = "wasm32")]
+
+wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
+
+use exports::grenache::plugin::service::{Guest, PluginManifest};
+
+struct RpcTest;
+
+impl Guest for RpcTest {
+    fn manifest() -> PluginManifest {
+        PluginManifest {
+            serves: vec!["rpc_test".into()],
+            punch: vec![],
+        }
+    }
+
+    fn handle(_service: String, _payload: String) -> Result<String, String> {
+        Ok("\"world\"".into())
+    }
+
+    fn on_punch(_peer: String) {}
+}
+
+export!(RpcTest);
