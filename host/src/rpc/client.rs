@@ -27,22 +27,26 @@ const CONNECT_BUDGET_PER_PEER: Duration = Duration::from_millis(1500);
 /// How long a lookup may take out of a request's deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
-type Waiter = oneshot::Sender<Reply>;
+/// Wakes a request: `Some(reply)`, or `None` when its deadline passed.
+type Waiter = oneshot::Sender<Option<Reply>>;
 /// The connection to one peer, if open; locked while connecting.
 type PeerSlot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
 
 /// One open connection to a peer.
 struct Connection {
     writer: tokio::sync::Mutex<librqbit_utp::UtpStreamWriteHalf>,
-    pending: Arc<Mutex<Pending<Waiter>>>,
+    pending: Mutex<Pending<Waiter>>,
+    /// Wakes the connection task to re-arm its timer for a new request.
+    deadline_added: tokio::sync::Notify,
 }
 
 impl Connection {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending<Waiter>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn is_closed(&self) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_closed()
+        self.lock_pending().is_closed()
     }
 }
 
@@ -168,40 +172,28 @@ impl RpcClient {
                 "connection to {peer} {why}"
             )))
         };
-        if connection
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rid.clone(), tx)
-            .is_err()
-        {
+        let inserted = connection.lock_pending().insert(rid.clone(), deadline, tx);
+        if inserted.is_err() {
             return Err(lost("closed before the request was sent"));
         }
+        // The connection task may be sleeping until a later deadline.
+        connection.deadline_added.notify_one();
         {
             // One whole message per write: Node peers parse each packet alone.
             let mut writer = connection.writer.lock().await;
             if let Err(e) = writer.write_all(&message).await {
-                connection
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .abandon(&rid);
+                connection.lock_pending().complete(&rid);
                 return Err(lost(&format!("failed while sending: {e}")));
             }
         }
-        match tokio::time::timeout_at(deadline.into(), rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(lost("was lost before the reply arrived")),
-            Err(_) => {
-                connection
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .abandon(&rid);
-                Err(SendError::Lost(OutboundError::Timeout(format!(
-                    "no reply from {peer} for {key} in time"
-                ))))
-            }
+        // The connection task answers: a reply, an expiry, or a dropped
+        // sender when the connection dies.
+        match rx.await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(SendError::Lost(OutboundError::Timeout(format!(
+                "no reply from {peer} for {key} in time"
+            )))),
+            Err(_) => Err(lost("was lost before the reply arrived")),
         }
     }
 
@@ -224,32 +216,47 @@ impl RpcClient {
         }
         let stream = self.endpoint.connect(peer, connect_by).await?;
         let (mut reader, writer) = stream.split();
-        let pending: Arc<Mutex<Pending<Waiter>>> = Arc::default();
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
-            pending: pending.clone(),
+            pending: Mutex::default(),
+            deadline_added: tokio::sync::Notify::new(),
         });
         let max_message = self.max_message;
+        let task_connection = connection.clone();
         tokio::spawn(async move {
+            let connection = task_connection;
             let mut decoder = MessageDecoder::new(max_message);
             let mut buf = vec![0u8; 64 * 1024];
             let why = 'read: loop {
-                let n = match reader.read(&mut buf).await {
-                    Ok(0) => break "closed by the peer".to_string(),
-                    Ok(n) => n,
-                    Err(e) => break format!("failed: {e}"),
+                let next_deadline = connection.lock_pending().next_deadline();
+                let expiry = async move {
+                    match next_deadline {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let n = tokio::select! {
+                    read = reader.read(&mut buf) => match read {
+                        Ok(0) => break "closed by the peer".to_string(),
+                        Ok(n) => n,
+                        Err(e) => break format!("failed: {e}"),
+                    },
+                    _ = expiry => {
+                        for waiter in connection.lock_pending().expire(Instant::now()) {
+                            let _ = waiter.send(None);
+                        }
+                        continue;
+                    }
+                    _ = connection.deadline_added.notified() => continue,
                 };
                 decoder.push(&buf[..n]);
                 loop {
                     match decoder.next_message() {
                         Ok(Some(value)) => match codec::parse_reply(&value) {
                             Ok(reply) => {
-                                let waiter = pending
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .complete(&reply.rid);
-                                if let Some(waiter) = waiter {
-                                    let _ = waiter.send(reply);
+                                if let Some(waiter) = connection.lock_pending().complete(&reply.rid)
+                                {
+                                    let _ = waiter.send(Some(reply));
                                 }
                             }
                             Err(e) => break 'read format!("sent a malformed reply: {e}"),
@@ -259,7 +266,7 @@ impl RpcClient {
                     }
                 }
             };
-            let failed = pending.lock().unwrap_or_else(|p| p.into_inner()).close();
+            let failed = connection.lock_pending().close();
             tracing::debug!(%peer, "connection {why}; {} waiting request(s) fail", failed.len());
         });
         *slot = Some(connection.clone());
