@@ -6,54 +6,33 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{host, plugin, shown, start_dht, start_host, test_plugin, HostProcess, SOON};
+use common::{call, host, plugin, shown, start_dht, start_host, test_plugin, HostProcess, SOON};
 
 #[test]
 fn call_reaches_a_fibonacci_host_through_the_dht() {
     let (_dht, bootstrap) = start_dht();
     let (_worker, _) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        r#"{"length":10}"#,
-        "--bootstrap",
-        &bootstrap,
-    ]));
+    let r = call(&bootstrap, "fibonacci_worker", r#"{"length":10}"#, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.stdout, "[1,1,2,3,5,8,13,21,34,55]\n");
 
     // A remote (handler) error: its message, exit code 1.
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        r#"{"length":-1}"#,
-        "--bootstrap",
-        &bootstrap,
-    ]));
+    let r = call(&bootstrap, "fibonacci_worker", r#"{"length":-1}"#, &[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("length -1 is negative"), "{}", r.stderr);
 
     // Nobody serves it: exit code 2 with a clear message.
-    let r = shown(host(&[
-        "call",
+    let r = call(
+        &bootstrap,
         "no_such_service",
         "{}",
-        "--bootstrap",
-        &bootstrap,
-        "--timeout-ms",
-        "3000",
-    ]));
+        &["--timeout-ms", "3000"],
+    );
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("no peers"), "{}", r.stderr);
 
     // Bad arguments: exit code 2 before any network work.
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        "{length:10}",
-        "--bootstrap",
-        &bootstrap,
-    ]));
+    let r = call(&bootstrap, "fibonacci_worker", "{length:10}", &[]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("not valid JSON"), "{}", r.stderr);
     let r = shown(host(&["call", "fibonacci_worker", "{}"]));
@@ -95,13 +74,7 @@ fn the_consumer_plugin_can_request_by_service_name() {
     let (_worker, _) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
     let (_consumer, _) = start_host("consumer", &[&plugin("consumer")], &bootstrap, &[]);
     // call → consumer host → (plugin's host.request) → worker host.
-    let r = shown(host(&[
-        "call",
-        "fibonacci_consumer",
-        r#"{"length":5}"#,
-        "--bootstrap",
-        &bootstrap,
-    ]));
+    let r = call(&bootstrap, "fibonacci_consumer", r#"{"length":5}"#, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.stdout, "[1,1,2,3,5]\n");
 }
@@ -223,13 +196,7 @@ fn garbage_does_not_crash_or_wedge_a_host() {
         }
     }
     assert!(worker.is_running(), "{}", worker.output());
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        r#"{"length":3}"#,
-        "--bootstrap",
-        &bootstrap,
-    ]));
+    let r = call(&bootstrap, "fibonacci_worker", r#"{"length":3}"#, &[]);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "[1,1,2]\n"),
@@ -290,13 +257,7 @@ fn malformed_messages_close_that_connection_only() {
     });
     worker.wait_for("does not speak Grenache", SOON);
     // Everyone else is still served.
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        r#"{"length":4}"#,
-        "--bootstrap",
-        &bootstrap,
-    ]));
+    let r = call(&bootstrap, "fibonacci_worker", r#"{"length":4}"#, &[]);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "[1,1,2,3]\n"),
@@ -315,24 +276,10 @@ fn an_oversized_request_gets_an_error_reply() {
         &["--max-payload", "4KiB"],
     );
     let big = format!("\"{}\"", "x".repeat(8 << 10));
-    let r = shown(host(&[
-        "call",
-        "echo",
-        &big,
-        "--bootstrap",
-        &bootstrap,
-        "--timeout-ms",
-        "5000",
-    ]));
+    let r = call(&bootstrap, "echo", &big, &["--timeout-ms", "5000"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("too large"), "{}", r.stderr);
-    let r = shown(host(&[
-        "call",
-        "echo",
-        "\"small\"",
-        "--bootstrap",
-        &bootstrap,
-    ]));
+    let r = call(&bootstrap, "echo", "\"small\"", &[]);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "\"small\"\n"),

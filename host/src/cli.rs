@@ -108,10 +108,8 @@ pub enum Command {
     ///
     /// Example: grenache-host call fibonacci_worker '{"length":10}' --bootstrap 127.0.0.1:20001
     Call {
-        /// The service name.
-        service: String,
-        /// The request payload, as JSON.
-        payload: String,
+        #[command(flatten)]
+        request: ServiceRequest,
         #[command(flatten)]
         dht: BootstrapArgs,
         #[command(flatten)]
@@ -128,10 +126,8 @@ pub enum Command {
     ///
     /// Example: grenache-host bench fibonacci_worker '{"length":10}' --bootstrap 127.0.0.1:20001 --requests 10000 --concurrency 32
     Bench {
-        /// The service name.
-        service: String,
-        /// The request payload, as JSON.
-        payload: String,
+        #[command(flatten)]
+        request: ServiceRequest,
         #[command(flatten)]
         dht: BootstrapArgs,
         #[command(flatten)]
@@ -146,6 +142,15 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         warmup: u64,
     },
+}
+
+/// The request a client sends.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceRequest {
+    /// The service name.
+    pub service: String,
+    /// The request payload, as JSON.
+    pub payload: String,
 }
 
 /// Where to join the DHT.
@@ -317,15 +322,13 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Dht { listen, bootstrap } => crate::commands::dht(listen, bootstrap).await,
         Command::Call {
-            service,
-            payload,
+            request,
             dht,
             client,
             peer,
-        } => crate::commands::call(service, payload, dht.bootstrap, client, peer).await,
+        } => crate::commands::call(request, dht.bootstrap, client, peer).await,
         Command::Bench {
-            service,
-            payload,
+            request,
             dht,
             client,
             requests,
@@ -337,7 +340,7 @@ async fn run(cli: Cli) -> ExitCode {
                 concurrency,
                 warmup,
             };
-            crate::commands::bench(service, payload, dht.bootstrap, client, plan).await
+            crate::commands::bench(request, dht.bootstrap, client, plan).await
         }
     }
 }

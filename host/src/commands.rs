@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use crate::cli::{usage_error, ClientArgs, EXIT_SERVICE_ERROR};
+use crate::cli::{usage_error, ClientArgs, ServiceRequest, EXIT_SERVICE_ERROR};
 use crate::discovery::{DhtConfig, Discovery};
 use crate::node::{ClientParts, Node, NodeConfig};
 use crate::plugin::{Limits, OutboundError, Runtime};
@@ -116,8 +116,7 @@ fn check_payload(payload: &str) -> Result<(), ExitCode> {
 
 /// `grenache-host call`.
 pub async fn call(
-    service: String,
-    payload: String,
+    ServiceRequest { service, payload }: ServiceRequest,
     bootstrap: Vec<String>,
     args: ClientArgs,
     peer: Option<std::net::SocketAddr>,
@@ -166,8 +165,7 @@ pub struct BenchPlan {
 
 /// `grenache-host bench`.
 pub async fn bench(
-    service: String,
-    payload: String,
+    ServiceRequest { service, payload }: ServiceRequest,
     bootstrap: Vec<String>,
     args: ClientArgs,
     plan: BenchPlan,

@@ -50,6 +50,13 @@ pub fn host(args: &[&str]) -> Output {
         .expect("grenache-host runs")
 }
 
+/// `grenache-host call <service> <payload> --bootstrap <bootstrap> <extra>`.
+pub fn call(bootstrap: &str, service: &str, payload: &str, extra: &[&str]) -> Shown {
+    let mut args = vec!["call", service, payload, "--bootstrap", bootstrap];
+    args.extend_from_slice(extra);
+    shown(host(&args))
+}
+
 /// What a finished command showed the user.
 pub struct Shown {
     pub code: i32,
