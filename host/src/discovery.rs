@@ -24,9 +24,10 @@ pub const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
 pub const BAD_PEER_TTL: Duration = Duration::from_secs(30);
 /// How long a lookup result is reused.
 pub const LOOKUP_CACHE_TTL: Duration = Duration::from_secs(2);
-/// Per-query DHT timeout: short, since nodes answer within milliseconds on a
-/// LAN and a dead node must not stall a lookup for mainline's default 2 s.
-const DHT_REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Per-query DHT timeout (mainline's default). Lookups take the first batch
+/// of peers, so a slow or dead node does not hold them up; a shorter timeout
+/// made busy machines miss bootstrap answers.
+const DHT_REQUEST_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// The DHT key of a service: SHA-1 of its name.
 pub fn service_key(service: &str) -> Id {

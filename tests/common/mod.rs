@@ -2,6 +2,8 @@
 //! are, and how to run the host the way a user does.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod lab;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

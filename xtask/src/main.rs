@@ -175,9 +175,38 @@ fn ensure_node_packages() -> Result<()> {
     )
 }
 
+/// The NAT lab tests need root, `ip` and `nft`; as root, install what is
+/// missing from Debian's packages. Without root those tests say they skipped.
+fn ensure_nat_lab_tools() -> Result<()> {
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if have("ip") && have("nft") {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root {
+        eprintln!(
+            "xtask: not root and nftables/iproute2 missing: the NAT lab tests will be skipped"
+        );
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "nftables", "iproute2"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     build_plugins()?;
     ensure_node_packages()?;
+    ensure_nat_lab_tools()?;
     run(cargo().args(["test", "--workspace"]).args(extra))
 }
 

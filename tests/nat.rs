@@ -1,0 +1,237 @@
+//! Hole punching through real Linux NATs (network namespaces + nftables).
+//! Needs root; see tests/common/lab.rs.
+
+mod common;
+
+use common::lab::{Lab, NatType, PUBLIC_IP};
+use common::{host_bin, plugin, shown, HostProcess, SOON};
+
+/// Starts `grenache-host <args>` inside namespace `ns`.
+fn host_in(lab: &Lab, ns: &str, name: &str, args: &[&str]) -> HostProcess {
+    HostProcess::spawn_command(name, lab.command(ns, &host_bin(), args))
+}
+
+/// The DHT node on the public host.
+fn public_dht(lab: &Lab) -> (HostProcess, String) {
+    let bootstrap = format!("{PUBLIC_IP}:20001");
+    let dht = host_in(lab, &lab.public, "dht", &["dht", "--listen", &bootstrap]);
+    dht.wait_for("dht listening on", SOON);
+    (dht, bootstrap)
+}
+
+#[test]
+fn the_classic_example_works_behind_a_port_restricted_nat() {
+    let Some(lab) = Lab::build("classic", &[NatType::PortRestricted]) else {
+        return;
+    };
+    let home = &lab.homes[0];
+    let (_dht, bootstrap) = public_dht(&lab);
+    let consumer_wasm = plugin("consumer");
+    let consumer = host_in(
+        &lab,
+        &lab.public,
+        "consumer (public)",
+        &[
+            "run",
+            consumer_wasm.to_str().unwrap(),
+            "--listen",
+            &format!("{PUBLIC_IP}:0"),
+            "--bootstrap",
+            &bootstrap,
+        ],
+    );
+    consumer.wait_for("announced fibonacci_consumer", SOON);
+    let fib = plugin("fibonacci");
+    let worker = host_in(
+        &lab,
+        &home.host,
+        "worker (behind NAT)",
+        &[
+            "run",
+            fib.to_str().unwrap(),
+            "--listen",
+            &format!("{}:0", home.host_ip),
+            "--bootstrap",
+            &bootstrap,
+            "--behind-nat",
+        ],
+    );
+    // The punch arrives from the router's public address, not the host's.
+    consumer.wait_for(&format!("[consumer] punch from {}:", home.wan_ip), SOON);
+    consumer.wait_for(
+        "[consumer] got data reply, sequence is: [1,1,2,3,5,8,13,21,34,55]",
+        SOON,
+    );
+    worker.wait_for(
+        &format!("request for fibonacci_worker from {PUBLIC_IP}:"),
+        SOON,
+    );
+}
+
+#[test]
+fn without_punching_the_nat_keeps_a_caller_out() {
+    let Some(lab) = Lab::build("control", &[NatType::PortRestricted]) else {
+        return;
+    };
+    let home = &lab.homes[0];
+    let (_dht, bootstrap) = public_dht(&lab);
+    let fib = plugin("fibonacci");
+    // Announced, but not punching anyone.
+    let worker = host_in(
+        &lab,
+        &home.host,
+        "worker (behind NAT)",
+        &[
+            "run",
+            fib.to_str().unwrap(),
+            "--listen",
+            &format!("{}:0", home.host_ip),
+            "--bootstrap",
+            &bootstrap,
+        ],
+    );
+    worker.wait_for("announced fibonacci_worker", SOON);
+    let out = lab
+        .command(
+            &lab.public,
+            &host_bin(),
+            &[
+                "call",
+                "fibonacci_worker",
+                r#"{"length":10}"#,
+                "--bootstrap",
+                &bootstrap,
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .output()
+        .unwrap();
+    let r = shown(out);
+    // The lookup finds the worker at the router's address, and the router drops the call.
+    assert_eq!(
+        r.code, 2,
+        "the call got through an unpunched NAT: {}\n{}",
+        r.stdout, r.stderr
+    );
+    assert!(
+        r.stderr.contains(home.wan_ip) && r.stderr.contains("timeout"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        worker.count("request for fibonacci_worker"),
+        0,
+        "{}",
+        worker.output()
+    );
+}
+
+/// Runs a public consumer and a punching worker behind `nat`, then calls the
+/// worker from a third address on the public host; returns the call's result.
+fn call_from_a_stranger_while_punching(test: &str, nat: NatType) -> Option<common::Shown> {
+    let lab = Lab::build(test, &[nat])?;
+    let home = &lab.homes[0];
+    let (_dht, bootstrap) = public_dht(&lab);
+    let consumer_wasm = plugin("consumer");
+    let consumer = host_in(
+        &lab,
+        &lab.public,
+        "consumer (public)",
+        &[
+            "run",
+            consumer_wasm.to_str().unwrap(),
+            "--listen",
+            &format!("{PUBLIC_IP}:0"),
+            "--bootstrap",
+            &bootstrap,
+        ],
+    );
+    consumer.wait_for("announced fibonacci_consumer", SOON);
+    let fib = plugin("fibonacci");
+    let _worker = host_in(
+        &lab,
+        &home.host,
+        "worker (behind NAT)",
+        &[
+            "run",
+            fib.to_str().unwrap(),
+            "--listen",
+            &format!("{}:0", home.host_ip),
+            "--bootstrap",
+            &bootstrap,
+            "--behind-nat",
+        ],
+    );
+    // The worker's mapping exists once the consumer has been reached.
+    consumer.wait_for("got data reply", SOON);
+    let out = lab
+        .command(
+            &lab.public,
+            &host_bin(),
+            &[
+                "call",
+                "fibonacci_worker",
+                r#"{"length":3}"#,
+                "--bootstrap",
+                &bootstrap,
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .output()
+        .unwrap();
+    Some(shown(out))
+}
+
+#[test]
+fn a_full_cone_nat_lets_anyone_in_once_the_mapping_exists() {
+    let Some(r) = call_from_a_stranger_while_punching("fullcone", NatType::FullCone) else {
+        return;
+    };
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_port_restricted_nat_lets_in_only_the_punched_peer() {
+    let Some(r) = call_from_a_stranger_while_punching("portrestr", NatType::PortRestricted) else {
+        return;
+    };
+    assert_eq!(
+        r.code, 2,
+        "a stranger got through a port-restricted NAT: {}",
+        r.stdout
+    );
+}
+
+#[test]
+fn an_address_restricted_nat_lets_in_the_punched_address_from_any_port() {
+    // The stranger calls from the consumer's own address (another port): allowed.
+    let Some(r) = call_from_a_stranger_while_punching("addrrestr", NatType::AddressRestricted)
+    else {
+        return;
+    };
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_symmetric_nat_lets_in_only_the_punched_peer() {
+    let Some(r) = call_from_a_stranger_while_punching("symmetric", NatType::Symmetric) else {
+        return;
+    };
+    assert_eq!(
+        r.code, 2,
+        "a stranger got through a symmetric NAT: {}",
+        r.stdout
+    );
+}
