@@ -256,9 +256,10 @@ pub fn init_logging(level: &str) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => EnvFilter::try_new(&spec)
             .map_err(|e| format!("RUST_LOG={spec:?} is not a valid filter: {e}"))?,
-        // The DHT and uTP crates are chatty at info; their news is ours to tell.
+        // The DHT and uTP crates are chatty (mainline reports a lone bootstrap
+        // node as an error even when lookups work); their news is ours to tell.
         _ => {
-            EnvFilter::try_new(format!("{level},mainline=warn,librqbit_utp=warn")).map_err(|e| {
+            EnvFilter::try_new(format!("{level},mainline=off,librqbit_utp=warn")).map_err(|e| {
                 format!(
                 "--log-level {level:?} is not valid ({e}); use error, warn, info, debug or trace"
             )

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The Grenache tutorial's "usage behind NAT" story in a small lab of real Linux
+# NATs: a public host runs a DHT node and the fibonacci consumer; a worker in a
+# home behind a port-restricted NAT (plain Linux SNAT, like most home routers)
+# punches the consumer, and the consumer calls it back through the hole.
+#
+# Needs root, iproute2 and nftables (apt-get install -y nftables iproute2).
+# Build first: cargo xtask plugins && cargo build -p grenache-host
+# Everything it creates (namespaces ghx-*) is removed on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HOST=${HOST:-target/debug/grenache-host}
+SECONDS_TO_WATCH=${SECONDS_TO_WATCH:-6}
+[ "$(id -u)" = 0 ] || { echo "run me as root: I build network namespaces and a NAT router" >&2; exit 2; }
+command -v nft >/dev/null || { echo "nft is missing: apt-get install -y nftables" >&2; exit 2; }
+[ -x "$HOST" ] && [ -f plugins/fibonacci.wasm ] || { echo "build first: cargo xtask plugins && cargo build -p grenache-host" >&2; exit 2; }
+
+P=ghx-; PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for ns in home router pub inet; do ip netns del "$P$ns" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+inns() { local ns=$1; shift; ip netns exec "$P$ns" "$@"; }
+
+echo "== building the lab: internet 203.0.113.0/24, router 203.0.113.2 (port-restricted NAT), home 10.0.1.0/24"
+for ns in inet pub router home; do ip netns add "$P$ns"; inns "$ns" ip link set lo up; done
+inns inet ip link add br0 type bridge; inns inet ip link set br0 up
+ip link add eth0 netns "${P}pub" type veth peer name pub netns "${P}inet"
+ip link add wan netns "${P}router" type veth peer name router netns "${P}inet"
+ip link add lan netns "${P}router" type veth peer name eth0 netns "${P}home"
+inns inet ip link set pub master br0 up; inns inet ip link set router master br0 up
+inns pub ip addr add 203.0.113.10/24 dev eth0; inns pub ip link set eth0 up
+inns router ip addr add 203.0.113.2/24 dev wan; inns router ip addr add 10.0.1.1/24 dev lan
+inns router ip link set wan up; inns router ip link set lan up
+inns router sysctl -qw net.ipv4.ip_forward=1
+inns home ip addr add 10.0.1.2/24 dev eth0; inns home ip link set eth0 up
+inns home ip route add default via 10.0.1.1
+inns router nft -f - <<'NFT'
+table inet fw {
+  chain input { type filter hook input priority filter; policy accept;
+    iifname "wan" ct state established,related accept
+    iifname "wan" meta l4proto icmp accept
+    iifname "wan" drop; }
+  chain forward { type filter hook forward priority filter; policy drop;
+    iifname "lan" oifname "wan" accept
+    iifname "wan" oifname "lan" ct state established,related accept; }
+}
+table ip nat {
+  chain prerouting { type nat hook prerouting priority dstnat; }
+  chain postrouting { type nat hook postrouting priority srcnat; oifname "wan" snat ip to 203.0.113.2; }
+}
+NFT
+
+LOG=$(mktemp -d)
+echo "== public host: DHT node and fibonacci_consumer"
+inns pub "$HOST" dht --listen 203.0.113.10:20001 >"$LOG/dht" 2>&1 & PIDS+=($!)
+sleep 0.5
+inns pub "$HOST" run plugins/consumer.wasm --listen 203.0.113.10:0 --bootstrap 203.0.113.10:20001 >"$LOG/consumer" 2>&1 & PIDS+=($!)
+
+echo "== a plain call into the home, before the worker punches (the NAT must drop it)"
+inns home "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --log-level warn >"$LOG/quiet" 2>&1 & QUIET=$!; PIDS+=($QUIET)
+sleep 2
+if inns pub "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 --timeout-ms 2000 2>&1 | sed 's/^/   call | /'; then
+  echo "!! the call got through an unpunched NAT: this lab is not filtering"
+else
+  echo "   (refused, as a home router should)"
+fi
+kill "$QUIET"
+
+echo "== the worker behind NAT, with --behind-nat: it punches fibonacci_consumer every second"
+inns home "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --behind-nat >"$LOG/worker" 2>&1 & PIDS+=($!)
+sleep "$SECONDS_TO_WATCH"
+echo "-- consumer (public):"; grep -E "punch from|got data reply|failed" "$LOG/consumer" | sed 's/^/   /' | head -8
+echo "-- worker (behind NAT, seen from outside as 203.0.113.2):"; grep -E "request for" "$LOG/worker" | sed 's/^/   /' | head -4
+if grep -q "got data reply, sequence is: \[1,1,2,3,5,8,13,21,34,55\]" "$LOG/consumer"; then
+  echo "== it works: the consumer reached the worker through the hole the worker punched"
+else
+  echo "!! the consumer got no reply; logs in $LOG"; exit 1
+fi
