@@ -310,6 +310,27 @@ mod tests {
         );
     }
 
+    fn hex(text: &str) -> Vec<u8> {
+        let digits: String = text.split_whitespace().collect();
+        (0..digits.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn tv9_libutp_handshake_packets_reach_utp() {
+        // The SYN, STATE and first DATA headers captured from a Node peer.
+        let syn = hex("41 00 4567 003713ba 00000000 00100000 23c6 0000");
+        let state = hex("21 00 4567 00371455 00000000 00100000 4567 23c6");
+        let mut data = hex("01 00 4568 00371455 00000000 00100000 23c7 4566");
+        data.extend_from_slice(br#"["3f2cf13b-da02-4abf-bb01-9306b37281a3","rpc_test","hello"]"#);
+        for packet in [syn, state, data] {
+            assert!(packet.len() >= 20);
+            assert_eq!(classify(&packet), Datagram::Utp, "{packet:02x?}");
+        }
+    }
+
     #[test]
     fn utp_packets_go_to_utp() {
         for first in [0x01u8, 0x11, 0x21, 0x31, 0x41] {

@@ -244,7 +244,9 @@ mod tests {
 
     #[test]
     fn tv1_the_punch_is_not_json_traffic() {
-        // TV-1 lives in the transport; here: a punch never decodes as a message.
+        // TV-1 is tested in `transport` (demux) and TV-9 there too (the
+        // handshake headers reach uTP) and end to end against Node's libutp;
+        // here: a punch never decodes as a message.
         let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
         d.push(&[0xC3, 0xBF]);
         assert!(d.next_message().is_err());
@@ -335,7 +337,7 @@ mod tests {
     }
 
     #[test]
-    fn tv9_rids_are_lowercase_uuid_v4() {
+    fn rids_are_lowercase_uuid_v4() {
         let rid = new_rid();
         assert_eq!(rid.len(), 36);
         assert_eq!(rid, rid.to_lowercase());
