@@ -242,11 +242,6 @@ impl Endpoint {
         }
     }
 
-    /// Sends raw bytes (for tests and diagnostics).
-    pub async fn send_raw(&self, bytes: &[u8], peer: SocketAddr) -> std::io::Result<usize> {
-        self.socket.send_to(bytes, peer).await
-    }
-
     /// Waits for the next incoming uTP connection.
     pub async fn accept(&self) -> librqbit_utp::Result<UtpStream> {
         (self.accept)().await
