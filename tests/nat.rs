@@ -115,7 +115,7 @@ fn without_punching_the_nat_keeps_a_caller_out() {
         r.stdout, r.stderr
     );
     assert!(
-        r.stderr.contains(home.wan_ip) && r.stderr.contains("timeout"),
+        r.stderr.contains(home.wan_ip) && r.stderr.contains("timeout: no uTP answer"),
         "{}",
         r.stderr
     );
@@ -149,7 +149,7 @@ fn call_from_a_stranger_while_punching(test: &str, nat: NatType) -> Option<commo
     );
     consumer.wait_for("announced fibonacci_consumer", SOON);
     let fib = plugin("fibonacci");
-    let _worker = host_in(
+    let worker = host_in(
         &lab,
         &home.host,
         "worker (behind NAT)",
@@ -163,6 +163,8 @@ fn call_from_a_stranger_while_punching(test: &str, nat: NatType) -> Option<commo
             "--behind-nat",
         ],
     );
+    // The stranger must find the worker, so that only the NAT can stop it.
+    worker.wait_for("announced fibonacci_worker", SOON);
     // The worker's mapping exists once the consumer has been reached.
     consumer.wait_for("got data reply", SOON);
     let out = lab
@@ -207,6 +209,7 @@ fn a_port_restricted_nat_lets_in_only_the_punched_peer() {
         "a stranger got through a port-restricted NAT: {}",
         r.stdout
     );
+    assert_dropped_by_the_nat(&r);
 }
 
 #[test]
@@ -233,5 +236,16 @@ fn a_symmetric_nat_lets_in_only_the_punched_peer() {
         r.code, 2,
         "a stranger got through a symmetric NAT: {}",
         r.stdout
+    );
+    assert_dropped_by_the_nat(&r);
+}
+
+/// The call found the worker and the NAT dropped it: a uTP connect timeout,
+/// not "no peers" or any other failure.
+fn assert_dropped_by_the_nat(r: &common::Shown) {
+    assert!(
+        r.stderr.contains("timeout: no uTP answer"),
+        "expected the NAT to drop the call: {}",
+        r.stderr
     );
 }
