@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::lab::{Lab, NatType, PUBLIC_IP};
+use common::lab::{Home, Lab, NatType, PUBLIC_IP};
 use common::{host_bin, plugin, shown, HostProcess, SOON};
 
 /// Starts `grenache-host <args>` inside namespace `ns`.
@@ -19,6 +19,41 @@ fn public_dht(lab: &Lab) -> (HostProcess, String) {
     (dht, bootstrap)
 }
 
+/// `run plugins/consumer.wasm` on the public host, once it has announced.
+fn public_consumer(lab: &Lab, bootstrap: &str) -> HostProcess {
+    let wasm = plugin("consumer");
+    let listen = format!("{PUBLIC_IP}:0");
+    let args = [
+        "run",
+        wasm.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--bootstrap",
+        bootstrap,
+    ];
+    let consumer = host_in(lab, &lab.public, "consumer (public)", &args);
+    consumer.wait_for("announced fibonacci_consumer", SOON);
+    consumer
+}
+
+/// `run plugins/fibonacci.wasm` in `home`, punching with `--behind-nat` or not.
+fn worker_behind_nat(lab: &Lab, home: &Home, bootstrap: &str, punching: bool) -> HostProcess {
+    let wasm = plugin("fibonacci");
+    let listen = format!("{}:0", home.host_ip);
+    let mut args = vec![
+        "run",
+        wasm.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--bootstrap",
+        bootstrap,
+    ];
+    if punching {
+        args.push("--behind-nat");
+    }
+    host_in(lab, &home.host, "worker (behind NAT)", &args)
+}
+
 #[test]
 fn the_classic_example_works_behind_a_port_restricted_nat() {
     let Some(lab) = Lab::build("classic", &[NatType::PortRestricted]) else {
@@ -26,36 +61,8 @@ fn the_classic_example_works_behind_a_port_restricted_nat() {
     };
     let home = &lab.homes[0];
     let (_dht, bootstrap) = public_dht(&lab);
-    let consumer_wasm = plugin("consumer");
-    let consumer = host_in(
-        &lab,
-        &lab.public,
-        "consumer (public)",
-        &[
-            "run",
-            consumer_wasm.to_str().unwrap(),
-            "--listen",
-            &format!("{PUBLIC_IP}:0"),
-            "--bootstrap",
-            &bootstrap,
-        ],
-    );
-    consumer.wait_for("announced fibonacci_consumer", SOON);
-    let fib = plugin("fibonacci");
-    let worker = host_in(
-        &lab,
-        &home.host,
-        "worker (behind NAT)",
-        &[
-            "run",
-            fib.to_str().unwrap(),
-            "--listen",
-            &format!("{}:0", home.host_ip),
-            "--bootstrap",
-            &bootstrap,
-            "--behind-nat",
-        ],
-    );
+    let consumer = public_consumer(&lab, &bootstrap);
+    let worker = worker_behind_nat(&lab, home, &bootstrap, true);
     // The punch arrives from the router's public address, not the host's.
     consumer.wait_for(&format!("[consumer] punch from {}:", home.wan_ip), SOON);
     consumer.wait_for(
@@ -75,21 +82,8 @@ fn without_punching_the_nat_keeps_a_caller_out() {
     };
     let home = &lab.homes[0];
     let (_dht, bootstrap) = public_dht(&lab);
-    let fib = plugin("fibonacci");
     // Announced, but not punching anyone.
-    let worker = host_in(
-        &lab,
-        &home.host,
-        "worker (behind NAT)",
-        &[
-            "run",
-            fib.to_str().unwrap(),
-            "--listen",
-            &format!("{}:0", home.host_ip),
-            "--bootstrap",
-            &bootstrap,
-        ],
-    );
+    let worker = worker_behind_nat(&lab, home, &bootstrap, false);
     worker.wait_for("announced fibonacci_worker", SOON);
     let out = lab
         .command(
@@ -133,36 +127,8 @@ fn call_from_a_stranger_while_punching(test: &str, nat: NatType) -> Option<commo
     let lab = Lab::build(test, &[nat])?;
     let home = &lab.homes[0];
     let (_dht, bootstrap) = public_dht(&lab);
-    let consumer_wasm = plugin("consumer");
-    let consumer = host_in(
-        &lab,
-        &lab.public,
-        "consumer (public)",
-        &[
-            "run",
-            consumer_wasm.to_str().unwrap(),
-            "--listen",
-            &format!("{PUBLIC_IP}:0"),
-            "--bootstrap",
-            &bootstrap,
-        ],
-    );
-    consumer.wait_for("announced fibonacci_consumer", SOON);
-    let fib = plugin("fibonacci");
-    let worker = host_in(
-        &lab,
-        &home.host,
-        "worker (behind NAT)",
-        &[
-            "run",
-            fib.to_str().unwrap(),
-            "--listen",
-            &format!("{}:0", home.host_ip),
-            "--bootstrap",
-            &bootstrap,
-            "--behind-nat",
-        ],
-    );
+    let consumer = public_consumer(&lab, &bootstrap);
+    let worker = worker_behind_nat(&lab, home, &bootstrap, true);
     // The stranger must find the worker, so that only the NAT can stop it.
     worker.wait_for("announced fibonacci_worker", SOON);
     // The worker's mapping exists once the consumer has been reached.
