@@ -23,6 +23,9 @@ cleanup() {
 }
 trap cleanup EXIT
 inns() { local ns=$1; shift; ip netns exec "$P$ns" "$@"; }
+# Starts a program in a namespace in the background; `ip netns exec` execs it,
+# so $! is the program itself and cleanup can stop it.
+bg_in() { local ns=$1 log=$2; shift 2; ip netns exec "$P$ns" "$@" >"$log" 2>&1 & PIDS+=($!); }
 
 echo "== building the lab: internet 203.0.113.0/24, router 203.0.113.2 (port-restricted NAT), home 10.0.1.0/24"
 for ns in inet pub router home; do ip netns add "$P$ns"; inns "$ns" ip link set lo up; done
@@ -55,12 +58,13 @@ NFT
 
 LOG=$(mktemp -d)
 echo "== public host: DHT node and fibonacci_consumer"
-inns pub "$HOST" dht --listen 203.0.113.10:20001 >"$LOG/dht" 2>&1 & PIDS+=($!)
+bg_in pub "$LOG/dht" "$HOST" dht --listen 203.0.113.10:20001
 sleep 0.5
-inns pub "$HOST" run plugins/consumer.wasm --listen 203.0.113.10:0 --bootstrap 203.0.113.10:20001 >"$LOG/consumer" 2>&1 & PIDS+=($!)
+bg_in pub "$LOG/consumer" "$HOST" run plugins/consumer.wasm --listen 203.0.113.10:0 --bootstrap 203.0.113.10:20001
 
 echo "== a plain call into the home, before the worker punches (the NAT must drop it)"
-inns home "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --log-level warn >"$LOG/quiet" 2>&1 & QUIET=$!; PIDS+=($QUIET)
+bg_in home "$LOG/quiet" "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --log-level warn
+QUIET=$!
 sleep 2
 if inns pub "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 --timeout-ms 2000 2>&1 | sed 's/^/   call | /'; then
   echo "!! the call got through an unpunched NAT: this lab is not filtering"
@@ -70,7 +74,7 @@ fi
 kill "$QUIET"
 
 echo "== the worker behind NAT, with --behind-nat: it punches fibonacci_consumer every second"
-inns home "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --behind-nat >"$LOG/worker" 2>&1 & PIDS+=($!)
+bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --behind-nat
 sleep "$SECONDS_TO_WATCH"
 echo "-- consumer (public):"; grep -E "punch from|got data reply|failed" "$LOG/consumer" | sed 's/^/   /' | head -8
 echo "-- worker (behind NAT, seen from outside as 203.0.113.2):"; grep -E "request for" "$LOG/worker" | sed 's/^/   /' | head -4
