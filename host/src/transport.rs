@@ -82,10 +82,21 @@ impl PollSendToVectored for DemuxTransport {
         bufs: &[std::io::IoSlice<'_>],
         target: SocketAddr,
     ) -> Poll<std::io::Result<usize>> {
-        // tokio has no vectored send_to; uTP hands us header + payload, so
-        // join them (a small copy per packet).
-        let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-        self.socket.poll_send_to(cx, &joined, target)
+        // uTP hands every DATA packet over as header + payload slices; send
+        // them with one sendmsg instead of copying them together first.
+        let target = socket2::SockAddr::from(target);
+        loop {
+            if let Err(e) = std::task::ready!(self.socket.poll_send_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                socket2::SockRef::from(&*self.socket).send_to_vectored(bufs, &target)
+            });
+            match sent {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
     }
 }
 
