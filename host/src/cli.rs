@@ -346,6 +346,22 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Refuses a payload that is not JSON before anything runs (usage exit code).
+pub(crate) fn check_payload(payload: &str) -> Result<(), ExitCode> {
+    crate::rpc::codec::check_json(payload).map_err(|e| {
+        usage_error(format!(
+            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"
+        ))
+    })
+}
+
+/// Prints a JSON reply compactly on one line of stdout.
+pub(crate) fn print_compact(reply: &str) -> Result<(), serde_json::Error> {
+    let value: serde_json::Value = serde_json::from_str(reply)?;
+    println!("{value}");
+    Ok(())
+}
+
 /// Prints `error: <message>` and returns the usage exit code.
 pub(crate) fn usage_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
@@ -364,10 +380,8 @@ async fn load(
 }
 
 async fn invoke(path: PathBuf, service: String, payload: String, limits: LimitArgs) -> ExitCode {
-    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {
-        return usage_error(format!(
-            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"
-        ));
+    if let Err(code) = check_payload(&payload) {
+        return code;
     }
     let plugin = match load(&path, &limits).await {
         Ok(p) => p,
@@ -381,19 +395,14 @@ async fn invoke(path: PathBuf, service: String, payload: String, limits: LimitAr
         ));
     }
     match plugin.handle(&service, &payload).await {
-        Ok(reply) => {
-            // The runtime has checked the reply is JSON; print it compactly.
-            match serde_json::from_str::<serde_json::Value>(&reply) {
-                Ok(value) => {
-                    println!("{value}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: reply is not JSON: {e}");
-                    ExitCode::from(EXIT_SERVICE_ERROR)
-                }
+        // The runtime has checked the reply is JSON.
+        Ok(reply) => match print_compact(&reply) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: reply is not JSON: {e}");
+                ExitCode::from(EXIT_SERVICE_ERROR)
             }
-        }
+        },
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_SERVICE_ERROR)

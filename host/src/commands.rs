@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use crate::cli::{usage_error, ClientArgs, ServiceRequest, EXIT_SERVICE_ERROR};
+use crate::cli::{
+    check_payload, print_compact, usage_error, ClientArgs, ServiceRequest, EXIT_SERVICE_ERROR,
+};
 use crate::discovery::{DhtConfig, Discovery};
 use crate::node::{ClientParts, Node, NodeConfig};
 use crate::plugin::{Limits, OutboundError, Runtime};
@@ -65,13 +67,7 @@ pub async fn run(config: NodeConfig, limits: Limits) -> ExitCode {
         node.discovery.local_addr().await
     );
     shutdown_signal().await;
-    tracing::info!(
-        "stopping: served {} requests ({} errors), closed {} bad connections, dropped {} stray datagrams",
-        node.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
-        node.stats.errors.load(std::sync::atomic::Ordering::Relaxed),
-        node.stats.bad_connections.load(std::sync::atomic::Ordering::Relaxed),
-        node.endpoint.stats.garbage_datagrams.load(std::sync::atomic::Ordering::Relaxed),
-    );
+    tracing::info!("stopping: {}", node.summary());
     ExitCode::SUCCESS
 }
 
@@ -108,12 +104,6 @@ async fn client(bootstrap: &[String], args: &ClientArgs) -> Result<ClientParts, 
     Ok(parts)
 }
 
-fn check_payload(payload: &str) -> Result<(), ExitCode> {
-    serde_json::from_str::<serde::de::IgnoredAny>(payload).map(|_| ()).map_err(|e| {
-        usage_error(format!("the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"))
-    })
-}
-
 /// `grenache-host call`.
 pub async fn call(
     ServiceRequest { service, payload }: ServiceRequest,
@@ -140,11 +130,8 @@ pub async fn call(
         parts.client.request(&service, &payload, timeout).await
     };
     match reply {
-        Ok(reply) => match serde_json::from_str::<serde_json::Value>(&reply) {
-            Ok(value) => {
-                println!("{value}");
-                ExitCode::SUCCESS
-            }
+        Ok(reply) => match print_compact(&reply) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => usage_error(format!("the reply is not JSON: {e}")),
         },
         Err(OutboundError::Remote(message)) => {

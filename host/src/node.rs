@@ -98,7 +98,6 @@ impl PluginNetwork for NodeNetwork {
 pub struct Node {
     pub endpoint: Endpoint,
     pub discovery: Arc<Discovery>,
-    pub plugins: Vec<Arc<LoadedPlugin>>,
     pub stats: Arc<ServerStats>,
 }
 
@@ -159,15 +158,29 @@ impl Node {
             punches,
             endpoint.clone(),
             discovery.clone(),
-            plugins.clone(),
+            plugins,
         ));
 
         Ok(Node {
             endpoint,
             discovery,
-            plugins,
             stats,
         })
+    }
+
+    /// One line of what the node has seen, for its log.
+    pub fn summary(&self) -> String {
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        format!(
+            "served {} requests ({} errors), closed {} bad connections, received {} punches, dropped {} stray datagrams",
+            load(&self.stats.requests),
+            load(&self.stats.errors),
+            load(&self.stats.bad_connections),
+            load(&self.endpoint.stats.punches_received),
+            load(&self.endpoint.stats.garbage_datagrams),
+        )
     }
 }
 

@@ -478,7 +478,7 @@ impl LoadedPlugin {
                 reply.len()
             )));
         }
-        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&reply) {
+        if let Err(e) = crate::rpc::codec::check_json(&reply) {
             return Err(bad(format!("not JSON ({e})")));
         }
         Ok(reply)
