@@ -3,17 +3,12 @@
 
 mod common;
 
-use common::{host, plugin, shown, test_plugin};
+use common::{host, invoke, plugin, shown, test_plugin};
 
 #[test]
 fn invoke_answers_the_classic_fibonacci_request() {
     let fib = plugin("fibonacci");
-    let r = shown(host(&[
-        "invoke",
-        fib.to_str().unwrap(),
-        "fibonacci_worker",
-        r#"{"length":10}"#,
-    ]));
+    let r = invoke(&fib, "fibonacci_worker", r#"{"length":10}"#, &[]);
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
     assert_eq!(r.stdout, "[1,1,2,3,5,8,13,21,34,55]\n");
 }
@@ -21,12 +16,7 @@ fn invoke_answers_the_classic_fibonacci_request() {
 #[test]
 fn invoke_prints_the_reply_as_compact_json() {
     let faulty = test_plugin("faulty");
-    let r = shown(host(&[
-        "invoke",
-        faulty.to_str().unwrap(),
-        "echo",
-        "{ \"a\" : [ 1 , 2 ] }",
-    ]));
+    let r = invoke(&faulty, "echo", "{ \"a\" : [ 1 , 2 ] }", &[]);
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
     assert_eq!(r.stdout, "{\"a\":[1,2]}\n");
 }
@@ -40,12 +30,7 @@ fn handler_errors_go_to_stderr_with_exit_code_1() {
         (r#"{"length":1.5}"#, "not a whole number"),
         (r#"{"size":10}"#, "missing"),
     ] {
-        let r = shown(host(&[
-            "invoke",
-            fib.to_str().unwrap(),
-            "fibonacci_worker",
-            payload,
-        ]));
+        let r = invoke(&fib, "fibonacci_worker", payload, &[]);
         assert_eq!(r.code, 1, "{payload}: {}", r.stderr);
         assert_eq!(r.stdout, "", "{payload}");
         assert!(r.stderr.contains(reason), "{payload}: {}", r.stderr);
@@ -55,22 +40,12 @@ fn handler_errors_go_to_stderr_with_exit_code_1() {
 #[test]
 fn the_longest_exact_sequence_is_answered_and_one_more_is_refused() {
     let fib = plugin("fibonacci");
-    let r = shown(host(&[
-        "invoke",
-        fib.to_str().unwrap(),
-        "fibonacci_worker",
-        r#"{"length":78}"#,
-    ]));
+    let r = invoke(&fib, "fibonacci_worker", r#"{"length":78}"#, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let terms: Vec<u64> = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(terms.len(), 78);
     assert_eq!(terms[77], 8_944_394_323_791_464);
-    let r = shown(host(&[
-        "invoke",
-        fib.to_str().unwrap(),
-        "fibonacci_worker",
-        r#"{"length":79}"#,
-    ]));
+    let r = invoke(&fib, "fibonacci_worker", r#"{"length":79}"#, &[]);
     assert_eq!(r.code, 1);
 }
 
@@ -78,12 +53,7 @@ fn the_longest_exact_sequence_is_answered_and_one_more_is_refused() {
 fn a_payload_that_is_not_json_is_refused_before_the_plugin_runs() {
     let faulty = test_plugin("faulty");
     // The `log` service would print "logged ..." if it ran.
-    let r = shown(host(&[
-        "invoke",
-        faulty.to_str().unwrap(),
-        "log",
-        "{not json",
-    ]));
+    let r = invoke(&faulty, "log", "{not json", &[]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("not valid JSON"), "{}", r.stderr);
     assert!(!r.stderr.contains("logged"), "the plugin ran: {}", r.stderr);
@@ -92,12 +62,7 @@ fn a_payload_that_is_not_json_is_refused_before_the_plugin_runs() {
 #[test]
 fn a_service_the_plugin_does_not_serve_is_a_usage_error() {
     let fib = plugin("fibonacci");
-    let r = shown(host(&[
-        "invoke",
-        fib.to_str().unwrap(),
-        "fibonacci_consumer",
-        "{}",
-    ]));
+    let r = invoke(&fib, "fibonacci_consumer", "{}", &[]);
     assert_eq!(r.code, 2);
     assert!(
         r.stderr.contains("serves: fibonacci_worker"),
@@ -109,7 +74,7 @@ fn a_service_the_plugin_does_not_serve_is_a_usage_error() {
 #[test]
 fn plugin_logs_and_output_reach_the_host_log_prefixed_with_the_plugin_name() {
     let faulty = test_plugin("faulty");
-    let r = shown(host(&["invoke", faulty.to_str().unwrap(), "log", "42"]));
+    let r = invoke(&faulty, "log", "42", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         r.stdout, "42\n",
@@ -127,12 +92,7 @@ fn plugin_logs_and_output_reach_the_host_log_prefixed_with_the_plugin_name() {
 #[test]
 fn outgoing_requests_say_there_is_no_network_in_invoke_mode() {
     let consumer = plugin("consumer");
-    let r = shown(host(&[
-        "invoke",
-        consumer.to_str().unwrap(),
-        "fibonacci_consumer",
-        r#"{"length":3}"#,
-    ]));
+    let r = invoke(&consumer, "fibonacci_consumer", r#"{"length":3}"#, &[]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("no network in this mode"), "{}", r.stderr);
 }
@@ -154,12 +114,7 @@ fn inspect_reports_each_plugins_manifest() {
 /// Runs `invoke` on `path` and checks the load error: exit code 2, one line
 /// naming the file, then the expected cause and fix.
 fn assert_load_error(path: &std::path::Path, cause: &str, fix: &str) {
-    let r = shown(host(&[
-        "invoke",
-        path.to_str().unwrap(),
-        "fibonacci_worker",
-        "{}",
-    ]));
+    let r = invoke(path, "fibonacci_worker", "{}", &[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     let lines: Vec<&str> = r.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected: {}", r.stderr);
@@ -234,14 +189,7 @@ fn wrong_arguments_are_refused_with_exit_code_2() {
     let r = shown(host(&["invoke", fib.to_str().unwrap()]));
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("required"), "{}", r.stderr);
-    let r = shown(host(&[
-        "invoke",
-        fib.to_str().unwrap(),
-        "fibonacci_worker",
-        "{}",
-        "--memory-limit",
-        "lots",
-    ]));
+    let r = invoke(&fib, "fibonacci_worker", "{}", &["--memory-limit", "lots"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("64MiB"), "{}", r.stderr);
 }
@@ -249,25 +197,11 @@ fn wrong_arguments_are_refused_with_exit_code_2() {
 #[test]
 fn memory_and_time_limits_are_settable() {
     let faulty = test_plugin("faulty");
-    let r = shown(host(&[
-        "invoke",
-        faulty.to_str().unwrap(),
-        "oom",
-        "1",
-        "--memory-limit",
-        "8MiB",
-    ]));
+    let r = invoke(&faulty, "oom", "1", &["--memory-limit", "8MiB"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("memory limit of 8 MiB"), "{}", r.stderr);
     let started = std::time::Instant::now();
-    let r = shown(host(&[
-        "invoke",
-        faulty.to_str().unwrap(),
-        "loop",
-        "1",
-        "--time-limit",
-        "300ms",
-    ]));
+    let r = invoke(&faulty, "loop", "1", &["--time-limit", "300ms"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("time limit of 300ms"), "{}", r.stderr);
     assert!(

@@ -59,6 +59,14 @@ pub fn call(bootstrap: &str, service: &str, payload: &str, extra: &[&str]) -> Sh
     shown(host(&args))
 }
 
+/// `grenache-host invoke <plugin> <service> <payload> <extra>`.
+pub fn invoke(plugin: &std::path::Path, service: &str, payload: &str, extra: &[&str]) -> Shown {
+    let plugin = plugin.to_str().expect("plugin paths are UTF-8");
+    let mut args = vec!["invoke", plugin, service, payload];
+    args.extend_from_slice(extra);
+    shown(host(&args))
+}
+
 /// What a finished command showed the user.
 pub struct Shown {
     pub code: i32,

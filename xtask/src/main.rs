@@ -296,10 +296,6 @@ fn demo(extra: &[String]) -> Result<()> {
     run(cargo().args(["build", "--package", "grenache-host"]))?;
     let root = root();
     let host = root.join("target/debug/grenache-host");
-    let (consumer_wasm, fib_wasm) = (
-        root.join("plugins/consumer.wasm"),
-        root.join("plugins/fibonacci.wasm"),
-    );
     let secs = std::time::Duration::from_secs;
 
     println!("\n== 1. A DHT node for the hosts to find each other (grenache-host dht) ==");
@@ -308,36 +304,28 @@ fn demo(extra: &[String]) -> Result<()> {
     let bootstrap = line.rsplit(' ').next().unwrap_or_default().to_string();
 
     println!("\n== 2. The public consumer (fibonacci_consumer) ==");
-    let consumer = Child::spawn(
-        "consumer host",
-        &host,
-        &[
+    // `grenache-host run plugins/<plugin>.wasm` on loopback, joined to the DHT node.
+    let run_host = |name: &'static str, plugin: &str, extra: &[&str]| {
+        let wasm = root.join("plugins").join(format!("{plugin}.wasm"));
+        let wasm = wasm.to_str().expect("paths are UTF-8").to_string();
+        let mut args = vec![
             "run",
-            consumer_wasm.to_str().unwrap(),
+            &wasm,
             "--listen",
             "127.0.0.1:0",
             "--bootstrap",
             &bootstrap,
-        ],
-    )?;
+        ];
+        args.extend_from_slice(extra);
+        Child::spawn(name, &host, &args)
+    };
+    let consumer = run_host("consumer host", "consumer", &[])?;
     consumer.wait_for("announced fibonacci_consumer", secs(15))?;
 
     println!(
         "\n== 3. The worker behind NAT (fibonacci_worker --behind-nat) punches the consumer =="
     );
-    let worker = Child::spawn(
-        "worker host",
-        &host,
-        &[
-            "run",
-            fib_wasm.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap",
-            &bootstrap,
-            "--behind-nat",
-        ],
-    )?;
+    let worker = run_host("worker host", "fibonacci", &["--behind-nat"])?;
     consumer.wait_for("punch from", secs(15))?;
     consumer.wait_for(
         "got data reply, sequence is: [1,1,2,3,5,8,13,21,34,55]",
