@@ -85,8 +85,32 @@ pub enum Command {
         /// Largest RPC message (and so payload) accepted or sent.
         #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
         max_payload: u64,
+        /// Load only plugins signed (see `sign`) by this public key: a .pub
+        /// file from `keygen` or its hex (repeatable). Without it, plugins
+        /// need no signature.
+        #[arg(long, value_name = "KEY", value_parser = crate::signing::parse_trusted_key)]
+        trusted_key: Vec<crate::signing::TrustedKey>,
         #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Create a key pair for signing plugins: <OUT>.secret (owner-only) and <OUT>.pub.
+    ///
+    /// Example: grenache-host keygen --out ops
+    Keygen {
+        /// Path prefix of the two key files.
+        #[arg(long, default_value = "grenache-plugin-key", value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Sign a plugin: writes the detached signature <plugin>.sig next to it,
+    /// which `run --trusted-key` checks at load.
+    ///
+    /// Example: grenache-host sign plugins/fibonacci.wasm --key ops.secret
+    Sign {
+        /// The plugin file to sign.
+        plugin: PathBuf,
+        /// The secret key file written by `keygen`.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
     },
     /// Run a DHT node that hosts bootstrap from (server mode).
     ///
@@ -310,6 +334,7 @@ async fn run(cli: Cli) -> ExitCode {
             dht,
             behind_nat,
             max_payload,
+            trusted_key,
             limits,
         } => {
             let config = crate::node::NodeConfig {
@@ -319,8 +344,10 @@ async fn run(cli: Cli) -> ExitCode {
                 behind_nat,
                 max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
             };
-            crate::commands::run(config, limits.limits()).await
+            crate::commands::run(config, limits.limits(), trusted_key).await
         }
+        Command::Keygen { out } => crate::commands::keygen(&out),
+        Command::Sign { plugin, key } => crate::commands::sign(&plugin, &key),
         Command::Dht { listen, bootstrap } => crate::commands::dht(listen, bootstrap).await,
         Command::Call {
             request,

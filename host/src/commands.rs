@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use crate::node::{ClientParts, Node, NodeConfig};
 use crate::plugin::{Limits, OutboundError, Runtime};
 use crate::rpc::client::RpcClient;
 use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
+use crate::signing::{self, TrustedKey};
 use crate::transport::Endpoint;
 
 /// How long a client waits to join the DHT before looking anything up.
@@ -44,7 +46,7 @@ async fn shutdown_signal() {
 }
 
 /// `grenache-host run`.
-pub async fn run(config: NodeConfig, limits: Limits) -> ExitCode {
+pub async fn run(config: NodeConfig, limits: Limits, trusted_keys: Vec<TrustedKey>) -> ExitCode {
     if config.bootstrap.is_empty() {
         tracing::warn!(
             "no --bootstrap given: this host's DHT node is alone and only it can find its services; \
@@ -52,7 +54,7 @@ pub async fn run(config: NodeConfig, limits: Limits) -> ExitCode {
         );
     }
     let runtime = match Runtime::new(limits) {
-        Ok(r) => r,
+        Ok(r) => r.require_signatures(trusted_keys),
         Err(e) => return usage_error(e),
     };
     let node = match Node::start(config, runtime).await {
@@ -68,6 +70,73 @@ pub async fn run(config: NodeConfig, limits: Limits) -> ExitCode {
     );
     shutdown_signal().await;
     tracing::info!("stopping: {}", node.summary());
+    ExitCode::SUCCESS
+}
+
+/// `grenache-host keygen`.
+pub fn keygen(out: &Path) -> ExitCode {
+    let (secret, public) = signing::generate();
+    let with_ext = |ext: &str| {
+        let mut name = out.as_os_str().to_owned();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    let (secret_path, public_path) = (with_ext(".secret"), with_ext(".pub"));
+    for path in [&secret_path, &public_path] {
+        if path.exists() {
+            return usage_error(format!(
+                "{} exists; refusing to overwrite a key (pick another --out)",
+                path.display()
+            ));
+        }
+    }
+    let write_secret = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&secret_path)?
+            .write_all(format!("{secret}\n").as_bytes())
+    };
+    if let Err(e) = write_secret().and_then(|_| std::fs::write(&public_path, format!("{public}\n")))
+    {
+        return usage_error(format!("cannot write the key files: {e}"));
+    }
+    eprintln!(
+        "wrote {} (keep it secret) and {}",
+        secret_path.display(),
+        public_path.display()
+    );
+    println!("{public}");
+    ExitCode::SUCCESS
+}
+
+/// `grenache-host sign`.
+pub fn sign(plugin: &Path, key: &Path) -> ExitCode {
+    let secret = match std::fs::read_to_string(key) {
+        Ok(s) => s,
+        Err(e) => return usage_error(format!("cannot read the secret key {}: {e}", key.display())),
+    };
+    let content = match std::fs::read(plugin) {
+        Ok(c) => c,
+        Err(e) => return usage_error(format!("cannot read {}: {e}", plugin.display())),
+    };
+    let signature = match signing::sign(&content, &secret) {
+        Ok(s) => s,
+        Err(e) => {
+            return usage_error(format!(
+                "{}: {e}; pass the .secret file `grenache-host keygen` wrote",
+                key.display()
+            ))
+        }
+    };
+    let path = signing::signature_path(plugin);
+    if let Err(e) = std::fs::write(&path, signature) {
+        return usage_error(format!("cannot write {}: {e}", path.display()));
+    }
+    println!("wrote {}", path.display());
     ExitCode::SUCCESS
 }
 

@@ -24,4 +24,5 @@ pub mod node;
 pub mod plugin;
 pub mod punch;
 pub mod rpc;
+pub mod signing;
 pub mod transport;

@@ -21,6 +21,7 @@ use wasmtime::{
 
 use super::instance::{Manifest, Plugin, PluginPre, RequestState};
 use super::network::PluginNetwork;
+use crate::signing::TrustedKey;
 
 /// Default memory one call may use: 64 MiB.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
@@ -73,6 +74,11 @@ pub enum LoadError {
     Invalid { path: PathBuf, reason: String },
     #[error("cannot load {path}: not a grenache plugin ({reason}); build it against wit/ with `wit_bindgen::generate!({{ path: \"wit\", world: \"plugin\" }})`")]
     WrongWorld { path: PathBuf, reason: String },
+    #[error("cannot load {path}: {reason}")]
+    Signature {
+        path: PathBuf,
+        reason: crate::signing::SignatureError,
+    },
     #[error(
         "cannot load {path}: its manifest() failed ({reason}); fix the plugin's manifest function"
     )]
@@ -111,6 +117,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<RequestState>>,
     limits: Limits,
+    /// When not empty, only plugins signed by one of these keys load.
+    trusted_keys: Arc<[TrustedKey]>,
 }
 
 impl Runtime {
@@ -157,7 +165,14 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             limits,
+            trusted_keys: Arc::new([]),
         })
+    }
+
+    /// Loads only plugins whose signature verifies under one of `keys`.
+    pub fn require_signatures(mut self, keys: Vec<TrustedKey>) -> Self {
+        self.trusted_keys = keys.into();
+        self
     }
 
     /// The limits every call gets.
@@ -182,6 +197,15 @@ impl Runtime {
                 reason: e.to_string(),
             },
         })?;
+        if !self.trusted_keys.is_empty() {
+            // Verify the very bytes that get compiled.
+            crate::signing::verify(path, &bytes, &self.trusted_keys).map_err(|reason| {
+                LoadError::Signature {
+                    path: path_buf.clone(),
+                    reason,
+                }
+            })?;
+        }
         check_component_header(&bytes, path)?;
 
         // Compiling takes a while (Cranelift); keep it off the async workers.

@@ -1,0 +1,207 @@
+//! Signed plugins: an operator signs each plugin file with an Ed25519 key,
+//! and a host started with `--trusted-key` loads only files whose detached
+//! signature (`<plugin>.wasm.sig`) verifies under one of its trusted keys.
+//!
+//! Files are plain text so they can be read, copied and diffed:
+//! - secret key: the 32-byte seed in hex (owner-only permissions);
+//! - public key: the 32-byte key in hex;
+//! - signature: `ed25519 <public key hex> <signature hex>`, naming the signer
+//!   so a refusal can say which key signed and which keys were expected.
+//!
+//! The signature covers the exact bytes the runtime compiles: the runtime
+//! verifies after reading the file once, never a second read.
+
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+
+/// Suffix of the detached signature file.
+pub const SIGNATURE_SUFFIX: &str = ".sig";
+
+/// A key an operator trusts to sign plugins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKey(VerifyingKey);
+
+impl TrustedKey {
+    /// The key as hex, the form the files and messages use.
+    pub fn to_hex(&self) -> String {
+        to_hex(self.0.as_bytes())
+    }
+}
+
+/// Why a plugin's signature was not accepted; messages end with what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("not signed (no {sig}); sign it with `grenache-host sign {plugin} --key <secret key>` using a key the host trusts ({expected})")]
+    Unsigned {
+        plugin: String,
+        sig: String,
+        expected: String,
+    },
+    #[error("signed by key {signer}, which this host does not trust (expected {expected}); sign it with a trusted key or pass --trusted-key {signer}")]
+    Untrusted { signer: String, expected: String },
+    #[error("its signature does not match its content (changed after signing?); sign it again with `grenache-host sign`")]
+    Mismatch,
+    #[error(
+        "its signature file {sig} is malformed ({reason}); sign it again with `grenache-host sign`"
+    )]
+    Malformed { sig: String, reason: String },
+}
+
+/// The signature file that goes with `plugin`.
+pub fn signature_path(plugin: &Path) -> PathBuf {
+    let mut name = plugin.as_os_str().to_owned();
+    name.push(SIGNATURE_SUFFIX);
+    PathBuf::from(name)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex<const N: usize>(text: &str) -> Result<[u8; N], String> {
+    let text = text.trim();
+    if text.len() != N * 2 || !text.is_ascii() {
+        return Err(format!("expected {} hex digits, got {}", N * 2, text.len()));
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("{text:?} is not hex"))?;
+    }
+    Ok(out)
+}
+
+/// A new key pair: (secret seed hex, public key hex).
+pub fn generate() -> (String, String) {
+    let seed: [u8; 32] = rand::random();
+    let key = SigningKey::from_bytes(&seed);
+    (to_hex(&seed), to_hex(key.verifying_key().as_bytes()))
+}
+
+/// Parses a public key given as hex, or as the path of a file holding it.
+pub fn parse_trusted_key(text: &str) -> Result<TrustedKey, String> {
+    let hex = if Path::new(text).is_file() {
+        std::fs::read_to_string(text).map_err(|e| format!("cannot read {text}: {e}"))?
+    } else {
+        text.to_string()
+    };
+    let bytes = from_hex::<32>(&hex).map_err(|e| {
+        format!("{text:?} is not a public key ({e}); pass the .pub file `grenache-host keygen` wrote, or its hex")
+    })?;
+    VerifyingKey::from_bytes(&bytes)
+        .map(TrustedKey)
+        .map_err(|e| format!("{text:?} is not a valid Ed25519 public key: {e}"))
+}
+
+/// The signature file's text for `content` signed with the secret seed `secret_hex`.
+pub fn sign(content: &[u8], secret_hex: &str) -> Result<String, String> {
+    let seed = from_hex::<32>(secret_hex).map_err(|e| format!("not a secret key ({e})"))?;
+    let key = SigningKey::from_bytes(&seed);
+    let signature = key.sign(content);
+    Ok(format!(
+        "ed25519 {} {}\n",
+        to_hex(key.verifying_key().as_bytes()),
+        to_hex(&signature.to_bytes())
+    ))
+}
+
+/// Checks `content` (the bytes of `plugin`) against its signature file and
+/// the trusted keys.
+pub fn verify(plugin: &Path, content: &[u8], trusted: &[TrustedKey]) -> Result<(), SignatureError> {
+    let sig_path = signature_path(plugin);
+    let expected = trusted
+        .iter()
+        .map(TrustedKey::to_hex)
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let text = std::fs::read_to_string(&sig_path).map_err(|_| SignatureError::Unsigned {
+        plugin: plugin.display().to_string(),
+        sig: sig_path.display().to_string(),
+        expected: expected.clone(),
+    })?;
+    let malformed = |reason: String| SignatureError::Malformed {
+        sig: sig_path.display().to_string(),
+        reason,
+    };
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let [scheme, signer, signature] = fields[..] else {
+        return Err(malformed(
+            "expected `ed25519 <public key> <signature>`".into(),
+        ));
+    };
+    if scheme != "ed25519" {
+        return Err(malformed(format!("unknown scheme {scheme:?}")));
+    }
+    let signer_key = VerifyingKey::from_bytes(&from_hex::<32>(signer).map_err(&malformed)?)
+        .map_err(|e| malformed(e.to_string()))?;
+    let signature = Signature::from_bytes(&from_hex::<64>(signature).map_err(&malformed)?);
+    if !trusted.iter().any(|k| k.0 == signer_key) {
+        return Err(SignatureError::Untrusted {
+            signer: signer.to_string(),
+            expected,
+        });
+    }
+    signer_key
+        .verify_strict(content, &signature)
+        .map_err(|_| SignatureError::Mismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(dir: &Path, content: &[u8], secret: &str) -> PathBuf {
+        let plugin = dir.join("p.wasm");
+        std::fs::write(&plugin, content).unwrap();
+        std::fs::write(signature_path(&plugin), sign(content, secret).unwrap()).unwrap();
+        plugin
+    }
+
+    #[test]
+    fn a_signature_from_a_trusted_key_verifies_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = generate();
+        let (other_secret, other_public) = generate();
+        let trusted = [parse_trusted_key(&public).unwrap()];
+        let plugin = signed(dir.path(), b"component bytes", &secret);
+        assert_eq!(verify(&plugin, b"component bytes", &trusted), Ok(()));
+        // The file changed after signing.
+        assert_eq!(
+            verify(&plugin, b"component bytez", &trusted),
+            Err(SignatureError::Mismatch)
+        );
+        // Signed by someone else.
+        let plugin = signed(dir.path(), b"component bytes", &other_secret);
+        match verify(&plugin, b"component bytes", &trusted) {
+            Err(SignatureError::Untrusted { signer, expected }) => {
+                assert_eq!((signer, expected), (other_public, public.clone()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Not signed at all.
+        std::fs::remove_file(signature_path(&plugin)).unwrap();
+        let err = verify(&plugin, b"component bytes", &trusted).unwrap_err();
+        assert!(matches!(err, SignatureError::Unsigned { .. }));
+        assert!(err.to_string().contains(&public), "{err}");
+        // Garbage in the signature file.
+        std::fs::write(signature_path(&plugin), "ed25519 zz zz").unwrap();
+        assert!(matches!(
+            verify(&plugin, b"x", &trusted),
+            Err(SignatureError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn keys_parse_from_hex_or_files_and_bad_ones_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, public) = generate();
+        let file = dir.path().join("k.pub");
+        std::fs::write(&file, format!("{public}\n")).unwrap();
+        assert_eq!(
+            parse_trusted_key(file.to_str().unwrap()),
+            parse_trusted_key(&public)
+        );
+        assert!(parse_trusted_key("abc").unwrap_err().contains("keygen"));
+    }
+}

@@ -1,0 +1,139 @@
+//! Signed plugins, as an operator uses them: keygen, sign, run --trusted-key.
+
+mod common;
+
+use std::path::Path;
+
+use common::{host, plugin, shown, HostProcess, SOON};
+
+/// Runs `keygen --out <dir>/<name>`; returns the public key's hex.
+fn keygen(dir: &Path, name: &str) -> String {
+    let out = dir.join(name);
+    let r = shown(host(&["keygen", "--out", out.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.stdout.trim().to_string()
+}
+
+fn sign(plugin: &Path, secret: &Path) {
+    let r = shown(host(&[
+        "sign",
+        plugin.to_str().unwrap(),
+        "--key",
+        secret.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// `run <plugin> --trusted-key <key>` for a plugin that must be refused:
+/// returns the one line it printed.
+fn refused(plugin: &Path, key: &Path) -> String {
+    let r = shown(host(&[
+        "run",
+        plugin.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trusted-key",
+        key.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .expect("an error line")
+        .to_string();
+    assert!(
+        line.contains(&plugin.display().to_string()),
+        "names the file: {line}"
+    );
+    line
+}
+
+#[test]
+fn only_plugins_signed_by_a_trusted_key_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = keygen(dir.path(), "ops");
+    let other = keygen(dir.path(), "other");
+    let (ops_secret, ops_pub) = (dir.path().join("ops.secret"), dir.path().join("ops.pub"));
+    let fib = dir.path().join("fibonacci.wasm");
+    std::fs::copy(plugin("fibonacci"), &fib).unwrap();
+
+    // Unsigned: refused, and the message names the key it expected.
+    let line = refused(&fib, &ops_pub);
+    assert!(line.contains("not signed") && line.contains(&ops), "{line}");
+
+    // Signed by a key the host does not trust.
+    sign(&fib, &dir.path().join("other.secret"));
+    let line = refused(&fib, &ops_pub);
+    assert!(
+        line.contains(&format!("signed by key {other}")) && line.contains(&ops),
+        "{line}"
+    );
+
+    // Signed by the trusted key: it serves.
+    sign(&fib, &ops_secret);
+    let worker = HostProcess::spawn(
+        "signed worker",
+        &[
+            "run",
+            fib.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--trusted-key",
+            &ops,
+        ],
+    );
+    let line = worker.wait_for("listening on ", SOON);
+    let peer = format!("127.0.0.1:{}", line.rsplit(' ').next().unwrap());
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        r#"{"length":5}"#,
+        "--peer",
+        &peer,
+    ]));
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2,3,5]\n"),
+        "{}",
+        r.stderr
+    );
+
+    // Changed after signing: refused.
+    let mut bytes = std::fs::read(&fib).unwrap();
+    bytes.push(0);
+    std::fs::write(&fib, bytes).unwrap();
+    let line = refused(&fib, &ops_pub);
+    assert!(line.contains("does not match"), "{line}");
+}
+
+#[test]
+fn keygen_protects_the_secret_and_never_overwrites_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path(), "k");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("k.secret"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let r = shown(host(&[
+        "keygen",
+        "--out",
+        dir.path().join("k").to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("refusing to overwrite"), "{}", r.stderr);
+}
+
+#[test]
+fn a_bad_trusted_key_is_a_usage_error() {
+    let r = shown(host(&[
+        "run",
+        plugin("fibonacci").to_str().unwrap(),
+        "--trusted-key",
+        "not-a-key",
+    ]));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("keygen"), "{}", r.stderr);
+}
