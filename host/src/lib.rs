@@ -25,4 +25,5 @@ pub mod plugin;
 pub mod punch;
 pub mod rpc;
 pub mod signing;
+pub mod swap;
 pub mod transport;

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::discovery::{DhtConfig, Discovery, REANNOUNCE_INTERVAL};
-use crate::plugin::{LoadedPlugin, OutboundCall, OutboundError, PluginNetwork, Runtime};
+use crate::plugin::{OutboundCall, OutboundError, PluginNetwork, Runtime};
 use crate::punch::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
 use crate::rpc::client::RpcClient;
-use crate::rpc::server::{self, ServerStats, Services};
+use crate::rpc::server::{self, ServerStats};
+use crate::swap::PluginSet;
 use crate::transport::Endpoint;
 
 /// How to run a host.
@@ -98,6 +99,7 @@ impl PluginNetwork for NodeNetwork {
 pub struct Node {
     pub endpoint: Endpoint,
     pub discovery: Arc<Discovery>,
+    pub plugins: Arc<PluginSet>,
     pub stats: Arc<ServerStats>,
 }
 
@@ -112,38 +114,24 @@ impl Node {
             client,
         } = ClientParts::start(config.listen, &config.bootstrap, config.max_message).await?;
         let network: Arc<dyn PluginNetwork> = Arc::new(NodeNetwork { client });
-        let mut plugins = Vec::new();
-        for path in &config.plugins {
-            let plugin = runtime.load(path, network.clone()).await?;
-            tracing::info!(
-                "loaded {} from {}: serves {:?}, punches {:?}",
-                plugin.name(),
-                path.display(),
-                plugin.serves(),
-                plugin.punch_targets()
-            );
-            plugins.push(Arc::new(plugin));
-        }
-        let services = Arc::new(Services::new(&plugins)?);
+        let plugins = Arc::new(PluginSet::load(runtime, network, &config.plugins).await?);
         let stats = Arc::new(ServerStats::default());
         tokio::spawn(server::serve(
             endpoint.clone(),
-            services,
+            plugins.clone(),
             config.max_message,
             stats.clone(),
         ));
-
-        let names: Vec<String> = plugins
-            .iter()
-            .flat_map(|p| p.serves().iter().cloned())
-            .collect();
         tokio::spawn(announce_loop(
             discovery.clone(),
-            names,
+            plugins.watch_services(),
             endpoint.local_addr().port(),
         ));
 
+        // Punch targets are read at start; a swap changes what plugins answer,
+        // not whom the host punches.
         let targets: Vec<String> = plugins
+            .current()
             .iter()
             .flat_map(|p| p.punch_targets().iter().cloned())
             .collect();
@@ -158,12 +146,13 @@ impl Node {
             punches,
             endpoint.clone(),
             discovery.clone(),
-            plugins,
+            plugins.clone(),
         ));
 
         Ok(Node {
             endpoint,
             discovery,
+            plugins,
             stats,
         })
     }
@@ -184,15 +173,29 @@ impl Node {
     }
 }
 
-/// Announces every service now and every [`REANNOUNCE_INTERVAL`]; retries
-/// quickly while the DHT has no one to announce to.
-async fn announce_loop(discovery: Arc<Discovery>, services: Vec<String>, port: u16) {
-    let mut announced_once = false;
+/// Announces every service now, again every [`REANNOUNCE_INTERVAL`], and at
+/// once when a swap changes the set; retries quickly while the DHT has no
+/// one to announce to. A service a swap removed is no longer re-announced
+/// (DHT nodes cannot be told to forget it; callers skip it once it fails).
+async fn announce_loop(
+    discovery: Arc<Discovery>,
+    mut services: tokio::sync::watch::Receiver<Vec<String>>,
+    port: u16,
+) {
+    let mut announced: Vec<String> = Vec::new();
     loop {
+        let current = services.borrow_and_update().clone();
+        for gone in announced.iter().filter(|s| !current.contains(s)) {
+            tracing::info!("stopped announcing {gone}");
+        }
+        announced.retain(|s| current.contains(s));
         let mut all_ok = true;
-        for service in &services {
+        for service in &current {
             match discovery.announce(service, port).await {
-                Ok(()) if !announced_once => tracing::info!("announced {service} on port {port}"),
+                Ok(()) if !announced.contains(service) => {
+                    tracing::info!("announced {service} on port {port}");
+                    announced.push(service.clone());
+                }
                 Ok(()) => tracing::debug!("re-announced {service}"),
                 Err(e) => {
                     all_ok = false;
@@ -200,13 +203,16 @@ async fn announce_loop(discovery: Arc<Discovery>, services: Vec<String>, port: u
                 }
             }
         }
-        announced_once |= all_ok;
         let wait = if all_ok {
             REANNOUNCE_INTERVAL
         } else {
             Duration::from_secs(1)
         };
-        tokio::time::sleep(wait).await;
+        // Wake early when the set of services changes.
+        if let Ok(Err(_)) = tokio::time::timeout(wait, services.changed()).await {
+            // The plugin set is gone (shutting down): keep the pace.
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -216,7 +222,7 @@ async fn punch_loop(
     mut punches: tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
     endpoint: Endpoint,
     discovery: Arc<Discovery>,
-    plugins: Vec<Arc<LoadedPlugin>>,
+    plugins: Arc<PluginSet>,
 ) {
     let local = endpoint.local_addr();
     let own = [local, SocketAddr::from((Ipv4Addr::LOCALHOST, local.port()))];
@@ -235,8 +241,7 @@ async fn punch_loop(
                 }
                 PunchAction::NotifyPlugins(peer) => {
                     tracing::debug!(%peer, "punched by");
-                    for plugin in &plugins {
-                        let plugin = plugin.clone();
+                    for plugin in plugins.current() {
                         tokio::spawn(async move {
                             if let Err(e) = plugin.on_punch(&peer.to_string()).await {
                                 tracing::warn!("on-punch failed: {e}");

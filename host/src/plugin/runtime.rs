@@ -208,6 +208,7 @@ impl Runtime {
         }
         check_component_header(&bytes, path)?;
 
+        let hash = sha1_smol::Sha1::from(&bytes).digest().to_string();
         // Compiling takes a while (Cranelift); keep it off the async workers.
         let engine = self.engine.clone();
         let component =
@@ -243,6 +244,7 @@ impl Runtime {
             pre,
             runtime: self.clone(),
             network,
+            hash,
             manifest: Manifest {
                 serves: vec![],
                 punch: vec![],
@@ -320,9 +322,16 @@ pub struct LoadedPlugin {
     runtime: Runtime,
     network: Arc<dyn PluginNetwork>,
     manifest: Manifest,
+    /// SHA-1 of the file's content, to tell versions apart.
+    hash: String,
 }
 
 impl LoadedPlugin {
+    /// SHA-1 of the component's bytes, in hex.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
     /// The plugin's name: its file name without `.wasm`.
     pub fn name(&self) -> &str {
         &self.name

@@ -7,7 +7,6 @@
 //! A connection that sends something that is not a Grenache request is
 //! closed and counted; everyone else keeps being served.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,55 +14,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::codec::{self, DecodeError, MessageDecoder, Request};
-use crate::plugin::LoadedPlugin;
+use crate::swap::PluginSet;
 use crate::transport::Endpoint;
-
-/// Which plugin answers which service.
-pub struct Services {
-    by_name: HashMap<String, Arc<LoadedPlugin>>,
-    primary: Option<(String, Arc<LoadedPlugin>)>,
-}
-
-impl Services {
-    /// Routes every service in each plugin's manifest to it; the first
-    /// plugin's first service answers `ip:port` keys. A service served by two
-    /// plugins is an error.
-    pub fn new(plugins: &[Arc<LoadedPlugin>]) -> anyhow::Result<Self> {
-        let mut by_name = HashMap::new();
-        for plugin in plugins {
-            for service in plugin.serves() {
-                if let Some(other) = by_name.insert(service.clone(), plugin.clone()) {
-                    anyhow::bail!(
-                        "{} and {} both serve {service:?}; run them on different hosts",
-                        other.path().display(),
-                        plugin.path().display()
-                    );
-                }
-            }
-        }
-        let primary = plugins
-            .iter()
-            .find_map(|p| p.serves().first().map(|s| (s.clone(), p.clone())));
-        Ok(Services { by_name, primary })
-    }
-
-    /// The plugin and service name a request key resolves to.
-    fn route(&self, key: &str) -> Option<(&str, &Arc<LoadedPlugin>)> {
-        if let Some((name, plugin)) = self.by_name.get_key_value(key) {
-            return Some((name.as_str(), plugin));
-        }
-        if key.parse::<SocketAddr>().is_ok() {
-            return self.primary.as_ref().map(|(s, p)| (s.as_str(), p));
-        }
-        None
-    }
-
-    fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
-        names.sort();
-        names
-    }
-}
 
 /// Server counters.
 #[derive(Debug, Default)]
@@ -76,7 +28,7 @@ pub struct ServerStats {
 /// Accepts connections forever.
 pub async fn serve(
     endpoint: Endpoint,
-    services: Arc<Services>,
+    services: Arc<PluginSet>,
     max_message: usize,
     stats: Arc<ServerStats>,
 ) {
@@ -99,7 +51,7 @@ pub async fn serve(
 
 async fn serve_connection(
     stream: librqbit_utp::UtpStream,
-    services: Arc<Services>,
+    services: Arc<PluginSet>,
     max_message: usize,
     stats: Arc<ServerStats>,
 ) {
@@ -156,7 +108,7 @@ fn describe(e: &DecodeError) -> String {
 
 /// The reply to one request, encoded.
 async fn answer(
-    services: &Services,
+    services: &PluginSet,
     request: &Request,
     peer: SocketAddr,
     stats: &ServerStats,
@@ -166,17 +118,17 @@ async fn answer(
         let message = format!(
             "ERR_SERVICE_NOT_FOUND: no service {:?} on this host (it serves: {})",
             request.key,
-            services.names().join(", ")
+            services.service_names().join(", ")
         );
         return codec::encode_err(&request.rid, &message);
     };
     tracing::info!("request for {service} from {peer}");
-    match plugin.handle(service, &request.payload).await {
+    match plugin.handle(&service, &request.payload).await {
         Ok(result) => codec::encode_ok(&request.rid, &result),
         Err(e) => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             if !matches!(e, crate::plugin::CallError::Handler(_)) {
-                tracing::warn!(%peer, service, "request failed: {e}");
+                tracing::warn!(%peer, %service, "request failed: {e}");
             }
             codec::encode_err(&request.rid, &e.to_string())
         }

@@ -1,0 +1,302 @@
+//! The plugins a host runs, and replacing them while requests flow.
+//!
+//! Each plugin file has a [`Slot`]: the version serving now and the one
+//! before it (for rollback). Requests are routed through an immutable
+//! [`Routes`] snapshot; a request takes its own `Arc` of the plugin version it
+//! was routed to, so a swap never touches a running request: it finishes on
+//! the old version while new requests see the new one. A swap loads and
+//! type-checks the new file off the request path first; a file that fails
+//! leaves the old version serving.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::plugin::{LoadedPlugin, PluginNetwork, Runtime};
+
+/// One plugin file's versions.
+struct Slot {
+    /// The file the operator named; `--watch` watches it.
+    path: PathBuf,
+    current: Arc<LoadedPlugin>,
+    previous: Option<Arc<LoadedPlugin>>,
+    swaps: u64,
+    requests: Arc<AtomicU64>,
+}
+
+impl Slot {
+    /// The plugin's name: the first version's file name without `.wasm`.
+    fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Which plugin version answers which service: a snapshot, replaced whole.
+#[derive(Default)]
+struct Routes {
+    by_name: HashMap<String, (Arc<LoadedPlugin>, Arc<AtomicU64>)>,
+    /// Answers `ip:port` keys: the first plugin's first service.
+    primary: Option<String>,
+}
+
+/// What a swap or rollback did, for logs and the control channel.
+#[derive(Debug, Clone)]
+pub struct SwapReport {
+    pub plugin: String,
+    pub services: Vec<String>,
+    pub old_hash: String,
+    pub new_hash: String,
+    pub load_time: Duration,
+}
+
+impl std::fmt::Display for SwapReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: serving {:?} with {} (was {}), loaded in {:?}",
+            self.plugin,
+            self.services,
+            short(&self.new_hash),
+            short(&self.old_hash),
+            self.load_time
+        )
+    }
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// The plugins of a host.
+pub struct PluginSet {
+    runtime: Runtime,
+    network: Arc<dyn PluginNetwork>,
+    slots: Mutex<Vec<Slot>>,
+    routes: RwLock<Arc<Routes>>,
+    /// The services served now, for the announce loop.
+    services: tokio::sync::watch::Sender<Vec<String>>,
+}
+
+fn build_routes(slots: &[Slot]) -> Result<Routes, String> {
+    let mut routes = Routes::default();
+    for slot in slots {
+        for service in slot.current.serves() {
+            let entry = (slot.current.clone(), slot.requests.clone());
+            if let Some((other, _)) = routes.by_name.insert(service.clone(), entry) {
+                return Err(format!(
+                    "{} and {} both serve {service:?}; run them on different hosts",
+                    other.path().display(),
+                    slot.current.path().display()
+                ));
+            }
+        }
+    }
+    routes.primary = slots
+        .iter()
+        .find_map(|s| s.current.serves().first().cloned());
+    Ok(routes)
+}
+
+impl PluginSet {
+    /// Loads every file; fails on the first that does not load or on two
+    /// plugins serving the same service.
+    pub async fn load(
+        runtime: Runtime,
+        network: Arc<dyn PluginNetwork>,
+        paths: &[PathBuf],
+    ) -> anyhow::Result<Self> {
+        let mut slots = Vec::new();
+        for path in paths {
+            let plugin = runtime.load(path, network.clone()).await?;
+            tracing::info!(
+                "loaded {} from {} ({}): serves {:?}, punches {:?}",
+                plugin.name(),
+                path.display(),
+                short(plugin.hash()),
+                plugin.serves(),
+                plugin.punch_targets()
+            );
+            slots.push(Slot {
+                path: path.clone(),
+                current: Arc::new(plugin),
+                previous: None,
+                swaps: 0,
+                requests: Arc::default(),
+            });
+        }
+        let routes = build_routes(&slots).map_err(anyhow::Error::msg)?;
+        let (services, _) = tokio::sync::watch::channel(routes_services(&routes));
+        Ok(PluginSet {
+            runtime,
+            network,
+            slots: Mutex::new(slots),
+            routes: RwLock::new(Arc::new(routes)),
+            services,
+        })
+    }
+
+    fn routes(&self) -> Arc<Routes> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The plugin version that answers `key` now, and the service name it is
+    /// asked for; counts the request.
+    pub fn route(&self, key: &str) -> Option<(String, Arc<LoadedPlugin>)> {
+        let routes = self.routes();
+        let service = if routes.by_name.contains_key(key) {
+            key.to_string()
+        } else if key.parse::<SocketAddr>().is_ok() {
+            routes.primary.clone()?
+        } else {
+            return None;
+        };
+        let (plugin, requests) = routes.by_name.get(&service)?;
+        requests.fetch_add(1, Ordering::Relaxed);
+        Some((service, plugin.clone()))
+    }
+
+    /// The services served now, sorted.
+    pub fn service_names(&self) -> Vec<String> {
+        routes_services(&self.routes())
+    }
+
+    /// Follows the set of services served (it changes with swaps).
+    pub fn watch_services(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.services.subscribe()
+    }
+
+    /// The current version of every plugin.
+    pub fn current(&self) -> Vec<Arc<LoadedPlugin>> {
+        self.lock_slots()
+            .iter()
+            .map(|s| s.current.clone())
+            .collect()
+    }
+
+    /// Every plugin's name and the file it is loaded from.
+    pub fn files(&self) -> Vec<(String, PathBuf)> {
+        self.lock_slots()
+            .iter()
+            .map(|s| (s.name(), s.path.clone()))
+            .collect()
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot named by `target`: a plugin name or a service it serves.
+    fn find(slots: &[Slot], target: &str) -> Result<usize, String> {
+        slots
+            .iter()
+            .position(|s| s.name() == target || s.current.serves().iter().any(|x| x == target))
+            .ok_or_else(|| {
+                let names: Vec<String> = slots.iter().map(Slot::name).collect();
+                format!(
+                    "no plugin or service {target:?} here (plugins: {})",
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// Replaces the plugin `target` (a plugin or service name) with `file`.
+    /// Loads and checks first; on any error the old version keeps serving.
+    pub async fn swap(&self, target: &str, file: &Path) -> Result<SwapReport, String> {
+        Self::find(&self.lock_slots(), target)?;
+        let started = Instant::now();
+        let plugin = self
+            .runtime
+            .load(file, self.network.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let load_time = started.elapsed();
+        self.publish(target, |slot| {
+            let new = Arc::new(plugin);
+            slot.previous = Some(std::mem::replace(&mut slot.current, new));
+            Ok(())
+        })
+        .map(|mut report| {
+            report.load_time = load_time;
+            report
+        })
+    }
+
+    /// Puts back the version that served before the last swap of `target`.
+    pub fn rollback(&self, target: &str) -> Result<SwapReport, String> {
+        self.publish(target, |slot| {
+            let previous = slot
+                .previous
+                .take()
+                .ok_or_else(|| format!("{} has no previous version", slot.name()))?;
+            slot.previous = Some(std::mem::replace(&mut slot.current, previous));
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to the slot of `target` and publishes new routes;
+    /// undoes it if the routes would conflict.
+    fn publish(
+        &self,
+        target: &str,
+        change: impl FnOnce(&mut Slot) -> Result<(), String>,
+    ) -> Result<SwapReport, String> {
+        let mut slots = self.lock_slots();
+        let i = Self::find(&slots, target)?;
+        let (old_current, old_previous) = (slots[i].current.clone(), slots[i].previous.clone());
+        change(&mut slots[i])?;
+        let routes = match build_routes(&slots) {
+            Ok(r) => r,
+            Err(e) => {
+                (slots[i].current, slots[i].previous) = (old_current, old_previous);
+                return Err(e);
+            }
+        };
+        slots[i].swaps += 1;
+        let services = routes_services(&routes);
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+        self.services.send_replace(services);
+        let slot = &slots[i];
+        Ok(SwapReport {
+            plugin: slot.name(),
+            services: slot.current.serves().to_vec(),
+            old_hash: old_current.hash().to_string(),
+            new_hash: slot.current.hash().to_string(),
+            load_time: Duration::ZERO,
+        })
+    }
+
+    /// What `grenache-host status` shows.
+    pub fn status(&self) -> serde_json::Value {
+        let slots = self.lock_slots();
+        let plugins: Vec<serde_json::Value> = slots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "plugin": s.name(),
+                    "file": s.path.display().to_string(),
+                    "services": s.current.serves(),
+                    "hash": s.current.hash(),
+                    "previous_hash": s.previous.as_ref().map(|p| p.hash().to_string()),
+                    "requests": s.requests.load(Ordering::Relaxed),
+                    "swaps": s.swaps,
+                })
+            })
+            .collect();
+        serde_json::json!({ "plugins": plugins })
+    }
+}
+
+fn routes_services(routes: &Routes) -> Vec<String> {
+    let mut names: Vec<String> = routes.by_name.keys().cloned().collect();
+    names.sort();
+    names
+}
