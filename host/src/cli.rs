@@ -90,8 +90,43 @@ pub enum Command {
         /// need no signature.
         #[arg(long, value_name = "KEY", value_parser = crate::signing::parse_trusted_key)]
         trusted_key: Vec<crate::signing::TrustedKey>,
+        /// Swap a plugin in when its file changes (written in place or renamed
+        /// over); requests in flight finish on the old version.
+        #[arg(long)]
+        watch: bool,
+        /// Control socket for `swap`, `rollback` and `status` (owner-only);
+        /// `off` for none. Default: $XDG_RUNTIME_DIR/grenache-host.sock or
+        /// /tmp/grenache-host-<uid>.sock.
+        #[arg(long, value_name = "PATH")]
+        control: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Replace a running host's plugin with a new file, without dropping requests.
+    ///
+    /// The host loads and checks the file first; if it fails, the old version
+    /// keeps serving and the reason is printed (exit code 1).
+    ///
+    /// Example: grenache-host swap fibonacci plugins/fibonacci-v2.wasm
+    Swap {
+        /// The plugin's name (its first file name without .wasm) or a service it serves.
+        target: String,
+        /// The new plugin file.
+        file: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Put back the version a plugin had before its last swap.
+    Rollback {
+        /// The plugin's name or a service it serves.
+        target: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Show a running host's plugins: services, content hashes, request counts, swaps.
+    Status {
+        #[command(flatten)]
+        control: ControlArgs,
     },
     /// Create a key pair for signing plugins: <OUT>.secret (owner-only) and <OUT>.pub.
     ///
@@ -166,6 +201,14 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         warmup: u64,
     },
+}
+
+/// Where to reach a running host's control socket.
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// The host's control socket (as given to `run --control`).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// The request a client sends.
@@ -335,6 +378,8 @@ async fn run(cli: Cli) -> ExitCode {
             behind_nat,
             max_payload,
             trusted_key,
+            watch,
+            control,
             limits,
         } => {
             let config = crate::node::NodeConfig {
@@ -344,7 +389,30 @@ async fn run(cli: Cli) -> ExitCode {
                 behind_nat,
                 max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
             };
-            crate::commands::run(config, limits.limits(), trusted_key).await
+            let options = crate::commands::RunOptions {
+                trusted_keys: trusted_key,
+                watch,
+                control,
+            };
+            crate::commands::run(config, limits.limits(), options).await
+        }
+        Command::Swap {
+            target,
+            file,
+            control,
+        } => {
+            crate::commands::control(
+                control,
+                crate::control::ControlRequest::Swap { target, file },
+            )
+            .await
+        }
+        Command::Rollback { target, control } => {
+            crate::commands::control(control, crate::control::ControlRequest::Rollback { target })
+                .await
+        }
+        Command::Status { control } => {
+            crate::commands::control(control, crate::control::ControlRequest::Status).await
         }
         Command::Keygen { out } => crate::commands::keygen(&out),
         Command::Sign { plugin, key } => crate::commands::sign(&plugin, &key),

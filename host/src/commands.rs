@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
+use crate::cli::ControlArgs;
 use crate::cli::{
     check_payload, print_compact, usage_error, ClientArgs, ServiceRequest, EXIT_SERVICE_ERROR,
 };
+use crate::control::ControlRequest;
 use crate::discovery::{DhtConfig, Discovery};
 use crate::node::{ClientParts, Node, NodeConfig};
 use crate::plugin::{Limits, OutboundError, Runtime};
@@ -45,8 +47,24 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// `run`'s options beyond the node's own configuration.
+pub struct RunOptions {
+    pub trusted_keys: Vec<TrustedKey>,
+    pub watch: bool,
+    /// `None`: the default path; `Some("off")`: no control socket.
+    pub control: Option<String>,
+}
+
+/// How often `--watch` looks at the plugin files.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
 /// `grenache-host run`.
-pub async fn run(config: NodeConfig, limits: Limits, trusted_keys: Vec<TrustedKey>) -> ExitCode {
+pub async fn run(config: NodeConfig, limits: Limits, options: RunOptions) -> ExitCode {
+    let RunOptions {
+        trusted_keys,
+        watch,
+        control,
+    } = options;
     if config.bootstrap.is_empty() {
         tracing::warn!(
             "no --bootstrap given: this host's DHT node is alone and only it can find its services; \
@@ -61,6 +79,27 @@ pub async fn run(config: NodeConfig, limits: Limits, trusted_keys: Vec<TrustedKe
         Ok(node) => node,
         Err(e) => return usage_error(format!("{e:#}")),
     };
+    let control_path = match control.as_deref() {
+        Some("off") => None,
+        Some(path) => Some((PathBuf::from(path), true)),
+        None => Some((crate::control::default_path(), false)),
+    };
+    let mut bound_control = None;
+    if let Some((path, explicit)) = control_path {
+        match crate::control::bind(&path) {
+            Ok(listener) => {
+                tracing::info!("control socket {}", path.display());
+                tokio::spawn(crate::control::serve(listener, node.plugins.clone()));
+                bound_control = Some(path);
+            }
+            Err(e) if explicit => return usage_error(format!("{e:#}")),
+            Err(e) => tracing::warn!("no control socket: {e:#}"),
+        }
+    }
+    if watch {
+        tokio::spawn(node.plugins.clone().watch(WATCH_INTERVAL));
+        tracing::info!("watching the plugin files for changes");
+    }
     // The same line the Grenache examples print, for scripts to wait on.
     println!("listening on {}", node.endpoint.local_addr().port());
     tracing::info!(
@@ -70,7 +109,35 @@ pub async fn run(config: NodeConfig, limits: Limits, trusted_keys: Vec<TrustedKe
     );
     shutdown_signal().await;
     tracing::info!("stopping: {}", node.summary());
+    if let Some(path) = bound_control {
+        let _ = std::fs::remove_file(path);
+    }
     ExitCode::SUCCESS
+}
+
+/// `grenache-host swap | rollback | status`: one request on the control socket.
+pub async fn control(args: ControlArgs, request: ControlRequest) -> ExitCode {
+    let path = args.control.unwrap_or_else(crate::control::default_path);
+    let reply = match crate::control::request(&path, &request).await {
+        Ok(reply) => reply,
+        Err(e) => return usage_error(e),
+    };
+    if let Some(status) = reply.status {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("status serialises")
+        );
+    }
+    if let Some(message) = reply.message {
+        println!("{message}");
+    }
+    match reply.error {
+        Some(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_SERVICE_ERROR)
+        }
+        None => ExitCode::SUCCESS,
+    }
 }
 
 /// `grenache-host keygen`.

@@ -19,6 +19,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod control;
 pub mod discovery;
 pub mod node;
 pub mod plugin;

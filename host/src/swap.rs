@@ -274,6 +274,48 @@ impl PluginSet {
         })
     }
 
+    /// [`swap`](Self::swap), logging the outcome either way.
+    pub async fn swap_and_log(&self, target: &str, file: &Path) -> Result<String, String> {
+        let result = self
+            .swap(target, file)
+            .await
+            .map(|r| format!("swapped {r}"));
+        log_outcome("swap", target, &result);
+        result
+    }
+
+    /// [`rollback`](Self::rollback), logging the outcome either way.
+    pub fn rollback_and_log(&self, target: &str) -> Result<String, String> {
+        let result = self.rollback(target).map(|r| format!("rolled back {r}"));
+        log_outcome("rollback", target, &result);
+        result
+    }
+
+    /// Watches every plugin's file and swaps it in when it changes (written in
+    /// place or renamed over). A change is taken once the file has looked the
+    /// same for one more `interval`, so a file still being written is not
+    /// loaded half-done (and if it is, loading fails and the old version stays).
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        let files = self.files();
+        let mut seen: Vec<Option<FileState>> = files.iter().map(|(_, p)| file_state(p)).collect();
+        loop {
+            tokio::time::sleep(interval).await;
+            for (i, (name, path)) in files.iter().enumerate() {
+                let now = file_state(path);
+                if now.is_none() || now == seen[i] {
+                    continue;
+                }
+                tokio::time::sleep(interval).await;
+                if file_state(path) != now {
+                    continue; // still changing; look again next round
+                }
+                seen[i] = now;
+                tracing::info!("{} changed; loading it", path.display());
+                let _ = self.swap_and_log(name, path).await;
+            }
+        }
+    }
+
     /// What `grenache-host status` shows.
     pub fn status(&self) -> serde_json::Value {
         let slots = self.lock_slots();
@@ -299,4 +341,30 @@ fn routes_services(routes: &Routes) -> Vec<String> {
     let mut names: Vec<String> = routes.by_name.keys().cloned().collect();
     names.sort();
     names
+}
+
+fn log_outcome(what: &str, target: &str, result: &Result<String, String>) {
+    match result {
+        Ok(message) => tracing::info!("{message}"),
+        Err(e) => {
+            tracing::warn!("{what} of {target} refused, the current version keeps serving: {e}")
+        }
+    }
+}
+
+/// What identifies one version of a file on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileState {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+fn file_state(path: &Path) -> Option<FileState> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(FileState {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode: std::os::unix::fs::MetadataExt::ino(&meta),
+    })
 }

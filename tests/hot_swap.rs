@@ -1,0 +1,197 @@
+//! Replacing plugins in a running host: through the control socket and
+//! `--watch`, with requests flowing and none lost.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{call, host, shown, start_dht, test_plugin, HostProcess, SOON};
+
+/// A host serving a copy of `version-1.wasm` named `versioned.wasm` in `dir`,
+/// with its control socket in `dir`; returns it, its control path and its port.
+fn versioned_host(dir: &Path, bootstrap: &str, extra: &[&str]) -> (HostProcess, PathBuf) {
+    let file = dir.join("versioned.wasm");
+    std::fs::copy(test_plugin("version-1"), &file).unwrap();
+    let control = dir.join("control.sock");
+    let mut args = vec![
+        "run",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--bootstrap",
+        bootstrap,
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let host = HostProcess::spawn("versioned host", &args);
+    host.wait_for("announced versioned", SOON);
+    (host, control)
+}
+
+fn control(args: &[&str], control: &Path) -> common::Shown {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--control", control.to_str().unwrap()]);
+    shown(host(&all))
+}
+
+fn version(bootstrap: &str) -> String {
+    let r = call(bootstrap, "versioned", "{}", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.stdout.trim().to_string()
+}
+
+#[test]
+fn swapping_ten_times_under_load_loses_no_request() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let (versioned, sock) = versioned_host(dir.path(), &bootstrap, &[]);
+    let (v1, v2) = (test_plugin("version-1"), test_plugin("version-2"));
+    let mut bench = HostProcess::spawn(
+        "bench",
+        &[
+            "bench",
+            "versioned",
+            "{}",
+            "--bootstrap",
+            &bootstrap,
+            "--requests",
+            "30000",
+            "--concurrency",
+            "32",
+        ],
+    );
+    bench.wait_for("bench: 30000 requests", SOON);
+    // Eleven swaps, alternating, ending on version 2, while the bench runs.
+    for i in 0..11 {
+        let file = if i % 2 == 0 { &v2 } else { &v1 };
+        let r = control(&["swap", "versioned", file.to_str().unwrap()], &sock);
+        assert_eq!(r.code, 0, "swap {i}: {}{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("swapped versioned"), "{}", r.stdout);
+    }
+    assert!(
+        bench.is_running(),
+        "the bench ended before the swaps did; give it more requests\n{}",
+        bench.output()
+    );
+    let line = bench.wait_for("requests ok=", SOON * 6);
+    assert!(
+        line.starts_with("requests ok=30000 failed=0 "),
+        "{line}\n{}",
+        bench.output()
+    );
+    assert_eq!(version(&bootstrap), r#"{"version":2}"#);
+
+    let r = control(&["status"], &sock);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let plugin = &status["plugins"][0];
+    assert_eq!(plugin["swaps"], 11);
+    assert!(plugin["requests"].as_u64().unwrap() >= 30000, "{plugin}");
+    drop(versioned);
+}
+
+#[test]
+fn a_swap_changes_what_is_announced_and_rollback_restores_it() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let (host, sock) = versioned_host(dir.path(), &bootstrap, &[]);
+    let v2 = test_plugin("version-2");
+    let r = control(&["swap", "versioned", v2.to_str().unwrap()], &sock);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The log line names the services and both content hashes.
+    let swapped = host.wait_for("swapped versioned", SOON);
+    assert!(
+        swapped.contains("versioned_v2_only")
+            && swapped.contains("was ")
+            && swapped.contains("loaded in"),
+        "{swapped}"
+    );
+    host.wait_for("announced versioned_v2_only", SOON);
+    let r = call(&bootstrap, "versioned_v2_only", "{}", &[]);
+    assert_eq!(
+        (r.code, r.stdout.trim()),
+        (0, r#"{"version":2}"#),
+        "{}",
+        r.stderr
+    );
+
+    let r = control(&["rollback", "versioned"], &sock);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    host.wait_for("stopped announcing versioned_v2_only", SOON);
+    assert_eq!(version(&bootstrap), r#"{"version":1}"#);
+}
+
+#[test]
+fn a_file_that_does_not_load_leaves_the_old_version_serving() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let (host, sock) = versioned_host(dir.path(), &bootstrap, &[]);
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, "not wasm").unwrap();
+    let r = control(&["swap", "versioned", junk.to_str().unwrap()], &sock);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not a WebAssembly file"), "{}", r.stderr);
+    host.wait_for("refused, the current version keeps serving", SOON);
+    // A rollback with nothing to roll back to, and an unknown target.
+    let r = control(&["rollback", "versioned"], &sock);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("no previous version"), "{}", r.stderr);
+    let r = control(&["swap", "nope", junk.to_str().unwrap()], &sock);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("no plugin or service \"nope\""),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(version(&bootstrap), r#"{"version":1}"#);
+}
+
+#[test]
+fn watch_swaps_in_a_file_renamed_over_and_ignores_a_broken_one() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let (host, _sock) = versioned_host(dir.path(), &bootstrap, &["--watch"]);
+    assert_eq!(version(&bootstrap), r#"{"version":1}"#);
+    let file = dir.path().join("versioned.wasm");
+
+    // Renamed over, as a package manager or an update agent does.
+    let staged = dir.path().join("versioned.wasm.new");
+    std::fs::copy(test_plugin("version-2"), &staged).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    host.wait_for("swapped versioned", SOON);
+    assert_eq!(version(&bootstrap), r#"{"version":2}"#);
+
+    // Broken in place: refused, version 2 keeps serving.
+    std::fs::write(&file, "garbage").unwrap();
+    host.wait_for("refused, the current version keeps serving", SOON);
+    assert_eq!(version(&bootstrap), r#"{"version":2}"#);
+
+    // Fixed in place: swapped again.
+    let started = Instant::now();
+    std::fs::copy(test_plugin("version-1"), &file).unwrap();
+    while version(&bootstrap) != r#"{"version":1}"# {
+        assert!(started.elapsed() < SOON, "{}", host.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_control_socket_is_owner_only_and_tools_say_when_no_host_listens() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut host, sock) = versioned_host(dir.path(), &bootstrap, &[]);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(host.terminate(SOON), Some(0));
+    assert!(!sock.exists(), "the socket is removed on a clean stop");
+    let r = control(&["status"], &sock);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("no host answers on the control socket"),
+        "{}",
+        r.stderr
+    );
+}
