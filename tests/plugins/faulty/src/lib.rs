@@ -7,7 +7,7 @@
 wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
 
 use exports::grenache::plugin::service::{Guest, PluginManifest};
-use grenache::plugin::host::{log, request};
+use grenache::plugin::host::{log, request, request_peer};
 use grenache::plugin::types::{Level, RequestError};
 
 const SERVICES: &[&str] = &[
@@ -21,6 +21,8 @@ const SERVICES: &[&str] = &[
     "not_json",
     "network",
     "log",
+    "request_loop",
+    "slow_host_call",
 ];
 
 struct Faulty;
@@ -60,6 +62,17 @@ impl Guest for Faulty {
                 Err(RequestError::Transport(m)) => Err(format!("transport: {m}")),
                 Err(other) => Err(format!("{other:?}")),
             },
+            "request_loop" => loop {
+                // Hammers the host with outgoing calls until stopped.
+                let _ = request("nobody_serves_this", "{}", 10);
+            },
+            "slow_host_call" => {
+                // A host call that would outlast the request's time limit: a
+                // peer that never answers, asked with a one-minute timeout.
+                let _ = request_peer("127.0.0.1:9", "anything", "{}", 60_000);
+                // The time limit expired inside the host call: stopped here.
+                Ok("\"the host call returned and the plugin went on\"".to_string())
+            }
             "log" => {
                 log(Level::Info, &format!("logged {payload}"));
                 println!("stdout {payload}");
