@@ -99,6 +99,10 @@ pub enum Command {
         /// /tmp/grenache-host-<uid>.sock.
         #[arg(long, value_name = "PATH")]
         control: Option<String>,
+        /// Per-plugin policy (TOML): limits, max_concurrent, may_call,
+        /// may_be_punched_for. See the README; flags below override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -243,24 +247,48 @@ pub struct ClientArgs {
 /// Per-request sandbox limits.
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
-    /// Memory one request may use, e.g. 64MiB, 512KiB, 1GiB.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
-    pub memory_limit: u64,
-    /// Wall time one request may take, host calls included, e.g. 5s, 250ms.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-    pub time_limit: Duration,
-    /// Largest reply a plugin may return, e.g. 1MiB.
-    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
-    pub max_reply: u64,
+    /// Memory one request may use, e.g. 64MiB, 512KiB, 1GiB [default: 64MiB,
+    /// or the policy's]. Overrides the policy file for every plugin.
+    #[arg(long, value_name = "SIZE", value_parser = checked(parse_size))]
+    pub memory_limit: Option<String>,
+    /// Wall time one request may take, host calls included, e.g. 5s, 250ms
+    /// [default: 5s, or the policy's]. Overrides the policy file.
+    #[arg(long, value_name = "DURATION", value_parser = checked(parse_duration))]
+    pub time_limit: Option<String>,
+    /// Largest reply a plugin may return, e.g. 1MiB [default: 1MiB, or the
+    /// policy's]. Overrides the policy file.
+    #[arg(long, value_name = "SIZE", value_parser = checked(parse_size))]
+    pub max_reply: Option<String>,
+}
+
+/// A value parser that checks the text with `parse` but keeps it as given,
+/// so the policy file and the command line go through one code path.
+fn checked<T>(
+    parse: fn(&str) -> Result<T, String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |text| parse(text).map(|_| text.to_string())
 }
 
 impl LimitArgs {
-    pub(crate) fn limits(&self) -> Limits {
-        Limits {
-            memory_bytes: self.memory_limit,
-            time: self.time_limit,
-            max_reply_bytes: usize::try_from(self.max_reply).unwrap_or(usize::MAX),
+    /// The limits as policy overrides.
+    pub(crate) fn overrides(&self) -> crate::policy::PolicyEntry {
+        crate::policy::PolicyEntry {
+            memory_limit: self.memory_limit.clone(),
+            time_limit: self.time_limit.clone(),
+            max_reply: self.max_reply.clone(),
+            ..Default::default()
         }
+    }
+
+    /// The limits with no policy file: the defaults and these flags.
+    pub(crate) fn limits(&self) -> Limits {
+        crate::policy::Policies {
+            file: Default::default(),
+            overrides: self.overrides(),
+        }
+        .for_plugin("")
+        .expect("flags were checked by the parser")
+        .limits
     }
 }
 
@@ -380,21 +408,34 @@ async fn run(cli: Cli) -> ExitCode {
             trusted_key,
             watch,
             control,
+            config,
             limits,
         } => {
+            let file = match config {
+                Some(path) => match crate::policy::PolicyFile::load(&path) {
+                    Ok(file) => file,
+                    Err(e) => return usage_error(e),
+                },
+                None => Default::default(),
+            };
+            let policies = crate::policy::Policies {
+                file,
+                overrides: limits.overrides(),
+            };
             let config = crate::node::NodeConfig {
                 plugins,
                 listen,
                 bootstrap: dht.bootstrap,
                 behind_nat,
                 max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
+                policies: std::sync::Arc::new(policies),
             };
             let options = crate::commands::RunOptions {
                 trusted_keys: trusted_key,
                 watch,
                 control,
             };
-            crate::commands::run(config, limits.limits(), options).await
+            crate::commands::run(config, options).await
         }
         Command::Swap {
             target,

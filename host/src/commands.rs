@@ -59,7 +59,7 @@ pub struct RunOptions {
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// `grenache-host run`.
-pub async fn run(config: NodeConfig, limits: Limits, options: RunOptions) -> ExitCode {
+pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     let RunOptions {
         trusted_keys,
         watch,
@@ -70,6 +70,14 @@ pub async fn run(config: NodeConfig, limits: Limits, options: RunOptions) -> Exi
             "no --bootstrap given: this host's DHT node is alone and only it can find its services; \
              start a node with `grenache-host dht` and pass --bootstrap <ip:port>"
         );
+    }
+    // The engine's memory pool must fit the largest limit any plugin gets.
+    let mut limits = Limits::default();
+    for path in &config.plugins {
+        match config.policies.for_plugin(&crate::swap::plugin_name(path)) {
+            Ok(policy) => limits.memory_bytes = limits.memory_bytes.max(policy.limits.memory_bytes),
+            Err(e) => return usage_error(e),
+        }
     }
     let runtime = match Runtime::new(limits) {
         Ok(r) => r.require_signatures(trusted_keys),

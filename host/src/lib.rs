@@ -23,6 +23,7 @@ pub mod control;
 pub mod discovery;
 pub mod node;
 pub mod plugin;
+pub mod policy;
 pub mod punch;
 pub mod rpc;
 pub mod signing;

@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<String>,
     pub behind_nat: bool,
     pub max_message: usize,
+    /// Per-plugin policy (`--config` and command-line overrides).
+    pub policies: Arc<crate::policy::Policies>,
 }
 
 /// The client side shared by `run`, `call` and `bench`: the socket, the DHT
@@ -114,7 +116,9 @@ impl Node {
             client,
         } = ClientParts::start(config.listen, &config.bootstrap, config.max_message).await?;
         let network: Arc<dyn PluginNetwork> = Arc::new(NodeNetwork { client });
-        let plugins = Arc::new(PluginSet::load(runtime, network, &config.plugins).await?);
+        let plugins = Arc::new(
+            PluginSet::load(runtime, network, config.policies.clone(), &config.plugins).await?,
+        );
         let stats = Arc::new(ServerStats::default());
         tokio::spawn(server::serve(
             endpoint.clone(),
@@ -133,6 +137,7 @@ impl Node {
         let targets: Vec<String> = plugins
             .current()
             .iter()
+            .filter(|p| p.policy().may_be_punched_for)
             .flat_map(|p| p.punch_targets().iter().cloned())
             .collect();
         let punch = PunchState::new(
@@ -241,7 +246,11 @@ async fn punch_loop(
                 }
                 PunchAction::NotifyPlugins(peer) => {
                     tracing::debug!(%peer, "punched by");
-                    for plugin in plugins.current() {
+                    let told = plugins
+                        .current()
+                        .into_iter()
+                        .filter(|p| p.policy().may_be_punched_for);
+                    for plugin in told {
                         tokio::spawn(async move {
                             if let Err(e) = plugin.on_punch(&peer.to_string()).await {
                                 tracing::warn!("on-punch failed: {e}");

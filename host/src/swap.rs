@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::plugin::{LoadedPlugin, PluginNetwork, Runtime};
+use crate::policy::Policies;
 
 /// One plugin file's versions.
 struct Slot {
@@ -30,10 +31,7 @@ struct Slot {
 impl Slot {
     /// The plugin's name: the first version's file name without `.wasm`.
     fn name(&self) -> String {
-        self.path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
+        plugin_name(&self.path)
     }
 }
 
@@ -76,6 +74,7 @@ fn short(hash: &str) -> &str {
 /// The plugins of a host.
 pub struct PluginSet {
     runtime: Runtime,
+    policies: Arc<Policies>,
     network: Arc<dyn PluginNetwork>,
     slots: Mutex<Vec<Slot>>,
     routes: RwLock<Arc<Routes>>,
@@ -109,11 +108,15 @@ impl PluginSet {
     pub async fn load(
         runtime: Runtime,
         network: Arc<dyn PluginNetwork>,
+        policies: Arc<Policies>,
         paths: &[PathBuf],
     ) -> anyhow::Result<Self> {
         let mut slots = Vec::new();
         for path in paths {
-            let plugin = runtime.load(path, network.clone()).await?;
+            let policy = policies
+                .for_plugin(&plugin_name(path))
+                .map_err(anyhow::Error::msg)?;
+            let plugin = runtime.load_with(path, network.clone(), policy).await?;
             tracing::info!(
                 "loaded {} from {} ({}): serves {:?}, punches {:?}",
                 plugin.name(),
@@ -134,6 +137,7 @@ impl PluginSet {
         let (services, _) = tokio::sync::watch::channel(routes_services(&routes));
         Ok(PluginSet {
             runtime,
+            policies,
             network,
             slots: Mutex::new(slots),
             routes: RwLock::new(Arc::new(routes)),
@@ -211,11 +215,16 @@ impl PluginSet {
     /// Replaces the plugin `target` (a plugin or service name) with `file`.
     /// Loads and checks first; on any error the old version keeps serving.
     pub async fn swap(&self, target: &str, file: &Path) -> Result<SwapReport, String> {
-        Self::find(&self.lock_slots(), target)?;
+        // The new version runs under the policy of the plugin it replaces.
+        let name = {
+            let slots = self.lock_slots();
+            slots[Self::find(&slots, target)?].name()
+        };
+        let policy = self.policies.for_plugin(&name)?;
         let started = Instant::now();
         let plugin = self
             .runtime
-            .load(file, self.network.clone())
+            .load_with(file, self.network.clone(), policy)
             .await
             .map_err(|e| e.to_string())?;
         let load_time = started.elapsed();
@@ -335,6 +344,13 @@ impl PluginSet {
             .collect();
         serde_json::json!({ "plugins": plugins })
     }
+}
+
+/// A plugin's name: its file name without `.wasm`.
+pub fn plugin_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn routes_services(routes: &Routes) -> Vec<String> {

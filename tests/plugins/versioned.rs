@@ -10,7 +10,7 @@ struct Versioned;
 
 impl Guest for Versioned {
     fn manifest() -> PluginManifest {
-        PluginManifest { serves: SERVES.iter().map(|s| s.to_string()).collect(), punch: vec![] }
+        PluginManifest { serves: SERVES.iter().map(|s| s.to_string()).collect(), punch: vec![], calls: vec![] }
     }
 
     fn handle(_service: String, _payload: String) -> Result<String, String> {

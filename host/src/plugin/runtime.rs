@@ -20,7 +20,8 @@ use wasmtime::{
 };
 
 use super::instance::{Manifest, Plugin, PluginPre, RequestState};
-use super::network::PluginNetwork;
+use super::network::{AllowedCalls, PluginNetwork};
+use crate::policy::PluginPolicy;
 use crate::signing::TrustedKey;
 
 /// Default memory one call may use: 64 MiB.
@@ -108,6 +109,11 @@ pub enum CallError {
     /// The plugin answered, but with something the host must not pass on.
     #[error("plugin {plugin} returned an invalid reply: {detail}")]
     BadReply { plugin: String, detail: String },
+    /// The plugin already runs as many requests as its policy allows.
+    #[error(
+        "plugin {plugin} is busy: {max} requests already running (its max_concurrent); retry later"
+    )]
+    Busy { plugin: String, max: usize },
 }
 
 /// The shared runtime: the engine, the linker with the host's imports, and
@@ -180,14 +186,37 @@ impl Runtime {
         self.limits
     }
 
-    /// Reads, compiles and type-checks a plugin file, then reads its
-    /// manifest. Everything that can go wrong with the file is a [`LoadError`].
+    /// [`load_with`](Self::load_with) the built-in policy around this
+    /// runtime's limits.
     pub async fn load(
         &self,
         path: &Path,
         network: Arc<dyn PluginNetwork>,
     ) -> Result<LoadedPlugin, LoadError> {
+        self.load_with(path, network, PluginPolicy::with_limits(self.limits))
+            .await
+    }
+
+    /// Reads, compiles and type-checks a plugin file, then reads its
+    /// manifest; the plugin then runs under `policy`. Everything that can go
+    /// wrong with the file is a [`LoadError`].
+    pub async fn load_with(
+        &self,
+        path: &Path,
+        network: Arc<dyn PluginNetwork>,
+        policy: PluginPolicy,
+    ) -> Result<LoadedPlugin, LoadError> {
         let path_buf = path.to_path_buf();
+        if policy.limits.memory_bytes > self.limits.memory_bytes {
+            return Err(LoadError::Unreadable {
+                path: path_buf,
+                reason: format!(
+                    "its memory limit ({} MiB) is above the engine's ({} MiB); start the host with that --memory-limit or lower the policy's",
+                    policy.limits.memory_bytes >> 20,
+                    self.limits.memory_bytes >> 20
+                ),
+            });
+        }
         let bytes = std::fs::read(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => LoadError::NotFound {
                 path: path_buf.clone(),
@@ -238,17 +267,23 @@ impl Runtime {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin".to_string())
             .into();
+        // Until the manifest says what the plugin may call, it may call nothing.
+        let no_calls: Arc<dyn PluginNetwork> =
+            Arc::new(AllowedCalls::new(&name, &[], None, network.clone()));
         let mut plugin = LoadedPlugin {
-            name,
+            name: name.clone(),
             path: path_buf.clone(),
             pre,
             runtime: self.clone(),
-            network,
+            network: no_calls,
             hash,
             manifest: Manifest {
                 serves: vec![],
                 punch: vec![],
+                calls: vec![],
             },
+            concurrency: Arc::new(tokio::sync::Semaphore::new(policy.max_concurrent)),
+            policy,
         };
         plugin.manifest = plugin
             .read_manifest()
@@ -271,6 +306,12 @@ impl Runtime {
                 ),
             });
         }
+        plugin.network = Arc::new(AllowedCalls::new(
+            &name,
+            &plugin.manifest.calls,
+            plugin.policy.may_call.as_deref(),
+            network,
+        ));
         Ok(plugin)
     }
 }
@@ -324,9 +365,17 @@ pub struct LoadedPlugin {
     manifest: Manifest,
     /// SHA-1 of the file's content, to tell versions apart.
     hash: String,
+    policy: PluginPolicy,
+    /// One permit per request allowed to run at once.
+    concurrency: Arc<tokio::sync::Semaphore>,
 }
 
 impl LoadedPlugin {
+    /// The policy it runs under.
+    pub fn policy(&self) -> &PluginPolicy {
+        &self.policy
+    }
+
     /// SHA-1 of the component's bytes, in hex.
     pub fn hash(&self) -> &str {
         &self.hash
@@ -354,7 +403,7 @@ impl LoadedPlugin {
 
     /// A fresh store with this call's limits.
     fn new_store(&self) -> Store<RequestState> {
-        let limits = self.runtime.limits;
+        let limits = self.policy.limits;
         let deadline = Instant::now() + limits.time;
         let state = RequestState::new(
             self.name.clone(),
@@ -394,12 +443,12 @@ impl LoadedPlugin {
         let error = if state.timed_out {
             CallError::TimeLimit {
                 plugin,
-                limit: self.runtime.limits.time,
+                limit: self.policy.limits.time,
             }
         } else if let Some(asked) = state.memory_refused {
             CallError::MemoryLimit {
                 plugin,
-                limit: self.runtime.limits.memory_bytes >> 20,
+                limit: self.policy.limits.memory_bytes >> 20,
                 asked: (asked as u64).div_ceil(1 << 20),
             }
         } else {
@@ -441,7 +490,7 @@ impl LoadedPlugin {
         &self,
         call: impl std::future::Future<Output = wasmtime::Result<T>>,
     ) -> wasmtime::Result<T> {
-        let cap = self.runtime.limits.time + Duration::from_secs(1);
+        let cap = self.policy.limits.time + Duration::from_secs(1);
         match tokio::time::timeout(cap, call).await {
             Ok(result) => result,
             Err(_) => Err(wasmtime::format_err!("stopped after {cap:?}")),
@@ -471,6 +520,13 @@ impl LoadedPlugin {
     /// Calls the plugin's `handle(service, payload)` in a fresh instance.
     /// On success the reply is JSON text no larger than the reply limit.
     pub async fn handle(&self, service: &str, payload: &str) -> Result<String, CallError> {
+        let _permit = self
+            .concurrency
+            .try_acquire()
+            .map_err(|_| CallError::Busy {
+                plugin: self.name.to_string(),
+                max: self.policy.max_concurrent,
+            })?;
         let mut store = self.new_store();
         let result = self
             .bounded(async {
@@ -504,7 +560,7 @@ impl LoadedPlugin {
             tracing::debug!("{e}");
             e
         };
-        let limit = self.runtime.limits.max_reply_bytes;
+        let limit = self.policy.limits.max_reply_bytes;
         if reply.len() > limit {
             return Err(bad(format!(
                 "{} bytes, more than the {limit}-byte limit",

@@ -28,6 +28,7 @@ impl Guest for Consumer {
         PluginManifest {
             serves: vec![SERVICE.to_string()],
             punch: vec![],
+            calls: vec![WORKER.to_string()],
         }
     }
 

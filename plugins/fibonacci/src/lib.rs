@@ -22,6 +22,7 @@ mod bindings {
             PluginManifest {
                 serves: vec![super::SERVICE.to_string()],
                 punch: vec!["fibonacci_consumer".to_string()],
+                calls: vec![],
             }
         }
 

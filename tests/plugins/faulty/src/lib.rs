@@ -23,6 +23,7 @@ const SERVICES: &[&str] = &[
     "log",
     "request_loop",
     "slow_host_call",
+    "sandbox_probe",
 ];
 
 struct Faulty;
@@ -32,6 +33,7 @@ impl Guest for Faulty {
         PluginManifest {
             serves: SERVICES.iter().map(|s| s.to_string()).collect(),
             punch: vec![],
+            calls: vec!["*".to_string()],
         }
     }
 
@@ -72,6 +74,22 @@ impl Guest for Faulty {
                 let _ = request_peer("127.0.0.1:9", "anything", "{}", 60_000);
                 // The time limit expired inside the host call: stopped here.
                 Ok("\"the host call returned and the plugin went on\"".to_string())
+            }
+            "sandbox_probe" => {
+                // What of the outside world the plugin can reach.
+                let files = std::fs::read_dir("/")
+                    .map(|_| "readable".to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                let env = std::env::vars().count();
+                let tcp = std::net::TcpStream::connect("127.0.0.1:9")
+                    .map(|_| "connected".to_string())
+                    .unwrap_or_else(|e| format!("{:?}", e.kind()));
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+                    .map(|_| "bound".to_string())
+                    .unwrap_or_else(|e| format!("{:?}", e.kind()));
+                Ok(format!(
+                    "{{\"files\":{files:?},\"env\":{env},\"tcp\":{tcp:?},\"udp\":{udp:?}}}"
+                ))
             }
             "log" => {
                 log(Level::Info, &format!("logged {payload}"));

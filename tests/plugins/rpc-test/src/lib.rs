@@ -15,6 +15,7 @@ impl Guest for RpcTest {
         PluginManifest {
             serves: vec!["rpc_test".into()],
             punch: vec![],
+            calls: vec![],
         }
     }
 

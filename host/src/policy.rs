@@ -1,0 +1,230 @@
+//! Operator policy per plugin, from a TOML file (`run --config`) with
+//! command-line overrides.
+//!
+//! ```toml
+//! [defaults]                  # every plugin, unless overridden below
+//! memory_limit = "64MiB"      # per request
+//! time_limit = "5s"           # per request, host calls included
+//! max_reply = "1MiB"
+//! max_concurrent = 64         # requests running at once in this plugin
+//! may_call = ["*"]            # narrows the manifest's `calls`; "*" = what it declared
+//! may_be_punched_for = true   # punch its targets, tell it about punches
+//!
+//! [plugin.consumer]           # by plugin name (file name without .wasm)
+//! may_call = ["fibonacci_worker"]
+//! ```
+//!
+//! Precedence: built-in defaults, then `[defaults]`, then `[plugin.NAME]`,
+//! then command-line flags (which apply to every plugin). The built-in
+//! defaults are the safe ones: the limits above, and calls only to what the
+//! plugin's manifest declares.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::cli::{parse_duration, parse_size};
+use crate::plugin::Limits;
+
+/// Default number of requests one plugin may run at once.
+pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+/// What one plugin may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginPolicy {
+    pub limits: Limits,
+    /// Requests running at once; more are refused as busy.
+    pub max_concurrent: usize,
+    /// Narrows the manifest's `calls`; `None` leaves them as declared.
+    pub may_call: Option<Vec<String>>,
+    /// Whether the host punches this plugin's targets and calls its `on-punch`.
+    pub may_be_punched_for: bool,
+}
+
+impl PluginPolicy {
+    /// The built-in policy around the given limits.
+    pub fn with_limits(limits: Limits) -> Self {
+        PluginPolicy {
+            limits,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            may_call: None,
+            may_be_punched_for: true,
+        }
+    }
+}
+
+/// One table of the file; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyEntry {
+    pub memory_limit: Option<String>,
+    pub time_limit: Option<String>,
+    pub max_reply: Option<String>,
+    pub max_concurrent: Option<usize>,
+    pub may_call: Option<Vec<String>>,
+    pub may_be_punched_for: Option<bool>,
+}
+
+/// The policy file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub defaults: PolicyEntry,
+    #[serde(default)]
+    pub plugin: HashMap<String, PolicyEntry>,
+}
+
+impl PolicyFile {
+    /// Reads and checks a policy file; every error names the file and the field.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the policy {}: {e}", path.display()))?;
+        let file: PolicyFile = toml::from_str(&text)
+            .map_err(|e| format!("the policy {} is not valid: {e}", path.display()))?;
+        // Check every entry now, not at the first swap that needs it.
+        for (name, entry) in std::iter::once(("defaults", &file.defaults))
+            .chain(file.plugin.iter().map(|(k, v)| (k.as_str(), v)))
+        {
+            PluginPolicy::with_limits(Limits::default())
+                .apply(entry)
+                .map_err(|e| format!("the policy {} is not valid: [{name}] {e}", path.display()))?;
+        }
+        Ok(file)
+    }
+
+    /// The policy of plugin `name`, with `overrides` (from the command line) last.
+    pub fn for_plugin(&self, name: &str, overrides: &PolicyEntry) -> Result<PluginPolicy, String> {
+        let mut policy = PluginPolicy::with_limits(Limits::default()).apply(&self.defaults)?;
+        if let Some(entry) = self.plugin.get(name) {
+            policy = policy.apply(entry)?;
+        }
+        policy.apply(overrides)
+    }
+}
+
+impl PluginPolicy {
+    fn apply(mut self, entry: &PolicyEntry) -> Result<Self, String> {
+        let field = |name: &str, e: String| format!("{name}: {e}");
+        if let Some(v) = &entry.memory_limit {
+            self.limits.memory_bytes = parse_size(v).map_err(|e| field("memory_limit", e))?;
+        }
+        if let Some(v) = &entry.time_limit {
+            self.limits.time = parse_duration(v).map_err(|e| field("time_limit", e))?;
+        }
+        if let Some(v) = &entry.max_reply {
+            self.limits.max_reply_bytes =
+                usize::try_from(parse_size(v).map_err(|e| field("max_reply", e))?)
+                    .unwrap_or(usize::MAX);
+        }
+        if let Some(n) = entry.max_concurrent {
+            if n == 0 {
+                return Err("max_concurrent: must be at least 1".into());
+            }
+            self.max_concurrent = n;
+        }
+        if let Some(list) = &entry.may_call {
+            self.may_call = Some(list.clone());
+        }
+        if let Some(b) = entry.may_be_punched_for {
+            self.may_be_punched_for = b;
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn precedence_is_defaults_then_plugin_then_command_line() {
+        let file: PolicyFile = toml::from_str(
+            r#"
+            [defaults]
+            memory_limit = "32MiB"
+            max_concurrent = 8
+            [plugin.consumer]
+            may_call = ["fibonacci_worker"]
+            time_limit = "2s"
+            "#,
+        )
+        .unwrap();
+        let none = PolicyEntry::default();
+        let consumer = file.for_plugin("consumer", &none).unwrap();
+        assert_eq!(consumer.limits.memory_bytes, 32 << 20);
+        assert_eq!(consumer.limits.time, Duration::from_secs(2));
+        assert_eq!(consumer.max_concurrent, 8);
+        assert_eq!(
+            consumer.may_call,
+            Some(vec!["fibonacci_worker".to_string()])
+        );
+        let other = file.for_plugin("fibonacci", &none).unwrap();
+        assert_eq!(
+            (other.limits.time, other.may_call),
+            (Limits::default().time, None)
+        );
+        let cli = PolicyEntry {
+            memory_limit: Some("8MiB".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            file.for_plugin("consumer", &cli)
+                .unwrap()
+                .limits
+                .memory_bytes,
+            8 << 20
+        );
+    }
+
+    #[test]
+    fn the_built_in_policy_is_the_documented_safe_one() {
+        let p = PolicyFile::default()
+            .for_plugin("any", &PolicyEntry::default())
+            .unwrap();
+        assert_eq!(p, PluginPolicy::with_limits(Limits::default()));
+        assert_eq!(
+            (p.limits.memory_bytes, p.limits.time),
+            (64 << 20, Duration::from_secs(5))
+        );
+        assert_eq!(
+            (p.max_concurrent, p.may_call, p.may_be_punched_for),
+            (64, None, true)
+        );
+    }
+
+    #[test]
+    fn mistakes_in_the_file_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, "[defaults]\nmemory_limit = \"lots\"\n").unwrap();
+        let e = PolicyFile::load(&path).unwrap_err();
+        assert!(
+            e.contains("[defaults] memory_limit") && e.contains("64MiB"),
+            "{e}"
+        );
+        std::fs::write(&path, "[defaults]\nmemroy_limit = \"8MiB\"\n").unwrap();
+        let e = PolicyFile::load(&path).unwrap_err();
+        assert!(
+            e.contains("unknown field") && e.contains("memroy_limit"),
+            "{e}"
+        );
+    }
+}
+
+/// The policy file plus the command line's overrides: what `run` applies to
+/// each plugin it loads or swaps in.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    pub file: PolicyFile,
+    pub overrides: PolicyEntry,
+}
+
+impl Policies {
+    /// The policy of plugin `name`.
+    pub fn for_plugin(&self, name: &str) -> Result<PluginPolicy, String> {
+        self.file.for_plugin(name, &self.overrides)
+    }
+}
