@@ -44,7 +44,17 @@ fn echo_works(peer: &str, after: &str) {
 #[test]
 fn every_fault_costs_one_request_and_memory_returns_to_baseline() {
     let (_dht, bootstrap) = start_dht();
-    let flags = ["--time-limit", "300ms", "--memory-limit", "32MiB"];
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let sock = sock.to_str().unwrap();
+    let flags = [
+        "--time-limit",
+        "300ms",
+        "--memory-limit",
+        "32MiB",
+        "--control",
+        sock,
+    ];
     let (faulty, port) = start_host("faulty host", &[&test_plugin("faulty")], &bootstrap, &flags);
     let peer = format!("127.0.0.1:{port}");
 
@@ -81,6 +91,22 @@ fn every_fault_costs_one_request_and_memory_returns_to_baseline() {
     assert!(
         after < baseline + 8 * 1024,
         "resident memory grew from {baseline} KiB to {after} KiB over 36 faults"
+    );
+    // `status` shows every fault, and the last one's reason.
+    let r = shown(host(&["status", "--control", sock]));
+    let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let plugin = &status["plugins"][0];
+    assert_eq!(
+        plugin["faults"].as_u64(),
+        Some(7 * FAULTS.len() as u64),
+        "{plugin}"
+    );
+    assert!(
+        plugin["last_problem"]
+            .as_str()
+            .unwrap()
+            .contains("time limit"),
+        "{plugin}"
     );
     eprintln!("faulty host RSS: {baseline} KiB after warm-up, {after} KiB after 4 more rounds of {} faults", FAULTS.len());
 }

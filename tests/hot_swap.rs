@@ -134,6 +134,21 @@ fn a_file_that_does_not_load_leaves_the_old_version_serving() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("not a WebAssembly file"), "{}", r.stderr);
     host.wait_for("refused, the current version keeps serving", SOON);
+    let r = control(&["status"], &sock);
+    let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let plugin = &status["plugins"][0];
+    assert_eq!(
+        (plugin["refused_swaps"].as_u64(), plugin["swaps"].as_u64()),
+        (Some(1), Some(0)),
+        "{plugin}"
+    );
+    assert!(
+        plugin["last_problem"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly file"),
+        "{plugin}"
+    );
     // A rollback with nothing to roll back to, and an unknown target.
     let r = control(&["rollback", "versioned"], &sock);
     assert_eq!(r.code, 1);

@@ -108,6 +108,59 @@ fn only_plugins_signed_by_a_trusted_key_run() {
 }
 
 #[test]
+fn a_swap_to_an_unsigned_file_is_refused_and_the_signed_version_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = keygen(dir.path(), "ops");
+    let fib = dir.path().join("fibonacci.wasm");
+    std::fs::copy(plugin("fibonacci"), &fib).unwrap();
+    sign(&fib, &dir.path().join("ops.secret"));
+    let sock = dir.path().join("control.sock");
+    let sock = sock.to_str().unwrap();
+    let args = [
+        "run",
+        fib.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trusted-key",
+        &ops,
+        "--control",
+        sock,
+    ];
+    let worker = HostProcess::spawn("signed worker", &args);
+    let line = worker.wait_for("listening on ", SOON);
+    let peer = format!("127.0.0.1:{}", line.rsplit(' ').next().unwrap());
+
+    let unsigned = dir.path().join("unsigned.wasm");
+    std::fs::copy(plugin("fibonacci"), &unsigned).unwrap();
+    let r = shown(host(&[
+        "swap",
+        "fibonacci",
+        unsigned.to_str().unwrap(),
+        "--control",
+        sock,
+    ]));
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("not signed") && r.stderr.contains(&ops),
+        "{}",
+        r.stderr
+    );
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        r#"{"length":3}"#,
+        "--peer",
+        &peer,
+    ]));
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn keygen_protects_the_secret_and_never_overwrites_a_key() {
     let dir = tempfile::tempdir().unwrap();
     keygen(dir.path(), "k");

@@ -25,7 +25,7 @@ struct Slot {
     current: Arc<LoadedPlugin>,
     previous: Option<Arc<LoadedPlugin>>,
     swaps: u64,
-    requests: Arc<AtomicU64>,
+    stats: Arc<SlotStats>,
 }
 
 impl Slot {
@@ -35,10 +35,42 @@ impl Slot {
     }
 }
 
+/// What `status` reports about one plugin, across its versions.
+#[derive(Debug, Default)]
+pub struct SlotStats {
+    requests: AtomicU64,
+    faults: AtomicU64,
+    refused_swaps: AtomicU64,
+    /// The latest fault or refusal, with its reason.
+    last_problem: Mutex<Option<String>>,
+}
+
+impl SlotStats {
+    /// Counts a request that failed in the plugin (trap, limit, bad reply,
+    /// busy), not one its handler answered with an error.
+    pub fn record_fault(&self, reason: String) {
+        self.record(&self.faults, reason);
+    }
+
+    fn record(&self, counter: &AtomicU64, reason: String) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        *self.last_problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+}
+
+/// Where one request goes.
+pub struct Route {
+    /// The service asked for (the primary one for an `ip:port` key).
+    pub service: String,
+    /// The version that answers it; held until the request ends.
+    pub plugin: Arc<LoadedPlugin>,
+    pub stats: Arc<SlotStats>,
+}
+
 /// Which plugin version answers which service: a snapshot, replaced whole.
 #[derive(Default)]
 struct Routes {
-    by_name: HashMap<String, (Arc<LoadedPlugin>, Arc<AtomicU64>)>,
+    by_name: HashMap<String, (Arc<LoadedPlugin>, Arc<SlotStats>)>,
     /// Answers `ip:port` keys: the first plugin's first service.
     primary: Option<String>,
 }
@@ -86,7 +118,7 @@ fn build_routes(slots: &[Slot]) -> Result<Routes, String> {
     let mut routes = Routes::default();
     for slot in slots {
         for service in slot.current.serves() {
-            let entry = (slot.current.clone(), slot.requests.clone());
+            let entry = (slot.current.clone(), slot.stats.clone());
             if let Some((other, _)) = routes.by_name.insert(service.clone(), entry) {
                 return Err(format!(
                     "{} and {} both serve {service:?}; run them on different hosts",
@@ -130,7 +162,7 @@ impl PluginSet {
                 current: Arc::new(plugin),
                 previous: None,
                 swaps: 0,
-                requests: Arc::default(),
+                stats: Arc::default(),
             });
         }
         let routes = build_routes(&slots).map_err(anyhow::Error::msg)?;
@@ -154,7 +186,7 @@ impl PluginSet {
 
     /// The plugin version that answers `key` now, and the service name it is
     /// asked for; counts the request.
-    pub fn route(&self, key: &str) -> Option<(String, Arc<LoadedPlugin>)> {
+    pub fn route(&self, key: &str) -> Option<Route> {
         let routes = self.routes();
         let service = if routes.by_name.contains_key(key) {
             key.to_string()
@@ -163,9 +195,13 @@ impl PluginSet {
         } else {
             return None;
         };
-        let (plugin, requests) = routes.by_name.get(&service)?;
-        requests.fetch_add(1, Ordering::Relaxed);
-        Some((service, plugin.clone()))
+        let (plugin, stats) = routes.by_name.get(&service)?;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        Some(Route {
+            service,
+            plugin: plugin.clone(),
+            stats: stats.clone(),
+        })
     }
 
     /// The services served now, sorted.
@@ -290,6 +326,15 @@ impl PluginSet {
             .await
             .map(|r| format!("swapped {r}"));
         log_outcome("swap", target, &result);
+        if let Err(e) = &result {
+            let slots = self.lock_slots();
+            if let Ok(i) = Self::find(&slots, target) {
+                slots[i].stats.record(
+                    &slots[i].stats.refused_swaps,
+                    format!("swap to {} refused: {e}", file.display()),
+                );
+            }
+        }
         result
     }
 
@@ -337,7 +382,10 @@ impl PluginSet {
                     "services": s.current.serves(),
                     "hash": s.current.hash(),
                     "previous_hash": s.previous.as_ref().map(|p| p.hash().to_string()),
-                    "requests": s.requests.load(Ordering::Relaxed),
+                                        "requests": s.stats.requests.load(Ordering::Relaxed),
+                    "faults": s.stats.faults.load(Ordering::Relaxed),
+                    "refused_swaps": s.stats.refused_swaps.load(Ordering::Relaxed),
+                    "last_problem": s.stats.last_problem.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                     "swaps": s.swaps,
                 })
             })

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::codec::{self, DecodeError, MessageDecoder, Request};
-use crate::swap::PluginSet;
+use crate::swap::{PluginSet, Route};
 use crate::transport::Endpoint;
 
 /// Server counters.
@@ -113,7 +113,12 @@ async fn answer(
     peer: SocketAddr,
     stats: &ServerStats,
 ) -> Vec<u8> {
-    let Some((service, plugin)) = services.route(&request.key) else {
+    let Some(Route {
+        service,
+        plugin,
+        stats: plugin_stats,
+    }) = services.route(&request.key)
+    else {
         stats.errors.fetch_add(1, Ordering::Relaxed);
         let message = format!(
             "ERR_SERVICE_NOT_FOUND: no service {:?} on this host (it serves: {})",
@@ -128,6 +133,7 @@ async fn answer(
         Err(e) => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             if !matches!(e, crate::plugin::CallError::Handler(_)) {
+                plugin_stats.record_fault(e.to_string());
                 tracing::warn!(%peer, %service, "request failed: {e}");
             }
             codec::encode_err(&request.rid, &e.to_string())
