@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{host, plugin, shown, HostProcess, SOON};
+use common::{host, plugin, shown, spawn_listening, HostProcess};
 
 /// Runs `keygen --out <dir>/<name>`; returns the public key's hex.
 fn keygen(dir: &Path, name: &str) -> String {
@@ -49,6 +49,21 @@ fn refused(plugin: &Path, key: &Path) -> String {
     line
 }
 
+/// `run <plugin> --trusted-key <key> <extra>` on loopback; returns it and its address.
+fn signed_worker(plugin: &Path, key: &str, extra: &[&str]) -> (HostProcess, String) {
+    let mut args = vec![
+        "run",
+        plugin.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trusted-key",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    let (worker, port) = spawn_listening("signed worker", &args);
+    (worker, format!("127.0.0.1:{port}"))
+}
+
 #[test]
 fn only_plugins_signed_by_a_trusted_key_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,19 +87,7 @@ fn only_plugins_signed_by_a_trusted_key_run() {
 
     // Signed by the trusted key: it serves.
     sign(&fib, &ops_secret);
-    let worker = HostProcess::spawn(
-        "signed worker",
-        &[
-            "run",
-            fib.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--trusted-key",
-            &ops,
-        ],
-    );
-    let line = worker.wait_for("listening on ", SOON);
-    let peer = format!("127.0.0.1:{}", line.rsplit(' ').next().unwrap());
+    let (_worker, peer) = signed_worker(&fib, &ops, &[]);
     let r = shown(host(&[
         "call",
         "fibonacci_worker",
@@ -116,19 +119,7 @@ fn a_swap_to_an_unsigned_file_is_refused_and_the_signed_version_keeps_serving() 
     sign(&fib, &dir.path().join("ops.secret"));
     let sock = dir.path().join("control.sock");
     let sock = sock.to_str().unwrap();
-    let args = [
-        "run",
-        fib.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--trusted-key",
-        &ops,
-        "--control",
-        sock,
-    ];
-    let worker = HostProcess::spawn("signed worker", &args);
-    let line = worker.wait_for("listening on ", SOON);
-    let peer = format!("127.0.0.1:{}", line.rsplit(' ').next().unwrap());
+    let (_worker, peer) = signed_worker(&fib, &ops, &["--control", sock]);
 
     let unsigned = dir.path().join("unsigned.wasm");
     std::fs::copy(plugin("fibonacci"), &unsigned).unwrap();

@@ -226,6 +226,15 @@ pub fn start_dht() -> (HostProcess, String) {
     (dht, addr)
 }
 
+/// Starts `grenache-host <args>` (a `run`) and waits until it prints
+/// `listening on <port>`; returns it and the port.
+pub fn spawn_listening(name: &str, args: &[&str]) -> (HostProcess, u16) {
+    let host = HostProcess::spawn(name, args);
+    let line = host.wait_for("listening on ", SOON);
+    let port = line.rsplit(' ').next().unwrap().parse().unwrap();
+    (host, port)
+}
+
 /// Starts `run` with `plugins` on loopback, joined through `bootstrap`;
 /// returns it and its RPC port once it has announced its services.
 pub fn start_host(
@@ -239,9 +248,7 @@ pub fn start_host(
     args.extend(["--listen", "127.0.0.1:0", "--bootstrap", bootstrap].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let host = HostProcess::spawn(name, &args);
-    let line = host.wait_for("listening on ", SOON);
-    let port = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let (host, port) = spawn_listening(name, &args);
     host.wait_for("announced", SOON);
     (host, port)
 }
