@@ -96,7 +96,7 @@ pub enum Command {
         watch: bool,
         /// Control socket for `swap`, `rollback` and `status` (owner-only);
         /// `off` for none. Default: $XDG_RUNTIME_DIR/grenache-host.sock or
-        /// /tmp/grenache-host-<uid>.sock.
+        /// /tmp/grenache-host-UID.sock.
         #[arg(long, value_name = "PATH")]
         control: Option<String>,
         /// Per-plugin policy (TOML): limits, max_concurrent, may_call,
@@ -132,7 +132,7 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Create a key pair for signing plugins: <OUT>.secret (owner-only) and <OUT>.pub.
+    /// Create a key pair for signing plugins: PREFIX.secret (owner-only) and PREFIX.pub.
     ///
     /// Example: grenache-host keygen --out ops
     Keygen {
@@ -140,7 +140,7 @@ pub enum Command {
         #[arg(long, default_value = "grenache-plugin-key", value_name = "PREFIX")]
         out: PathBuf,
     },
-    /// Sign a plugin: writes the detached signature <plugin>.sig next to it,
+    /// Sign a plugin: writes the detached signature PLUGIN.sig next to it,
     /// which `run --trusted-key` checks at load.
     ///
     /// Example: grenache-host sign plugins/fibonacci.wasm --key ops.secret

@@ -11,9 +11,14 @@
 //! - [`transport`]: the host's one UDP socket, shared by uTP and punches.
 //! - [`punch`]: hole punching as a sans-IO state machine.
 //! - [`discovery`]: the embedded DHT node; service key = SHA-1 of its name.
+//! - [`swap`]: the plugins a host runs, in slots that can be swapped and
+//!   rolled back while requests flow; `--watch` and per-plugin status.
+//! - [`policy`]: the operator's per-plugin policy (TOML plus flags).
+//! - [`signing`]: Ed25519 signatures on plugin files, checked at load.
+//! - [`control`]: the local control socket behind `swap`, `rollback`, `status`.
 //! - [`node`]: wires the parts together for `run`.
-//! - [`cli`]: the `grenache-host` command line: argument parsing, logging
-//!   set-up and each subcommand.
+//! - [`cli`] and [`commands`]: the `grenache-host` command line: argument
+//!   parsing, logging set-up and each subcommand.
 //!
 //! The contract between host and plugins is the WIT package in `wit/`.
 

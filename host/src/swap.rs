@@ -1,8 +1,8 @@
 //! The plugins a host runs, and replacing them while requests flow.
 //!
-//! Each plugin file has a [`Slot`]: the version serving now and the one
+//! Each plugin file has a slot: the version serving now and the one
 //! before it (for rollback). Requests are routed through an immutable
-//! [`Routes`] snapshot; a request takes its own `Arc` of the plugin version it
+//! routing snapshot; a request takes its own `Arc` of the plugin version it
 //! was routed to, so a swap never touches a running request: it finishes on
 //! the old version while new requests see the new one. A swap loads and
 //! type-checks the new file off the request path first; a file that fails
