@@ -15,7 +15,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::codec::{self, DecodeError, MessageDecoder, Request};
 use crate::swap::{PluginSet, Route};
-use crate::transport::Endpoint;
+use crate::transport::{Endpoint, PEER_SILENCE_LIMIT};
+
+/// While a request takes longer than this, the server sends one space on
+/// the connection per interval. librqbit-utp closes a connection whose peer
+/// has been silent for [`PEER_SILENCE_LIMIT`] after it sent us data, which a
+/// caller waiting for a slow answer is; the space gets acknowledged, and that
+/// ends the count.
+const HEARTBEAT: std::time::Duration =
+    PEER_SILENCE_LIMIT.saturating_sub(std::time::Duration::from_secs(1));
 
 /// Server counters.
 #[derive(Debug, Default)]
@@ -78,7 +86,19 @@ async fn serve_connection(
             stats.requests.fetch_add(1, Ordering::Relaxed);
             let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
             tokio::spawn(async move {
-                let reply = answer(&services, &request, peer, &stats).await;
+                let answering = answer(&services, &request, peer, &stats);
+                tokio::pin!(answering);
+                let reply = loop {
+                    tokio::select! {
+                        reply = &mut answering => break reply,
+                        _ = tokio::time::sleep(HEARTBEAT) => {
+                            // Whitespace between messages is ignored by every
+                            // Grenache reader; once the caller acknowledges it,
+                            // uTP stops counting the caller's silence.
+                            let _ = writer.lock().await.write_all(b" ").await;
+                        }
+                    }
+                };
                 if let Err(e) = writer.lock().await.write_all(&reply).await {
                     tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
                 }
