@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::introduction::IntroducerAddr;
 use crate::plugin::{self, Limits, NoNetwork, Runtime};
 
 /// Exit code for "the service answered with an error".
@@ -79,9 +80,15 @@ pub enum Command {
         #[command(flatten)]
         dht: BootstrapArgs,
         /// This host is behind a NAT: every second, look up each service the
-        /// plugins want punched and punch every peer found, so they can reach us.
+        /// plugins want punched and punch every peer found, so they can reach
+        /// us; and register with the introducer so that callers behind other
+        /// NATs are introduced to us.
         #[arg(long)]
         behind_nat: bool,
+        /// Interval of keepalive punches on paths opened through NATs, so the
+        /// routers keep them while they are in use, e.g. 15s, 5s.
+        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = checked(parse_duration))]
+        keepalive: String,
         /// Largest RPC message (and so payload) accepted or sent.
         #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
         max_payload: u64,
@@ -151,9 +158,11 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
     },
-    /// Run a DHT node that hosts bootstrap from (server mode).
+    /// Run a DHT node that hosts bootstrap from (server mode), with an
+    /// introducer beside it for hosts behind NATs.
     ///
-    /// Prints `dht listening on <ip:port>` and runs until Ctrl-C.
+    /// Prints `dht listening on <ip:port>` and runs until Ctrl-C. The
+    /// introducer uses the next two UDP ports (e.g. 20002 and 20003).
     ///
     /// Example: grenache-host dht --listen 127.0.0.1:20001
     Dht {
@@ -163,6 +172,10 @@ pub enum Command {
         /// Other DHT nodes to join (repeatable). Without it, this node starts a new DHT.
         #[arg(long, value_name = "IP:PORT")]
         bootstrap: Vec<String>,
+        /// The introducer's main port (it uses the next one too), or `off`.
+        /// Default: the DHT port + 1.
+        #[arg(long, value_name = "PORT|off")]
+        introducer_port: Option<String>,
     },
     /// Call a service once through the DHT (or at --peer) and print its reply.
     ///
@@ -231,6 +244,44 @@ pub struct BootstrapArgs {
     /// (repeatable). The public BitTorrent network is never contacted.
     #[arg(long, value_name = "IP:PORT")]
     pub bootstrap: Vec<String>,
+    /// The introducer that puts this host in touch with peers behind NATs
+    /// (its main port; the probe uses the next one too), or `off`. Default:
+    /// beside the first --bootstrap node (its port + 1), where `grenache-host
+    /// dht` runs one.
+    #[arg(long, value_name = "IP:PORT|off")]
+    pub introducer: Option<String>,
+}
+
+impl BootstrapArgs {
+    /// Where the introducer is, if anywhere.
+    pub fn introducer(&self) -> Result<Option<IntroducerAddr>, String> {
+        match self.introducer.as_deref() {
+            Some("off") => Ok(None),
+            Some(addr) => {
+                let main: SocketAddr = addr.parse().map_err(|_| {
+                    format!("--introducer {addr:?} is not an IP:PORT address (or `off`)")
+                })?;
+                let alt = main.port().checked_add(1).ok_or_else(|| {
+                    format!("--introducer {addr}: the probe needs the next port too")
+                })?;
+                Ok(Some(IntroducerAddr {
+                    main,
+                    alt: SocketAddr::new(main.ip(), alt),
+                }))
+            }
+            None => {
+                use std::net::ToSocketAddrs;
+                let Some(first) = self.bootstrap.first() else {
+                    return Ok(None);
+                };
+                let dht = first
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.find(SocketAddr::is_ipv4));
+                Ok(dht.and_then(IntroducerAddr::beside_dht))
+            }
+        }
+    }
 }
 
 /// Options of the one-shot clients.
@@ -404,6 +455,7 @@ async fn run(cli: Cli) -> ExitCode {
             listen,
             dht,
             behind_nat,
+            keepalive,
             max_payload,
             trusted_key,
             watch,
@@ -422,11 +474,21 @@ async fn run(cli: Cli) -> ExitCode {
                 file,
                 overrides: limits.overrides(),
             };
+            let introducer = match dht.introducer() {
+                Ok(i) => i,
+                Err(e) => return usage_error(e),
+            };
+            let introductions = crate::node::IntroOptions {
+                introducer,
+                register: behind_nat,
+                keepalive: parse_duration(&keepalive).expect("checked by clap"),
+            };
             let config = crate::node::NodeConfig {
                 plugins,
                 listen,
                 bootstrap: dht.bootstrap,
                 behind_nat,
+                introductions,
                 max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
                 policies: std::sync::Arc::new(policies),
             };
@@ -457,13 +519,32 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Keygen { out } => crate::commands::keygen(&out),
         Command::Sign { plugin, key } => crate::commands::sign(&plugin, &key),
-        Command::Dht { listen, bootstrap } => crate::commands::dht(listen, bootstrap).await,
+        Command::Dht {
+            listen,
+            bootstrap,
+            introducer_port,
+        } => {
+            let introducer_port = match introducer_port.as_deref() {
+                Some("off") => None,
+                Some(port) => match port.parse::<u16>() {
+                    Ok(p) if p > 0 => Some(p),
+                    _ => {
+                        return usage_error(format!(
+                            "--introducer-port {port:?} is not a port number (1-65534) or `off`"
+                        ))
+                    }
+                },
+                // Beside the DHT node's port, once it is bound.
+                None => Some(0),
+            };
+            crate::commands::dht(listen, bootstrap, introducer_port).await
+        }
         Command::Call {
             request,
             dht,
             client,
             peer,
-        } => crate::commands::call(request, dht.bootstrap, client, peer).await,
+        } => crate::commands::call(request, dht, client, peer).await,
         Command::Bench {
             request,
             dht,
@@ -477,7 +558,7 @@ async fn run(cli: Cli) -> ExitCode {
                 concurrency,
                 warmup,
             };
-            crate::commands::bench(request, dht.bootstrap, client, plan).await
+            crate::commands::bench(request, dht, client, plan).await
         }
     }
 }

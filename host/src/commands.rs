@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use crate::cli::ControlArgs;
 use crate::cli::{
     check_payload, print_compact, usage_error, ClientArgs, ServiceRequest, EXIT_SERVICE_ERROR,
 };
+use crate::cli::{BootstrapArgs, ControlArgs};
 use crate::control::ControlRequest;
 use crate::discovery::{DhtConfig, Discovery};
-use crate::node::{ClientParts, Node, NodeConfig};
+use crate::introduction::DEFAULT_KEEPALIVE;
+use crate::node::{ClientParts, IntroOptions, Node, NodeConfig};
 use crate::plugin::{Limits, OutboundError, Runtime};
 use crate::rpc::client::RpcClient;
 use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
@@ -215,8 +216,13 @@ pub fn sign(plugin: &Path, key: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `grenache-host dht`.
-pub async fn dht(listen: SocketAddrV4, bootstrap: Vec<String>) -> ExitCode {
+/// `grenache-host dht`. `introducer_port`: `None` for no introducer, 0 for
+/// the DHT port + 1.
+pub async fn dht(
+    listen: SocketAddrV4,
+    bootstrap: Vec<String>,
+    introducer_port: Option<u16>,
+) -> ExitCode {
     let config = DhtConfig {
         listen: Some(listen),
         bootstrap,
@@ -226,17 +232,41 @@ pub async fn dht(listen: SocketAddrV4, bootstrap: Vec<String>) -> ExitCode {
         Ok(d) => d,
         Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
     };
-    println!("dht listening on {}", discovery.local_addr().await);
+    let dht_addr = discovery.local_addr().await;
+    if let Some(port) = introducer_port {
+        let port = match port {
+            0 => dht_addr.port().checked_add(1).unwrap_or(0),
+            p => p,
+        };
+        match crate::introducer::IntroducerSockets::bind((*listen.ip()).into(), port).await {
+            Ok(sockets) => {
+                let addr = sockets.local_addr();
+                tokio::spawn(sockets.serve());
+                println!(
+                    "introducer listening on {addr} (probe port {})",
+                    addr.port() + 1
+                );
+            }
+            Err(e) => return usage_error(format!("{e:#}")),
+        }
+    }
+    println!("dht listening on {dht_addr}");
     shutdown_signal().await;
     tracing::info!("stopping the DHT node");
     ExitCode::SUCCESS
 }
 
-async fn client(bootstrap: &[String], args: &ClientArgs) -> Result<ClientParts, ExitCode> {
+async fn client(dht: &BootstrapArgs, args: &ClientArgs) -> Result<ClientParts, ExitCode> {
+    let bootstrap = &dht.bootstrap;
     if bootstrap.is_empty() {
         return Err(usage_error("--bootstrap <ip:port> is required: the address of a DHT node, e.g. one started with `grenache-host dht`"));
     }
-    let parts = ClientParts::start(args.listen, bootstrap, DEFAULT_MAX_MESSAGE)
+    let intro = IntroOptions {
+        introducer: dht.introducer().map_err(usage_error)?,
+        register: false,
+        keepalive: DEFAULT_KEEPALIVE,
+    };
+    let parts = ClientParts::start(args.listen, bootstrap, DEFAULT_MAX_MESSAGE, &intro)
         .await
         .map_err(|e| usage_error(format!("{e:#}")))?;
     if tokio::time::timeout(BOOTSTRAP_WAIT, parts.discovery.bootstrapped()).await != Ok(true) {
@@ -251,7 +281,7 @@ async fn client(bootstrap: &[String], args: &ClientArgs) -> Result<ClientParts, 
 /// `grenache-host call`.
 pub async fn call(
     ServiceRequest { service, payload }: ServiceRequest,
-    bootstrap: Vec<String>,
+    dht: BootstrapArgs,
     args: ClientArgs,
     peer: Option<std::net::SocketAddr>,
 ) -> ExitCode {
@@ -260,14 +290,14 @@ pub async fn call(
     }
     let timeout = Duration::from_millis(args.timeout_ms);
     let reply = if let Some(peer) = peer {
-        let (endpoint, _punches) = match Endpoint::bind(args.listen).await {
+        let (endpoint, _introductions) = match Endpoint::bind(args.listen).await {
             Ok(e) => e,
             Err(e) => return usage_error(format!("{e:#}")),
         };
         let client = RpcClient::new(endpoint, None, DEFAULT_MAX_MESSAGE);
         client.request_peer(peer, &service, &payload, timeout).await
     } else {
-        let parts = match client(&bootstrap, &args).await {
+        let parts = match client(&dht, &args).await {
             Ok(p) => p,
             Err(code) => return code,
         };
@@ -297,7 +327,7 @@ pub struct BenchPlan {
 /// `grenache-host bench`.
 pub async fn bench(
     ServiceRequest { service, payload }: ServiceRequest,
-    bootstrap: Vec<String>,
+    dht: BootstrapArgs,
     args: ClientArgs,
     plan: BenchPlan,
 ) -> ExitCode {
@@ -307,7 +337,7 @@ pub async fn bench(
     if plan.requests == 0 || plan.concurrency == 0 {
         return usage_error("--requests and --concurrency must be at least 1");
     }
-    let parts = match client(&bootstrap, &args).await {
+    let parts = match client(&dht, &args).await {
         Ok(p) => p,
         Err(code) => return code,
     };

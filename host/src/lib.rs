@@ -8,8 +8,12 @@
 //!   plugin that traps, loops or runs out of memory fails one request only.
 //! - [`rpc`]: Grenache RPC: the envelope codec, the client (one uTP
 //!   connection per peer, deadlines) and the server (routes by key to plugins).
-//! - [`transport`]: the host's one UDP socket, shared by uTP and punches.
+//! - [`transport`]: the host's one UDP socket, shared by uTP, punches and
+//!   introductions.
 //! - [`punch`]: hole punching as a sans-IO state machine.
+//! - [`introduction`]: how two hosts behind NATs get a direct path (NAT
+//!   probe, registration, introduction, simultaneous punching, keepalive),
+//!   as sans-IO state machines; [`introducer`] runs them on sockets.
 //! - [`discovery`]: the embedded DHT node; service key = SHA-1 of its name.
 //! - [`swap`]: the plugins a host runs, in slots that can be swapped and
 //!   rolled back while requests flow; `--watch` and per-plugin status.
@@ -26,6 +30,8 @@ pub mod cli;
 pub mod commands;
 pub mod control;
 pub mod discovery;
+pub mod introducer;
+pub mod introduction;
 pub mod node;
 pub mod plugin;
 pub mod policy;

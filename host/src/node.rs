@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::discovery::{DhtConfig, Discovery, REANNOUNCE_INTERVAL};
+use crate::introduction::{HostIntroductions, IntroducerAddr};
 use crate::plugin::{OutboundCall, OutboundError, PluginNetwork, Runtime};
 use crate::punch::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
 use crate::rpc::client::RpcClient;
@@ -27,28 +28,42 @@ pub struct NodeConfig {
     pub bootstrap: Vec<String>,
     pub behind_nat: bool,
     pub max_message: usize,
+    /// Introductions through the public nodes.
+    pub introductions: IntroOptions,
     /// Per-plugin policy (`--config` and command-line overrides).
     pub policies: Arc<crate::policy::Policies>,
 }
 
+/// How a host takes part in introductions (see [`crate::introduction`]).
+#[derive(Debug, Clone)]
+pub struct IntroOptions {
+    /// The introducer; `None` for none (peers are connected to as announced).
+    pub introducer: Option<IntroducerAddr>,
+    /// Register with the introducer so that callers can be introduced to
+    /// this host (`run --behind-nat`).
+    pub register: bool,
+    /// Interval of keepalive punches on introduced paths.
+    pub keepalive: Duration,
+}
+
 /// The client side shared by `run`, `call` and `bench`: the socket, the DHT
-/// node and the RPC client.
+/// node, the introductions and the RPC client.
 pub struct ClientParts {
     pub endpoint: Endpoint,
-    pub punches: tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
     pub discovery: Arc<Discovery>,
     pub client: RpcClient,
 }
 
 impl ClientParts {
-    /// Binds the socket at `listen` and starts a DHT node on the same IP that
-    /// joins through `bootstrap`.
+    /// Binds the socket at `listen`, starts a DHT node on the same IP that
+    /// joins through `bootstrap`, and starts introductions.
     pub async fn start(
         listen: SocketAddr,
         bootstrap: &[String],
         max_message: usize,
+        intro: &IntroOptions,
     ) -> anyhow::Result<Self> {
-        let (endpoint, punches) = Endpoint::bind(listen).await?;
+        let (endpoint, introductions) = Endpoint::bind(listen).await?;
         let dht_ip = match listen.ip() {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
@@ -59,10 +74,18 @@ impl ClientParts {
             server_mode: false,
         };
         let discovery = Arc::new(Discovery::start(&config)?);
-        let client = RpcClient::new(endpoint.clone(), Some(discovery.clone()), max_message);
+        let state = HostIntroductions::new(
+            Instant::now(),
+            intro.introducer,
+            endpoint.local_addr().port(),
+            intro.register,
+            intro.keepalive,
+        );
+        let handle = crate::introducer::spawn(endpoint.clone(), introductions, state);
+        let client = RpcClient::new(endpoint.clone(), Some(discovery.clone()), max_message)
+            .with_introductions(handle);
         Ok(ClientParts {
             endpoint,
-            punches,
             discovery,
             client,
         })
@@ -109,12 +132,15 @@ impl Node {
     /// Starts everything; returns once the socket is bound and the plugins
     /// are loaded (announcing and punching carry on in the background).
     pub async fn start(config: NodeConfig, runtime: Runtime) -> anyhow::Result<Node> {
+        let mut intro = config.introductions.clone();
+        intro.register = config.behind_nat;
         let ClientParts {
             endpoint,
-            punches,
             discovery,
             client,
-        } = ClientParts::start(config.listen, &config.bootstrap, config.max_message).await?;
+        } = ClientParts::start(config.listen, &config.bootstrap, config.max_message, &intro)
+            .await?;
+        let punches = endpoint.punches();
         let network: Arc<dyn PluginNetwork> = Arc::new(NodeNetwork { client });
         let plugins = Arc::new(
             PluginSet::load(runtime, network, config.policies.clone(), &config.plugins).await?,
@@ -224,7 +250,7 @@ async fn announce_loop(
 /// Drives [`PunchState`] with the real clock, the socket and the DHT.
 async fn punch_loop(
     mut state: PunchState,
-    mut punches: tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
+    mut punches: tokio::sync::broadcast::Receiver<SocketAddr>,
     endpoint: Endpoint,
     discovery: Arc<Discovery>,
     plugins: Arc<PluginSet>,
@@ -265,8 +291,11 @@ async fn punch_loop(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             punched = punches.recv() => match punched {
-                Some(from) => actions.extend(state.on_punch(Instant::now(), from)),
-                None => return,
+                Ok(from) => actions.extend(state.on_punch(Instant::now(), from)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!("{missed} punches arrived faster than they were handled");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
             _ = tokio::time::sleep_until(wake.into()) => {}
         }

@@ -1,12 +1,13 @@
 //! One UDP socket per host, carrying the uTP listener, the uTP dialers and
-//! the punches.
+//! the punches and introductions.
 //!
 //! Sharing the socket is what makes NAT traversal work: the port the host
 //! announces is the port its punches leave from, so the hole a punch opens is
 //! the one the peer's uTP connection comes back through. Every received
-//! datagram is sorted by [`classify`]: an exact punch goes to the punch
-//! channel, a datagram that can be uTP goes to `librqbit-utp`, and anything
-//! else is dropped and counted (it never reaches the uTP parser).
+//! datagram is sorted by [`classify`]: an exact punch goes to every punch
+//! subscriber, an introduction message (see [`crate::introduction`]) to the
+//! introduction channel, a datagram that can be uTP goes to `librqbit-utp`,
+//! and anything else is dropped and counted (it never reaches the uTP parser).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -20,8 +21,9 @@ use std::time::{Duration, Instant};
 use librqbit_dualstack_sockets::PollSendToVectored;
 use librqbit_utp::{SocketOpts, Transport, UtpSocket, UtpSocketUdp, UtpStream};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
+use crate::introduction::{self, Message};
 use crate::punch::PUNCH;
 
 /// Receive buffer for the shared socket; uTP throughput suffers badly with
@@ -35,12 +37,21 @@ pub const CONNECT_RETRY: Duration = Duration::from_millis(400);
 pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
 /// The uTP header is 20 bytes.
 const UTP_HEADER: usize = 20;
+/// Punches a slow subscriber may fall behind by (it then misses the oldest).
+const PUNCH_BACKLOG: usize = 256;
+/// Introduction messages waiting for the host's driver; more are dropped.
+const INTRODUCTION_BACKLOG: usize = 256;
+
+/// Introduction messages received, with their sender.
+pub type Introductions = mpsc::Receiver<(SocketAddr, Message)>;
 
 /// What one received datagram is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datagram {
     /// Exactly `C3 BF`.
     Punch,
+    /// Starts with [`introduction::MAGIC`].
+    Introduction,
     /// Long enough, version 1, a known packet type: hand it to uTP.
     Utp,
     /// Neither: drop it.
@@ -52,6 +63,9 @@ pub enum Datagram {
 pub fn classify(bytes: &[u8]) -> Datagram {
     if bytes == PUNCH {
         return Datagram::Punch;
+    }
+    if introduction::is_introduction(bytes) {
+        return Datagram::Introduction;
     }
     // First byte: packet type (0..=4) in the high nibble, version 1 in the low.
     match bytes.first() {
@@ -71,7 +85,8 @@ pub struct TransportStats {
 struct DemuxTransport {
     socket: Arc<UdpSocket>,
     local: SocketAddr,
-    punches: mpsc::UnboundedSender<SocketAddr>,
+    punches: broadcast::Sender<SocketAddr>,
+    introductions: mpsc::Sender<(SocketAddr, Message)>,
     stats: Arc<TransportStats>,
 }
 
@@ -116,6 +131,15 @@ impl Transport for DemuxTransport {
                             self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
                             let _ = self.punches.send(from);
                         }
+                        Datagram::Introduction => match introduction::decode(&buf[..n]) {
+                            Ok(message) => {
+                                let _ = self.introductions.try_send((from, message));
+                            }
+                            Err(e) => {
+                                self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(%from, "dropped a bad introduction message: {e}");
+                            }
+                        },
                         Datagram::Garbage => {
                             self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
                             tracing::trace!(%from, len = n, "dropped a datagram that is neither uTP nor a punch");
@@ -171,6 +195,9 @@ pub enum ConnectError {
     },
     #[error("uTP connect to {peer} failed: {reason}")]
     Failed { peer: SocketAddr, reason: String },
+    /// Theory rules out a direct path between the two hosts' NATs.
+    #[error("{0}")]
+    Impossible(String),
 }
 
 /// The host's socket: uTP in both directions plus punches.
@@ -180,6 +207,7 @@ pub struct Endpoint {
     local: SocketAddr,
     connect: Arc<ConnectFn>,
     accept: Arc<AcceptFn>,
+    punches: broadcast::Sender<SocketAddr>,
     pub stats: Arc<TransportStats>,
 }
 
@@ -190,11 +218,10 @@ fn default_env<T, E: Default>(_: PhantomData<UtpSocket<T, E>>) -> E {
 }
 
 impl Endpoint {
-    /// Binds the socket at `addr` (port 0 for any free port). Punches received
-    /// arrive on the returned channel as the sender's address.
-    pub async fn bind(
-        addr: SocketAddr,
-    ) -> anyhow::Result<(Endpoint, mpsc::UnboundedReceiver<SocketAddr>)> {
+    /// Binds the socket at `addr` (port 0 for any free port). Introduction
+    /// messages arrive on the returned channel; punches through
+    /// [`punches`](Self::punches).
+    pub async fn bind(addr: SocketAddr) -> anyhow::Result<(Endpoint, Introductions)> {
         let std_socket = std::net::UdpSocket::bind(addr).map_err(|e| {
             anyhow::anyhow!(
                 "cannot bind the RPC socket to {addr}: {e}; pick another --listen address or port"
@@ -206,12 +233,14 @@ impl Endpoint {
         }
         let socket = Arc::new(UdpSocket::from_std(std_socket)?);
         let local = socket.local_addr()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (introductions, introductions_rx) = mpsc::channel(INTRODUCTION_BACKLOG);
+        let (punches, _) = broadcast::channel(PUNCH_BACKLOG);
         let stats = Arc::new(TransportStats::default());
         let transport = DemuxTransport {
             socket: socket.clone(),
             local,
-            punches: tx,
+            punches: punches.clone(),
+            introductions,
             stats: stats.clone(),
         };
         let env = default_env(PhantomData::<UtpSocketUdp>);
@@ -236,9 +265,26 @@ impl Endpoint {
                 let utp = utp.clone();
                 Box::pin(async move { utp.accept().await })
             }),
+            punches,
             stats,
         };
-        Ok((endpoint, rx))
+        Ok((endpoint, introductions_rx))
+    }
+
+    /// Every punch received from now on, as the sender's address.
+    pub fn punches(&self) -> broadcast::Receiver<SocketAddr> {
+        self.punches.subscribe()
+    }
+
+    /// Sends one introduction message.
+    pub async fn send_introduction(&self, to: SocketAddr, message: &Message) {
+        if let Err(e) = self
+            .socket
+            .send_to(&introduction::encode(message), to)
+            .await
+        {
+            tracing::debug!(%to, "introduction message not sent: {e}");
+        }
     }
 
     /// The address the socket is bound to.
@@ -265,8 +311,35 @@ impl Endpoint {
         peer: SocketAddr,
         deadline: Instant,
     ) -> Result<UtpStream, ConnectError> {
+        self.connect_inner(peer, deadline, None)
+            .await
+            .map(|(stream, _)| stream)
+    }
+
+    /// Connects to a peer that is punching us (after an introduction): the
+    /// SYN is re-sent at once when its first punch arrives, rather than at
+    /// the next retry. With `follow_port` (the peer is behind a symmetric
+    /// NAT) a punch from the peer's IP but another port moves the target
+    /// there. Returns the stream and the address it connected to.
+    pub async fn connect_punched(
+        &self,
+        peer: SocketAddr,
+        deadline: Instant,
+        follow_port: bool,
+    ) -> Result<(UtpStream, SocketAddr), ConnectError> {
+        self.connect_inner(peer, deadline, Some((self.punches(), follow_port)))
+            .await
+    }
+
+    async fn connect_inner(
+        &self,
+        mut peer: SocketAddr,
+        deadline: Instant,
+        mut punches: Option<(broadcast::Receiver<SocketAddr>, bool)>,
+    ) -> Result<(UtpStream, SocketAddr), ConnectError> {
         let started = Instant::now();
         let mut attempts = 0;
+        let mut heard = false;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -278,8 +351,25 @@ impl Endpoint {
             }
             attempts += 1;
             let wait = CONNECT_RETRY.min(deadline - now);
-            match tokio::time::timeout(wait, (self.connect)(peer)).await {
-                Ok(Ok(stream)) => return Ok(stream),
+            let attempt = tokio::time::timeout(wait, (self.connect)(peer));
+            let punched = async {
+                match punches.as_mut() {
+                    Some((rx, follow_port)) => punch_from(rx, peer, *follow_port, heard).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = attempt => outcome,
+                from = punched => {
+                    // The peer's NAT is open now: send a fresh SYN at once.
+                    tracing::debug!(%peer, %from, "punched by the peer; connecting at once");
+                    heard = true;
+                    peer = from;
+                    continue;
+                }
+            };
+            match outcome {
+                Ok(Ok(stream)) => return Ok((stream, peer)),
                 Ok(Err(e)) => {
                     // Refused or reset: wait out the rest of this attempt,
                     // the peer may just be starting.
@@ -295,6 +385,24 @@ impl Endpoint {
                 }
                 Err(_) => {}
             }
+        }
+    }
+}
+
+/// Waits for a punch from `peer` (or, with `follow_port`, from any port of
+/// its IP); once `heard`, only a punch from another port counts.
+async fn punch_from(
+    rx: &mut broadcast::Receiver<SocketAddr>,
+    peer: SocketAddr,
+    follow_port: bool,
+    heard: bool,
+) -> SocketAddr {
+    loop {
+        match rx.recv().await {
+            Ok(from) if from == peer && !heard => return from,
+            Ok(from) if follow_port && from.ip() == peer.ip() && from != peer => return from,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         }
     }
 }

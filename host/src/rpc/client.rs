@@ -5,6 +5,12 @@
 //! by service name looks the service up, tries healthy peers in random order
 //! and marks peers that cannot be reached as bad, all within the request's
 //! deadline.
+//!
+//! With an introducer (see [`crate::introduction`]), every new connection
+//! starts with an introduction: a peer behind a NAT is punched open from both
+//! sides and connected to at the address its NAT really uses. If such a path
+//! goes silent (the NAT forgot it) before a request got any answer, the
+//! request is sent once more over a freshly introduced path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +24,8 @@ use tokio::sync::oneshot;
 use super::codec::{self, MessageDecoder, Reply};
 use super::pending::Pending;
 use crate::discovery::Discovery;
+use crate::introducer::IntroductionHandle;
+use crate::introduction::{IntroResult, NatKind};
 use crate::plugin::OutboundError;
 use crate::transport::{ConnectError, Endpoint};
 
@@ -38,6 +46,10 @@ struct Connection {
     pending: Mutex<Pending<Waiter>>,
     /// Wakes the connection task to re-arm its timer for a new request.
     deadline_added: tokio::sync::Notify,
+    /// The address of a path opened by an introduction.
+    introduced: Option<SocketAddr>,
+    /// When the peer last sent us anything on this connection.
+    last_heard: Mutex<Instant>,
 }
 
 impl Connection {
@@ -47,6 +59,10 @@ impl Connection {
 
     fn is_closed(&self) -> bool {
         self.lock_pending().is_closed()
+    }
+
+    fn heard_since(&self, at: Instant) -> bool {
+        *self.last_heard.lock().unwrap_or_else(|p| p.into_inner()) >= at
     }
 }
 
@@ -59,6 +75,7 @@ pub struct RpcClient {
     /// connecting so concurrent requests share one connection.
     connections: Arc<Mutex<HashMap<SocketAddr, PeerSlot>>>,
     max_message: usize,
+    introductions: Option<IntroductionHandle>,
 }
 
 impl RpcClient {
@@ -70,7 +87,14 @@ impl RpcClient {
             discovery,
             connections: Arc::default(),
             max_message,
+            introductions: None,
         }
+    }
+
+    /// Opens new connections through introductions (see the module doc).
+    pub fn with_introductions(mut self, introductions: IntroductionHandle) -> Self {
+        self.introductions = Some(introductions);
+        self
     }
 
     /// Looks `service` up and sends `payload` to one healthy peer at random,
@@ -113,7 +137,7 @@ impl RpcClient {
                     discovery.mark_bad(*peer);
                     last_error = Some(e);
                 }
-                Err(SendError::Lost(e)) => {
+                Err(SendError::Lost(e) | SendError::Silent(e)) => {
                     discovery.mark_bad(*peer);
                     return Err(e);
                 }
@@ -139,11 +163,37 @@ impl RpcClient {
         let deadline = Instant::now() + timeout;
         match self.send(peer, key, payload, deadline, deadline).await {
             Ok(reply) => reply_result(reply),
-            Err(SendError::Unreachable(e) | SendError::Lost(e)) => Err(e),
+            Err(SendError::Unreachable(e) | SendError::Lost(e) | SendError::Silent(e)) => Err(e),
         }
     }
 
+    /// Sends one request to `peer`; once more over a new introduction if
+    /// the introduced path went silent before anything came back.
     async fn send(
+        &self,
+        peer: SocketAddr,
+        key: &str,
+        payload: &str,
+        connect_by: Instant,
+        deadline: Instant,
+    ) -> Result<Reply, SendError> {
+        match self
+            .send_once(peer, key, payload, connect_by, deadline)
+            .await
+        {
+            Err(SendError::Silent(e)) if Instant::now() < deadline => {
+                tracing::info!(%peer, "the path through the NATs went silent ({e}); introducing again and resending");
+                match self.send_once(peer, key, payload, deadline, deadline).await {
+                    Err(SendError::Silent(e)) => Err(SendError::Lost(e)),
+                    other => other,
+                }
+            }
+            Err(SendError::Silent(e)) => Err(SendError::Lost(e)),
+            other => other,
+        }
+    }
+
+    async fn send_once(
         &self,
         peer: SocketAddr,
         key: &str,
@@ -154,9 +204,14 @@ impl RpcClient {
         let connection = self.connection(peer, connect_by).await.map_err(|e| {
             SendError::Unreachable(match e {
                 ConnectError::Timeout { .. } => OutboundError::Timeout(e.to_string()),
-                ConnectError::Failed { .. } => OutboundError::Transport(e.to_string()),
+                ConnectError::Failed { .. } | ConnectError::Impossible(_) => {
+                    OutboundError::Transport(e.to_string())
+                }
             })
         })?;
+        if let (Some(introductions), Some(addr)) = (&self.introductions, connection.introduced) {
+            introductions.used(addr);
+        }
         let rid = codec::new_rid();
         let message = codec::encode_request(&rid, key, payload);
         if message.len() > self.max_message {
@@ -186,6 +241,7 @@ impl RpcClient {
                 return Err(lost(&format!("failed while sending: {e}")));
             }
         }
+        let sent_at = Instant::now();
         // The connection task answers: a reply, an expiry, or a dropped
         // sender when the connection dies.
         match rx.await {
@@ -193,7 +249,50 @@ impl RpcClient {
             Ok(None) => Err(SendError::Lost(OutboundError::Timeout(format!(
                 "no reply from {peer} for {key} in time"
             )))),
+            Err(_) if connection.introduced.is_some() && !connection.heard_since(sent_at) => {
+                Err(SendError::Silent(OutboundError::Transport(format!(
+                    "connection to {peer} went silent"
+                ))))
+            }
             Err(_) => Err(lost("was lost before the reply arrived")),
+        }
+    }
+
+    /// A new uTP stream to `peer`: through an introduction when there is an
+    /// introducer, returning the introduced address too.
+    async fn open(
+        &self,
+        peer: SocketAddr,
+        connect_by: Instant,
+    ) -> Result<(librqbit_utp::UtpStream, Option<SocketAddr>), ConnectError> {
+        let introduced = match &self.introductions {
+            Some(introductions) => {
+                let started = Instant::now();
+                let result =
+                    tokio::time::timeout_at(connect_by.into(), introductions.introduce(peer))
+                        .await
+                        .unwrap_or(IntroResult::Direct);
+                (result, started)
+            }
+            None => (IntroResult::Direct, Instant::now()),
+        };
+        match introduced {
+            (IntroResult::Direct, _) => Ok((self.endpoint.connect(peer, connect_by).await?, None)),
+            (IntroResult::Impossible(reason), _) => Err(ConnectError::Impossible(reason)),
+            (IntroResult::Punched { addr, nat }, started) => {
+                let answered = started.elapsed();
+                let (stream, at) = self
+                    .endpoint
+                    .connect_punched(addr, connect_by, nat == NatKind::Symmetric)
+                    .await?;
+                tracing::info!(
+                    %peer,
+                    "direct path through the NATs to {at}: introduced in {:.1} ms, connected {:.1} ms later",
+                    answered.as_secs_f64() * 1e3,
+                    (started.elapsed() - answered).as_secs_f64() * 1e3
+                );
+                Ok((stream, Some(at)))
+            }
         }
     }
 
@@ -214,12 +313,14 @@ impl RpcClient {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let stream = self.endpoint.connect(peer, connect_by).await?;
+        let (stream, introduced) = self.open(peer, connect_by).await?;
         let (mut reader, writer) = stream.split();
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::default(),
             deadline_added: tokio::sync::Notify::new(),
+            introduced,
+            last_heard: Mutex::new(Instant::now()),
         });
         let max_message = self.max_message;
         let task_connection = connection.clone();
@@ -249,6 +350,10 @@ impl RpcClient {
                     }
                     _ = connection.deadline_added.notified() => continue,
                 };
+                *connection
+                    .last_heard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 decoder.push(&buf[..n]);
                 loop {
                     match decoder.next_message() {
@@ -279,6 +384,9 @@ enum SendError {
     Unreachable(OutboundError),
     /// The request may have reached the peer: do not resend it elsewhere.
     Lost(OutboundError),
+    /// The introduced path died and nothing came back after the request was
+    /// sent: the NATs forgot the path, so it is sent once more.
+    Silent(OutboundError),
 }
 
 fn reply_result(reply: Reply) -> Result<String, OutboundError> {

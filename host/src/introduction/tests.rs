@@ -1,0 +1,603 @@
+//! The introduction state machines against simulated NATs, in simulated time.
+//!
+//! The simulator models the four NAT types of the lab (mapping and
+//! filtering, per nat-lab.md), an introducer on a public address and two
+//! hosts, each behind its own NAT. Datagrams take [`LATENCY`] per hop and can
+//! be dropped or delayed by a test.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use super::*;
+
+const LATENCY: Duration = Duration::from_millis(10);
+const STEP: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    NoNat,
+    FullCone,
+    AddressRestricted,
+    PortRestricted,
+    Symmetric,
+}
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+/// One NAT: maps inside sockets to public ports and filters what comes in.
+struct Nat {
+    kind: Kind,
+    public: IpAddr,
+    next_port: u16,
+    /// (inside socket, destination for symmetric NATs) → public port.
+    mappings: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
+    /// Public port → inside socket.
+    inside: HashMap<u16, SocketAddr>,
+    /// (public port, destination) pairs that have been sent to.
+    sent: HashSet<(u16, SocketAddr)>,
+}
+
+impl Nat {
+    fn new(kind: Kind, public: IpAddr) -> Self {
+        Nat {
+            kind,
+            public,
+            next_port: 40_000,
+            mappings: HashMap::new(),
+            inside: HashMap::new(),
+            sent: HashSet::new(),
+        }
+    }
+
+    fn outbound(&mut self, src: SocketAddr, dst: SocketAddr) -> SocketAddr {
+        let key = (src, (self.kind == Kind::Symmetric).then_some(dst));
+        let port = match self.mappings.get(&key) {
+            Some(&p) => p,
+            None => {
+                // Cone NATs keep the port (as Linux SNAT does when it can);
+                // symmetric ones pick a new one per destination.
+                let p = if self.kind == Kind::Symmetric {
+                    self.next_port += 7;
+                    self.next_port
+                } else {
+                    src.port()
+                };
+                self.mappings.insert(key, p);
+                self.inside.insert(p, src);
+                p
+            }
+        };
+        self.sent.insert((port, dst));
+        SocketAddr::new(self.public, port)
+    }
+
+    /// Where a datagram from `from` to our public `port` goes, if anywhere.
+    fn inbound(&self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        let inside = *self.inside.get(&port)?;
+        let admitted = match self.kind {
+            Kind::NoNat | Kind::FullCone => true,
+            Kind::AddressRestricted => self
+                .sent
+                .iter()
+                .any(|(p, to)| *p == port && to.ip() == from.ip()),
+            Kind::PortRestricted | Kind::Symmetric => self.sent.contains(&(port, from)),
+        };
+        admitted.then_some(inside)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Payload {
+    Punch,
+    Message(Message),
+}
+
+struct Host {
+    state: HostIntroductions,
+    local: SocketAddr,
+    nat: Nat,
+    /// Addresses this host received punches from.
+    punched_by: Vec<(Instant, SocketAddr)>,
+    results: Vec<(Instant, u64, IntroResult)>,
+    detected: Option<NatKind>,
+}
+
+const INTRODUCER: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
+
+fn introducer_addr() -> IntroducerAddr {
+    IntroducerAddr::beside_dht(SocketAddr::new(INTRODUCER, 20001)).unwrap()
+}
+
+/// Decides whether a datagram is lost: (sender, receiver, payload) → drop?
+type LossFn = Box<dyn FnMut(SocketAddr, SocketAddr, &Payload) -> bool>;
+
+struct Sim {
+    now: Instant,
+    t0: Instant,
+    introducer: Introducer,
+    hosts: Vec<Host>,
+    /// (arrival, from (public), to (public), payload)
+    in_flight: Vec<(Instant, SocketAddr, SocketAddr, Payload)>,
+    loss: LossFn,
+    /// Extra delay for the introducer's answers.
+    introducer_delay: Duration,
+}
+
+impl Sim {
+    fn new(kinds: [Kind; 2]) -> Sim {
+        let t0 = Instant::now();
+        let hosts = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| {
+                let n = i as u8 + 1;
+                let local = SocketAddr::new(ip(10, 0, n, 2), 5000 + u16::from(n));
+                let public = if kind == Kind::NoNat {
+                    local.ip()
+                } else {
+                    ip(203, 0, 113, n + 1)
+                };
+                Host {
+                    state: HostIntroductions::new(
+                        t0,
+                        Some(introducer_addr()),
+                        local.port(),
+                        true,
+                        DEFAULT_KEEPALIVE,
+                    ),
+                    local,
+                    nat: Nat::new(kind, public),
+                    punched_by: vec![],
+                    results: vec![],
+                    detected: None,
+                }
+            })
+            .collect();
+        Sim {
+            now: t0,
+            t0,
+            introducer: Introducer::new(),
+            hosts,
+            in_flight: vec![],
+            loss: Box::new(|_, _, _| false),
+            introducer_delay: Duration::ZERO,
+        }
+    }
+
+    /// The address the DHT would give for host `i`: its public IP and its
+    /// local RPC port.
+    fn announced(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(self.hosts[i].nat.public, self.hosts[i].local.port())
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: Payload, delay: Duration) {
+        if !(self.loss)(from, to, &payload) {
+            self.in_flight
+                .push((self.now + LATENCY + delay, from, to, payload));
+        }
+    }
+
+    fn apply(&mut self, i: usize, actions: Vec<Action>) {
+        for action in actions {
+            let host = &mut self.hosts[i];
+            let (to, payload) = match action {
+                Action::Send { to, message } => (to, Payload::Message(message)),
+                Action::Punch(to) => (to, Payload::Punch),
+                Action::Introduced { id, result } => {
+                    host.results.push((self.now, id, result));
+                    continue;
+                }
+                Action::NatDetected { kind, .. } => {
+                    host.detected = Some(kind);
+                    continue;
+                }
+                Action::PunchRequested(_) => continue,
+            };
+            let from = host.nat.outbound(host.local, to);
+            self.send(from, to, payload, Duration::ZERO);
+        }
+    }
+
+    fn introduce(&mut self, i: usize, peer: SocketAddr) -> u64 {
+        let (id, actions) = self.hosts[i].state.introduce(self.now, peer);
+        self.apply(i, actions);
+        id
+    }
+
+    /// Runs until `until` (ms after start); hosts listed in `asleep` are not
+    /// polled (not started yet).
+    fn run_until(&mut self, until_ms: u64, asleep: &[usize]) {
+        let until = self.at(until_ms);
+        while self.now < until {
+            for i in 0..self.hosts.len() {
+                if !asleep.contains(&i) {
+                    let actions = self.hosts[i].state.poll(self.now);
+                    self.apply(i, actions);
+                }
+            }
+            self.in_flight.sort_by_key(|d| d.0);
+            while self.in_flight.first().is_some_and(|d| d.0 <= self.now) {
+                let (_, from, to, payload) = self.in_flight.remove(0);
+                self.deliver(from, to, payload, asleep);
+            }
+            self.now += STEP;
+        }
+    }
+
+    fn deliver(&mut self, from: SocketAddr, to: SocketAddr, payload: Payload, asleep: &[usize]) {
+        if to.ip() == INTRODUCER {
+            let Payload::Message(message) = payload else {
+                return;
+            };
+            let via = if to == introducer_addr().main {
+                Port::Main
+            } else {
+                Port::Alt
+            };
+            for out in self.introducer.on_message(self.now, via, from, message) {
+                let src = match out.via {
+                    Port::Main => introducer_addr().main,
+                    Port::Alt => introducer_addr().alt,
+                };
+                let delay = self.introducer_delay;
+                self.send(src, out.to, Payload::Message(out.message), delay);
+            }
+            return;
+        }
+        let Some(i) = self.hosts.iter().position(|h| h.nat.public == to.ip()) else {
+            return;
+        };
+        if asleep.contains(&i) {
+            return;
+        }
+        let host = &mut self.hosts[i];
+        if host.nat.inbound(to.port(), from).is_none() {
+            return; // The NAT dropped it.
+        }
+        let actions = match payload {
+            Payload::Punch => {
+                host.punched_by.push((self.now, from));
+                host.state.on_punch(self.now, from)
+            }
+            Payload::Message(m) => host.state.on_message(self.now, from, m),
+        };
+        self.apply(i, actions);
+    }
+
+    /// When both hosts had received a punch from the other (the path is
+    /// open both ways), if they have.
+    fn path_open_at(&self) -> Option<Instant> {
+        let first = |i: usize, from_ip: IpAddr| {
+            self.hosts[i]
+                .punched_by
+                .iter()
+                .find(|(_, f)| f.ip() == from_ip)
+                .map(|(t, _)| *t)
+        };
+        let a = first(0, self.hosts[1].nat.public)?;
+        let b = first(1, self.hosts[0].nat.public)?;
+        Some(a.max(b))
+    }
+
+    fn result(&self, i: usize, id: u64) -> Option<(Instant, IntroResult)> {
+        self.hosts[i]
+            .results
+            .iter()
+            .find(|r| r.1 == id)
+            .map(|r| (r.0, r.2.clone()))
+    }
+}
+
+fn nat_kind(kind: Kind) -> NatKind {
+    match kind {
+        Kind::NoNat | Kind::FullCone | Kind::AddressRestricted => NatKind::Open,
+        Kind::PortRestricted => NatKind::PortRestricted,
+        Kind::Symmetric => NatKind::Symmetric,
+    }
+}
+
+#[test]
+fn the_probe_tells_each_nat_type_apart() {
+    for kind in [
+        Kind::NoNat,
+        Kind::FullCone,
+        Kind::AddressRestricted,
+        Kind::PortRestricted,
+        Kind::Symmetric,
+    ] {
+        let mut sim = Sim::new([kind, Kind::NoNat]);
+        sim.run_until(200, &[]);
+        assert_eq!(sim.hosts[0].detected, Some(nat_kind(kind)), "{kind:?}");
+    }
+}
+
+/// Host 0 asks to be introduced to host 1 once both have registered; returns
+/// the simulation and the introduction's id.
+fn introduce_after_registration(kinds: [Kind; 2]) -> (Sim, u64) {
+    let mut sim = Sim::new(kinds);
+    sim.run_until(500, &[]);
+    assert_eq!(sim.introducer.registered(), 2);
+    let peer = sim.announced(1);
+    let id = sim.introduce(0, peer);
+    (sim, id)
+}
+
+#[test]
+fn every_pair_theory_allows_opens_within_two_round_trips_of_the_introduction() {
+    let kinds = [
+        Kind::NoNat,
+        Kind::FullCone,
+        Kind::AddressRestricted,
+        Kind::PortRestricted,
+        Kind::Symmetric,
+    ];
+    for a in kinds {
+        for b in kinds {
+            if !direct_path_possible(nat_kind(a), nat_kind(b)) {
+                continue;
+            }
+            let (mut sim, id) = introduce_after_registration([a, b]);
+            sim.run_until(2_000, &[]);
+            let (answered, result) = sim.result(0, id).expect("an answer");
+            assert!(
+                matches!(result, IntroResult::Punched { .. }),
+                "{a:?}→{b:?}: {result:?}"
+            );
+            let open = sim
+                .path_open_at()
+                .unwrap_or_else(|| panic!("{a:?}→{b:?}: no path"));
+            // Answer: one round trip. Then punches both ways, plus one more
+            // round trip when a symmetric NAT's real port must be learnt.
+            let rtt = 2 * LATENCY;
+            assert!(
+                open.duration_since(answered) <= 2 * rtt + STEP,
+                "{a:?}→{b:?}: open {:?} after the answer",
+                open.duration_since(answered)
+            );
+        }
+    }
+}
+
+#[test]
+fn pairs_theory_rules_out_are_refused_at_once_and_the_peer_is_left_alone() {
+    for (a, b) in [
+        (Kind::PortRestricted, Kind::Symmetric),
+        (Kind::Symmetric, Kind::PortRestricted),
+        (Kind::Symmetric, Kind::Symmetric),
+    ] {
+        let (mut sim, id) = introduce_after_registration([a, b]);
+        sim.run_until(1_000, &[]);
+        let (answered, result) = sim.result(0, id).expect("an answer");
+        let IntroResult::Impossible(reason) = result else {
+            panic!("{a:?}→{b:?}: {result:?}");
+        };
+        assert!(reason.contains("direct path is impossible"), "{reason}");
+        assert!(answered <= sim.at(500) + 2 * LATENCY + STEP);
+        assert!(sim.hosts[1].punched_by.is_empty(), "{a:?}→{b:?}");
+    }
+}
+
+#[test]
+fn lost_punches_are_made_up_by_the_handshake() {
+    let (mut sim, id) =
+        introduce_after_registration([Kind::PortRestricted, Kind::AddressRestricted]);
+    let mut dropped = 0;
+    sim.loss = Box::new(move |_, _, p| {
+        let lose = matches!(p, Payload::Punch) && dropped < 6;
+        dropped += lose as u32;
+        lose
+    });
+    sim.run_until(3_000, &[]);
+    assert!(matches!(
+        sim.result(0, id),
+        Some((_, IntroResult::Punched { .. }))
+    ));
+    let open = sim.path_open_at().expect("the path opens");
+    // Six punches lost: three handshake rounds later.
+    assert!(
+        open <= sim.at(500) + 5 * HANDSHAKE_PUNCH_INTERVAL,
+        "{:?}",
+        open - sim.t0
+    );
+}
+
+#[test]
+fn a_lost_introduce_and_a_late_answer_are_retried() {
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(500, &[]);
+    let mut lost_one = false;
+    sim.loss = Box::new(move |_, _, p| {
+        let lose = !lost_one && matches!(p, Payload::Message(Message::Introduce { .. }));
+        lost_one |= lose;
+        lose
+    });
+    // Answers take longer than the retry interval.
+    sim.introducer_delay = RETRY + Duration::from_millis(100);
+    let peer = sim.announced(1);
+    let id = sim.introduce(0, peer);
+    sim.run_until(2_500, &[]);
+    let (answered, result) = sim.result(0, id).expect("an answer");
+    assert!(matches!(result, IntroResult::Punched { .. }), "{result:?}");
+    assert!(answered > sim.at(500) + RETRY, "the first request was lost");
+    assert_eq!(
+        sim.hosts[0].results.iter().filter(|r| r.1 == id).count(),
+        1,
+        "duplicate answers are ignored"
+    );
+    assert!(sim.path_open_at().is_some());
+}
+
+#[test]
+fn a_peer_that_starts_later_is_unknown_until_it_registers() {
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::FullCone]);
+    // Host 1 is not running yet.
+    sim.run_until(500, &[1]);
+    let peer = sim.announced(1);
+    let early = sim.introduce(0, peer);
+    sim.run_until(1_000, &[1]);
+    assert_eq!(sim.result(0, early).map(|r| r.1), Some(IntroResult::Direct));
+    // It starts at 1 s and registers; the next introduction works.
+    sim.hosts[1].state = HostIntroductions::new(
+        sim.now,
+        Some(introducer_addr()),
+        sim.hosts[1].local.port(),
+        true,
+        DEFAULT_KEEPALIVE,
+    );
+    sim.run_until(1_500, &[]);
+    let later = sim.introduce(0, peer);
+    sim.run_until(2_500, &[]);
+    assert!(matches!(
+        sim.result(0, later),
+        Some((_, IntroResult::Punched { .. }))
+    ));
+    assert!(sim.path_open_at().is_some());
+}
+
+#[test]
+fn a_punch_request_the_peer_missed_reaches_it_at_its_next_registration() {
+    let (mut sim, id) = {
+        let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+        sim.run_until(500, &[]);
+        let mut lost_one = false;
+        sim.loss = Box::new(move |_, _, p| {
+            let lose = !lost_one && matches!(p, Payload::Message(Message::PunchRequest { .. }));
+            lost_one |= lose;
+            lose
+        });
+        let peer = sim.announced(1);
+        let id = sim.introduce(0, peer);
+        (sim, id)
+    };
+    sim.run_until(5_000, &[]);
+    assert!(matches!(
+        sim.result(0, id),
+        Some((_, IntroResult::Punched { .. }))
+    ));
+    let open = sim.path_open_at().expect("the path opens");
+    // The peer re-registers REGISTER_INTERVAL after its first registration.
+    assert!(open > sim.at(500) + HANDSHAKE_PUNCH_INTERVAL);
+    assert!(
+        open <= sim.at(200) + REGISTER_INTERVAL,
+        "{:?}",
+        open - sim.t0
+    );
+}
+
+#[test]
+fn without_an_introducer_every_peer_is_called_directly() {
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::FullCone]);
+    // Nothing answers at the introducer's address.
+    sim.loss = Box::new(|_, to, _| to.ip() == INTRODUCER);
+    let peer = sim.announced(1);
+    let id = sim.introduce(0, peer);
+    sim.run_until(3_000, &[]);
+    let (answered, result) = sim.result(0, id).expect("an answer");
+    assert_eq!(result, IntroResult::Direct);
+    assert!(answered <= sim.at(0) + PROBE_DEADLINE + STEP);
+    assert_eq!(sim.hosts[0].detected, Some(NatKind::Unknown));
+    // And later introductions answer at once.
+    let again = sim.introduce(0, peer);
+    assert_eq!(sim.result(0, again).map(|r| r.1), Some(IntroResult::Direct));
+}
+
+#[test]
+fn paths_in_use_are_kept_alive_and_idle_ones_are_let_go() {
+    let (mut sim, id) = introduce_after_registration([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(1_000, &[]);
+    let Some((_, IntroResult::Punched { addr, .. })) = sim.result(0, id) else {
+        panic!("not introduced");
+    };
+    let punches_from_0 = |sim: &Sim, since: Instant| {
+        sim.hosts[1]
+            .punched_by
+            .iter()
+            .filter(|(t, f)| *t >= since && f.ip() == sim.hosts[0].nat.public)
+            .count()
+    };
+    // Used once a minute for five minutes.
+    let start = sim.now;
+    for minute in 1..=5u64 {
+        sim.run_until(1_000 + minute * 60_000, &[]);
+        let now = sim.now;
+        sim.hosts[0].state.used(now, addr);
+    }
+    // Every packet refreshes both NATs' entries for the path: it never goes
+    // longer than one keepalive interval without one, and there is no storm.
+    let mut on_path: Vec<Instant> = sim
+        .hosts
+        .iter()
+        .flat_map(|h| h.punched_by.iter().map(|(t, _)| *t))
+        .filter(|t| *t >= start)
+        .collect();
+    on_path.sort();
+    let longest_gap = on_path.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        longest_gap <= DEFAULT_KEEPALIVE + 2 * LATENCY,
+        "the path was silent for {longest_gap:?}"
+    );
+    // At most one keepalive from each side per interval.
+    let most = 2 * (300 / DEFAULT_KEEPALIVE.as_secs()) as usize + 2;
+    assert!(
+        on_path.len() <= most,
+        "{} punches in 5 minutes: {:?}",
+        on_path.len(),
+        on_path
+            .iter()
+            .map(|t| (*t - sim.t0).as_millis())
+            .collect::<Vec<_>>()
+    );
+    // Not used again: kept for PATH_TTL, then silent.
+    let idle_from = sim.now;
+    sim.run_until(
+        1_000 + 5 * 60_000 + PATH_TTL.as_millis() as u64 + 60_000,
+        &[],
+    );
+    let after_ttl = idle_from + PATH_TTL + Duration::from_secs(1);
+    assert_eq!(punches_from_0(&sim, after_ttl), 0);
+}
+
+#[test]
+fn messages_survive_the_wire_and_garbage_does_not_parse() {
+    let message = Message::Introduced {
+        id: 7,
+        outcome: Outcome::Peer {
+            addr: "203.0.113.3:4000".parse().unwrap(),
+            nat: NatKind::Symmetric,
+        },
+    };
+    let bytes = encode(&message);
+    assert!(is_introduction(&bytes));
+    assert_eq!(decode(&bytes), Ok(message));
+    assert!(decode(b"GRI1{\"type\":\"nope\"}").is_err());
+    assert!(decode(b"GRI1").is_err());
+    let mut huge = MAGIC.to_vec();
+    huge.resize(MAX_DATAGRAM + 1, b' ');
+    assert!(decode(&huge).is_err());
+    assert_eq!(
+        crate::transport::classify(&bytes),
+        crate::transport::Datagram::Introduction
+    );
+}
+
+#[test]
+fn the_matrix_of_what_theory_allows() {
+    use NatKind::*;
+    for (a, b, possible) in [
+        (Open, Open, true),
+        (Open, PortRestricted, true),
+        (Open, Symmetric, true),
+        (PortRestricted, PortRestricted, true),
+        (PortRestricted, Symmetric, false),
+        (Symmetric, Symmetric, false),
+    ] {
+        assert_eq!(direct_path_possible(a, b), possible, "{a:?}/{b:?}");
+        assert_eq!(direct_path_possible(b, a), possible, "{b:?}/{a:?}");
+    }
+}
