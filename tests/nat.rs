@@ -4,20 +4,7 @@
 mod common;
 
 use common::lab::{Home, Lab, NatType, PUBLIC_IP};
-use common::{host_bin, plugin, shown, HostProcess, SOON};
-
-/// Starts `grenache-host <args>` inside namespace `ns`.
-fn host_in(lab: &Lab, ns: &str, name: &str, args: &[&str]) -> HostProcess {
-    HostProcess::spawn_command(name, lab.command(ns, &host_bin(), args))
-}
-
-/// The DHT node on the public host.
-fn public_dht(lab: &Lab) -> (HostProcess, String) {
-    let bootstrap = format!("{PUBLIC_IP}:20001");
-    let dht = host_in(lab, &lab.public, "dht", &["dht", "--listen", &bootstrap]);
-    dht.wait_for("dht listening on", SOON);
-    (dht, bootstrap)
-}
+use common::{plugin, HostProcess, SOON};
 
 /// `run plugins/consumer.wasm` on the public host, once it has announced.
 fn public_consumer(lab: &Lab, bootstrap: &str) -> HostProcess {
@@ -31,7 +18,7 @@ fn public_consumer(lab: &Lab, bootstrap: &str) -> HostProcess {
         "--bootstrap",
         bootstrap,
     ];
-    let consumer = host_in(lab, &lab.public, "consumer (public)", &args);
+    let consumer = lab.host(&lab.public, "consumer (public)", &args);
     consumer.wait_for("announced fibonacci_consumer", SOON);
     consumer
 }
@@ -51,7 +38,7 @@ fn worker_behind_nat(lab: &Lab, home: &Home, bootstrap: &str, punching: bool) ->
     if punching {
         args.push("--behind-nat");
     }
-    host_in(lab, &home.host, "worker (behind NAT)", &args)
+    lab.host(&home.host, "worker (behind NAT)", &args)
 }
 
 #[test]
@@ -60,7 +47,7 @@ fn the_classic_example_works_behind_a_port_restricted_nat() {
         return;
     };
     let home = &lab.homes[0];
-    let (_dht, bootstrap) = public_dht(&lab);
+    let (_dht, bootstrap) = lab.public_dht();
     let consumer = public_consumer(&lab, &bootstrap);
     let worker = worker_behind_nat(&lab, home, &bootstrap, true);
     // The punch arrives from the router's public address, not the host's.
@@ -81,27 +68,23 @@ fn without_punching_the_nat_keeps_a_caller_out() {
         return;
     };
     let home = &lab.homes[0];
-    let (_dht, bootstrap) = public_dht(&lab);
+    let (_dht, bootstrap) = lab.public_dht();
     // Announced, but not punching anyone.
     let worker = worker_behind_nat(&lab, home, &bootstrap, false);
     worker.wait_for("announced fibonacci_worker", SOON);
-    let out = lab
-        .command(
-            &lab.public,
-            &host_bin(),
-            &[
-                "call",
-                "fibonacci_worker",
-                r#"{"length":10}"#,
-                "--bootstrap",
-                &bootstrap,
-                "--timeout-ms",
-                "3000",
-            ],
-        )
-        .output()
-        .unwrap();
-    let r = shown(out);
+    // The caller asks the introducer too; the worker has not registered.
+    let r = lab.run_host(
+        &lab.public,
+        &[
+            "call",
+            "fibonacci_worker",
+            r#"{"length":10}"#,
+            "--bootstrap",
+            &bootstrap,
+            "--timeout-ms",
+            "3000",
+        ],
+    );
     // The lookup finds the worker at the router's address, and the router drops the call.
     assert_eq!(
         r.code, 2,
@@ -126,30 +109,28 @@ fn without_punching_the_nat_keeps_a_caller_out() {
 fn call_from_a_stranger_while_punching(test: &str, nat: NatType) -> Option<common::Shown> {
     let lab = Lab::build(test, &[nat])?;
     let home = &lab.homes[0];
-    let (_dht, bootstrap) = public_dht(&lab);
+    let (_dht, bootstrap) = lab.public_dht();
     let consumer = public_consumer(&lab, &bootstrap);
     let worker = worker_behind_nat(&lab, home, &bootstrap, true);
     // The stranger must find the worker, so that only the NAT can stop it.
     worker.wait_for("announced fibonacci_worker", SOON);
     // The worker's mapping exists once the consumer has been reached.
     consumer.wait_for("got data reply", SOON);
-    let out = lab
-        .command(
-            &lab.public,
-            &host_bin(),
-            &[
-                "call",
-                "fibonacci_worker",
-                r#"{"length":3}"#,
-                "--bootstrap",
-                &bootstrap,
-                "--timeout-ms",
-                "3000",
-            ],
-        )
-        .output()
-        .unwrap();
-    Some(shown(out))
+    // Without an introduction: only the NAT's filtering decides.
+    Some(lab.run_host(
+        &lab.public,
+        &[
+            "call",
+            "fibonacci_worker",
+            r#"{"length":3}"#,
+            "--bootstrap",
+            &bootstrap,
+            "--introducer",
+            "off",
+            "--timeout-ms",
+            "3000",
+        ],
+    ))
 }
 
 #[test]

@@ -15,6 +15,8 @@
 
 use std::process::{Command, Stdio};
 
+use super::{host_bin, shown, HostProcess, Shown, SOON};
+
 /// The NAT behaviour of a home router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatType {
@@ -34,6 +36,8 @@ pub struct Home {
     pub host_ip: &'static str,
     /// The router's public address.
     pub wan_ip: &'static str,
+    /// What the router does.
+    pub nat: NatType,
 }
 
 /// A built lab; torn down on drop.
@@ -58,14 +62,14 @@ fn unavailable() -> Option<String> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("the NAT lab needs root (network namespaces, nftables)".into());
     }
-    for tool in ["ip", "nft"] {
+    for tool in ["ip", "nft", "conntrack"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
             .ok()?;
         if !found.status.success() {
             return Some(format!(
-                "`{tool}` is missing: apt-get install -y nftables iproute2"
+                "`{tool}` is missing: apt-get install -y nftables iproute2 conntrack"
             ));
         }
     }
@@ -308,6 +312,7 @@ impl Lab {
                 host,
                 host_ip,
                 wan_ip: wan,
+                nat,
             });
         }
         Some(lab)
@@ -321,6 +326,52 @@ impl Lab {
             .args(args)
             .env_remove("RUST_LOG");
         cmd
+    }
+}
+
+impl Lab {
+    /// Starts `grenache-host <args>` inside namespace `ns`.
+    pub fn host(&self, ns: &str, name: &str, args: &[&str]) -> HostProcess {
+        HostProcess::spawn_command(name, self.command(ns, &host_bin(), args))
+    }
+
+    /// Runs `grenache-host <args>` inside `ns` to the end.
+    pub fn run_host(&self, ns: &str, args: &[&str]) -> Shown {
+        shown(self.command(ns, &host_bin(), args).output().unwrap())
+    }
+
+    /// The DHT node (with its introducer) on the public host; returns it and
+    /// the bootstrap address.
+    pub fn public_dht(&self) -> (HostProcess, String) {
+        let bootstrap = format!("{PUBLIC_IP}:20001");
+        let dht = self.host(&self.public, "dht", &["dht", "--listen", &bootstrap]);
+        dht.wait_for("dht listening on", SOON);
+        (dht, bootstrap)
+    }
+
+    /// Shortens the routers' conntrack UDP timeouts (seconds): unreplied
+    /// flows and two-way ones.
+    pub fn set_udp_timeouts(&self, unreplied: u32, stream: u32) {
+        for home in &self.homes {
+            in_ns(
+                &home.router,
+                &[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.netfilter.nf_conntrack_udp_timeout={unreplied}"),
+                    &format!("net.netfilter.nf_conntrack_udp_timeout_stream={stream}"),
+                ],
+            );
+        }
+    }
+
+    /// Makes `home`'s router forget every flow and mapping it has, as a
+    /// router reboot or a NAT rebinding does.
+    pub fn forget_mappings(&self, home: &Home) {
+        if matches!(home.nat, NatType::FullCone | NatType::AddressRestricted) {
+            in_ns(&home.router, &["nft", "flush", "map", "ip", "nat", "cone"]);
+        }
+        in_ns(&home.router, &["conntrack", "-F"]);
     }
 }
 

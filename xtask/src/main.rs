@@ -184,7 +184,7 @@ fn ensure_nat_lab_tools() -> Result<()> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if have("ip") && have("nft") {
+    if have("ip") && have("nft") && have("conntrack") {
         return Ok(());
     }
     let root = Command::new("id")
@@ -193,13 +193,13 @@ fn ensure_nat_lab_tools() -> Result<()> {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     if !root {
         eprintln!(
-            "xtask: not root and nftables/iproute2 missing: the NAT lab tests will be skipped"
+            "xtask: not root and nftables/iproute2/conntrack missing: the NAT lab tests will be skipped"
         );
         return Ok(());
     }
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "nftables", "iproute2"])
+        .args(["install", "-y", "-qq", "nftables", "iproute2", "conntrack"])
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 

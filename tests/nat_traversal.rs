@@ -1,0 +1,296 @@
+//! Both sides behind NATs: the public DHT node's introducer puts a caller in
+//! one home in touch with a service in another, for every pair of NAT types
+//! theory allows, and says at once when theory rules a pair out. Paths stay
+//! open while idle and recover when a router forgets them. Needs root; see
+//! tests/common/lab.rs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::lab::{Home, Lab, NatType};
+use common::{plugin, HostProcess, Shown, SOON};
+
+const SEQUENCE: &str = "[1,1,2,3,5,8,13,21,34,55]\n";
+
+/// `run <plugin> --behind-nat` in `home`, once it has registered with the
+/// introducer and announced; returns it and its RPC port.
+fn serve_behind_nat(
+    lab: &Lab,
+    home: &Home,
+    bootstrap: &str,
+    plugin_name: &str,
+    extra: &[&str],
+) -> (HostProcess, u16) {
+    let wasm = plugin(plugin_name);
+    let listen = format!("{}:0", home.host_ip);
+    let mut args = vec![
+        "run",
+        wasm.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--bootstrap",
+        bootstrap,
+        "--behind-nat",
+        "--control",
+        "off",
+    ];
+    args.extend_from_slice(extra);
+    let host = lab.host(&home.host, plugin_name, &args);
+    let line = host.wait_for("listening on ", SOON);
+    let port = line.rsplit(' ').next().unwrap().parse().unwrap();
+    host.wait_for("the introducer sees this host at", SOON);
+    host.wait_for("announced ", SOON);
+    (host, port)
+}
+
+/// `call fibonacci_worker {"length":10}` from `home`.
+fn call_worker_from(lab: &Lab, home: &Home, bootstrap: &str) -> (Shown, Duration) {
+    let started = Instant::now();
+    let r = lab.run_host(
+        &home.host,
+        &[
+            "call",
+            "fibonacci_worker",
+            r#"{"length":10}"#,
+            "--bootstrap",
+            bootstrap,
+        ],
+    );
+    (r, started.elapsed())
+}
+
+/// Asks the consumer plugin running in `home` (from its own LAN) to fetch the
+/// sequence: its `request` goes to the worker across both NATs.
+fn ask_consumer(lab: &Lab, home: &Home, consumer_port: u16) -> Shown {
+    let peer = format!("{}:{consumer_port}", home.host_ip);
+    lab.run_host(
+        &home.host,
+        &[
+            "call",
+            "fibonacci_consumer",
+            r#"{"length":10}"#,
+            "--peer",
+            &peer,
+        ],
+    )
+}
+
+/// The worker behind `server`'s NAT, a caller behind `caller`'s: a plain
+/// `call` and the consumer plugin's `request` both get the sequence.
+fn reaches_across_nats(test: &str, caller: NatType, server: NatType) {
+    let Some(lab) = Lab::build(test, &[caller, server]) else {
+        return;
+    };
+    let (a, b) = (&lab.homes[0], &lab.homes[1]);
+    let (_dht, bootstrap) = lab.public_dht();
+    let (worker, _) = serve_behind_nat(&lab, b, &bootstrap, "fibonacci", &[]);
+
+    let (r, took) = call_worker_from(&lab, a, &bootstrap);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, SEQUENCE),
+        "{caller:?} → {server:?}: call failed after {took:?}\n{}\nworker:\n{}",
+        r.stderr,
+        worker.output()
+    );
+    eprintln!(
+        "{caller:?} → {server:?}: call answered in {took:?}; {}",
+        r.stderr
+            .lines()
+            .find(|l| l.contains("direct path through the NATs"))
+            .unwrap_or("(no introduction line)")
+    );
+    // It came in from the caller's router: a direct path, no relay.
+    worker.wait_for(
+        &format!("request for fibonacci_worker from {}:", a.wan_ip),
+        SOON,
+    );
+
+    let (consumer, port) = serve_behind_nat(&lab, a, &bootstrap, "consumer", &[]);
+    let r = ask_consumer(&lab, a, port);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, SEQUENCE),
+        "{caller:?} → {server:?}: the plugin's request failed\n{}\nconsumer:\n{}",
+        r.stderr,
+        consumer.output()
+    );
+}
+
+/// A pair theory rules out: both ways of calling fail at once, saying why.
+fn is_refused_across_nats(test: &str, caller: NatType, server: NatType) {
+    let Some(lab) = Lab::build(test, &[caller, server]) else {
+        return;
+    };
+    let (a, b) = (&lab.homes[0], &lab.homes[1]);
+    let (_dht, bootstrap) = lab.public_dht();
+    let (worker, _) = serve_behind_nat(&lab, b, &bootstrap, "fibonacci", &[]);
+
+    let (r, took) = call_worker_from(&lab, a, &bootstrap);
+    assert_eq!(r.code, 2, "{caller:?} → {server:?}: {}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("a direct path is impossible between this host")
+            && r.stderr.contains("a relay is needed"),
+        "{caller:?} → {server:?}: {}",
+        r.stderr
+    );
+    // Not the request's 10-second deadline: the introducer said so at once.
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(worker.count("request for fibonacci_worker"), 0);
+
+    let (_consumer, port) = serve_behind_nat(&lab, a, &bootstrap, "consumer", &[]);
+    let r = ask_consumer(&lab, a, port);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("direct path is impossible"),
+        "{}",
+        r.stderr
+    );
+}
+
+macro_rules! reaches {
+    ($($name:ident: $caller:ident => $server:ident;)*) => {$(
+        #[test]
+        fn $name() {
+            reaches_across_nats(stringify!($name), NatType::$caller, NatType::$server);
+        }
+    )*};
+}
+
+macro_rules! refused {
+    ($($name:ident: $caller:ident => $server:ident;)*) => {$(
+        #[test]
+        fn $name() {
+            is_refused_across_nats(stringify!($name), NatType::$caller, NatType::$server);
+        }
+    )*};
+}
+
+// Every ordered pair of cone NATs (both directions of each pair).
+reaches! {
+    fc_fc: FullCone => FullCone;
+    fc_ar: FullCone => AddressRestricted;
+    ar_fc: AddressRestricted => FullCone;
+    fc_pr: FullCone => PortRestricted;
+    pr_fc: PortRestricted => FullCone;
+    ar_ar: AddressRestricted => AddressRestricted;
+    ar_pr: AddressRestricted => PortRestricted;
+    pr_ar: PortRestricted => AddressRestricted;
+    pr_pr: PortRestricted => PortRestricted;
+    fc_sym: FullCone => Symmetric;
+    sym_fc: Symmetric => FullCone;
+    ar_sym: AddressRestricted => Symmetric;
+    sym_ar: Symmetric => AddressRestricted;
+}
+
+refused! {
+    pr_sym: PortRestricted => Symmetric;
+    sym_pr: Symmetric => PortRestricted;
+    sym_sym: Symmetric => Symmetric;
+}
+
+/// The routers' UDP timeouts in the keepalive and rebinding tests (seconds).
+const UNREPLIED: u32 = 5;
+const ESTABLISHED: u32 = 10;
+
+/// A consumer in home A that has fetched the sequence once from a worker in
+/// home B, with the routers' timeouts shortened and nothing else punching
+/// (the plugins are not told about punches, so the only traffic on the path
+/// is the host's own). Returns the lab, the processes and the consumer's port.
+fn established_path(test: &str, keepalive: &str) -> Option<(Lab, [HostProcess; 3], u16)> {
+    let lab = Lab::build(test, &[NatType::PortRestricted, NatType::PortRestricted])?;
+    lab.set_udp_timeouts(UNREPLIED, ESTABLISHED);
+    let quiet = lab_policy(&lab);
+    let (a, b) = (&lab.homes[0], &lab.homes[1]);
+    let (dht, bootstrap) = lab.public_dht();
+    let extra = ["--config", quiet.as_str(), "--keepalive", keepalive];
+    let (worker, _) = serve_behind_nat(&lab, b, &bootstrap, "fibonacci", &extra);
+    let (consumer, port) = serve_behind_nat(&lab, a, &bootstrap, "consumer", &extra);
+    let r = ask_consumer(&lab, a, port);
+    assert_eq!((r.code, r.stdout.as_str()), (0, SEQUENCE), "{}", r.stderr);
+    Some((lab, [dht, worker, consumer], port))
+}
+
+/// A policy file under which no plugin punches or hears punches.
+fn lab_policy(lab: &Lab) -> String {
+    let path = std::env::temp_dir().join(format!("{}-quiet.toml", lab.public));
+    std::fs::write(&path, "[defaults]\nmay_be_punched_for = false\n").unwrap();
+    path.display().to_string()
+}
+
+/// Waits `idle` doing nothing but watching the processes stay up.
+fn stay_idle(hosts: &mut [HostProcess; 3], idle: Duration) {
+    let until = Instant::now() + idle;
+    while Instant::now() < until {
+        for host in hosts.iter_mut() {
+            assert!(
+                host.is_running(),
+                "{} stopped:\n{}",
+                host.name,
+                host.output()
+            );
+        }
+        std::thread::park_timeout(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn an_idle_path_is_kept_open_by_keepalives() {
+    let Some((lab, mut hosts, port)) = established_path("keepalive", "3s") else {
+        return;
+    };
+    // Three times the established-flow timeout without a request.
+    stay_idle(&mut hosts, Duration::from_secs(3 * u64::from(ESTABLISHED)));
+    let started = Instant::now();
+    let r = ask_consumer(&lab, &lab.homes[0], port);
+    assert_eq!((r.code, r.stdout.as_str()), (0, SEQUENCE), "{}", r.stderr);
+    eprintln!(
+        "after {}s idle, answered in {:?}",
+        3 * ESTABLISHED,
+        started.elapsed()
+    );
+    let consumer = &hosts[2];
+    // The old path carried it: no silence, no second introduction.
+    assert_eq!(consumer.count("went silent"), 0, "{}", consumer.output());
+    assert_eq!(
+        consumer.count("direct path through the NATs"),
+        1,
+        "{}",
+        consumer.output()
+    );
+}
+
+#[test]
+fn a_router_that_forgets_the_path_costs_one_slow_request() {
+    let Some((lab, mut hosts, port)) = established_path("rebind", "15s") else {
+        return;
+    };
+    // A quiet path in the middle of a session: the introduction's punching
+    // is over and the next keepalive is seconds away.
+    stay_idle(&mut hosts, Duration::from_secs(6));
+    for home in &lab.homes {
+        lab.forget_mappings(home);
+    }
+    let started = Instant::now();
+    let r = ask_consumer(&lab, &lab.homes[0], port);
+    let took = started.elapsed();
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, SEQUENCE),
+        "{}\nconsumer:\n{}",
+        r.stderr,
+        hosts[2].output()
+    );
+    eprintln!("after both routers forgot everything, answered in {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let consumer = &hosts[2];
+    assert_eq!(consumer.count("went silent"), 1, "{}", consumer.output());
+    assert_eq!(
+        consumer.count("direct path through the NATs"),
+        2,
+        "{}",
+        consumer.output()
+    );
+}
