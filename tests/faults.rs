@@ -110,3 +110,17 @@ fn every_fault_costs_one_request_and_memory_returns_to_baseline() {
     );
     eprintln!("faulty host RSS: {baseline} KiB after warm-up, {after} KiB after 4 more rounds of {} faults", FAULTS.len());
 }
+
+#[test]
+fn an_answer_slower_than_the_peer_silence_limit_still_arrives() {
+    // librqbit-utp closes a connection 2 s after the caller's last packet
+    // unless the server's heartbeat keeps it open while the plugin works.
+    let (_dht, bootstrap) = start_dht();
+    let flags = ["--time-limit", "3500ms", "--control", "off"];
+    let (_host, port) = start_host("slow host", &[&test_plugin("faulty")], &bootstrap, &flags);
+    let peer = format!("127.0.0.1:{port}");
+    let r = call_peer(&peer, "loop");
+    assert_eq!(r.code, 1, "the caller lost the connection: {}", r.stderr);
+    assert!(r.stderr.contains("time limit"), "{}", r.stderr);
+    echo_works(&peer, "a slow request");
+}
