@@ -23,9 +23,6 @@ use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
 use crate::signing::{self, TrustedKey};
 use crate::transport::Endpoint;
 
-/// How long a client waits to join the DHT before looking anything up.
-const BOOTSTRAP_WAIT: Duration = Duration::from_secs(5);
-
 /// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -269,12 +266,9 @@ async fn client(dht: &BootstrapArgs, args: &ClientArgs) -> Result<ClientParts, E
     let parts = ClientParts::start(args.listen, bootstrap, DEFAULT_MAX_MESSAGE, &intro)
         .await
         .map_err(|e| usage_error(format!("{e:#}")))?;
-    if tokio::time::timeout(BOOTSTRAP_WAIT, parts.discovery.bootstrapped()).await != Ok(true) {
-        tracing::warn!(
-            "could not join the DHT through {} yet; trying anyway",
-            bootstrap.join(", ")
-        );
-    }
+    // No waiting for the join to finish (it lasts until every node found has
+    // answered or timed out): a lookup starts from the bootstrap nodes, and
+    // waits for the join only if that finds nothing.
     Ok(parts)
 }
 

@@ -116,8 +116,22 @@ impl Discovery {
 
     /// Peers announcing `service`, healthy ones only, waiting at most
     /// `timeout`. Takes the first batch the DHT returns rather than waiting for
-    /// the whole query to finish.
+    /// the whole query to finish. A node that has not finished joining the
+    /// DHT asks again once it has, if the first query found nothing.
     pub async fn lookup(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut peers = self.lookup_once(service, timeout).await;
+        if peers.is_empty() {
+            let joined = tokio::time::timeout_at(deadline, self.dht.bootstrapped()).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if joined == Ok(true) && !left.is_zero() {
+                peers = self.lookup_once(service, left).await;
+            }
+        }
+        peers
+    }
+
+    async fn lookup_once(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
         let cached = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             cache
