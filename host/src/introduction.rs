@@ -267,8 +267,6 @@ impl Introducer {
                     },
                     Some((&addr, r)) => Outcome::Peer { addr, nat: r.nat },
                 };
-                // The caller hears first: its punch toward the peer should
-                // leave before the peer's punch reaches the caller's NAT.
                 let peer_addr = match outcome {
                     Outcome::Peer { addr, .. } => Some(addr),
                     _ => None,
@@ -279,11 +277,19 @@ impl Introducer {
                     self.pending
                         .retain(|(to, _, m)| !(*to == addr && *m == ask));
                     self.pending.push((addr, now + PENDING_TTL, ask.clone()));
-                    out.push(Outgoing {
+                    let ask = Outgoing {
                         via: Port::Main,
                         to: addr,
                         message: ask,
-                    });
+                    };
+                    // Whoever is behind a symmetric NAT punches from a port
+                    // nobody knows yet, so the other side's NAT must already
+                    // have sent toward its address: tell the other side first.
+                    if nat == NatKind::Symmetric {
+                        out.insert(0, ask);
+                    } else {
+                        out.push(ask);
+                    }
                 }
                 out
             }

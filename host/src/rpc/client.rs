@@ -48,6 +48,8 @@ struct Connection {
     deadline_added: tokio::sync::Notify,
     /// The address of a path opened by an introduction.
     introduced: Option<SocketAddr>,
+    /// Until its first reply: when the introducer answered (for the log).
+    introduced_at: Mutex<Option<Instant>>,
     /// When the peer last sent us anything on this connection.
     last_heard: Mutex<Instant>,
 }
@@ -245,7 +247,21 @@ impl RpcClient {
         // The connection task answers: a reply, an expiry, or a dropped
         // sender when the connection dies.
         match rx.await {
-            Ok(Some(reply)) => Ok(reply),
+            Ok(Some(reply)) => {
+                let introduced_at = connection
+                    .introduced_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(at) = introduced_at {
+                    tracing::info!(
+                        %peer,
+                        "first reply over the new path {:.1} ms after the introduction",
+                        at.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                Ok(reply)
+            }
             Ok(None) => Err(SendError::Lost(OutboundError::Timeout(format!(
                 "no reply from {peer} for {key} in time"
             )))),
@@ -264,7 +280,7 @@ impl RpcClient {
         &self,
         peer: SocketAddr,
         connect_by: Instant,
-    ) -> Result<(librqbit_utp::UtpStream, Option<SocketAddr>), ConnectError> {
+    ) -> Result<(librqbit_utp::UtpStream, Option<(SocketAddr, Instant)>), ConnectError> {
         let introduced = match &self.introductions {
             Some(introductions) => {
                 let started = Instant::now();
@@ -291,7 +307,7 @@ impl RpcClient {
                     answered.as_secs_f64() * 1e3,
                     (started.elapsed() - answered).as_secs_f64() * 1e3
                 );
-                Ok((stream, Some(at)))
+                Ok((stream, Some((at, started + answered))))
             }
         }
     }
@@ -319,7 +335,8 @@ impl RpcClient {
             writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::default(),
             deadline_added: tokio::sync::Notify::new(),
-            introduced,
+            introduced: introduced.map(|(addr, _)| addr),
+            introduced_at: Mutex::new(introduced.map(|(_, at)| at)),
             last_heard: Mutex::new(Instant::now()),
         });
         let max_message = self.max_message;
