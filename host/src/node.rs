@@ -220,9 +220,18 @@ async fn announce_loop(
             tracing::info!("stopped announcing {gone}");
         }
         announced.retain(|s| current.contains(s));
+        // All at once: each announce lasts until its DHT query is done
+        // (seconds), and a host may serve many services.
+        let discovery = &discovery;
+        let results = futures::future::join_all(
+            current
+                .iter()
+                .map(|service| async move { (service, discovery.announce(service, port).await) }),
+        )
+        .await;
         let mut all_ok = true;
-        for service in &current {
-            match discovery.announce(service, port).await {
+        for (service, result) in results {
+            match result {
                 Ok(()) if !announced.contains(service) => {
                     tracing::info!("announced {service} on port {port}");
                     announced.push(service.clone());
