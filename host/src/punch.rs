@@ -4,8 +4,9 @@
 //! service its plugins want punched, once per round (1 s), and sends one punch
 //! (`C3 BF`) from its RPC socket to every address found. The punch opens (and
 //! keeps open) a mapping in its NAT toward that peer. Any host that receives a
-//! punch tells its plugins (`on-punch`) and punches back, at most once per
-//! round per peer, so the answer cannot turn into a punch storm.
+//! punch tells its plugins (`on-punch`) and punches back, each at most once per
+//! round per peer: the answer cannot turn into a punch storm, and a burst of
+//! punches (an introduction's handshake) is one event for the plugins.
 //!
 //! [`PunchState`] takes the time and events as arguments and returns
 //! [`PunchAction`]s; the node's driver does the I/O. The tests run it in
@@ -44,6 +45,8 @@ pub struct PunchState {
     next_round: Instant,
     /// When we last sent a punch to each peer.
     last_sent: HashMap<SocketAddr, Instant>,
+    /// When the plugins last heard of a punch from each peer.
+    last_notified: HashMap<SocketAddr, Instant>,
 }
 
 impl PunchState {
@@ -55,6 +58,7 @@ impl PunchState {
             interval,
             next_round: now,
             last_sent: HashMap::new(),
+            last_notified: HashMap::new(),
         }
     }
 
@@ -70,6 +74,8 @@ impl PunchState {
         }
         self.next_round = now + self.interval;
         self.last_sent
+            .retain(|_, at| now.duration_since(*at) < FORGET_AFTER);
+        self.last_notified
             .retain(|_, at| now.duration_since(*at) < FORGET_AFTER);
         self.targets
             .iter()
@@ -96,16 +102,25 @@ impl PunchState {
             .collect()
     }
 
-    /// `from` punched us: tell the plugins, and punch back unless we punched
-    /// that peer less than one interval ago.
+    /// `from` punched us: tell the plugins unless they heard of that peer
+    /// less than one interval ago, and punch back unless we punched it less
+    /// than one interval ago.
     pub fn on_punch(&mut self, now: Instant, from: SocketAddr) -> Vec<PunchAction> {
-        let mut actions = vec![PunchAction::NotifyPlugins(from)];
-        let recent = self
-            .last_sent
-            .get(&from)
-            .is_some_and(|at| now.duration_since(*at) < self.interval);
-        if !recent {
-            self.last_sent.insert(from, now);
+        let mut actions = vec![];
+        let interval = self.interval;
+        let once_per_interval = |times: &mut HashMap<SocketAddr, Instant>| {
+            let recent = times
+                .get(&from)
+                .is_some_and(|at| now.duration_since(*at) < interval);
+            if !recent {
+                times.insert(from, now);
+            }
+            !recent
+        };
+        if once_per_interval(&mut self.last_notified) {
+            actions.push(PunchAction::NotifyPlugins(from));
+        }
+        if once_per_interval(&mut self.last_sent) {
             actions.push(PunchAction::SendPunch(from));
         }
         actions
@@ -164,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn a_punch_is_answered_at_most_once_per_interval_per_peer() {
+    fn a_punch_is_reported_and_answered_at_most_once_per_interval_per_peer() {
         let t0 = Instant::now();
         let mut s = PunchState::new(t0, vec![], false, DEFAULT_PUNCH_INTERVAL);
         assert_eq!(
@@ -174,12 +189,10 @@ mod tests {
                 PunchAction::SendPunch(addr(1))
             ]
         );
-        // A burst of punches from the same peer: plugins hear each, one answer.
+        // A burst of punches from the same peer (an introduction's
+        // handshake): one event for the plugins, one answer.
         for ms in [1, 10, 500, 999] {
-            assert_eq!(
-                s.on_punch(t0 + Duration::from_millis(ms), addr(1)),
-                vec![PunchAction::NotifyPlugins(addr(1))]
-            );
+            assert_eq!(s.on_punch(t0 + Duration::from_millis(ms), addr(1)), vec![]);
         }
         // Another peer is answered independently.
         assert_eq!(s.on_punch(t0 + Duration::from_millis(5), addr(2)).len(), 2);
