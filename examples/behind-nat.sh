@@ -3,6 +3,10 @@
 # NATs: a public host runs a DHT node and the fibonacci consumer; a worker in a
 # home behind a port-restricted NAT (plain Linux SNAT, like most home routers)
 # punches the consumer, and the consumer calls it back through the hole.
+# Then a caller in a second home, behind a second NAT, reaches the same worker:
+# the DHT node's introducer tells both sides about each other and they punch
+# at once. Last, the second router turns symmetric, a pair no punching can
+# join, and the call says so at once.
 #
 # Needs root, iproute2 and nftables (apt-get install -y nftables iproute2).
 # Build first: cargo xtask plugins && cargo build -p grenache-host
@@ -19,7 +23,7 @@ P=ghx-; PIDS=()
 cleanup() {
   for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in home router pub inet; do ip netns del "$P$ns" 2>/dev/null || true; done
+  for ns in home2 router2 home router pub inet; do ip netns del "$P$ns" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 inns() { local ns=$1; shift; ip netns exec "$P$ns" "$@"; }
@@ -40,7 +44,8 @@ inns router ip link set wan up; inns router ip link set lan up
 inns router sysctl -qw net.ipv4.ip_forward=1
 inns home ip addr add 10.0.1.2/24 dev eth0; inns home ip link set eth0 up
 inns home ip route add default via 10.0.1.1
-inns router nft -f - <<'NFT'
+# The firewall of a home router ($1: its namespace); filtering per nat-lab.md.
+firewall() { inns "$1" nft -f - <<'NFT'
 table inet fw {
   chain input { type filter hook input priority filter; policy accept;
     iifname "wan" ct state established,related accept
@@ -50,11 +55,18 @@ table inet fw {
     iifname "lan" oifname "wan" accept
     iifname "wan" oifname "lan" ct state established,related accept; }
 }
+NFT
+}
+# Source NAT ($1: namespace, $2: public address, $3: "" for port-restricted
+# cone, "fully-random" for symmetric).
+snat() { inns "$1" nft -f - <<NFT
 table ip nat {
   chain prerouting { type nat hook prerouting priority dstnat; }
-  chain postrouting { type nat hook postrouting priority srcnat; oifname "wan" snat ip to 203.0.113.2; }
+  chain postrouting { type nat hook postrouting priority srcnat; oifname "wan" snat ip to $2 $3; }
 }
 NFT
+}
+firewall router; snat router 203.0.113.2 ""
 
 LOG=$(mktemp -d)
 echo "== public host: DHT node and fibonacci_consumer"
@@ -83,3 +95,26 @@ if grep -q "got data reply, sequence is: \[1,1,2,3,5,8,13,21,34,55\]" "$LOG/cons
 else
   echo "!! the consumer got no reply; logs in $LOG"; exit 1
 fi
+
+echo "== a second home: router 203.0.113.3 (port-restricted NAT), home 10.0.2.0/24"
+for ns in router2 home2; do ip netns add "$P$ns"; inns "$ns" ip link set lo up; done
+ip link add wan netns "${P}router2" type veth peer name router2 netns "${P}inet"
+ip link add lan netns "${P}router2" type veth peer name eth0 netns "${P}home2"
+inns inet ip link set router2 master br0 up
+inns router2 ip addr add 203.0.113.3/24 dev wan; inns router2 ip addr add 10.0.2.1/24 dev lan
+inns router2 ip link set wan up; inns router2 ip link set lan up
+inns router2 sysctl -qw net.ipv4.ip_forward=1
+inns home2 ip addr add 10.0.2.2/24 dev eth0; inns home2 ip link set eth0 up
+inns home2 ip route add default via 10.0.2.1
+firewall router2; snat router2 203.0.113.3 ""
+
+echo "== a call from the second home: both sides are behind NATs, the DHT node's introducer introduces them"
+inns home2 "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 2>&1 | sed 's/^/   call | /'
+
+echo "== the second router turns symmetric (a new port per destination): no punching can meet a port-restricted NAT"
+inns router2 nft delete table ip nat; inns router2 conntrack -F 2>/dev/null || true
+snat router2 203.0.113.3 fully-random
+if inns home2 "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 2>&1 | sed 's/^/   call | /'; then
+  echo "!! the call got through a pair of NATs theory rules out"; exit 1
+fi
+echo "== done; a relay would be needed for the last pair"
