@@ -139,9 +139,11 @@ async fn drive(
     let mut punches = endpoint.punches();
     let mut waiting: HashMap<u64, oneshot::Sender<IntroResult>> = HashMap::new();
     let mut actions = state.poll(Instant::now());
+    // A serving host reports its NAT in its log; a one-shot `call` keeps quiet.
+    let loud = state.registers();
     loop {
         for action in actions.drain(..) {
-            execute(&endpoint, &mut waiting, action).await;
+            execute(&endpoint, &mut waiting, action, loud).await;
         }
         let wake = state
             .next_wakeup()
@@ -174,6 +176,7 @@ async fn execute(
     endpoint: &Endpoint,
     waiting: &mut HashMap<u64, oneshot::Sender<IntroResult>>,
     action: Action,
+    loud: bool,
 ) {
     match action {
         Action::Send { to, message } => endpoint.send_introduction(to, &message).await,
@@ -183,20 +186,20 @@ async fn execute(
                 let _ = reply.send(result);
             }
         }
-        Action::NatDetected {
-            kind: NatKind::Unknown,
-            ..
-        } => tracing::info!(
-            "no introducer answered; peers behind NATs are reachable only if they punch this host"
-        ),
-        Action::NatDetected {
-            kind,
-            observed: Some(observed),
-        } => tracing::info!(
-            "the introducer sees this host at {observed}, behind {}",
-            kind.describe()
-        ),
-        Action::NatDetected { .. } => {}
+        Action::NatDetected { kind, observed } => {
+            let message = match (kind, observed) {
+                (NatKind::Unknown, _) | (_, None) => "no introducer answered; peers behind NATs are reachable only if they punch this host (start `grenache-host dht`, or pass --introducer)".to_string(),
+                (kind, Some(observed)) => format!(
+                    "the introducer sees this host at {observed}, behind {}",
+                    kind.describe()
+                ),
+            };
+            if loud {
+                tracing::info!("{message}");
+            } else {
+                tracing::debug!("{message}");
+            }
+        }
         Action::PunchRequested(peer) => {
             tracing::info!(%peer, "introduced to a peer that wants to connect; punching it")
         }

@@ -17,8 +17,9 @@
 //!    asks the introducer for an introduction. If the peer is registered, the
 //!    introducer answers with the peer's observed address and asks the peer
 //!    (over the peer's open mapping) to punch the caller's observed address.
-//!    Both sides then punch each other at once ([`HANDSHAKE_PUNCH_INTERVAL`])
-//!    until each has heard the other, and the caller's uTP connect goes
+//!    Both sides then punch each other at once, again after
+//!    [`HANDSHAKE_PUNCH_INTERVAL`] and at doubling intervals, until each has
+//!    heard the other, and the caller's uTP connect goes
 //!    through. When theory rules a direct path out (a symmetric NAT facing a
 //!    port-restricted or symmetric one), the introducer says so at once.
 //! 4. **Keep alive.** Paths made this way are punched every keepalive
@@ -49,6 +50,11 @@ const REGISTRATION_TTL: Duration = Duration::from_secs(12);
 /// An introduction the peer may not have received is re-sent to it when it
 /// next registers, for this long.
 const PENDING_TTL: Duration = Duration::from_secs(6);
+/// Most hosts an introducer keeps registered; more are refused (a flood of
+/// registrations cannot grow it without bound).
+const MAX_REGISTRATIONS: usize = 65_536;
+/// Most punch requests an introducer keeps for re-sending.
+const MAX_PENDING: usize = 4_096;
 /// A request to the introducer is re-sent this often until answered.
 const RETRY: Duration = Duration::from_millis(250);
 /// How long the NAT probe may take before the introducer counts as unreachable.
@@ -58,8 +64,12 @@ const PROBE_DEADLINE: Duration = Duration::from_millis(1500);
 const FILTER_GRACE: Duration = Duration::from_millis(30);
 /// How long an introduction may wait for the introducer's answer.
 const INTRODUCE_DEADLINE: Duration = Duration::from_millis(1500);
-/// While two hosts open a path, each punches the other this often.
+/// While two hosts open a path, each punches the other at once, then after
+/// this long, then at doubling intervals up to [`HANDSHAKE_MAX_INTERVAL`]: a
+/// lost punch costs little, and a forged introduction request makes a host
+/// send no more than a handful of punches (about ten in [`HANDSHAKE_TIME`]).
 pub const HANDSHAKE_PUNCH_INTERVAL: Duration = Duration::from_millis(50);
+const HANDSHAKE_MAX_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a host punches a peer it was introduced to without hearing it.
 const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
 /// The default interval of keepalive punches on idle paths.
@@ -192,6 +202,8 @@ pub struct Introducer {
     hosts: HashMap<SocketAddr, Registration>,
     /// Punch requests re-sent when their target next registers.
     pending: Vec<(SocketAddr, Instant, Message)>,
+    /// When expired registrations and punch requests are next dropped.
+    next_sweep: Option<Instant>,
 }
 
 impl Introducer {
@@ -212,8 +224,11 @@ impl Introducer {
         from: SocketAddr,
         message: Message,
     ) -> Vec<Outgoing> {
-        self.hosts.retain(|_, r| r.expires > now);
-        self.pending.retain(|(_, until, _)| *until > now);
+        if self.next_sweep.is_none_or(|at| now >= at) {
+            self.next_sweep = Some(now + Duration::from_secs(1));
+            self.hosts.retain(|_, r| r.expires > now);
+            self.pending.retain(|(_, until, _)| *until > now);
+        }
         let reply = |message| Outgoing {
             via,
             to: from,
@@ -232,6 +247,9 @@ impl Introducer {
             ],
             Message::Probe { id } => vec![reply(Message::Observed { id, addr: from })],
             Message::Register { id, port, nat } => {
+                if self.hosts.len() >= MAX_REGISTRATIONS && !self.hosts.contains_key(&from) {
+                    return vec![]; // Full: the host retries at its next registration.
+                }
                 self.hosts.insert(
                     from,
                     Registration {
@@ -241,20 +259,24 @@ impl Introducer {
                     },
                 );
                 let mut out = vec![reply(Message::Observed { id, addr: from })];
-                out.extend(self.pending.iter().filter(|(to, _, _)| *to == from).map(
-                    |(to, _, m)| Outgoing {
-                        via: Port::Main,
-                        to: *to,
-                        message: m.clone(),
-                    },
-                ));
+                out.extend(
+                    self.pending
+                        .iter()
+                        .filter(|(to, until, _)| *to == from && *until > now)
+                        .map(|(to, _, m)| Outgoing {
+                            via: Port::Main,
+                            to: *to,
+                            message: m.clone(),
+                        }),
+                );
                 out
             }
             Message::Introduce { id, peer, nat } => {
                 // The DHT knows the peer by its public IP and its *local* RPC
                 // port; behind a symmetric NAT the observed port differs.
                 let found = self.hosts.iter().find(|(addr, r)| {
-                    *addr == &peer || (addr.ip() == peer.ip() && r.port == peer.port())
+                    r.expires > now
+                        && (*addr == &peer || (addr.ip() == peer.ip() && r.port == peer.port()))
                 });
                 let outcome = match found {
                     None => Outcome::Unknown,
@@ -276,7 +298,9 @@ impl Introducer {
                     let ask = Message::PunchRequest { peer: from, nat };
                     self.pending
                         .retain(|(to, _, m)| !(*to == addr && *m == ask));
-                    self.pending.push((addr, now + PENDING_TTL, ask.clone()));
+                    if self.pending.len() < MAX_PENDING {
+                        self.pending.push((addr, now + PENDING_TTL, ask.clone()));
+                    }
                     let ask = Outgoing {
                         via: Port::Main,
                         to: addr,
@@ -371,6 +395,7 @@ struct PendingIntro {
 struct Handshake {
     nat: NatKind,
     next_punch: Instant,
+    interval: Duration,
     until: Instant,
 }
 
@@ -460,6 +485,11 @@ impl HostIntroductions {
     /// This host's NAT, as far as measured.
     pub fn nat(&self) -> NatKind {
         self.nat
+    }
+
+    /// Whether this host registers with the introducer (serves behind a NAT).
+    pub fn registers(&self) -> bool {
+        self.register
     }
 
     fn id(&mut self) -> u64 {
@@ -573,7 +603,8 @@ impl HostIntroductions {
         self.handshakes.retain(|_, h| h.until > now);
         for (&peer, handshake) in self.handshakes.iter_mut() {
             if now >= handshake.next_punch {
-                handshake.next_punch = now + HANDSHAKE_PUNCH_INTERVAL;
+                handshake.next_punch = now + handshake.interval;
+                handshake.interval = (handshake.interval * 2).min(HANDSHAKE_MAX_INTERVAL);
                 out.push(Action::Punch(peer));
             }
         }
@@ -719,6 +750,7 @@ impl HostIntroductions {
             Handshake {
                 nat,
                 next_punch: now,
+                interval: HANDSHAKE_PUNCH_INTERVAL,
                 until: now + HANDSHAKE_TIME,
             },
         );

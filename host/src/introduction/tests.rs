@@ -399,12 +399,25 @@ fn lost_punches_are_made_up_by_the_handshake() {
         Some((_, IntroResult::Punched { .. }))
     ));
     let open = sim.path_open_at().expect("the path opens");
-    // Six punches lost: three handshake rounds later.
+    // Six punches lost: the fourth round (after 50 + 100 + 200 ms) gets through.
+    let fourth_round = HANDSHAKE_PUNCH_INTERVAL * 7;
     assert!(
-        open <= sim.at(500) + 5 * HANDSHAKE_PUNCH_INTERVAL,
+        open <= sim.at(500) + fourth_round + 3 * LATENCY,
         "{:?}",
         open - sim.t0
     );
+}
+
+#[test]
+fn an_unanswered_handshake_sends_only_a_handful_of_punches() {
+    // Host 1 is asked to punch a peer that never answers (a forged request,
+    // or a peer that is gone): host 0 stops listening to introductions. Its
+    // full-cone NAT lets every punch in, so they can be counted.
+    let (mut sim, _) = introduce_after_registration([Kind::FullCone, Kind::PortRestricted]);
+    sim.hosts[0].state = HostIntroductions::new(sim.now, None, 1, false, DEFAULT_KEEPALIVE);
+    sim.run_until(500 + HANDSHAKE_TIME.as_millis() as u64 + 1_000, &[]);
+    let punches = sim.hosts[0].punched_by.len();
+    assert!((5..=12).contains(&punches), "{punches} punches");
 }
 
 #[test]
@@ -561,6 +574,27 @@ fn paths_in_use_are_kept_alive_and_idle_ones_are_let_go() {
     );
     let after_ttl = idle_from + PATH_TTL + Duration::from_secs(1);
     assert_eq!(punches_from_0(&sim, after_ttl), 0);
+}
+
+#[test]
+fn a_flood_of_registrations_is_capped() {
+    let mut introducer = Introducer::new();
+    let now = Instant::now();
+    for i in 0..MAX_REGISTRATIONS + 10 {
+        let from = SocketAddr::new(ip(10, (i >> 16) as u8, (i >> 8) as u8, i as u8), 9);
+        let message = Message::Register {
+            id: 1,
+            port: 9,
+            nat: NatKind::Open,
+        };
+        introducer.on_message(now, Port::Main, from, message);
+    }
+    assert_eq!(introducer.registered(), MAX_REGISTRATIONS);
+    // They expire, and make room.
+    let later = now + REGISTRATION_TTL + Duration::from_secs(1);
+    let probe = Message::Probe { id: 2 };
+    introducer.on_message(later, Port::Main, SocketAddr::new(INTRODUCER, 1), probe);
+    assert_eq!(introducer.registered(), 0);
 }
 
 #[test]
