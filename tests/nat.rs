@@ -4,41 +4,19 @@
 mod common;
 
 use common::lab::{Home, Lab, NatType, PUBLIC_IP};
-use common::{plugin, HostProcess, SOON};
+use common::{HostProcess, SOON};
 
 /// `run plugins/consumer.wasm` on the public host, once it has announced.
 fn public_consumer(lab: &Lab, bootstrap: &str) -> HostProcess {
-    let wasm = plugin("consumer");
-    let listen = format!("{PUBLIC_IP}:0");
-    let args = [
-        "run",
-        wasm.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--bootstrap",
-        bootstrap,
-    ];
-    let consumer = lab.host(&lab.public, "consumer (public)", &args);
+    let consumer = lab.run_plugin((&lab.public, PUBLIC_IP), "consumer", bootstrap, &[]);
     consumer.wait_for("announced fibonacci_consumer", SOON);
     consumer
 }
 
 /// `run plugins/fibonacci.wasm` in `home`, punching with `--behind-nat` or not.
 fn worker_behind_nat(lab: &Lab, home: &Home, bootstrap: &str, punching: bool) -> HostProcess {
-    let wasm = plugin("fibonacci");
-    let listen = format!("{}:0", home.host_ip);
-    let mut args = vec![
-        "run",
-        wasm.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--bootstrap",
-        bootstrap,
-    ];
-    if punching {
-        args.push("--behind-nat");
-    }
-    lab.host(&home.host, "worker (behind NAT)", &args)
+    let extra: &[&str] = if punching { &["--behind-nat"] } else { &[] };
+    lab.run_plugin(home.host_at(), "fibonacci", bootstrap, extra)
 }
 
 #[test]

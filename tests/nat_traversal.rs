@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lab::{Home, Lab, NatType};
-use common::{plugin, HostProcess, Shown, SOON};
+use common::{HostProcess, Shown, SOON};
 
 const SEQUENCE: &str = "[1,1,2,3,5,8,13,21,34,55]\n";
 
@@ -22,21 +22,9 @@ fn serve_behind_nat(
     plugin_name: &str,
     extra: &[&str],
 ) -> (HostProcess, u16) {
-    let wasm = plugin(plugin_name);
-    let listen = format!("{}:0", home.host_ip);
-    let mut args = vec![
-        "run",
-        wasm.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--bootstrap",
-        bootstrap,
-        "--behind-nat",
-        "--control",
-        "off",
-    ];
+    let mut args = vec!["--behind-nat", "--control", "off"];
     args.extend_from_slice(extra);
-    let host = lab.host(&home.host, plugin_name, &args);
+    let host = lab.run_plugin(home.host_at(), plugin_name, bootstrap, &args);
     let line = host.wait_for("listening on ", SOON);
     let port = line.rsplit(' ').next().unwrap().parse().unwrap();
     host.wait_for("the introducer sees this host at", SOON);
@@ -76,15 +64,26 @@ fn ask_consumer(lab: &Lab, home: &Home, consumer_port: u16) -> Shown {
     )
 }
 
+/// A lab with a caller's home behind `caller` and a worker's behind
+/// `server`, the public DHT node, and the worker serving behind its NAT.
+fn worker_across_nats(
+    test: &str,
+    caller: NatType,
+    server: NatType,
+) -> Option<(Lab, HostProcess, HostProcess, String)> {
+    let lab = Lab::build(test, &[caller, server])?;
+    let (dht, bootstrap) = lab.public_dht();
+    let (worker, _) = serve_behind_nat(&lab, &lab.homes[1], &bootstrap, "fibonacci", &[]);
+    Some((lab, dht, worker, bootstrap))
+}
+
 /// The worker behind `server`'s NAT, a caller behind `caller`'s: a plain
 /// `call` and the consumer plugin's `request` both get the sequence.
 fn reaches_across_nats(test: &str, caller: NatType, server: NatType) {
-    let Some(lab) = Lab::build(test, &[caller, server]) else {
+    let Some((lab, _dht, worker, bootstrap)) = worker_across_nats(test, caller, server) else {
         return;
     };
-    let (a, b) = (&lab.homes[0], &lab.homes[1]);
-    let (_dht, bootstrap) = lab.public_dht();
-    let (worker, _) = serve_behind_nat(&lab, b, &bootstrap, "fibonacci", &[]);
+    let a = &lab.homes[0];
 
     let (r, took) = call_worker_from(&lab, a, &bootstrap);
     assert_eq!(
@@ -121,12 +120,10 @@ fn reaches_across_nats(test: &str, caller: NatType, server: NatType) {
 
 /// A pair theory rules out: both ways of calling fail at once, saying why.
 fn is_refused_across_nats(test: &str, caller: NatType, server: NatType) {
-    let Some(lab) = Lab::build(test, &[caller, server]) else {
+    let Some((lab, _dht, worker, bootstrap)) = worker_across_nats(test, caller, server) else {
         return;
     };
-    let (a, b) = (&lab.homes[0], &lab.homes[1]);
-    let (_dht, bootstrap) = lab.public_dht();
-    let (worker, _) = serve_behind_nat(&lab, b, &bootstrap, "fibonacci", &[]);
+    let a = &lab.homes[0];
 
     let (r, took) = call_worker_from(&lab, a, &bootstrap);
     assert_eq!(r.code, 2, "{caller:?} → {server:?}: {}", r.stdout);

@@ -40,6 +40,13 @@ pub struct Home {
     pub nat: NatType,
 }
 
+impl Home {
+    /// The host's namespace and address, for [`Lab::run_plugin`].
+    pub fn host_at(&self) -> (&str, &str) {
+        (&self.host, self.host_ip)
+    }
+}
+
 /// A built lab; torn down on drop.
 pub struct Lab {
     namespaces: Vec<String>,
@@ -333,6 +340,29 @@ impl Lab {
     /// Starts `grenache-host <args>` inside namespace `ns`.
     pub fn host(&self, ns: &str, name: &str, args: &[&str]) -> HostProcess {
         HostProcess::spawn_command(name, self.command(ns, &host_bin(), args))
+    }
+
+    /// `run plugins/<plugin>.wasm` in namespace `ns` on address `ip`, joined
+    /// through `bootstrap`, with `extra` flags.
+    pub fn run_plugin(
+        &self,
+        (ns, ip): (&str, &str),
+        plugin: &str,
+        bootstrap: &str,
+        extra: &[&str],
+    ) -> HostProcess {
+        let wasm = super::plugin(plugin);
+        let listen = format!("{ip}:0");
+        let mut args = vec![
+            "run",
+            wasm.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--bootstrap",
+            bootstrap,
+        ];
+        args.extend_from_slice(extra);
+        self.host(ns, &format!("{plugin} at {ip}"), &args)
     }
 
     /// Runs `grenache-host <args>` inside `ns` to the end.
