@@ -59,6 +59,11 @@ const MAX_PENDING: usize = 4_096;
 const RETRY: Duration = Duration::from_millis(250);
 /// How long the NAT probe may take before the introducer counts as unreachable.
 const PROBE_DEADLINE: Duration = Duration::from_millis(1500);
+/// How long after a failed probe the host probes again (the introducer may
+/// start later than the host, or restart).
+const PROBE_RETRY: Duration = Duration::from_secs(30);
+/// Most paths a host keeps alive; the least recently used goes first.
+const MAX_PATHS: usize = 4_096;
 /// After the main port answers, how long the host waits for the filter test
 /// before probing the other port (which opens its NAT to that port).
 const FILTER_GRACE: Duration = Duration::from_millis(30);
@@ -440,6 +445,10 @@ pub struct HostIntroductions {
     probe: Probe,
     filter_open: bool,
     probe_id: u64,
+    /// Set while the introducer is unreachable: when to probe again.
+    retry_probe_at: Option<Instant>,
+    /// The NAT kind last reported, so a failed retry is not reported again.
+    reported: Option<NatKind>,
     next_register: Instant,
     intros: HashMap<u64, PendingIntro>,
     handshakes: HashMap<SocketAddr, Handshake>,
@@ -474,6 +483,8 @@ impl HostIntroductions {
             },
             filter_open: false,
             probe_id,
+            retry_probe_at: None,
+            reported: None,
             next_register: now,
             intros: HashMap::new(),
             handshakes: HashMap::new(),
@@ -501,11 +512,17 @@ impl HostIntroductions {
         !matches!(self.probe, Probe::Done)
     }
 
+    /// The introducer to use now: known, probed and answering.
+    fn ready(&self) -> Option<IntroducerAddr> {
+        self.introducer
+            .filter(|_| !self.probing() && self.retry_probe_at.is_none())
+    }
+
     /// Asks for an introduction to `peer`; the answer comes back as
     /// [`Action::Introduced`] with the returned id.
     pub fn introduce(&mut self, now: Instant, peer: SocketAddr) -> (u64, Vec<Action>) {
         let id = self.id();
-        if self.introducer.is_none() {
+        if self.introducer.is_none() || self.retry_probe_at.is_some() {
             let result = IntroResult::Direct;
             return (id, vec![Action::Introduced { id, result }]);
         }
@@ -535,10 +552,9 @@ impl HostIntroductions {
                 Some((*next_send).min(self.started + PROBE_DEADLINE))
             }
             Probe::Grace { alt_at, .. } => Some(*alt_at),
-            Probe::Done => None,
+            Probe::Done => self.retry_probe_at,
         };
-        let register = (self.register && self.introducer.is_some() && !self.probing())
-            .then_some(self.next_register);
+        let register = (self.register && self.ready().is_some()).then_some(self.next_register);
         let intros = self
             .intros
             .values()
@@ -557,13 +573,15 @@ impl HostIntroductions {
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
         let mut out = vec![];
         self.poll_probe(now, &mut out);
-        let Some(introducer) = self.introducer else {
-            return out;
-        };
-        if self.probing() {
-            // Registering and introducing need our NAT's kind.
-            return out;
+        self.poll_punches(now, &mut out);
+        // Registering and introducing need our NAT's kind.
+        if let Some(introducer) = self.ready() {
+            self.poll_introducer(now, introducer, &mut out);
         }
+        out
+    }
+
+    fn poll_introducer(&mut self, now: Instant, introducer: IntroducerAddr, out: &mut Vec<Action>) {
         if self.register && now >= self.next_register {
             self.next_register = now + REGISTER_INTERVAL;
             let message = Message::Register {
@@ -600,6 +618,9 @@ impl HostIntroductions {
                 result: IntroResult::Direct,
             });
         }
+    }
+
+    fn poll_punches(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.handshakes.retain(|_, h| h.until > now);
         for (&peer, handshake) in self.handshakes.iter_mut() {
             if now >= handshake.next_punch {
@@ -616,20 +637,33 @@ impl HostIntroductions {
                 out.push(Action::Punch(peer));
             }
         }
-        out
     }
 
     fn poll_probe(&mut self, now: Instant, out: &mut Vec<Action>) {
         let Some(introducer) = self.introducer else {
             return;
         };
+        if self.retry_probe_at.is_some_and(|at| now >= at) {
+            self.retry_probe_at = None;
+            self.probe_id = self.id();
+            self.filter_open = false;
+            self.started = now;
+            self.probe = Probe::Main {
+                id: self.probe_id,
+                next_send: now,
+            };
+        }
         if self.probing() && now >= self.started + PROBE_DEADLINE {
             self.probe = Probe::Done;
-            out.push(Action::NatDetected {
-                kind: NatKind::Unknown,
-                observed: None,
-            });
-            // Without an introducer, nobody can introduce anyone.
+            self.retry_probe_at = Some(now + PROBE_RETRY);
+            if self.reported != Some(NatKind::Unknown) {
+                self.reported = Some(NatKind::Unknown);
+                out.push(Action::NatDetected {
+                    kind: NatKind::Unknown,
+                    observed: None,
+                });
+            }
+            // While nobody answers, nobody can introduce anyone.
             for id in self.intros.keys().copied().collect::<Vec<_>>() {
                 self.intros.remove(&id);
                 out.push(Action::Introduced {
@@ -637,7 +671,6 @@ impl HostIntroductions {
                     result: IntroResult::Direct,
                 });
             }
-            self.introducer = None;
             return;
         }
         match &mut self.probe {
@@ -703,6 +736,7 @@ impl HostIntroductions {
                         NatKind::PortRestricted
                     };
                     self.probe = Probe::Done;
+                    self.reported = Some(self.nat);
                     let mut out = vec![Action::NatDetected {
                         kind: self.nat,
                         observed: Some(main),
@@ -745,6 +779,16 @@ impl HostIntroductions {
     }
 
     fn start_handshake(&mut self, now: Instant, peer: SocketAddr, nat: NatKind) {
+        if self.paths.len() >= MAX_PATHS && !self.paths.contains_key(&peer) {
+            let oldest = self
+                .paths
+                .iter()
+                .min_by_key(|(_, p)| p.last_used)
+                .map(|(a, _)| *a);
+            if let Some(oldest) = oldest {
+                self.paths.remove(&oldest);
+            }
+        }
         self.handshakes.insert(
             peer,
             Handshake {

@@ -521,6 +521,27 @@ fn without_an_introducer_every_peer_is_called_directly() {
 }
 
 #[test]
+fn an_introducer_that_starts_late_is_found_at_the_next_probe() {
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::FullCone]);
+    // The introducer is down for the first five seconds.
+    sim.loss = Box::new(|_, to, _| to.ip() == INTRODUCER);
+    sim.run_until(5_000, &[]);
+    assert_eq!(sim.hosts[1].detected, Some(NatKind::Unknown));
+    assert_eq!(sim.introducer.registered(), 0);
+    sim.loss = Box::new(|_, _, _| false);
+    sim.run_until(PROBE_RETRY.as_millis() as u64 + 2_000, &[]);
+    assert_eq!(sim.hosts[1].detected, Some(NatKind::Open));
+    assert_eq!(sim.introducer.registered(), 2, "both hosts registered");
+    let peer = sim.announced(1);
+    let id = sim.introduce(0, peer);
+    sim.run_until(PROBE_RETRY.as_millis() as u64 + 3_000, &[]);
+    assert!(matches!(
+        sim.result(0, id),
+        Some((_, IntroResult::Punched { .. }))
+    ));
+}
+
+#[test]
 fn paths_in_use_are_kept_alive_and_idle_ones_are_let_go() {
     let (mut sim, id) = introduce_after_registration([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(1_000, &[]);
