@@ -97,7 +97,7 @@ fn reaches_across_nats(test: &str, caller: NatType, server: NatType) {
     let figures: Vec<&str> = r
         .stderr
         .lines()
-        .filter(|l| l.contains("direct path through the NATs") || l.contains("first reply"))
+        .filter(|l| l.contains("opened by an introduction") || l.contains("first reply"))
         .filter_map(|l| l.split("  INFO ").nth(1))
         .collect();
     eprintln!("{caller:?} → {server:?}: call took {took:?}; {figures:?}");
@@ -253,7 +253,7 @@ fn an_idle_path_is_kept_open_by_keepalives() {
     // The old path carried it: no silence, no second introduction.
     assert_eq!(consumer.count("went silent"), 0, "{}", consumer.output());
     assert_eq!(
-        consumer.count("direct path through the NATs"),
+        consumer.count("opened by an introduction"),
         1,
         "{}",
         consumer.output()
@@ -286,7 +286,7 @@ fn a_router_that_forgets_the_path_costs_one_slow_request() {
     let consumer = &hosts[2];
     assert_eq!(consumer.count("went silent"), 1, "{}", consumer.output());
     assert_eq!(
-        consumer.count("direct path through the NATs"),
+        consumer.count("opened by an introduction"),
         2,
         "{}",
         consumer.output()

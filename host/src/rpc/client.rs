@@ -184,7 +184,7 @@ impl RpcClient {
             .await
         {
             Err(SendError::Silent(e)) if Instant::now() < deadline => {
-                tracing::info!(%peer, "the path through the NATs went silent ({e}); introducing again and resending");
+                tracing::info!(%peer, "the introduced path went silent ({e}); introducing again and resending");
                 match self.send_once(peer, key, payload, deadline, deadline).await {
                     Err(SendError::Silent(e)) => Err(SendError::Lost(e)),
                     other => other,
@@ -303,7 +303,7 @@ impl RpcClient {
                     .await?;
                 tracing::info!(
                     %peer,
-                    "direct path through the NATs to {at}: introduced in {:.1} ms, connected {:.1} ms later",
+                    "direct path to {at} opened by an introduction: introducer answered in {:.1} ms, connected {:.1} ms later",
                     answered.as_secs_f64() * 1e3,
                     (started.elapsed() - answered).as_secs_f64() * 1e3
                 );
