@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,11 @@ const CONNECT_BUDGET_PER_PEER: Duration = Duration::from_millis(1500);
 /// How long a lookup may take out of a request's deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often requests on an introduced path tell the introductions that it
+/// is in use (its keepalive lasts minutes after the last use; telling it at
+/// every request would wake its driver at every request).
+const USE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Wakes a request: `Some(reply)`, or `None` when its deadline passed.
 type Waiter = oneshot::Sender<Option<Reply>>;
 /// The connection to one peer, if open; locked while connecting.
@@ -48,10 +54,11 @@ struct Connection {
     deadline_added: tokio::sync::Notify,
     /// The address of a path opened by an introduction.
     introduced: Option<SocketAddr>,
-    /// Until its first reply: when the introducer answered (for the log).
-    introduced_at: Mutex<Option<Instant>>,
-    /// When the peer last sent us anything on this connection.
-    last_heard: Mutex<Instant>,
+    /// How many times the peer has sent us something on this connection.
+    reads: AtomicU64,
+    opened: Instant,
+    /// When use of the path was last reported, in seconds after `opened`.
+    use_reported: AtomicU64,
 }
 
 impl Connection {
@@ -63,8 +70,21 @@ impl Connection {
         self.lock_pending().is_closed()
     }
 
-    fn heard_since(&self, at: Instant) -> bool {
-        *self.last_heard.lock().unwrap_or_else(|p| p.into_inner()) >= at
+    fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// The introduced path's address, if its use is due to be reported.
+    fn use_to_report(&self) -> Option<SocketAddr> {
+        let addr = self.introduced?;
+        let now = self.opened.elapsed().as_secs();
+        let last = self.use_reported.load(Ordering::Relaxed);
+        let due = now >= last + USE_REPORT_INTERVAL.as_secs();
+        (due && self
+            .use_reported
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok())
+        .then_some(addr)
     }
 }
 
@@ -203,7 +223,7 @@ impl RpcClient {
         connect_by: Instant,
         deadline: Instant,
     ) -> Result<Reply, SendError> {
-        let connection = self.connection(peer, connect_by).await.map_err(|e| {
+        let (connection, introduced_at) = self.connection(peer, connect_by).await.map_err(|e| {
             SendError::Unreachable(match e {
                 ConnectError::Timeout { .. } => OutboundError::Timeout(e.to_string()),
                 ConnectError::Failed { .. } | ConnectError::Impossible(_) => {
@@ -211,7 +231,8 @@ impl RpcClient {
                 }
             })
         })?;
-        if let (Some(introductions), Some(addr)) = (&self.introductions, connection.introduced) {
+        if let (Some(introductions), Some(addr)) = (&self.introductions, connection.use_to_report())
+        {
             introductions.used(addr);
         }
         let rid = codec::new_rid();
@@ -235,6 +256,7 @@ impl RpcClient {
         }
         // The connection task may be sleeping until a later deadline.
         connection.deadline_added.notify_one();
+        let reads_before = connection.reads();
         {
             // One whole message per write: Node peers parse each packet alone.
             let mut writer = connection.writer.lock().await;
@@ -243,16 +265,11 @@ impl RpcClient {
                 return Err(lost(&format!("failed while sending: {e}")));
             }
         }
-        let sent_at = Instant::now();
         // The connection task answers: a reply, an expiry, or a dropped
         // sender when the connection dies.
         match rx.await {
             Ok(Some(reply)) => {
-                let introduced_at = connection
-                    .introduced_at
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
+                // This request opened the path: its reply is the first.
                 if let Some(at) = introduced_at {
                     tracing::info!(
                         %peer,
@@ -265,7 +282,7 @@ impl RpcClient {
             Ok(None) => Err(SendError::Lost(OutboundError::Timeout(format!(
                 "no reply from {peer} for {key} in time"
             )))),
-            Err(_) if connection.introduced.is_some() && !connection.heard_since(sent_at) => {
+            Err(_) if connection.introduced.is_some() && connection.reads() == reads_before => {
                 Err(SendError::Silent(OutboundError::Transport(format!(
                     "connection to {peer} went silent"
                 ))))
@@ -312,12 +329,14 @@ impl RpcClient {
         }
     }
 
-    /// The open connection to `peer`, connecting if there is none.
+    /// The open connection to `peer`, connecting if there is none; when this
+    /// call opened it through an introduction, also when the introducer
+    /// answered.
     async fn connection(
         &self,
         peer: SocketAddr,
         connect_by: Instant,
-    ) -> Result<Arc<Connection>, ConnectError> {
+    ) -> Result<(Arc<Connection>, Option<Instant>), ConnectError> {
         let slot = self
             .connections
             .lock()
@@ -327,7 +346,7 @@ impl RpcClient {
             .clone();
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
+            return Ok((c.clone(), None));
         }
         let (stream, introduced) = self.open(peer, connect_by).await?;
         let (mut reader, writer) = stream.split();
@@ -336,8 +355,10 @@ impl RpcClient {
             pending: Mutex::default(),
             deadline_added: tokio::sync::Notify::new(),
             introduced: introduced.map(|(addr, _)| addr),
-            introduced_at: Mutex::new(introduced.map(|(_, at)| at)),
-            last_heard: Mutex::new(Instant::now()),
+            reads: AtomicU64::new(0),
+            // The introduction itself counts as use.
+            opened: Instant::now(),
+            use_reported: AtomicU64::new(0),
         });
         let max_message = self.max_message;
         let task_connection = connection.clone();
@@ -367,10 +388,7 @@ impl RpcClient {
                     }
                     _ = connection.deadline_added.notified() => continue,
                 };
-                *connection
-                    .last_heard
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                connection.reads.fetch_add(1, Ordering::Relaxed);
                 decoder.push(&buf[..n]);
                 loop {
                     match decoder.next_message() {
@@ -392,7 +410,7 @@ impl RpcClient {
             tracing::debug!(%peer, "connection {why}; {} waiting request(s) fail", failed.len());
         });
         *slot = Some(connection.clone());
-        Ok(connection)
+        Ok((connection, introduced.map(|(_, at)| at)))
     }
 }
 
