@@ -480,7 +480,6 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let introductions = crate::node::IntroOptions {
                 introducer,
-                register: behind_nat,
                 keepalive: parse_duration(&keepalive).expect("checked by clap"),
             };
             let config = crate::node::NodeConfig {

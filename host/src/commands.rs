@@ -260,10 +260,9 @@ async fn client(dht: &BootstrapArgs, args: &ClientArgs) -> Result<ClientParts, E
     }
     let intro = IntroOptions {
         introducer: dht.introducer().map_err(usage_error)?,
-        register: false,
         keepalive: DEFAULT_KEEPALIVE,
     };
-    let parts = ClientParts::start(args.listen, bootstrap, DEFAULT_MAX_MESSAGE, &intro)
+    let parts = ClientParts::start(args.listen, bootstrap, DEFAULT_MAX_MESSAGE, &intro, false)
         .await
         .map_err(|e| usage_error(format!("{e:#}")))?;
     // No waiting for the join to finish (it lasts until every node found has

@@ -39,9 +39,6 @@ pub struct NodeConfig {
 pub struct IntroOptions {
     /// The introducer; `None` for none (peers are connected to as announced).
     pub introducer: Option<IntroducerAddr>,
-    /// Register with the introducer so that callers can be introduced to
-    /// this host (`run --behind-nat`).
-    pub register: bool,
     /// Interval of keepalive punches on introduced paths.
     pub keepalive: Duration,
 }
@@ -56,12 +53,15 @@ pub struct ClientParts {
 
 impl ClientParts {
     /// Binds the socket at `listen`, starts a DHT node on the same IP that
-    /// joins through `bootstrap`, and starts introductions.
+    /// joins through `bootstrap`, and starts introductions; a host
+    /// `behind_nat` registers with the introducer so that callers can be
+    /// introduced to it.
     pub async fn start(
         listen: SocketAddr,
         bootstrap: &[String],
         max_message: usize,
         intro: &IntroOptions,
+        behind_nat: bool,
     ) -> anyhow::Result<Self> {
         let (endpoint, introductions) = Endpoint::bind(listen).await?;
         let dht_ip = match listen.ip() {
@@ -78,7 +78,7 @@ impl ClientParts {
             Instant::now(),
             intro.introducer,
             endpoint.local_addr().port(),
-            intro.register,
+            behind_nat,
             intro.keepalive,
         );
         let handle = crate::introducer::spawn(endpoint.clone(), introductions, state);
@@ -132,14 +132,18 @@ impl Node {
     /// Starts everything; returns once the socket is bound and the plugins
     /// are loaded (announcing and punching carry on in the background).
     pub async fn start(config: NodeConfig, runtime: Runtime) -> anyhow::Result<Node> {
-        let mut intro = config.introductions.clone();
-        intro.register = config.behind_nat;
         let ClientParts {
             endpoint,
             discovery,
             client,
-        } = ClientParts::start(config.listen, &config.bootstrap, config.max_message, &intro)
-            .await?;
+        } = ClientParts::start(
+            config.listen,
+            &config.bootstrap,
+            config.max_message,
+            &config.introductions,
+            config.behind_nat,
+        )
+        .await?;
         let punches = endpoint.punches();
         let network: Arc<dyn PluginNetwork> = Arc::new(NodeNetwork { client });
         let plugins = Arc::new(
