@@ -52,10 +52,10 @@ impl IntroducerSockets {
         let (mut main_buf, mut alt_buf) = ([0u8; MAX_DATAGRAM + 1], [0u8; MAX_DATAGRAM + 1]);
         loop {
             let (via, received) = tokio::select! {
-                r = self.main.recv_from(&mut main_buf) => (Port::Main, r.map(|(n, from)| (main_buf[..n].to_vec(), from))),
-                r = self.alt.recv_from(&mut alt_buf) => (Port::Alt, r.map(|(n, from)| (alt_buf[..n].to_vec(), from))),
+                r = self.main.recv_from(&mut main_buf) => (Port::Main, r),
+                r = self.alt.recv_from(&mut alt_buf) => (Port::Alt, r),
             };
-            let (bytes, from) = match received {
+            let (n, from) = match received {
                 Ok(r) => r,
                 Err(e) => {
                     // ICMP errors from hosts that went away: not ours to fix.
@@ -63,7 +63,11 @@ impl IntroducerSockets {
                     continue;
                 }
             };
-            let message = match introduction::decode(&bytes) {
+            let bytes = match via {
+                Port::Main => &main_buf[..n],
+                Port::Alt => &alt_buf[..n],
+            };
+            let message = match introduction::decode(bytes) {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::debug!(%from, "introducer dropped a bad datagram: {e}");
