@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{host, shown, start_dht, start_host, test_plugin, Shown};
+use common::{call_peer, host, shown, start_dht, start_host, test_plugin, Shown};
 
 /// (service, text the caller's error must contain)
 const FAULTS: &[(&str, &str)] = &[
@@ -19,20 +19,13 @@ const FAULTS: &[(&str, &str)] = &[
     ("slow_host_call", "time limit"),
 ];
 
-fn call_peer(peer: &str, service: &str) -> Shown {
-    shown(host(&[
-        "call",
-        service,
-        r#""ping""#,
-        "--peer",
-        peer,
-        "--timeout-ms",
-        "5000",
-    ]))
+/// Calls `service` on the host at `peer` with the payload `"ping"`.
+fn ping(peer: &str, service: &str) -> Shown {
+    call_peer(peer, service, r#""ping""#, &["--timeout-ms", "5000"])
 }
 
 fn echo_works(peer: &str, after: &str) {
-    let r = call_peer(peer, "echo");
+    let r = ping(peer, "echo");
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "\"ping\"\n"),
@@ -61,7 +54,7 @@ fn every_fault_costs_one_request_and_memory_returns_to_baseline() {
     let round = || {
         for (service, text) in FAULTS {
             let started = std::time::Instant::now();
-            let r = call_peer(&peer, service);
+            let r = ping(&peer, service);
             assert_eq!(
                 r.code, 1,
                 "{service}: the caller gets a Grenache error: {}{}",
@@ -119,7 +112,7 @@ fn an_answer_slower_than_the_peer_silence_limit_still_arrives() {
     let flags = ["--time-limit", "3500ms", "--control", "off"];
     let (_host, port) = start_host("slow host", &[&test_plugin("faulty")], &bootstrap, &flags);
     let peer = format!("127.0.0.1:{port}");
-    let r = call_peer(&peer, "loop");
+    let r = ping(&peer, "loop");
     assert_eq!(r.code, 1, "the caller lost the connection: {}", r.stderr);
     assert!(r.stderr.contains("time limit"), "{}", r.stderr);
     echo_works(&peer, "a slow request");

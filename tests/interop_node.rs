@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{host, node_peer, plugin, shown, start_dht, start_host, test_plugin, SOON};
+use common::{call_peer, node_peer, plugin, start_dht, start_host, test_plugin, SOON};
 
 #[test]
 fn node_sends_the_test_vectors_and_gets_byte_exact_replies() {
@@ -44,13 +44,7 @@ fn a_node_server_answers_our_call() {
     let line = node.wait_for("listening on ", SOON);
     let port = line.rsplit(' ').next().unwrap();
     let peer = format!("127.0.0.1:{port}");
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        r#"{"length":10}"#,
-        "--peer",
-        &peer,
-    ]));
+    let r = call_peer(&peer, "fibonacci_worker", r#"{"length":10}"#, &[]);
     assert_eq!(r.code, 0, "{}\n{}", r.stderr, node.output());
     assert_eq!(r.stdout, "[1,1,2,3,5,8,13,21,34,55]\n");
     node.wait_for(r#"request fibonacci_worker {"length":10}"#, SOON);

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lab::{Home, Lab, NatType};
-use common::{HostProcess, Shown, SOON};
+use common::{policy_file, HostProcess, Shown, SOON};
 
 const SEQUENCE: &str = "[1,1,2,3,5,8,13,21,34,55]\n";
 
@@ -200,7 +200,10 @@ const ESTABLISHED: u32 = 10;
 fn established_path(test: &str, keepalive: &str) -> Option<(Lab, [HostProcess; 3], u16)> {
     let lab = Lab::build(test, &[NatType::PortRestricted, NatType::PortRestricted])?;
     lab.set_udp_timeouts(UNREPLIED, ESTABLISHED);
-    let quiet = lab_policy(&lab);
+    let quiet = policy_file(
+        lab.scratch.path(),
+        "[defaults]\nmay_be_punched_for = false\n",
+    );
     let (a, b) = (&lab.homes[0], &lab.homes[1]);
     let (dht, bootstrap) = lab.public_dht();
     let extra = ["--config", quiet.as_str(), "--keepalive", keepalive];
@@ -209,13 +212,6 @@ fn established_path(test: &str, keepalive: &str) -> Option<(Lab, [HostProcess; 3
     let r = ask_consumer(&lab, a, port);
     assert_eq!((r.code, r.stdout.as_str()), (0, SEQUENCE), "{}", r.stderr);
     Some((lab, [dht, worker, consumer], port))
-}
-
-/// A policy file under which no plugin punches or hears punches.
-fn lab_policy(lab: &Lab) -> String {
-    let path = std::env::temp_dir().join(format!("{}-quiet.toml", lab.public));
-    std::fs::write(&path, "[defaults]\nmay_be_punched_for = false\n").unwrap();
-    path.display().to_string()
 }
 
 /// Waits `idle` doing nothing but watching the processes stay up.

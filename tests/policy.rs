@@ -2,29 +2,15 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{
-    host, invoke, plugin, shown, start_dht, start_host, test_plugin, HostProcess, Shown, SOON,
+    call_peer, host, invoke, plugin, policy_file, shown, start_dht, start_host, test_plugin,
+    HostProcess, Shown, SOON,
 };
 
-fn policy_file(dir: &Path, text: &str) -> String {
-    let path = dir.join("policy.toml");
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
-fn call_peer(port: u16, service: &str, payload: &str) -> Shown {
+/// Calls `service` on the loopback host listening on `port`.
+fn call_port(port: u16, service: &str, payload: &str) -> Shown {
     let peer = format!("127.0.0.1:{port}");
-    shown(host(&[
-        "call",
-        service,
-        payload,
-        "--peer",
-        &peer,
-        "--timeout-ms",
-        "5000",
-    ]))
+    call_peer(&peer, service, payload, &["--timeout-ms", "5000"])
 }
 
 #[test]
@@ -82,7 +68,7 @@ fn max_concurrent_refuses_the_excess_and_limits_come_from_the_file() {
     let peer = format!("127.0.0.1:{port}");
     let looping = HostProcess::spawn("looping call", &["call", "loop", "1", "--peer", &peer]);
     faulty.wait_for("request for loop", SOON);
-    let r = call_peer(port, "echo", "1");
+    let r = call_port(port, "echo", "1");
     assert_eq!(r.code, 1, "{}", r.stdout);
     assert!(
         r.stderr.contains("busy: 1 requests already running"),
@@ -91,7 +77,7 @@ fn max_concurrent_refuses_the_excess_and_limits_come_from_the_file() {
     );
     // The loop ends at the file's time limit, and then echo runs again.
     looping.wait_for("time limit of 1.5s", SOON);
-    let r = call_peer(port, "echo", "1");
+    let r = call_port(port, "echo", "1");
     assert_eq!((r.code, r.stdout.as_str()), (0, "1\n"), "{}", r.stderr);
 }
 
@@ -102,7 +88,7 @@ fn command_line_limits_override_the_file() {
     let config = policy_file(dir.path(), "[defaults]\nmemory_limit = \"48MiB\"\n");
     let flags = ["--config", config.as_str(), "--memory-limit", "16MiB"];
     let (_faulty, port) = start_host("faulty", &[&test_plugin("faulty")], &bootstrap, &flags);
-    let r = call_peer(port, "oom", "1");
+    let r = call_port(port, "oom", "1");
     assert!(r.stderr.contains("memory limit of 16 MiB"), "{}", r.stderr);
 }
 

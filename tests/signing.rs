@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{host, plugin, shown, spawn_listening, HostProcess};
+use common::{call_peer, host, plugin, shown, spawn_listening, HostProcess};
 
 /// Runs `keygen --out <dir>/<name>`; returns the public key's hex.
 fn keygen(dir: &Path, name: &str) -> String {
@@ -88,13 +88,7 @@ fn only_plugins_signed_by_a_trusted_key_run() {
     // Signed by the trusted key: it serves.
     sign(&fib, &ops_secret);
     let (_worker, peer) = signed_worker(&fib, &ops, &[]);
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        r#"{"length":5}"#,
-        "--peer",
-        &peer,
-    ]));
+    let r = call_peer(&peer, "fibonacci_worker", r#"{"length":5}"#, &[]);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "[1,1,2,3,5]\n"),
@@ -136,13 +130,7 @@ fn a_swap_to_an_unsigned_file_is_refused_and_the_signed_version_keeps_serving() 
         "{}",
         r.stderr
     );
-    let r = shown(host(&[
-        "call",
-        "fibonacci_worker",
-        r#"{"length":3}"#,
-        "--peer",
-        &peer,
-    ]));
+    let r = call_peer(&peer, "fibonacci_worker", r#"{"length":3}"#, &[]);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "[1,1,2]\n"),

@@ -53,6 +53,8 @@ pub struct Lab {
     /// The public host's namespace.
     pub public: String,
     pub homes: Vec<Home>,
+    /// A directory for the test's files (policy files), removed with the lab.
+    pub scratch: tempfile::TempDir,
 }
 
 /// The public host's address.
@@ -209,6 +211,7 @@ impl Lab {
             namespaces: vec![],
             public: ns("pub"),
             homes: vec![],
+            scratch: tempfile::tempdir().expect("a temporary directory"),
         };
         let add_ns = |lab: &mut Lab, name: String| {
             run(&["ip", "netns", "add", &name], None);

@@ -59,6 +59,20 @@ pub fn call(bootstrap: &str, service: &str, payload: &str, extra: &[&str]) -> Sh
     shown(host(&args))
 }
 
+/// `grenache-host call <service> <payload> --peer <peer> <extra>`: no DHT.
+pub fn call_peer(peer: &str, service: &str, payload: &str, extra: &[&str]) -> Shown {
+    let mut args = vec!["call", service, payload, "--peer", peer];
+    args.extend_from_slice(extra);
+    shown(host(&args))
+}
+
+/// Writes a policy file (`run --config`) into `dir`; returns its path.
+pub fn policy_file(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 /// `grenache-host invoke <plugin> <service> <payload> <extra>`.
 pub fn invoke(plugin: &std::path::Path, service: &str, payload: &str, extra: &[&str]) -> Shown {
     let plugin = plugin.to_str().expect("plugin paths are UTF-8");

@@ -110,6 +110,27 @@ fn introducer_addr() -> IntroducerAddr {
     IntroducerAddr::beside_dht(SocketAddr::new(INTRODUCER, 20001)).unwrap()
 }
 
+/// The state of a host serving behind a NAT at `local`, started at `now`.
+fn serving_host(now: Instant, local: SocketAddr) -> HostIntroductions {
+    HostIntroductions::new(
+        now,
+        Some(introducer_addr()),
+        local.port(),
+        true,
+        DEFAULT_KEEPALIVE,
+    )
+}
+
+/// Loses the first datagram that `matches`, and nothing else.
+fn lose_first(matches: fn(&Payload) -> bool) -> LossFn {
+    let mut lost = false;
+    Box::new(move |_, _, p| {
+        let lose = !lost && matches(p);
+        lost |= lose;
+        lose
+    })
+}
+
 /// Decides whether a datagram is lost: (sender, receiver, payload) → drop?
 type LossFn = Box<dyn FnMut(SocketAddr, SocketAddr, &Payload) -> bool>;
 
@@ -140,13 +161,7 @@ impl Sim {
                     ip(203, 0, 113, n + 1)
                 };
                 Host {
-                    state: HostIntroductions::new(
-                        t0,
-                        Some(introducer_addr()),
-                        local.port(),
-                        true,
-                        DEFAULT_KEEPALIVE,
-                    ),
+                    state: serving_host(t0, local),
                     local,
                     nat: Nat::new(kind, public),
                     punched_by: vec![],
@@ -424,12 +439,7 @@ fn an_unanswered_handshake_sends_only_a_handful_of_punches() {
 fn a_lost_introduce_and_a_late_answer_are_retried() {
     let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(500, &[]);
-    let mut lost_one = false;
-    sim.loss = Box::new(move |_, _, p| {
-        let lose = !lost_one && matches!(p, Payload::Message(Message::Introduce { .. }));
-        lost_one |= lose;
-        lose
-    });
+    sim.loss = lose_first(|p| matches!(p, Payload::Message(Message::Introduce { .. })));
     // Answers take longer than the retry interval.
     sim.introducer_delay = RETRY + Duration::from_millis(100);
     let peer = sim.announced(1);
@@ -456,13 +466,7 @@ fn a_peer_that_starts_later_is_unknown_until_it_registers() {
     sim.run_until(1_000, &[1]);
     assert_eq!(sim.result(0, early).map(|r| r.1), Some(IntroResult::Direct));
     // It starts at 1 s and registers; the next introduction works.
-    sim.hosts[1].state = HostIntroductions::new(
-        sim.now,
-        Some(introducer_addr()),
-        sim.hosts[1].local.port(),
-        true,
-        DEFAULT_KEEPALIVE,
-    );
+    sim.hosts[1].state = serving_host(sim.now, sim.hosts[1].local);
     sim.run_until(1_500, &[]);
     let later = sim.introduce(0, peer);
     sim.run_until(2_500, &[]);
@@ -478,12 +482,7 @@ fn a_punch_request_the_peer_missed_reaches_it_at_its_next_registration() {
     let (mut sim, id) = {
         let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
         sim.run_until(500, &[]);
-        let mut lost_one = false;
-        sim.loss = Box::new(move |_, _, p| {
-            let lose = !lost_one && matches!(p, Payload::Message(Message::PunchRequest { .. }));
-            lost_one |= lose;
-            lose
-        });
+        sim.loss = lose_first(|p| matches!(p, Payload::Message(Message::PunchRequest { .. })));
         let peer = sim.announced(1);
         let id = sim.introduce(0, peer);
         (sim, id)
