@@ -72,7 +72,10 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     // The engine's memory pool must fit the largest limit any plugin gets.
     let mut limits = Limits::default();
     for path in &config.plugins {
-        match config.policies.for_plugin(&crate::swap::plugin_name(path)) {
+        match config
+            .policies
+            .for_plugin(&crate::plugin::plugin_name(path))
+        {
             Ok(policy) => limits.memory_bytes = limits.memory_bytes.max(policy.limits.memory_bytes),
             Err(e) => return usage_error(e),
         }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::plugin::{LoadedPlugin, PluginNetwork, Runtime};
+use crate::plugin::{plugin_name, LoadedPlugin, PluginNetwork, Runtime};
 use crate::policy::Policies;
 
 /// One plugin file's versions.
@@ -206,7 +206,7 @@ impl PluginSet {
 
     /// The services served now, sorted.
     pub fn service_names(&self) -> Vec<String> {
-        routes_services(&self.routes())
+        self.services.borrow().clone()
     }
 
     /// Follows the set of services served (it changes with swaps).
@@ -382,7 +382,7 @@ impl PluginSet {
                     "services": s.current.serves(),
                     "hash": s.current.hash(),
                     "previous_hash": s.previous.as_ref().map(|p| p.hash().to_string()),
-                                        "requests": s.stats.requests.load(Ordering::Relaxed),
+                    "requests": s.stats.requests.load(Ordering::Relaxed),
                     "faults": s.stats.faults.load(Ordering::Relaxed),
                     "refused_swaps": s.stats.refused_swaps.load(Ordering::Relaxed),
                     "last_problem": s.stats.last_problem.lock().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -392,13 +392,6 @@ impl PluginSet {
             .collect();
         serde_json::json!({ "plugins": plugins })
     }
-}
-
-/// A plugin's name: its file name without `.wasm`.
-pub fn plugin_name(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 fn routes_services(routes: &Routes) -> Vec<String> {

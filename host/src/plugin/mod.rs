@@ -16,4 +16,4 @@ pub mod output;
 pub mod runtime;
 
 pub use network::{NoNetwork, OutboundCall, OutboundError, PluginNetwork};
-pub use runtime::{CallError, Limits, LoadError, LoadedPlugin, Runtime};
+pub use runtime::{plugin_name, CallError, Limits, LoadError, LoadedPlugin, Runtime};

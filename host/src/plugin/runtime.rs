@@ -262,11 +262,7 @@ impl Runtime {
             .map_err(wrong_world)?;
         let pre = PluginPre::new(pre).map_err(wrong_world)?;
 
-        let name: Arc<str> = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "plugin".to_string())
-            .into();
+        let name: Arc<str> = plugin_name(path).into();
         // Until the manifest says what the plugin may call, it may call nothing.
         let no_calls: Arc<dyn PluginNetwork> =
             Arc::new(AllowedCalls::new(&name, &[], None, network.clone()));
@@ -314,6 +310,14 @@ impl Runtime {
         ));
         Ok(plugin)
     }
+}
+
+/// A plugin's name: its file name without `.wasm`. Logs, errors, `status`
+/// and the policy file's `[plugin.NAME]` all use it.
+pub fn plugin_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plugin".to_string())
 }
 
 /// A service name must be usable as a DHT key and an RPC key.
