@@ -87,8 +87,8 @@ pub enum Command {
         behind_nat: bool,
         /// Interval of keepalive punches on paths opened through NATs, so the
         /// routers keep them while they are in use, e.g. 15s, 5s.
-        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = checked(parse_duration))]
-        keepalive: String,
+        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+        keepalive: Duration,
         /// Largest RPC message (and so payload) accepted or sent.
         #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
         max_payload: u64,
@@ -174,8 +174,8 @@ pub enum Command {
         bootstrap: Vec<String>,
         /// The introducer's main port (it uses the next one too), or `off`.
         /// Default: the DHT port + 1.
-        #[arg(long, value_name = "PORT|off")]
-        introducer_port: Option<String>,
+        #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
+        introducer_port: Option<IntroducerPort>,
     },
     /// Call a service once through the DHT (or at --peer) and print its reply.
     ///
@@ -343,16 +343,20 @@ impl LimitArgs {
     }
 }
 
-/// Parses `123`, `64KiB`, `64MiB`, `1GiB` (also `KB`/`MB`/`GB`, read as the
-/// binary units) into bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// Splits `64 MiB` into 64 and `MiB`; `None` without a leading number.
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or 1GiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+    Some((digits.parse().ok()?, unit.trim()))
+}
+
+/// Parses `123`, `64KiB`, `64MiB`, `1GiB` (also `KB`/`MB`/`GB`, read as the
+/// binary units) into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (n, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or 1GiB"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
@@ -372,15 +376,31 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Where `dht` runs its introducer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntroducerPort {
+    /// No introducer.
+    Off,
+    /// On this port and the next.
+    Port(u16),
+}
+
+/// Parses `dht --introducer-port`: a port number or `off`.
+fn parse_introducer_port(text: &str) -> Result<IntroducerPort, String> {
+    match text {
+        "off" => Ok(IntroducerPort::Off),
+        _ => match text.parse::<u16>() {
+            Ok(p) if p > 0 && p < u16::MAX => Ok(IntroducerPort::Port(p)),
+            _ => Err(format!("{text:?} is not a port number (1-65534) or `off`")),
+        },
+    }
+}
+
 /// Parses `250ms`, `5s`, `2m` into a duration.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration; write e.g. 250ms, 5s or 2m"))?;
-    let d = match unit.trim() {
+    let (n, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a duration; write e.g. 250ms, 5s or 2m"))?;
+    let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" | "" => Duration::from_secs(n),
         "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
@@ -480,7 +500,7 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let introductions = crate::node::IntroOptions {
                 introducer,
-                keepalive: parse_duration(&keepalive).expect("checked by clap"),
+                keepalive,
             };
             let config = crate::node::NodeConfig {
                 plugins,
@@ -522,22 +542,7 @@ async fn run(cli: Cli) -> ExitCode {
             listen,
             bootstrap,
             introducer_port,
-        } => {
-            let introducer_port = match introducer_port.as_deref() {
-                Some("off") => None,
-                Some(port) => match port.parse::<u16>() {
-                    Ok(p) if p > 0 => Some(p),
-                    _ => {
-                        return usage_error(format!(
-                            "--introducer-port {port:?} is not a port number (1-65534) or `off`"
-                        ))
-                    }
-                },
-                // Beside the DHT node's port, once it is bound.
-                None => Some(0),
-            };
-            crate::commands::dht(listen, bootstrap, introducer_port).await
-        }
+        } => crate::commands::dht(listen, bootstrap, introducer_port).await,
         Command::Call {
             request,
             dht,

@@ -12,10 +12,10 @@ use futures::StreamExt;
 use crate::cli::{
     check_payload, print_compact, usage_error, ClientArgs, ServiceRequest, EXIT_SERVICE_ERROR,
 };
-use crate::cli::{BootstrapArgs, ControlArgs};
+use crate::cli::{BootstrapArgs, ControlArgs, IntroducerPort};
 use crate::control::ControlRequest;
 use crate::discovery::{DhtConfig, Discovery};
-use crate::introduction::DEFAULT_KEEPALIVE;
+use crate::introduction::{IntroducerAddr, DEFAULT_KEEPALIVE};
 use crate::node::{ClientParts, IntroOptions, Node, NodeConfig};
 use crate::plugin::{Limits, OutboundError, Runtime};
 use crate::rpc::client::RpcClient;
@@ -216,12 +216,12 @@ pub fn sign(plugin: &Path, key: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `grenache-host dht`. `introducer_port`: `None` for no introducer, 0 for
-/// the DHT port + 1.
+/// `grenache-host dht`; without `introducer_port`, the introducer goes
+/// beside the DHT node's port.
 pub async fn dht(
     listen: SocketAddrV4,
     bootstrap: Vec<String>,
-    introducer_port: Option<u16>,
+    introducer_port: Option<IntroducerPort>,
 ) -> ExitCode {
     let config = DhtConfig {
         listen: Some(listen),
@@ -233,11 +233,20 @@ pub async fn dht(
         Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
     };
     let dht_addr = discovery.local_addr().await;
-    if let Some(port) = introducer_port {
-        let port = match port {
-            0 => dht_addr.port().checked_add(1).unwrap_or(0),
-            p => p,
-        };
+    let port = match introducer_port {
+        Some(IntroducerPort::Off) => None,
+        Some(IntroducerPort::Port(port)) => Some(port),
+        None => match IntroducerAddr::beside_dht(dht_addr.into()) {
+            Some(beside) => Some(beside.main.port()),
+            None => {
+                return usage_error(format!(
+                    "no room for the introducer beside the DHT port {}; pass --introducer-port",
+                    dht_addr.port()
+                ))
+            }
+        },
+    };
+    if let Some(port) = port {
         match crate::introducer::IntroducerSockets::bind((*listen.ip()).into(), port).await {
             Ok(sockets) => {
                 let addr = sockets.local_addr();
