@@ -93,8 +93,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 /// Serves the control channel until the process ends.
 pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait instead of spinning.
+                tracing::warn!("accepting a control connection failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let plugins = plugins.clone();
         tokio::spawn(async move {

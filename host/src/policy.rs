@@ -134,6 +134,21 @@ impl PluginPolicy {
     }
 }
 
+/// The policy file plus the command line's overrides: what `run` applies to
+/// each plugin it loads or swaps in.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    pub file: PolicyFile,
+    pub overrides: PolicyEntry,
+}
+
+impl Policies {
+    /// The policy of plugin `name`.
+    pub fn for_plugin(&self, name: &str) -> Result<PluginPolicy, String> {
+        self.file.for_plugin(name, &self.overrides)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,20 +226,5 @@ mod tests {
             e.contains("unknown field") && e.contains("memroy_limit"),
             "{e}"
         );
-    }
-}
-
-/// The policy file plus the command line's overrides: what `run` applies to
-/// each plugin it loads or swaps in.
-#[derive(Debug, Clone, Default)]
-pub struct Policies {
-    pub file: PolicyFile,
-    pub overrides: PolicyEntry,
-}
-
-impl Policies {
-    /// The policy of plugin `name`.
-    pub fn for_plugin(&self, name: &str) -> Result<PluginPolicy, String> {
-        self.file.for_plugin(name, &self.overrides)
     }
 }
