@@ -493,11 +493,6 @@ impl HostIntroductions {
         }
     }
 
-    /// This host's NAT, as far as measured.
-    pub fn nat(&self) -> NatKind {
-        self.nat
-    }
-
     /// Whether this host registers with the introducer (serves behind a NAT).
     pub fn registers(&self) -> bool {
         self.register

@@ -181,11 +181,6 @@ impl Runtime {
         self
     }
 
-    /// The limits every call gets.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// [`load_with`](Self::load_with) the built-in policy around this
     /// runtime's limits.
     pub async fn load(

@@ -195,11 +195,6 @@ impl MessageDecoder {
         }
     }
 
-    /// Bytes received but not yet part of a whole message.
-    pub fn pending_bytes(&self) -> usize {
-        self.buffer.len()
-    }
-
     fn too_large(&self) -> DecodeError {
         DecodeError::TooLarge {
             limit: self.max_message,
