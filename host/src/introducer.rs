@@ -63,9 +63,10 @@ impl IntroducerSockets {
                     continue;
                 }
             };
-            let bytes = match via {
-                Port::Main => &main_buf[..n],
-                Port::Alt => &alt_buf[..n],
+            let bytes = if via == Port::Main {
+                &main_buf[..n]
+            } else {
+                &alt_buf[..n]
             };
             let message = match introduction::decode(bytes) {
                 Ok(m) => m,
@@ -76,9 +77,24 @@ impl IntroducerSockets {
             };
             tracing::debug!(%from, ?message, "introducer received");
             for out in state.on_message(Instant::now(), via, from, message) {
+                let fresh;
                 let socket = match out.via {
                     Port::Main => &self.main,
                     Port::Alt => &self.alt,
+                    Port::Fresh => {
+                        let ip = self.main.local_addr().map(|a| a.ip());
+                        fresh = match ip.map(|ip| std::net::UdpSocket::bind((ip, 0))) {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) | Err(e) => {
+                                tracing::debug!("no socket for a filter test: {e}");
+                                continue;
+                            }
+                        };
+                        if let Err(e) = fresh.send_to(&introduction::encode(&out.message), out.to) {
+                            tracing::debug!(to = %out.to, "introducer send failed: {e}");
+                        }
+                        continue;
+                    }
                 };
                 if let introduction::Message::Introduced { outcome, .. } = &out.message {
                     tracing::info!(%from, ?outcome, "introduction");

@@ -6,8 +6,9 @@
 //! introducer observes is exactly the mapping their NAT gives that socket:
 //!
 //! 1. **Probe.** A host sends `probe` to the main port. The introducer answers
-//!    with the address it saw, and first sends a `filter-test` from the other
-//!    port, which a port-restricted (or symmetric) NAT drops. The host then
+//!    with the address it saw, and first sends a `filter-test` from a fresh
+//!    port nobody has sent to (not even an earlier process on the host's
+//!    port), which a port-restricted (or symmetric) NAT drops. The host then
 //!    probes the other port: a different observed address means a symmetric
 //!    NAT. The result is a [`NatKind`].
 //! 2. **Register.** A host behind a NAT (`run --behind-nat`) registers its
@@ -178,11 +179,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
-/// Which of the introducer's two sockets.
+/// Which of the introducer's sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
     Main,
     Alt,
+    /// A new socket on an ephemeral port, for this one datagram: the filter
+    /// test must come from a port the host's NAT cannot have seen before.
+    Fresh,
 }
 
 /// A datagram the introducer must send.
@@ -241,10 +245,10 @@ impl Introducer {
         };
         match message {
             Message::Probe { id } if via == Port::Main => vec![
-                // The filter test leaves first, so it reaches the host's NAT
-                // before the host opens it toward the other port.
+                // The filter test leaves first, so its answer is in before
+                // the host goes on to probe the other port.
                 Outgoing {
-                    via: Port::Alt,
+                    via: Port::Fresh,
                     to: from,
                     message: Message::FilterTest { id },
                 },
@@ -702,7 +706,12 @@ impl HostIntroductions {
         let Some(introducer) = self.introducer else {
             return vec![];
         };
-        if from != introducer.main && from != introducer.alt {
+        // The filter test comes from a fresh port of the introducer's
+        // address; everything else from its two known ports.
+        let from_introducer = from == introducer.main || from == introducer.alt;
+        let filter_test = matches!(message, Message::FilterTest { .. })
+            && from.ip() == introducer.main.ip();
+        if !from_introducer && !filter_test {
             return vec![];
         }
         match message {

@@ -144,6 +144,8 @@ struct Sim {
     loss: LossFn,
     /// Extra delay for the introducer's answers.
     introducer_delay: Duration,
+    /// The last ephemeral port the introducer sent from.
+    fresh_port: u16,
 }
 
 impl Sim {
@@ -178,6 +180,7 @@ impl Sim {
             in_flight: vec![],
             loss: Box::new(|_, _, _| false),
             introducer_delay: Duration::ZERO,
+            fresh_port: 50_000,
         }
     }
 
@@ -259,6 +262,10 @@ impl Sim {
                 let src = match out.via {
                     Port::Main => introducer_addr().main,
                     Port::Alt => introducer_addr().alt,
+                    Port::Fresh => {
+                        self.fresh_port += 1;
+                        SocketAddr::new(INTRODUCER, self.fresh_port)
+                    }
                 };
                 let delay = self.introducer_delay;
                 self.send(src, out.to, Payload::Message(out.message), delay);
@@ -330,6 +337,19 @@ fn the_probe_tells_each_nat_type_apart() {
         sim.run_until(200, &[]);
         assert_eq!(sim.hosts[0].detected, Some(nat_kind(kind)), "{kind:?}");
     }
+}
+
+#[test]
+fn a_host_restarted_on_the_same_port_is_still_seen_behind_its_port_restricted_nat() {
+    // The first process probed both introducer ports, so its NAT now lets
+    // both in on that port for a while; its successor must not be fooled.
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::NoNat]);
+    sim.run_until(200, &[]);
+    assert_eq!(sim.hosts[0].detected, Some(NatKind::PortRestricted));
+    sim.hosts[0].detected = None;
+    sim.hosts[0].state = serving_host(sim.now, sim.hosts[0].local);
+    sim.run_until(400, &[]);
+    assert_eq!(sim.hosts[0].detected, Some(NatKind::PortRestricted));
 }
 
 /// Host 0 asks to be introduced to host 1 once both have registered; returns
