@@ -30,6 +30,11 @@ inns() { local ns=$1; shift; ip netns exec "$P$ns" "$@"; }
 # Starts a program in a namespace in the background; `ip netns exec` execs it,
 # so $! is the program itself and cleanup can stop it.
 bg_in() { local ns=$1 log=$2; shift 2; ip netns exec "$P$ns" "$@" >"$log" 2>&1 & PIDS+=($!); }
+# Waits up to 20 s for a line containing $2 in log $1.
+wait_for() { for _ in $(seq 200); do grep -q "$2" "$1" && return 0; sleep 0.1; done; echo "!! no \"$2\" in $1 after 20 s" >&2; exit 1; }
+# The worker's RPC socket: the same port both times, so the DHT holds one
+# address for it, not a stale one from the first run.
+WORKER=10.0.1.2:40000
 
 echo "== building the lab: internet 203.0.113.0/24, router 203.0.113.2 (port-restricted NAT), home 10.0.1.0/24"
 for ns in inet pub router home; do ip netns add "$P$ns"; inns "$ns" ip link set lo up; done
@@ -75,9 +80,9 @@ sleep 0.5
 bg_in pub "$LOG/consumer" "$HOST" run plugins/consumer.wasm --listen 203.0.113.10:0 --bootstrap 203.0.113.10:20001
 
 echo "== a plain call into the home, before the worker punches (the NAT must drop it)"
-bg_in home "$LOG/quiet" "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --log-level warn
+bg_in home "$LOG/quiet" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001
 QUIET=$!
-sleep 2
+wait_for "$LOG/quiet" "announced fibonacci_worker"
 if inns pub "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 --timeout-ms 2000 2>&1 | sed 's/^/   call | /'; then
   echo "!! the call got through an unpunched NAT: this lab is not filtering"
 else
@@ -86,7 +91,8 @@ fi
 kill "$QUIET"
 
 echo "== the worker behind NAT, with --behind-nat: it punches fibonacci_consumer every second"
-bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen 10.0.1.2:0 --bootstrap 203.0.113.10:20001 --behind-nat
+wait "$QUIET" 2>/dev/null || true
+bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --behind-nat
 sleep "$SECONDS_TO_WATCH"
 echo "-- consumer (public):"; grep -E "punch from|got data reply|failed" "$LOG/consumer" | sed 's/^/   /' | head -8
 echo "-- worker (behind NAT, seen from outside as 203.0.113.2):"; grep -E "request for" "$LOG/worker" | sed 's/^/   /' | head -4
