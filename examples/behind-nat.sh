@@ -49,7 +49,7 @@ inns router ip link set wan up; inns router ip link set lan up
 inns router sysctl -qw net.ipv4.ip_forward=1
 inns home ip addr add 10.0.1.2/24 dev eth0; inns home ip link set eth0 up
 inns home ip route add default via 10.0.1.1
-# The firewall of a home router ($1: its namespace); filtering per nat-lab.md.
+# The firewall of a home router ($1: its namespace); filtering per docs/nat-lab.md.
 firewall() { inns "$1" nft -f - <<'NFT'
 table inet fw {
   chain input { type filter hook input priority filter; policy accept;

@@ -8,7 +8,7 @@ use common::{call_peer, node_peer, plugin, start_dht, start_host, test_plugin, S
 #[test]
 fn node_sends_the_test_vectors_and_gets_byte_exact_replies() {
     let (_dht, bootstrap) = start_dht();
-    // fibonacci first: it is the primary plugin that `ip:port` keys (TV-4) reach.
+    // fibonacci first: it is the primary plugin that `ip:port` keys (docs/wire.md §7, TV-4) reach.
     let (_host, port) = start_host(
         "host",
         &[&plugin("fibonacci"), &test_plugin("rpc-test")],

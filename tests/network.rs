@@ -301,8 +301,8 @@ fn dht_and_run_stop_cleanly_on_a_signal() {
 fn a_request_to_a_dead_address_times_out_with_a_clear_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use grenache_host::plugin::OutboundError;
         use grenache_host::rpc::client::RpcClient;
+        use grenache_host::rpc::RpcError;
         use grenache_host::transport::Endpoint;
         let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
             .await
@@ -321,7 +321,7 @@ fn a_request_to_a_dead_address_times_out_with_a_clear_error() {
             .await
             .unwrap_err();
         let waited = started.elapsed();
-        assert!(matches!(err, OutboundError::Timeout(_)), "{err:?}");
+        assert!(matches!(err, RpcError::Timeout(_)), "{err:?}");
         assert!(err.to_string().contains("attempts"), "{err}");
         assert!(
             waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5),

@@ -3,40 +3,37 @@
 //!
 //! # Layout
 //!
-//! - [`plugin`]: the wasm runtime. One engine, one pre-instantiated component
-//!   per plugin, a fresh store per request with memory and time limits; a
-//!   plugin that traps, loops or runs out of memory fails one request only.
-//! - [`rpc`]: Grenache RPC: the envelope codec, the client (one uTP
-//!   connection per peer, deadlines) and the server (routes by key to plugins).
-//! - [`transport`]: the host's one UDP socket, shared by uTP, punches and
-//!   introductions.
-//! - [`punch`]: hole punching as a sans-IO state machine.
-//! - [`introduction`]: how two hosts behind NATs get a direct path (NAT
-//!   probe, registration, introduction, simultaneous punching, keepalive),
-//!   as sans-IO state machines; [`introducer`] runs them on sockets.
-//! - [`discovery`]: the embedded DHT node; service key = SHA-1 of its name.
-//! - [`swap`]: the plugins a host runs, in slots that can be swapped and
-//!   rolled back while requests flow; `--watch` and per-plugin status.
-//! - [`policy`]: the operator's per-plugin policy (TOML plus flags).
-//! - [`signing`]: Ed25519 signatures on plugin files, checked at load.
-//! - [`control`]: the local control socket behind `swap`, `rollback`, `status`.
-//! - [`node`]: wires the parts together for `run`.
-//! - [`cli`] and [`commands`]: the `grenache-host` command line: argument
-//!   parsing, logging set-up and each subcommand.
+//! Dependencies run one way, down this list: the command line wires a node,
+//! the node wires the parts, and the parts sit on the transport.
 //!
-//! The contract between host and plugins is the WIT package in `wit/`.
+//! - [`cli`]: the `grenache-host` command line, the only part that knows
+//!   clap: arguments, then one module per kind of command (serving, clients,
+//!   admin, local), each taking a plain config struct.
+//! - [`node`]: a running host: wires the transport, discovery, NAT traversal,
+//!   RPC and plugins together, owns every task it starts, adapts the network
+//!   for plugins, and serves the local control socket.
+//! - [`rpc`]: Grenache RPC: the envelope codec, the table of pending
+//!   requests, the client (one uTP connection per peer, deadlines) and the
+//!   server (hands each request to the node's services).
+//! - [`nat`]: NAT traversal: punching and introductions as sans-IO state
+//!   machines, their wire messages, and their drivers.
+//! - [`discovery`]: finding services behind one trait; the embedded DHT
+//!   backend (service key = SHA-1 of its name).
+//! - [`plugin`]: the wasm runtime (one engine, a fresh sandboxed instance per
+//!   request), the plugin set and its router with swap and rollback, the
+//!   operator's policy and limits, and plugin signatures.
+//! - [`transport`]: the host's one UDP socket and its demultiplexer (uTP,
+//!   punches, introduction datagrams).
+//! - [`units`]: sizes and durations as people write them.
+//!
+//! The contract between host and plugins is the WIT package in `wit/`; the
+//! wire formats are described in `docs/wire.md`.
 
 pub mod cli;
-pub mod commands;
-pub mod control;
 pub mod discovery;
-pub mod introducer;
-pub mod introduction;
+pub mod nat;
 pub mod node;
 pub mod plugin;
-pub mod policy;
-pub mod punch;
 pub mod rpc;
-pub mod signing;
-pub mod swap;
 pub mod transport;
+pub mod units;

@@ -5,7 +5,7 @@
 //! announces is the port its punches leave from, so the hole a punch opens is
 //! the one the peer's uTP connection comes back through. Every received
 //! datagram is sorted by [`classify`]: an exact punch goes to every punch
-//! subscriber, an introduction message (see [`crate::introduction`]) to the
+//! subscriber, an introduction message (see [`crate::nat`]) to the
 //! introduction channel, a datagram that can be uTP goes to `librqbit-utp`,
 //! and anything else is dropped and counted (it never reaches the uTP parser).
 
@@ -23,8 +23,15 @@ use librqbit_utp::{SocketOpts, Transport, UtpSocket, UtpSocketUdp, UtpStream};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::introduction::{self, Message};
-use crate::punch::PUNCH;
+/// The punch datagram: `ÿ` in UTF-8, exactly the two bytes Grenache's
+/// boxgloves sends (docs/wire.md §1).
+pub const PUNCH: [u8; 2] = [0xC3, 0xBF];
+/// Every introduction datagram starts with these bytes (never a uTP header:
+/// `G` is not a uTP version-1 type byte, and never the 2-byte punch). What
+/// follows is the introduction protocol's business ([`crate::nat`]).
+pub const INTRODUCTION_MAGIC: [u8; 4] = *b"GRI1";
+/// Larger introduction datagrams are dropped unread and counted.
+pub const MAX_INTRODUCTION_DATAGRAM: usize = 1024;
 
 /// Receive buffer for the shared socket; uTP throughput suffers badly with
 /// the kernel default.
@@ -42,15 +49,16 @@ const PUNCH_BACKLOG: usize = 256;
 /// Introduction messages waiting for the host's driver; more are dropped.
 const INTRODUCTION_BACKLOG: usize = 256;
 
-/// Introduction messages received, with their sender.
-pub type Introductions = mpsc::Receiver<(SocketAddr, Message)>;
+/// Introduction datagrams received (magic included, at most
+/// [`MAX_INTRODUCTION_DATAGRAM`] bytes), with their sender.
+pub type Introductions = mpsc::Receiver<(SocketAddr, Vec<u8>)>;
 
 /// What one received datagram is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datagram {
     /// Exactly `C3 BF`.
     Punch,
-    /// Starts with [`introduction::MAGIC`].
+    /// Starts with [`INTRODUCTION_MAGIC`].
     Introduction,
     /// Long enough, version 1, a known packet type: hand it to uTP.
     Utp,
@@ -58,13 +66,13 @@ pub enum Datagram {
     Garbage,
 }
 
-/// Sorts a datagram (grenache-wire TV-1: only the exact two bytes are a
+/// Sorts a datagram (docs/wire.md §1, TV-1: only the exact two bytes are a
 /// punch; nothing shorter than a uTP header reaches uTP).
 pub fn classify(bytes: &[u8]) -> Datagram {
     if bytes == PUNCH {
         return Datagram::Punch;
     }
-    if introduction::is_introduction(bytes) {
+    if bytes.starts_with(&INTRODUCTION_MAGIC) {
         return Datagram::Introduction;
     }
     // First byte: packet type (0..=4) in the high nibble, version 1 in the low.
@@ -86,7 +94,7 @@ struct DemuxTransport {
     socket: Arc<UdpSocket>,
     local: SocketAddr,
     punches: broadcast::Sender<SocketAddr>,
-    introductions: mpsc::Sender<(SocketAddr, Message)>,
+    introductions: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     stats: Arc<TransportStats>,
 }
 
@@ -131,15 +139,13 @@ impl Transport for DemuxTransport {
                             self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
                             let _ = self.punches.send(from);
                         }
-                        Datagram::Introduction => match introduction::decode(&buf[..n]) {
-                            Ok(message) => {
-                                let _ = self.introductions.try_send((from, message));
-                            }
-                            Err(e) => {
-                                self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(%from, "dropped a bad introduction message: {e}");
-                            }
-                        },
+                        Datagram::Introduction if n <= MAX_INTRODUCTION_DATAGRAM => {
+                            let _ = self.introductions.try_send((from, buf[..n].to_vec()));
+                        }
+                        Datagram::Introduction => {
+                            self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%from, len = n, "dropped an oversized introduction datagram");
+                        }
                         Datagram::Garbage => {
                             self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
                             tracing::trace!(%from, len = n, "dropped a datagram that is neither uTP nor a punch");
@@ -276,13 +282,9 @@ impl Endpoint {
         self.punches.subscribe()
     }
 
-    /// Sends one introduction message.
-    pub async fn send_introduction(&self, to: SocketAddr, message: &Message) {
-        if let Err(e) = self
-            .socket
-            .send_to(&introduction::encode(message), to)
-            .await
-        {
+    /// Sends one introduction datagram (encoded by [`crate::nat`]).
+    pub async fn send_introduction(&self, to: SocketAddr, datagram: &[u8]) {
+        if let Err(e) = self.socket.send_to(datagram, to).await {
             tracing::debug!(%to, "introduction message not sent: {e}");
         }
     }

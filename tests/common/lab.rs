@@ -1,5 +1,5 @@
 //! A NAT lab built from network namespaces and nftables, per
-//! shared/design/nat-lab.md:
+//! docs/nat-lab.md:
 //!
 //! ```text
 //!   ns <p>inet: bridge br0, "the internet", 203.0.113.0/24
@@ -120,7 +120,7 @@ fn in_ns(ns: &str, args: &[&str]) {
     run(&full, None);
 }
 
-/// The router ruleset for `nat` with wan address `wan` (nat-lab.md: the input
+/// The router ruleset for `nat` with wan address `wan` (docs/nat-lab.md#pitfall: the input
 /// chain drops unsolicited wan traffic, or the lab lies).
 fn ruleset(nat: NatType, wan: &str) -> String {
     let firewall = format!(

@@ -1,5 +1,5 @@
 // A Grenache-style Node.js peer on utp-native (the libutp binding Grenache's
-// Node stack uses), written from grenache-wire.md for the interop tests:
+// Node stack uses), written from docs/wire.md for the interop tests:
 // one JSON message per uTP packet, the punch is the two bytes C3 BF, and one
 // UDP socket carries uTP and punches.
 //

@@ -9,11 +9,19 @@
 //! - [`network`]: the seam between a plugin's outgoing calls and the host's
 //!   network (or its absence, for `invoke`).
 //! - [`output`]: capture of a plugin's stdout/stderr.
+//! - [`set`]: the plugins a host runs, in slots that can be swapped and
+//!   rolled back while requests flow, and the router from service to plugin.
+//! - [`policy`]: the operator's per-plugin policy and limits (TOML plus flags).
+//! - [`signing`]: Ed25519 signatures on plugin files, checked at load.
 
 pub mod instance;
 pub mod network;
 pub mod output;
+pub mod policy;
 pub mod runtime;
+pub mod set;
+pub mod signing;
 
 pub use network::{NoNetwork, OutboundCall, OutboundError, PluginNetwork};
-pub use runtime::{plugin_name, CallError, Limits, LoadError, LoadedPlugin, Runtime};
+pub use policy::Limits;
+pub use runtime::{check_json, plugin_name, CallError, LoadError, LoadedPlugin, Runtime};

@@ -21,15 +21,9 @@ use wasmtime::{
 
 use super::instance::{Manifest, Plugin, PluginPre, RequestState};
 use super::network::{AllowedCalls, PluginNetwork};
-use crate::policy::PluginPolicy;
-use crate::signing::TrustedKey;
+use super::policy::{Limits, PluginPolicy};
+use super::signing::TrustedKey;
 
-/// Default memory one call may use: 64 MiB.
-pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
-/// Default wall time one call may take, host calls included: 5 s.
-pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(5);
-/// Default largest reply a plugin may return: 1 MiB (the RPC payload cap).
-pub const DEFAULT_MAX_REPLY: usize = 1 << 20;
 /// How often the engine's epoch advances; the granularity of time limits.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -37,27 +31,6 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 const MAX_LIVE_INSTANCES: u32 = 256;
 /// A Rust wasip2 component uses three core instances; leave headroom.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
-
-/// Per-call limits applied to every plugin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest linear memory a call may grow to, in bytes.
-    pub memory_bytes: u64,
-    /// Wall time a call may take, including time spent in host calls.
-    pub time: Duration,
-    /// Largest reply (JSON text) a plugin may return, in bytes.
-    pub max_reply_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            memory_bytes: DEFAULT_MEMORY_LIMIT,
-            time: DEFAULT_TIME_LIMIT,
-            max_reply_bytes: DEFAULT_MAX_REPLY,
-        }
-    }
-}
 
 /// Why a plugin file could not be loaded. Each message is one line naming the
 /// file, the cause and the fix.
@@ -78,7 +51,7 @@ pub enum LoadError {
     #[error("cannot load {path}: {reason}")]
     Signature {
         path: PathBuf,
-        reason: crate::signing::SignatureError,
+        reason: super::signing::SignatureError,
     },
     #[error(
         "cannot load {path}: its manifest() failed ({reason}); fix the plugin's manifest function"
@@ -223,7 +196,7 @@ impl Runtime {
         })?;
         if !self.trusted_keys.is_empty() {
             // Verify the very bytes that get compiled.
-            crate::signing::verify(path, &bytes, &self.trusted_keys).map_err(|reason| {
+            super::signing::verify(path, &bytes, &self.trusted_keys).map_err(|reason| {
                 LoadError::Signature {
                     path: path_buf.clone(),
                     reason,
@@ -305,6 +278,12 @@ impl Runtime {
         ));
         Ok(plugin)
     }
+}
+
+/// Checks that `text` is exactly one JSON value, without building it:
+/// payloads and replies travel as JSON text and are never re-encoded.
+pub fn check_json(text: &str) -> Result<(), serde_json::Error> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map(|_| ())
 }
 
 /// A plugin's name: its file name without `.wasm`. Logs, errors, `status`
@@ -566,7 +545,7 @@ impl LoadedPlugin {
                 reply.len()
             )));
         }
-        if let Err(e) = crate::rpc::codec::check_json(&reply) {
+        if let Err(e) = check_json(&reply) {
             return Err(bad(format!("not JSON ({e})")));
         }
         Ok(reply)

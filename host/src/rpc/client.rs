@@ -6,7 +6,7 @@
 //! and marks peers that cannot be reached as bad, all within the request's
 //! deadline.
 //!
-//! With an introducer (see [`crate::introduction`]), every new connection
+//! With an introducer (see [`crate::nat`]), every new connection
 //! starts with an introduction: a peer behind a NAT is punched open from both
 //! sides and connected to at the address its NAT really uses. If such a path
 //! goes silent (the NAT forgot it) before a request got any answer, the
@@ -24,10 +24,9 @@ use tokio::sync::oneshot;
 
 use super::codec::{self, MessageDecoder, Reply};
 use super::pending::Pending;
+use super::RpcError;
 use crate::discovery::Discovery;
-use crate::introducer::IntroductionHandle;
-use crate::introduction::{IntroResult, NatKind};
-use crate::plugin::OutboundError;
+use crate::nat::{IntroResult, IntroductionHandle, NatKind};
 use crate::transport::{ConnectError, Endpoint};
 
 /// When several peers serve a service, give each this long to accept a
@@ -92,7 +91,7 @@ impl Connection {
 #[derive(Clone)]
 pub struct RpcClient {
     endpoint: Endpoint,
-    discovery: Option<Arc<Discovery>>,
+    discovery: Option<Arc<dyn Discovery>>,
     /// Per peer, a slot holding its connection; the slot's lock serialises
     /// connecting so concurrent requests share one connection.
     connections: Arc<Mutex<HashMap<SocketAddr, PeerSlot>>>,
@@ -103,7 +102,11 @@ pub struct RpcClient {
 impl RpcClient {
     /// A client on `endpoint`'s socket; `discovery` is needed for requests by
     /// service name.
-    pub fn new(endpoint: Endpoint, discovery: Option<Arc<Discovery>>, max_message: usize) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        discovery: Option<Arc<dyn Discovery>>,
+        max_message: usize,
+    ) -> Self {
         RpcClient {
             endpoint,
             discovery,
@@ -126,15 +129,15 @@ impl RpcClient {
         service: &str,
         payload: &str,
         timeout: Duration,
-    ) -> Result<String, OutboundError> {
+    ) -> Result<String, RpcError> {
         let deadline = Instant::now() + timeout;
         let discovery = self
             .discovery
             .as_ref()
-            .ok_or_else(|| OutboundError::Transport("no discovery configured".into()))?;
+            .ok_or_else(|| RpcError::Transport("no discovery configured".into()))?;
         let mut peers = discovery.lookup(service, LOOKUP_TIMEOUT.min(timeout)).await;
         if peers.is_empty() {
-            return Err(OutboundError::NoPeers(format!(
+            return Err(RpcError::NoPeers(format!(
                 "no host announces {service:?} on the DHT (is one running and bootstrapped from the same node?)"
             )));
         }
@@ -170,7 +173,7 @@ impl RpcClient {
             }
         }
         Err(last_error.unwrap_or_else(|| {
-            OutboundError::Timeout(format!("no reply for {service} within {timeout:?}"))
+            RpcError::Timeout(format!("no reply for {service} within {timeout:?}"))
         }))
     }
 
@@ -181,7 +184,7 @@ impl RpcClient {
         key: &str,
         payload: &str,
         timeout: Duration,
-    ) -> Result<String, OutboundError> {
+    ) -> Result<String, RpcError> {
         let deadline = Instant::now() + timeout;
         match self.send(peer, key, payload, deadline, deadline).await {
             Ok(reply) => reply_result(reply),
@@ -225,9 +228,9 @@ impl RpcClient {
     ) -> Result<Reply, SendError> {
         let (connection, introduced_at) = self.connection(peer, connect_by).await.map_err(|e| {
             SendError::Unreachable(match e {
-                ConnectError::Timeout { .. } => OutboundError::Timeout(e.to_string()),
+                ConnectError::Timeout { .. } => RpcError::Timeout(e.to_string()),
                 ConnectError::Failed { .. } | ConnectError::Impossible(_) => {
-                    OutboundError::Transport(e.to_string())
+                    RpcError::Transport(e.to_string())
                 }
             })
         })?;
@@ -238,18 +241,15 @@ impl RpcClient {
         let rid = codec::new_rid();
         let message = codec::encode_request(&rid, key, payload);
         if message.len() > self.max_message {
-            return Err(SendError::Lost(OutboundError::Transport(format!(
+            return Err(SendError::Lost(RpcError::Transport(format!(
                 "request of {} bytes is over the {}-byte message limit",
                 message.len(),
                 self.max_message
             ))));
         }
         let (tx, rx) = oneshot::channel();
-        let lost = |why: &str| {
-            SendError::Lost(OutboundError::Transport(format!(
-                "connection to {peer} {why}"
-            )))
-        };
+        let lost =
+            |why: &str| SendError::Lost(RpcError::Transport(format!("connection to {peer} {why}")));
         let inserted = connection.lock_pending().insert(rid.clone(), deadline, tx);
         if inserted.is_err() {
             return Err(lost("closed before the request was sent"));
@@ -279,11 +279,11 @@ impl RpcClient {
                 }
                 Ok(reply)
             }
-            Ok(None) => Err(SendError::Lost(OutboundError::Timeout(format!(
+            Ok(None) => Err(SendError::Lost(RpcError::Timeout(format!(
                 "no reply from {peer} for {key} in time"
             )))),
             Err(_) if connection.introduced.is_some() && connection.reads() == reads_before => {
-                Err(SendError::Silent(OutboundError::Transport(format!(
+                Err(SendError::Silent(RpcError::Transport(format!(
                     "connection to {peer} went silent"
                 ))))
             }
@@ -416,17 +416,17 @@ impl RpcClient {
 
 enum SendError {
     /// Nothing was sent: another peer may be tried.
-    Unreachable(OutboundError),
+    Unreachable(RpcError),
     /// The request may have reached the peer: do not resend it elsewhere.
-    Lost(OutboundError),
+    Lost(RpcError),
     /// The introduced path died and nothing came back after the request was
     /// sent: the NATs forgot the path, so it is sent once more.
-    Silent(OutboundError),
+    Silent(RpcError),
 }
 
-fn reply_result(reply: Reply) -> Result<String, OutboundError> {
+fn reply_result(reply: Reply) -> Result<String, RpcError> {
     match reply.err {
         None => Ok(reply.result),
-        Some(message) => Err(OutboundError::Remote(message)),
+        Some(message) => Err(RpcError::Remote(message)),
     }
 }

@@ -50,11 +50,6 @@ pub enum DecodeError {
     TooLarge { limit: usize, rid: Option<String> },
 }
 
-/// Checks that `text` is exactly one JSON value, without building it.
-pub fn check_json(text: &str) -> Result<(), serde_json::Error> {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map(|_| ())
-}
-
 /// A fresh request id: a lowercase uuid v4, as Grenache's Node client makes.
 pub fn new_rid() -> String {
     uuid::Uuid::new_v4().to_string()

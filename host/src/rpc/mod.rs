@@ -5,8 +5,11 @@
 
 pub mod client;
 pub mod codec;
+mod error;
 pub mod pending;
 pub mod server;
+
+pub use error::RpcError;
 
 /// Default deadline of one request: 10 s.
 pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,11 +1,10 @@
 //! The RPC server: accepts uTP connections on the host's socket, decodes
-//! requests, routes each by its key to the plugin serving that service, and
-//! writes the reply on the same connection.
+//! requests, hands each to the host's [`Services`] (the node routes them to
+//! plugins) and writes the reply on the same connection.
 //!
-//! A key of the form `ip:port` (what a Node punch client sends when it calls
-//! a punched address) goes to the host's primary plugin, the first loaded.
 //! A connection that sends something that is not a Grenache request is
-//! closed and counted; everyone else keeps being served.
+//! closed and counted; everyone else keeps being served. The server owns the
+//! tasks of its connections and their requests: stopping it stops them all.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,8 +13,21 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::codec::{self, DecodeError, MessageDecoder, Request};
-use crate::swap::{PluginSet, Route};
+use crate::discovery::BoxFuture;
 use crate::transport::{Endpoint, PEER_SILENCE_LIMIT};
+
+/// What answers the requests a server receives.
+pub trait Services: Send + Sync + 'static {
+    /// Answers one request from `peer` for `key` (a service name, or the
+    /// `ip:port` a Node punch client calls): the result as JSON text, or
+    /// the Grenache error string the caller receives.
+    fn answer<'a>(
+        &'a self,
+        key: &'a str,
+        payload: &'a str,
+        peer: SocketAddr,
+    ) -> BoxFuture<'a, Result<String, String>>;
+}
 
 /// While a request takes longer than this, the server sends one space on
 /// the connection per interval. librqbit-utp closes a connection whose peer
@@ -33,19 +45,23 @@ pub struct ServerStats {
     pub bad_connections: AtomicU64,
 }
 
-/// Accepts connections forever.
+/// Accepts connections until dropped; dropping the future stops every
+/// connection it accepted.
 pub async fn serve(
     endpoint: Endpoint,
-    services: Arc<PluginSet>,
+    services: Arc<dyn Services>,
     max_message: usize,
     stats: Arc<ServerStats>,
 ) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connections so the set stays as small as the live ones.
+        while connections.try_join_next().is_some() {}
         match endpoint.accept().await {
             Ok(stream) => {
                 let services = services.clone();
                 let stats = stats.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     serve_connection(stream, services, max_message, stats).await
                 });
             }
@@ -59,7 +75,7 @@ pub async fn serve(
 
 async fn serve_connection(
     stream: librqbit_utp::UtpStream,
-    services: Arc<PluginSet>,
+    services: Arc<dyn Services>,
     max_message: usize,
     stats: Arc<ServerStats>,
 ) {
@@ -68,9 +84,16 @@ async fn serve_connection(
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let mut decoder = MessageDecoder::new(max_message);
     let mut buf = vec![0u8; 64 * 1024];
+    // Requests in flight on this connection; they finish even after the
+    // peer stops sending.
+    let mut requests = tokio::task::JoinSet::new();
     let problem = 'read: loop {
+        while requests.try_join_next().is_some() {}
         let n = match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                requests.join_all().await;
+                return;
+            }
             Ok(n) => n,
         };
         decoder.push(&buf[..n]);
@@ -85,8 +108,8 @@ async fn serve_connection(
             };
             stats.requests.fetch_add(1, Ordering::Relaxed);
             let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
-            tokio::spawn(async move {
-                let answering = answer(&services, &request, peer, &stats);
+            requests.spawn(async move {
+                let answering = answer(&*services, &request, peer, &stats);
                 tokio::pin!(answering);
                 let reply = loop {
                     tokio::select! {
@@ -115,6 +138,7 @@ async fn serve_connection(
         let _ = writer.lock().await.write_all(&reply).await;
     }
     tracing::warn!(%peer, "closing a connection that {problem}", problem = describe(&problem));
+    requests.join_all().await;
 }
 
 fn describe(e: &DecodeError) -> String {
@@ -128,35 +152,16 @@ fn describe(e: &DecodeError) -> String {
 
 /// The reply to one request, encoded.
 async fn answer(
-    services: &PluginSet,
+    services: &dyn Services,
     request: &Request,
     peer: SocketAddr,
     stats: &ServerStats,
 ) -> Vec<u8> {
-    let Some(Route {
-        service,
-        plugin,
-        stats: plugin_stats,
-    }) = services.route(&request.key)
-    else {
-        stats.errors.fetch_add(1, Ordering::Relaxed);
-        let message = format!(
-            "ERR_SERVICE_NOT_FOUND: no service {:?} on this host (it serves: {})",
-            request.key,
-            services.service_names().join(", ")
-        );
-        return codec::encode_err(&request.rid, &message);
-    };
-    tracing::info!("request for {service} from {peer}");
-    match plugin.handle(&service, &request.payload).await {
+    match services.answer(&request.key, &request.payload, peer).await {
         Ok(result) => codec::encode_ok(&request.rid, &result),
-        Err(e) => {
+        Err(message) => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
-            if !matches!(e, crate::plugin::CallError::Handler(_)) {
-                plugin_stats.record_fault(e.to_string());
-                tracing::warn!(%peer, %service, "request failed: {e}");
-            }
-            codec::encode_err(&request.rid, &e.to_string())
+            codec::encode_err(&request.rid, &message)
         }
     }
 }

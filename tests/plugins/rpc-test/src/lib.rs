@@ -1,5 +1,5 @@
 //! The server of Grenache's `simple_connection` example: `rpc_test` answers
-//! `"world"` to anything, so the wire test vectors TV-2/TV-3 can be checked
+//! `"world"` to anything, so the wire test vectors TV-2/TV-3 (docs/wire.md §7) can be checked
 //! byte for byte.
 
 #![cfg(target_arch = "wasm32")]

@@ -21,11 +21,38 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{parse_duration, parse_size};
-use crate::plugin::Limits;
+use crate::units::{parse_duration, parse_size};
+
+/// Default memory one call may use: 64 MiB.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
+/// Default wall time one call may take, host calls included: 5 s.
+pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(5);
+/// Default largest reply a plugin may return: 1 MiB (the RPC payload cap).
+pub const DEFAULT_MAX_REPLY: usize = 1 << 20;
+/// Per-call limits applied to every plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest linear memory a call may grow to, in bytes.
+    pub memory_bytes: u64,
+    /// Wall time a call may take, including time spent in host calls.
+    pub time: Duration,
+    /// Largest reply (JSON text) a plugin may return, in bytes.
+    pub max_reply_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: DEFAULT_MEMORY_LIMIT,
+            time: DEFAULT_TIME_LIMIT,
+            max_reply_bytes: DEFAULT_MAX_REPLY,
+        }
+    }
+}
 
 /// Default number of requests one plugin may run at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
@@ -152,7 +179,6 @@ impl Policies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn precedence_is_defaults_then_plugin_then_command_line() {

@@ -1,7 +1,7 @@
 //! The introduction state machines against simulated NATs, in simulated time.
 //!
 //! The simulator models the four NAT types of the lab (mapping and
-//! filtering, per nat-lab.md), an introducer on a public address and two
+//! filtering, per docs/nat-lab.md), an introducer on a public address and two
 //! hosts, each behind its own NAT. Datagrams take [`LATENCY`] per hop and can
 //! be dropped or delayed by a test.
 

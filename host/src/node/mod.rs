@@ -3,38 +3,54 @@
 //! [`Node::start`] binds the RPC socket, starts the DHT node, loads the
 //! plugins (their outgoing calls go through this node's RPC client), serves
 //! requests, announces every service and re-announces it, and runs the punch
-//! loop ([`crate::punch::PunchState`] driven by real time and the socket).
+//! loop ([`crate::nat::PunchState`] driven by real time and the socket).
+//! The node owns every task it starts: [`Node::shutdown`], or dropping the
+//! node, stops them all.
+//!
+//! - [`network`]: plugins' outgoing calls, carried by the node's RPC client.
+//! - [`control`]: the local control socket behind `swap`, `rollback`, `status`.
+
+pub mod control;
+mod network;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::discovery::{DhtConfig, Discovery, REANNOUNCE_INTERVAL};
-use crate::introduction::{HostIntroductions, IntroducerAddr};
-use crate::plugin::{OutboundCall, OutboundError, PluginNetwork, Runtime};
-use crate::punch::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
+use tokio::task::JoinSet;
+
+use crate::discovery::dht::{DhtConfig, DhtDiscovery, REANNOUNCE_INTERVAL};
+use crate::discovery::{BoxFuture, Discovery};
+use crate::nat::{HostIntroductions, IntroducerAddr};
+use crate::nat::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
+use crate::plugin::set::{PluginSet, Route};
+use crate::plugin::{CallError, PluginNetwork, Runtime};
 use crate::rpc::client::RpcClient;
-use crate::rpc::server::{self, ServerStats};
-use crate::swap::PluginSet;
+use crate::rpc::server::{self, ServerStats, Services};
 use crate::transport::Endpoint;
 
 /// How to run a host.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
+    /// Plugin files; each serves the services in its manifest.
     pub plugins: Vec<PathBuf>,
     /// The RPC socket's address (port 0: any free port).
     pub listen: SocketAddr,
+    /// DHT nodes to join through (`ip:port` or `host:port`).
     pub bootstrap: Vec<String>,
+    /// The host serves behind a NAT: it punches its plugins' targets and
+    /// registers with the introducer.
     pub behind_nat: bool,
+    /// Largest RPC message accepted or sent, in bytes.
     pub max_message: usize,
     /// Introductions through the public nodes.
     pub introductions: IntroOptions,
     /// Per-plugin policy (`--config` and command-line overrides).
-    pub policies: Arc<crate::policy::Policies>,
+    pub policies: Arc<crate::plugin::policy::Policies>,
 }
 
-/// How a host takes part in introductions (see [`crate::introduction`]).
+/// How a host takes part in introductions (see [`crate::nat`]).
 #[derive(Debug, Clone)]
 pub struct IntroOptions {
     /// The introducer; `None` for none (peers are connected to as announced).
@@ -44,11 +60,14 @@ pub struct IntroOptions {
 }
 
 /// The client side shared by `run`, `call` and `bench`: the socket, the DHT
-/// node, the introductions and the RPC client.
+/// node, the introductions and the RPC client. Dropping it stops its
+/// introduction driver.
 pub struct ClientParts {
     pub endpoint: Endpoint,
-    pub discovery: Arc<Discovery>,
+    pub discovery: Arc<DhtDiscovery>,
     pub client: RpcClient,
+    /// The introduction driver.
+    tasks: JoinSet<()>,
 }
 
 impl ClientParts {
@@ -73,7 +92,7 @@ impl ClientParts {
             bootstrap: bootstrap.to_vec(),
             server_mode: false,
         };
-        let discovery = Arc::new(Discovery::start(&config)?);
+        let discovery = Arc::new(DhtDiscovery::start(&config)?);
         let state = HostIntroductions::new(
             Instant::now(),
             intro.introducer,
@@ -81,51 +100,67 @@ impl ClientParts {
             behind_nat,
             intro.keepalive,
         );
-        let handle = crate::introducer::spawn(endpoint.clone(), introductions, state);
-        let client = RpcClient::new(endpoint.clone(), Some(discovery.clone()), max_message)
-            .with_introductions(handle);
+        let mut tasks = JoinSet::new();
+        let handle = crate::nat::driver::spawn(endpoint.clone(), introductions, state, &mut tasks);
+        let client = RpcClient::new(
+            endpoint.clone(),
+            Some(discovery.clone() as Arc<dyn Discovery>),
+            max_message,
+        )
+        .with_introductions(handle);
         Ok(ClientParts {
             endpoint,
             discovery,
             client,
+            tasks,
         })
     }
 }
 
-/// Plugins' outgoing calls, carried by the node's RPC client.
-struct NodeNetwork {
-    client: RpcClient,
-}
+/// Requests routed to the plugins, the first loaded answering `ip:port`
+/// keys (what a Node punch client sends when it calls a punched address).
+struct PluginServices(Arc<PluginSet>);
 
-impl PluginNetwork for NodeNetwork {
-    fn request(&self, service: String, payload: String, timeout: Duration) -> OutboundCall {
-        let client = self.client.clone();
-        Box::pin(async move { client.request(&service, &payload, timeout).await })
-    }
-
-    fn request_peer(
-        &self,
-        peer: String,
-        service: String,
-        payload: String,
-        timeout: Duration,
-    ) -> OutboundCall {
-        let client = self.client.clone();
+impl Services for PluginServices {
+    fn answer<'a>(
+        &'a self,
+        key: &'a str,
+        payload: &'a str,
+        peer: SocketAddr,
+    ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
-            let addr: SocketAddr = peer.parse().map_err(|_| {
-                OutboundError::Transport(format!("{peer:?} is not an ip:port address"))
-            })?;
-            client.request_peer(addr, &service, &payload, timeout).await
+            let Some(Route {
+                service,
+                plugin,
+                stats,
+            }) = self.0.route(key)
+            else {
+                return Err(format!(
+                    "ERR_SERVICE_NOT_FOUND: no service {key:?} on this host (it serves: {})",
+                    self.0.service_names().join(", ")
+                ));
+            };
+            tracing::info!("request for {service} from {peer}");
+            plugin.handle(&service, payload).await.map_err(|e| {
+                if !matches!(e, CallError::Handler(_)) {
+                    stats.record_fault(e.to_string());
+                    tracing::warn!(%peer, %service, "request failed: {e}");
+                }
+                e.to_string()
+            })
         })
     }
 }
 
-/// A running host.
+/// A running host. Dropping it stops every task it started.
 pub struct Node {
     pub endpoint: Endpoint,
-    pub discovery: Arc<Discovery>,
+    pub discovery: Arc<DhtDiscovery>,
     pub plugins: Arc<PluginSet>,
     pub stats: Arc<ServerStats>,
+    tasks: JoinSet<()>,
+    /// The control socket's file, removed when the node stops.
+    control_file: Option<control::SocketFile>,
 }
 
 impl Node {
@@ -136,6 +171,7 @@ impl Node {
             endpoint,
             discovery,
             client,
+            mut tasks,
         } = ClientParts::start(
             config.listen,
             &config.bootstrap,
@@ -145,18 +181,18 @@ impl Node {
         )
         .await?;
         let punches = endpoint.punches();
-        let network: Arc<dyn PluginNetwork> = Arc::new(NodeNetwork { client });
+        let network: Arc<dyn PluginNetwork> = Arc::new(network::NodeNetwork::new(client));
         let plugins = Arc::new(
             PluginSet::load(runtime, network, config.policies.clone(), &config.plugins).await?,
         );
         let stats = Arc::new(ServerStats::default());
-        tokio::spawn(server::serve(
+        tasks.spawn(server::serve(
             endpoint.clone(),
-            plugins.clone(),
+            Arc::new(PluginServices(plugins.clone())),
             config.max_message,
             stats.clone(),
         ));
-        tokio::spawn(announce_loop(
+        tasks.spawn(announce_loop(
             discovery.clone(),
             plugins.watch_services(),
             endpoint.local_addr().port(),
@@ -176,7 +212,7 @@ impl Node {
             config.behind_nat,
             DEFAULT_PUNCH_INTERVAL,
         );
-        tokio::spawn(punch_loop(
+        tasks.spawn(punch_loop(
             punch,
             punches,
             endpoint.clone(),
@@ -189,7 +225,29 @@ impl Node {
             discovery,
             plugins,
             stats,
+            tasks,
+            control_file: None,
         })
+    }
+
+    /// Serves `swap`, `rollback` and `status` on a Unix socket at `path`
+    /// (owner-only); the file is removed when the node stops.
+    pub fn serve_control(&mut self, path: &Path) -> anyhow::Result<()> {
+        let (listener, file) = control::bind(path)?;
+        self.tasks
+            .spawn(control::serve(listener, self.plugins.clone()));
+        self.control_file = Some(file);
+        Ok(())
+    }
+
+    /// Swaps a plugin in when its file changes, checking every `interval`.
+    pub fn watch(&mut self, interval: Duration) {
+        self.tasks.spawn(self.plugins.clone().watch(interval));
+    }
+
+    /// Stops every task of the node and waits until they have stopped.
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
     }
 
     /// One line of what the node has seen, for its log.
@@ -213,7 +271,7 @@ impl Node {
 /// one to announce to. A service a swap removed is no longer re-announced
 /// (DHT nodes cannot be told to forget it; callers skip it once it fails).
 async fn announce_loop(
-    discovery: Arc<Discovery>,
+    discovery: Arc<dyn Discovery>,
     mut services: tokio::sync::watch::Receiver<Vec<String>>,
     port: u16,
 ) {
@@ -265,13 +323,16 @@ async fn punch_loop(
     mut state: PunchState,
     mut punches: tokio::sync::broadcast::Receiver<SocketAddr>,
     endpoint: Endpoint,
-    discovery: Arc<Discovery>,
+    discovery: Arc<dyn Discovery>,
     plugins: Arc<PluginSet>,
 ) {
     let local = endpoint.local_addr();
     let own = [local, SocketAddr::from((Ipv4Addr::LOCALHOST, local.port()))];
     let mut actions: Vec<PunchAction> = Vec::new();
+    // Plugins' `on-punch` calls in flight; stopped with the loop.
+    let mut notifications = JoinSet::new();
     loop {
+        while notifications.try_join_next().is_some() {}
         actions.extend(state.poll(Instant::now()));
         while let Some(action) = actions.pop() {
             match action {
@@ -290,7 +351,7 @@ async fn punch_loop(
                         .into_iter()
                         .filter(|p| p.policy().may_be_punched_for);
                     for plugin in told {
-                        tokio::spawn(async move {
+                        notifications.spawn(async move {
                             if let Err(e) = plugin.on_punch(&peer.to_string()).await {
                                 tracing::warn!("on-punch failed: {e}");
                             }

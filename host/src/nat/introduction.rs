@@ -28,7 +28,7 @@
 //!
 //! [`Introducer`] is the public side, [`HostIntroductions`] a host's side.
 //! Both take the time and the datagrams as arguments and return what to send;
-//! `crate::introducer` drives them with sockets and the clock. The tests below
+//! [`super::driver`] drives them with sockets and the clock. The tests below
 //! run them against simulated NATs in simulated time.
 
 use std::collections::HashMap;
@@ -37,11 +37,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// Every introduction datagram starts with these bytes (never a uTP header:
-/// `G` is not a uTP version-1 type byte, and never the 2-byte punch).
-pub const MAGIC: [u8; 4] = *b"GRI1";
+/// Every introduction datagram starts with these bytes; the socket's
+/// demultiplexer sorts datagrams by them.
+pub use crate::transport::INTRODUCTION_MAGIC as MAGIC;
 /// Larger introduction datagrams are dropped unread.
-pub const MAX_DATAGRAM: usize = 1024;
+pub use crate::transport::MAX_INTRODUCTION_DATAGRAM as MAX_DATAGRAM;
 /// How often a host behind a NAT re-registers with its introducer. It also
 /// bounds how long such a host stays unreachable after its router forgets
 /// its mappings (rebinding): the next registration re-opens the way.
@@ -709,8 +709,8 @@ impl HostIntroductions {
         // The filter test comes from a fresh port of the introducer's
         // address; everything else from its two known ports.
         let from_introducer = from == introducer.main || from == introducer.alt;
-        let filter_test = matches!(message, Message::FilterTest { .. })
-            && from.ip() == introducer.main.ip();
+        let filter_test =
+            matches!(message, Message::FilterTest { .. }) && from.ip() == introducer.main.ip();
         if !from_introducer && !filter_test {
             return vec![];
         }
@@ -842,4 +842,5 @@ impl HostIntroductions {
 }
 
 #[cfg(test)]
+#[path = "tests.rs"]
 mod tests;

@@ -1,24 +1,17 @@
-//! The `grenache-host` command line.
-//!
-//! Exit codes are part of the interface: 0 success, 1 the service answered
-//! with an error (or failed while answering), 2 the command could not run as
-//! asked (bad arguments, a plugin that does not load, invalid JSON).
+//! The command line's arguments: clap definitions only. Each command's
+//! arguments become a plain config struct (see [`super`]) before any work
+//! starts, so nothing below the command line knows clap.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::introduction::IntroducerAddr;
-use crate::plugin::{self, Limits, NoNetwork, Runtime};
-
-/// Exit code for "the service answered with an error".
-pub const EXIT_SERVICE_ERROR: u8 = 1;
-/// Exit code for "the command could not run as asked".
-pub const EXIT_USAGE: u8 = 2;
+use super::run::IntroducerPort;
+use crate::nat::IntroducerAddr;
+use crate::plugin::Limits;
+use crate::units::{parse_duration, parse_size};
 
 /// Run Grenache microservices as sandboxed WebAssembly plugins.
 ///
@@ -95,8 +88,8 @@ pub enum Command {
         /// Load only plugins signed (see `sign`) by this public key: a .pub
         /// file from `keygen` or its hex (repeatable). Without it, plugins
         /// need no signature.
-        #[arg(long, value_name = "KEY", value_parser = crate::signing::parse_trusted_key)]
-        trusted_key: Vec<crate::signing::TrustedKey>,
+        #[arg(long, value_name = "KEY", value_parser = crate::plugin::signing::parse_trusted_key)]
+        trusted_key: Vec<crate::plugin::signing::TrustedKey>,
         /// Swap a plugin in when its file changes (written in place or renamed
         /// over); requests in flight finish on the old version.
         #[arg(long)]
@@ -322,8 +315,8 @@ fn checked<T>(
 
 impl LimitArgs {
     /// The limits as policy overrides.
-    pub(crate) fn overrides(&self) -> crate::policy::PolicyEntry {
-        crate::policy::PolicyEntry {
+    pub(crate) fn overrides(&self) -> crate::plugin::policy::PolicyEntry {
+        crate::plugin::policy::PolicyEntry {
             memory_limit: self.memory_limit.clone(),
             time_limit: self.time_limit.clone(),
             max_reply: self.max_reply.clone(),
@@ -333,7 +326,7 @@ impl LimitArgs {
 
     /// The limits with no policy file: the defaults and these flags.
     pub(crate) fn limits(&self) -> Limits {
-        crate::policy::Policies {
+        crate::plugin::policy::Policies {
             file: Default::default(),
             overrides: self.overrides(),
         }
@@ -341,48 +334,6 @@ impl LimitArgs {
         .expect("flags were checked by the parser")
         .limits
     }
-}
-
-/// Splits `64 MiB` into 64 and `MiB`; `None` without a leading number.
-fn number_and_unit(text: &str) -> Option<(u64, &str)> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    Some((digits.parse().ok()?, unit.trim()))
-}
-
-/// Parses `123`, `64KiB`, `64MiB`, `1GiB` (also `KB`/`MB`/`GB`, read as the
-/// binary units) into bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let (n, unit) = number_and_unit(text)
-        .ok_or_else(|| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or 1GiB"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {text:?}; use KiB, MiB or GiB"
-            ))
-        }
-    };
-    let bytes = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))?;
-    if bytes == 0 {
-        return Err(format!("{text:?}: a size must be more than zero"));
-    }
-    Ok(bytes)
-}
-
-/// Where `dht` runs its introducer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IntroducerPort {
-    /// No introducer.
-    Off,
-    /// On this port and the next.
-    Port(u16),
 }
 
 /// Parses `dht --introducer-port`: a port number or `off`.
@@ -393,285 +344,5 @@ fn parse_introducer_port(text: &str) -> Result<IntroducerPort, String> {
             Ok(p) if p > 0 && p < u16::MAX => Ok(IntroducerPort::Port(p)),
             _ => Err(format!("{text:?} is not a port number (1-65534) or `off`")),
         },
-    }
-}
-
-/// Parses `250ms`, `5s`, `2m` into a duration.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (n, unit) = number_and_unit(text)
-        .ok_or_else(|| format!("{text:?} is not a duration; write e.g. 250ms, 5s or 2m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
-        other => {
-            return Err(format!(
-                "unknown duration unit {other:?} in {text:?}; use ms, s or m"
-            ))
-        }
-    };
-    if d.is_zero() {
-        return Err(format!("{text:?}: a duration must be more than zero"));
-    }
-    Ok(d)
-}
-
-/// Sets up `tracing` on stderr: `RUST_LOG` if set, else `--log-level`.
-pub fn init_logging(level: &str) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(&spec)
-            .map_err(|e| format!("RUST_LOG={spec:?} is not a valid filter: {e}"))?,
-        // The DHT and uTP crates are chatty (mainline reports a lone bootstrap
-        // node as an error even when lookups work); their news is ours to tell.
-        _ => {
-            EnvFilter::try_new(format!("{level},mainline=off,librqbit_utp=warn")).map_err(|e| {
-                format!(
-                "--log-level {level:?} is not valid ({e}); use error, warn, info, debug or trace"
-            )
-            })?
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    Ok(())
-}
-
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.log_level) {
-        eprintln!("error: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    runtime.block_on(run(cli))
-}
-
-async fn run(cli: Cli) -> ExitCode {
-    match cli.command {
-        Command::Invoke {
-            plugin,
-            service,
-            payload,
-            limits,
-        } => invoke(plugin, service, payload, limits).await,
-        Command::Inspect { plugin, limits } => inspect(plugin, limits).await,
-        Command::Run {
-            plugins,
-            listen,
-            dht,
-            behind_nat,
-            keepalive,
-            max_payload,
-            trusted_key,
-            watch,
-            control,
-            config,
-            limits,
-        } => {
-            let file = match config {
-                Some(path) => match crate::policy::PolicyFile::load(&path) {
-                    Ok(file) => file,
-                    Err(e) => return usage_error(e),
-                },
-                None => Default::default(),
-            };
-            let policies = crate::policy::Policies {
-                file,
-                overrides: limits.overrides(),
-            };
-            let introducer = match dht.introducer() {
-                Ok(i) => i,
-                Err(e) => return usage_error(e),
-            };
-            let introductions = crate::node::IntroOptions {
-                introducer,
-                keepalive,
-            };
-            let config = crate::node::NodeConfig {
-                plugins,
-                listen,
-                bootstrap: dht.bootstrap,
-                behind_nat,
-                introductions,
-                max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
-                policies: std::sync::Arc::new(policies),
-            };
-            let options = crate::commands::RunOptions {
-                trusted_keys: trusted_key,
-                watch,
-                control,
-            };
-            crate::commands::run(config, options).await
-        }
-        Command::Swap {
-            target,
-            file,
-            control,
-        } => {
-            crate::commands::control(
-                control,
-                crate::control::ControlRequest::Swap { target, file },
-            )
-            .await
-        }
-        Command::Rollback { target, control } => {
-            crate::commands::control(control, crate::control::ControlRequest::Rollback { target })
-                .await
-        }
-        Command::Status { control } => {
-            crate::commands::control(control, crate::control::ControlRequest::Status).await
-        }
-        Command::Keygen { out } => crate::commands::keygen(&out),
-        Command::Sign { plugin, key } => crate::commands::sign(&plugin, &key),
-        Command::Dht {
-            listen,
-            bootstrap,
-            introducer_port,
-        } => crate::commands::dht(listen, bootstrap, introducer_port).await,
-        Command::Call {
-            request,
-            dht,
-            client,
-            peer,
-        } => crate::commands::call(request, dht, client, peer).await,
-        Command::Bench {
-            request,
-            dht,
-            client,
-            requests,
-            concurrency,
-            warmup,
-        } => {
-            let plan = crate::commands::BenchPlan {
-                requests,
-                concurrency,
-                warmup,
-            };
-            crate::commands::bench(request, dht, client, plan).await
-        }
-    }
-}
-
-/// Refuses a payload that is not JSON before anything runs (usage exit code).
-pub(crate) fn check_payload(payload: &str) -> Result<(), ExitCode> {
-    crate::rpc::codec::check_json(payload).map_err(|e| {
-        usage_error(format!(
-            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"
-        ))
-    })
-}
-
-/// Prints a JSON reply compactly on one line of stdout.
-pub(crate) fn print_compact(reply: &str) -> Result<(), serde_json::Error> {
-    let value: serde_json::Value = serde_json::from_str(reply)?;
-    println!("{value}");
-    Ok(())
-}
-
-/// Prints `error: <message>` and returns the usage exit code.
-pub(crate) fn usage_error(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::from(EXIT_USAGE)
-}
-
-async fn load(
-    path: &std::path::Path,
-    limits: &LimitArgs,
-) -> Result<plugin::LoadedPlugin, ExitCode> {
-    let runtime = Runtime::new(limits.limits()).map_err(usage_error)?;
-    runtime
-        .load(path, Arc::new(NoNetwork))
-        .await
-        .map_err(usage_error)
-}
-
-async fn invoke(path: PathBuf, service: String, payload: String, limits: LimitArgs) -> ExitCode {
-    if let Err(code) = check_payload(&payload) {
-        return code;
-    }
-    let plugin = match load(&path, &limits).await {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    if !plugin.serves().contains(&service) {
-        return usage_error(format!(
-            "{} does not serve {service:?}; it serves: {}",
-            path.display(),
-            plugin.serves().join(", ")
-        ));
-    }
-    match plugin.handle(&service, &payload).await {
-        // The runtime has checked the reply is JSON.
-        Ok(reply) => match print_compact(&reply) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: reply is not JSON: {e}");
-                ExitCode::from(EXIT_SERVICE_ERROR)
-            }
-        },
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_SERVICE_ERROR)
-        }
-    }
-}
-
-async fn inspect(path: PathBuf, limits: LimitArgs) -> ExitCode {
-    let plugin = match load(&path, &limits).await {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let manifest = serde_json::json!({
-        "plugin": plugin.name(),
-        "serves": plugin.serves(),
-        "punch": plugin.punch_targets(),
-    });
-    println!("{manifest}");
-    ExitCode::SUCCESS
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("1gib"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("lots").unwrap_err().contains("64MiB"));
-        assert!(parse_size("5TiB").unwrap_err().contains("unit"));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
-    }
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
     }
 }

@@ -1,4 +1,4 @@
-//! The I/O side of introductions ([`crate::introduction`]): the introducer a
+//! The I/O side of introductions ([`super::introduction`]): the introducer a
 //! `dht` node runs on two UDP ports, and the driver that runs each host's
 //! [`HostIntroductions`] with its RPC socket and the clock.
 
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::introduction::{
+use super::introduction::{
     self, Action, HostIntroductions, IntroResult, Introducer, NatKind, Port, MAX_DATAGRAM,
 };
 use crate::transport::{Endpoint, Introductions};
@@ -138,15 +138,16 @@ impl IntroductionHandle {
     }
 }
 
-/// Starts the driver of `state` on `endpoint`'s socket; it stops when the
-/// last handle is dropped.
+/// Starts the driver of `state` on `endpoint`'s socket as a task of
+/// `tasks`; it stops when the last handle is dropped or `tasks` stops it.
 pub fn spawn(
     endpoint: Endpoint,
     incoming: Introductions,
     state: HostIntroductions,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) -> IntroductionHandle {
     let (commands, rx) = mpsc::unbounded_channel();
-    tokio::spawn(drive(endpoint, incoming, rx, state));
+    tasks.spawn(drive(endpoint, incoming, rx, state));
     IntroductionHandle { commands }
 }
 
@@ -178,8 +179,14 @@ async fn drive(
                 Some(Command::Used(addr)) => state.used(Instant::now(), addr),
                 None => return,
             },
-            message = incoming.recv() => match message {
-                Some((from, message)) => actions = state.on_message(Instant::now(), from, message),
+            datagram = incoming.recv() => match datagram {
+                Some((from, bytes)) => match introduction::decode(&bytes) {
+                    Ok(message) => actions = state.on_message(Instant::now(), from, message),
+                    Err(e) => {
+                        endpoint.stats.garbage_datagrams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(%from, "dropped a bad introduction message: {e}");
+                    }
+                },
                 None => return,
             },
             punch = punches.recv() => {
@@ -199,7 +206,11 @@ async fn execute(
     loud: bool,
 ) {
     match action {
-        Action::Send { to, message } => endpoint.send_introduction(to, &message).await,
+        Action::Send { to, message } => {
+            endpoint
+                .send_introduction(to, &introduction::encode(&message))
+                .await
+        }
         Action::Punch(to) => endpoint.punch(to).await,
         Action::Introduced { id, result } => {
             if let Some(reply) = waiting.remove(&id) {

@@ -1,11 +1,12 @@
-//! Finding services: an embedded BitTorrent DHT node (crate `mainline`).
+//! The DHT backend of [`Discovery`]: an embedded BitTorrent DHT node (crate
+//! `mainline`).
 //!
 //! A service's DHT key is the SHA-1 of its name (`fibonacci_worker` →
 //! `9fb29a11…`). A host announces each service with the port of its RPC
 //! socket (never the DHT socket's, which is a different mapping behind a
 //! NAT) and re-announces periodically. mainline never expires peers, so a
 //! lookup can return hosts that are gone: callers report peers that fail with
-//! [`Discovery::mark_bad`] and lookups skip them for a while.
+//! [`Discovery::mark_bad`](super::Discovery::mark_bad) and lookups skip them for a while.
 //!
 //! The embedded node never contacts the public BitTorrent network: it joins
 //! only the bootstrap nodes it is given, or stays alone.
@@ -17,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mainline::{Dht, Id};
+
+use super::{BoxFuture, Discovery, DiscoveryError};
 
 /// How often a host re-announces its services.
 pub const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
@@ -45,23 +48,14 @@ pub struct DhtConfig {
     pub server_mode: bool,
 }
 
-/// Why discovery failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DiscoveryError {
-    #[error("cannot start the DHT node: {0}")]
-    Start(String),
-    #[error("cannot announce {service}: {reason}")]
-    Announce { service: String, reason: String },
-}
-
 /// A running DHT node plus the host's view of which peers are healthy.
-pub struct Discovery {
+pub struct DhtDiscovery {
     dht: mainline::async_dht::AsyncDht,
     bad: Mutex<HashMap<SocketAddr, Instant>>,
     cache: Mutex<HashMap<String, (Instant, Vec<SocketAddr>)>>,
 }
 
-impl Discovery {
+impl DhtDiscovery {
     /// Starts the node (its own OS thread, its own UDP socket).
     pub fn start(config: &DhtConfig) -> Result<Self, DiscoveryError> {
         let mut builder = Dht::builder();
@@ -84,7 +78,7 @@ impl Discovery {
         let dht = builder
             .build()
             .map_err(|e| DiscoveryError::Start(format!("{e} (binding {listen})")))?;
-        Ok(Discovery {
+        Ok(DhtDiscovery {
             dht: dht.as_async(),
             bad: Mutex::default(),
             cache: Mutex::default(),
@@ -101,9 +95,7 @@ impl Discovery {
         self.dht.bootstrapped().await
     }
 
-    /// Announces that `service` is served on `port` of this host's address
-    /// as the DHT nodes see it.
-    pub async fn announce(&self, service: &str, port: u16) -> Result<(), DiscoveryError> {
+    async fn announce_service(&self, service: &str, port: u16) -> Result<(), DiscoveryError> {
         self.dht
             .announce_peer(service_key(service), Some(port))
             .await
@@ -114,11 +106,10 @@ impl Discovery {
             })
     }
 
-    /// Peers announcing `service`, healthy ones only, waiting at most
-    /// `timeout`. Takes the first batch the DHT returns rather than waiting for
-    /// the whole query to finish. A node that has not finished joining the
-    /// DHT asks again once it has, if the first query found nothing.
-    pub async fn lookup(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
+    /// Takes the first batch the DHT returns rather than waiting for the
+    /// whole query to finish. A node that has not finished joining the DHT
+    /// asks again once it has, if the first query found nothing.
+    async fn lookup_peers(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut peers = self.lookup_once(service, timeout).await;
         if peers.is_empty() {
@@ -162,9 +153,23 @@ impl Discovery {
         peers.dedup();
         peers
     }
+}
 
-    /// Remembers that `peer` failed, so lookups skip it for [`BAD_PEER_TTL`].
-    pub fn mark_bad(&self, peer: SocketAddr) {
+impl Discovery for DhtDiscovery {
+    fn announce<'a>(
+        &'a self,
+        service: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, Result<(), DiscoveryError>> {
+        Box::pin(self.announce_service(service, port))
+    }
+
+    fn lookup<'a>(&'a self, service: &'a str, timeout: Duration) -> BoxFuture<'a, Vec<SocketAddr>> {
+        Box::pin(self.lookup_peers(service, timeout))
+    }
+
+    /// Lookups skip `peer` for [`BAD_PEER_TTL`].
+    fn mark_bad(&self, peer: SocketAddr) {
         tracing::debug!(%peer, "marking peer bad for {BAD_PEER_TTL:?}");
         self.bad
             .lock()
@@ -172,12 +177,15 @@ impl Discovery {
             .insert(peer, Instant::now());
     }
 
-    /// Forgets a failure: the peer answered.
-    pub fn mark_good(&self, peer: SocketAddr) {
+    fn mark_good(&self, peer: SocketAddr) {
         self.bad
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&peer);
+    }
+
+    fn describe(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move { format!("DHT node {}", self.local_addr().await) })
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::swap::PluginSet;
+use crate::plugin::set::PluginSet;
 
 /// Largest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -70,9 +70,19 @@ impl ControlReply {
     }
 }
 
+/// The control socket's file: removed when dropped, so a host that stops
+/// leaves no stale socket behind.
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Binds the socket (replacing a stale one left by a host that died) with
 /// owner-only permissions. Fails if a live host already listens there.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
@@ -86,13 +96,17 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     // before the chmod below; the chmod makes it owner-only whatever the umask.
     let listener = UnixListener::bind(path)
         .map_err(|e| anyhow::anyhow!("cannot create the control socket {}: {e}", path.display()))?;
+    let file = SocketFile(path.to_path_buf());
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(listener)
+    Ok((listener, file))
 }
 
-/// Serves the control channel until the process ends.
+/// Serves the control channel until dropped; dropping it ends every
+/// connection it accepted.
 pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -103,7 +117,7 @@ pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>) {
             }
         };
         let plugins = plugins.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = serve_one(stream, &plugins).await {
                 tracing::debug!("control connection: {e}");
             }

@@ -16,9 +16,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// The punch datagram: `ÿ` in UTF-8, exactly as Grenache's boxgloves sends it.
-pub const PUNCH: [u8; 2] = [0xC3, 0xBF];
-
 /// How often a host behind a NAT punches its targets (Grenache: every 1 s).
 pub const DEFAULT_PUNCH_INTERVAL: Duration = Duration::from_secs(1);
 

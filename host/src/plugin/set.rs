@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::plugin::{plugin_name, LoadedPlugin, PluginNetwork, Runtime};
-use crate::policy::Policies;
+use super::policy::Policies;
+use super::{plugin_name, LoadedPlugin, PluginNetwork, Runtime};
 
 /// One plugin file's versions.
 struct Slot {

@@ -1,0 +1,102 @@
+//! The admin commands: `keygen` and `sign` for plugin signatures, and
+//! `swap`, `rollback` and `status`, each one request on a running host's
+//! control socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::{usage_error, EXIT_SERVICE_ERROR};
+use crate::node::control::{self, ControlRequest};
+use crate::plugin::signing;
+
+/// `grenache-host swap | rollback | status`: one request on the control socket.
+pub async fn control(socket: Option<PathBuf>, request: ControlRequest) -> ExitCode {
+    let path = socket.unwrap_or_else(control::default_path);
+    let reply = match control::request(&path, &request).await {
+        Ok(reply) => reply,
+        Err(e) => return usage_error(e),
+    };
+    if let Some(status) = reply.status {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("status serialises")
+        );
+    }
+    if let Some(message) = reply.message {
+        println!("{message}");
+    }
+    match reply.error {
+        Some(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_SERVICE_ERROR)
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+/// `grenache-host keygen`.
+pub fn keygen(out: &Path) -> ExitCode {
+    let (secret, public) = signing::generate();
+    let with_ext = |ext: &str| {
+        let mut name = out.as_os_str().to_owned();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    let (secret_path, public_path) = (with_ext(".secret"), with_ext(".pub"));
+    for path in [&secret_path, &public_path] {
+        if path.exists() {
+            return usage_error(format!(
+                "{} exists; refusing to overwrite a key (pick another --out)",
+                path.display()
+            ));
+        }
+    }
+    let write_secret = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&secret_path)?
+            .write_all(format!("{secret}\n").as_bytes())
+    };
+    if let Err(e) = write_secret().and_then(|_| std::fs::write(&public_path, format!("{public}\n")))
+    {
+        return usage_error(format!("cannot write the key files: {e}"));
+    }
+    eprintln!(
+        "wrote {} (keep it secret) and {}",
+        secret_path.display(),
+        public_path.display()
+    );
+    println!("{public}");
+    ExitCode::SUCCESS
+}
+
+/// `grenache-host sign`.
+pub fn sign(plugin: &Path, key: &Path) -> ExitCode {
+    let secret = match std::fs::read_to_string(key) {
+        Ok(s) => s,
+        Err(e) => return usage_error(format!("cannot read the secret key {}: {e}", key.display())),
+    };
+    let content = match std::fs::read(plugin) {
+        Ok(c) => c,
+        Err(e) => return usage_error(format!("cannot read {}: {e}", plugin.display())),
+    };
+    let signature = match signing::sign(&content, &secret) {
+        Ok(s) => s,
+        Err(e) => {
+            return usage_error(format!(
+                "{}: {e}; pass the .secret file `grenache-host keygen` wrote",
+                key.display()
+            ))
+        }
+    };
+    let path = signing::signature_path(plugin);
+    if let Err(e) = std::fs::write(&path, signature) {
+        return usage_error(format!("cannot write {}: {e}", path.display()));
+    }
+    println!("wrote {}", path.display());
+    ExitCode::SUCCESS
+}

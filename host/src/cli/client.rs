@@ -1,0 +1,207 @@
+//! The one-shot network clients: `call` and `bench`. Each starts the client
+//! side of a host (its socket, a DHT node, introductions) for the length of
+//! the command.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use super::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
+use crate::nat::{IntroducerAddr, DEFAULT_KEEPALIVE};
+use crate::node::{ClientParts, IntroOptions};
+use crate::rpc::client::RpcClient;
+use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
+use crate::rpc::RpcError;
+use crate::transport::Endpoint;
+
+/// Where and how a one-shot client reaches the network.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// DHT nodes to join through (`ip:port` or `host:port`).
+    pub bootstrap: Vec<String>,
+    /// The introducer, if any (see [`crate::nat`]).
+    pub introducer: Option<IntroducerAddr>,
+    /// Deadline of each request, lookup and connect included.
+    pub timeout: Duration,
+    /// Address of the client's socket.
+    pub listen: SocketAddr,
+}
+
+/// What `call` sends, and to whom.
+#[derive(Debug, Clone)]
+pub struct CallConfig {
+    pub service: String,
+    /// The request payload, JSON text (checked before anything is sent).
+    pub payload: String,
+    pub client: ClientConfig,
+    /// Call this peer directly instead of looking the service up.
+    pub peer: Option<SocketAddr>,
+}
+
+/// What `bench` sends.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub service: String,
+    /// The request payload, JSON text.
+    pub payload: String,
+    pub client: ClientConfig,
+    pub plan: BenchPlan,
+}
+
+/// How many requests `bench` sends and how.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchPlan {
+    /// Requests counted in the figures.
+    pub requests: u64,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Requests sent first and not counted.
+    pub warmup: u64,
+}
+
+/// Starts the client side of a host (socket, DHT node, introductions).
+async fn client(config: &ClientConfig) -> Result<ClientParts, ExitCode> {
+    let bootstrap = &config.bootstrap;
+    if bootstrap.is_empty() {
+        return Err(usage_error("--bootstrap <ip:port> is required: the address of a DHT node, e.g. one started with `grenache-host dht`"));
+    }
+    let intro = IntroOptions {
+        introducer: config.introducer,
+        keepalive: DEFAULT_KEEPALIVE,
+    };
+    let parts = ClientParts::start(config.listen, bootstrap, DEFAULT_MAX_MESSAGE, &intro, false)
+        .await
+        .map_err(|e| usage_error(format!("{e:#}")))?;
+    // No waiting for the join to finish (it lasts until every node found has
+    // answered or timed out): a lookup starts from the bootstrap nodes, and
+    // waits for the join only if that finds nothing.
+    Ok(parts)
+}
+
+/// `grenache-host call`: one request, its reply printed as compact JSON.
+pub async fn call(config: CallConfig) -> ExitCode {
+    let CallConfig {
+        service,
+        payload,
+        client: client_config,
+        peer,
+    } = config;
+    if let Err(code) = check_payload(&payload) {
+        return code;
+    }
+    let timeout = client_config.timeout;
+    let reply = if let Some(peer) = peer {
+        let (endpoint, _introductions) = match Endpoint::bind(client_config.listen).await {
+            Ok(e) => e,
+            Err(e) => return usage_error(format!("{e:#}")),
+        };
+        let client = RpcClient::new(endpoint, None, DEFAULT_MAX_MESSAGE);
+        client.request_peer(peer, &service, &payload, timeout).await
+    } else {
+        let parts = match client(&client_config).await {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        parts.client.request(&service, &payload, timeout).await
+    };
+    match reply {
+        Ok(reply) => match print_compact(&reply) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => usage_error(format!("the reply is not JSON: {e}")),
+        },
+        Err(RpcError::Remote(message)) => {
+            eprintln!("error from {service}: {message}");
+            ExitCode::from(EXIT_SERVICE_ERROR)
+        }
+        Err(e) => usage_error(format!("{service}: {e}")),
+    }
+}
+
+/// `grenache-host bench`: `plan.requests` requests, `plan.concurrency` in
+/// flight, then one line of figures.
+pub async fn bench(config: BenchConfig) -> ExitCode {
+    let BenchConfig {
+        service,
+        payload,
+        client: client_config,
+        plan,
+    } = config;
+    if let Err(code) = check_payload(&payload) {
+        return code;
+    }
+    if plan.requests == 0 || plan.concurrency == 0 {
+        return usage_error("--requests and --concurrency must be at least 1");
+    }
+    let parts = match client(&client_config).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let timeout = client_config.timeout;
+    let send_all = |count: u64| {
+        let client = parts.client.clone();
+        let (service, payload) = (service.clone(), payload.clone());
+        futures::stream::iter(0..count)
+            .map(move |_| {
+                let (client, service, payload) = (client.clone(), service.clone(), payload.clone());
+                async move {
+                    let started = Instant::now();
+                    let result = client.request(&service, &payload, timeout).await;
+                    (result, started.elapsed())
+                }
+            })
+            .buffer_unordered(plan.concurrency)
+            .collect::<Vec<_>>()
+    };
+    // Warm-up: connections, lookups and the plugin's code paths.
+    let warm = send_all(plan.warmup).await;
+    if let Some((Err(e), _)) = warm.iter().find(|(r, _)| r.is_err()) {
+        if warm.iter().all(|(r, _)| r.is_err()) {
+            return usage_error(format!("{service}: every warm-up request failed: {e}"));
+        }
+    }
+    eprintln!(
+        "bench: {} requests to {service}, {} in flight",
+        plan.requests, plan.concurrency
+    );
+    let started = Instant::now();
+    let results = send_all(plan.requests).await;
+    let elapsed = started.elapsed();
+
+    let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for (result, latency) in results {
+        match result {
+            Ok(_) => latencies.push(latency),
+            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    latencies.sort();
+    let failed: u64 = errors.values().sum();
+    let percentile = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies[i].as_secs_f64() * 1e3
+    };
+    println!(
+        "requests ok={} failed={failed} rps={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms elapsed={:.2}s",
+        latencies.len(),
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        percentile(0.50),
+        percentile(0.90),
+        percentile(0.99),
+        elapsed.as_secs_f64(),
+    );
+    for (message, count) in &errors {
+        eprintln!("bench: {count} failed: {message}");
+    }
+    if failed > 0 {
+        ExitCode::from(EXIT_SERVICE_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

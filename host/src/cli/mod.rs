@@ -1,0 +1,260 @@
+//! The `grenache-host` command line: the only part of the crate that knows
+//! clap. [`args`] defines the arguments; [`main`] parses them, turns each
+//! command's arguments into a plain config struct and runs the command:
+//!
+//! - [`run`]: the serving commands, `run` (a host) and `dht` (a public node);
+//! - [`client`]: the one-shot network clients, `call` and `bench`;
+//! - [`admin`]: `keygen`, `sign`, and `swap`/`rollback`/`status` on a running
+//!   host's control socket;
+//! - [`local`]: `invoke` and `inspect`, a plugin file without any network.
+//!
+//! Exit codes are part of the interface: 0 success, 1 the service answered
+//! with an error (or failed while answering), 2 the command could not run as
+//! asked (bad arguments, a plugin that does not load, invalid JSON).
+
+pub mod admin;
+pub mod args;
+pub mod client;
+pub mod local;
+pub mod run;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use args::{Cli, Command};
+
+/// Exit code for "the service answered with an error".
+pub const EXIT_SERVICE_ERROR: u8 = 1;
+/// Exit code for "the command could not run as asked".
+pub const EXIT_USAGE: u8 = 2;
+
+/// Sets up `tracing` on stderr: `RUST_LOG` if set, else `--log-level`.
+pub fn init_logging(level: &str) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(&spec)
+            .map_err(|e| format!("RUST_LOG={spec:?} is not a valid filter: {e}"))?,
+        // The DHT and uTP crates are chatty (mainline reports a lone bootstrap
+        // node as an error even when lookups work); their news is ours to tell.
+        _ => {
+            EnvFilter::try_new(format!("{level},mainline=off,librqbit_utp=warn")).map_err(|e| {
+                format!(
+                "--log-level {level:?} is not valid ({e}); use error, warn, info, debug or trace"
+            )
+            })?
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    Ok(())
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+/// Turns one command's arguments into its config and runs it.
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Invoke {
+            plugin,
+            service,
+            payload,
+            limits,
+        } => local::invoke(&plugin, &service, &payload, limits.limits()).await,
+        Command::Inspect { plugin, limits } => local::inspect(&plugin, limits.limits()).await,
+        Command::Run {
+            plugins,
+            listen,
+            dht,
+            behind_nat,
+            keepalive,
+            max_payload,
+            trusted_key,
+            watch,
+            control,
+            config,
+            limits,
+        } => {
+            let file = match config {
+                Some(path) => match crate::plugin::policy::PolicyFile::load(&path) {
+                    Ok(file) => file,
+                    Err(e) => return usage_error(e),
+                },
+                None => Default::default(),
+            };
+            let policies = crate::plugin::policy::Policies {
+                file,
+                overrides: limits.overrides(),
+            };
+            let introducer = match dht.introducer() {
+                Ok(i) => i,
+                Err(e) => return usage_error(e),
+            };
+            let introductions = crate::node::IntroOptions {
+                introducer,
+                keepalive,
+            };
+            let config = crate::node::NodeConfig {
+                plugins,
+                listen,
+                bootstrap: dht.bootstrap,
+                behind_nat,
+                introductions,
+                max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
+                policies: Arc::new(policies),
+            };
+            let options = run::RunOptions {
+                trusted_keys: trusted_key,
+                watch,
+                control: match control.as_deref() {
+                    None => run::ControlSocket::Default,
+                    Some("off") => run::ControlSocket::Off,
+                    Some(path) => run::ControlSocket::At(path.into()),
+                },
+            };
+            run::run(config, options).await
+        }
+        Command::Swap {
+            target,
+            file,
+            control,
+        } => {
+            let request = crate::node::control::ControlRequest::Swap { target, file };
+            admin::control(control.control, request).await
+        }
+        Command::Rollback { target, control } => {
+            let request = crate::node::control::ControlRequest::Rollback { target };
+            admin::control(control.control, request).await
+        }
+        Command::Status { control } => {
+            admin::control(
+                control.control,
+                crate::node::control::ControlRequest::Status,
+            )
+            .await
+        }
+        Command::Keygen { out } => admin::keygen(&out),
+        Command::Sign { plugin, key } => admin::sign(&plugin, &key),
+        Command::Dht {
+            listen,
+            bootstrap,
+            introducer_port,
+        } => {
+            let config = run::DhtNodeConfig {
+                listen,
+                bootstrap,
+                introducer_port,
+            };
+            run::dht(config).await
+        }
+        Command::Call {
+            request,
+            dht,
+            client,
+            peer,
+        } => {
+            let client = match client_config(dht, client) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let call = client::CallConfig {
+                service: request.service,
+                payload: request.payload,
+                client,
+                peer,
+            };
+            client::call(call).await
+        }
+        Command::Bench {
+            request,
+            dht,
+            client,
+            requests,
+            concurrency,
+            warmup,
+        } => {
+            let client = match client_config(dht, client) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let bench = client::BenchConfig {
+                service: request.service,
+                payload: request.payload,
+                client,
+                plan: client::BenchPlan {
+                    requests,
+                    concurrency,
+                    warmup,
+                },
+            };
+            client::bench(bench).await
+        }
+    }
+}
+
+/// The one-shot clients' config from their arguments.
+fn client_config(
+    dht: args::BootstrapArgs,
+    client: args::ClientArgs,
+) -> Result<client::ClientConfig, ExitCode> {
+    Ok(client::ClientConfig {
+        introducer: dht.introducer().map_err(usage_error)?,
+        bootstrap: dht.bootstrap,
+        timeout: std::time::Duration::from_millis(client.timeout_ms),
+        listen: client.listen,
+    })
+}
+
+/// Refuses a payload that is not JSON before anything runs (usage exit code).
+pub(crate) fn check_payload(payload: &str) -> Result<(), ExitCode> {
+    crate::plugin::check_json(payload).map_err(|e| {
+        usage_error(format!(
+            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"
+        ))
+    })
+}
+
+/// Prints a JSON reply compactly on one line of stdout.
+pub(crate) fn print_compact(reply: &str) -> Result<(), serde_json::Error> {
+    let value: serde_json::Value = serde_json::from_str(reply)?;
+    println!("{value}");
+    Ok(())
+}
+
+/// Prints `error: <message>` and returns the usage exit code.
+pub(crate) fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::args::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,196 @@
+//! The serving commands: `run` (a host serving plugins) and `dht` (a public
+//! DHT node with an introducer beside it). Both run until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::usage_error;
+use crate::discovery::dht::{DhtConfig, DhtDiscovery};
+use crate::nat::IntroducerAddr;
+use crate::node::{Node, NodeConfig};
+use crate::plugin::policy::Limits;
+use crate::plugin::signing::TrustedKey;
+use crate::plugin::Runtime;
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// `run`'s options beyond the node's own configuration.
+pub struct RunOptions {
+    /// When not empty, only plugins signed by one of these keys load.
+    pub trusted_keys: Vec<TrustedKey>,
+    /// Swap a plugin in when its file changes.
+    pub watch: bool,
+    pub control: ControlSocket,
+}
+
+/// Where `run` serves its control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// [`crate::node::control::default_path`]; a failure to bind is a warning.
+    Default,
+    /// This path; a failure to bind stops the host.
+    At(PathBuf),
+    /// No control socket.
+    Off,
+}
+
+/// How often `--watch` looks at the plugin files.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// `grenache-host run`: serves until Ctrl-C or SIGTERM, then stops every
+/// task of the node.
+pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
+    let RunOptions {
+        trusted_keys,
+        watch,
+        control,
+    } = options;
+    if config.bootstrap.is_empty() {
+        tracing::warn!(
+            "no --bootstrap given: this host's DHT node is alone and only it can find its services; \
+             start a node with `grenache-host dht` and pass --bootstrap <ip:port>"
+        );
+    }
+    // The engine's memory pool must fit the largest limit any plugin gets.
+    let mut limits = Limits::default();
+    for path in &config.plugins {
+        match config
+            .policies
+            .for_plugin(&crate::plugin::plugin_name(path))
+        {
+            Ok(policy) => limits.memory_bytes = limits.memory_bytes.max(policy.limits.memory_bytes),
+            Err(e) => return usage_error(e),
+        }
+    }
+    let runtime = match Runtime::new(limits) {
+        Ok(r) => r.require_signatures(trusted_keys),
+        Err(e) => return usage_error(e),
+    };
+    let mut node = match Node::start(config, runtime).await {
+        Ok(node) => node,
+        Err(e) => return usage_error(format!("{e:#}")),
+    };
+    let control_path = match control {
+        ControlSocket::Off => None,
+        ControlSocket::At(path) => Some((path, true)),
+        ControlSocket::Default => Some((crate::node::control::default_path(), false)),
+    };
+    if let Some((path, explicit)) = control_path {
+        match node.serve_control(&path) {
+            Ok(()) => tracing::info!("control socket {}", path.display()),
+            Err(e) if explicit => return usage_error(format!("{e:#}")),
+            Err(e) => tracing::warn!("no control socket: {e:#}"),
+        }
+    }
+    if watch {
+        node.watch(WATCH_INTERVAL);
+        tracing::info!("watching the plugin files for changes");
+    }
+    // The same line the Grenache examples print, for scripts to wait on.
+    println!("listening on {}", node.endpoint.local_addr().port());
+    tracing::info!(
+        "RPC socket {}, DHT node {}",
+        node.endpoint.local_addr(),
+        node.discovery.local_addr().await
+    );
+    shutdown_signal().await;
+    tracing::info!("stopping: {}", node.summary());
+    node.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Where `dht` runs its introducer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntroducerPort {
+    /// No introducer.
+    Off,
+    /// On this port and the next.
+    Port(u16),
+}
+
+/// How to run `dht`.
+#[derive(Debug, Clone)]
+pub struct DhtNodeConfig {
+    /// The DHT node's address.
+    pub listen: SocketAddrV4,
+    /// Other DHT nodes to join; empty: start a new DHT.
+    pub bootstrap: Vec<String>,
+    /// `None`: the introducer goes beside the DHT node's port.
+    pub introducer_port: Option<IntroducerPort>,
+}
+
+/// `grenache-host dht`: a DHT node in server mode and, unless turned off,
+/// an introducer beside it.
+pub async fn dht(config: DhtNodeConfig) -> ExitCode {
+    let DhtNodeConfig {
+        listen,
+        bootstrap,
+        introducer_port,
+    } = config;
+    let config = DhtConfig {
+        listen: Some(listen),
+        bootstrap,
+        server_mode: true,
+    };
+    let discovery = match DhtDiscovery::start(&config) {
+        Ok(d) => d,
+        Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
+    };
+    let dht_addr = discovery.local_addr().await;
+    let port = match introducer_port {
+        Some(IntroducerPort::Off) => None,
+        Some(IntroducerPort::Port(port)) => Some(port),
+        None => match IntroducerAddr::beside_dht(dht_addr.into()) {
+            Some(beside) => Some(beside.main.port()),
+            None => {
+                return usage_error(format!(
+                    "no room for the introducer beside the DHT port {}; pass --introducer-port",
+                    dht_addr.port()
+                ))
+            }
+        },
+    };
+    let mut introducer = None;
+    if let Some(port) = port {
+        match crate::nat::IntroducerSockets::bind((*listen.ip()).into(), port).await {
+            Ok(sockets) => {
+                let addr = sockets.local_addr();
+                introducer = Some(tokio::spawn(sockets.serve()));
+                println!(
+                    "introducer listening on {addr} (probe port {})",
+                    addr.port() + 1
+                );
+            }
+            Err(e) => return usage_error(format!("{e:#}")),
+        }
+    }
+    println!("dht listening on {dht_addr}");
+    shutdown_signal().await;
+    tracing::info!("stopping the DHT node");
+    if let Some(task) = introducer {
+        task.abort();
+    }
+    ExitCode::SUCCESS
+}

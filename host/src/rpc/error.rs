@@ -1,0 +1,20 @@
+//! Why a request failed, as the RPC client reports it.
+
+/// Why a request failed. The `Display` text is what `call` prints and what a
+/// plugin's `request` receives (the node maps each variant to the WIT's
+/// `request-error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcError {
+    /// Discovery found no peer announcing the service.
+    #[error("no peers: {0}")]
+    NoPeers(String),
+    /// No reply before the deadline (connect, lookup or the reply itself).
+    #[error("timeout: {0}")]
+    Timeout(String),
+    /// The remote service answered with this Grenache error string.
+    #[error("{0}")]
+    Remote(String),
+    /// Delivery or reading the reply failed.
+    #[error("transport: {0}")]
+    Transport(String),
+}

@@ -1,0 +1,87 @@
+//! Sizes and durations as people write them (`64MiB`, `250ms`): one parser
+//! each, shared by the command line and the policy file.
+
+use std::time::Duration;
+
+/// Splits `64 MiB` into 64 and `MiB`; `None` without a leading number.
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    Some((digits.parse().ok()?, unit.trim()))
+}
+
+/// Parses `123`, `64KiB`, `64MiB`, `1GiB` (also `KB`/`MB`/`GB`, read as the
+/// binary units) into bytes.
+///
+/// Errors: no leading number, an unknown unit, zero, or more than `u64::MAX`
+/// bytes; each message shows a valid example.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (n, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a size; write e.g. 64MiB, 512KiB or 1GiB"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?}; use KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("{text:?}: a size must be more than zero"));
+    }
+    Ok(bytes)
+}
+
+/// Parses `250ms`, `5s`, `2m` (a bare number is seconds) into a duration.
+///
+/// Errors: no leading number, an unknown unit, or zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (n, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a duration; write e.g. 250ms, 5s or 2m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {text:?}; use ms, s or m"
+            ))
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("{text:?}: a duration must be more than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").unwrap_err().contains("64MiB"));
+        assert!(parse_size("5TiB").unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}
