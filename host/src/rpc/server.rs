@@ -10,9 +10,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use super::codec::{self, DecodeError, MessageDecoder, Request};
+use super::codec::{self, DecodeError, Request};
+use super::connection::{MessageReader, ReadError};
 use crate::discovery::BoxFuture;
 use crate::transport::{Endpoint, PEER_SILENCE_LIMIT};
 
@@ -80,53 +81,47 @@ async fn serve_connection(
     stats: Arc<ServerStats>,
 ) {
     let peer = stream.remote_addr();
-    let (mut reader, writer) = stream.split();
+    let (reader, writer) = stream.split();
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
-    let mut decoder = MessageDecoder::new(max_message);
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut reader = MessageReader::new(reader, max_message);
     // Requests in flight on this connection; they finish even after the
     // peer stops sending.
     let mut requests = tokio::task::JoinSet::new();
-    let problem = 'read: loop {
+    let problem = loop {
         while requests.try_join_next().is_some() {}
-        let n = match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => {
+        let request = match reader.next().await {
+            Ok(Some(value)) => match codec::parse_request(&value) {
+                Ok(request) => request,
+                Err(e) => break e,
+            },
+            Ok(None) | Err(ReadError::Io(_)) => {
                 requests.join_all().await;
                 return;
             }
-            Ok(n) => n,
+            Err(ReadError::Decode(e)) => break e,
         };
-        decoder.push(&buf[..n]);
-        loop {
-            let request = match decoder.next_message() {
-                Ok(Some(value)) => match codec::parse_request(&value) {
-                    Ok(request) => request,
-                    Err(e) => break 'read e,
-                },
-                Ok(None) => break,
-                Err(e) => break 'read e,
-            };
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
-            requests.spawn(async move {
-                let answering = answer(&*services, &request, peer, &stats);
-                tokio::pin!(answering);
-                let reply = loop {
-                    tokio::select! {
-                        reply = &mut answering => break reply,
-                        _ = tokio::time::sleep(HEARTBEAT) => {
-                            // Whitespace between messages is ignored by every
-                            // Grenache reader; once the caller acknowledges it,
-                            // uTP stops counting the caller's silence.
-                            let _ = writer.lock().await.write_all(b" ").await;
-                        }
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
+        requests.spawn(async move {
+            let answering = answer(&*services, &request, peer, &stats);
+            tokio::pin!(answering);
+            let reply = loop {
+                tokio::select! {
+                    reply = &mut answering => break reply,
+                    _ = tokio::time::sleep(HEARTBEAT) => {
+                        // Whitespace between messages is ignored by every
+                        // Grenache reader; once the caller acknowledges it,
+                        // uTP stops counting the caller's silence
+                        // (docs/wire.md#heartbeat).
+                        let _ = writer.lock().await.write_all(b" ").await;
                     }
-                };
-                if let Err(e) = writer.lock().await.write_all(&reply).await {
-                    tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
                 }
-            });
-        }
+            };
+            // One whole message per write (docs/wire.md §3).
+            if let Err(e) = writer.lock().await.write_all(&reply).await {
+                tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
+            }
+        });
     };
     stats.bad_connections.fetch_add(1, Ordering::Relaxed);
     if let DecodeError::TooLarge {
