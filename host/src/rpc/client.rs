@@ -19,10 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
-use super::codec::{self, MessageDecoder, Reply};
+use super::codec::{self, Reply};
+use super::connection::{MessageReader, ReadCount, ReadError};
 use super::pending::Pending;
 use super::RpcError;
 use crate::discovery::Discovery;
@@ -54,7 +55,7 @@ struct Connection {
     /// The address of a path opened by an introduction.
     introduced: Option<SocketAddr>,
     /// How many times the peer has sent us something on this connection.
-    reads: AtomicU64,
+    reads: ReadCount,
     opened: Instant,
     /// When use of the path was last reported, in seconds after `opened`.
     use_reported: AtomicU64,
@@ -70,7 +71,7 @@ impl Connection {
     }
 
     fn reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
+        self.reads.get()
     }
 
     /// The introduced path's address, if its use is due to be reported.
@@ -258,7 +259,8 @@ impl RpcClient {
         connection.deadline_added.notify_one();
         let reads_before = connection.reads();
         {
-            // One whole message per write: Node peers parse each packet alone.
+            // One whole message per write: Node peers parse each packet alone
+            // (docs/wire.md §3).
             let mut writer = connection.writer.lock().await;
             if let Err(e) = writer.write_all(&message).await {
                 connection.lock_pending().complete(&rid);
@@ -349,23 +351,21 @@ impl RpcClient {
             return Ok((c.clone(), None));
         }
         let (stream, introduced) = self.open(peer, connect_by).await?;
-        let (mut reader, writer) = stream.split();
+        let (reader, writer) = stream.split();
+        let mut reader = MessageReader::new(reader, self.max_message);
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::default(),
             deadline_added: tokio::sync::Notify::new(),
             introduced: introduced.map(|(addr, _)| addr),
-            reads: AtomicU64::new(0),
+            reads: reader.reads(),
             // The introduction itself counts as use.
             opened: Instant::now(),
             use_reported: AtomicU64::new(0),
         });
-        let max_message = self.max_message;
         let task_connection = connection.clone();
         tokio::spawn(async move {
             let connection = task_connection;
-            let mut decoder = MessageDecoder::new(max_message);
-            let mut buf = vec![0u8; 64 * 1024];
             let why = 'read: loop {
                 let next_deadline = connection.lock_pending().next_deadline();
                 let expiry = async move {
@@ -374,11 +374,13 @@ impl RpcClient {
                         None => std::future::pending().await,
                     }
                 };
-                let n = tokio::select! {
-                    read = reader.read(&mut buf) => match read {
-                        Ok(0) => break "closed by the peer".to_string(),
-                        Ok(n) => n,
-                        Err(e) => break format!("failed: {e}"),
+                // Reading is cancel-safe: a timer that wins loses no bytes.
+                let first = tokio::select! {
+                    message = reader.next() => match message {
+                        Ok(Some(message)) => message,
+                        Ok(None) => break "closed by the peer".to_string(),
+                        Err(ReadError::Io(e)) => break format!("failed: {e}"),
+                        Err(ReadError::Decode(e)) => break format!("sent garbage: {e}"),
                     },
                     _ = expiry => {
                         for waiter in connection.lock_pending().expire(Instant::now()) {
@@ -388,22 +390,23 @@ impl RpcClient {
                     }
                     _ = connection.deadline_added.notified() => continue,
                 };
-                connection.reads.fetch_add(1, Ordering::Relaxed);
-                decoder.push(&buf[..n]);
-                loop {
-                    match decoder.next_message() {
-                        Ok(Some(value)) => match codec::parse_reply(&value) {
-                            Ok(reply) => {
-                                if let Some(waiter) = connection.lock_pending().complete(&reply.rid)
-                                {
-                                    let _ = waiter.send(Some(reply));
-                                }
+                // The replies that came in with this one are matched before
+                // the timer is looked at again: a reply that is here wins
+                // over its deadline.
+                let mut message = Some(first);
+                while let Some(value) = message {
+                    match codec::parse_reply(&value) {
+                        Ok(reply) => {
+                            if let Some(waiter) = connection.lock_pending().complete(&reply.rid) {
+                                let _ = waiter.send(Some(reply));
                             }
-                            Err(e) => break 'read format!("sent a malformed reply: {e}"),
-                        },
-                        Ok(None) => break,
-                        Err(e) => break 'read format!("sent garbage: {e}"),
+                        }
+                        Err(e) => break 'read format!("sent a malformed reply: {e}"),
                     }
+                    message = match reader.next_buffered() {
+                        Ok(next) => next,
+                        Err(e) => break 'read format!("sent garbage: {e}"),
+                    };
                 }
             };
             let failed = connection.lock_pending().close();
