@@ -1,7 +1,8 @@
 //! The RPC client: sends Grenache requests to peers and matches replies.
 //!
-//! One uTP connection per peer is opened on demand and reused; a reader task
-//! per connection decodes replies and wakes the matching request. A request
+//! One uTP connection per peer is opened on demand and reused; a task per
+//! connection reads replies through a [`MessageReader`], wakes the matching
+//! request and expires the requests whose deadline passed. A request
 //! by service name looks the service up, tries healthy peers in random order
 //! and marks peers that cannot be reached as bad, all within the request's
 //! deadline.

@@ -4,10 +4,12 @@
 //! `[rid, err, result]`, with `rid` a lowercase uuid v4 string, `key` the
 //! service name (or the target `ip:port` when a Node punch client calls a
 //! punched address), `err` `null` or an error string, and `payload`/`result`
-//! any JSON value. There is no framing: each message is written whole with
-//! one write, and a receiver must cope with several messages in one packet
-//! and one message over several packets, so [`MessageDecoder`] parses the
-//! byte stream as a sequence of JSON values.
+//! any JSON value (docs/wire.md §2). There is no framing (docs/wire.md §3):
+//! each message is written whole with one write, and a receiver must cope
+//! with several messages in one packet and one message over several packets,
+//! so [`MessageDecoder`] parses the byte stream as a sequence of JSON values
+//! (a connection's [`MessageReader`](super::connection::MessageReader) feeds
+//! it).
 //!
 //! Payloads travel as raw JSON text ([`RawValue`]) end to end: the host
 //! validates them but never re-encodes what a plugin produced.
@@ -23,7 +25,9 @@ pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
 /// the receiver's role decides: servers read requests, clients replies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// The request id, echoed in the reply.
     pub rid: String,
+    /// The service name, or the `ip:port` a Node punch client calls.
     pub key: String,
     /// The payload as JSON text.
     pub payload: String,
@@ -32,7 +36,9 @@ pub struct Request {
 /// A reply: `err` is `None` for success (Grenache treats `""` as success too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
+    /// The id of the request this answers.
     pub rid: String,
+    /// The remote's Grenache error string; `None` on success.
     pub err: Option<String>,
     /// The result as JSON text (`null` when absent).
     pub result: String,
@@ -42,12 +48,23 @@ pub struct Reply {
 /// speaking Grenache: the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The bytes are not a JSON value; the text is serde_json's reason.
     #[error("not JSON: {0}")]
     NotJson(String),
+    /// A JSON value that is not a three-element Grenache array of the
+    /// expected types; the text says what was wrong.
     #[error("not a Grenache message: {0}")]
     Shape(String),
+    /// A message (complete or not) over `limit` bytes, with its request id
+    /// when the first 128 bytes show one, so a server can still answer.
     #[error("message of more than {limit} bytes (request id {rid:?})")]
-    TooLarge { limit: usize, rid: Option<String> },
+    TooLarge {
+        /// The limit in bytes (the decoder's `max_message`; on a host,
+        /// `run --max-payload`).
+        limit: usize,
+        /// The request id at the start of the message, if readable.
+        rid: Option<String>,
+    },
 }
 
 /// A fresh request id: a lowercase uuid v4, as Grenache's Node client makes.
@@ -138,7 +155,8 @@ pub fn parse_reply(value: &RawValue) -> Result<Reply, DecodeError> {
 }
 
 /// Turns a byte stream into whole JSON values, however the bytes were split
-/// into packets.
+/// into packets (docs/wire.md §3), skipping whitespace between them (the
+/// server's keep-alive spaces, docs/wire.md#heartbeat).
 #[derive(Debug)]
 pub struct MessageDecoder {
     buffer: Vec<u8>,

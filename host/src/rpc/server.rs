@@ -1,6 +1,8 @@
 //! The RPC server: accepts uTP connections on the host's socket, decodes
-//! requests, hands each to the host's [`Services`] (the node routes them to
-//! plugins) and writes the reply on the same connection.
+//! requests through a [`MessageReader`], hands each to the host's
+//! [`Services`] (the node routes them to plugins) and writes the reply on the
+//! same connection, sending keep-alive spaces while an answer is slow
+//! (docs/wire.md#heartbeat).
 //!
 //! A connection that sends something that is not a Grenache request is
 //! closed and counted; everyone else keeps being served. The server owns the
@@ -34,15 +36,19 @@ pub trait Services: Send + Sync + 'static {
 /// the connection per interval. librqbit-utp closes a connection whose peer
 /// has been silent for [`PEER_SILENCE_LIMIT`] after it sent us data, which a
 /// caller waiting for a slow answer is; the space gets acknowledged, and that
-/// ends the count.
+/// ends the count (docs/wire.md#heartbeat).
 const HEARTBEAT: std::time::Duration =
     PEER_SILENCE_LIMIT.saturating_sub(std::time::Duration::from_secs(1));
 
 /// Server counters.
 #[derive(Debug, Default)]
 pub struct ServerStats {
+    /// Requests decoded and handed to the services.
     pub requests: AtomicU64,
+    /// Requests the services answered with an error string.
     pub errors: AtomicU64,
+    /// Connections closed because they did not speak Grenache or sent a
+    /// message over the size limit.
     pub bad_connections: AtomicU64,
 }
 
