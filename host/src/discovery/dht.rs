@@ -6,7 +6,7 @@
 //! socket (never the DHT socket's, which is a different mapping behind a
 //! NAT) and re-announces periodically. mainline never expires peers, so a
 //! lookup can return hosts that are gone: callers report peers that fail with
-//! [`Discovery::mark_bad`](super::Discovery::mark_bad) and lookups skip them for a while.
+//! [`Discovery::mark_bad`] and lookups skip them for a while.
 //!
 //! The embedded node never contacts the public BitTorrent network: it joins
 //! only the bootstrap nodes it is given, or stays alone.

@@ -7,7 +7,7 @@
 //! The node owns every task it starts: [`Node::shutdown`], or dropping the
 //! node, stops them all.
 //!
-//! - [`network`]: plugins' outgoing calls, carried by the node's RPC client.
+//! - `network`: plugins' outgoing calls, carried by the node's RPC client.
 //! - [`control`]: the local control socket behind `swap`, `rollback`, `status`.
 
 pub mod control;
