@@ -329,3 +329,36 @@ fn a_request_to_a_dead_address_times_out_with_a_clear_error() {
         );
     });
 }
+
+#[test]
+fn a_glitch_towards_the_only_peer_is_not_an_outage() {
+    let (_dht, bootstrap) = start_dht();
+    let (worker, _) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    // The gateway's `network` service asks fibonacci_worker, 1 s deadline,
+    // through one long-lived RPC client.
+    let (_gateway, _) = start_host("gateway", &[&test_plugin("faulty")], &bootstrap, &[]);
+    let r = call(&bootstrap, "network", r#"{"length":3}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+
+    // The only worker stops answering for a moment: that request fails...
+    worker.signal("STOP");
+    let r = call(&bootstrap, "network", r#"{"length":3}"#, &[]);
+    worker.signal("CONT");
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("Timeout"), "{}", r.stderr);
+
+    // ...and the next one reaches it again, instead of being told for 30 s
+    // that nobody announces the service.
+    let r = call(&bootstrap, "network", r#"{"length":3}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+}

@@ -207,6 +207,15 @@ impl HostProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends the process a signal by name (e.g. `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     /// Asks the process to stop (SIGTERM) and returns its exit code.
     pub fn terminate(&mut self, timeout: std::time::Duration) -> Option<i32> {
         let _ = Command::new("kill")

@@ -5,8 +5,8 @@
 //! `9fb29a11…`). A host announces each service with the port of its RPC
 //! socket (never the DHT socket's, which is a different mapping behind a
 //! NAT) and re-announces periodically. mainline never expires peers, so a
-//! lookup can return hosts that are gone: callers report peers that fail with
-//! [`Discovery::mark_bad`] and lookups skip them for a while.
+//! lookup can return hosts that are gone: callers try peers that failed
+//! recently last (`rpc::health`).
 //!
 //! The embedded node never contacts the public BitTorrent network: it joins
 //! only the bootstrap nodes it is given, or stays alone.
@@ -23,8 +23,6 @@ use super::{BoxFuture, Discovery, DiscoveryError};
 
 /// How often a host re-announces its services.
 pub const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
-/// How long a peer that failed is skipped.
-pub const BAD_PEER_TTL: Duration = Duration::from_secs(30);
 /// How long a lookup result is reused.
 pub const LOOKUP_CACHE_TTL: Duration = Duration::from_secs(2);
 /// Per-query DHT timeout (mainline's default). Lookups take the first batch
@@ -48,10 +46,9 @@ pub struct DhtConfig {
     pub server_mode: bool,
 }
 
-/// A running DHT node plus the host's view of which peers are healthy.
+/// A running DHT node.
 pub struct DhtDiscovery {
     dht: mainline::async_dht::AsyncDht,
-    bad: Mutex<HashMap<SocketAddr, Instant>>,
     cache: Mutex<HashMap<String, (Instant, Vec<SocketAddr>)>>,
 }
 
@@ -80,7 +77,6 @@ impl DhtDiscovery {
             .map_err(|e| DiscoveryError::Start(format!("{e} (binding {listen})")))?;
         Ok(DhtDiscovery {
             dht: dht.as_async(),
-            bad: Mutex::default(),
             cache: Mutex::default(),
         })
     }
@@ -146,10 +142,7 @@ impl DhtDiscovery {
                 found
             }
         };
-        let mut bad = self.bad.lock().unwrap_or_else(|p| p.into_inner());
-        bad.retain(|_, at| at.elapsed() < BAD_PEER_TTL);
-        let mut peers: Vec<SocketAddr> =
-            peers.into_iter().filter(|p| !bad.contains_key(p)).collect();
+        let mut peers = peers;
         peers.dedup();
         peers
     }
@@ -166,22 +159,6 @@ impl Discovery for DhtDiscovery {
 
     fn lookup<'a>(&'a self, service: &'a str, timeout: Duration) -> BoxFuture<'a, Vec<SocketAddr>> {
         Box::pin(self.lookup_peers(service, timeout))
-    }
-
-    /// Lookups skip `peer` for [`BAD_PEER_TTL`].
-    fn mark_bad(&self, peer: SocketAddr) {
-        tracing::debug!(%peer, "marking peer bad for {BAD_PEER_TTL:?}");
-        self.bad
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, Instant::now());
-    }
-
-    fn mark_good(&self, peer: SocketAddr) {
-        self.bad
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&peer);
     }
 
     fn describe(&self) -> BoxFuture<'_, String> {

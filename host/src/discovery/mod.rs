@@ -3,8 +3,8 @@
 //!
 //! [`Discovery`] is what the rest of the host needs of a directory; [`dht`]
 //! is its backend on an embedded BitTorrent DHT node (the service key is the
-//! SHA-1 of the service name). Callers also report which peers failed and
-//! which answered, so lookups can skip peers that are gone.
+//! SHA-1 of the service name). A directory reports what is announced, live
+//! or not: which peers answer is the caller's memory (`rpc::health`).
 
 pub mod dht;
 
@@ -25,8 +25,7 @@ pub enum DiscoveryError {
     Announce { service: String, reason: String },
 }
 
-/// A directory of services: announce, look up, and the caller's view of
-/// which peers are healthy.
+/// A directory of services: announce and look up.
 pub trait Discovery: Send + Sync + 'static {
     /// Announces that `service` is served on `port` of this host's address
     /// as the directory sees it.
@@ -36,15 +35,9 @@ pub trait Discovery: Send + Sync + 'static {
         port: u16,
     ) -> BoxFuture<'a, Result<(), DiscoveryError>>;
 
-    /// Peers announcing `service`, healthy ones only, waiting at most
-    /// `timeout`; empty if none was found in time.
+    /// Peers announcing `service`, waiting at most `timeout`; empty if none
+    /// was found in time.
     fn lookup<'a>(&'a self, service: &'a str, timeout: Duration) -> BoxFuture<'a, Vec<SocketAddr>>;
-
-    /// Remembers that `peer` failed, so lookups skip it for a while.
-    fn mark_bad(&self, peer: SocketAddr);
-
-    /// Forgets a failure: the peer answered.
-    fn mark_good(&self, peer: SocketAddr);
 
     /// Says where this directory is, for the host's log (e.g. `DHT node
     /// 0.0.0.0:41234`).

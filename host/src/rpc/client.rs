@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use super::codec::{self, Reply};
 use super::connection::{MessageReader, ReadCount, ReadError};
+use super::health::PeerHealth;
 use super::pending::Pending;
 use super::RpcError;
 use crate::discovery::Discovery;
@@ -99,6 +100,8 @@ pub struct RpcClient {
     connections: Arc<Mutex<HashMap<SocketAddr, PeerSlot>>>,
     max_message: usize,
     introductions: Option<IntroductionHandle>,
+    /// Which peers failed recently: they are tried last.
+    health: Arc<PeerHealth>,
 }
 
 impl RpcClient {
@@ -115,6 +118,7 @@ impl RpcClient {
             connections: Arc::default(),
             max_message,
             introductions: None,
+            health: Arc::default(),
         }
     }
 
@@ -143,7 +147,10 @@ impl RpcClient {
                 "no host announces {service:?} on the DHT (is one running and bootstrapped from the same node?)"
             )));
         }
+        // Spread load over the healthy peers; those that failed recently go
+        // last but are still tried (a glitch is not an outage).
         peers.shuffle(&mut rand::rng());
+        self.health.order(&mut peers);
         let mut last_error = None;
         for (i, peer) in peers.iter().enumerate() {
             let now = Instant::now();
@@ -161,15 +168,15 @@ impl RpcClient {
                 .await
             {
                 Err(SendError::Unreachable(e)) => {
-                    discovery.mark_bad(*peer);
+                    self.health.failed(*peer);
                     last_error = Some(e);
                 }
                 Err(SendError::Lost(e) | SendError::Silent(e)) => {
-                    discovery.mark_bad(*peer);
+                    self.health.failed(*peer);
                     return Err(e);
                 }
                 Ok(reply) => {
-                    discovery.mark_good(*peer);
+                    self.health.answered(*peer);
                     return reply_result(reply);
                 }
             }

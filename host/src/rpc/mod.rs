@@ -8,6 +8,7 @@ pub mod client;
 pub mod codec;
 pub mod connection;
 mod error;
+pub mod health;
 pub mod pending;
 pub mod server;
 
