@@ -407,16 +407,19 @@ impl LoadedPlugin {
         store
     }
 
-    /// Turns a failed call into the reason the caller sees, and logs what the
-    /// plugin printed.
-    fn finish(
+    /// Logs what the plugin printed during the call, then turns a failed
+    /// call into the reason the caller sees.
+    fn finish<T>(
         &self,
         store: &Store<RequestState>,
-        err: Option<wasmtime::Error>,
-    ) -> Option<CallError> {
+        result: wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
         let state = store.data();
         self.log_output(state);
-        let err = err?;
+        let err = match result {
+            Ok(value) => return Ok(value),
+            Err(err) => err,
+        };
         let plugin = self.name.to_string();
         let error = if state.timed_out {
             CallError::TimeLimit {
@@ -449,7 +452,7 @@ impl LoadedPlugin {
         };
         // Callers decide how loudly to report a failed call.
         tracing::debug!("{error}");
-        Some(error)
+        Err(error)
     }
 
     fn log_output(&self, state: &RequestState) {
@@ -475,24 +478,28 @@ impl LoadedPlugin {
         }
     }
 
-    async fn read_manifest(&self) -> Result<Manifest, CallError> {
+    /// Runs one export of the plugin in a fresh store and instance: the
+    /// per-call limits of [`new_store`](Self::new_store), the wall-clock cap
+    /// of [`bounded`](Self::bounded), then [`finish`](Self::finish) (the
+    /// plugin's output logged, a failure classified). Instantiating counts
+    /// against the same limits as the call itself.
+    async fn call<T>(
+        &self,
+        export: impl AsyncFnOnce(&Plugin, &mut Store<RequestState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
         let mut store = self.new_store();
         let result = self
             .bounded(async {
                 let instance = self.pre.instantiate_async(&mut store).await?;
-                instance
-                    .grenache_plugin_service()
-                    .call_manifest(&mut store)
-                    .await
+                export(&instance, &mut store).await
             })
             .await;
-        match result {
-            Ok(manifest) => {
-                self.finish(&store, None);
-                Ok(manifest)
-            }
-            Err(e) => Err(self.finish(&store, Some(e)).expect("an error was passed")),
-        }
+        self.finish(&store, result)
+    }
+
+    async fn read_manifest(&self) -> Result<Manifest, CallError> {
+        self.call(async |plugin, store| plugin.grenache_plugin_service().call_manifest(store).await)
+            .await
     }
 
     /// Calls the plugin's `handle(service, payload)` in a fresh instance.
@@ -505,27 +512,15 @@ impl LoadedPlugin {
                 plugin: self.name.to_string(),
                 max: self.policy.max_concurrent,
             })?;
-        let mut store = self.new_store();
-        let result = self
-            .bounded(async {
-                let instance = self.pre.instantiate_async(&mut store).await?;
-                instance
+        let reply = self
+            .call(async |plugin, store| {
+                plugin
                     .grenache_plugin_service()
-                    .call_handle(&mut store, service, payload)
+                    .call_handle(store, service, payload)
                     .await
             })
-            .await;
-        let reply = match result {
-            Ok(Ok(reply)) => {
-                self.finish(&store, None);
-                reply
-            }
-            Ok(Err(message)) => {
-                self.finish(&store, None);
-                return Err(CallError::Handler(message));
-            }
-            Err(e) => return Err(self.finish(&store, Some(e)).expect("an error was passed")),
-        };
+            .await?
+            .map_err(CallError::Handler)?;
         self.check_reply(reply)
     }
 
@@ -553,20 +548,13 @@ impl LoadedPlugin {
 
     /// Tells the plugin that `peer` punched this host.
     pub async fn on_punch(&self, peer: &str) -> Result<(), CallError> {
-        let mut store = self.new_store();
-        let result = self
-            .bounded(async {
-                let instance = self.pre.instantiate_async(&mut store).await?;
-                instance
-                    .grenache_plugin_service()
-                    .call_on_punch(&mut store, &peer.to_string())
-                    .await
-            })
-            .await;
-        match self.finish(&store, result.err()) {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
+        self.call(async |plugin, store| {
+            plugin
+                .grenache_plugin_service()
+                .call_on_punch(store, &peer.to_string())
+                .await
+        })
+        .await
     }
 }
 
