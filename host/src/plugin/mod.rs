@@ -1,17 +1,26 @@
-//! The plugin runtime: loads service plugins (wasm components written against
-//! `wit/plugin.wit`) and calls them, each call in a fresh sandboxed instance
-//! with its own memory and time limits.
+//! Plugins: Grenache services written as wasm components against
+//! `wit/plugin.wit`, the set of them a host runs, and the operator's rules for
+//! them. Each call into a plugin runs in a fresh sandboxed instance with its
+//! own memory and time limits.
 //!
-//! - [`runtime`]: the shared engine, loading and type-checking, per-call
-//!   limits and error classification.
+//! This layer sits under `node`, which wires it to the network, and beside
+//! `rpc`, `nat` and `discovery`; it imports none of them (nor `cli`), only the
+//! leaf [`units`](crate::units). The one seam upward is [`PluginNetwork`]: the
+//! node implements it to carry a plugin's outgoing calls. From the top down:
+//!
+//! - [`set`]: the plugins a host runs, one slot per file, the router from a
+//!   service key to the plugin version that answers it, and swap, rollback
+//!   and file watching while requests flow.
+//! - [`runtime`]: the shared engine, loading and type-checking a file, and
+//!   calling a plugin: per-call limits, the wall-clock cap, and turning
+//!   whatever went wrong into a [`CallError`].
 //! - [`instance`]: what one call's `Store` holds and how the plugin's imports
 //!   are served.
 //! - [`network`]: the seam between a plugin's outgoing calls and the host's
 //!   network (or its absence, for `invoke`).
 //! - [`output`]: capture of a plugin's stdout/stderr.
-//! - [`set`]: the plugins a host runs, in slots that can be swapped and
-//!   rolled back while requests flow, and the router from service to plugin.
-//! - [`policy`]: the operator's per-plugin policy and limits (TOML plus flags).
+//! - [`policy`]: the operator's per-plugin policy (TOML plus flags), the
+//!   per-call [`Limits`] and their defaults.
 //! - [`signing`]: Ed25519 signatures on plugin files, checked at load.
 
 pub mod instance;

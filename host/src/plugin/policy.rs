@@ -1,5 +1,12 @@
-//! Operator policy per plugin, from a TOML file (`run --config`) with
-//! command-line overrides.
+//! What each plugin may do: the operator's policy per plugin, from a TOML
+//! file (`run --config`) with command-line overrides, and the per-call
+//! [`Limits`] with their built-in defaults.
+//!
+//! How it fits: the command line builds [`Policies`] (the file plus its
+//! flags); the plugin set asks it for each plugin's [`PluginPolicy`] by name
+//! when it loads or swaps one in; the runtime enforces the result on every
+//! call (memory, time, reply size, concurrency) and narrows the plugin's
+//! outgoing calls with `may_call`. Nothing here touches wasm.
 //!
 //! ```toml
 //! [defaults]                  # every plugin, unless overridden below
@@ -33,7 +40,9 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
 pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(5);
 /// Default largest reply a plugin may return: 1 MiB (the RPC payload cap).
 pub const DEFAULT_MAX_REPLY: usize = 1 << 20;
-/// Per-call limits applied to every plugin.
+/// Limits on one call into a plugin. Each plugin gets its own through its
+/// [`PluginPolicy`]; the runtime's own `Limits` size the engine (no policy may
+/// ask for more memory) and are the policy of plugins loaded without one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest linear memory a call may grow to, in bytes.
@@ -60,6 +69,7 @@ pub const DEFAULT_MAX_CONCURRENT: usize = 64;
 /// What one plugin may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginPolicy {
+    /// Memory, time and reply size of each call.
     pub limits: Limits,
     /// Requests running at once; more are refused as busy.
     pub max_concurrent: usize,
@@ -81,15 +91,22 @@ impl PluginPolicy {
     }
 }
 
-/// One table of the file; every field optional.
+/// One table of the file (or the command line's overrides); every field
+/// optional, a missing one leaves the value below it in precedence.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyEntry {
+    /// Per-call memory, as a size (`"64MiB"`); see [`crate::units`].
     pub memory_limit: Option<String>,
+    /// Per-call wall time, host calls included, as a duration (`"5s"`).
     pub time_limit: Option<String>,
+    /// Largest reply, as a size (`"1MiB"`).
     pub max_reply: Option<String>,
+    /// Requests running at once in this plugin; at least 1.
     pub max_concurrent: Option<usize>,
+    /// Services the plugin may call; narrows its manifest's `calls`.
     pub may_call: Option<Vec<String>>,
+    /// Whether the host punches the plugin's targets and calls its `on-punch`.
     pub may_be_punched_for: Option<bool>,
 }
 
@@ -97,8 +114,10 @@ pub struct PolicyEntry {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
+    /// `[defaults]`: applies to every plugin.
     #[serde(default)]
     pub defaults: PolicyEntry,
+    /// `[plugin.NAME]`: one plugin, by name (file name without `.wasm`).
     #[serde(default)]
     pub plugin: HashMap<String, PolicyEntry>,
 }
@@ -165,7 +184,9 @@ impl PluginPolicy {
 /// each plugin it loads or swaps in.
 #[derive(Debug, Clone, Default)]
 pub struct Policies {
+    /// The `--config` file, or an empty one.
     pub file: PolicyFile,
+    /// The command line's flags, applied last to every plugin.
     pub overrides: PolicyEntry,
 }
 

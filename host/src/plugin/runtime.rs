@@ -2,12 +2,26 @@
 //! [`LoadedPlugin`] per component file, pre-instantiated once and
 //! instantiated afresh in its own `Store` for every call.
 //!
-//! Limits are enforced per call: memory through a [`wasmtime::ResourceLimiter`]
-//! on the store, wall time through epoch interruption (an OS thread ticks the
-//! engine's epoch; the store's deadline callback yields to tokio on each tick
-//! and stops the plugin once the deadline has passed). Whatever goes wrong in
-//! a call (trap, panic, timeout, memory) becomes a [`CallError`] for that call
-//! only: its store is dropped and the next call starts clean.
+//! Loading reads the file once, checks its signature when the runtime
+//! requires one ([`signing`](super::signing)), compiles and type-checks it
+//! against the `plugin` world, and reads its manifest; each way that fails is
+//! a [`LoadError`].
+//!
+//! Every call (`manifest`, `handle`, `on-punch`) goes the same way: a new
+//! store with the limits of the plugin's [`PluginPolicy`], instantiation, the
+//! export, all under a wall-clock cap; then the plugin's output is logged.
+//! Memory is bounded by a [`wasmtime::ResourceLimiter`] on the store, wall
+//! time by epoch interruption (an OS thread ticks the engine's epoch; the
+//! store's deadline callback yields to tokio on each tick and stops the
+//! plugin once the deadline has passed). Whatever goes wrong in a call (trap,
+//! panic, timeout, memory) becomes a [`CallError`] for that call only: its
+//! store is dropped and the next call starts clean.
+//!
+//! How it fits: the plugin set loads and swaps through a [`Runtime`]; the
+//! node calls [`LoadedPlugin::handle`] for each request routed to it and
+//! [`LoadedPlugin::on_punch`] when a peer punches this host. A plugin's
+//! outgoing calls leave through the [`PluginNetwork`] it was loaded with,
+//! narrowed to what its manifest and policy allow.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,23 +50,33 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
 /// file, the cause and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file does not exist.
     #[error("cannot load {path}: file not found; check the path, or build the bundled plugins with `cargo xtask plugins`")]
     NotFound { path: PathBuf },
+    /// The file could not be read, or the policy asks for more memory than
+    /// the engine was built for.
     #[error("cannot load {path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
+    /// The file does not start with the wasm magic number.
     #[error("cannot load {path}: not a WebAssembly file (it does not start with `\\0asm`); pass a component built with `cargo build --target wasm32-wasip2`")]
     NotWasm { path: PathBuf },
+    /// A core module (binary layer 0), not a component.
     #[error("cannot load {path}: a core wasm module, not a component (built for wasm32-unknown-unknown or wasm32-wasip1?); build it with `cargo build --target wasm32-wasip2`")]
     CoreModule { path: PathBuf },
+    /// A component that does not compile, or an unknown wasm binary layer.
     #[error("cannot load {path}: invalid component ({reason}); rebuild it with `cargo build --target wasm32-wasip2`")]
     Invalid { path: PathBuf, reason: String },
+    /// A component of another world: its imports or exports do not match
+    /// `wit/plugin.wit`.
     #[error("cannot load {path}: not a grenache plugin ({reason}); build it against wit/ with `wit_bindgen::generate!({{ path: \"wit\", world: \"plugin\" }})`")]
     WrongWorld { path: PathBuf, reason: String },
+    /// The runtime requires signatures and this file's does not verify.
     #[error("cannot load {path}: {reason}")]
     Signature {
         path: PathBuf,
         reason: super::signing::SignatureError,
     },
+    /// Its `manifest` export failed, or named an unusable service.
     #[error(
         "cannot load {path}: its manifest() failed ({reason}); fix the plugin's manifest function"
     )]
@@ -60,7 +84,7 @@ pub enum LoadError {
 }
 
 /// Why one call into a plugin failed. The `Display` text is what a Grenache
-/// caller receives as the `err` string.
+/// caller receives as the `err` string (`docs/wire.md §2.1`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
     /// The plugin's handler returned an error message.
@@ -68,29 +92,54 @@ pub enum CallError {
     Handler(String),
     /// The plugin ran past its time limit and was stopped.
     #[error("plugin {plugin} exceeded its time limit of {limit:?} and was stopped")]
-    TimeLimit { plugin: String, limit: Duration },
+    TimeLimit {
+        /// The plugin's name.
+        plugin: String,
+        /// The plugin's time limit (its policy's `time_limit`).
+        limit: Duration,
+    },
     /// The plugin tried to grow its memory past its limit and was stopped.
     #[error("plugin {plugin} exceeded its memory limit of {limit} MiB (asked for {asked} MiB) and was stopped")]
     MemoryLimit {
+        /// The plugin's name.
         plugin: String,
+        /// The plugin's memory limit, in MiB (rounded down).
         limit: u64,
+        /// The size the plugin tried to grow to, in MiB (rounded up).
         asked: u64,
     },
     /// The plugin trapped (a Rust panic shows up here with its message).
     #[error("plugin {plugin} crashed: {detail}")]
-    Trap { plugin: String, detail: String },
+    Trap {
+        /// The plugin's name.
+        plugin: String,
+        /// The trap, with the plugin's panic message in front when it left one.
+        detail: String,
+    },
     /// The plugin answered, but with something the host must not pass on.
     #[error("plugin {plugin} returned an invalid reply: {detail}")]
-    BadReply { plugin: String, detail: String },
+    BadReply {
+        /// The plugin's name.
+        plugin: String,
+        /// What is wrong with the reply (too large, not JSON).
+        detail: String,
+    },
     /// The plugin already runs as many requests as its policy allows.
     #[error(
         "plugin {plugin} is busy: {max} requests already running (its max_concurrent); retry later"
     )]
-    Busy { plugin: String, max: usize },
+    Busy {
+        /// The plugin's name.
+        plugin: String,
+        /// The plugin's `max_concurrent`.
+        max: usize,
+    },
 }
 
 /// The shared runtime: the engine, the linker with the host's imports, and
-/// the limits every call gets.
+/// the runtime's own [`Limits`]: the ceiling for every plugin's memory (the
+/// engine's memory slots are that size) and the limits of plugins loaded
+/// with [`load`](Self::load). Cheap to clone; clones share the engine.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
@@ -281,7 +330,8 @@ impl Runtime {
 }
 
 /// Checks that `text` is exactly one JSON value, without building it:
-/// payloads and replies travel as JSON text and are never re-encoded.
+/// payloads and replies travel as JSON text and are never re-encoded
+/// (`docs/wire.md §2`).
 pub fn check_json(text: &str) -> Result<(), serde_json::Error> {
     serde_json::from_str::<serde::de::IgnoredAny>(text).map(|_| ())
 }

@@ -1,12 +1,27 @@
-//! The plugins a host runs, and replacing them while requests flow.
+//! The plugin set: the plugins one host runs, the router that picks the
+//! plugin version answering a request, and replacing a plugin (swap,
+//! rollback, file watching) while requests flow.
 //!
-//! Each plugin file has a slot: the version serving now and the one
-//! before it (for rollback). Requests are routed through an immutable
-//! routing snapshot; a request takes its own `Arc` of the plugin version it
-//! was routed to, so a swap never touches a running request: it finishes on
+//! A [`PluginSet`] keeps one slot per plugin file: the version serving now
+//! and the one before it, for [`rollback`](PluginSet::rollback).
+//! [`route`](PluginSet::route) reads an immutable routing snapshot (a key is
+//! a service name, or an `ip:port` that goes to the primary service, the
+//! first service of the first plugin that serves one: `docs/wire.md §2`) and
+//! hands back a [`Route`] holding its own `Arc` of the version it picked, so a
+//! [`swap`](PluginSet::swap) never touches a running request: it finishes on
 //! the old version while new requests see the new one. A swap loads and
-//! type-checks the new file off the request path first; a file that fails
-//! leaves the old version serving.
+//! type-checks the new file off the request path first, under the policy of
+//! the plugin it replaces; a file that fails to load, or whose services would
+//! collide with another plugin's, leaves the old version serving.
+//!
+//! How it fits: plugins load through the [`Runtime`] under the policy
+//! [`Policies`] gives each name. Above this layer, the node routes RPC
+//! requests through [`route`](PluginSet::route), announces what
+//! [`watch_services`](PluginSet::watch_services) reports, and its control
+//! socket calls [`swap_and_log`](PluginSet::swap_and_log),
+//! [`rollback_and_log`](PluginSet::rollback_and_log) and
+//! [`status`](PluginSet::status); `run --watch` starts
+//! [`watch`](PluginSet::watch).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,6 +79,7 @@ pub struct Route {
     pub service: String,
     /// The version that answers it; held until the request ends.
     pub plugin: Arc<LoadedPlugin>,
+    /// The counters of the plugin's slot, for recording a fault.
     pub stats: Arc<SlotStats>,
 }
 
@@ -78,10 +94,15 @@ struct Routes {
 /// What a swap or rollback did, for logs and the control channel.
 #[derive(Debug, Clone)]
 pub struct SwapReport {
+    /// The plugin's name: its slot's file name without `.wasm`.
     pub plugin: String,
+    /// The services the version now serving answers.
     pub services: Vec<String>,
+    /// SHA-1 (hex) of the version that served before.
     pub old_hash: String,
+    /// SHA-1 (hex) of the version serving now.
     pub new_hash: String,
+    /// How long loading the new file took; zero for a rollback.
     pub load_time: Duration,
 }
 
@@ -103,7 +124,8 @@ fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 
-/// The plugins of a host.
+/// The plugins of a host, their routes and their counters; the node's tasks
+/// share it behind an `Arc`.
 pub struct PluginSet {
     runtime: Runtime,
     policies: Arc<Policies>,

@@ -10,6 +10,13 @@
 //!
 //! The signature covers the exact bytes the runtime compiles: the runtime
 //! verifies after reading the file once, never a second read.
+//!
+//! How it fits: a [`Runtime`](super::Runtime) given keys with
+//! [`require_signatures`](super::Runtime::require_signatures) calls
+//! [`verify`] on every file it loads (swaps included) and refuses the file
+//! with a [`SignatureError`]; the `keygen` and `sign` commands use
+//! [`generate`], [`sign`] and [`signature_path`]. Only files and bytes here:
+//! no wasm, no network.
 
 use std::path::{Path, PathBuf};
 
@@ -32,20 +39,38 @@ impl TrustedKey {
 /// Why a plugin's signature was not accepted; messages end with what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
+    /// No readable signature file next to the plugin.
     #[error("not signed (no {sig}); sign it with `grenache-host sign {plugin} --key <secret key>` using a key the host trusts ({expected})")]
     Unsigned {
+        /// The plugin file.
         plugin: String,
+        /// The signature file that was looked for.
         sig: String,
+        /// The trusted keys in hex, joined with " or ".
         expected: String,
     },
+    /// A well-formed signature by a key the host does not trust; it is
+    /// refused before the signature itself is checked.
     #[error("signed by key {signer}, which this host does not trust (expected {expected}); sign it with a trusted key or pass --trusted-key {signer}")]
-    Untrusted { signer: String, expected: String },
+    Untrusted {
+        /// The signer's public key in hex, as the signature file names it.
+        signer: String,
+        /// The trusted keys in hex, joined with " or ".
+        expected: String,
+    },
+    /// A trusted key, but the signature is not over these bytes.
     #[error("its signature does not match its content (changed after signing?); sign it again with `grenache-host sign`")]
     Mismatch,
+    /// The signature file is not `ed25519 <public key hex> <signature hex>`.
     #[error(
         "its signature file {sig} is malformed ({reason}); sign it again with `grenache-host sign`"
     )]
-    Malformed { sig: String, reason: String },
+    Malformed {
+        /// The signature file.
+        sig: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// The signature file that goes with `plugin`.
