@@ -362,3 +362,51 @@ fn a_glitch_towards_the_only_peer_is_not_an_outage() {
         r.stderr
     );
 }
+
+#[test]
+fn a_node_that_shuts_down_stops_serving() {
+    use grenache_host::nat::DEFAULT_KEEPALIVE;
+    use grenache_host::node::{IntroOptions, Node, NodeConfig};
+    use grenache_host::plugin::{Limits, Runtime};
+    use grenache_host::rpc::client::RpcClient;
+    use grenache_host::transport::Endpoint;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = NodeConfig {
+            plugins: vec![plugin("fibonacci")],
+            listen: "127.0.0.1:0".parse().unwrap(),
+            bootstrap: vec![],
+            behind_nat: false,
+            max_message: 1 << 20,
+            introductions: IntroOptions {
+                introducer: None,
+                keepalive: DEFAULT_KEEPALIVE,
+            },
+            policies: Default::default(),
+        };
+        let node = Node::start(config, Runtime::new(Limits::default()).unwrap())
+            .await
+            .unwrap();
+        let served = node.endpoint.local_addr();
+        let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let client = RpcClient::new(ep, None, 1 << 20);
+        let ask = |timeout| {
+            let client = client.clone();
+            async move {
+                client
+                    .request_peer(served, "fibonacci_worker", r#"{"length":3}"#, timeout)
+                    .await
+            }
+        };
+        assert_eq!(ask(Duration::from_secs(5)).await.unwrap(), "[1,1,2]");
+
+        // Every task of the node stops with it: nothing answers any more,
+        // not even on the connection the client already has.
+        node.shutdown().await;
+        let after = ask(Duration::from_millis(1500)).await;
+        assert!(after.is_err(), "a stopped node answered: {after:?}");
+    });
+}
