@@ -15,8 +15,10 @@
 //! - [`rpc`]: Grenache RPC: the envelope codec, the table of pending
 //!   requests, the client (one uTP connection per peer, deadlines) and the
 //!   server (hands each request to the node's services).
-//! - [`nat`]: NAT traversal: punching and introductions as sans-IO state
-//!   machines, their wire messages, and their drivers.
+//! - [`nat`]: NAT traversal: Grenache's punching and our introductions, one
+//!   file per concept (wire messages, NAT kinds, the introducer's side, a
+//!   host's side), each sans-IO state machine beside the tokio driver that
+//!   runs it.
 //! - [`discovery`]: finding services behind one trait; the embedded DHT
 //!   backend (service key = SHA-1 of its name).
 //! - [`plugin`]: the wasm runtime (one engine, a fresh sandboxed instance per

@@ -1,23 +1,75 @@
 //! NAT traversal: how a host behind a NAT becomes reachable.
 //!
-//! - [`punch`]: Grenache's hole punching (a host behind a NAT punches the
-//!   peers of the services its plugins name, every second), as a sans-IO
-//!   state machine.
-//! - [`introduction`]: introductions through a public introducer (NAT probe,
-//!   registration, introduction, simultaneous punching, keepalive), as
-//!   sans-IO state machines for both sides, with their wire messages and the
-//!   theory of which NAT kinds can meet.
-//! - [`driver`]: the tokio side: the introducer's sockets, a host's
-//!   introduction driver and its punch loop.
+//! Two mechanisms, each a sans-IO state machine (it takes the time and the
+//! datagrams as arguments and returns what to send) beside the tokio driver
+//! that runs it with the socket and the clock:
 //!
-//! The wire format is described in `docs/wire.md`.
+//! - **Punching**, as Grenache does it (`docs/wire.md §1`): a host behind a
+//!   NAT punches the peers of the services its plugins name, every second;
+//!   whoever is punched punches back and tells its plugins.
+//! - **Introductions**, our own protocol (`docs/wire.md §5`), for two hosts
+//!   that are both behind NATs.
+//!
+//! # Introductions
+//!
+//! A public `dht` node also runs an *introducer* on two UDP ports (its DHT
+//! port + 1 and + 2). Hosts talk to it from their RPC socket, so what the
+//! introducer observes is exactly the mapping their NAT gives that socket:
+//!
+//! 1. **Probe.** A host sends `probe` to the main port. The introducer answers
+//!    with the address it saw, and first sends a `filter-test` from a fresh
+//!    port nobody has sent to (not even an earlier process on the host's
+//!    port), which a port-restricted (or symmetric) NAT drops. The host then
+//!    probes the other port: a different observed address means a symmetric
+//!    NAT. The result is a [`NatKind`].
+//! 2. **Register.** A host behind a NAT (`run --behind-nat`) registers its
+//!    RPC port and NAT kind every [`REGISTER_INTERVAL`]; that also keeps its
+//!    mapping toward the introducer open.
+//! 3. **Introduce.** A caller about to connect to a peer it found on the DHT
+//!    asks the introducer for an introduction. If the peer is registered, the
+//!    introducer answers with the peer's observed address and asks the peer
+//!    (over the peer's open mapping) to punch the caller's observed address.
+//!    Both sides then punch each other at once, again after
+//!    [`HANDSHAKE_PUNCH_INTERVAL`] and at doubling intervals, until each has
+//!    heard the other, and the caller's uTP connect goes
+//!    through. When theory rules a direct path out (a symmetric NAT facing a
+//!    port-restricted or symmetric one), the introducer says so at once.
+//! 4. **Keep alive.** Paths made this way are punched every keepalive
+//!    interval while they have been used recently, so the NATs keep them.
+//!
+//! The exact messages, ports and timings are in `docs/wire.md §5`.
+//!
+//! # Files
+//!
+//! - [`punch`]: Grenache-style punching, [`PunchState`].
+//! - [`wire`]: the introduction datagrams ([`wire::Message`]) and the
+//!   introducer's ports ([`IntroducerAddr`]).
+//! - [`kind`]: [`NatKind`] and which kinds can meet on a direct path.
+//! - [`introducer`]: the public side, [`introducer::Introducer`].
+//! - [`host`]: a host's side, [`HostIntroductions`].
+//! - [`introducer_driver`]: the introducer's sockets, [`IntroducerSockets`].
+//! - [`host_driver`]: a host's introduction driver and its
+//!   [`IntroductionHandle`].
+//!
+//! The state machines are tested against simulated NATs in simulated time
+//! (`nat/tests.rs`); the NAT lab (`tests/nat*.rs`) proves the real thing.
 
-pub mod driver;
-pub mod introduction;
+pub mod host;
+pub mod host_driver;
+pub mod introducer;
+pub mod introducer_driver;
+pub mod kind;
 pub mod punch;
+pub mod wire;
 
-pub use driver::{IntroducerSockets, IntroductionHandle};
-pub use introduction::{
-    HostIntroductions, IntroResult, IntroducerAddr, NatKind, DEFAULT_KEEPALIVE,
+pub use host::{
+    HostIntroductions, IntroResult, DEFAULT_KEEPALIVE, HANDSHAKE_PUNCH_INTERVAL, REGISTER_INTERVAL,
 };
+pub use host_driver::IntroductionHandle;
+pub use introducer_driver::IntroducerSockets;
+pub use kind::NatKind;
 pub use punch::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
+pub use wire::IntroducerAddr;
+
+#[cfg(test)]
+mod tests;

@@ -8,7 +8,15 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use super::host::{
+    Action, HostIntroductions, IntroResult, DEFAULT_KEEPALIVE, HANDSHAKE_PUNCH_INTERVAL,
+    HANDSHAKE_TIME, PATH_TTL, PROBE_DEADLINE, PROBE_RETRY, REGISTER_INTERVAL, RETRY,
+};
+use super::introducer::{Introducer, Port};
+use super::kind::{direct_path_possible, NatKind};
+use super::wire::{IntroducerAddr, Message};
 
 const LATENCY: Duration = Duration::from_millis(10);
 const STEP: Duration = Duration::from_millis(1);
@@ -614,64 +622,4 @@ fn paths_in_use_are_kept_alive_and_idle_ones_are_let_go() {
     );
     let after_ttl = idle_from + PATH_TTL + Duration::from_secs(1);
     assert_eq!(punches_from_0(&sim, after_ttl), 0);
-}
-
-#[test]
-fn a_flood_of_registrations_is_capped() {
-    let mut introducer = Introducer::new();
-    let now = Instant::now();
-    for i in 0..MAX_REGISTRATIONS + 10 {
-        let from = SocketAddr::new(ip(10, (i >> 16) as u8, (i >> 8) as u8, i as u8), 9);
-        let message = Message::Register {
-            id: 1,
-            port: 9,
-            nat: NatKind::Open,
-        };
-        introducer.on_message(now, Port::Main, from, message);
-    }
-    assert_eq!(introducer.registered(), MAX_REGISTRATIONS);
-    // They expire, and make room.
-    let later = now + REGISTRATION_TTL + Duration::from_secs(1);
-    let probe = Message::Probe { id: 2 };
-    introducer.on_message(later, Port::Main, SocketAddr::new(INTRODUCER, 1), probe);
-    assert_eq!(introducer.registered(), 0);
-}
-
-#[test]
-fn messages_survive_the_wire_and_garbage_does_not_parse() {
-    let message = Message::Introduced {
-        id: 7,
-        outcome: Outcome::Peer {
-            addr: "203.0.113.3:4000".parse().unwrap(),
-            nat: NatKind::Symmetric,
-        },
-    };
-    let bytes = encode(&message);
-    assert!(is_introduction(&bytes));
-    assert_eq!(decode(&bytes), Ok(message));
-    assert!(decode(b"GRI1{\"type\":\"nope\"}").is_err());
-    assert!(decode(b"GRI1").is_err());
-    let mut huge = MAGIC.to_vec();
-    huge.resize(MAX_DATAGRAM + 1, b' ');
-    assert!(decode(&huge).is_err());
-    assert_eq!(
-        crate::transport::classify(&bytes),
-        crate::transport::Datagram::Introduction
-    );
-}
-
-#[test]
-fn the_matrix_of_what_theory_allows() {
-    use NatKind::*;
-    for (a, b, possible) in [
-        (Open, Open, true),
-        (Open, PortRestricted, true),
-        (Open, Symmetric, true),
-        (PortRestricted, PortRestricted, true),
-        (PortRestricted, Symmetric, false),
-        (Symmetric, Symmetric, false),
-    ] {
-        assert_eq!(direct_path_possible(a, b), possible, "{a:?}/{b:?}");
-        assert_eq!(direct_path_possible(b, a), possible, "{b:?}/{a:?}");
-    }
 }

@@ -101,7 +101,8 @@ impl ClientParts {
             intro.keepalive,
         );
         let mut tasks = JoinSet::new();
-        let handle = crate::nat::driver::spawn(endpoint.clone(), introductions, state, &mut tasks);
+        let handle =
+            crate::nat::host_driver::spawn(endpoint.clone(), introductions, state, &mut tasks);
         let client = RpcClient::new(
             endpoint.clone(),
             Some(discovery.clone() as Arc<dyn Discovery>),

@@ -1,68 +1,30 @@
-//! Introductions: how two hosts behind NATs get a direct path, as sans-IO
-//! state machines.
+//! A host's side of introductions, as a sans-IO state machine
+//! (`docs/wire.md §5.3`): its NAT probe, its registration, the introductions
+//! it asks for, the handshakes it punches and the paths it keeps alive.
 //!
-//! A public `dht` node also runs an *introducer* on two UDP ports (its DHT
-//! port + 1 and + 2). Hosts talk to it from their RPC socket, so what the
-//! introducer observes is exactly the mapping their NAT gives that socket:
-//!
-//! 1. **Probe.** A host sends `probe` to the main port. The introducer answers
-//!    with the address it saw, and first sends a `filter-test` from a fresh
-//!    port nobody has sent to (not even an earlier process on the host's
-//!    port), which a port-restricted (or symmetric) NAT drops. The host then
-//!    probes the other port: a different observed address means a symmetric
-//!    NAT. The result is a [`NatKind`].
-//! 2. **Register.** A host behind a NAT (`run --behind-nat`) registers its
-//!    RPC port and NAT kind every [`REGISTER_INTERVAL`]; that also keeps its
-//!    mapping toward the introducer open.
-//! 3. **Introduce.** A caller about to connect to a peer it found on the DHT
-//!    asks the introducer for an introduction. If the peer is registered, the
-//!    introducer answers with the peer's observed address and asks the peer
-//!    (over the peer's open mapping) to punch the caller's observed address.
-//!    Both sides then punch each other at once, again after
-//!    [`HANDSHAKE_PUNCH_INTERVAL`] and at doubling intervals, until each has
-//!    heard the other, and the caller's uTP connect goes
-//!    through. When theory rules a direct path out (a symmetric NAT facing a
-//!    port-restricted or symmetric one), the introducer says so at once.
-//! 4. **Keep alive.** Paths made this way are punched every keepalive
-//!    interval while they have been used recently, so the NATs keep them.
-//!
-//! [`Introducer`] is the public side, [`HostIntroductions`] a host's side.
-//! Both take the time and the datagrams as arguments and return what to send;
-//! [`super::driver`] drives them with sockets and the clock. The tests below
-//! run them against simulated NATs in simulated time.
+//! [`HostIntroductions`] takes the time, the introducer's messages and the
+//! punches received as arguments, and returns [`Action`]s; it says when it
+//! next has work with [`HostIntroductions::next_wakeup`].
+//! [`super::host_driver`] runs it with the host's RPC socket and the clock.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use super::kind::NatKind;
+use super::wire::{IntroducerAddr, Message, Outcome};
 
-/// Every introduction datagram starts with these bytes; the socket's
-/// demultiplexer sorts datagrams by them.
-pub use crate::transport::INTRODUCTION_MAGIC as MAGIC;
-/// Larger introduction datagrams are dropped unread.
-pub use crate::transport::MAX_INTRODUCTION_DATAGRAM as MAX_DATAGRAM;
 /// How often a host behind a NAT re-registers with its introducer. It also
 /// bounds how long such a host stays unreachable after its router forgets
 /// its mappings (rebinding): the next registration re-opens the way.
 pub const REGISTER_INTERVAL: Duration = Duration::from_secs(4);
-/// A registration not refreshed for this long is forgotten.
-const REGISTRATION_TTL: Duration = Duration::from_secs(12);
-/// An introduction the peer may not have received is re-sent to it when it
-/// next registers, for this long.
-const PENDING_TTL: Duration = Duration::from_secs(6);
-/// Most hosts an introducer keeps registered; more are refused (a flood of
-/// registrations cannot grow it without bound).
-const MAX_REGISTRATIONS: usize = 65_536;
-/// Most punch requests an introducer keeps for re-sending.
-const MAX_PENDING: usize = 4_096;
 /// A request to the introducer is re-sent this often until answered.
-const RETRY: Duration = Duration::from_millis(250);
+pub(super) const RETRY: Duration = Duration::from_millis(250);
 /// How long the NAT probe may take before the introducer counts as unreachable.
-const PROBE_DEADLINE: Duration = Duration::from_millis(1500);
+pub(super) const PROBE_DEADLINE: Duration = Duration::from_millis(1500);
 /// How long after a failed probe the host probes again (the introducer may
 /// start later than the host, or restart).
-const PROBE_RETRY: Duration = Duration::from_secs(30);
+pub(super) const PROBE_RETRY: Duration = Duration::from_secs(30);
 /// Most paths a host keeps alive; the least recently used goes first.
 const MAX_PATHS: usize = 4_096;
 /// After the main port answers, how long the host waits for the filter test
@@ -75,272 +37,14 @@ const INTRODUCE_DEADLINE: Duration = Duration::from_millis(1500);
 /// lost punch costs little, and a forged introduction request makes a host
 /// send no more than a handful of punches (about ten in [`HANDSHAKE_TIME`]).
 pub const HANDSHAKE_PUNCH_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest wait between two punches of a handshake.
 const HANDSHAKE_MAX_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a host punches a peer it was introduced to without hearing it.
-const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
+pub(super) const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
 /// The default interval of keepalive punches on idle paths.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
 /// A path not used for this long is no longer kept alive.
-const PATH_TTL: Duration = Duration::from_secs(600);
-
-/// What a NAT does to a host's socket, as far as punching cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum NatKind {
-    /// One mapping for every destination, and anyone the host has sent to
-    /// (at least that address) may answer from any port: no NAT, full cone or
-    /// address-restricted cone.
-    Open,
-    /// One mapping for every destination, but only the exact address and port
-    /// the host sent to may answer.
-    PortRestricted,
-    /// A new mapping per destination.
-    Symmetric,
-    /// Not measured (no introducer answered).
-    Unknown,
-}
-
-impl NatKind {
-    /// How messages name it.
-    pub fn describe(self) -> &'static str {
-        match self {
-            NatKind::Open => "no NAT, or a full-cone or address-restricted NAT",
-            NatKind::PortRestricted => "a port-restricted cone NAT",
-            NatKind::Symmetric => "a symmetric NAT",
-            NatKind::Unknown => "an unknown NAT",
-        }
-    }
-}
-
-/// Whether simultaneous punching can open a direct path between two NATs:
-/// a symmetric NAT's new mapping can only be reached by a peer whose NAT
-/// accepts packets from any port of an address it punched.
-pub fn direct_path_possible(a: NatKind, b: NatKind) -> bool {
-    let port_bound = |k| matches!(k, NatKind::PortRestricted | NatKind::Symmetric);
-    !((a == NatKind::Symmetric && port_bound(b)) || (b == NatKind::Symmetric && port_bound(a)))
-}
-
-/// The introducer's answer to an introduction request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Outcome {
-    /// The peer is registered; it has been asked to punch the caller.
-    Peer { addr: SocketAddr, nat: NatKind },
-    /// The peer is not registered here (not behind a NAT, or not ours).
-    Unknown,
-    /// Theory rules out a direct path between the two NATs.
-    Impossible { reason: String },
-}
-
-/// One introduction datagram (after [`MAGIC`], JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-pub enum Message {
-    /// Host → introducer: what address do you see?
-    Probe { id: u64 },
-    /// Host → introducer: I serve on local RPC port `port` behind `nat`.
-    Register { id: u64, port: u16, nat: NatKind },
-    /// Host → introducer: introduce me to `peer` (as announced on the DHT).
-    Introduce {
-        id: u64,
-        peer: SocketAddr,
-        nat: NatKind,
-    },
-    /// Introducer → host: the answer to a probe or registration.
-    Observed { id: u64, addr: SocketAddr },
-    /// Introducer (other port) → host: arrives only through open filtering.
-    FilterTest { id: u64 },
-    /// Introducer → host: the answer to `introduce`.
-    Introduced { id: u64, outcome: Outcome },
-    /// Introducer → registered host: punch `peer`, it wants to connect.
-    PunchRequest { peer: SocketAddr, nat: NatKind },
-    /// Host → introducer: got the punch request for `peer`; do not re-send it.
-    PunchAck { peer: SocketAddr },
-}
-
-/// Whether a datagram is an introduction message.
-pub fn is_introduction(bytes: &[u8]) -> bool {
-    bytes.starts_with(&MAGIC)
-}
-
-/// The datagram for `message`.
-pub fn encode(message: &Message) -> Vec<u8> {
-    let mut bytes = MAGIC.to_vec();
-    serde_json::to_writer(&mut bytes, message).expect("messages serialise");
-    bytes
-}
-
-/// Parses a datagram; `Err` says why it is not a valid message.
-pub fn decode(bytes: &[u8]) -> Result<Message, String> {
-    if bytes.len() > MAX_DATAGRAM {
-        return Err(format!("{} bytes, over {MAX_DATAGRAM}", bytes.len()));
-    }
-    let body = bytes.strip_prefix(&MAGIC).ok_or("no introduction header")?;
-    serde_json::from_slice(body).map_err(|e| e.to_string())
-}
-
-/// Which of the introducer's sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Port {
-    Main,
-    Alt,
-    /// A new socket on an ephemeral port, for this one datagram: the filter
-    /// test must come from a port the host's NAT cannot have seen before.
-    Fresh,
-}
-
-/// A datagram the introducer must send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    pub via: Port,
-    pub to: SocketAddr,
-    pub message: Message,
-}
-
-#[derive(Debug)]
-struct Registration {
-    port: u16,
-    nat: NatKind,
-    expires: Instant,
-}
-
-/// The public side: registrations and introductions.
-#[derive(Debug, Default)]
-pub struct Introducer {
-    /// Registered hosts by observed address.
-    hosts: HashMap<SocketAddr, Registration>,
-    /// Punch requests re-sent when their target next registers.
-    pending: Vec<(SocketAddr, Instant, Message)>,
-    /// When expired registrations and punch requests are next dropped.
-    next_sweep: Option<Instant>,
-}
-
-impl Introducer {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// How many hosts are registered.
-    pub fn registered(&self) -> usize {
-        self.hosts.len()
-    }
-
-    /// Handles one message that arrived on `via` from `from`.
-    pub fn on_message(
-        &mut self,
-        now: Instant,
-        via: Port,
-        from: SocketAddr,
-        message: Message,
-    ) -> Vec<Outgoing> {
-        if self.next_sweep.is_none_or(|at| now >= at) {
-            self.next_sweep = Some(now + Duration::from_secs(1));
-            self.hosts.retain(|_, r| r.expires > now);
-            self.pending.retain(|(_, until, _)| *until > now);
-        }
-        let reply = |message| Outgoing {
-            via,
-            to: from,
-            message,
-        };
-        match message {
-            Message::Probe { id } if via == Port::Main => vec![
-                // The filter test leaves first, so its answer is in before
-                // the host goes on to probe the other port.
-                Outgoing {
-                    via: Port::Fresh,
-                    to: from,
-                    message: Message::FilterTest { id },
-                },
-                reply(Message::Observed { id, addr: from }),
-            ],
-            Message::Probe { id } => vec![reply(Message::Observed { id, addr: from })],
-            Message::Register { id, port, nat } => {
-                if self.hosts.len() >= MAX_REGISTRATIONS && !self.hosts.contains_key(&from) {
-                    return vec![]; // Full: the host retries at its next registration.
-                }
-                self.hosts.insert(
-                    from,
-                    Registration {
-                        port,
-                        nat,
-                        expires: now + REGISTRATION_TTL,
-                    },
-                );
-                let mut out = vec![reply(Message::Observed { id, addr: from })];
-                out.extend(
-                    self.pending
-                        .iter()
-                        .filter(|(to, until, _)| *to == from && *until > now)
-                        .map(|(to, _, m)| Outgoing {
-                            via: Port::Main,
-                            to: *to,
-                            message: m.clone(),
-                        }),
-                );
-                out
-            }
-            Message::Introduce { id, peer, nat } => {
-                // The DHT knows the peer by its public IP and its *local* RPC
-                // port; behind a symmetric NAT the observed port differs.
-                let found = self.hosts.iter().find(|(addr, r)| {
-                    r.expires > now
-                        && (*addr == &peer || (addr.ip() == peer.ip() && r.port == peer.port()))
-                });
-                let outcome = match found {
-                    None => Outcome::Unknown,
-                    Some((_, r)) if !direct_path_possible(nat, r.nat) => Outcome::Impossible {
-                        reason: format!(
-                            "a direct path is impossible between this host ({}) and {peer} ({}); a relay is needed",
-                            nat.describe(),
-                            r.nat.describe()
-                        ),
-                    },
-                    Some((&addr, r)) => Outcome::Peer { addr, nat: r.nat },
-                };
-                let peer_addr = match outcome {
-                    Outcome::Peer { addr, .. } => Some(addr),
-                    _ => None,
-                };
-                let mut out = vec![reply(Message::Introduced { id, outcome })];
-                if let Some(addr) = peer_addr {
-                    let ask = Message::PunchRequest { peer: from, nat };
-                    self.pending
-                        .retain(|(to, _, m)| !(*to == addr && *m == ask));
-                    if self.pending.len() < MAX_PENDING {
-                        self.pending.push((addr, now + PENDING_TTL, ask.clone()));
-                    }
-                    let ask = Outgoing {
-                        via: Port::Main,
-                        to: addr,
-                        message: ask,
-                    };
-                    // Whoever is behind a symmetric NAT punches from a port
-                    // nobody knows yet, so the other side's NAT must already
-                    // have sent toward its address: tell the other side first.
-                    if nat == NatKind::Symmetric {
-                        out.insert(0, ask);
-                    } else {
-                        out.push(ask);
-                    }
-                }
-                out
-            }
-            Message::PunchAck { peer } => {
-                self.pending.retain(|(to, _, m)| {
-                    !(*to == from
-                        && matches!(m, Message::PunchRequest { peer: p, .. } if *p == peer))
-                });
-                vec![]
-            }
-            // Messages only an introducer sends: ignore.
-            Message::Observed { .. }
-            | Message::FilterTest { .. }
-            | Message::Introduced { .. }
-            | Message::PunchRequest { .. } => vec![],
-        }
-    }
-}
+pub(super) const PATH_TTL: Duration = Duration::from_secs(600);
 
 /// What a host's driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,27 +76,24 @@ pub enum IntroResult {
     Impossible(String),
 }
 
+/// Where the NAT probe is (`docs/wire.md §5.3` step 1).
 #[derive(Debug)]
 enum Probe {
     /// Waiting for the main port's answer.
-    Main {
-        id: u64,
-        next_send: Instant,
-    },
+    Main { id: u64, next_send: Instant },
     /// The main port answered; the filter test may still arrive.
-    Grace {
-        main: SocketAddr,
-        alt_at: Instant,
-    },
+    Grace { main: SocketAddr, alt_at: Instant },
     /// Waiting for the other port's answer.
     Alt {
         main: SocketAddr,
         id: u64,
         next_send: Instant,
     },
+    /// Finished, or given up (then `retry_probe_at` is set).
     Done,
 }
 
+/// An introduction asked for and not yet answered.
 #[derive(Debug)]
 struct PendingIntro {
     peer: SocketAddr,
@@ -400,6 +101,7 @@ struct PendingIntro {
     next_send: Instant,
 }
 
+/// A peer this host punches until it hears it (`docs/wire.md §5.3` step 4).
 #[derive(Debug)]
 struct Handshake {
     nat: NatKind,
@@ -408,30 +110,11 @@ struct Handshake {
     until: Instant,
 }
 
+/// A path opened by an introduction, kept alive while it is used.
 #[derive(Debug)]
 struct Path {
     last_used: Instant,
     next_keepalive: Instant,
-}
-
-/// Where a host's introducer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IntroducerAddr {
-    pub main: SocketAddr,
-    pub alt: SocketAddr,
-}
-
-impl IntroducerAddr {
-    /// The convention: the introducer listens on the DHT node's port + 1
-    /// (main) and + 2 (the probe's other port).
-    pub fn beside_dht(dht: SocketAddr) -> Option<Self> {
-        let main = dht.port().checked_add(1)?;
-        let alt = dht.port().checked_add(2)?;
-        Some(IntroducerAddr {
-            main: SocketAddr::new(dht.ip(), main),
-            alt: SocketAddr::new(dht.ip(), alt),
-        })
-    }
 }
 
 /// A host's side of introductions: its NAT probe, its registration, the
@@ -470,6 +153,7 @@ impl HostIntroductions {
         register: bool,
         keepalive: Duration,
     ) -> Self {
+        // Ids start at a random value below 2^52 (docs/wire.md §5.1).
         let probe_id = rand::random::<u64>() >> 12;
         HostIntroductions {
             introducer,
@@ -840,7 +524,3 @@ impl HostIntroductions {
         out
     }
 }
-
-#[cfg(test)]
-#[path = "tests.rs"]
-mod tests;

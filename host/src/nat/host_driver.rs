@@ -1,115 +1,23 @@
-//! The I/O side of introductions ([`super::introduction`]): the introducer a
-//! `dht` node runs on two UDP ports, and the driver that runs each host's
-//! [`HostIntroductions`] with its RPC socket and the clock.
+//! A host's introduction driver: runs its [`HostIntroductions`] with the RPC
+//! socket and the clock, and gives the rest of the host an
+//! [`IntroductionHandle`] to ask for introductions with.
+//!
+//! The driver sleeps until [`HostIntroductions::next_wakeup`], or until a
+//! command, an introduction datagram or a punch arrives; each event's
+//! [`Action`]s are carried out before it waits again.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use super::introduction::{
-    self, Action, HostIntroductions, IntroResult, Introducer, NatKind, Port, MAX_DATAGRAM,
-};
+use super::host::{Action, HostIntroductions, IntroResult};
+use super::kind::NatKind;
+use super::wire;
 use crate::transport::{Endpoint, Introductions};
 
-/// The introducer's two sockets.
-pub struct IntroducerSockets {
-    main: UdpSocket,
-    alt: UdpSocket,
-}
-
-impl IntroducerSockets {
-    /// Binds the main port and the one after it on `ip`.
-    pub async fn bind(ip: IpAddr, port: u16) -> anyhow::Result<Self> {
-        let alt_port = port
-            .checked_add(1)
-            .ok_or_else(|| anyhow::anyhow!("the introducer needs two ports; {port} is the last"))?;
-        let bind = |port| async move {
-            UdpSocket::bind((ip, port)).await.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot bind the introducer to {ip}:{port}: {e}; pick free ports with --introducer-port"
-                )
-            })
-        };
-        Ok(IntroducerSockets {
-            main: bind(port).await?,
-            alt: bind(alt_port).await?,
-        })
-    }
-
-    /// The main port's address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.main
-            .local_addr()
-            .expect("a bound socket has an address")
-    }
-
-    /// Answers probes, registrations and introductions forever.
-    pub async fn serve(self) {
-        let mut state = Introducer::new();
-        let (mut main_buf, mut alt_buf) = ([0u8; MAX_DATAGRAM + 1], [0u8; MAX_DATAGRAM + 1]);
-        loop {
-            let (via, received) = tokio::select! {
-                r = self.main.recv_from(&mut main_buf) => (Port::Main, r),
-                r = self.alt.recv_from(&mut alt_buf) => (Port::Alt, r),
-            };
-            let (n, from) = match received {
-                Ok(r) => r,
-                Err(e) => {
-                    // ICMP errors from hosts that went away: not ours to fix.
-                    tracing::debug!("introducer receive error (ignored): {e}");
-                    continue;
-                }
-            };
-            let bytes = if via == Port::Main {
-                &main_buf[..n]
-            } else {
-                &alt_buf[..n]
-            };
-            let message = match introduction::decode(bytes) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(%from, "introducer dropped a bad datagram: {e}");
-                    continue;
-                }
-            };
-            tracing::debug!(%from, ?message, "introducer received");
-            for out in state.on_message(Instant::now(), via, from, message) {
-                let fresh;
-                let socket = match out.via {
-                    Port::Main => &self.main,
-                    Port::Alt => &self.alt,
-                    Port::Fresh => {
-                        let ip = self.main.local_addr().map(|a| a.ip());
-                        fresh = match ip.map(|ip| std::net::UdpSocket::bind((ip, 0))) {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) | Err(e) => {
-                                tracing::debug!("no socket for a filter test: {e}");
-                                continue;
-                            }
-                        };
-                        if let Err(e) = fresh.send_to(&introduction::encode(&out.message), out.to) {
-                            tracing::debug!(to = %out.to, "introducer send failed: {e}");
-                        }
-                        continue;
-                    }
-                };
-                if let introduction::Message::Introduced { outcome, .. } = &out.message {
-                    tracing::info!(%from, ?outcome, "introduction");
-                }
-                if let Err(e) = socket
-                    .send_to(&introduction::encode(&out.message), out.to)
-                    .await
-                {
-                    tracing::debug!(to = %out.to, "introducer send failed: {e}");
-                }
-            }
-        }
-    }
-}
-
+/// What an [`IntroductionHandle`] asks of the driver.
 enum Command {
     Introduce(SocketAddr, oneshot::Sender<IntroResult>),
     Used(SocketAddr),
@@ -180,7 +88,7 @@ async fn drive(
                 None => return,
             },
             datagram = incoming.recv() => match datagram {
-                Some((from, bytes)) => match introduction::decode(&bytes) {
+                Some((from, bytes)) => match wire::decode(&bytes) {
                     Ok(message) => actions = state.on_message(Instant::now(), from, message),
                     Err(e) => {
                         endpoint.stats.garbage_datagrams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -208,7 +116,7 @@ async fn execute(
     match action {
         Action::Send { to, message } => {
             endpoint
-                .send_introduction(to, &introduction::encode(&message))
+                .send_introduction(to, &wire::encode(&message))
                 .await
         }
         Action::Punch(to) => endpoint.punch(to).await,

@@ -1,0 +1,131 @@
+//! The introduction protocol's wire format (`docs/wire.md §5.1`) and the
+//! introducer's ports (`docs/wire.md §5.2`).
+//!
+//! A datagram is [`MAGIC`] followed by one JSON [`Message`]; the socket's
+//! demultiplexer ([`crate::transport`]) hands such datagrams to the host's
+//! introduction driver, and the introducer's sockets read nothing else. Both
+//! state machines ([`super::introducer`], [`super::host`]) speak [`Message`]s;
+//! only the drivers [`encode`] and [`decode`] them.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::kind::NatKind;
+
+/// Every introduction datagram starts with these bytes; the socket's
+/// demultiplexer sorts datagrams by them.
+pub use crate::transport::INTRODUCTION_MAGIC as MAGIC;
+/// Larger introduction datagrams are dropped unread.
+pub use crate::transport::MAX_INTRODUCTION_DATAGRAM as MAX_DATAGRAM;
+
+/// The introducer's answer to an introduction request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The peer is registered; it has been asked to punch the caller.
+    Peer { addr: SocketAddr, nat: NatKind },
+    /// The peer is not registered here (not behind a NAT, or not ours).
+    Unknown,
+    /// Theory rules out a direct path between the two NATs.
+    Impossible { reason: String },
+}
+
+/// One introduction datagram (after [`MAGIC`], JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    /// Host → introducer: what address do you see?
+    Probe { id: u64 },
+    /// Host → introducer: I serve on local RPC port `port` behind `nat`.
+    Register { id: u64, port: u16, nat: NatKind },
+    /// Host → introducer: introduce me to `peer` (as announced on the DHT).
+    Introduce {
+        id: u64,
+        peer: SocketAddr,
+        nat: NatKind,
+    },
+    /// Introducer → host: the answer to a probe or registration.
+    Observed { id: u64, addr: SocketAddr },
+    /// Introducer (other port) → host: arrives only through open filtering.
+    FilterTest { id: u64 },
+    /// Introducer → host: the answer to `introduce`.
+    Introduced { id: u64, outcome: Outcome },
+    /// Introducer → registered host: punch `peer`, it wants to connect.
+    PunchRequest { peer: SocketAddr, nat: NatKind },
+    /// Host → introducer: got the punch request for `peer`; do not re-send it.
+    PunchAck { peer: SocketAddr },
+}
+
+/// Whether a datagram is an introduction message.
+pub fn is_introduction(bytes: &[u8]) -> bool {
+    bytes.starts_with(&MAGIC)
+}
+
+/// The datagram for `message`.
+pub fn encode(message: &Message) -> Vec<u8> {
+    let mut bytes = MAGIC.to_vec();
+    serde_json::to_writer(&mut bytes, message).expect("messages serialise");
+    bytes
+}
+
+/// Parses a datagram; `Err` says why it is not a valid message.
+pub fn decode(bytes: &[u8]) -> Result<Message, String> {
+    if bytes.len() > MAX_DATAGRAM {
+        return Err(format!("{} bytes, over {MAX_DATAGRAM}", bytes.len()));
+    }
+    let body = bytes.strip_prefix(&MAGIC).ok_or("no introduction header")?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// Where a host's introducer is: its two UDP ports (`docs/wire.md §5.2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntroducerAddr {
+    /// The main port: probes, registrations, introductions and punch
+    /// requests.
+    pub main: SocketAddr,
+    /// The other port, probed second: a symmetric NAT maps the host's socket
+    /// to a different public port toward it.
+    pub alt: SocketAddr,
+}
+
+impl IntroducerAddr {
+    /// The convention: the introducer listens on the DHT node's port + 1
+    /// (main) and + 2 (the probe's other port).
+    pub fn beside_dht(dht: SocketAddr) -> Option<Self> {
+        let main = dht.port().checked_add(1)?;
+        let alt = dht.port().checked_add(2)?;
+        Some(IntroducerAddr {
+            main: SocketAddr::new(dht.ip(), main),
+            alt: SocketAddr::new(dht.ip(), alt),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_survive_the_wire_and_garbage_does_not_parse() {
+        let message = Message::Introduced {
+            id: 7,
+            outcome: Outcome::Peer {
+                addr: "203.0.113.3:4000".parse().unwrap(),
+                nat: NatKind::Symmetric,
+            },
+        };
+        let bytes = encode(&message);
+        assert!(is_introduction(&bytes));
+        assert_eq!(decode(&bytes), Ok(message));
+        assert!(decode(b"GRI1{\"type\":\"nope\"}").is_err());
+        assert!(decode(b"GRI1").is_err());
+        let mut huge = MAGIC.to_vec();
+        huge.resize(MAX_DATAGRAM + 1, b' ');
+        assert!(decode(&huge).is_err());
+        assert_eq!(
+            crate::transport::classify(&bytes),
+            crate::transport::Datagram::Introduction
+        );
+    }
+}
