@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use super::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
-use crate::nat::{IntroducerAddr, DEFAULT_KEEPALIVE};
-use crate::node::{ClientParts, IntroOptions};
+use crate::nat::{IntroducerAddr, NatConfig};
+use crate::node::ClientParts;
 use crate::rpc::client::RpcClient;
 use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
 use crate::rpc::RpcError;
@@ -68,11 +68,13 @@ async fn client(config: &ClientConfig) -> Result<ClientParts, ExitCode> {
     if bootstrap.is_empty() {
         return Err(usage_error("--bootstrap <ip:port> is required: the address of a DHT node, e.g. one started with `grenache-host dht`"));
     }
-    let intro = IntroOptions {
+    // A one-shot client serves nothing, so it registers nothing: it is not
+    // `behind_nat` even when it is behind one.
+    let nat = NatConfig {
         introducer: config.introducer,
-        keepalive: DEFAULT_KEEPALIVE,
+        ..NatConfig::default()
     };
-    let parts = ClientParts::start(config.listen, bootstrap, DEFAULT_MAX_MESSAGE, &intro, false)
+    let parts = ClientParts::start(config.listen, bootstrap, DEFAULT_MAX_MESSAGE, &nat)
         .await
         .map_err(|e| usage_error(format!("{e:#}")))?;
     // No waiting for the join to finish (it lasts until every node found has

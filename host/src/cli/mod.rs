@@ -113,16 +113,16 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(i) => i,
                 Err(e) => return usage_error(e),
             };
-            let introductions = crate::node::IntroOptions {
+            let nat = crate::nat::NatConfig {
                 introducer,
                 keepalive,
+                behind_nat,
             };
             let config = crate::node::NodeConfig {
                 plugins,
                 listen,
                 bootstrap: dht.bootstrap,
-                behind_nat,
-                introductions,
+                nat,
                 max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
                 policies: Arc::new(policies),
             };

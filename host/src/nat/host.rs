@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::config::NatConfig;
 use super::kind::NatKind;
 use super::wire::{IntroducerAddr, Message, Outcome};
 
@@ -41,8 +42,6 @@ pub const HANDSHAKE_PUNCH_INTERVAL: Duration = Duration::from_millis(50);
 const HANDSHAKE_MAX_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a host punches a peer it was introduced to without hearing it.
 pub(super) const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
-/// The default interval of keepalive punches on idle paths.
-pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
 /// A path not used for this long is no longer kept alive.
 pub(super) const PATH_TTL: Duration = Duration::from_secs(600);
 
@@ -122,11 +121,9 @@ struct Path {
 /// keeps alive.
 #[derive(Debug)]
 pub struct HostIntroductions {
-    introducer: Option<IntroducerAddr>,
-    /// The local RPC port, registered when `register` is set.
+    config: NatConfig,
+    /// The local RPC port, registered when the host is behind a NAT.
     port: u16,
-    register: bool,
-    keepalive: Duration,
     nat: NatKind,
     started: Instant,
     probe: Probe,
@@ -144,25 +141,18 @@ pub struct HostIntroductions {
 }
 
 impl HostIntroductions {
-    /// A host whose RPC socket has local port `port`. Without an introducer
+    /// A host configured by `config` whose RPC socket has local port `port`;
+    /// it registers that port if `config.behind_nat`. Without an introducer
     /// every introduction answers [`IntroResult::Direct`].
-    pub fn new(
-        now: Instant,
-        introducer: Option<IntroducerAddr>,
-        port: u16,
-        register: bool,
-        keepalive: Duration,
-    ) -> Self {
+    pub fn new(now: Instant, config: &NatConfig, port: u16) -> Self {
         // Ids start at a random value below 2^52 (docs/wire.md §5.1).
         let probe_id = rand::random::<u64>() >> 12;
         HostIntroductions {
-            introducer,
+            config: *config,
             port,
-            register,
-            keepalive,
             nat: NatKind::Unknown,
             started: now,
-            probe: match introducer {
+            probe: match config.introducer {
                 Some(_) => Probe::Main {
                     id: probe_id,
                     next_send: now,
@@ -183,7 +173,7 @@ impl HostIntroductions {
 
     /// Whether this host registers with the introducer (serves behind a NAT).
     pub fn registers(&self) -> bool {
-        self.register
+        self.config.behind_nat
     }
 
     fn id(&mut self) -> u64 {
@@ -197,7 +187,8 @@ impl HostIntroductions {
 
     /// The introducer to use now: known, probed and answering.
     fn ready(&self) -> Option<IntroducerAddr> {
-        self.introducer
+        self.config
+            .introducer
             .filter(|_| !self.probing() && self.retry_probe_at.is_none())
     }
 
@@ -205,7 +196,7 @@ impl HostIntroductions {
     /// [`Action::Introduced`] with the returned id.
     pub fn introduce(&mut self, now: Instant, peer: SocketAddr) -> (u64, Vec<Action>) {
         let id = self.id();
-        if self.introducer.is_none() || self.retry_probe_at.is_some() {
+        if self.config.introducer.is_none() || self.retry_probe_at.is_some() {
             let result = IntroResult::Direct;
             return (id, vec![Action::Introduced { id, result }]);
         }
@@ -237,7 +228,8 @@ impl HostIntroductions {
             Probe::Grace { alt_at, .. } => Some(*alt_at),
             Probe::Done => self.retry_probe_at,
         };
-        let register = (self.register && self.ready().is_some()).then_some(self.next_register);
+        let register =
+            (self.config.behind_nat && self.ready().is_some()).then_some(self.next_register);
         let intros = self
             .intros
             .values()
@@ -265,7 +257,7 @@ impl HostIntroductions {
     }
 
     fn poll_introducer(&mut self, now: Instant, introducer: IntroducerAddr, out: &mut Vec<Action>) {
-        if self.register && now >= self.next_register {
+        if self.config.behind_nat && now >= self.next_register {
             self.next_register = now + REGISTER_INTERVAL;
             let message = Message::Register {
                 id: self.id(),
@@ -316,14 +308,14 @@ impl HostIntroductions {
             .retain(|_, p| now.duration_since(p.last_used) < PATH_TTL);
         for (&peer, path) in self.paths.iter_mut() {
             if now >= path.next_keepalive {
-                path.next_keepalive = now + self.keepalive;
+                path.next_keepalive = now + self.config.keepalive;
                 out.push(Action::Punch(peer));
             }
         }
     }
 
     fn poll_probe(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let Some(introducer) = self.introducer else {
+        let Some(introducer) = self.config.introducer else {
             return;
         };
         if self.retry_probe_at.is_some_and(|at| now >= at) {
@@ -387,7 +379,7 @@ impl HostIntroductions {
 
     /// Handles an introduction datagram from `from`.
     pub fn on_message(&mut self, now: Instant, from: SocketAddr, message: Message) -> Vec<Action> {
-        let Some(introducer) = self.introducer else {
+        let Some(introducer) = self.config.introducer else {
             return vec![];
         };
         // The filter test comes from a fresh port of the introducer's
@@ -490,7 +482,7 @@ impl HostIntroductions {
             peer,
             Path {
                 last_used: now,
-                next_keepalive: now + self.keepalive,
+                next_keepalive: now + self.config.keepalive,
             },
         );
     }
@@ -519,7 +511,7 @@ impl HostIntroductions {
         if let Some(path) = self.paths.get_mut(&from) {
             // The peer's punch refreshed our NAT's mapping as well as an own
             // keepalive would (our answer refreshes the peer's).
-            path.next_keepalive = now + self.keepalive;
+            path.next_keepalive = now + self.config.keepalive;
         }
         out
     }

@@ -41,6 +41,7 @@
 //!
 //! # Files
 //!
+//! - [`config`]: how a host takes part, [`NatConfig`], said once.
 //! - [`punch`]: Grenache-style punching, [`PunchState`].
 //! - [`wire`]: the introduction datagrams ([`wire::Message`]) and the
 //!   introducer's ports ([`IntroducerAddr`]).
@@ -54,6 +55,7 @@
 //! The state machines are tested against simulated NATs in simulated time
 //! (`nat/tests.rs`); the NAT lab (`tests/nat*.rs`) proves the real thing.
 
+pub mod config;
 pub mod host;
 pub mod host_driver;
 pub mod introducer;
@@ -62,9 +64,8 @@ pub mod kind;
 pub mod punch;
 pub mod wire;
 
-pub use host::{
-    HostIntroductions, IntroResult, DEFAULT_KEEPALIVE, HANDSHAKE_PUNCH_INTERVAL, REGISTER_INTERVAL,
-};
+pub use config::{NatConfig, DEFAULT_KEEPALIVE};
+pub use host::{HostIntroductions, IntroResult, HANDSHAKE_PUNCH_INTERVAL, REGISTER_INTERVAL};
 pub use host_driver::IntroductionHandle;
 pub use introducer_driver::IntroducerSockets;
 pub use kind::NatKind;

@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::config::NatConfig;
+
 /// How often a host behind a NAT punches its targets (Grenache: every 1 s).
 pub const DEFAULT_PUNCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -37,6 +39,7 @@ pub enum PunchAction {
 #[derive(Debug)]
 pub struct PunchState {
     targets: Vec<String>,
+    /// [`NatConfig::behind_nat`]: only a host behind a NAT starts rounds.
     behind_nat: bool,
     interval: Duration,
     next_round: Instant,
@@ -47,11 +50,12 @@ pub struct PunchState {
 }
 
 impl PunchState {
-    /// `targets` are the services to punch each round when `behind_nat`.
-    pub fn new(now: Instant, targets: Vec<String>, behind_nat: bool, interval: Duration) -> Self {
+    /// `targets` are the services to punch each round (one round every
+    /// `interval`) when `config.behind_nat`.
+    pub fn new(now: Instant, targets: Vec<String>, config: &NatConfig, interval: Duration) -> Self {
         PunchState {
             targets,
-            behind_nat,
+            behind_nat: config.behind_nat,
             interval,
             next_round: now,
             last_sent: HashMap::new(),
@@ -128,6 +132,19 @@ impl PunchState {
 mod tests {
     use super::*;
 
+    /// A host serving behind a NAT.
+    const BEHIND_NAT: NatConfig = NatConfig {
+        introducer: None,
+        keepalive: crate::nat::DEFAULT_KEEPALIVE,
+        behind_nat: true,
+    };
+    /// A public host.
+    const PUBLIC: NatConfig = NatConfig {
+        introducer: None,
+        keepalive: crate::nat::DEFAULT_KEEPALIVE,
+        behind_nat: false,
+    };
+
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
@@ -138,7 +155,7 @@ mod tests {
         let mut s = PunchState::new(
             t0,
             vec!["a".into(), "b".into()],
-            true,
+            &BEHIND_NAT,
             DEFAULT_PUNCH_INTERVAL,
         );
         assert_eq!(
@@ -156,7 +173,7 @@ mod tests {
     #[test]
     fn a_public_host_never_starts_punching() {
         let t0 = Instant::now();
-        let mut s = PunchState::new(t0, vec!["a".into()], false, DEFAULT_PUNCH_INTERVAL);
+        let mut s = PunchState::new(t0, vec!["a".into()], &PUBLIC, DEFAULT_PUNCH_INTERVAL);
         assert_eq!(s.next_wakeup(), None);
         assert_eq!(s.poll(t0 + Duration::from_secs(10)), vec![]);
     }
@@ -164,7 +181,7 @@ mod tests {
     #[test]
     fn lookups_punch_every_peer_but_ourselves() {
         let t0 = Instant::now();
-        let mut s = PunchState::new(t0, vec!["a".into()], true, DEFAULT_PUNCH_INTERVAL);
+        let mut s = PunchState::new(t0, vec!["a".into()], &BEHIND_NAT, DEFAULT_PUNCH_INTERVAL);
         let actions = s.on_lookup(t0, &[addr(1), addr(2), addr(9)], &[addr(9)]);
         assert_eq!(
             actions,
@@ -178,7 +195,7 @@ mod tests {
     #[test]
     fn a_punch_is_reported_and_answered_at_most_once_per_interval_per_peer() {
         let t0 = Instant::now();
-        let mut s = PunchState::new(t0, vec![], false, DEFAULT_PUNCH_INTERVAL);
+        let mut s = PunchState::new(t0, vec![], &PUBLIC, DEFAULT_PUNCH_INTERVAL);
         assert_eq!(
             s.on_punch(t0, addr(1)),
             vec![
@@ -205,8 +222,13 @@ mod tests {
         // datagrams with 1 ms latency for ten seconds; count punches on the wire.
         let t0 = Instant::now();
         let (w_addr, c_addr) = (addr(1), addr(2));
-        let mut w = PunchState::new(t0, vec!["consumer".into()], true, DEFAULT_PUNCH_INTERVAL);
-        let mut c = PunchState::new(t0, vec![], false, DEFAULT_PUNCH_INTERVAL);
+        let mut w = PunchState::new(
+            t0,
+            vec!["consumer".into()],
+            &BEHIND_NAT,
+            DEFAULT_PUNCH_INTERVAL,
+        );
+        let mut c = PunchState::new(t0, vec![], &PUBLIC, DEFAULT_PUNCH_INTERVAL);
         let mut in_flight: Vec<(Instant, SocketAddr, SocketAddr)> = vec![]; // (arrival, from, to)
         let (mut sent, mut notified_c) = (0, 0);
         let latency = Duration::from_millis(1);

@@ -10,9 +10,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use std::time::{Duration, Instant};
 
+use super::config::{NatConfig, DEFAULT_KEEPALIVE};
 use super::host::{
-    Action, HostIntroductions, IntroResult, DEFAULT_KEEPALIVE, HANDSHAKE_PUNCH_INTERVAL,
-    HANDSHAKE_TIME, PATH_TTL, PROBE_DEADLINE, PROBE_RETRY, REGISTER_INTERVAL, RETRY,
+    Action, HostIntroductions, IntroResult, HANDSHAKE_PUNCH_INTERVAL, HANDSHAKE_TIME, PATH_TTL,
+    PROBE_DEADLINE, PROBE_RETRY, REGISTER_INTERVAL, RETRY,
 };
 use super::introducer::{Introducer, Port};
 use super::kind::{direct_path_possible, NatKind};
@@ -120,13 +121,12 @@ fn introducer_addr() -> IntroducerAddr {
 
 /// The state of a host serving behind a NAT at `local`, started at `now`.
 fn serving_host(now: Instant, local: SocketAddr) -> HostIntroductions {
-    HostIntroductions::new(
-        now,
-        Some(introducer_addr()),
-        local.port(),
-        true,
-        DEFAULT_KEEPALIVE,
-    )
+    let config = NatConfig {
+        introducer: Some(introducer_addr()),
+        keepalive: DEFAULT_KEEPALIVE,
+        behind_nat: true,
+    };
+    HostIntroductions::new(now, &config, local.port())
 }
 
 /// Loses the first datagram that `matches`, and nothing else.
@@ -457,7 +457,12 @@ fn an_unanswered_handshake_sends_only_a_handful_of_punches() {
     // or a peer that is gone): host 0 stops listening to introductions. Its
     // full-cone NAT lets every punch in, so they can be counted.
     let (mut sim, _) = introduce_after_registration([Kind::FullCone, Kind::PortRestricted]);
-    sim.hosts[0].state = HostIntroductions::new(sim.now, None, 1, false, DEFAULT_KEEPALIVE);
+    let deaf = NatConfig {
+        introducer: None,
+        keepalive: DEFAULT_KEEPALIVE,
+        behind_nat: false,
+    };
+    sim.hosts[0].state = HostIntroductions::new(sim.now, &deaf, 1);
     sim.run_until(500 + HANDSHAKE_TIME.as_millis() as u64 + 1_000, &[]);
     let punches = sim.hosts[0].punched_by.len();
     assert!((5..=12).contains(&punches), "{punches} punches");

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::discovery::dht::{DhtConfig, DhtDiscovery, REANNOUNCE_INTERVAL};
 use crate::discovery::{BoxFuture, Discovery};
-use crate::nat::{HostIntroductions, IntroducerAddr};
+use crate::nat::{HostIntroductions, NatConfig};
 use crate::nat::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
 use crate::plugin::set::{PluginSet, Route};
 use crate::plugin::{CallError, PluginNetwork, Runtime};
@@ -39,24 +39,14 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// DHT nodes to join through (`ip:port` or `host:port`).
     pub bootstrap: Vec<String>,
-    /// The host serves behind a NAT: it punches its plugins' targets and
-    /// registers with the introducer.
-    pub behind_nat: bool,
     /// Largest RPC message accepted or sent, in bytes.
     pub max_message: usize,
-    /// Introductions through the public nodes.
-    pub introductions: IntroOptions,
+    /// How the host takes part in NAT traversal: its introducer, and whether
+    /// it serves behind a NAT (then it punches its plugins' targets and
+    /// registers with the introducer).
+    pub nat: NatConfig,
     /// Per-plugin policy (`--config` and command-line overrides).
     pub policies: Arc<crate::plugin::policy::Policies>,
-}
-
-/// How a host takes part in introductions (see [`crate::nat`]).
-#[derive(Debug, Clone)]
-pub struct IntroOptions {
-    /// The introducer; `None` for none (peers are connected to as announced).
-    pub introducer: Option<IntroducerAddr>,
-    /// Interval of keepalive punches on introduced paths.
-    pub keepalive: Duration,
 }
 
 /// The client side shared by `run`, `call` and `bench`: the socket, the DHT
@@ -72,15 +62,14 @@ pub struct ClientParts {
 
 impl ClientParts {
     /// Binds the socket at `listen`, starts a DHT node on the same IP that
-    /// joins through `bootstrap`, and starts introductions; a host
-    /// `behind_nat` registers with the introducer so that callers can be
-    /// introduced to it.
+    /// joins through `bootstrap`, and starts introductions as `nat` says (a
+    /// host behind a NAT registers with the introducer so that callers can be
+    /// introduced to it).
     pub async fn start(
         listen: SocketAddr,
         bootstrap: &[String],
         max_message: usize,
-        intro: &IntroOptions,
-        behind_nat: bool,
+        nat: &NatConfig,
     ) -> anyhow::Result<Self> {
         let (endpoint, introductions) = Endpoint::bind(listen).await?;
         let dht_ip = match listen.ip() {
@@ -93,13 +82,7 @@ impl ClientParts {
             server_mode: false,
         };
         let discovery = Arc::new(DhtDiscovery::start(&config)?);
-        let state = HostIntroductions::new(
-            Instant::now(),
-            intro.introducer,
-            endpoint.local_addr().port(),
-            behind_nat,
-            intro.keepalive,
-        );
+        let state = HostIntroductions::new(Instant::now(), nat, endpoint.local_addr().port());
         let mut tasks = JoinSet::new();
         let handle =
             crate::nat::host_driver::spawn(endpoint.clone(), introductions, state, &mut tasks);
@@ -177,8 +160,7 @@ impl Node {
             config.listen,
             &config.bootstrap,
             config.max_message,
-            &config.introductions,
-            config.behind_nat,
+            &config.nat,
         )
         .await?;
         let punches = endpoint.punches();
@@ -207,12 +189,7 @@ impl Node {
             .filter(|p| p.policy().may_be_punched_for)
             .flat_map(|p| p.punch_targets().iter().cloned())
             .collect();
-        let punch = PunchState::new(
-            Instant::now(),
-            targets,
-            config.behind_nat,
-            DEFAULT_PUNCH_INTERVAL,
-        );
+        let punch = PunchState::new(Instant::now(), targets, &config.nat, DEFAULT_PUNCH_INTERVAL);
         tasks.spawn(punch_loop(
             punch,
             punches,
