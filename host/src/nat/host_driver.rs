@@ -17,6 +17,10 @@ use super::kind::NatKind;
 use super::wire;
 use crate::transport::{Endpoint, Introductions};
 
+/// How long the driver sleeps when the state machine has nothing scheduled
+/// (no introducer, no paths): only a command, a datagram or a punch wakes it.
+const IDLE: Duration = Duration::from_secs(3600);
+
 /// What an [`IntroductionHandle`] asks of the driver.
 enum Command {
     Introduce(SocketAddr, oneshot::Sender<IntroResult>),
@@ -74,9 +78,7 @@ async fn drive(
         for action in actions.drain(..) {
             execute(&endpoint, &mut waiting, action, loud).await;
         }
-        let wake = state
-            .next_wakeup()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let wake = state.next_wakeup().unwrap_or_else(|| Instant::now() + IDLE);
         tokio::select! {
             command = commands.recv() => match command {
                 Some(Command::Introduce(peer, reply)) => {

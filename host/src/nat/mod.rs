@@ -43,6 +43,8 @@
 //!
 //! - [`config`]: how a host takes part, [`NatConfig`], said once.
 //! - [`punch`]: Grenache-style punching, [`PunchState`].
+//! - [`punch_driver`]: runs [`PunchState`] with the socket, discovery and
+//!   the clock; the node says how plugins hear of a punch.
 //! - [`wire`]: the introduction datagrams ([`wire::Message`]) and the
 //!   introducer's ports ([`IntroducerAddr`]).
 //! - [`kind`]: [`NatKind`] and which kinds can meet on a direct path.
@@ -62,6 +64,7 @@ pub mod introducer;
 pub mod introducer_driver;
 pub mod kind;
 pub mod punch;
+pub mod punch_driver;
 pub mod wire;
 
 pub use config::{NatConfig, DEFAULT_KEEPALIVE};

@@ -9,8 +9,8 @@
 //! punches (an introduction's handshake) is one event for the plugins.
 //!
 //! [`PunchState`] takes the time and events as arguments and returns
-//! [`PunchAction`]s; the node's driver does the I/O. The tests run it in
-//! simulated time.
+//! [`PunchAction`]s; [`super::punch_driver`] does the I/O. The tests run it
+//! in simulated time.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! [`Node::start`] binds the RPC socket, starts the DHT node, loads the
 //! plugins (their outgoing calls go through this node's RPC client), serves
 //! requests, announces every service and re-announces it, and runs the punch
-//! loop ([`crate::nat::PunchState`] driven by real time and the socket).
+//! driver ([`crate::nat::punch_driver`]), telling the plugins who punched.
 //! The node owns every task it starts: [`Node::shutdown`], or dropping the
 //! node, stops them all.
 //!
@@ -22,8 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::discovery::dht::{DhtConfig, DhtDiscovery, REANNOUNCE_INTERVAL};
 use crate::discovery::{BoxFuture, Discovery};
-use crate::nat::{HostIntroductions, NatConfig};
-use crate::nat::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};
+use crate::nat::{punch_driver, HostIntroductions, NatConfig, PunchState, DEFAULT_PUNCH_INTERVAL};
 use crate::plugin::set::{PluginSet, Route};
 use crate::plugin::{CallError, PluginNetwork, Runtime};
 use crate::rpc::client::RpcClient;
@@ -190,12 +189,28 @@ impl Node {
             .flat_map(|p| p.punch_targets().iter().cloned())
             .collect();
         let punch = PunchState::new(Instant::now(), targets, &config.nat, DEFAULT_PUNCH_INTERVAL);
-        tasks.spawn(punch_loop(
+        // A peer punched us: each plugin that may be punched for hears of it
+        // through its `on-punch`, in the punch driver's own task set.
+        let told = plugins.clone();
+        let notify_plugins = move |peer: SocketAddr| -> Vec<BoxFuture<'static, ()>> {
+            told.current()
+                .into_iter()
+                .filter(|p| p.policy().may_be_punched_for)
+                .map(|plugin| -> BoxFuture<'static, ()> {
+                    Box::pin(async move {
+                        if let Err(e) = plugin.on_punch(&peer.to_string()).await {
+                            tracing::warn!("on-punch failed: {e}");
+                        }
+                    })
+                })
+                .collect()
+        };
+        tasks.spawn(punch_driver::drive(
             punch,
             punches,
             endpoint.clone(),
             discovery.clone(),
-            plugins.clone(),
+            notify_plugins,
         ));
 
         Ok(Node {
@@ -292,64 +307,6 @@ async fn announce_loop(
         if let Ok(Err(_)) = tokio::time::timeout(wait, services.changed()).await {
             // The plugin set is gone (shutting down): keep the pace.
             tokio::time::sleep(wait).await;
-        }
-    }
-}
-
-/// Drives [`PunchState`] with the real clock, the socket and the DHT.
-async fn punch_loop(
-    mut state: PunchState,
-    mut punches: tokio::sync::broadcast::Receiver<SocketAddr>,
-    endpoint: Endpoint,
-    discovery: Arc<dyn Discovery>,
-    plugins: Arc<PluginSet>,
-) {
-    let local = endpoint.local_addr();
-    let own = [local, SocketAddr::from((Ipv4Addr::LOCALHOST, local.port()))];
-    let mut actions: Vec<PunchAction> = Vec::new();
-    // Plugins' `on-punch` calls in flight; stopped with the loop.
-    let mut notifications = JoinSet::new();
-    loop {
-        while notifications.try_join_next().is_some() {}
-        actions.extend(state.poll(Instant::now()));
-        while let Some(action) = actions.pop() {
-            match action {
-                PunchAction::Lookup(service) => {
-                    let peers = discovery.lookup(&service, Duration::from_millis(800)).await;
-                    actions.extend(state.on_lookup(Instant::now(), &peers, &own));
-                }
-                PunchAction::SendPunch(peer) => {
-                    tracing::debug!(%peer, "punch");
-                    endpoint.punch(peer).await;
-                }
-                PunchAction::NotifyPlugins(peer) => {
-                    tracing::debug!(%peer, "punched by");
-                    let told = plugins
-                        .current()
-                        .into_iter()
-                        .filter(|p| p.policy().may_be_punched_for);
-                    for plugin in told {
-                        notifications.spawn(async move {
-                            if let Err(e) = plugin.on_punch(&peer.to_string()).await {
-                                tracing::warn!("on-punch failed: {e}");
-                            }
-                        });
-                    }
-                }
-            }
-        }
-        let wake = state
-            .next_wakeup()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
-            punched = punches.recv() => match punched {
-                Ok(from) => actions.extend(state.on_punch(Instant::now(), from)),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!("{missed} punches arrived faster than they were handled");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-            _ = tokio::time::sleep_until(wake.into()) => {}
         }
     }
 }

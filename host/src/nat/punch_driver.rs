@@ -1,0 +1,83 @@
+//! The punch driver: runs a host's [`PunchState`] with the real clock, its
+//! RPC socket and discovery (`docs/wire.md §1`).
+//!
+//! Each round it looks the punch targets up and punches every peer found;
+//! each punch received goes to the state machine, which may punch back and
+//! have the plugins told. Telling the plugins is the node's business: the
+//! driver calls the `notify` function it was given and runs the futures it
+//! returns in its own [`JoinSet`], so none outlives the driver and a slow
+//! plugin does not hold punching up.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+
+use super::punch::{PunchAction, PunchState};
+use crate::discovery::{BoxFuture, Discovery};
+use crate::transport::Endpoint;
+
+/// How long the lookup of one punch target may take; the round goes on
+/// without the peers it did not find in time.
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long the driver sleeps when the state machine has nothing scheduled
+/// (a public host starts no rounds): only a punch received wakes it.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// Drives `state` with the real clock: lookups through `discovery`, punches
+/// from `endpoint`'s socket, and the punches it received from `punches` (a
+/// subscription to [`Endpoint::punches`], taken as early as the caller
+/// likes so that none is missed). When a peer punched us and the plugins
+/// are to hear of it, `notify(peer)` returns one future per plugin to tell;
+/// they run in the driver's own task set. Returns when the socket's punch
+/// channel closes; dropping the future stops it and those notifications.
+pub async fn drive<F>(
+    mut state: PunchState,
+    mut punches: broadcast::Receiver<SocketAddr>,
+    endpoint: Endpoint,
+    discovery: Arc<dyn Discovery>,
+    notify: F,
+) where
+    F: Fn(SocketAddr) -> Vec<BoxFuture<'static, ()>> + Send + 'static,
+{
+    let local = endpoint.local_addr();
+    let own = [local, SocketAddr::from((Ipv4Addr::LOCALHOST, local.port()))];
+    let mut actions: Vec<PunchAction> = Vec::new();
+    // Plugins' `on-punch` calls in flight; stopped with the loop.
+    let mut notifications = JoinSet::new();
+    loop {
+        while notifications.try_join_next().is_some() {}
+        actions.extend(state.poll(Instant::now()));
+        while let Some(action) = actions.pop() {
+            match action {
+                PunchAction::Lookup(service) => {
+                    let peers = discovery.lookup(&service, LOOKUP_TIMEOUT).await;
+                    actions.extend(state.on_lookup(Instant::now(), &peers, &own));
+                }
+                PunchAction::SendPunch(peer) => {
+                    tracing::debug!(%peer, "punch");
+                    endpoint.punch(peer).await;
+                }
+                PunchAction::NotifyPlugins(peer) => {
+                    tracing::debug!(%peer, "punched by");
+                    for notification in notify(peer) {
+                        notifications.spawn(notification);
+                    }
+                }
+            }
+        }
+        let wake = state.next_wakeup().unwrap_or_else(|| Instant::now() + IDLE);
+        tokio::select! {
+            punched = punches.recv() => match punched {
+                Ok(from) => actions.extend(state.on_punch(Instant::now(), from)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!("{missed} punches arrived faster than they were handled");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
