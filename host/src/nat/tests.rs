@@ -4,10 +4,15 @@
 //! filtering, per docs/nat-lab.md), an introducer on a public address and two
 //! hosts, each behind its own NAT. Datagrams take [`LATENCY`] per hop and can
 //! be dropped or delayed by a test.
+//!
+//! Time moves as it does for the real driver ([`super::host_driver`]): from
+//! one event to the next, where an event is a datagram's arrival or a host's
+//! [`HostIntroductions::next_wakeup`], and a host is polled only when its
+//! wakeup is due. So a wakeup the state machine forgets to ask for is a
+//! wakeup the simulated host never gets, as on a real one.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
 use std::time::{Duration, Instant};
 
 use super::config::{NatConfig, DEFAULT_KEEPALIVE};
@@ -19,7 +24,11 @@ use super::introducer::{Introducer, Port};
 use super::kind::{direct_path_possible, NatKind};
 use super::wire::{IntroducerAddr, Message};
 
+/// One hop's delay.
 const LATENCY: Duration = Duration::from_millis(10);
+/// Slack in the timing assertions: the clock's step when the simulator
+/// advanced 1 ms at a time. Now it jumps to each event, so times are exact
+/// and the slack only keeps the assertions as they were written.
 const STEP: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,24 +245,55 @@ impl Sim {
         id
     }
 
-    /// Runs until `until` (ms after start); hosts listed in `asleep` are not
-    /// polled (not started yet).
+    /// Runs until `until_ms` (ms after start), moving time the way the real
+    /// driver does: to the earliest of the next datagram's arrival and each
+    /// running host's [`HostIntroductions::next_wakeup`]; only hosts whose
+    /// wakeup is due are polled. Hosts listed in `asleep` are neither polled
+    /// nor reached (not started yet). Events due at `until` itself are left
+    /// for the next run.
     fn run_until(&mut self, until_ms: u64, asleep: &[usize]) {
         let until = self.at(until_ms);
         while self.now < until {
             for i in 0..self.hosts.len() {
-                if !asleep.contains(&i) {
-                    let actions = self.hosts[i].state.poll(self.now);
-                    self.apply(i, actions);
+                if asleep.contains(&i) || !self.due(i) {
+                    continue;
                 }
+                let actions = self.hosts[i].state.poll(self.now);
+                self.apply(i, actions);
+                // The real driver sleeps until next_wakeup: one that is still
+                // due right after a poll would make it spin.
+                assert!(
+                    !self.due(i),
+                    "host {i} is due again at once after poll at {:?}",
+                    self.now - self.t0
+                );
             }
             self.in_flight.sort_by_key(|d| d.0);
             while self.in_flight.first().is_some_and(|d| d.0 <= self.now) {
                 let (_, from, to, payload) = self.in_flight.remove(0);
                 self.deliver(from, to, payload, asleep);
             }
-            self.now += STEP;
+            self.now = self.next_event(asleep).map_or(until, |t| t.min(until));
         }
+    }
+
+    /// Whether host `i` asked to be polled by now.
+    fn due(&self, i: usize) -> bool {
+        self.hosts[i]
+            .state
+            .next_wakeup()
+            .is_some_and(|t| t <= self.now)
+    }
+
+    /// When something next happens: a datagram arrives, or a running host's
+    /// wakeup comes (a handled datagram may have made one due at once). The
+    /// introducer has no timers: it sweeps when a message arrives.
+    fn next_event(&self, asleep: &[usize]) -> Option<Instant> {
+        let arrivals = self.in_flight.iter().map(|d| d.0);
+        let wakeups = (0..self.hosts.len())
+            .filter(|i| !asleep.contains(i))
+            .filter_map(|i| self.hosts[i].state.next_wakeup());
+        arrivals.chain(wakeups).min().map(|t| t.max(self.now))
     }
 
     fn deliver(&mut self, from: SocketAddr, to: SocketAddr, payload: Payload, asleep: &[usize]) {
