@@ -34,9 +34,10 @@ const FILTER_GRACE: Duration = Duration::from_millis(30);
 /// How long an introduction may wait for the introducer's answer.
 const INTRODUCE_DEADLINE: Duration = Duration::from_millis(1500);
 /// While two hosts open a path, each punches the other at once, then after
-/// this long, then at doubling intervals up to [`HANDSHAKE_MAX_INTERVAL`]: a
-/// lost punch costs little, and a forged introduction request makes a host
-/// send no more than a handful of punches (about ten in [`HANDSHAKE_TIME`]).
+/// this long, then at doubling intervals up to `HANDSHAKE_MAX_INTERVAL` (1 s):
+/// a lost punch costs little, and a forged introduction request makes a host
+/// send no more than a handful of punches (about ten in `HANDSHAKE_TIME`,
+/// 5 s).
 pub const HANDSHAKE_PUNCH_INTERVAL: Duration = Duration::from_millis(50);
 /// The longest wait between two punches of a handshake.
 const HANDSHAKE_MAX_INTERVAL: Duration = Duration::from_secs(1);

@@ -23,17 +23,19 @@
 //!    probes the other port: a different observed address means a symmetric
 //!    NAT. The result is a [`NatKind`].
 //! 2. **Register.** A host behind a NAT (`run --behind-nat`) registers its
-//!    RPC port and NAT kind every [`REGISTER_INTERVAL`]; that also keeps its
+//!    RPC port and NAT kind every
+//!    [`REGISTER_INTERVAL`](host::REGISTER_INTERVAL); that also keeps its
 //!    mapping toward the introducer open.
 //! 3. **Introduce.** A caller about to connect to a peer it found on the DHT
 //!    asks the introducer for an introduction. If the peer is registered, the
 //!    introducer answers with the peer's observed address and asks the peer
 //!    (over the peer's open mapping) to punch the caller's observed address.
 //!    Both sides then punch each other at once, again after
-//!    [`HANDSHAKE_PUNCH_INTERVAL`] and at doubling intervals, until each has
-//!    heard the other, and the caller's uTP connect goes
-//!    through. When theory rules a direct path out (a symmetric NAT facing a
-//!    port-restricted or symmetric one), the introducer says so at once.
+//!    [`HANDSHAKE_PUNCH_INTERVAL`](host::HANDSHAKE_PUNCH_INTERVAL) and at
+//!    doubling intervals, until each has heard the other, and the caller's
+//!    uTP connect goes through. When theory rules a direct path out (a
+//!    symmetric NAT facing a port-restricted or symmetric one), the
+//!    introducer says so at once.
 //! 4. **Keep alive.** Paths made this way are punched every keepalive
 //!    interval while they have been used recently, so the NATs keep them.
 //!
@@ -41,7 +43,8 @@
 //!
 //! # Files
 //!
-//! - [`config`]: how a host takes part, [`NatConfig`], said once.
+//! - [`config`]: how a host takes part ([`NatConfig`]), said once for the
+//!   node and both state machines.
 //! - [`punch`]: Grenache-style punching, [`PunchState`].
 //! - [`punch_driver`]: runs [`PunchState`] with the socket, discovery and
 //!   the clock; the node says how plugins hear of a punch.
@@ -68,7 +71,7 @@ pub mod punch_driver;
 pub mod wire;
 
 pub use config::{NatConfig, DEFAULT_KEEPALIVE};
-pub use host::{HostIntroductions, IntroResult, HANDSHAKE_PUNCH_INTERVAL, REGISTER_INTERVAL};
+pub use host::{HostIntroductions, IntroResult};
 pub use host_driver::IntroductionHandle;
 pub use introducer_driver::IntroducerSockets;
 pub use kind::NatKind;
