@@ -365,8 +365,8 @@ fn a_glitch_towards_the_only_peer_is_not_an_outage() {
 
 #[test]
 fn a_node_that_shuts_down_stops_serving() {
-    use grenache_host::nat::DEFAULT_KEEPALIVE;
-    use grenache_host::node::{IntroOptions, Node, NodeConfig};
+    use grenache_host::nat::NatConfig;
+    use grenache_host::node::{Node, NodeConfig};
     use grenache_host::plugin::{Limits, Runtime};
     use grenache_host::rpc::client::RpcClient;
     use grenache_host::transport::Endpoint;
@@ -377,12 +377,8 @@ fn a_node_that_shuts_down_stops_serving() {
             plugins: vec![plugin("fibonacci")],
             listen: "127.0.0.1:0".parse().unwrap(),
             bootstrap: vec![],
-            behind_nat: false,
             max_message: 1 << 20,
-            introductions: IntroOptions {
-                introducer: None,
-                keepalive: DEFAULT_KEEPALIVE,
-            },
+            nat: NatConfig::default(),
             policies: Default::default(),
         };
         let node = Node::start(config, Runtime::new(Limits::default()).unwrap())
