@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::{usage_error, EXIT_SERVICE_ERROR};
+use super::output::{usage_error, EXIT_SERVICE_ERROR};
 use crate::node::control::{self, ControlRequest};
 use crate::plugin::signing;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
+use super::output::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
 use crate::nat::{IntroducerAddr, NatConfig};
 use crate::node::ClientParts;
 use crate::rpc::client::RpcClient;

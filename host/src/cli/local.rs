@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use super::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
+use super::output::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
 use crate::plugin::policy::Limits;
 use crate::plugin::{LoadedPlugin, NoNetwork, Runtime};
 

@@ -6,7 +6,8 @@
 //! - [`client`]: the one-shot network clients, `call` and `bench`;
 //! - [`admin`]: `keygen`, `sign`, and `swap`/`rollback`/`status` on a running
 //!   host's control socket;
-//! - [`local`]: `invoke` and `inspect`, a plugin file without any network.
+//! - [`local`]: `invoke` and `inspect`, a plugin file without any network;
+//! - [`output`]: exit codes and how every command reports results and errors.
 //!
 //! Exit codes are part of the interface: 0 success, 1 the service answered
 //! with an error (or failed while answering), 2 the command could not run as
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod args;
 pub mod client;
 pub mod local;
+pub mod output;
 pub mod run;
 
 use std::process::ExitCode;
@@ -24,11 +26,8 @@ use std::sync::Arc;
 use clap::Parser;
 
 use args::{Cli, Command};
-
-/// Exit code for "the service answered with an error".
-pub const EXIT_SERVICE_ERROR: u8 = 1;
-/// Exit code for "the command could not run as asked".
-pub const EXIT_USAGE: u8 = 2;
+use output::usage_error;
+pub use output::{EXIT_SERVICE_ERROR, EXIT_USAGE};
 
 /// Sets up `tracing` on stderr: `RUST_LOG` if set, else `--log-level`.
 pub fn init_logging(level: &str) -> Result<(), String> {
@@ -226,28 +225,6 @@ fn client_config(
         timeout: std::time::Duration::from_millis(client.timeout_ms),
         listen: client.listen,
     })
-}
-
-/// Refuses a payload that is not JSON before anything runs (usage exit code).
-pub(crate) fn check_payload(payload: &str) -> Result<(), ExitCode> {
-    crate::plugin::check_json(payload).map_err(|e| {
-        usage_error(format!(
-            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"
-        ))
-    })
-}
-
-/// Prints a JSON reply compactly on one line of stdout.
-pub(crate) fn print_compact(reply: &str) -> Result<(), serde_json::Error> {
-    let value: serde_json::Value = serde_json::from_str(reply)?;
-    println!("{value}");
-    Ok(())
-}
-
-/// Prints `error: <message>` and returns the usage exit code.
-pub(crate) fn usage_error(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::from(EXIT_USAGE)
 }
 
 #[cfg(test)]

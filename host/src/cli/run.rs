@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::usage_error;
+use super::output::usage_error;
 use crate::discovery::dht::{DhtConfig, DhtDiscovery};
 use crate::nat::IntroducerAddr;
 use crate::node::{Node, NodeConfig};
