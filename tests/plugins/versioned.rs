@@ -4,7 +4,7 @@
 
 wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
 
-use exports::grenache::plugin::service::{Guest, PluginManifest};
+use exports::grenache::plugin::service::{Guest, PluginManifest, RequestContext};
 
 struct Versioned;
 
@@ -13,7 +13,11 @@ impl Guest for Versioned {
         PluginManifest { serves: SERVES.iter().map(|s| s.to_string()).collect(), punch: vec![], calls: vec![] }
     }
 
-    fn handle(_service: String, _payload: String) -> Result<String, String> {
+    fn handle(
+        _service: String,
+        _payload: String,
+        _context: RequestContext,
+    ) -> Result<String, String> {
         Ok(format!("{{\"version\":{VERSION}}}"))
     }
 

@@ -1,6 +1,7 @@
 //! The per-request side of the runtime: what lives in each `Store` and how
 //! the plugin's imports (`host.request`, `host.request-peer`, `host.log`) are
-//! served.
+//! served, for every contract version in [`contract`](super::contract): each
+//! version's `Host` trait is a thin translation to the same methods.
 //!
 //! A fresh [`RequestState`] is built for every call into a plugin, so nothing
 //! a plugin does survives its request, and a trap poisons only that store.
@@ -8,22 +9,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{bindgen, ResourceTable};
+use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::contract::{v0_2, v0_3};
 use super::network::{OutboundError, PluginNetwork};
 use super::output::CapturedOutput;
 
-bindgen!({
-    path: "../wit",
-    world: "plugin",
-    imports: { default: async },
-    exports: { default: async },
-});
-
-pub use grenache::plugin::types::PluginManifest as Manifest;
-use grenache::plugin::types::{Level, RequestError};
+use v0_3::grenache::plugin::types::Level;
 
 /// Tables in a component are small; this is far above what a Rust plugin
 /// uses and only stops a runaway `table.grow`.
@@ -114,8 +108,48 @@ impl ResourceLimiter for RequestState {
     }
 }
 
-impl From<OutboundError> for RequestError {
+impl RequestState {
+    /// `host.request`, whatever the contract version.
+    async fn request(
+        &mut self,
+        service: String,
+        payload: String,
+        timeout_ms: u32,
+    ) -> Result<String, OutboundError> {
+        let timeout = self.host_call_timeout(timeout_ms);
+        self.network.request(service, payload, timeout).await
+    }
+
+    /// `host.request-peer`, whatever the contract version.
+    async fn request_peer(
+        &mut self,
+        peer: String,
+        service: String,
+        payload: String,
+        timeout_ms: u32,
+    ) -> Result<String, OutboundError> {
+        let timeout = self.host_call_timeout(timeout_ms);
+        self.network
+            .request_peer(peer, service, payload, timeout)
+            .await
+    }
+
+    /// `host.log`, whatever the contract version.
+    fn log(&self, level: Level, message: &str) {
+        let plugin = &*self.plugin;
+        match level {
+            Level::Trace => tracing::trace!(target: "plugin", "[{plugin}] {message}"),
+            Level::Debug => tracing::debug!(target: "plugin", "[{plugin}] {message}"),
+            Level::Info => tracing::info!(target: "plugin", "[{plugin}] {message}"),
+            Level::Warn => tracing::warn!(target: "plugin", "[{plugin}] {message}"),
+            Level::Error => tracing::error!(target: "plugin", "[{plugin}] {message}"),
+        }
+    }
+}
+
+impl From<OutboundError> for v0_3::grenache::plugin::types::RequestError {
     fn from(e: OutboundError) -> Self {
+        use v0_3::grenache::plugin::types::RequestError;
         match e {
             OutboundError::NoPeers(m) => RequestError::NoPeers(m),
             OutboundError::Timeout(m) => RequestError::Timeout(m),
@@ -126,20 +160,18 @@ impl From<OutboundError> for RequestError {
     }
 }
 
-impl grenache::plugin::types::Host for RequestState {}
+impl v0_3::grenache::plugin::types::Host for RequestState {}
 
-impl grenache::plugin::host::Host for RequestState {
+impl v0_3::grenache::plugin::host::Host for RequestState {
     async fn request(
         &mut self,
         service: String,
         payload: String,
         timeout_ms: u32,
-    ) -> Result<String, RequestError> {
-        let timeout = self.host_call_timeout(timeout_ms);
-        self.network
-            .request(service, payload, timeout)
+    ) -> Result<String, v0_3::grenache::plugin::types::RequestError> {
+        RequestState::request(self, service, payload, timeout_ms)
             .await
-            .map_err(RequestError::from)
+            .map_err(Into::into)
     }
 
     async fn request_peer(
@@ -148,22 +180,70 @@ impl grenache::plugin::host::Host for RequestState {
         service: String,
         payload: String,
         timeout_ms: u32,
-    ) -> Result<String, RequestError> {
-        let timeout = self.host_call_timeout(timeout_ms);
-        self.network
-            .request_peer(peer, service, payload, timeout)
+    ) -> Result<String, v0_3::grenache::plugin::types::RequestError> {
+        RequestState::request_peer(self, peer, service, payload, timeout_ms)
             .await
-            .map_err(RequestError::from)
+            .map_err(Into::into)
     }
 
     async fn log(&mut self, level: Level, message: String) {
-        let plugin = &*self.plugin;
-        match level {
-            Level::Trace => tracing::trace!(target: "plugin", "[{plugin}] {message}"),
-            Level::Debug => tracing::debug!(target: "plugin", "[{plugin}] {message}"),
-            Level::Info => tracing::info!(target: "plugin", "[{plugin}] {message}"),
-            Level::Warn => tracing::warn!(target: "plugin", "[{plugin}] {message}"),
-            Level::Error => tracing::error!(target: "plugin", "[{plugin}] {message}"),
+        RequestState::log(self, level, &message);
+    }
+}
+
+impl From<OutboundError> for v0_2::grenache::plugin::types::RequestError {
+    fn from(e: OutboundError) -> Self {
+        use v0_2::grenache::plugin::types::RequestError;
+        match e {
+            OutboundError::NoPeers(m) => RequestError::NoPeers(m),
+            OutboundError::Timeout(m) => RequestError::Timeout(m),
+            OutboundError::Remote(m) => RequestError::Remote(m),
+            OutboundError::Transport(m) => RequestError::Transport(m),
+            OutboundError::Denied(m) => RequestError::Denied(m),
         }
+    }
+}
+
+impl From<v0_2::grenache::plugin::types::Level> for Level {
+    fn from(level: v0_2::grenache::plugin::types::Level) -> Self {
+        use v0_2::grenache::plugin::types::Level as Old;
+        match level {
+            Old::Trace => Level::Trace,
+            Old::Debug => Level::Debug,
+            Old::Info => Level::Info,
+            Old::Warn => Level::Warn,
+            Old::Error => Level::Error,
+        }
+    }
+}
+
+impl v0_2::grenache::plugin::types::Host for RequestState {}
+
+impl v0_2::grenache::plugin::host::Host for RequestState {
+    async fn request(
+        &mut self,
+        service: String,
+        payload: String,
+        timeout_ms: u32,
+    ) -> Result<String, v0_2::grenache::plugin::types::RequestError> {
+        RequestState::request(self, service, payload, timeout_ms)
+            .await
+            .map_err(Into::into)
+    }
+
+    async fn request_peer(
+        &mut self,
+        peer: String,
+        service: String,
+        payload: String,
+        timeout_ms: u32,
+    ) -> Result<String, v0_2::grenache::plugin::types::RequestError> {
+        RequestState::request_peer(self, peer, service, payload, timeout_ms)
+            .await
+            .map_err(Into::into)
+    }
+
+    async fn log(&mut self, level: v0_2::grenache::plugin::types::Level, message: String) {
+        RequestState::log(self, level.into(), &message);
     }
 }

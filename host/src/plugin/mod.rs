@@ -14,6 +14,10 @@
 //! - [`runtime`]: the shared engine, loading and type-checking a file, and
 //!   calling a plugin: per-call limits, the wall-clock cap, and turning
 //!   whatever went wrong into a [`CallError`].
+//! - [`contract`]: the WIT contract versions the host speaks (0.3.0 and the
+//!   frozen 0.2.0), detecting which one a component was built against, and
+//!   calling its exports the way that version defines them; the
+//!   [`RequestContext`] that 0.3.0's `handle` receives.
 //! - [`instance`]: what one call's `Store` holds and how the plugin's imports
 //!   are served.
 //! - [`network`]: the seam between a plugin's outgoing calls and the host's
@@ -23,6 +27,7 @@
 //!   per-call [`Limits`] and their defaults.
 //! - [`signing`]: Ed25519 signatures on plugin files, checked at load.
 
+pub mod contract;
 pub mod instance;
 pub mod network;
 pub mod output;
@@ -31,6 +36,7 @@ pub mod runtime;
 pub mod set;
 pub mod signing;
 
+pub use contract::{ContractVersion, RequestContext};
 pub use network::{NoNetwork, OutboundCall, OutboundError, PluginNetwork};
 pub use policy::Limits;
 pub use runtime::{check_json, plugin_name, CallError, LoadError, LoadedPlugin, Runtime};

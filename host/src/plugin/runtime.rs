@@ -4,12 +4,14 @@
 //!
 //! Loading reads the file once, checks its signature when the runtime
 //! requires one ([`signing`](super::signing)), compiles and type-checks it
-//! against the `plugin` world, and reads its manifest; each way that fails is
-//! a [`LoadError`].
+//! against the `plugin` world of each contract version the host speaks
+//! ([`contract`](super::contract): 0.3.0, then 0.2.0), and reads its
+//! manifest; each way that fails is a [`LoadError`].
 //!
-//! Every call (`manifest`, `handle`, `on-punch`) goes the same way: a new
-//! store with the limits of the plugin's [`PluginPolicy`], instantiation, the
-//! export, all under a wall-clock cap; then the plugin's output is logged.
+//! Every call (`manifest`, `handle`, `on-punch`) goes the same way, whatever
+//! the plugin's contract version: a new store with the limits of the
+//! plugin's [`PluginPolicy`], instantiation, the export, all under a
+//! wall-clock cap; then the plugin's output is logged.
 //! Memory is bounded by a [`wasmtime::ResourceLimiter`] on the store, wall
 //! time by epoch interruption (an OS thread ticks the engine's epoch; the
 //! store's deadline callback yields to tokio on each tick and stops the
@@ -18,7 +20,8 @@
 //! store is dropped and the next call starts clean.
 //!
 //! How it fits: the plugin set loads and swaps through a [`Runtime`]; the
-//! node calls [`LoadedPlugin::handle`] for each request routed to it and
+//! node calls [`LoadedPlugin::handle_with`] for each request routed to it,
+//! with the caller's address in its [`RequestContext`], and
 //! [`LoadedPlugin::on_punch`] when a peer punches this host. A plugin's
 //! outgoing calls leave through the [`PluginNetwork`] it was loaded with,
 //! narrowed to what its manifest and policy allow.
@@ -27,13 +30,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline,
 };
 
-use super::instance::{Manifest, Plugin, PluginPre, RequestState};
+use super::contract::{
+    self, ContractInstance, ContractPre, ContractVersion, Manifest, RequestContext,
+};
+use super::instance::RequestState;
 use super::network::{AllowedCalls, PluginNetwork};
 use super::policy::{Limits, PluginPolicy};
 use super::signing::TrustedKey;
@@ -67,9 +73,21 @@ pub enum LoadError {
     #[error("cannot load {path}: invalid component ({reason}); rebuild it with `cargo build --target wasm32-wasip2`")]
     Invalid { path: PathBuf, reason: String },
     /// A component of another world: its imports or exports do not match
-    /// `wit/plugin.wit`.
+    /// `wit/plugin.wit` (nor any older contract version the host speaks).
     #[error("cannot load {path}: not a grenache plugin ({reason}); build it against wit/ with `wit_bindgen::generate!({{ path: \"wit\", world: \"plugin\" }})`")]
     WrongWorld { path: PathBuf, reason: String },
+    /// Built against a version of `grenache:plugin` this host does not speak,
+    /// e.g. a newer one.
+    #[error("cannot load {path}: built against {package}@{versions}, which this host does not speak (it speaks {known}); rebuild the plugin against this host's wit/plugin.wit, or upgrade grenache-host")]
+    UnknownContract {
+        path: PathBuf,
+        /// The WIT package, `grenache:plugin`.
+        package: &'static str,
+        /// The unknown versions the component names, e.g. `0.4.0`.
+        versions: String,
+        /// The versions this host speaks, e.g. `0.3.0, 0.2.0`.
+        known: String,
+    },
     /// The runtime requires signatures and this file's does not verify.
     #[error("cannot load {path}: {reason}")]
     Signature {
@@ -187,7 +205,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e:#}"))?;
-        Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+        contract::add_to_linker(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link the host interface: {e:#}"))?;
         Ok(Runtime {
             engine,
@@ -269,6 +287,19 @@ impl Runtime {
                     reason: one_line(&e),
                 })?;
 
+        let unknown = contract::unknown_versions(&self.engine, &component);
+        if !unknown.is_empty() {
+            return Err(LoadError::UnknownContract {
+                path: path_buf,
+                package: contract::PACKAGE,
+                versions: unknown.join(", "),
+                known: contract::VERSIONS
+                    .iter()
+                    .map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
             path: path_buf.clone(),
             reason: one_line(&e),
@@ -277,7 +308,7 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
-        let pre = PluginPre::new(pre).map_err(wrong_world)?;
+        let pre = ContractPre::detect(pre).map_err(wrong_world)?;
 
         let name: Arc<str> = plugin_name(path).into();
         // Until the manifest says what the plugin may call, it may call nothing.
@@ -387,7 +418,8 @@ fn one_line(e: &wasmtime::Error) -> String {
 pub struct LoadedPlugin {
     name: Arc<str>,
     path: PathBuf,
-    pre: PluginPre<RequestState>,
+    /// The component, bound to the contract version it was built against.
+    pre: ContractPre,
     runtime: Runtime,
     network: Arc<dyn PluginNetwork>,
     manifest: Manifest,
@@ -417,6 +449,11 @@ impl LoadedPlugin {
     /// The file it was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The version of `grenache:plugin` it was built against.
+    pub fn contract(&self) -> ContractVersion {
+        self.pre.version()
     }
 
     /// The services it serves.
@@ -535,12 +572,12 @@ impl LoadedPlugin {
     /// against the same limits as the call itself.
     async fn call<T>(
         &self,
-        export: impl AsyncFnOnce(&Plugin, &mut Store<RequestState>) -> wasmtime::Result<T>,
+        export: impl AsyncFnOnce(&ContractInstance, &mut Store<RequestState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
         let mut store = self.new_store();
         let result = self
             .bounded(async {
-                let instance = self.pre.instantiate_async(&mut store).await?;
+                let instance = self.pre.instantiate(&mut store).await?;
                 export(&instance, &mut store).await
             })
             .await;
@@ -548,13 +585,26 @@ impl LoadedPlugin {
     }
 
     async fn read_manifest(&self) -> Result<Manifest, CallError> {
-        self.call(async |plugin, store| plugin.grenache_plugin_service().call_manifest(store).await)
+        self.call(async |plugin, store| plugin.manifest(store).await)
             .await
     }
 
-    /// Calls the plugin's `handle(service, payload)` in a fresh instance.
-    /// On success the reply is JSON text no larger than the reply limit.
+    /// [`handle_with`](Self::handle_with) a request made in this process, with
+    /// no network caller ([`RequestContext::local`]).
     pub async fn handle(&self, service: &str, payload: &str) -> Result<String, CallError> {
+        self.handle_with(service, payload, &RequestContext::local())
+            .await
+    }
+
+    /// Calls the plugin's `handle(service, payload, context)` in a fresh
+    /// instance (a 0.2.0 plugin is called without `context`). On success the
+    /// reply is JSON text no larger than the reply limit.
+    pub async fn handle_with(
+        &self,
+        service: &str,
+        payload: &str,
+        context: &RequestContext,
+    ) -> Result<String, CallError> {
         let _permit = self
             .concurrency
             .try_acquire()
@@ -563,12 +613,7 @@ impl LoadedPlugin {
                 max: self.policy.max_concurrent,
             })?;
         let reply = self
-            .call(async |plugin, store| {
-                plugin
-                    .grenache_plugin_service()
-                    .call_handle(store, service, payload)
-                    .await
-            })
+            .call(async |plugin, store| plugin.handle(store, service, payload, context).await)
             .await?
             .map_err(CallError::Handler)?;
         self.check_reply(reply)
@@ -598,13 +643,8 @@ impl LoadedPlugin {
 
     /// Tells the plugin that `peer` punched this host.
     pub async fn on_punch(&self, peer: &str) -> Result<(), CallError> {
-        self.call(async |plugin, store| {
-            plugin
-                .grenache_plugin_service()
-                .call_on_punch(store, &peer.to_string())
-                .await
-        })
-        .await
+        self.call(async |plugin, store| plugin.on_punch(store, peer).await)
+            .await
     }
 }
 
@@ -639,6 +679,22 @@ mod tests {
         assert!(!text.contains('\n'));
         assert!(text.starts_with("cannot load plugins/x.wasm: "));
         assert!(text.contains("wasm32-wasip2"));
+    }
+
+    #[test]
+    fn an_unknown_contract_names_the_version_and_the_fix() {
+        let e = LoadError::UnknownContract {
+            path: "plugins/new.wasm".into(),
+            package: contract::PACKAGE,
+            versions: "0.4.0".into(),
+            known: "0.3.0, 0.2.0".into(),
+        };
+        let text = e.to_string();
+        assert!(!text.contains('\n'));
+        assert!(text.starts_with("cannot load plugins/new.wasm: "));
+        assert!(text.contains("grenache:plugin@0.4.0"), "{text}");
+        assert!(text.contains("it speaks 0.3.0, 0.2.0"), "{text}");
+        assert!(text.contains("rebuild the plugin against"), "{text}");
     }
 
     #[test]

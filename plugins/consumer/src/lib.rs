@@ -13,7 +13,7 @@
 
 wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
 
-use exports::grenache::plugin::service::{Guest, PluginManifest};
+use exports::grenache::plugin::service::{Guest, PluginManifest, RequestContext};
 use grenache::plugin::host::{log, request, request_peer};
 use grenache::plugin::types::{Level, RequestError};
 
@@ -32,7 +32,11 @@ impl Guest for Consumer {
         }
     }
 
-    fn handle(service: String, payload: String) -> Result<String, String> {
+    fn handle(
+        service: String,
+        payload: String,
+        _context: RequestContext,
+    ) -> Result<String, String> {
         if service != SERVICE {
             return Err(format!("this plugin serves {SERVICE}, not {service}"));
         }

@@ -13,7 +13,7 @@
 mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "plugin" });
 
-    use exports::grenache::plugin::service::{Guest, PluginManifest};
+    use exports::grenache::plugin::service::{Guest, PluginManifest, RequestContext};
 
     struct Fibonacci;
 
@@ -26,7 +26,11 @@ mod bindings {
             }
         }
 
-        fn handle(service: String, payload: String) -> Result<String, String> {
+        fn handle(
+            service: String,
+            payload: String,
+            _context: RequestContext,
+        ) -> Result<String, String> {
             if service != super::SERVICE {
                 return Err(format!(
                     "this plugin serves {}, not {service}",

@@ -6,7 +6,7 @@
 
 wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
 
-use exports::grenache::plugin::service::{Guest, PluginManifest};
+use exports::grenache::plugin::service::{Guest, PluginManifest, RequestContext};
 use grenache::plugin::host::{log, request, request_peer};
 use grenache::plugin::types::{Level, RequestError};
 
@@ -37,7 +37,11 @@ impl Guest for Faulty {
         }
     }
 
-    fn handle(service: String, payload: String) -> Result<String, String> {
+    fn handle(
+        service: String,
+        payload: String,
+        _context: RequestContext,
+    ) -> Result<String, String> {
         match service.as_str() {
             "echo" => Ok(payload),
             "panic" => panic!("faulty plugin panicked on purpose"),

@@ -6,7 +6,7 @@
 
 wit_bindgen::generate!({ path: "../../../wit", world: "plugin" });
 
-use exports::grenache::plugin::service::{Guest, PluginManifest};
+use exports::grenache::plugin::service::{Guest, PluginManifest, RequestContext};
 
 struct RpcTest;
 
@@ -19,7 +19,11 @@ impl Guest for RpcTest {
         }
     }
 
-    fn handle(_service: String, _payload: String) -> Result<String, String> {
+    fn handle(
+        _service: String,
+        _payload: String,
+        _context: RequestContext,
+    ) -> Result<String, String> {
         Ok("\"world\"".into())
     }
 

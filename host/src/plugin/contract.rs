@@ -1,0 +1,340 @@
+//! The versions of the WIT contract this host speaks, and the one way the
+//! runtime calls a plugin whatever version it was built against.
+//!
+//! Each version is bound with `wasmtime::component::bindgen!` in a module of
+//! its own: [`v0_3`] from `wit/plugin.wit` (the current contract, whose
+//! `handle` receives a [`RequestContext`]) and [`v0_2`] from the frozen
+//! `wit/v0.2/plugin.wit`. wasmtime matches a 0.x package only up to its
+//! minor version, so each minor version is a separate contract: the linker
+//! carries the `host` imports of every version side by side, and
+//! [`ContractPre::detect`] type-checks a component against each version's
+//! `service` export, newest first, and keeps the first that fits. A
+//! component that names a version this host does not speak is refused
+//! before that, with [`unknown_versions`] naming it.
+//!
+//! How it fits: the runtime (`runtime.rs`) loads through
+//! [`ContractPre::detect`] and runs every call through
+//! [`ContractPre::instantiate`] and a [`ContractInstance`] method; the host
+//! side of the imports, for every version, is in `instance.rs`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::{Engine, Store};
+
+use super::instance::RequestState;
+
+/// Bindings of `grenache:plugin@0.3.0` (`wit/plugin.wit`), the current
+/// contract.
+pub mod v0_3 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+/// Bindings of `grenache:plugin@0.2.0` (`wit/v0.2/plugin.wit`), kept so that
+/// plugins built against it still load; their `handle` gets no context.
+pub mod v0_2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.2",
+        world: "plugin",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+/// The WIT package every contract version belongs to.
+pub const PACKAGE: &str = "grenache:plugin";
+
+/// The contract versions this host speaks, newest first.
+pub const VERSIONS: &[ContractVersion] = &[ContractVersion::V0_3, ContractVersion::V0_2];
+
+/// A version of `grenache:plugin` that a plugin was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContractVersion {
+    /// `grenache:plugin@0.3.0`: `handle` receives a `request-context`.
+    V0_3,
+    /// `grenache:plugin@0.2.0`: `handle(service, payload)`, no context.
+    V0_2,
+}
+
+impl ContractVersion {
+    /// The version as WIT writes it, e.g. `0.3.0`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContractVersion::V0_3 => "0.3.0",
+            ContractVersion::V0_2 => "0.2.0",
+        }
+    }
+
+    /// The newest version, the one `wit/plugin.wit` defines.
+    pub fn current() -> Self {
+        VERSIONS[0]
+    }
+
+    /// Whether wasmtime would match `version` (from a component's import or
+    /// export name) to this one: 0.x versions match up to the minor version.
+    fn matches(self, version: &str) -> bool {
+        let major_minor = |v: &str| {
+            let mut parts = v.split('.');
+            (
+                parts.next().map(str::to_owned),
+                parts.next().map(str::to_owned),
+            )
+        };
+        let (major, minor) = major_minor(version);
+        let (our_major, our_minor) = major_minor(self.as_str());
+        major == our_major && (major.as_deref() != Some("0") || minor == our_minor)
+    }
+}
+
+impl std::fmt::Display for ContractVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{PACKAGE}@{}", self.as_str())
+    }
+}
+
+/// The versions of `grenache:plugin` that `component` imports or exports
+/// and this host does not speak (e.g. a plugin built against a newer WIT),
+/// each written `0.4.0`. Empty when every version it names is known.
+pub fn unknown_versions(engine: &Engine, component: &Component) -> Vec<String> {
+    let ty = component.component_type();
+    let names = ty
+        .imports(engine)
+        .map(|(name, _)| name)
+        .chain(ty.exports(engine).map(|(name, _)| name));
+    let mut unknown: Vec<String> = names
+        .filter_map(|name| {
+            let (package, rest) = name.split_once('/')?;
+            let (_, version) = rest.split_once('@')?;
+            (package == PACKAGE).then_some(version)
+        })
+        .filter(|version| !VERSIONS.iter().any(|v| v.matches(version)))
+        .map(str::to_owned)
+        .collect();
+    unknown.sort();
+    unknown.dedup();
+    unknown
+}
+
+/// Links the `host` imports of every contract version into `linker`.
+pub fn add_to_linker(linker: &mut Linker<RequestState>) -> wasmtime::Result<()> {
+    use wasmtime::component::HasSelf;
+    v0_3::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    Ok(())
+}
+
+/// What the host tells a plugin about one request besides its service and
+/// payload: the WIT `request-context` of the current contract. Plugins built
+/// against an older contract do not receive it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestContext {
+    /// The caller's address as this host observed it (the UDP source address
+    /// of its socket; its NAT's mapping when it is behind one).
+    pub caller: SocketAddr,
+}
+
+impl RequestContext {
+    /// The caller of a request that came from no network (`invoke`): the
+    /// unspecified address, `0.0.0.0:0`, as the WIT documents.
+    pub const NO_CALLER: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+    /// The context of a request from `caller`.
+    pub fn from_caller(caller: SocketAddr) -> Self {
+        RequestContext { caller }
+    }
+
+    /// The context of a request made in this process, with no network
+    /// caller: [`NO_CALLER`](Self::NO_CALLER).
+    pub fn local() -> Self {
+        Self::from_caller(Self::NO_CALLER)
+    }
+
+    fn to_wit(self) -> v0_3::grenache::plugin::types::RequestContext {
+        v0_3::grenache::plugin::types::RequestContext {
+            caller: self.caller.to_string(),
+        }
+    }
+}
+
+/// What a plugin's `manifest` returned, whatever its contract version.
+pub type Manifest = v0_3::grenache::plugin::types::PluginManifest;
+
+impl From<v0_2::grenache::plugin::types::PluginManifest> for Manifest {
+    fn from(m: v0_2::grenache::plugin::types::PluginManifest) -> Self {
+        Manifest {
+            serves: m.serves,
+            punch: m.punch,
+            calls: m.calls,
+        }
+    }
+}
+
+/// A component type-checked against one contract version, ready to be
+/// instantiated for each call.
+pub enum ContractPre {
+    /// Built against 0.3.0.
+    V0_3(v0_3::PluginPre<RequestState>),
+    /// Built against 0.2.0.
+    V0_2(v0_2::PluginPre<RequestState>),
+}
+
+impl ContractPre {
+    /// Finds the contract version whose `service` export `pre`'s component
+    /// has, newest first. The error says why the newest version did not fit
+    /// (the version a plugin is most likely meant for).
+    pub fn detect(pre: InstancePre<RequestState>) -> wasmtime::Result<Self> {
+        let newest = match v0_3::PluginPre::new(pre.clone()) {
+            Ok(pre) => return Ok(ContractPre::V0_3(pre)),
+            Err(e) => e,
+        };
+        v0_2::PluginPre::new(pre)
+            .map(ContractPre::V0_2)
+            .map_err(|_| newest)
+    }
+
+    /// The contract version the component was built against.
+    pub fn version(&self) -> ContractVersion {
+        match self {
+            ContractPre::V0_3(_) => ContractVersion::V0_3,
+            ContractPre::V0_2(_) => ContractVersion::V0_2,
+        }
+    }
+
+    /// A new instance in `store`.
+    pub async fn instantiate(
+        &self,
+        store: &mut Store<RequestState>,
+    ) -> wasmtime::Result<ContractInstance> {
+        Ok(match self {
+            ContractPre::V0_3(pre) => ContractInstance::V0_3(pre.instantiate_async(store).await?),
+            ContractPre::V0_2(pre) => ContractInstance::V0_2(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
+/// One instance of a plugin; its methods are the `service` exports, called
+/// the way the plugin's contract version defines them.
+pub enum ContractInstance {
+    /// Built against 0.3.0.
+    V0_3(v0_3::Plugin),
+    /// Built against 0.2.0.
+    V0_2(v0_2::Plugin),
+}
+
+impl ContractInstance {
+    /// `service.manifest()`.
+    pub async fn manifest(&self, store: &mut Store<RequestState>) -> wasmtime::Result<Manifest> {
+        match self {
+            ContractInstance::V0_3(p) => p.grenache_plugin_service().call_manifest(store).await,
+            ContractInstance::V0_2(p) => p
+                .grenache_plugin_service()
+                .call_manifest(store)
+                .await
+                .map(Manifest::from),
+        }
+    }
+
+    /// `service.handle(service, payload, context)`; a 0.2.0 plugin is called
+    /// without the context.
+    pub async fn handle(
+        &self,
+        store: &mut Store<RequestState>,
+        service: &str,
+        payload: &str,
+        context: &RequestContext,
+    ) -> wasmtime::Result<Result<String, String>> {
+        match self {
+            ContractInstance::V0_3(p) => {
+                p.grenache_plugin_service()
+                    .call_handle(store, service, payload, &context.to_wit())
+                    .await
+            }
+            ContractInstance::V0_2(p) => {
+                p.grenache_plugin_service()
+                    .call_handle(store, service, payload)
+                    .await
+            }
+        }
+    }
+
+    /// `service.on-punch(peer)`.
+    pub async fn on_punch(
+        &self,
+        store: &mut Store<RequestState>,
+        peer: &str,
+    ) -> wasmtime::Result<()> {
+        let peer = peer.to_string();
+        match self {
+            ContractInstance::V0_3(p) => {
+                p.grenache_plugin_service()
+                    .call_on_punch(store, &peer)
+                    .await
+            }
+            ContractInstance::V0_2(p) => {
+                p.grenache_plugin_service()
+                    .call_on_punch(store, &peer)
+                    .await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_match_the_way_wasmtime_matches_them() {
+        assert!(ContractVersion::V0_3.matches("0.3.0"));
+        assert!(ContractVersion::V0_3.matches("0.3.7"));
+        assert!(!ContractVersion::V0_3.matches("0.2.0"));
+        assert!(!ContractVersion::V0_3.matches("0.4.0"));
+        assert!(ContractVersion::V0_2.matches("0.2.1"));
+        assert!(!ContractVersion::V0_2.matches("1.0.0"));
+        assert_eq!(ContractVersion::current(), ContractVersion::V0_3);
+        assert_eq!(ContractVersion::V0_2.to_string(), "grenache:plugin@0.2.0");
+    }
+
+    /// A component that exports an empty instance under each of `names`.
+    fn exporting(engine: &Engine, names: &[&str]) -> Component {
+        let exports: String = names
+            .iter()
+            .map(|n| format!("(export \"{n}\" (instance $i))"))
+            .collect();
+        Component::new(engine, format!("(component (instance $i) {exports})")).unwrap()
+    }
+
+    #[test]
+    fn unknown_versions_are_named_and_known_ones_are_not() {
+        let engine = Engine::default();
+        let newer = exporting(
+            &engine,
+            &[
+                "grenache:plugin/service@0.4.0",
+                "grenache:plugin/types@0.4.0",
+                "other:pkg/service@9.0.0",
+            ],
+        );
+        assert_eq!(unknown_versions(&engine, &newer), ["0.4.0"]);
+        let known = exporting(
+            &engine,
+            &[
+                "grenache:plugin/service@0.3.2",
+                "grenache:plugin/types@0.2.0",
+            ],
+        );
+        assert!(unknown_versions(&engine, &known).is_empty());
+    }
+
+    #[test]
+    fn a_local_request_has_the_unspecified_caller() {
+        assert_eq!(RequestContext::local().caller.to_string(), "0.0.0.0:0");
+    }
+}
