@@ -46,6 +46,11 @@ pub enum Command {
         service: String,
         /// The request payload, as JSON.
         payload: String,
+        /// The caller's address the plugin sees in its request context, as if
+        /// the request had come from there. Plugins built against
+        /// grenache:plugin@0.2.0 do not see it.
+        #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:0")]
+        caller: SocketAddr,
         #[command(flatten)]
         limits: LimitArgs,
     },

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::output::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
 use crate::plugin::policy::Limits;
-use crate::plugin::{LoadedPlugin, NoNetwork, Runtime};
+use crate::plugin::{LoadedPlugin, NoNetwork, RequestContext, Runtime};
 
 async fn load(path: &Path, limits: Limits) -> Result<LoadedPlugin, ExitCode> {
     let runtime = Runtime::new(limits).map_err(usage_error)?;
@@ -18,8 +18,15 @@ async fn load(path: &Path, limits: Limits) -> Result<LoadedPlugin, ExitCode> {
 }
 
 /// `grenache-host invoke`: one call of `service` with `payload` (JSON text)
-/// under `limits`; prints the reply as compact JSON.
-pub async fn invoke(path: &Path, service: &str, payload: &str, limits: Limits) -> ExitCode {
+/// as if from `context`'s caller, under `limits`; prints the reply as compact
+/// JSON.
+pub async fn invoke(
+    path: &Path,
+    service: &str,
+    payload: &str,
+    context: &RequestContext,
+    limits: Limits,
+) -> ExitCode {
     if let Err(code) = check_payload(payload) {
         return code;
     }
@@ -34,7 +41,7 @@ pub async fn invoke(path: &Path, service: &str, payload: &str, limits: Limits) -
             plugin.serves().join(", ")
         ));
     }
-    match plugin.handle(service, payload).await {
+    match plugin.handle_with(service, payload, context).await {
         // The runtime has checked the reply is JSON.
         Ok(reply) => match print_compact(&reply) {
             Ok(()) => ExitCode::SUCCESS,
@@ -58,6 +65,7 @@ pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
     };
     let manifest = serde_json::json!({
         "plugin": plugin.name(),
+        "contract": plugin.contract().to_string(),
         "serves": plugin.serves(),
         "punch": plugin.punch_targets(),
     });

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+use crate::plugin::RequestContext;
 use args::{Cli, Command};
 use output::usage_error;
 pub use output::{EXIT_SERVICE_ERROR, EXIT_USAGE};
@@ -81,8 +82,12 @@ async fn dispatch(command: Command) -> ExitCode {
             plugin,
             service,
             payload,
+            caller,
             limits,
-        } => local::invoke(&plugin, &service, &payload, limits.limits()).await,
+        } => {
+            let context = RequestContext::from_caller(caller);
+            local::invoke(&plugin, &service, &payload, &context, limits.limits()).await
+        }
         Command::Inspect { plugin, limits } => local::inspect(&plugin, limits.limits()).await,
         Command::Run {
             plugins,

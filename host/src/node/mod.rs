@@ -24,7 +24,7 @@ use crate::discovery::dht::{DhtConfig, DhtDiscovery, REANNOUNCE_INTERVAL};
 use crate::discovery::{BoxFuture, Discovery};
 use crate::nat::{punch_driver, HostIntroductions, NatConfig, PunchState, DEFAULT_PUNCH_INTERVAL};
 use crate::plugin::set::{PluginSet, Route};
-use crate::plugin::{CallError, PluginNetwork, Runtime};
+use crate::plugin::{CallError, PluginNetwork, RequestContext, Runtime};
 use crate::rpc::client::RpcClient;
 use crate::rpc::server::{self, ServerStats, Services};
 use crate::transport::Endpoint;
@@ -124,13 +124,19 @@ impl Services for PluginServices {
                 ));
             };
             tracing::info!("request for {service} from {peer}");
-            plugin.handle(&service, payload).await.map_err(|e| {
-                if !matches!(e, CallError::Handler(_)) {
-                    stats.record_fault(e.to_string());
-                    tracing::warn!(%peer, %service, "request failed: {e}");
-                }
-                e.to_string()
-            })
+            // The plugin sees the address we observed: a broker records it to
+            // call the peer back through the path this request opened.
+            let context = RequestContext::from_caller(peer);
+            plugin
+                .handle_with(&service, payload, &context)
+                .await
+                .map_err(|e| {
+                    if !matches!(e, CallError::Handler(_)) {
+                        stats.record_fault(e.to_string());
+                        tracing::warn!(%peer, %service, "request failed: {e}");
+                    }
+                    e.to_string()
+                })
         })
     }
 }

@@ -172,10 +172,11 @@ impl PluginSet {
                 .map_err(anyhow::Error::msg)?;
             let plugin = runtime.load_with(path, network.clone(), policy).await?;
             tracing::info!(
-                "loaded {} from {} ({}): serves {:?}, punches {:?}",
+                "loaded {} from {} ({}, {}): serves {:?}, punches {:?}",
                 plugin.name(),
                 path.display(),
                 short(plugin.hash()),
+                plugin.contract(),
                 plugin.serves(),
                 plugin.punch_targets()
             );
