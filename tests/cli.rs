@@ -209,3 +209,42 @@ fn memory_and_time_limits_are_settable() {
         "the loop was stopped"
     );
 }
+
+#[test]
+fn a_plugin_built_against_the_0_2_contract_still_loads_and_answers() {
+    let legacy = test_plugin("legacy-v2");
+    let r = shown(host(&["inspect", legacy.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(m["contract"], "grenache:plugin@0.2.0");
+    assert_eq!(m["serves"], serde_json::json!(["legacy"]));
+
+    // Its handle gets no context, so --caller changes nothing for it.
+    for extra in [&[][..], &["--caller", "192.0.2.1:7"]] {
+        let r = invoke(&legacy, "legacy", r#"{"n":1}"#, extra);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.stdout, "{\"legacy\":{\"n\":1}}\n");
+    }
+
+    let r = shown(host(&["inspect", plugin("fibonacci").to_str().unwrap()]));
+    let m: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(m["contract"], "grenache:plugin@0.3.0");
+}
+
+#[test]
+fn invoke_tells_the_plugin_no_caller_unless_given_one() {
+    let echo = test_plugin("echo-caller");
+    let r = invoke(&echo, "echo_caller", "{}", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "\"0.0.0.0:0\"\n");
+
+    for caller in ["203.0.113.7:40123", "[2001:db8::1]:40123"] {
+        let r = invoke(&echo, "echo_caller", "{}", &["--caller", caller]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(r.stdout, format!("\"{caller}\"\n"));
+    }
+
+    let r = invoke(&echo, "echo_caller", "{}", &["--caller", "somewhere"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--caller"), "{}", r.stderr);
+}

@@ -41,6 +41,32 @@ fn call_reaches_a_fibonacci_host_through_the_dht() {
 }
 
 #[test]
+fn a_plugin_sees_the_address_the_callers_socket_used() {
+    let (_dht, bootstrap) = start_dht();
+    let (_host, _) = start_host("host", &[&test_plugin("echo-caller")], &bootstrap, &[]);
+    // A port nobody uses now, for the caller's socket.
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let r = call(&bootstrap, "echo_caller", "{}", &["--listen", &listen]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, format!("\"{listen}\"\n"));
+}
+
+#[test]
+fn a_host_serves_a_plugin_built_against_the_0_2_contract() {
+    let (_dht, bootstrap) = start_dht();
+    let (host, _) = start_host("host", &[&test_plugin("legacy-v2")], &bootstrap, &[]);
+    host.wait_for("grenache:plugin@0.2.0", SOON);
+    let r = call(&bootstrap, "legacy", r#"{"n":2}"#, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "{\"legacy\":{\"n\":2}}\n");
+}
+
+#[test]
 fn the_classic_example_runs_on_one_machine() {
     let (_dht, bootstrap) = start_dht();
     let (consumer, _) = start_host("consumer host", &[&plugin("consumer")], &bootstrap, &[]);

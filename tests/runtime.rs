@@ -6,7 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use grenache_host::plugin::{CallError, Limits, LoadedPlugin, NoNetwork, Runtime};
+use grenache_host::plugin::{
+    CallError, ContractVersion, Limits, LoadedPlugin, NoNetwork, RequestContext, Runtime,
+};
 
 async fn faulty(limits: Limits) -> LoadedPlugin {
     let runtime = Runtime::new(limits).expect("engine starts");
@@ -174,4 +176,48 @@ async fn on_punch_runs_the_plugin_callback() {
         .on_punch("127.0.0.1:4000")
         .await
         .expect("on-punch returns");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_0_2_plugin_answers_and_hears_of_punches_without_a_context() {
+    let runtime = Runtime::new(Limits::default()).unwrap();
+    let legacy = runtime
+        .load(&common::test_plugin("legacy-v2"), Arc::new(NoNetwork))
+        .await
+        .expect("a 0.2.0 plugin loads");
+    assert_eq!(legacy.contract(), ContractVersion::V0_2);
+    assert_eq!(legacy.serves(), ["legacy"]);
+    let caller = RequestContext::from_caller("192.0.2.1:7".parse().unwrap());
+    assert_eq!(
+        legacy
+            .handle_with("legacy", "[1]", &caller)
+            .await
+            .as_deref(),
+        Ok(r#"{"legacy":[1]}"#)
+    );
+    legacy
+        .on_punch("127.0.0.1:4000")
+        .await
+        .expect("on-punch returns");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_0_3_plugin_gets_the_callers_address() {
+    let runtime = Runtime::new(Limits::default()).unwrap();
+    let echo = runtime
+        .load(&common::test_plugin("echo-caller"), Arc::new(NoNetwork))
+        .await
+        .unwrap();
+    assert_eq!(echo.contract(), ContractVersion::V0_3);
+    let caller = RequestContext::from_caller("[2001:db8::1]:40123".parse().unwrap());
+    assert_eq!(
+        echo.handle_with("echo_caller", "{}", &caller)
+            .await
+            .as_deref(),
+        Ok(r#""[2001:db8::1]:40123""#)
+    );
+    assert_eq!(
+        echo.handle("echo_caller", "{}").await.as_deref(),
+        Ok(r#""0.0.0.0:0""#)
+    );
 }
