@@ -22,14 +22,15 @@
 //! - [`discovery`]: finding services behind one trait; the embedded DHT
 //!   backend (service key = SHA-1 of its name).
 //! - [`plugin`]: the wasm runtime (one engine, a fresh sandboxed instance per
-//!   request), the plugin set and its router with swap and rollback, the
+//!   request, every contract version bound), the plugin set and its router with swap and rollback, the
 //!   operator's policy and limits, and plugin signatures.
 //! - [`transport`]: the host's one UDP socket and its demultiplexer (uTP,
 //!   punches, introduction datagrams).
 //! - [`units`]: sizes and durations as people write them.
 //!
-//! The contract between host and plugins is the WIT package in `wit/`; the
-//! wire formats are described in `docs/wire.md`.
+//! The contract between host and plugins is the WIT package in `wit/`
+//! (`grenache:plugin@0.3.0`, with the frozen 0.2.0 in `wit/v0.2/`, which the
+//! host still speaks); the wire formats are described in `docs/wire.md`.
 
 pub mod cli;
 pub mod discovery;

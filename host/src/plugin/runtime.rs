@@ -5,8 +5,8 @@
 //! Loading reads the file once, checks its signature when the runtime
 //! requires one ([`signing`](super::signing)), compiles and type-checks it
 //! against the `plugin` world of each contract version the host speaks
-//! ([`contract`](super::contract): 0.3.0, then 0.2.0), and reads its
-//! manifest; each way that fails is a [`LoadError`].
+//! ([`contract`]: 0.3.0, then 0.2.0), and reads its manifest; each way that
+//! fails is a [`LoadError`].
 //!
 //! Every call (`manifest`, `handle`, `on-punch`) goes the same way, whatever
 //! the plugin's contract version: a new store with the limits of the
