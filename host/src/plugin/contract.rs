@@ -70,24 +70,13 @@ impl ContractVersion {
         }
     }
 
-    /// The newest version, the one `wit/plugin.wit` defines.
-    pub fn current() -> Self {
-        VERSIONS[0]
-    }
-
     /// Whether wasmtime would match `version` (from a component's import or
     /// export name) to this one: 0.x versions match up to the minor version.
     fn matches(self, version: &str) -> bool {
-        let major_minor = |v: &str| {
-            let mut parts = v.split('.');
-            (
-                parts.next().map(str::to_owned),
-                parts.next().map(str::to_owned),
-            )
-        };
-        let (major, minor) = major_minor(version);
-        let (our_major, our_minor) = major_minor(self.as_str());
-        major == our_major && (major.as_deref() != Some("0") || minor == our_minor)
+        let mut theirs = version.split('.');
+        let mut ours = self.as_str().split('.');
+        let major = theirs.next();
+        major == ours.next() && (major != Some("0") || theirs.next() == ours.next())
     }
 }
 
@@ -187,16 +176,21 @@ pub enum ContractPre {
 
 impl ContractPre {
     /// Finds the contract version whose `service` export `pre`'s component
-    /// has, newest first. The error says why the newest version did not fit
-    /// (the version a plugin is most likely meant for).
+    /// has, newest first. The error says why each version did not fit.
     pub fn detect(pre: InstancePre<RequestState>) -> wasmtime::Result<Self> {
-        let newest = match v0_3::PluginPre::new(pre.clone()) {
+        let as_v0_3 = match v0_3::PluginPre::new(pre.clone()) {
             Ok(pre) => return Ok(ContractPre::V0_3(pre)),
             Err(e) => e,
         };
         v0_2::PluginPre::new(pre)
             .map(ContractPre::V0_2)
-            .map_err(|_| newest)
+            .map_err(|as_v0_2| {
+                wasmtime::format_err!(
+                    "as {}: {as_v0_3:#}; as {}: {as_v0_2:#}",
+                    ContractVersion::V0_3,
+                    ContractVersion::V0_2
+                )
+            })
     }
 
     /// The contract version the component was built against.
@@ -298,7 +292,7 @@ mod tests {
         assert!(!ContractVersion::V0_3.matches("0.4.0"));
         assert!(ContractVersion::V0_2.matches("0.2.1"));
         assert!(!ContractVersion::V0_2.matches("1.0.0"));
-        assert_eq!(ContractVersion::current(), ContractVersion::V0_3);
+        assert_eq!(VERSIONS[0], ContractVersion::V0_3, "newest first");
         assert_eq!(ContractVersion::V0_2.to_string(), "grenache:plugin@0.2.0");
     }
 

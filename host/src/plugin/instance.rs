@@ -147,62 +147,63 @@ impl RequestState {
     }
 }
 
-impl From<OutboundError> for v0_3::grenache::plugin::types::RequestError {
-    fn from(e: OutboundError) -> Self {
-        use v0_3::grenache::plugin::types::RequestError;
-        match e {
-            OutboundError::NoPeers(m) => RequestError::NoPeers(m),
-            OutboundError::Timeout(m) => RequestError::Timeout(m),
-            OutboundError::Remote(m) => RequestError::Remote(m),
-            OutboundError::Transport(m) => RequestError::Transport(m),
-            OutboundError::Denied(m) => RequestError::Denied(m),
+/// Serves one contract version's imports with the methods above: its `host`
+/// interface, and its `types` interface, which has no functions. Each version
+/// has its own generated types, so each gets its own impls; the logic is one.
+macro_rules! host_imports {
+    ($version:ident) => {
+        impl From<OutboundError> for $version::grenache::plugin::types::RequestError {
+            fn from(e: OutboundError) -> Self {
+                use $version::grenache::plugin::types::RequestError;
+                match e {
+                    OutboundError::NoPeers(m) => RequestError::NoPeers(m),
+                    OutboundError::Timeout(m) => RequestError::Timeout(m),
+                    OutboundError::Remote(m) => RequestError::Remote(m),
+                    OutboundError::Transport(m) => RequestError::Transport(m),
+                    OutboundError::Denied(m) => RequestError::Denied(m),
+                }
+            }
         }
-    }
-}
 
-impl v0_3::grenache::plugin::types::Host for RequestState {}
+        impl $version::grenache::plugin::types::Host for RequestState {}
 
-impl v0_3::grenache::plugin::host::Host for RequestState {
-    async fn request(
-        &mut self,
-        service: String,
-        payload: String,
-        timeout_ms: u32,
-    ) -> Result<String, v0_3::grenache::plugin::types::RequestError> {
-        RequestState::request(self, service, payload, timeout_ms)
-            .await
-            .map_err(Into::into)
-    }
+        impl $version::grenache::plugin::host::Host for RequestState {
+            async fn request(
+                &mut self,
+                service: String,
+                payload: String,
+                timeout_ms: u32,
+            ) -> Result<String, $version::grenache::plugin::types::RequestError> {
+                RequestState::request(self, service, payload, timeout_ms)
+                    .await
+                    .map_err(Into::into)
+            }
 
-    async fn request_peer(
-        &mut self,
-        peer: String,
-        service: String,
-        payload: String,
-        timeout_ms: u32,
-    ) -> Result<String, v0_3::grenache::plugin::types::RequestError> {
-        RequestState::request_peer(self, peer, service, payload, timeout_ms)
-            .await
-            .map_err(Into::into)
-    }
+            async fn request_peer(
+                &mut self,
+                peer: String,
+                service: String,
+                payload: String,
+                timeout_ms: u32,
+            ) -> Result<String, $version::grenache::plugin::types::RequestError> {
+                RequestState::request_peer(self, peer, service, payload, timeout_ms)
+                    .await
+                    .map_err(Into::into)
+            }
 
-    async fn log(&mut self, level: Level, message: String) {
-        RequestState::log(self, level, &message);
-    }
-}
-
-impl From<OutboundError> for v0_2::grenache::plugin::types::RequestError {
-    fn from(e: OutboundError) -> Self {
-        use v0_2::grenache::plugin::types::RequestError;
-        match e {
-            OutboundError::NoPeers(m) => RequestError::NoPeers(m),
-            OutboundError::Timeout(m) => RequestError::Timeout(m),
-            OutboundError::Remote(m) => RequestError::Remote(m),
-            OutboundError::Transport(m) => RequestError::Transport(m),
-            OutboundError::Denied(m) => RequestError::Denied(m),
+            async fn log(
+                &mut self,
+                level: $version::grenache::plugin::types::Level,
+                message: String,
+            ) {
+                RequestState::log(self, level.into(), &message);
+            }
         }
-    }
+    };
 }
+
+host_imports!(v0_3);
+host_imports!(v0_2);
 
 impl From<v0_2::grenache::plugin::types::Level> for Level {
     fn from(level: v0_2::grenache::plugin::types::Level) -> Self {
@@ -214,36 +215,5 @@ impl From<v0_2::grenache::plugin::types::Level> for Level {
             Old::Warn => Level::Warn,
             Old::Error => Level::Error,
         }
-    }
-}
-
-impl v0_2::grenache::plugin::types::Host for RequestState {}
-
-impl v0_2::grenache::plugin::host::Host for RequestState {
-    async fn request(
-        &mut self,
-        service: String,
-        payload: String,
-        timeout_ms: u32,
-    ) -> Result<String, v0_2::grenache::plugin::types::RequestError> {
-        RequestState::request(self, service, payload, timeout_ms)
-            .await
-            .map_err(Into::into)
-    }
-
-    async fn request_peer(
-        &mut self,
-        peer: String,
-        service: String,
-        payload: String,
-        timeout_ms: u32,
-    ) -> Result<String, v0_2::grenache::plugin::types::RequestError> {
-        RequestState::request_peer(self, peer, service, payload, timeout_ms)
-            .await
-            .map_err(Into::into)
-    }
-
-    async fn log(&mut self, level: v0_2::grenache::plugin::types::Level, message: String) {
-        RequestState::log(self, level.into(), &message);
     }
 }
