@@ -8,13 +8,11 @@
 
 pub mod dht;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::time::Duration;
 
 /// A boxed future, for the object-safe [`Discovery`] trait.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use futures::future::BoxFuture;
 
 /// Why discovery failed.
 #[derive(Debug, thiserror::Error)]

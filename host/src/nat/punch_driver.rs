@@ -16,7 +16,9 @@ use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 
 use super::punch::{PunchAction, PunchState};
-use crate::discovery::{BoxFuture, Discovery};
+use futures::future::BoxFuture;
+
+use crate::discovery::Discovery;
 use crate::transport::Endpoint;
 
 /// How long the lookup of one punch target may take; the round goes on

@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 
 use crate::discovery::dht::{DhtConfig, DhtDiscovery, REANNOUNCE_INTERVAL};
-use crate::discovery::{BoxFuture, Discovery};
+use crate::discovery::Discovery;
 use crate::nat::{punch_driver, HostIntroductions, NatConfig, PunchState, DEFAULT_PUNCH_INTERVAL};
 use crate::plugin::set::{PluginSet, Route};
 use crate::plugin::{CallError, PluginNetwork, RequestContext, Runtime};

@@ -12,11 +12,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 
 use super::codec::{self, DecodeError, Request};
 use super::connection::{MessageReader, ReadError};
-use crate::discovery::BoxFuture;
 use crate::transport::{Endpoint, PEER_SILENCE_LIMIT};
 
 /// What answers the requests a server receives.
