@@ -432,3 +432,38 @@ fn a_node_that_shuts_down_stops_serving() {
         assert!(after.is_err(), "a stopped node answered: {after:?}");
     });
 }
+
+#[test]
+fn a_request_whose_id_is_not_a_string_gets_it_echoed() {
+    let (_dht, bootstrap) = start_dht();
+    let (_worker, port) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use grenache_host::transport::Endpoint;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let peer = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut s = ep
+            .connect(peer, Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap();
+        // A Node server echoes any JSON id; so do we, and the connection stays.
+        for (request, reply) in [
+            (r#"[7,"fibonacci_worker",{"length":2}]"#, "[7,null,[1,1]]"),
+            (
+                r#"["a","fibonacci_worker",{"length":1}]"#,
+                r#"["a",null,[1]]"#,
+            ),
+        ] {
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), reply);
+        }
+    });
+}

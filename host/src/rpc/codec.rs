@@ -25,8 +25,8 @@ pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
 /// the receiver's role decides: servers read requests, clients replies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// The request id, echoed in the reply.
-    pub rid: String,
+    /// The request id, echoed verbatim in the reply.
+    pub rid: RequestId,
     /// The service name, or the `ip:port` a Node punch client calls.
     pub key: String,
     /// The payload as JSON text.
@@ -67,6 +67,69 @@ pub enum DecodeError {
     },
 }
 
+/// A request id as received. Grenache's clients send a uuid string, but a
+/// Node server echoes whatever JSON value came as the id (docs/wire.md §2),
+/// so we do too rather than drop the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestId {
+    /// A string id (the usual case), unescaped.
+    Text(String),
+    /// Any other JSON value, as its JSON text.
+    Json(String),
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestId::Text(s) | RequestId::Json(s) => f.write_str(s),
+        }
+    }
+}
+
+impl PartialEq<&str> for RequestId {
+    fn eq(&self, other: &&str) -> bool {
+        matches!(self, RequestId::Text(s) if s == other)
+    }
+}
+
+/// A borrowed request id for the encoders: a string to escape, or JSON
+/// text to write as it is.
+#[derive(Debug, Clone, Copy)]
+pub enum Rid<'a> {
+    Text(&'a str),
+    Json(&'a str),
+}
+
+impl<'a> From<&'a str> for Rid<'a> {
+    fn from(s: &'a str) -> Self {
+        Rid::Text(s)
+    }
+}
+
+impl<'a> From<&'a String> for Rid<'a> {
+    fn from(s: &'a String) -> Self {
+        Rid::Text(s)
+    }
+}
+
+impl<'a> From<&'a RequestId> for Rid<'a> {
+    fn from(id: &'a RequestId) -> Self {
+        match id {
+            RequestId::Text(s) => Rid::Text(s),
+            RequestId::Json(j) => Rid::Json(j),
+        }
+    }
+}
+
+impl Rid<'_> {
+    fn json(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Rid::Text(s) => json_string(s).into(),
+            Rid::Json(j) => j.to_string().into(),
+        }
+    }
+}
+
 /// A fresh request id: a lowercase uuid v4, as Grenache's Node client makes.
 pub fn new_rid() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -77,18 +140,18 @@ fn json_string(s: &str) -> String {
 }
 
 /// Encodes `[rid, key, payload]`; `payload` must already be JSON text.
-pub fn encode_request(rid: &str, key: &str, payload: &str) -> Vec<u8> {
-    format!("[{},{},{}]", json_string(rid), json_string(key), payload).into_bytes()
+pub fn encode_request<'a>(rid: impl Into<Rid<'a>>, key: &str, payload: &str) -> Vec<u8> {
+    format!("[{},{},{}]", rid.into().json(), json_string(key), payload).into_bytes()
 }
 
 /// Encodes `[rid, null, result]`; `result` must already be JSON text.
-pub fn encode_ok(rid: &str, result: &str) -> Vec<u8> {
-    format!("[{},null,{}]", json_string(rid), result).into_bytes()
+pub fn encode_ok<'a>(rid: impl Into<Rid<'a>>, result: &str) -> Vec<u8> {
+    format!("[{},null,{}]", rid.into().json(), result).into_bytes()
 }
 
 /// Encodes `[rid, "<message>", null]`.
-pub fn encode_err(rid: &str, message: &str) -> Vec<u8> {
-    format!("[{},{},null]", json_string(rid), json_string(message)).into_bytes()
+pub fn encode_err<'a>(rid: impl Into<Rid<'a>>, message: &str) -> Vec<u8> {
+    format!("[{},{},null]", rid.into().json(), json_string(message)).into_bytes()
 }
 
 /// Reads `[a, b, c]` as three raw elements.
@@ -127,8 +190,12 @@ fn preview(text: &str) -> String {
 /// Interprets one JSON value as a request.
 pub fn parse_request(value: &RawValue) -> Result<Request, DecodeError> {
     let [rid, key, payload] = split3(value)?;
+    let rid = match serde_json::from_str::<String>(rid.get()) {
+        Ok(text) => RequestId::Text(text),
+        Err(_) => RequestId::Json(rid.get().to_string()),
+    };
     Ok(Request {
-        rid: string_of(rid, "the request id")?,
+        rid,
         key: string_of(key, "the key")?,
         payload: payload.get().to_string(),
     })
@@ -359,11 +426,23 @@ mod tests {
     }
 
     #[test]
+    fn an_id_that_is_not_a_string_is_echoed_as_node_does() {
+        for (req, reply) in [
+            (r#"[1,"svc",2]"#, r#"[1,null,"ok"]"#),
+            (r#"[{"n":1},"svc",2]"#, r#"[{"n":1},null,"ok"]"#),
+            (r#"[null,"svc",2]"#, r#"[null,null,"ok"]"#),
+        ] {
+            let r = parse_request(&RawValue::from_string(req.into()).unwrap()).unwrap();
+            assert_eq!(encode_ok(&r.rid, r#""ok""#), reply.as_bytes());
+        }
+    }
+
+    #[test]
     fn garbage_and_wrong_shapes_are_errors() {
         let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
         d.push(b"GET / HTTP/1.1\r\n");
         assert!(matches!(d.next_message(), Err(DecodeError::NotJson(_))));
-        for bad in [r#"{"a":1}"#, r#"["a","b"]"#, r#"[1,"b",2]"#, r#"["a",2,3]"#] {
+        for bad in [r#"{"a":1}"#, r#"["a","b"]"#, r#"["a",2,3]"#] {
             assert!(
                 parse_request(&RawValue::from_string(bad.into()).unwrap()).is_err(),
                 "{bad}"

@@ -135,7 +135,10 @@ async fn serve_connection(
         rid: Some(rid),
     } = &problem
     {
-        let reply = codec::encode_err(rid, &format!("request too large: more than {limit} bytes"));
+        let reply = codec::encode_err(
+            rid.as_str(),
+            &format!("request too large: more than {limit} bytes"),
+        );
         let _ = writer.lock().await.write_all(&reply).await;
     }
     tracing::warn!(%peer, "closing a connection that {problem}", problem = describe(&problem));
