@@ -161,18 +161,55 @@ fn build_plugins() -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// Installs the npm packages of the Node.js interop peers (tests/node).
+/// Installs the npm packages of the Node.js interop peers (tests/node) when
+/// any that tests/node/package.json lists is missing or at another version
+/// (e.g. after a pull added one), so a fresh clone and an old checkout both
+/// end up with exactly what the lockfile pins.
 fn ensure_node_packages() -> Result<()> {
     let dir = root().join("tests/node");
-    if dir.join("node_modules/utp-native").is_dir() {
+    let stale = stale_node_packages(&dir)?;
+    if stale.is_empty() {
         return Ok(());
     }
+    eprintln!(
+        "xtask: npm packages to install in tests/node: {}",
+        stale.join(", ")
+    );
     run(Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund"])
         .current_dir(&dir))
     .context(
         "the Node.js interop tests need Node.js 20 and npm (e.g. `apt-get install -y nodejs npm`)",
     )
+}
+
+/// The dependencies of `dir/package.json` that `dir/node_modules` lacks or
+/// has at another version, as `name@version`. Versions are exact in that
+/// file; an alias `npm:real-name@version` is installed under its own name.
+fn stale_node_packages(dir: &Path) -> Result<Vec<String>> {
+    let manifest = dir.join("package.json");
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("cannot read {}", manifest.display()))?;
+    let manifest: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", dir.join("package.json").display()))?;
+    let mut stale = Vec::new();
+    let dependencies = manifest["dependencies"].as_object().into_iter().flatten();
+    for (name, spec) in dependencies {
+        let spec = spec.as_str().unwrap_or_default();
+        let wanted = match spec.strip_prefix("npm:") {
+            Some(alias) => alias.rsplit_once('@').map_or(alias, |(_, v)| v),
+            None => spec,
+        };
+        let installed =
+            std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .and_then(|p| p["version"].as_str().map(String::from));
+        if installed.as_deref() != Some(wanted) {
+            stale.push(format!("{name}@{wanted}"));
+        }
+    }
+    Ok(stale)
 }
 
 /// The NAT lab tests need root, `ip` and `nft`; as root, install what is
@@ -354,4 +391,35 @@ fn demo(extra: &[String]) -> Result<()> {
     }
     println!("Done. Run `cargo xtask demo --keep-running` to watch it longer.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_or_other_versions_of_node_packages_are_found() {
+        let dir = std::env::temp_dir().join(format!("xtask-node-{}", std::process::id()));
+        let package = |name: &str, version: &str| {
+            let at = dir.join("node_modules").join(name);
+            std::fs::create_dir_all(&at).unwrap();
+            std::fs::write(
+                at.join("package.json"),
+                format!(r#"{{"version":"{version}"}}"#),
+            )
+            .unwrap();
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"dependencies":{"a":"1.0.0","b":"2.0.0","c-old":"npm:c@0.7.13","d":"1.0.0"}}"#,
+        )
+        .unwrap();
+        package("a", "1.0.0");
+        package("b", "1.9.0");
+        package("c-old", "0.7.13");
+        let stale = stale_node_packages(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(stale.unwrap(), ["b@2.0.0", "d@1.0.0"]);
+    }
 }
