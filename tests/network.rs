@@ -402,7 +402,7 @@ fn a_node_that_shuts_down_stops_serving() {
         let config = NodeConfig {
             plugins: vec![plugin("fibonacci")],
             listen: "127.0.0.1:0".parse().unwrap(),
-            bootstrap: vec![],
+            discovery: grenache_host::discovery::DiscoveryConfig::Dht { bootstrap: vec![] },
             max_message: 1 << 20,
             nat: NatConfig::default(),
             policies: Default::default(),

@@ -9,6 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use super::run::IntroducerPort;
+use crate::discovery::grape::GrapeUrl;
+use crate::discovery::DiscoveryConfig;
 use crate::nat::IntroducerAddr;
 use crate::plugin::Limits;
 use crate::units::{parse_duration, parse_size};
@@ -62,12 +64,15 @@ pub enum Command {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Serve plugins: announce their services on the DHT and answer Grenache
-    /// requests over uTP on one UDP socket, punching through NATs.
+    /// Serve plugins: announce their services on the DHT (or through Grapes,
+    /// with --grape) and answer Grenache requests over uTP on one UDP socket,
+    /// punching through NATs.
     ///
     /// Prints `listening on <port>` once the socket is bound. Stops on Ctrl-C.
     ///
     /// Example: grenache-host run plugins/fibonacci.wasm --bootstrap 127.0.0.1:20001 --behind-nat
+    ///
+    /// Joining Node services: grenache-host run plugins/fibonacci.wasm --grape http://127.0.0.1:30001
     Run {
         /// Plugin files (wasm components); each serves the services in its manifest.
         #[arg(required = true)]
@@ -175,12 +180,16 @@ pub enum Command {
         #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
         introducer_port: Option<IntroducerPort>,
     },
-    /// Call a service once through the DHT (or at --peer) and print its reply.
+    /// Call a service once, found through the DHT or Grapes (or at --peer),
+    /// and print its reply.
     ///
     /// Prints the reply as compact JSON and exits 0. A remote error prints the
-    /// message and exits 1. No peers, a timeout or bad arguments exit 2.
+    /// message and exits 1. No peers, a Grape that does not answer, a timeout
+    /// or bad arguments exit 2.
     ///
     /// Example: grenache-host call fibonacci_worker '{"length":10}' --bootstrap 127.0.0.1:20001
+    ///
+    /// Through a Grape: grenache-host call fibonacci_worker '{"length":10}' --grape http://127.0.0.1:30001
     Call {
         #[command(flatten)]
         request: ServiceRequest,
@@ -189,7 +198,8 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
         /// Call this peer directly instead of looking the service up (no
-        /// --bootstrap needed), as Grenache's request to {address, port} does.
+        /// --bootstrap or --grape needed), as Grenache's request to
+        /// {address, port} does.
         #[arg(long, value_name = "IP:PORT")]
         peer: Option<SocketAddr>,
     },
@@ -235,22 +245,46 @@ pub struct ServiceRequest {
     pub payload: String,
 }
 
-/// Where to join the DHT.
+/// Where services are announced and looked up: the embedded DHT (joined
+/// through --bootstrap) or Grapes (--grape), and the introducer.
 #[derive(Debug, Clone, Args)]
 pub struct BootstrapArgs {
     /// A DHT node to join through, e.g. one started with `grenache-host dht`
     /// (repeatable). The public BitTorrent network is never contacted.
     #[arg(long, value_name = "IP:PORT")]
     pub bootstrap: Vec<String>,
+    /// A Grape's HTTP API, e.g. http://127.0.0.1:30001 for `grape --aph
+    /// 30001` (repeatable): announce and look up through Grapes as
+    /// Grenache's Node services do (grenache-nodejs-link), instead of the
+    /// embedded DHT, so this host and Node services find each other.
+    /// Announces go to every Grape; a lookup takes the first Grape's answer
+    /// with peers. Use a Grape on this host's machine: a Grape records its
+    /// own IP with the announced port. Not with --bootstrap; introductions
+    /// then need --introducer.
+    #[arg(long, value_name = "URL", conflicts_with = "bootstrap")]
+    pub grape: Vec<GrapeUrl>,
     /// The introducer that puts this host in touch with peers behind NATs
     /// (its main port; the probe uses the next one too), or `off`. Default:
     /// beside the first --bootstrap node (its port + 1), where `grenache-host
-    /// dht` runs one.
+    /// dht` runs one. With --grape there is no bootstrap node to find one
+    /// beside: without this flag there are no introductions.
     #[arg(long, value_name = "IP:PORT|off")]
     pub introducer: Option<String>,
 }
 
 impl BootstrapArgs {
+    /// The directory these flags name: Grapes if any was given, else the
+    /// DHT (clap has made sure not both).
+    pub fn discovery(&self) -> DiscoveryConfig {
+        if self.grape.is_empty() {
+            DiscoveryConfig::Dht {
+                bootstrap: self.bootstrap.clone(),
+            }
+        } else {
+            DiscoveryConfig::Grapes(self.grape.clone())
+        }
+    }
+
     /// Where the introducer is, if anywhere.
     pub fn introducer(&self) -> Result<Option<IntroducerAddr>, String> {
         match self.introducer.as_deref() {

@@ -1,6 +1,6 @@
 //! The one-shot network clients: `call` and `bench`. Each starts the client
-//! side of a host (its socket, a DHT node, introductions) for the length of
-//! the command.
+//! side of a host (its socket, a DHT node or a Grape link, introductions)
+//! for the length of the command.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use super::output::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
+use crate::discovery::DiscoveryConfig;
 use crate::nat::{IntroducerAddr, NatConfig};
 use crate::node::ClientParts;
 use crate::rpc::client::RpcClient;
@@ -20,8 +21,8 @@ use crate::transport::Endpoint;
 /// Where and how a one-shot client reaches the network.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// DHT nodes to join through (`ip:port` or `host:port`).
-    pub bootstrap: Vec<String>,
+    /// Where services are looked up: the DHT or Grapes.
+    pub discovery: DiscoveryConfig,
     /// The introducer, if any (see [`crate::nat`]).
     pub introducer: Option<IntroducerAddr>,
     /// Deadline of each request, lookup and connect included.
@@ -62,11 +63,10 @@ pub struct BenchPlan {
     pub warmup: u64,
 }
 
-/// Starts the client side of a host (socket, DHT node, introductions).
+/// Starts the client side of a host (socket, discovery, introductions).
 async fn client(config: &ClientConfig) -> Result<ClientParts, ExitCode> {
-    let bootstrap = &config.bootstrap;
-    if bootstrap.is_empty() {
-        return Err(usage_error("--bootstrap <ip:port> is required: the address of a DHT node, e.g. one started with `grenache-host dht`"));
+    if matches!(&config.discovery, DiscoveryConfig::Dht { bootstrap } if bootstrap.is_empty()) {
+        return Err(usage_error("--bootstrap <ip:port> or --grape <url> is required: the address of a DHT node (e.g. one started with `grenache-host dht`), or of a Grape's HTTP API (e.g. http://127.0.0.1:30001)"));
     }
     // A one-shot client serves nothing, so it registers nothing: it is not
     // `behind_nat` even when it is behind one.
@@ -74,7 +74,7 @@ async fn client(config: &ClientConfig) -> Result<ClientParts, ExitCode> {
         introducer: config.introducer,
         ..NatConfig::default()
     };
-    let parts = ClientParts::start(config.listen, bootstrap, DEFAULT_MAX_MESSAGE, &nat)
+    let parts = ClientParts::start(config.listen, &config.discovery, DEFAULT_MAX_MESSAGE, &nat)
         .await
         .map_err(|e| usage_error(format!("{e:#}")))?;
     // No waiting for the join to finish (it lasts until every node found has

@@ -125,7 +125,7 @@ async fn dispatch(command: Command) -> ExitCode {
             let config = crate::node::NodeConfig {
                 plugins,
                 listen,
-                bootstrap: dht.bootstrap,
+                discovery: dht.discovery(),
                 nat,
                 max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
                 policies: Arc::new(policies),
@@ -226,7 +226,7 @@ fn client_config(
 ) -> Result<client::ClientConfig, ExitCode> {
     Ok(client::ClientConfig {
         introducer: dht.introducer().map_err(usage_error)?,
-        bootstrap: dht.bootstrap,
+        discovery: dht.discovery(),
         timeout: std::time::Duration::from_millis(client.timeout_ms),
         listen: client.listen,
     })

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::output::usage_error;
 use crate::discovery::dht::{DhtConfig, DhtDiscovery};
+use crate::discovery::DiscoveryConfig;
 use crate::nat::IntroducerAddr;
 use crate::node::{Node, NodeConfig};
 use crate::plugin::policy::Limits;
@@ -67,11 +68,21 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         watch,
         control,
     } = options;
-    if config.bootstrap.is_empty() {
-        tracing::warn!(
+    match &config.discovery {
+        DiscoveryConfig::Dht { bootstrap } if bootstrap.is_empty() => tracing::warn!(
             "no --bootstrap given: this host's DHT node is alone and only it can find its services; \
-             start a node with `grenache-host dht` and pass --bootstrap <ip:port>"
-        );
+             start a node with `grenache-host dht` and pass --bootstrap <ip:port>, \
+             or join Grenache's Grapes with --grape <url>"
+        ),
+        DiscoveryConfig::Grapes(_) if config.nat.introducer.is_none() => tracing::info!(
+            "no introducer: with --grape there is no bootstrap node to find one beside, so peers \
+             behind other NATs are reached only by punching; pass --introducer <ip:port> \
+             (e.g. a `grenache-host dht` node's port + 1) to use one"
+        ),
+        _ => {}
+    }
+    if let Some(introducer) = config.nat.introducer {
+        tracing::info!("introducer {}", introducer.main);
     }
     // The engine's memory pool must fit the largest limit any plugin gets.
     let mut limits = Limits::default();
@@ -111,9 +122,9 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     // The same line the Grenache examples print, for scripts to wait on.
     println!("listening on {}", node.endpoint.local_addr().port());
     tracing::info!(
-        "RPC socket {}, DHT node {}",
+        "RPC socket {}, {}",
         node.endpoint.local_addr(),
-        node.discovery.local_addr().await
+        node.discovery.describe().await
     );
     shutdown_signal().await;
     tracing::info!("stopping: {}", node.summary());

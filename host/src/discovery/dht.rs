@@ -11,20 +11,14 @@
 //! The embedded node never contacts the public BitTorrent network: it joins
 //! only the bootstrap nodes it is given, or stays alone.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use mainline::{Dht, Id};
 
-use super::{BoxFuture, Discovery, DiscoveryError};
+use super::{without_repeats, BoxFuture, Discovery, DiscoveryError, LookupCache};
 
-/// How often a host re-announces its services.
-pub const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
-/// How long a lookup result is reused.
-pub const LOOKUP_CACHE_TTL: Duration = Duration::from_secs(2);
 /// Per-query DHT timeout (mainline's default). Lookups take the first batch
 /// of peers, so a slow or dead node does not hold them up; a shorter timeout
 /// made busy machines miss bootstrap answers.
@@ -49,7 +43,7 @@ pub struct DhtConfig {
 /// A running DHT node.
 pub struct DhtDiscovery {
     dht: mainline::async_dht::AsyncDht,
-    cache: Mutex<HashMap<String, (Instant, Vec<SocketAddr>)>>,
+    cache: LookupCache,
 }
 
 impl DhtDiscovery {
@@ -77,7 +71,7 @@ impl DhtDiscovery {
             .map_err(|e| DiscoveryError::Start(format!("{e} (binding {listen})")))?;
         Ok(DhtDiscovery {
             dht: dht.as_async(),
-            cache: Mutex::default(),
+            cache: LookupCache::default(),
         })
     }
 
@@ -119,32 +113,16 @@ impl DhtDiscovery {
     }
 
     async fn lookup_once(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
-        let cached = {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache
-                .get(service)
-                .filter(|(at, _)| at.elapsed() < LOOKUP_CACHE_TTL)
-                .map(|(_, p)| p.clone())
+        if let Some(peers) = self.cache.get(service) {
+            return peers;
+        }
+        let mut stream = self.dht.get_peers(service_key(service));
+        let found = match tokio::time::timeout(timeout, stream.next()).await {
+            Ok(Some(batch)) => without_repeats(batch.into_iter().map(SocketAddr::V4).collect()),
+            _ => vec![],
         };
-        let peers = match cached {
-            Some(peers) => peers,
-            None => {
-                let mut stream = self.dht.get_peers(service_key(service));
-                let found: Vec<SocketAddr> =
-                    match tokio::time::timeout(timeout, stream.next()).await {
-                        Ok(Some(batch)) => batch.into_iter().map(SocketAddr::V4).collect(),
-                        _ => vec![],
-                    };
-                if !found.is_empty() {
-                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                    cache.insert(service.to_string(), (Instant::now(), found.clone()));
-                }
-                found
-            }
-        };
-        let mut peers = peers;
-        peers.dedup();
-        peers
+        self.cache.put(service, &found);
+        found
     }
 }
 
@@ -157,12 +135,22 @@ impl Discovery for DhtDiscovery {
         Box::pin(self.announce_service(service, port))
     }
 
-    fn lookup<'a>(&'a self, service: &'a str, timeout: Duration) -> BoxFuture<'a, Vec<SocketAddr>> {
-        Box::pin(self.lookup_peers(service, timeout))
+    fn lookup<'a>(
+        &'a self,
+        service: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<SocketAddr>, DiscoveryError>> {
+        Box::pin(async move { Ok(self.lookup_peers(service, timeout).await) })
     }
 
     fn describe(&self) -> BoxFuture<'_, String> {
         Box::pin(async move { format!("DHT node {}", self.local_addr().await) })
+    }
+
+    fn nobody_announces(&self, service: &str) -> String {
+        format!(
+            "no host announces {service:?} on the DHT (is one running and bootstrapped from the same node?)"
+        )
     }
 }
 

@@ -55,7 +55,14 @@ pub async fn drive<F>(
         while let Some(action) = actions.pop() {
             match action {
                 PunchAction::Lookup(service) => {
-                    let peers = discovery.lookup(&service, LOOKUP_TIMEOUT).await;
+                    let peers = discovery
+                        .lookup(&service, LOOKUP_TIMEOUT)
+                        .await
+                        .unwrap_or_else(|e| {
+                            // Asked again at the next punch interval.
+                            tracing::debug!("cannot look up {service} to punch it: {e}");
+                            Vec::new()
+                        });
                     actions.extend(state.on_lookup(Instant::now(), &peers, &own));
                 }
                 PunchAction::SendPunch(peer) => {

@@ -1,7 +1,7 @@
 //! A running host: the parts wired together for `grenache-host run`.
 //!
-//! [`Node::start`] binds the RPC socket, starts the DHT node, loads the
-//! plugins (their outgoing calls go through this node's RPC client), serves
+//! [`Node::start`] binds the RPC socket, starts discovery (the DHT node or
+//! the Grape link), loads the plugins (their outgoing calls go through this node's RPC client), serves
 //! requests, announces every service and re-announces it, and runs the punch
 //! driver ([`crate::nat::punch_driver`]), telling the plugins who punched.
 //! The node owns every task it starts: [`Node::shutdown`], or dropping the
@@ -13,7 +13,7 @@
 pub mod control;
 mod network;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 
-use crate::discovery::dht::{DhtConfig, DhtDiscovery, REANNOUNCE_INTERVAL};
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, DiscoveryConfig, REANNOUNCE_INTERVAL};
 use crate::nat::{punch_driver, HostIntroductions, NatConfig, PunchState, DEFAULT_PUNCH_INTERVAL};
 use crate::plugin::set::{PluginSet, Route};
 use crate::plugin::{CallError, PluginNetwork, RequestContext, Runtime};
@@ -37,8 +36,9 @@ pub struct NodeConfig {
     pub plugins: Vec<PathBuf>,
     /// The RPC socket's address (port 0: any free port).
     pub listen: SocketAddr,
-    /// DHT nodes to join through (`ip:port` or `host:port`).
-    pub bootstrap: Vec<String>,
+    /// Where services are announced and looked up: the embedded DHT or
+    /// Grapes.
+    pub discovery: DiscoveryConfig,
     /// Largest RPC message accepted or sent, in bytes.
     pub max_message: usize,
     /// How the host takes part in NAT traversal: its introducer, and whether
@@ -49,25 +49,27 @@ pub struct NodeConfig {
     pub policies: Arc<crate::plugin::policy::Policies>,
 }
 
-/// The client side shared by `run`, `call` and `bench`: the socket, the DHT
-/// node, the introductions and the RPC client. Dropping it stops its
-/// introduction driver.
+/// The client side shared by `run`, `call` and `bench`: the socket,
+/// discovery (a DHT node or a Grape link), the introductions and the RPC
+/// client. Dropping it stops its introduction driver.
 pub struct ClientParts {
+    /// The host's one UDP socket.
     pub endpoint: Endpoint,
-    pub discovery: Arc<DhtDiscovery>,
+    /// Where services are announced and looked up.
+    pub discovery: Arc<dyn Discovery>,
     pub client: RpcClient,
     /// The introduction driver.
     tasks: JoinSet<()>,
 }
 
 impl ClientParts {
-    /// Binds the socket at `listen`, starts a DHT node on the same IP that
-    /// joins through `bootstrap`, and starts introductions as `nat` says (a
-    /// host behind a NAT registers with the introducer so that callers can be
-    /// introduced to it).
+    /// Binds the socket at `listen`, starts discovery (a DHT node binds the
+    /// same IP), and starts introductions as `nat` says (a host behind a NAT
+    /// registers with the introducer so that callers can be introduced to
+    /// it).
     pub async fn start(
         listen: SocketAddr,
-        bootstrap: &[String],
+        discovery: &DiscoveryConfig,
         max_message: usize,
         nat: &NatConfig,
     ) -> anyhow::Result<Self> {
@@ -76,22 +78,13 @@ impl ClientParts {
             IpAddr::V4(ip) => ip,
             IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         };
-        let config = DhtConfig {
-            listen: Some(SocketAddrV4::new(dht_ip, 0)),
-            bootstrap: bootstrap.to_vec(),
-            server_mode: false,
-        };
-        let discovery = Arc::new(DhtDiscovery::start(&config)?);
+        let discovery = discovery.start(dht_ip)?;
         let state = HostIntroductions::new(Instant::now(), nat, endpoint.local_addr().port());
         let mut tasks = JoinSet::new();
         let handle =
             crate::nat::host_driver::spawn(endpoint.clone(), introductions, state, &mut tasks);
-        let client = RpcClient::new(
-            endpoint.clone(),
-            Some(discovery.clone() as Arc<dyn Discovery>),
-            max_message,
-        )
-        .with_introductions(handle);
+        let client = RpcClient::new(endpoint.clone(), Some(discovery.clone()), max_message)
+            .with_introductions(handle);
         Ok(ClientParts {
             endpoint,
             discovery,
@@ -145,7 +138,7 @@ impl Services for PluginServices {
 /// A running host. Dropping it stops every task it started.
 pub struct Node {
     pub endpoint: Endpoint,
-    pub discovery: Arc<DhtDiscovery>,
+    pub discovery: Arc<dyn Discovery>,
     pub plugins: Arc<PluginSet>,
     pub stats: Arc<ServerStats>,
     tasks: JoinSet<()>,
@@ -164,7 +157,7 @@ impl Node {
             mut tasks,
         } = ClientParts::start(
             config.listen,
-            &config.bootstrap,
+            &config.discovery,
             config.max_message,
             &config.nat,
         )
@@ -267,15 +260,18 @@ impl Node {
 }
 
 /// Announces every service now, again every [`REANNOUNCE_INTERVAL`], and at
-/// once when a swap changes the set; retries quickly while the DHT has no
-/// one to announce to. A service a swap removed is no longer re-announced
-/// (DHT nodes cannot be told to forget it; callers skip it once it fails).
+/// once when a swap changes the set; while announces fail (the DHT has no
+/// one to announce to, no Grape answers) it retries every second at first,
+/// then less and less often ([`announce_retry_wait`]). A service a swap
+/// removed is no longer re-announced (DHT nodes cannot be told to forget
+/// it; callers try it last once it fails).
 async fn announce_loop(
     discovery: Arc<dyn Discovery>,
     mut services: tokio::sync::watch::Receiver<Vec<String>>,
     port: u16,
 ) {
     let mut announced: Vec<String> = Vec::new();
+    let mut failed_rounds = 0u32;
     loop {
         let current = services.borrow_and_update().clone();
         for gone in announced.iter().filter(|s| !current.contains(s)) {
@@ -291,29 +287,62 @@ async fn announce_loop(
                 .map(|service| async move { (service, discovery.announce(service, port).await) }),
         )
         .await;
-        let mut all_ok = true;
-        for (service, result) in results {
-            match result {
+        let errors: Vec<_> = results
+            .into_iter()
+            .filter_map(|(service, result)| match result {
                 Ok(()) if !announced.contains(service) => {
                     tracing::info!("announced {service} on port {port}");
                     announced.push(service.clone());
+                    None
                 }
-                Ok(()) => tracing::debug!("re-announced {service}"),
-                Err(e) => {
-                    all_ok = false;
-                    tracing::warn!("{e}; retrying");
+                Ok(()) => {
+                    tracing::debug!("re-announced {service}");
+                    None
                 }
-            }
-        }
-        let wait = if all_ok {
-            REANNOUNCE_INTERVAL
+                Err(e) => Some(e),
+            })
+            .collect();
+        failed_rounds = if errors.is_empty() {
+            0
         } else {
-            Duration::from_secs(1)
+            failed_rounds.saturating_add(1)
         };
+        let wait = announce_retry_wait(failed_rounds);
+        for e in errors {
+            tracing::warn!("{e}; retrying in {wait:?}");
+        }
         // Wake early when the set of services changes.
         if let Ok(Err(_)) = tokio::time::timeout(wait, services.changed()).await {
             // The plugin set is gone (shutting down): keep the pace.
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// How long the announce loop waits after `failed_rounds` rounds in a row
+/// had a failed announce (0: all went well, so the next re-announce): 1 s for
+/// the first five (a directory that is starting up), then doubling up to
+/// [`REANNOUNCE_INTERVAL`], so a host facing a directory that keeps
+/// refusing neither floods it nor its own log.
+fn announce_retry_wait(failed_rounds: u32) -> Duration {
+    const QUICK_RETRIES: u32 = 5;
+    match failed_rounds {
+        0 => REANNOUNCE_INTERVAL,
+        n if n <= QUICK_RETRIES => Duration::from_secs(1),
+        n => Duration::from_secs(1)
+            .saturating_mul(1 << (n - QUICK_RETRIES).min(16))
+            .min(REANNOUNCE_INTERVAL),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_announces_are_retried_quickly_then_less_often() {
+        let waits: Vec<u64> = (0..12).map(|n| announce_retry_wait(n).as_secs()).collect();
+        assert_eq!(waits, [30, 1, 1, 1, 1, 1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(announce_retry_wait(u32::MAX), REANNOUNCE_INTERVAL);
     }
 }

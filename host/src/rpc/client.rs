@@ -141,11 +141,12 @@ impl RpcClient {
             .discovery
             .as_ref()
             .ok_or_else(|| RpcError::Transport("no discovery configured".into()))?;
-        let mut peers = discovery.lookup(service, LOOKUP_TIMEOUT.min(timeout)).await;
+        let mut peers = discovery
+            .lookup(service, LOOKUP_TIMEOUT.min(timeout))
+            .await
+            .map_err(|e| RpcError::NoPeers(e.to_string()))?;
         if peers.is_empty() {
-            return Err(RpcError::NoPeers(format!(
-                "no host announces {service:?} on the DHT (is one running and bootstrapped from the same node?)"
-            )));
+            return Err(RpcError::NoPeers(discovery.nobody_announces(service)));
         }
         // Spread load over the healthy peers; those that failed recently go
         // last but are still tried (a glitch is not an outage).

@@ -5,7 +5,8 @@
 /// `request-error`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RpcError {
-    /// Discovery found no peer announcing the service.
+    /// Discovery found no peer announcing the service, or could not be
+    /// asked (e.g. no Grape answered); the text says which.
     #[error("no peers: {0}")]
     NoPeers(String),
     /// No reply before the deadline (connect, lookup or the reply itself).
