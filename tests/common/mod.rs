@@ -2,6 +2,7 @@
 //! are, and how to run the host the way a user does.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod grape;
 pub mod lab;
 
 use std::path::PathBuf;
@@ -266,9 +267,22 @@ pub fn start_host(
     bootstrap: &str,
     extra: &[&str],
 ) -> (HostProcess, u16) {
+    start_host_on(name, plugins, &["--bootstrap", bootstrap], extra)
+}
+
+/// Starts `run` with `plugins` on loopback, finding services as `directory`
+/// says (e.g. `["--grape", url]`); returns it and its RPC port once it has
+/// announced its services.
+pub fn start_host_on(
+    name: &str,
+    plugins: &[&std::path::Path],
+    directory: &[&str],
+    extra: &[&str],
+) -> (HostProcess, u16) {
     let mut args: Vec<String> = vec!["run".into()];
     args.extend(plugins.iter().map(|p| p.display().to_string()));
-    args.extend(["--listen", "127.0.0.1:0", "--bootstrap", bootstrap].map(String::from));
+    args.extend(["--listen", "127.0.0.1:0"].map(String::from));
+    args.extend(directory.iter().map(|s| s.to_string()));
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (host, port) = spawn_listening(name, &args);

@@ -1,19 +1,59 @@
 // A Grenache-style Node.js peer on utp-native (the libutp binding Grenache's
 // Node stack uses), written from docs/wire.md for the interop tests:
 // one JSON message per uTP packet, the punch is the two bytes C3 BF, and one
-// UDP socket carries uTP and punches.
+// UDP socket carries uTP and punches. Services are found through Grapes with
+// the real grenache-nodejs-link (1.0.2, or 0.7.13 with --link 0.7).
 //
 //   node peer.js vectors <port>      send TV-2 and TV-4 to 127.0.0.1:<port>, print each reply
 //   node peer.js punch <port>        punch 127.0.0.1:<port>, wait for the punch back
 //   node peer.js serve [punchPort]   answer fibonacci requests; punch punchPort every second
+//       --grape <url>                  and announce fibonacci_worker through that Grape every
+//                                      second, as the tutorial's servers do
+//       --punch <service>              and every second look <service> up through the Grape
+//                                      and punch every peer found (rpc_server_behind_nat.js)
+//   node peer.js link-call <grapeUrl> <service> <payload>
+//                                    look <service> up through the Grape, send the request
+//                                    envelope to the first peer found, print the reply
+//   --link 0.7                       use grenache-nodejs-link 0.7.13 instead of 1.0.2
 'use strict'
+const { randomUUID } = require('crypto')
 const utp = require('utp-native')
 
 const PUNCH = Buffer.from('ÿ') // UTF-8: C3 BF, as boxgloves sends it
 const TV2 = '["3f2cf13b-da02-4abf-bb01-9306b37281a3","rpc_test","hello"]'
 const TV4 = '["f5e82789-41d0-450f-88ed-cd320deb8fac","127.0.0.1:38772",{"length":10}]'
-const [mode, arg] = process.argv.slice(2)
+const positional = []
+const flags = {}
+for (let i = 2; i < process.argv.length; i++) {
+  const word = process.argv[i]
+  if (word.startsWith('--')) flags[word.slice(2)] = process.argv[++i]
+  else positional.push(word)
+}
+const [mode, arg] = positional
 const fail = (msg) => { console.error(msg); process.exit(1) }
+
+// A started Link to flags.grape (or `grape`), of the version --link names.
+function startLink (grape = flags.grape) {
+  const Link = require(flags.link === '0.7' ? 'grenache-nodejs-link-0.7' : 'grenache-nodejs-link')
+  const link = new Link({ grape })
+  link.start()
+  return link
+}
+
+// Looks `service` up until a Grape knows it. Each try uses a fresh Link: a
+// Link keeps a failed lookup for 10 s (docs/wire.md §6.2).
+async function lookUntilFound (grape, service) {
+  for (;;) {
+    const link = startLink(grape)
+    const found = await new Promise((resolve) => link.lookup(service, {}, (err, dests) => {
+      if (err) console.log(`lookup ${service}: ${err.message}`)
+      resolve(err ? null : dests)
+    }))
+    link.stop()
+    if (found) return found
+    await new Promise((resolve) => setTimeout(resolve, 500))
+  }
+}
 
 function fibonacci (n) {
   const out = []
@@ -22,9 +62,9 @@ function fibonacci (n) {
 }
 
 // Sends one message on a fresh connection and resolves with the reply text.
-function ask (socket, port, message) {
+function ask (socket, port, message, host = '127.0.0.1') {
   return new Promise((resolve, reject) => {
-    const conn = socket.connect(Number(port), '127.0.0.1')
+    const conn = socket.connect(Number(port), host)
     conn.on('error', reject)
     conn.once('data', (chunk) => resolve(chunk.toString()))
     conn.write(Buffer.from(message))
@@ -39,6 +79,15 @@ async function main () {
     for (const [name, message] of [['TV-2', TV2], ['TV-4', TV4]]) {
       console.log(`${name} reply ${await ask(socket, arg, message)}`)
     }
+    process.exit(0)
+  } else if (mode === 'link-call') {
+    const [, grape, service, payload] = positional
+    const dests = await lookUntilFound(grape, service)
+    console.log(`found ${service} at ${dests.join(' ')}`)
+    const [host, port] = dests[0].split(':')
+    const reply = await ask(socket, port, JSON.stringify([randomUUID(), service, JSON.parse(payload)]), host)
+    const [, err, res] = JSON.parse(reply)
+    console.log(err ? `error ${err}` : `reply ${JSON.stringify(res)}`)
     process.exit(0)
   } else if (mode === 'punch') {
     socket.on('message', (msg, rinfo) => {
@@ -62,11 +111,34 @@ async function main () {
     socket.on('message', (msg, rinfo) => {
       if (msg.equals(PUNCH)) console.log(`punch from ${rinfo.address}:${rinfo.port}`)
     })
-    console.log(`listening on ${socket.address().port}`)
+    const port = socket.address().port
+    console.log(`listening on ${port}`)
     if (arg) {
       const punch = () => socket.send(PUNCH, 0, PUNCH.length, Number(arg), '127.0.0.1')
       punch()
       setInterval(punch, 1000)
+    }
+    if (flags.grape) {
+      const link = startLink()
+      let said = null // print an announce's answer only when it changes
+      const announce = () => link.announce('fibonacci_worker', port, {}, (err, answer) => {
+        const now = err ? `announce failed: ${err.message}` : `announced fibonacci_worker ${port}: ${JSON.stringify(answer)}`
+        if (now !== said) console.log(now)
+        said = now
+      })
+      announce()
+      setInterval(announce, 1000)
+      if (flags.punch) {
+        const punchPeers = () => link.lookup(flags.punch, {}, (err, dests) => {
+          if (err) return console.log(`lookup ${flags.punch}: ${err.message}`)
+          for (const dest of dests) {
+            const [host, destPort] = dest.split(':')
+            socket.send(PUNCH, 0, PUNCH.length, Number(destPort), host)
+          }
+        })
+        punchPeers()
+        setInterval(punchPeers, 1000)
+      }
     }
   } else {
     fail(`unknown mode ${mode}`)
