@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::grape::{free_tcp_port, start_grapes};
-use common::{host, node_peer, plugin, shown, start_host_on};
+use common::{host, node_peer, plugin, shown, start_host_on, HostProcess};
 
 /// Grapes run a DHT traversal per lookup and Node starts slowly on a busy
 /// machine: wait generously.
@@ -137,12 +137,7 @@ fn a_node_worker_found_through_a_grape_punches_our_consumer() {
     // and a Node worker that looks the consumer up through a Grape and
     // punches it every second.
     let grapes = start_grapes();
-    let (consumer, _) = start_host_on(
-        "consumer host",
-        &[&plugin("consumer")],
-        &["--grape", &grapes.url(0), "--control", "off"],
-        &[],
-    );
+    let consumer = start_consumer(&grapes.url(0));
     let node = node_peer(
         "node worker",
         &[
@@ -155,11 +150,7 @@ fn a_node_worker_found_through_a_grape_punches_our_consumer() {
             "0.7",
         ],
     );
-    consumer.wait_for("[consumer] punch from 127.0.0.1:", GRAPE_SOON);
-    consumer.wait_for(
-        &format!("[consumer] got data reply, sequence is: {SEQUENCE}"),
-        GRAPE_SOON,
-    );
+    consumer_is_punched_and_gets_the_sequence(&consumer);
     node.wait_for("request fibonacci_worker", GRAPE_SOON);
 }
 
@@ -168,12 +159,7 @@ fn our_worker_behind_nat_punches_a_consumer_it_finds_through_a_grape() {
     // The classic example with both sides ours, meeting through Grapes: the
     // worker's punch loop looks the consumer up through its Grape.
     let grapes = start_grapes();
-    let (consumer, _) = start_host_on(
-        "consumer host",
-        &[&plugin("consumer")],
-        &["--grape", &grapes.url(0), "--control", "off"],
-        &[],
-    );
+    let consumer = start_consumer(&grapes.url(0));
     let (worker, _) = start_host_on(
         "worker host",
         &[&plugin("fibonacci")],
@@ -181,10 +167,27 @@ fn our_worker_behind_nat_punches_a_consumer_it_finds_through_a_grape() {
         &["--behind-nat"],
     );
     worker.wait_for("no introducer: with --grape", GRAPE_SOON);
+    consumer_is_punched_and_gets_the_sequence(&consumer);
+    worker.wait_for("request for fibonacci_worker", GRAPE_SOON);
+}
+
+/// Our consumer plugin's host, announced through the Grape at `grape`.
+fn start_consumer(grape: &str) -> HostProcess {
+    let (consumer, _) = start_host_on(
+        "consumer host",
+        &[&plugin("consumer")],
+        &["--grape", grape, "--control", "off"],
+        &[],
+    );
+    consumer
+}
+
+/// Waits until the consumer plugin was punched and got the worker's reply
+/// through the hole.
+fn consumer_is_punched_and_gets_the_sequence(consumer: &HostProcess) {
     consumer.wait_for("[consumer] punch from 127.0.0.1:", GRAPE_SOON);
     consumer.wait_for(
         &format!("[consumer] got data reply, sequence is: {SEQUENCE}"),
         GRAPE_SOON,
     );
-    worker.wait_for("request for fibonacci_worker", GRAPE_SOON);
 }
