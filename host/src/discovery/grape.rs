@@ -331,6 +331,9 @@ impl GrapeDiscovery {
             // Grapes are found by address, never through a proxy that the
             // environment may name for other traffic.
             .no_proxy()
+            // A Grape never redirects; following one would send our
+            // announces wherever an impostor points.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(GRAPE_REQUEST_TIMEOUT)
             .pool_idle_timeout(IDLE_CONNECTION_TIMEOUT)
             .user_agent(concat!("grenache-host/", env!("CARGO_PKG_VERSION")))
@@ -764,6 +767,19 @@ mod tests {
         assert_eq!(bodies.len(), 1, "a Grape's answer is not retried");
         let body: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
         assert_eq!(body["data"], serde_json::json!(["rpc_test", 49912]));
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed() {
+        let redirect = Some(
+            "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/announce\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_string(),
+        );
+        let (grape, seen) = fake_grape(vec![redirect.clone(), redirect.clone(), redirect]).await;
+        let link = GrapeDiscovery::new(vec![grape]).unwrap();
+        let e = link.announce("svc", 5555).await.unwrap_err();
+        assert!(e.to_string().contains("answered HTTP 302"), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), GRAPE_ATTEMPTS as usize);
     }
 
     #[tokio::test]
