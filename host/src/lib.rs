@@ -21,8 +21,8 @@
 //!   runs it.
 //! - [`discovery`]: finding services behind one trait; the embedded DHT
 //!   backend (service key = SHA-1 of its name) and the Grape link (Grenache
-//!   Grapes' HTTP API, key = the raw name), with the peer-health memory and
-//!   lookup cache they share.
+//!   Grapes' HTTP API, key = the raw name), with the lookup cache they
+//!   share.
 //! - [`plugin`]: the wasm runtime (one engine, a fresh sandboxed instance per
 //!   request, every contract version bound), the plugin set and its router with swap and rollback, the
 //!   operator's policy and limits, and plugin signatures.
