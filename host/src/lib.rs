@@ -9,6 +9,8 @@
 //! - [`cli`]: the `grenache-host` command line, the only part that knows
 //!   clap: arguments, then one module per kind of command (serving, clients,
 //!   admin, local), each taking a plain config struct.
+//! - [`grape`]: `grenache-host grape`, a node serving grenache-grape's HTTP
+//!   API (for Node services' links) from the embedded DHT.
 //! - [`node`]: a running host: wires the transport, discovery, NAT traversal,
 //!   RPC and plugins together, owns every task it starts, adapts the network
 //!   for plugins, and serves the local control socket.
@@ -36,6 +38,7 @@
 
 pub mod cli;
 pub mod discovery;
+pub mod grape;
 pub mod nat;
 pub mod node;
 pub mod plugin;

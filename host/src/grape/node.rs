@@ -1,0 +1,413 @@
+//! The grape's DHT side: the [`GrapeBackend`] behind the HTTP API, on two
+//! embedded mainline nodes.
+//!
+//! - The **server node** listens on the grape's DHT port (`--dp`), in
+//!   server mode: other grapes and our hosts bootstrap from it, and it
+//!   stores what they announce and put.
+//! - The **query node** (a free port) makes this grape's own queries:
+//!   announces, lookups, puts and gets. It joins through the server node
+//!   and the `--bn` nodes. A separate node is needed because a mainline node
+//!   never asks itself: what a grape's HTTP clients announce must land on
+//!   its own server node too, so that every grape (this one included) finds
+//!   it, as with one Node grape per machine. It runs in server mode too:
+//!   a mainline node started without bootstrap nodes (the first grape) adds
+//!   every node that asks it for nodes to its routing table, read-only ones
+//!   included, so the query node hears of itself and must answer itself, or
+//!   each of its queries would wait out the 2 s timeout.
+//!
+//! A service's DHT key is the SHA-1 of its name, as our hosts use
+//! ([`service_key`]), so Node links and our hosts share one namespace.
+//!
+//! Where an announce is stored:
+//! - in this grape's table (see [`super::table`]), under the `-b` address
+//!   if one was given, else the HTTP client's address: the service is on the
+//!   caller's machine, usually this one;
+//! - on the DHT nodes, under this grape's IP as each node sees the query
+//!   node (mainline's `announce_peer`), like grenache-grape, which stores
+//!   the announcing grape's IP. They keep it for good ([`super::table`]
+//!   says why, and how this grape's lookups still forget it).
+//!
+//! An `/announce` waits at most [`ANNOUNCE_WAIT`] for the DHT (a Link gives
+//! up after 2.5 s): an announce still running then answers `1` and finishes
+//! in the background (a failure is logged, and the next announce tries
+//! again). A node in a routing table that does not answer makes every
+//! query that visits it wait for the query timeout: one that stopped, or a
+//! read-only one (our hosts' and one-shot clients' DHT nodes), which the
+//! first grape's server node, like any mainline node started without
+//! bootstrap nodes, adds when it asks for nodes.
+//!
+//! The query node reaches the server node at [`own_address`], so that what
+//! the server stores for this grape's announces is reachable from other
+//! machines: `-b`, else the local address that routes to the first `--bn`
+//! node, else the one that routes to the internet, else 127.0.0.1.
+//!
+//! Bounds: at most [`MAX_DHT_OPERATIONS`] DHT operations at once (more
+//! wait); lookups wait at most [`LOOKUP_WAIT`] for the DHT and keep at most
+//! [`MAX_DHT_PEERS`] addresses; gets wait at most [`GET_WAIT`].
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mainline::errors::{PutMutableError, PutQueryError};
+use mainline::{Dht, Id, MutableItem};
+use tokio::sync::Semaphore;
+
+use super::api::{DhtFailure, FoundValue, GrapeBackend, PutRequest};
+use super::table::AnnounceTable;
+use super::values::ValueStore;
+use crate::discovery::dht::service_key;
+use crate::discovery::{BoxFuture, DiscoveryError};
+
+/// Most DHT operations (announce, lookup, put, get) in flight at once.
+pub const MAX_DHT_OPERATIONS: usize = 64;
+/// How long an `/announce` waits for the DHT before answering.
+pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
+/// How long a lookup waits for DHT answers (a Link gives up after 2.5 s).
+pub const LOOKUP_WAIT: Duration = Duration::from_millis(1500);
+/// Most addresses a lookup takes from the DHT.
+pub const MAX_DHT_PEERS: usize = 1000;
+/// How long a get waits for the DHT.
+pub const GET_WAIT: Duration = Duration::from_secs(2);
+/// Per-query DHT timeout (mainline's default, k-rpc's too).
+const DHT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How to run a grape's DHT side.
+#[derive(Debug, Clone)]
+pub struct GrapeConfig {
+    /// The server node's UDP port (`--dp`); 0 for any free port.
+    pub dht_port: u16,
+    /// `-b`: the address HTTP listens on, and under which announces are
+    /// stored in the table. `None`: all interfaces, the caller's address.
+    pub bind: Option<Ipv4Addr>,
+    /// Other DHT nodes to join (`host:port`); empty: a new DHT.
+    pub bootstrap: Vec<String>,
+    /// How long an announce lives after the last one (`--dpa`); `None`:
+    /// until evicted from the bounded table.
+    pub peer_max_age: Option<Duration>,
+}
+
+/// A grape's DHT side: two mainline nodes, the table of announces and the
+/// values put here.
+pub struct GrapeNode {
+    server: mainline::async_dht::AsyncDht,
+    publisher: Publisher,
+    /// The server node's id, given as the answering node of `/get`.
+    id: [u8; 20],
+    bind: Option<Ipv4Addr>,
+    own_ip: Ipv4Addr,
+    values: Mutex<ValueStore>,
+}
+
+/// What publishes announces on the DHT, shared with the tasks
+/// that finish announces in the background.
+#[derive(Clone)]
+struct Publisher {
+    /// The query node.
+    client: mainline::async_dht::AsyncDht,
+    table: Arc<Mutex<AnnounceTable>>,
+    /// At most [`MAX_DHT_OPERATIONS`] DHT operations at once.
+    operations: Arc<Semaphore>,
+}
+
+impl GrapeNode {
+    /// Starts both DHT nodes. Fails if the DHT port is taken.
+    pub async fn start(config: &GrapeConfig) -> Result<Arc<GrapeNode>, DiscoveryError> {
+        let mut builder = Dht::builder();
+        // Like a Node grape, the DHT socket takes every interface whatever -b says.
+        builder
+            .port(config.dht_port)
+            .request_timeout(DHT_REQUEST_TIMEOUT)
+            .server_mode();
+        if config.bootstrap.is_empty() {
+            builder.no_bootstrap();
+        } else {
+            builder.bootstrap(&config.bootstrap);
+        }
+        let server = builder
+            .build()
+            .map_err(|e| {
+                DiscoveryError::Start(format!("{e} (binding UDP port {})", config.dht_port))
+            })?
+            .as_async();
+        let dht_port = server.info().await.local_addr().port();
+        let own_ip = own_address(config.bind, &config.bootstrap);
+        let mut joins = vec![SocketAddrV4::new(own_ip, dht_port).to_string()];
+        joins.extend(config.bootstrap.iter().cloned());
+        let client = Dht::builder()
+            .bind_address(config.bind.unwrap_or(Ipv4Addr::UNSPECIFIED))
+            .port(0)
+            .request_timeout(DHT_REQUEST_TIMEOUT)
+            .bootstrap(&joins)
+            .server_mode()
+            .build()
+            .map_err(|e| DiscoveryError::Start(format!("{e} (binding the grape's query node)")))?
+            .as_async();
+        let id = *server.info().await.id().as_bytes();
+        Ok(Arc::new(GrapeNode {
+            server,
+            publisher: Publisher {
+                client,
+                table: Arc::new(Mutex::new(AnnounceTable::new(config.peer_max_age, own_ip))),
+                operations: Arc::new(Semaphore::new(MAX_DHT_OPERATIONS)),
+            },
+            id,
+            bind: config.bind.filter(|ip| !ip.is_unspecified()),
+            own_ip,
+            values: Mutex::new(ValueStore::default()),
+        }))
+    }
+
+    /// The server node's address (the DHT port).
+    pub async fn dht_addr(&self) -> SocketAddrV4 {
+        self.server.info().await.local_addr()
+    }
+
+    /// The address the client node reaches the server node at.
+    pub fn own_ip(&self) -> Ipv4Addr {
+        self.own_ip
+    }
+
+    /// Addresses the DHT has for `name`, until the query ends, [`LOOKUP_WAIT`]
+    /// passes or [`MAX_DHT_PEERS`] are found.
+    async fn dht_peers(&self, name: &str) -> Vec<SocketAddrV4> {
+        let _slot = self.publisher.operations.acquire().await;
+        let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
+        let mut stream = self.publisher.client.get_peers(service_key(name));
+        let mut found = Vec::new();
+        while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
+            found.extend(batch.into_iter().filter(|p| p.port() != 0));
+            if found.len() >= MAX_DHT_PEERS {
+                found.truncate(MAX_DHT_PEERS);
+                break;
+            }
+        }
+        found
+    }
+
+    fn lock_table(&self) -> std::sync::MutexGuard<'_, AnnounceTable> {
+        self.publisher.lock_table()
+    }
+
+    fn lock_values(&self) -> std::sync::MutexGuard<'_, ValueStore> {
+        self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn announce_service(
+        &self,
+        name: &str,
+        port: u16,
+        caller: IpAddr,
+    ) -> Result<u32, DhtFailure> {
+        let ip = match (self.bind, caller) {
+            (Some(ip), _) => ip,
+            (None, IpAddr::V4(ip)) => ip,
+            (None, IpAddr::V6(_)) => self.own_ip,
+        };
+        let publish = {
+            let now = Instant::now();
+            let mut table = self.lock_table();
+            log_expired(table.expire(now));
+            table.announce(now, name, SocketAddrV4::new(ip, port))
+        };
+        let Some(port) = publish else {
+            // Published moments ago; the DHT has it.
+            return Ok(1);
+        };
+        let publisher = self.publisher.clone();
+        let name = name.to_string();
+        let announce = tokio::spawn(async move { publisher.announce(&name, port).await });
+        match tokio::time::timeout(ANNOUNCE_WAIT, announce).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(DhtFailure::AllFailed),
+            // Still running: it finishes on its own.
+            Err(_) => Ok(1),
+        }
+    }
+
+    async fn lookup_service(&self, name: &str) -> Vec<SocketAddrV4> {
+        let found = self.dht_peers(name).await;
+        let now = Instant::now();
+        let mut table = self.lock_table();
+        log_expired(table.expire(now));
+        table.lookup(now, name, found)
+    }
+
+    async fn put_value(&self, request: PutRequest) -> Result<[u8; 20], DhtFailure> {
+        let target = request.target();
+        self.lock_values().insert(target, request.stored());
+        let _slot = self.publisher.operations.acquire().await;
+        let client = &self.publisher.client;
+        let outcome = match request {
+            PutRequest::Immutable(value) => client
+                .put_immutable(&value)
+                .await
+                .map(|_| ())
+                .map_err(|e| query_failure(&e)),
+            PutRequest::Mutable(put) => {
+                let item = MutableItem::new_signed_unchecked(
+                    put.signed.key,
+                    put.signed.signature,
+                    &put.value,
+                    put.signed.seq,
+                    put.signed.salt.as_deref(),
+                );
+                match client.put_mutable(item, put.cas).await {
+                    Ok(_) => Ok(()),
+                    Err(PutMutableError::Query(e)) => Err(query_failure(&e)),
+                    Err(e) => {
+                        tracing::debug!("DHT mutable put refused: {e}");
+                        Err(DhtFailure::AllFailed)
+                    }
+                }
+            }
+        };
+        outcome.map(|()| target)
+    }
+
+    async fn get_value(&self, target: [u8; 20]) -> Option<FoundValue> {
+        let local = self.lock_values().get(&target).cloned();
+        if let Some(value) = local {
+            return Some(FoundValue { id: self.id, value });
+        }
+        let _slot = self.publisher.operations.acquire().await;
+        let target = Id::from_bytes(target).ok()?;
+        let get = self.publisher.client.get_immutable(target);
+        let value = tokio::time::timeout(GET_WAIT, get).await.ok()??;
+        Some(FoundValue {
+            id: self.id,
+            value: super::values::StoredValue {
+                value: value.to_vec(),
+                signed: None,
+            },
+        })
+    }
+}
+
+impl Publisher {
+    fn lock_table(&self) -> std::sync::MutexGuard<'_, AnnounceTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Announces `name` with `port` from the query node; the number of
+    /// nodes that took it, as far as mainline says (it reports success only).
+    async fn publish(&self, name: &str, port: u16) -> Result<u32, DhtFailure> {
+        let _slot = self.operations.acquire().await;
+        match self
+            .client
+            .announce_peer(service_key(name), Some(port))
+            .await
+        {
+            Ok(_) => Ok(1),
+            Err(e) => Err(query_failure(&e)),
+        }
+    }
+
+    /// Publishes an announce; a failure is forgotten by the table, so that
+    /// the next announce tries again.
+    async fn announce(&self, name: &str, port: u16) -> Result<u32, DhtFailure> {
+        let outcome = self.publish(name, port).await;
+        match outcome {
+            Ok(_) => tracing::debug!(name, port, "published on the DHT"),
+            Err(failure) => {
+                tracing::warn!(
+                    name,
+                    port,
+                    "the DHT did not take the announce ({}); the next announce tries again",
+                    failure.message()
+                );
+                self.lock_table().publish_failed(name, port);
+            }
+        }
+        outcome
+    }
+}
+
+fn log_expired(expired: Vec<(String, SocketAddrV4)>) {
+    for (name, addr) in expired {
+        tracing::info!("{name} at {addr}: not announced again within the peer max age; expired");
+    }
+}
+
+/// k-rpc's words for why a DHT put did not land.
+fn query_failure(error: &PutQueryError) -> DhtFailure {
+    match error {
+        PutQueryError::NoClosestNodes => DhtFailure::NoNodes,
+        _ => DhtFailure::AllFailed,
+    }
+}
+
+/// The address at which this machine's own DHT node is reached: `bind` if
+/// it names one, else the local address that routes to the first bootstrap
+/// node, else the one that routes to the internet, else 127.0.0.1. No packet
+/// is sent: connecting a UDP socket only picks a route.
+pub fn own_address(bind: Option<Ipv4Addr>, bootstrap: &[String]) -> Ipv4Addr {
+    if let Some(ip) = bind.filter(|ip| !ip.is_unspecified()) {
+        return ip;
+    }
+    use std::net::ToSocketAddrs;
+    let first = bootstrap
+        .iter()
+        .filter_map(|b| b.to_socket_addrs().ok())
+        .flatten()
+        .find(SocketAddr::is_ipv4);
+    // TEST-NET-1 (RFC 5737): never answers, but has a route if any does.
+    let somewhere = SocketAddr::from(([192, 0, 2, 1], 9));
+    for target in first.into_iter().chain([somewhere]) {
+        let local = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .and_then(|socket| socket.connect(target).and_then(|()| socket.local_addr()));
+        if let Ok(SocketAddr::V4(local)) = local {
+            if !local.ip().is_unspecified() {
+                return *local.ip();
+            }
+        }
+    }
+    Ipv4Addr::LOCALHOST
+}
+
+impl GrapeBackend for GrapeNode {
+    fn announce<'a>(
+        &'a self,
+        name: &'a str,
+        port: u16,
+        caller: IpAddr,
+    ) -> BoxFuture<'a, Result<u32, DhtFailure>> {
+        Box::pin(self.announce_service(name, port, caller))
+    }
+
+    fn lookup<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Vec<SocketAddrV4>> {
+        Box::pin(self.lookup_service(name))
+    }
+
+    fn put(&self, request: PutRequest) -> BoxFuture<'_, Result<[u8; 20], DhtFailure>> {
+        Box::pin(self.put_value(request))
+    }
+
+    fn get(&self, target: [u8; 20]) -> BoxFuture<'_, Option<FoundValue>> {
+        Box::pin(self.get_value(target))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_own_address_is_bind_when_given() {
+        let ip = Ipv4Addr::new(10, 1, 2, 3);
+        assert_eq!(own_address(Some(ip), &["127.0.0.1:1".into()]), ip);
+    }
+
+    #[test]
+    fn the_own_address_routes_to_the_first_bootstrap_node() {
+        assert_eq!(
+            own_address(None, &["127.0.0.1:20001".into()]),
+            Ipv4Addr::LOCALHOST
+        );
+        assert_eq!(
+            own_address(Some(Ipv4Addr::UNSPECIFIED), &["127.0.0.1:20001".into()]),
+            Ipv4Addr::LOCALHOST
+        );
+    }
+}

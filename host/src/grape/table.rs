@@ -1,0 +1,303 @@
+//! The grape's own table of announces: which addresses announced a name
+//! through this grape's HTTP API and when, what the DHT was told, and what
+//! expired since. A state machine without I/O: it takes the time and the
+//! DHT's answers, and says what to publish and what a lookup finds.
+//!
+//! Why the grape keeps its own table: grenache-grape forgets an announce
+//! `dht_peer_maxAge` (library default 120 s) after the last one
+//! (grenache-wire.md §1.7), while mainline's nodes never forget one: they
+//! keep each announce under a fresh random id (mainline 8.0.1
+//! `rpc/put_query.rs` sends every put with `requester_id: Id::random()`),
+//! with no age, until 500 newer announces of the same key push it out. So
+//! nothing published can be taken back. The table is the truth for what this
+//! grape received: a lookup answers its live announces, plus the DHT's
+//! addresses minus those this grape published and saw expire (unless
+//! announced again). Another grape still finds them through the DHT.
+//!
+//! Bounds: [`MAX_NAMES`] names, each with [`MAX_ADDRS_PER_NAME`] live and as
+//! many expired addresses; the newest announce wins, evicting the least
+//! recently announced.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+/// Most names the table holds.
+pub const MAX_NAMES: usize = 4096;
+/// Most live addresses per name (as many as one lookup answers), and most
+/// expired ones remembered.
+pub const MAX_ADDRS_PER_NAME: usize = 100;
+/// How long a port stays published before a new announce of it publishes
+/// it again (our hosts' re-announce interval). Links announce every second;
+/// each publish is one more entry on every DHT node (at most 500 per name),
+/// so the DHT hears a port at most this often.
+pub const DHT_REFRESH: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct NameEntry {
+    /// Live addresses and when each was last announced, oldest first.
+    live: Vec<(SocketAddrV4, Instant)>,
+    /// Addresses that expired, as the DHT may still give them.
+    expired: Vec<SocketAddrV4>,
+    /// The port the DHT was last told, and when.
+    published: Option<(u16, Instant)>,
+    /// The last announce (for eviction).
+    last: Option<Instant>,
+}
+
+/// Announces received through the HTTP API, by name.
+#[derive(Debug)]
+pub struct AnnounceTable {
+    /// `None`: announces never expire (grape's `--dpa 0`).
+    max_age: Option<Duration>,
+    /// The address DHT nodes store this grape's publications under (as
+    /// far as it can tell: its own DHT node sees it so).
+    published_ip: Ipv4Addr,
+    names: HashMap<String, NameEntry>,
+}
+
+impl AnnounceTable {
+    /// An empty table whose announces live `max_age` after the last one
+    /// (`None`: until evicted); DHT nodes see this grape at `published_ip`.
+    pub fn new(max_age: Option<Duration>, published_ip: Ipv4Addr) -> Self {
+        AnnounceTable {
+            max_age,
+            published_ip,
+            names: HashMap::new(),
+        }
+    }
+
+    /// Records an announce of `name` at `addr`; returns the port to publish
+    /// on the DHT, or `None` if it was published less than [`DHT_REFRESH`]
+    /// ago.
+    pub fn announce(&mut self, now: Instant, name: &str, addr: SocketAddrV4) -> Option<u16> {
+        if !self.names.contains_key(name) && self.names.len() >= MAX_NAMES {
+            self.evict_oldest_name();
+        }
+        let published_as = SocketAddrV4::new(self.published_ip, addr.port());
+        let entry = self.names.entry(name.to_string()).or_default();
+        entry.live.retain(|(a, _)| *a != addr);
+        entry.expired.retain(|a| *a != addr && *a != published_as);
+        if entry.live.len() >= MAX_ADDRS_PER_NAME {
+            entry.live.remove(0);
+        }
+        entry.live.push((addr, now));
+        entry.last = Some(now);
+        match entry.published {
+            Some((port, at)) if port == addr.port() && now.duration_since(at) < DHT_REFRESH => None,
+            _ => {
+                entry.published = Some((addr.port(), now));
+                Some(addr.port())
+            }
+        }
+    }
+
+    /// The DHT did not take `port` for `name`: the next announce tries again.
+    pub fn publish_failed(&mut self, name: &str, port: u16) {
+        if let Some(entry) = self.names.get_mut(name) {
+            if entry.published.map(|(p, _)| p) == Some(port) {
+                entry.published = None;
+            }
+        }
+    }
+
+    /// Moves what has expired by `now` out of the live addresses; returns
+    /// the `(name, address)` pairs that expired.
+    pub fn expire(&mut self, now: Instant) -> Vec<(String, SocketAddrV4)> {
+        let Some(max_age) = self.max_age else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        for (name, entry) in &mut self.names {
+            let (live, expired): (Vec<_>, Vec<_>) = entry
+                .live
+                .drain(..)
+                .partition(|(_, at)| now.saturating_duration_since(*at) < max_age);
+            entry.live = live;
+            for (addr, _) in expired {
+                gone.push((name.clone(), addr));
+                let published_as = SocketAddrV4::new(self.published_ip, addr.port());
+                for retract in [addr, published_as] {
+                    if !entry.expired.contains(&retract) {
+                        if entry.expired.len() >= MAX_ADDRS_PER_NAME {
+                            entry.expired.remove(0);
+                        }
+                        entry.expired.push(retract);
+                    }
+                }
+            }
+        }
+        gone
+    }
+
+    /// Who serves `name` as of `now`: the live addresses (newest first),
+    /// then the DHT's `found` without the addresses that expired here, unless
+    /// a live address has the same port (the DHT cannot tell them apart).
+    pub fn lookup(&self, now: Instant, name: &str, found: Vec<SocketAddrV4>) -> Vec<SocketAddrV4> {
+        let Some(entry) = self.names.get(name) else {
+            return found;
+        };
+        let live: Vec<SocketAddrV4> = entry
+            .live
+            .iter()
+            .rev()
+            .filter(|(_, at)| self.is_live(now, *at))
+            .map(|(addr, _)| *addr)
+            .collect();
+        let retracted = |peer: &SocketAddrV4| {
+            entry.expired.contains(peer) && !live.iter().any(|l| l.port() == peer.port())
+        };
+        let from_dht: Vec<SocketAddrV4> = found.into_iter().filter(|p| !retracted(p)).collect();
+        live.into_iter().chain(from_dht).collect()
+    }
+
+    /// How many names the table holds.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the table holds no names.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    fn is_live(&self, now: Instant, at: Instant) -> bool {
+        self.max_age
+            .is_none_or(|max_age| now.saturating_duration_since(at) < max_age)
+    }
+
+    fn evict_oldest_name(&mut self) {
+        let oldest = self
+            .names
+            .iter()
+            .min_by_key(|(_, e)| e.last)
+            .map(|(name, _)| name.clone());
+        if let Some(name) = oldest {
+            self.names.remove(&name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const AGE: Duration = Duration::from_secs(120);
+
+    fn at(port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new([127, 0, 0, 1].into(), port)
+    }
+
+    fn me(port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(ME, port)
+    }
+
+    const fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn an_announce_lives_max_age_after_the_last_one() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(Some(AGE), ME);
+        assert_eq!(table.announce(t0, "svc", at(5555)), Some(5555));
+        assert_eq!(table.lookup(t0 + AGE / 2, "svc", vec![]), [at(5555)]);
+        // Re-announced: lives on.
+        table.announce(t0 + AGE / 2, "svc", at(5555));
+        assert!(table.expire(t0 + AGE).is_empty());
+        assert_eq!(table.lookup(t0 + AGE, "svc", vec![]), [at(5555)]);
+        // Not again: gone.
+        let later = t0 + AGE / 2 + AGE;
+        assert_eq!(table.lookup(later, "svc", vec![]), []);
+        assert_eq!(table.expire(later), [("svc".to_string(), at(5555))]);
+    }
+
+    #[test]
+    fn what_expired_here_is_dropped_from_the_dhts_answer() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(Some(AGE), ME);
+        table.announce(t0, "svc", at(5555));
+        table.expire(t0 + AGE);
+        // The DHT still has it, under the caller's address or ours; another
+        // host's announce of the same name stays.
+        let dht = vec![at(5555), me(5555), at(7777)];
+        assert_eq!(table.lookup(t0 + AGE, "svc", dht.clone()), [at(7777)]);
+        // Announced again: the DHT's copies are right again.
+        table.announce(t0 + AGE, "svc", at(5555));
+        assert_eq!(
+            table.lookup(t0 + AGE, "svc", dht.clone()),
+            [at(5555), at(5555), me(5555), at(7777)]
+        );
+        // Names this grape never heard of pass as the DHT has them.
+        assert_eq!(table.lookup(t0, "other", dht.clone()), dht);
+    }
+
+    #[test]
+    fn an_expired_port_that_is_live_again_elsewhere_is_kept() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(Some(AGE), ME);
+        table.announce(t0, "svc", at(5555));
+        table.expire(t0 + AGE);
+        let other = SocketAddrV4::new([10, 0, 0, 9].into(), 5555);
+        table.announce(t0 + AGE, "svc", other);
+        // me(5555) may be the publication of `other`'s announce.
+        assert_eq!(
+            table.lookup(t0 + AGE, "svc", vec![me(5555)]),
+            [other, me(5555)]
+        );
+    }
+
+    #[test]
+    fn the_dht_hears_a_port_again_only_after_the_refresh_interval() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(Some(AGE), ME);
+        assert_eq!(table.announce(t0, "svc", at(1)), Some(1));
+        assert_eq!(table.announce(t0 + secs(1), "svc", at(1)), None);
+        // Another port is news.
+        assert_eq!(table.announce(t0 + secs(2), "svc", at(2)), Some(2));
+        assert_eq!(table.announce(t0 + secs(3), "svc", at(2)), None);
+        assert_eq!(
+            table.announce(t0 + secs(2) + DHT_REFRESH, "svc", at(2)),
+            Some(2)
+        );
+        // A failed publish is retried on the next announce.
+        table.publish_failed("svc", 2);
+        assert_eq!(table.announce(t0 + secs(40), "svc", at(2)), Some(2));
+    }
+
+    #[test]
+    fn without_max_age_announces_stay_until_evicted() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(None, ME);
+        table.announce(t0, "svc", at(1));
+        let much_later = t0 + secs(86_400);
+        assert!(table.expire(much_later).is_empty());
+        assert_eq!(table.lookup(much_later, "svc", vec![]), [at(1)]);
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_the_newest_announce_wins() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(Some(AGE), ME);
+        let too_many = MAX_ADDRS_PER_NAME as u16 + 5;
+        for port in 1..=too_many {
+            table.announce(t0 + Duration::from_millis(port.into()), "svc", at(port));
+        }
+        let found = table.lookup(t0 + secs(1), "svc", vec![]);
+        assert_eq!(found.len(), MAX_ADDRS_PER_NAME);
+        assert_eq!(found[0], at(too_many), "newest first");
+        assert!(!found.contains(&at(1)), "the oldest went");
+        table.expire(t0 + secs(1000));
+        assert_eq!(table.names["svc"].expired.len(), MAX_ADDRS_PER_NAME);
+
+        for i in 0..MAX_NAMES + 3 {
+            table.announce(t0 + secs(2 + i as u64), &format!("n{i}"), at(9));
+        }
+        assert_eq!(table.len(), MAX_NAMES);
+        // The least recently announced names went.
+        assert!(!table.names.contains_key("svc"));
+        assert!(!table.names.contains_key("n0"));
+        assert!(table.names.contains_key(&format!("n{}", MAX_NAMES + 2)));
+    }
+}
