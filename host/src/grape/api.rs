@@ -41,7 +41,7 @@ use serde_json::Value;
 
 use super::bep44::{self, MAX_SALT_BYTES, MAX_VALUE_BYTES};
 use super::values::{Signed, StoredValue};
-use crate::discovery::BoxFuture;
+use futures::future::BoxFuture;
 
 /// Unknown route (`200` + JSON string).
 pub const ERR_REQ_NOTFOUND: &str = "ERR_REQ_NOTFOUND";

@@ -58,7 +58,8 @@ use super::api::{DhtFailure, FoundValue, GrapeBackend, PutRequest};
 use super::table::AnnounceTable;
 use super::values::ValueStore;
 use crate::discovery::dht::service_key;
-use crate::discovery::{BoxFuture, DiscoveryError};
+use crate::discovery::DiscoveryError;
+use futures::future::BoxFuture;
 
 /// Most DHT operations (announce, lookup, put, get) in flight at once.
 pub const MAX_DHT_OPERATIONS: usize = 64;
