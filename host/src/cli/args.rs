@@ -180,6 +180,56 @@ pub enum Command {
         #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
         introducer_port: Option<IntroducerPort>,
     },
+    /// Run a Grape-compatible node: grenache-grape's HTTP API (`/announce`,
+    /// `/lookup`, `/put`, `/get`) for Node services' links, on our DHT, with an
+    /// introducer beside the DHT port. Node services announced through it and
+    /// hosts run with `--bootstrap <its DHT port>` find each other.
+    ///
+    /// Prints `grape dht listening on <ip:port>` and `grape http listening on
+    /// <ip:port>`, then runs until Ctrl-C. The flags are grape's own.
+    ///
+    /// Example: grenache-host grape --dp 20001 --aph 30001 --bn 127.0.0.1:20002
+    Grape {
+        /// The DHT node's UDP port (0: any free port).
+        #[arg(long = "dp", visible_alias = "dht_port", value_name = "PORT")]
+        dht_port: u16,
+        /// The HTTP API's TCP port (0: any free port).
+        #[arg(long = "aph", visible_alias = "api_port", value_name = "PORT")]
+        api_port: u16,
+        /// DHT nodes to join, comma-separated `host:port` (grapes or `grenache-host
+        /// dht` nodes); empty for the first node.
+        #[arg(
+            long = "bn",
+            visible_alias = "bootstrap",
+            value_name = "HOST:PORT,…",
+            default_value = ""
+        )]
+        bootstrap: String,
+        /// The address the HTTP API listens on, and under which announces made
+        /// through it are kept. Default: all interfaces, and each announce under
+        /// its HTTP client's address.
+        #[arg(short = 'b', long = "bind", value_name = "IP")]
+        bind: Option<std::net::Ipv4Addr>,
+        /// How long an announce lives after the last one, in milliseconds; 0:
+        /// until the bounded table needs the room. Default: 120000 (grape's
+        /// library default).
+        #[arg(
+            long = "dpa",
+            visible_alias = "dht_peer_maxAge",
+            value_name = "MS",
+            default_value_t = 120_000
+        )]
+        peer_max_age_ms: u64,
+        /// Largest request body, in bytes; larger ones get 413
+        /// ERR_GRAPE_PAYLOAD_SIZE (grape's library default, at most 1 MiB).
+        #[arg(long = "check_maxPayloadSize", value_name = "BYTES", default_value_t = 8192,
+              value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+        max_payload: u64,
+        /// The introducer's main port (it uses the next one too), or `off`.
+        /// Default: the DHT port + 1.
+        #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
+        introducer_port: Option<IntroducerPort>,
+    },
     /// Call a service once, found through the DHT or Grapes (or at --peer),
     /// and print its reply.
     ///

@@ -3,6 +3,7 @@
 //! command's arguments into a plain config struct and runs the command:
 //!
 //! - [`run`]: the serving commands, `run` (a host) and `dht` (a public node);
+//! - [`grape`]: `grape`, a Grape-compatible node for Node services' links;
 //! - [`client`]: the one-shot network clients, `call` and `bench`;
 //! - [`admin`]: `keygen`, `sign`, and `swap`/`rollback`/`status` on a running
 //!   host's control socket;
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod args;
 pub mod client;
+pub mod grape;
 pub mod local;
 pub mod output;
 pub mod run;
@@ -173,6 +175,29 @@ async fn dispatch(command: Command) -> ExitCode {
                 introducer_port,
             };
             run::dht(config).await
+        }
+        Command::Grape {
+            dht_port,
+            api_port,
+            bootstrap,
+            bind,
+            peer_max_age_ms,
+            max_payload,
+            introducer_port,
+        } => {
+            let config = grape::GrapeNodeConfig {
+                node: crate::grape::node::GrapeConfig {
+                    dht_port,
+                    bind,
+                    bootstrap: grape::bootstrap_list(&bootstrap),
+                    peer_max_age: (peer_max_age_ms > 0)
+                        .then(|| std::time::Duration::from_millis(peer_max_age_ms)),
+                },
+                api_port,
+                max_body: usize::try_from(max_payload).unwrap_or(usize::MAX),
+                introducer_port,
+            };
+            grape::grape(config).await
         }
         Command::Call {
             request,

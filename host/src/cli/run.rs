@@ -16,7 +16,7 @@ use crate::plugin::signing::TrustedKey;
 use crate::plugin::Runtime;
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -170,33 +170,11 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
         Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
     };
     let dht_addr = discovery.local_addr().await;
-    let port = match introducer_port {
-        Some(IntroducerPort::Off) => None,
-        Some(IntroducerPort::Port(port)) => Some(port),
-        None => match IntroducerAddr::beside_dht(dht_addr.into()) {
-            Some(beside) => Some(beside.main.port()),
-            None => {
-                return usage_error(format!(
-                    "no room for the introducer beside the DHT port {}; pass --introducer-port",
-                    dht_addr.port()
-                ))
-            }
-        },
+    let introducer = match start_introducer((*listen.ip()).into(), dht_addr, introducer_port).await
+    {
+        Ok(task) => task,
+        Err(code) => return code,
     };
-    let mut introducer = None;
-    if let Some(port) = port {
-        match crate::nat::IntroducerSockets::bind((*listen.ip()).into(), port).await {
-            Ok(sockets) => {
-                let addr = sockets.local_addr();
-                introducer = Some(tokio::spawn(sockets.serve()));
-                println!(
-                    "introducer listening on {addr} (probe port {})",
-                    addr.port() + 1
-                );
-            }
-            Err(e) => return usage_error(format!("{e:#}")),
-        }
-    }
     println!("dht listening on {dht_addr}");
     shutdown_signal().await;
     tracing::info!("stopping the DHT node");
@@ -204,4 +182,36 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
         task.abort();
     }
     ExitCode::SUCCESS
+}
+
+/// Starts the introducer on `ip` at `port`, or beside the DHT node at
+/// `dht_addr` (its port + 1 and + 2) when `port` is `None`, and prints where
+/// it listens; `Ok(None)` when turned off.
+pub(super) async fn start_introducer(
+    ip: std::net::IpAddr,
+    dht_addr: SocketAddrV4,
+    port: Option<IntroducerPort>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ExitCode> {
+    let port = match port {
+        Some(IntroducerPort::Off) => return Ok(None),
+        Some(IntroducerPort::Port(port)) => port,
+        None => match IntroducerAddr::beside_dht(dht_addr.into()) {
+            Some(beside) => beside.main.port(),
+            None => {
+                return Err(usage_error(format!(
+                    "no room for the introducer beside the DHT port {}; pass --introducer-port",
+                    dht_addr.port()
+                )))
+            }
+        },
+    };
+    let sockets = crate::nat::IntroducerSockets::bind(ip, port)
+        .await
+        .map_err(|e| usage_error(format!("{e:#}")))?;
+    let addr = sockets.local_addr();
+    println!(
+        "introducer listening on {addr} (probe port {})",
+        addr.port() + 1
+    );
+    Ok(Some(tokio::spawn(sockets.serve())))
 }

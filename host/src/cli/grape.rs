@@ -1,0 +1,106 @@
+//! `grenache-host grape`: a Grape-compatible node (see [`crate::grape`]):
+//! its DHT node and HTTP API, with an introducer beside the DHT port as
+//! `dht` runs one. Runs until Ctrl-C or SIGTERM.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use super::output::usage_error;
+use super::run::{shutdown_signal, start_introducer, IntroducerPort};
+use crate::grape::api::GrapeBackend;
+use crate::grape::node::{GrapeConfig, GrapeNode};
+
+/// How to run `grape`.
+#[derive(Debug, Clone)]
+pub struct GrapeNodeConfig {
+    /// The DHT side: port, `-b`, bootstrap nodes, peer max age.
+    pub node: GrapeConfig,
+    /// The HTTP API's TCP port (0: any free port).
+    pub api_port: u16,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// `None`: the introducer goes beside the DHT port.
+    pub introducer_port: Option<IntroducerPort>,
+}
+
+/// Splits grape's `--bn` (`host:port,host:port`), dropping empty entries
+/// as grenache-grape's `bin/grape.js` does.
+pub fn bootstrap_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// `grenache-host grape`.
+pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
+    let GrapeNodeConfig {
+        node,
+        api_port,
+        max_body,
+        introducer_port,
+    } = config;
+    let grape = match GrapeNode::start(&node).await {
+        Ok(grape) => grape,
+        Err(e) => {
+            return usage_error(format!(
+                "{e}; is another grape or DHT node using --dp {}?",
+                node.dht_port
+            ))
+        }
+    };
+    let http_ip = node.bind.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let listener = match tokio::net::TcpListener::bind((http_ip, api_port)).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            return usage_error(format!(
+                "cannot listen for the HTTP API on {http_ip}:{api_port}: {e}; pick another --aph"
+            ))
+        }
+    };
+    let http_addr = listener
+        .local_addr()
+        .unwrap_or(SocketAddr::from((http_ip, api_port)));
+    let dht_addr = grape.dht_addr().await;
+    let introducer =
+        match start_introducer(Ipv4Addr::UNSPECIFIED.into(), dht_addr, introducer_port).await {
+            Ok(task) => task,
+            Err(code) => return code,
+        };
+    let backend: Arc<dyn GrapeBackend> = grape.clone();
+    let http = tokio::spawn(crate::grape::http::serve(listener, backend, max_body));
+    println!("grape dht listening on {dht_addr}");
+    println!("grape http listening on {http_addr}");
+    tracing::info!(
+        "announces live {}; this grape's DHT node is reached at {}:{}",
+        match node.peer_max_age {
+            Some(age) => format!("{age:?} after the last one"),
+            None => "until the table needs the room".into(),
+        },
+        grape.own_ip(),
+        dht_addr.port()
+    );
+    shutdown_signal().await;
+    tracing::info!("stopping the grape");
+    http.abort();
+    if let Some(task) = introducer {
+        task.abort();
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bn_is_split_on_commas_without_empty_entries() {
+        assert_eq!(bootstrap_list(""), Vec::<String>::new());
+        assert_eq!(
+            bootstrap_list("127.0.0.1:20001,,host:20002, "),
+            ["127.0.0.1:20001", "host:20002"]
+        );
+    }
+}
