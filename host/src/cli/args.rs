@@ -202,7 +202,8 @@ pub enum Command {
             long = "bn",
             visible_alias = "bootstrap",
             value_name = "HOST:PORT,…",
-            default_value = ""
+            default_value = "",
+            hide_default_value = true
         )]
         bootstrap: String,
         /// The address the HTTP API listens on, and under which announces made
@@ -210,9 +211,9 @@ pub enum Command {
         /// its HTTP client's address.
         #[arg(short = 'b', long = "bind", value_name = "IP")]
         bind: Option<std::net::Ipv4Addr>,
-        /// How long an announce lives after the last one, in milliseconds; 0:
-        /// until the bounded table needs the room. Default: 120000 (grape's
-        /// library default).
+        /// How long an announce lives after the last one, in milliseconds (the
+        /// default is grape's library default); 0: until the bounded table needs
+        /// the room.
         #[arg(
             long = "dpa",
             visible_alias = "dht_peer_maxAge",
@@ -220,8 +221,8 @@ pub enum Command {
             default_value_t = 120_000
         )]
         peer_max_age_ms: u64,
-        /// Largest request body, in bytes; larger ones get 413
-        /// ERR_GRAPE_PAYLOAD_SIZE (grape's library default, at most 1 MiB).
+        /// Largest request body, in bytes, at most 1 MiB (the default is grape's
+        /// library default); larger ones get 413 ERR_GRAPE_PAYLOAD_SIZE.
         #[arg(long = "check_maxPayloadSize", value_name = "BYTES", default_value_t = 8192,
               value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
         max_payload: u64,
