@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod grape;
+pub mod grape_node;
 pub mod lab;
 
 use std::path::PathBuf;
