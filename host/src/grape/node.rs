@@ -42,7 +42,8 @@
 //! node, else the one that routes to the internet, else 127.0.0.1.
 //!
 //! Bounds: at most [`MAX_DHT_OPERATIONS`] DHT operations at once (more
-//! wait); lookups wait at most [`LOOKUP_WAIT`] for the DHT and keep at most
+//! wait, at most [`MAX_PENDING_PUBLISHES`] announces among them); lookups
+//! wait at most [`LOOKUP_WAIT`] for the DHT and keep at most
 //! [`MAX_DHT_PEERS`] addresses; gets wait at most [`GET_WAIT`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -65,6 +66,10 @@ use futures::future::BoxFuture;
 pub const MAX_DHT_OPERATIONS: usize = 64;
 /// How long an `/announce` waits for the DHT before answering.
 pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
+/// Most announces being published at once, those waiting for one of the
+/// [`MAX_DHT_OPERATIONS`] included; past that, an announce is kept in the
+/// table only, answered `All queries failed`, and published at the next one.
+pub const MAX_PENDING_PUBLISHES: usize = 1024;
 /// How long a lookup waits for DHT answers (a Link gives up after 2.5 s).
 pub const LOOKUP_WAIT: Duration = Duration::from_millis(1500);
 /// Most addresses a lookup takes from the DHT.
@@ -110,6 +115,8 @@ struct Publisher {
     table: Arc<Mutex<AnnounceTable>>,
     /// At most [`MAX_DHT_OPERATIONS`] DHT operations at once.
     operations: Arc<Semaphore>,
+    /// At most [`MAX_PENDING_PUBLISHES`] announces being published.
+    pending: Arc<Semaphore>,
 }
 
 impl GrapeNode {
@@ -152,6 +159,7 @@ impl GrapeNode {
                 client,
                 table: Arc::new(Mutex::new(AnnounceTable::new(config.peer_max_age, own_ip))),
                 operations: Arc::new(Semaphore::new(MAX_DHT_OPERATIONS)),
+                pending: Arc::new(Semaphore::new(MAX_PENDING_PUBLISHES)),
             },
             id,
             bind: config.bind.filter(|ip| !ip.is_unspecified()),
@@ -216,9 +224,22 @@ impl GrapeNode {
             // Published moments ago; the DHT has it.
             return Ok(1);
         };
+        let Ok(pending) = self.publisher.pending.clone().try_acquire_owned() else {
+            tracing::warn!(
+                name,
+                port,
+                "too many announces waiting for the DHT; kept here only"
+            );
+            self.lock_table().publish_failed(name, port);
+            return Err(DhtFailure::AllFailed);
+        };
         let publisher = self.publisher.clone();
         let name = name.to_string();
-        let announce = tokio::spawn(async move { publisher.announce(&name, port).await });
+        let announce = tokio::spawn(async move {
+            let outcome = publisher.announce(&name, port).await;
+            drop(pending);
+            outcome
+        });
         match tokio::time::timeout(ANNOUNCE_WAIT, announce).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(DhtFailure::AllFailed),
