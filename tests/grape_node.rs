@@ -295,3 +295,38 @@ fn our_grapes_dht_node_ignores_two_byte_transaction_ids() {
     let reply = String::from_utf8_lossy(&reply[..len]);
     assert!(reply.contains("1:t4:aaaa"), "{reply}");
 }
+
+#[test]
+fn a_signed_mutable_value_is_checked_and_got_back() {
+    use ed25519_dalek::{Signer, SigningKey};
+    let grape = start_grape("grape", &[]);
+    let key = SigningKey::from_bytes(&[5; 32]);
+    let public = hex(key.verifying_key().as_bytes());
+    // BEP 44: the signature covers the bencoded salt, seq and v entries.
+    let signature = key.sign(b"4:salt6:foobar3:seqi1e1:v12:Hello World!");
+    let put = |signature: &str| {
+        let body = format!(
+            r#"{{"data":{{"v":"Hello World!","k":"{public}","sig":"{signature}","seq":1,"salt":"foobar"}}}}"#
+        );
+        post(&grape.url, "/put", &body).unwrap().body
+    };
+    let mut tampered = signature.to_bytes();
+    tampered[0] ^= 1;
+    assert_eq!(put(&hex(&tampered)), r#""All queries failed""#);
+
+    let mut target = key.verifying_key().to_bytes().to_vec();
+    target.extend_from_slice(b"foobar");
+    let target = sha1_smol::Sha1::from(&target).digest().to_string();
+    assert_eq!(put(&hex(&signature.to_bytes())), format!("\"{target}\""));
+    let got = post(&grape.url, "/get", &format!(r#"{{"data":"{target}"}}"#)).unwrap();
+    let got: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(got["v"], "Hello World!");
+    assert_eq!(got["seq"], 1);
+    assert_eq!(got["k"], public.as_str());
+    assert_eq!(got["sig"], hex(&signature.to_bytes()).as_str());
+    assert_eq!(got["salt"], "foobar");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
