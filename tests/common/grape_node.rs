@@ -73,26 +73,34 @@ pub fn free_port() -> u16 {
 
 /// Starts a real grenache-grape 1.0.0 (its own command line) with `args`
 /// after `--dp --aph --bn ''`; returns it and its API's URL once it answers.
+/// Ports are picked free, and another test may take one first: then it
+/// starts again on new ones.
 pub fn start_node_grape(name: &str, args: &[&str]) -> (HostProcess, String) {
     let dir = node_dir();
-    let (dp, aph) = (free_port().to_string(), free_port().to_string());
-    let mut command = Command::new(dir.join("node_modules/.bin/grape"));
-    command
-        .args(["--dp", &dp, "--aph", &aph, "--bn", ""])
-        .args(args)
-        .current_dir(&dir);
-    let grape = HostProcess::spawn_command(name, command);
-    let url = format!("http://127.0.0.1:{aph}");
-    let deadline = Instant::now() + SOON;
-    while post(&url, "/lookup", "{}").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "{name}: its API does not answer at {url}; output:\n{}",
-            grape.output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    for _ in 0..3 {
+        let (dp, aph) = (free_port().to_string(), free_port().to_string());
+        let mut command = Command::new(dir.join("node_modules/.bin/grape"));
+        command
+            .args(["--dp", &dp, "--aph", &aph, "--bn", ""])
+            .args(args)
+            .current_dir(&dir);
+        let mut grape = HostProcess::spawn_command(name, command);
+        let url = format!("http://127.0.0.1:{aph}");
+        let deadline = Instant::now() + SOON;
+        while grape.is_running() {
+            if post(&url, "/lookup", "{}").is_some() {
+                return (grape, url);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: its API does not answer at {url}; output:\n{}",
+                grape.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{name} exited (a port taken?):\n{}", grape.output());
     }
-    (grape, url)
+    panic!("{name}: could not start on free ports (see above)");
 }
 
 /// `node tests/node/link.js <version> <url> <args>`: a Node service's Link
