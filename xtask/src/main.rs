@@ -325,6 +325,36 @@ impl Drop for Child {
     }
 }
 
+/// A private directory for the demo hosts' control sockets, removed when
+/// the demo ends.
+struct DemoDir(PathBuf);
+
+impl DemoDir {
+    fn create() -> Result<DemoDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!("grenache-demo-{}", std::process::id()));
+        // Left over by an earlier demo that had this process id and was killed.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(DemoDir(dir))
+    }
+
+    /// The control socket of the host serving `plugin`.
+    fn socket(&self, plugin: &str) -> String {
+        let path = self.0.join(format!("{plugin}.sock"));
+        path.to_str().expect("paths are UTF-8").to_string()
+    }
+}
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The classic example on loopback: a DHT node, a public consumer host and
 /// a worker host behind a (pretend) NAT that punches the consumer.
 fn demo(extra: &[String]) -> Result<()> {
@@ -334,6 +364,10 @@ fn demo(extra: &[String]) -> Result<()> {
     let root = root();
     let host = root.join("target/debug/grenache-host");
     let secs = std::time::Duration::from_secs;
+    // The demo's hosts get control sockets of their own: the default one is
+    // the user's (their own host may be using it), and two hosts on one
+    // socket would fight over it.
+    let control_dir = DemoDir::create()?;
 
     println!("\n== 1. A DHT node for the hosts to find each other (grenache-host dht) ==");
     let dht = Child::spawn("dht", &host, &["dht", "--listen", "127.0.0.1:0"])?;
@@ -345,6 +379,7 @@ fn demo(extra: &[String]) -> Result<()> {
     let run_host = |name: &'static str, plugin: &str, extra: &[&str]| {
         let wasm = root.join("plugins").join(format!("{plugin}.wasm"));
         let wasm = wasm.to_str().expect("paths are UTF-8").to_string();
+        let control = control_dir.socket(plugin);
         let mut args = vec![
             "run",
             &wasm,
@@ -352,6 +387,8 @@ fn demo(extra: &[String]) -> Result<()> {
             "127.0.0.1:0",
             "--bootstrap",
             &bootstrap,
+            "--control",
+            &control,
         ];
         args.extend_from_slice(extra);
         Child::spawn(name, &host, &args)
