@@ -13,32 +13,77 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 const PLUGIN_PROFILE: &str = "plugin";
 
 const USAGE: &str = "\
-usage: cargo xtask <task>
+usage: cargo xtask <task> [options]
 
 tasks:
   plugins   build every plugin crate (plugins/*, tests/plugins/*) for wasm32-wasip2;
             writes plugins/<name>.wasm and target/test-plugins/<name>.wasm
-  test      build the plugins, then run every test in the workspace
+  test      build the plugins, then run every test in the workspace;
+            arguments after `--` go to `cargo test` (cargo xtask test -- --test cli)
   demo      build the plugins and the host, then run Grenache's classic hole-punching
             example on 127.0.0.1 (a DHT node, a consumer, a worker --behind-nat);
-            --keep-running keeps it going until Ctrl-C";
+            --keep-running keeps it going until Ctrl-C
+  help      print this text (so does --help after any task)";
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+enum Task {
+    Help,
+    Plugins,
+    /// `cargo test --workspace` with these extra arguments.
+    Test(Vec<String>),
+    Demo {
+        keep_running: bool,
+    },
+}
+
+/// Parses `cargo xtask`'s arguments; an error names what was not understood.
+fn parse_args(args: &[String]) -> std::result::Result<Task, String> {
+    let Some((task, options)) = args.split_first() else {
+        return Err("no task given".into());
+    };
+    let is_help = |arg: &str| matches!(arg, "-h" | "--help");
+    let unknown = |arg: &str| Err(format!("unknown argument {arg:?} for `cargo xtask {task}`"));
+    match task.as_str() {
+        "help" | "-h" | "--help" => Ok(Task::Help),
+        "plugins" => match options.first() {
+            None => Ok(Task::Plugins),
+            Some(arg) if is_help(arg) => Ok(Task::Help),
+            Some(arg) => unknown(arg),
+        },
+        "test" => match options.split_first() {
+            None => Ok(Task::Test(Vec::new())),
+            Some((arg, cargo_args)) if arg == "--" => Ok(Task::Test(cargo_args.to_vec())),
+            Some((arg, _)) if is_help(arg) => Ok(Task::Help),
+            Some((arg, _)) => unknown(arg),
+        },
+        "demo" => {
+            let mut keep_running = false;
+            for arg in options {
+                match arg.as_str() {
+                    "--keep-running" => keep_running = true,
+                    arg if is_help(arg) => return Ok(Task::Help),
+                    arg => return unknown(arg),
+                }
+            }
+            Ok(Task::Demo { keep_running })
+        }
+        other => Err(format!("unknown task {other:?}")),
+    }
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("plugins") => build_plugins().map(|_| ()),
-        Some("test") => test(&args[1..]),
-        Some("demo") => demo(&args[1..]),
-        Some("-h" | "--help" | "help") => {
+    let result = match parse_args(&args) {
+        Ok(Task::Help) => {
             println!("{USAGE}");
-            Ok(())
+            return ExitCode::SUCCESS;
         }
-        Some(other) => {
-            eprintln!("unknown task {other:?}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-        None => {
-            eprintln!("{USAGE}");
+        Ok(Task::Plugins) => build_plugins().map(|_| ()),
+        Ok(Task::Test(cargo_args)) => test(&cargo_args),
+        Ok(Task::Demo { keep_running }) => demo(keep_running),
+        Err(e) => {
+            eprintln!("xtask: {e}\n\n{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -357,8 +402,7 @@ impl Drop for DemoDir {
 
 /// The classic example on loopback: a DHT node, a public consumer host and
 /// a worker host behind a (pretend) NAT that punches the consumer.
-fn demo(extra: &[String]) -> Result<()> {
-    let keep_running = extra.iter().any(|a| a == "--keep-running");
+fn demo(keep_running: bool) -> Result<()> {
     build_plugins()?;
     run(cargo().args(["build", "--package", "grenache-host"]))?;
     let root = root();
@@ -458,5 +502,36 @@ mod tests {
         let stale = stale_node_packages(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(stale.unwrap(), ["b@2.0.0", "d@1.0.0"]);
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<Task, String> {
+        parse_args(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn test_passes_what_follows_the_double_dash_to_cargo_test() {
+        assert_eq!(parse(&["test"]), Ok(Task::Test(vec![])));
+        assert_eq!(
+            parse(&["test", "--", "--test", "cli", "--", "--nocapture"]),
+            Ok(Task::Test(
+                ["--test", "cli", "--", "--nocapture"]
+                    .map(String::from)
+                    .to_vec()
+            ))
+        );
+    }
+
+    #[test]
+    fn demo_takes_keep_running() {
+        assert_eq!(
+            parse(&["demo"]),
+            Ok(Task::Demo {
+                keep_running: false
+            })
+        );
+        assert_eq!(
+            parse(&["demo", "--keep-running"]),
+            Ok(Task::Demo { keep_running: true })
+        );
     }
 }
