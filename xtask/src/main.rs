@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 
@@ -353,19 +354,67 @@ impl Child {
         }
     }
 
-    /// Stops the process with SIGTERM, as Ctrl-C would.
+    /// Stops the process with SIGTERM, as Ctrl-C would, unless it has exited.
     fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.process.id().to_string())
-            .status();
-        let _ = self.process.wait();
+        if matches!(self.process.try_wait(), Ok(None)) {
+            let pid = self.process.id() as libc::pid_t;
+            // SAFETY: kill has no memory effects; the pid is our unreaped child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = self.process.wait();
+        }
     }
 }
 
 impl Drop for Child {
     fn drop(&mut self) {
-        if matches!(self.process.try_wait(), Ok(None)) {
-            self.stop();
+        self.stop();
+    }
+}
+
+/// Set by SIGINT or SIGTERM while the demo keeps running.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Keeps the demo's processes running until Ctrl-C (or SIGTERM), then stops
+/// them: that ends the demo as asked (Ok). A process that exits before that
+/// ended it on its own: an error.
+fn keep_running_until_stopped(mut children: [Child; 3]) -> Result<()> {
+    // Our own handler, whatever we inherited: a shell starts a background job
+    // with SIGINT ignored, and by default SIGINT would kill us silently.
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
+    }
+    let stop = |children: &mut [Child; 3]| {
+        for child in children.iter_mut() {
+            child.stop();
+        }
+        println!("\n== Stopped: the DHT node and both hosts are down ==");
+        Ok(())
+    };
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if STOP_REQUESTED.load(Ordering::SeqCst) {
+            return stop(&mut children);
+        }
+        let exited = children
+            .iter_mut()
+            .find_map(|child| match child.process.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some((child.name, status.to_string())),
+                Err(e) => Some((child.name, e.to_string())),
+            });
+        if let Some((name, status)) = exited {
+            // Ctrl-C reaches the hosts too (the terminal signals the whole
+            // process group), and one may stop before our handler has run.
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if STOP_REQUESTED.load(Ordering::SeqCst) {
+                return stop(&mut children);
+            }
+            bail!("the {name} exited on its own ({status}); see its output above");
         }
     }
 }
@@ -452,17 +501,16 @@ fn demo(keep_running: bool) -> Result<()> {
     worker.wait_for("request for fibonacci_worker", secs(15))?;
 
     if keep_running {
+        let status = |plugin| {
+            format!(
+                "target/debug/grenache-host status --control {}",
+                control_dir.socket(plugin)
+            )
+        };
         println!("\n== Running until Ctrl-C ==");
-        let mut children = [dht, consumer, worker];
-        loop {
-            std::thread::sleep(secs(1));
-            if children
-                .iter_mut()
-                .any(|c| !matches!(c.process.try_wait(), Ok(None)))
-            {
-                bail!("a demo process exited");
-            }
-        }
+        println!("Each host's plugins: {}", status("consumer"));
+        println!("                     {}", status("fibonacci"));
+        return keep_running_until_stopped([dht, consumer, worker]);
     }
     println!(
         "\n== The consumer got [1,1,2,3,5,8,13,21,34,55] through the punched path; stopping =="

@@ -25,7 +25,11 @@ struct Demo {
 
 impl Demo {
     fn start(args: &[&str], runtime_dir: &std::path::Path) -> Demo {
-        let mut process = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        Demo::start_with(Command::new(env!("CARGO_BIN_EXE_xtask")), args, runtime_dir)
+    }
+
+    fn start_with(mut command: Command, args: &[&str], runtime_dir: &std::path::Path) -> Demo {
+        let mut process = command
             .arg("demo")
             .args(args)
             // Where the hosts' default control socket lives.
@@ -54,6 +58,21 @@ impl Demo {
             process,
             lines,
             seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("the demo did not print {needle:?} within {timeout:?}"),
+            }
         }
     }
 
@@ -110,4 +129,68 @@ fn the_demo_leaves_the_users_control_socket_alone() {
         "{sockets:?}"
     );
     assert!(users_socket.exists(), "the user's socket is still there");
+}
+
+/// Starts `cargo xtask demo --keep-running` in a process group of its own, as
+/// a shell starts a job, and waits until it runs.
+fn keep_running(runtime_dir: &std::path::Path, ignore_sigint: bool) -> Demo {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    command.process_group(0);
+    if ignore_sigint {
+        // What a non-interactive shell does for a job started with `&`.
+        // SAFETY: signal() is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                Ok(())
+            })
+        };
+    }
+    let mut demo = Demo::start_with(command, &["--keep-running"], runtime_dir);
+    demo.wait_for("== Running until Ctrl-C ==", BUILD_AND_START);
+    demo
+}
+
+#[test]
+fn ctrl_c_stops_a_demo_that_keeps_running_cleanly() {
+    let _turn = DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let runtime_dir = tempfile::tempdir().unwrap();
+    // In a terminal, and as a background job of a script.
+    for ignore_sigint in [false, true] {
+        let demo = keep_running(runtime_dir.path(), ignore_sigint);
+        // Ctrl-C: the terminal sends SIGINT to the whole foreground group.
+        let group = demo.process.id() as libc::pid_t;
+        assert_eq!(unsafe { libc::kill(-group, libc::SIGINT) }, 0);
+        let (status, output) = demo.finish(Duration::from_secs(60));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "ignore_sigint {ignore_sigint}:\n{output}"
+        );
+        assert!(
+            output.contains("== Stopped: the DHT node and both hosts are down =="),
+            "{output}"
+        );
+        assert!(!output.contains("exited on its own"), "{output}");
+    }
+}
+
+#[test]
+fn a_demo_process_that_dies_ends_the_demo_with_an_error() {
+    let _turn = DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let runtime_dir = tempfile::tempdir().unwrap();
+    let demo = keep_running(runtime_dir.path(), false);
+    // One of the demo's processes (the DHT node, the consumer host, the
+    // worker host) crashes.
+    let pid = demo.process.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let worker: libc::pid_t = children.split_whitespace().last().unwrap().parse().unwrap();
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+    let (status, output) = demo.finish(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains("host exited on its own (signal: 9 (SIGKILL)); see its output above"),
+        "{output}"
+    );
 }
