@@ -324,6 +324,34 @@ fn dht_and_run_stop_cleanly_on_a_signal() {
 }
 
 #[test]
+fn a_second_dht_node_on_a_taken_port_is_refused_cleanly_every_time() {
+    let (_dht, address) = start_dht();
+    // mainline reported a taken port by panicking in some of the runs.
+    for attempt in 1..=20 {
+        let r = shown(host(&["dht", "--listen", &address]));
+        assert_eq!(r.code, 2, "attempt {attempt}: {}", r.stderr);
+        assert!(
+            r.stderr.starts_with("error: cannot start the DHT node: "),
+            "attempt {attempt}: {}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains("Address already in use")
+                && r.stderr.contains(&format!("(binding {address})"))
+                && r.stderr
+                    .contains("is another node already listening there?"),
+            "attempt {attempt}: {}",
+            r.stderr
+        );
+        assert!(
+            !r.stderr.contains("panicked"),
+            "attempt {attempt}: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
 fn a_request_to_a_dead_address_times_out_with_a_clear_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

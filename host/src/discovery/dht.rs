@@ -66,9 +66,24 @@ impl DhtDiscovery {
         if config.server_mode {
             builder.server_mode();
         }
-        let dht = builder
-            .build()
-            .map_err(|e| DiscoveryError::Start(format!("{e} (binding {listen})")))?;
+        let failed = |reason: String| DiscoveryError::Start(format!("{reason} (binding {listen})"));
+        // mainline binds on its actor thread and, when that fails, reports it
+        // by a race: sometimes an error, sometimes a panic ("actor thread
+        // unexpectedly shutdown"). Binding the address here first turns every
+        // usual failure (port taken, address not ours) into the error; the
+        // check socket closes at once, before mainline binds.
+        std::net::UdpSocket::bind(listen).map_err(|e| failed(e.to_string()))?;
+        // The address can still be taken between that check and mainline's
+        // bind: never let that panic escape either.
+        let dht = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build()))
+            .map_err(|_| {
+                let reason = match std::net::UdpSocket::bind(listen) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "its thread stopped as it started".into(),
+                };
+                failed(reason)
+            })?
+            .map_err(|e| failed(e.to_string()))?;
         Ok(DhtDiscovery {
             dht: dht.as_async(),
             cache: LookupCache::default(),
