@@ -101,14 +101,27 @@ fn outgoing_requests_say_there_is_no_network_in_invoke_mode() {
 fn inspect_reports_each_plugins_manifest() {
     let r = shown(host(&["inspect", plugin("consumer").to_str().unwrap()]));
     assert_eq!(r.code, 0, "{}", r.stderr);
+    let consumer = r.stdout.trim().to_string();
     let m: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(m["serves"], serde_json::json!(["fibonacci_consumer"]));
     assert_eq!(m["punch"], serde_json::json!([]));
+    assert_eq!(m["calls"], serde_json::json!(["fibonacci_worker"]));
 
     let r = shown(host(&["inspect", plugin("fibonacci").to_str().unwrap()]));
     let m: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(m["serves"], serde_json::json!(["fibonacci_worker"]));
     assert_eq!(m["punch"], serde_json::json!(["fibonacci_consumer"]));
+    assert_eq!(m["calls"], serde_json::json!([]));
+
+    let r = shown(host(&["inspect", test_plugin("faulty").to_str().unwrap()]));
+    let m: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(m["calls"], serde_json::json!(["*"]));
+
+    // Its help says what it prints, with the consumer's real output.
+    let r = shown(host(&["inspect", "--help"]));
+    for needle in ["contract", "serves", "punched", "may call", &consumer] {
+        assert!(r.stdout.contains(needle), "{needle}: {}", r.stdout);
+    }
 }
 
 /// Runs `invoke` on `path` and checks the load error: exit code 2, one line

@@ -56,8 +56,13 @@ pub enum Command {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Load a plugin and print its manifest: the services it serves and the
-    /// services it wants punched when its host is behind a NAT.
+    /// Load a plugin and print its manifest as one JSON line: its name, the
+    /// contract version it was built against, the services it serves, those
+    /// it wants punched when its host is behind a NAT, and those it may call.
+    ///
+    /// Example: grenache-host inspect plugins/consumer.wasm prints
+    ///
+    /// {"calls":["fibonacci_worker"],"contract":"grenache:plugin@0.3.0","plugin":"consumer","punch":[],"serves":["fibonacci_consumer"]}
     Inspect {
         /// The plugin file (a wasm component).
         plugin: PathBuf,

@@ -57,7 +57,8 @@ pub async fn invoke(
     }
 }
 
-/// `grenache-host inspect`: prints the plugin's manifest as one JSON line.
+/// `grenache-host inspect`: prints the plugin's name, contract version and
+/// manifest (serves, punch, calls) as one JSON line.
 pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
     let plugin = match load(path, limits).await {
         Ok(p) => p,
@@ -68,6 +69,7 @@ pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
         "contract": plugin.contract().to_string(),
         "serves": plugin.serves(),
         "punch": plugin.punch_targets(),
+        "calls": plugin.calls(),
     });
     println!("{manifest}");
     ExitCode::SUCCESS

@@ -466,6 +466,12 @@ impl LoadedPlugin {
         &self.manifest.punch
     }
 
+    /// The services its manifest says it may call (`"*"`: any); the
+    /// operator's policy may narrow them further.
+    pub fn calls(&self) -> &[String] {
+        &self.manifest.calls
+    }
+
     /// A fresh store with this call's limits.
     fn new_store(&self) -> Store<RequestState> {
         let limits = self.policy.limits;
