@@ -224,6 +224,35 @@ fn memory_and_time_limits_are_settable() {
 }
 
 #[test]
+fn a_memory_limit_below_the_plugins_own_memory_blames_the_limit() {
+    let fib = plugin("fibonacci");
+    // The fibonacci plugin's module declares 1.0625 MiB of memory.
+    for (limit, shown) in [("64KiB", "64 KiB"), ("1MiB", "1 MiB")] {
+        let r = invoke(
+            &fib,
+            "fibonacci_worker",
+            r#"{"length":78}"#,
+            &["--memory-limit", limit],
+        );
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert_eq!(
+            r.stderr.trim_end(),
+            format!(
+                "error: cannot load {}: plugin fibonacci needs at least 1.1 MiB of memory, more than its limit of {shown}; raise --memory-limit (or the policy's memory_limit)",
+                fib.display()
+            )
+        );
+    }
+    let r = invoke(
+        &fib,
+        "fibonacci_worker",
+        r#"{"length":78}"#,
+        &["--memory-limit", "2MiB"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
 fn a_plugin_built_against_the_0_2_contract_still_loads_and_answers() {
     let legacy = test_plugin("legacy-v2");
     let r = shown(host(&["inspect", legacy.to_str().unwrap()]));

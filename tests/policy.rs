@@ -93,6 +93,32 @@ fn command_line_limits_override_the_file() {
 }
 
 #[test]
+fn a_policy_memory_limit_below_the_plugins_own_memory_blames_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = policy_file(dir.path(), "[plugin.fibonacci]\nmemory_limit = \"1MiB\"\n");
+    let fib = plugin("fibonacci");
+    let fib = fib.to_str().unwrap();
+    let r = shown(host(&[
+        "run",
+        fib,
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        &config,
+        "--control",
+        "off",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "error: cannot load {fib}: plugin fibonacci needs at least 1.1 MiB of memory, more than its limit of 1 MiB; raise --memory-limit (or the policy's memory_limit)"
+        )),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn a_plugin_not_allowed_to_be_punched_for_never_hears_of_punches() {
     let (_dht, bootstrap) = start_dht();
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 //! Sizes and durations as people write them (`64MiB`, `250ms`): one parser
-//! each, shared by the command line and the policy file.
+//! each, shared by the command line and the policy file, and how messages
+//! show a size.
 
 use std::time::Duration;
 
@@ -39,6 +40,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Shows a size in the largest binary unit it reaches, with at most one
+/// decimal: `64 KiB`, `1.1 MiB`, `512 bytes`. Rounded up, so a size shown is
+/// never less than the real one ("needs at least 1.1 MiB" is true).
+pub fn format_size(bytes: u64) -> String {
+    let (shift, unit) = match bytes {
+        b if b >= 1 << 30 => (30, "GiB"),
+        b if b >= 1 << 20 => (20, "MiB"),
+        b if b >= 1 << 10 => (10, "KiB"),
+        b => return format!("{b} bytes"),
+    };
+    let tenths = (u128::from(bytes) * 10).div_ceil(1 << shift);
+    match tenths % 10 {
+        0 => format!("{} {unit}", tenths / 10),
+        tenth => format!("{}.{tenth} {unit}", tenths / 10),
+    }
+}
+
 /// Parses `250ms`, `5s`, `2m` (a bare number is seconds) into a duration.
 ///
 /// Errors: no leading number, an unknown unit, or zero.
@@ -64,6 +82,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_shown_in_messages() {
+        assert_eq!(format_size(512), "512 bytes");
+        assert_eq!(format_size(64 << 10), "64 KiB");
+        assert_eq!(format_size(64 << 20), "64 MiB");
+        assert_eq!(format_size(3 << 30), "3 GiB");
+        // The fibonacci plugin's own memory: 1.0625 MiB, shown rounded up.
+        assert_eq!(format_size(1_114_112), "1.1 MiB");
+        assert_eq!(format_size((1 << 20) + 1), "1.1 MiB");
+        assert_eq!(format_size((3 << 20) / 2), "1.5 MiB");
+        assert_eq!(format_size(u64::MAX), "17179869184 GiB");
+    }
 
     #[test]
     fn sizes() {

@@ -43,6 +43,7 @@ use super::instance::RequestState;
 use super::network::{AllowedCalls, PluginNetwork};
 use super::policy::{Limits, PluginPolicy};
 use super::signing::TrustedKey;
+use crate::units::format_size;
 
 /// How often the engine's epoch advances; the granularity of time limits.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -69,6 +70,23 @@ pub enum LoadError {
     /// A core module (binary layer 0), not a component.
     #[error("cannot load {path}: a core wasm module, not a component (built for wasm32-unknown-unknown or wasm32-wasip1?); build it with `cargo build --target wasm32-wasip2`")]
     CoreModule { path: PathBuf },
+    /// The plugin's memory needs more than its memory limit: the memory its
+    /// module declares, or what its `manifest()` grew to. The plugin is fine;
+    /// the limit is too low.
+    #[error(
+        "cannot load {path}: plugin {plugin} needs at least {} of memory, more than its limit of {}; raise --memory-limit (or the policy's memory_limit)",
+        format_size(*needs),
+        format_size(*limit)
+    )]
+    MemoryLimitTooLow {
+        path: PathBuf,
+        /// The plugin's name.
+        plugin: String,
+        /// Bytes of memory the plugin needs at least.
+        needs: u64,
+        /// Its memory limit, in bytes.
+        limit: u64,
+    },
     /// A component that does not compile, or an unknown wasm binary layer.
     #[error("cannot load {path}: invalid component ({reason}); rebuild it with `cargo build --target wasm32-wasip2`")]
     Invalid { path: PathBuf, reason: String },
@@ -117,13 +135,17 @@ pub enum CallError {
         limit: Duration,
     },
     /// The plugin tried to grow its memory past its limit and was stopped.
-    #[error("plugin {plugin} exceeded its memory limit of {limit} MiB (asked for {asked} MiB) and was stopped")]
+    #[error(
+        "plugin {plugin} exceeded its memory limit of {} (asked for {}) and was stopped",
+        format_size(*limit),
+        format_size(*asked)
+    )]
     MemoryLimit {
         /// The plugin's name.
         plugin: String,
-        /// The plugin's memory limit, in MiB (rounded down).
+        /// The plugin's memory limit, in bytes.
         limit: u64,
-        /// The size the plugin tried to grow to, in MiB (rounded up).
+        /// The size the plugin tried to grow to, in bytes.
         asked: u64,
     },
     /// The plugin trapped (a Rust panic shows up here with its message).
@@ -282,9 +304,17 @@ impl Runtime {
                     path: path_buf.clone(),
                     reason: e.to_string(),
                 })?
-                .map_err(|e| LoadError::Invalid {
-                    path: path_buf.clone(),
-                    reason: one_line(&e),
+                .map_err(|e| match memory_minimum_over_limit(&e) {
+                    Some(needs) => LoadError::MemoryLimitTooLow {
+                        path: path_buf.clone(),
+                        plugin: plugin_name(path),
+                        needs,
+                        limit: self.limits.memory_bytes,
+                    },
+                    None => LoadError::Invalid {
+                        path: path_buf.clone(),
+                        reason: one_line(&e),
+                    },
                 })?;
 
         let unknown = contract::unknown_versions(&self.engine, &component);
@@ -329,13 +359,22 @@ impl Runtime {
             concurrency: Arc::new(tokio::sync::Semaphore::new(policy.max_concurrent)),
             policy,
         };
-        plugin.manifest = plugin
-            .read_manifest()
-            .await
-            .map_err(|e| LoadError::Manifest {
+        plugin.manifest = plugin.read_manifest().await.map_err(|e| match e {
+            CallError::MemoryLimit {
+                plugin,
+                limit,
+                asked,
+            } => LoadError::MemoryLimitTooLow {
+                path: path_buf.clone(),
+                plugin,
+                needs: asked,
+                limit,
+            },
+            e => LoadError::Manifest {
                 path: path_buf.clone(),
                 reason: e.to_string(),
-            })?;
+            },
+        })?;
         if let Some(bad) = plugin
             .manifest
             .serves
@@ -358,6 +397,24 @@ impl Runtime {
         ));
         Ok(plugin)
     }
+}
+
+/// The minimum memory size, in bytes, of a module memory the engine refused
+/// to compile because its slots are smaller (the runtime's memory limit).
+///
+/// Reads wasmtime's pooling-allocator message ("memory has a minimum byte
+/// size of N which exceeds the limit of …"): it is the only sign of this
+/// case, and wasmtime is pinned; the unit test below keeps the two in step.
+fn memory_minimum_over_limit(err: &wasmtime::Error) -> Option<u64> {
+    err.chain().find_map(|cause| {
+        cause
+            .to_string()
+            .strip_prefix("memory has a minimum byte size of ")?
+            .split_once(" which exceeds the limit of ")?
+            .0
+            .parse()
+            .ok()
+    })
 }
 
 /// Checks that `text` is exactly one JSON value, without building it:
@@ -522,8 +579,8 @@ impl LoadedPlugin {
         } else if let Some(asked) = state.memory_refused {
             CallError::MemoryLimit {
                 plugin,
-                limit: self.policy.limits.memory_bytes >> 20,
-                asked: (asked as u64).div_ceil(1 << 20),
+                limit: self.policy.limits.memory_bytes,
+                asked: asked as u64,
             }
         } else {
             let mut detail = match err.downcast_ref::<Trap>() {
@@ -701,6 +758,28 @@ mod tests {
         assert!(text.contains("grenache:plugin@0.4.0"), "{text}");
         assert!(text.contains("it speaks 0.3.0, 0.2.0"), "{text}");
         assert!(text.contains("rebuild the plugin against"), "{text}");
+    }
+
+    #[test]
+    fn a_memory_larger_than_the_engine_allows_is_told_apart_from_an_invalid_component() {
+        let runtime = Runtime::new(Limits {
+            memory_bytes: 64 << 10,
+            ..Limits::default()
+        })
+        .unwrap();
+        // 17 pages of 64 KiB: what wasmtime refuses with a 64 KiB limit.
+        let big = Component::new(&runtime.engine, "(component (core module (memory 17)))");
+        assert_eq!(
+            memory_minimum_over_limit(&big.err().unwrap()),
+            Some(17 << 16)
+        );
+        let fits = Component::new(&runtime.engine, "(component (core module (memory 1)))");
+        assert!(fits.is_ok());
+        let broken = Component::new(
+            &runtime.engine,
+            "(component (core module (func (result i32))))",
+        );
+        assert_eq!(memory_minimum_over_limit(&broken.err().unwrap()), None);
     }
 
     #[test]
