@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{host, invoke, plugin, shown, test_plugin};
+use common::{host, host_bin, invoke, plugin, shown, test_plugin, HostProcess, SOON};
 
 #[test]
 fn invoke_answers_the_classic_fibonacci_request() {
@@ -289,4 +289,48 @@ fn invoke_tells_the_plugin_no_caller_unless_given_one() {
     let r = invoke(&echo, "echo_caller", "{}", &["--caller", "somewhere"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("--caller"), "{}", r.stderr);
+}
+
+/// Runs `grenache-host <args>` with stdout a pipe whose reader has gone, as
+/// in `grenache-host status | head -1` once head has exited.
+fn with_stdout_closed(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    std::process::Command::new(host_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(writer)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let fib = plugin("fibonacci");
+    let fib = fib.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let control = control.to_str().unwrap();
+    let serving = HostProcess::spawn(
+        "host",
+        &["run", fib, "--listen", "127.0.0.1:0", "--control", control],
+    );
+    serving.wait_for("control socket", SOON);
+
+    for args in [
+        &["status", "--control", control][..],
+        &["inspect", fib],
+        &["invoke", fib, "fibonacci_worker", r#"{"length":10}"#],
+    ] {
+        let out = with_stdout_closed(args);
+        // Ended by SIGPIPE like a Unix tool: no panic, nothing on stderr.
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}",
+            out.status
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{args:?}");
+    }
 }

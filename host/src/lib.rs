@@ -36,6 +36,10 @@
 //! (`grenache:plugin@0.3.0`, with the frozen 0.2.0 in `wit/v0.2/`, which the
 //! host still speaks); the wire formats are described in `docs/wire.md`.
 
+// Every command's stdout goes through `cli::output::print_line`, which ends
+// quietly when the reader has gone; `println!` would panic there.
+#![warn(clippy::print_stdout)]
+
 pub mod cli;
 pub mod discovery;
 pub mod grape;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::output::{usage_error, EXIT_SERVICE_ERROR};
+use super::output::{print_line, usage_error, EXIT_SERVICE_ERROR};
 use crate::node::control::{self, ControlRequest};
 use crate::plugin::signing;
 
@@ -17,13 +17,10 @@ pub async fn control(socket: Option<PathBuf>, request: ControlRequest) -> ExitCo
         Err(e) => return usage_error(e),
     };
     if let Some(status) = reply.status {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status).expect("status serialises")
-        );
+        print_line(serde_json::to_string_pretty(&status).expect("status serialises"));
     }
     if let Some(message) = reply.message {
-        println!("{message}");
+        print_line(message);
     }
     match reply.error {
         Some(error) => {
@@ -70,7 +67,7 @@ pub fn keygen(out: &Path) -> ExitCode {
         secret_path.display(),
         public_path.display()
     );
-    println!("{public}");
+    print_line(public);
     ExitCode::SUCCESS
 }
 
@@ -97,6 +94,6 @@ pub fn sign(plugin: &Path, key: &Path) -> ExitCode {
     if let Err(e) = std::fs::write(&path, signature) {
         return usage_error(format!("cannot write {}: {e}", path.display()));
     }
-    println!("wrote {}", path.display());
+    print_line(format_args!("wrote {}", path.display()));
     ExitCode::SUCCESS
 }

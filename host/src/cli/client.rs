@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::output::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
+use super::output::{check_payload, print_compact, print_line, usage_error, EXIT_SERVICE_ERROR};
 use crate::discovery::DiscoveryConfig;
 use crate::nat::{IntroducerAddr, NatConfig};
 use crate::node::ClientParts;
@@ -189,7 +189,7 @@ pub async fn bench(config: BenchConfig) -> ExitCode {
         let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
         latencies[i].as_secs_f64() * 1e3
     };
-    println!(
+    print_line(format_args!(
         "requests ok={} failed={failed} rps={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms elapsed={:.2}s",
         latencies.len(),
         latencies.len() as f64 / elapsed.as_secs_f64(),
@@ -197,7 +197,7 @@ pub async fn bench(config: BenchConfig) -> ExitCode {
         percentile(0.90),
         percentile(0.99),
         elapsed.as_secs_f64(),
-    );
+    ));
     for (message, count) in &errors {
         eprintln!("bench: {count} failed: {message}");
     }

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use super::output::usage_error;
+use super::output::{print_line, usage_error};
 use super::run::{shutdown_signal, start_introducer, IntroducerPort};
 use crate::grape::api::GrapeBackend;
 use crate::grape::node::{GrapeConfig, GrapeNode};
@@ -71,8 +71,8 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         };
     let backend: Arc<dyn GrapeBackend> = grape.clone();
     let http = tokio::spawn(crate::grape::http::serve(listener, backend, max_body));
-    println!("grape dht listening on {dht_addr}");
-    println!("grape http listening on {http_addr}");
+    print_line(format_args!("grape dht listening on {dht_addr}"));
+    print_line(format_args!("grape http listening on {http_addr}"));
     tracing::info!(
         "announces live {}; this grape's DHT node is reached at {}:{}",
         match node.peer_max_age {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use super::output::{check_payload, print_compact, usage_error, EXIT_SERVICE_ERROR};
+use super::output::{check_payload, print_compact, print_line, usage_error, EXIT_SERVICE_ERROR};
 use crate::plugin::policy::Limits;
 use crate::plugin::{LoadedPlugin, NoNetwork, RequestContext, Runtime};
 
@@ -71,6 +71,6 @@ pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
         "punch": plugin.punch_targets(),
         "calls": plugin.calls(),
     });
-    println!("{manifest}");
+    print_line(manifest);
     ExitCode::SUCCESS
 }

@@ -23,8 +23,44 @@ pub fn check_payload(payload: &str) -> Result<(), ExitCode> {
 /// Prints a JSON reply compactly on one line of stdout.
 pub fn print_compact(reply: &str) -> Result<(), serde_json::Error> {
     let value: serde_json::Value = serde_json::from_str(reply)?;
-    println!("{value}");
+    print_line(value);
     Ok(())
+}
+
+/// Prints a line on stdout; every command's stdout goes through here. When
+/// the reader has gone (`grenache-host status | head -1`), the process ends
+/// quietly, killed by SIGPIPE as Unix tools are, where `println!` would panic
+/// with "failed printing to stdout: Broken pipe".
+///
+/// Why not simply restore SIGPIPE's default action at the start of main:
+/// Rust ignores SIGPIPE so that a write to a socket whose peer has gone
+/// returns an error; with the default action a vectored write (`writev`) to
+/// such a socket kills the process, and a serving host must not die because
+/// one peer left.
+#[allow(clippy::print_stdout)]
+pub fn print_line(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => end_by_sigpipe(),
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(EXIT_USAGE.into());
+        }
+    }
+}
+
+/// Ends the process as SIGPIPE's default action does.
+fn end_by_sigpipe() -> ! {
+    // SAFETY: these change only how this process handles SIGPIPE, then send
+    // it to the calling thread, which does not block it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    // Not reached: the signal ends the process.
+    std::process::exit(EXIT_USAGE.into())
 }
 
 /// Prints `error: <message>` and returns the usage exit code.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::output::usage_error;
+use super::output::{print_line, usage_error};
 use crate::discovery::dht::{DhtConfig, DhtDiscovery};
 use crate::discovery::DiscoveryConfig;
 use crate::nat::IntroducerAddr;
@@ -120,7 +120,10 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         tracing::info!("watching the plugin files for changes");
     }
     // The same line the Grenache examples print, for scripts to wait on.
-    println!("listening on {}", node.endpoint.local_addr().port());
+    print_line(format_args!(
+        "listening on {}",
+        node.endpoint.local_addr().port()
+    ));
     tracing::info!(
         "RPC socket {}, {}",
         node.endpoint.local_addr(),
@@ -175,7 +178,7 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
         Ok(task) => task,
         Err(code) => return code,
     };
-    println!("dht listening on {dht_addr}");
+    print_line(format_args!("dht listening on {dht_addr}"));
     shutdown_signal().await;
     tracing::info!("stopping the DHT node");
     if let Some(task) = introducer {
@@ -209,9 +212,9 @@ pub(super) async fn start_introducer(
         .await
         .map_err(|e| usage_error(format!("{e:#}")))?;
     let addr = sockets.local_addr();
-    println!(
+    print_line(format_args!(
         "introducer listening on {addr} (probe port {})",
         addr.port() + 1
-    );
+    ));
     Ok(Some(tokio::spawn(sockets.serve())))
 }
