@@ -143,10 +143,21 @@ fn assert_load_error(path: &std::path::Path, cause: &str, fix: &str) {
 #[test]
 fn loading_errors_are_one_clear_line_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.wasm");
+    assert_load_error(&missing, "file not found", "check the path");
+    let r = invoke(&missing, "fibonacci_worker", "{}", &[]);
+    assert!(!r.stderr.contains("xtask"), "{}", r.stderr);
+    // A bundled plugin not built yet: the fix is to build them.
     assert_load_error(
-        &dir.path().join("missing.wasm"),
+        &common::root().join("plugins/not-built-yet.wasm"),
         "file not found",
-        "cargo xtask plugins",
+        "build the bundled plugins with `cargo xtask plugins`",
+    );
+    // A plugin's source crate instead of its .wasm.
+    assert_load_error(
+        &common::root().join("plugins/fibonacci"),
+        "is a directory, not a plugin file",
+        "pass the plugin's .wasm file",
     );
 
     let text = dir.path().join("notes.wasm");

@@ -58,8 +58,19 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file does not exist.
-    #[error("cannot load {path}: file not found; check the path, or build the bundled plugins with `cargo xtask plugins`")]
-    NotFound { path: PathBuf },
+    #[error(
+        "cannot load {path}: file not found; {}",
+        if *bundled { "build the bundled plugins with `cargo xtask plugins`" } else { "check the path" }
+    )]
+    NotFound {
+        path: PathBuf,
+        /// The path is in this repository's `plugins/`, where `cargo xtask
+        /// plugins` writes the bundled plugins.
+        bundled: bool,
+    },
+    /// The path is a directory (a plugin's source crate, say).
+    #[error("cannot load {path}: is a directory, not a plugin file; pass the plugin's .wasm file")]
+    Directory { path: PathBuf },
     /// The file could not be read, or the policy asks for more memory than
     /// the engine was built for.
     #[error("cannot load {path}: {reason}")]
@@ -277,6 +288,10 @@ impl Runtime {
         let bytes = std::fs::read(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => LoadError::NotFound {
                 path: path_buf.clone(),
+                bundled: in_repository_plugins(path),
+            },
+            std::io::ErrorKind::IsADirectory => LoadError::Directory {
+                path: path_buf.clone(),
             },
             _ => LoadError::Unreadable {
                 path: path_buf.clone(),
@@ -397,6 +412,23 @@ impl Runtime {
         ));
         Ok(plugin)
     }
+}
+
+/// Whether `path` is in the `plugins/` folder of a grenache-host repository
+/// (a folder `plugins` beside `xtask/` and `wit/`), wherever it is checked
+/// out: only there does `cargo xtask plugins` write missing plugins.
+fn in_repository_plugins(path: &Path) -> bool {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    dir.file_name() == Some("plugins".as_ref())
+        && dir
+            .parent()
+            .is_some_and(|repo| repo.join("xtask").is_dir() && repo.join("wit").is_dir())
 }
 
 /// The minimum memory size, in bytes, of a module memory the engine refused
