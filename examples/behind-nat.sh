@@ -77,10 +77,10 @@ LOG=$(mktemp -d)
 echo "== public host: DHT node and fibonacci_consumer"
 bg_in pub "$LOG/dht" "$HOST" dht --listen 203.0.113.10:20001
 sleep 0.5
-bg_in pub "$LOG/consumer" "$HOST" run plugins/consumer.wasm --listen 203.0.113.10:0 --bootstrap 203.0.113.10:20001
+bg_in pub "$LOG/consumer" "$HOST" run plugins/consumer.wasm --listen 203.0.113.10:0 --bootstrap 203.0.113.10:20001 --control off
 
 echo "== a plain call into the home, before the worker punches (the NAT must drop it)"
-bg_in home "$LOG/quiet" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001
+bg_in home "$LOG/quiet" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --control off
 QUIET=$!
 wait_for "$LOG/quiet" "announced fibonacci_worker"
 if inns pub "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 --timeout-ms 2000 2>&1 | sed 's/^/   call | /'; then
@@ -92,7 +92,7 @@ kill "$QUIET"
 
 echo "== the worker behind NAT, with --behind-nat: it punches fibonacci_consumer every second"
 wait "$QUIET" 2>/dev/null || true
-bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --behind-nat
+bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --behind-nat --control off
 sleep "$SECONDS_TO_WATCH"
 echo "-- consumer (public):"; grep -E "punch from|got data reply|failed" "$LOG/consumer" | sed 's/^/   /' | head -8
 echo "-- worker (behind NAT, seen from outside as 203.0.113.2):"; grep -E "request for" "$LOG/worker" | sed 's/^/   /' | head -4
