@@ -42,7 +42,7 @@ pub enum Command {
     ///
     /// Example: grenache-host invoke plugins/fibonacci.wasm fibonacci_worker '{"length":10}'
     Invoke {
-        /// The plugin file (a wasm component).
+        /// The plugin file (a wasm component, or a .cwasm from `compile`).
         plugin: PathBuf,
         /// The service to call, one the plugin serves (see `inspect`).
         service: String,
@@ -64,7 +64,7 @@ pub enum Command {
     ///
     /// {"calls":["fibonacci_worker"],"contract":"grenache:plugin@0.3.0","plugin":"consumer","punch":[],"serves":["fibonacci_consumer"]}
     Inspect {
-        /// The plugin file (a wasm component).
+        /// The plugin file (a wasm component, or a .cwasm from `compile`).
         plugin: PathBuf,
         #[command(flatten)]
         limits: LimitArgs,
@@ -79,7 +79,8 @@ pub enum Command {
     ///
     /// Joining Node services: grenache-host run plugins/fibonacci.wasm --grape http://127.0.0.1:30001
     Run {
-        /// Plugin files (wasm components); each serves the services in its manifest.
+        /// Plugin files (wasm components, or .cwasm files from `compile`);
+        /// each serves the services in its manifest.
         #[arg(required = true)]
         plugins: Vec<PathBuf>,
         /// Address of the RPC socket (uTP and punches); port 0 picks a free port.
@@ -130,7 +131,7 @@ pub enum Command {
     Swap {
         /// The plugin's name (its first file name without .wasm) or a service it serves.
         target: String,
-        /// The new plugin file.
+        /// The new plugin file (a wasm component or a .cwasm).
         file: PathBuf,
         #[command(flatten)]
         control: ControlArgs,
@@ -146,6 +147,31 @@ pub enum Command {
     Status {
         #[command(flatten)]
         control: ControlArgs,
+    },
+    /// Precompile a plugin for this host's engine (or another machine's,
+    /// with --target), so that `run`, `swap` and `invoke` load it without
+    /// compiling: a .cwasm file.
+    ///
+    /// The plugin is checked first as `run` would (a component, a contract
+    /// version this host speaks, its manifest), so a bad plugin never
+    /// becomes a .cwasm. A .cwasm only loads in the same grenache-host
+    /// version, on the target it was made for. Sign the .cwasm (not only the
+    /// .wasm) for hosts run with --trusted-key.
+    ///
+    /// Example: grenache-host compile plugins/fibonacci.wasm --target aarch64-unknown-linux-gnu
+    Compile {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// Where to write the precompiled plugin. Default: the plugin's path
+        /// with the extension .cwasm.
+        #[arg(short, long, value_name = "OUT.cwasm")]
+        out: Option<PathBuf>,
+        /// Compile for another machine, e.g. aarch64-unknown-linux-gnu
+        /// (a Raspberry Pi 4 on 64-bit Linux). Default: this machine.
+        #[arg(long, value_name = "TRIPLE")]
+        target: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Create a key pair for signing plugins: PREFIX.secret (owner-only) and PREFIX.pub.
     ///

@@ -1,5 +1,5 @@
 //! The local commands: `invoke` and `inspect` load a plugin file and call it
-//! in this process, without any network.
+//! in this process, without any network; `compile` precompiles one.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -72,5 +72,36 @@ pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
         "calls": plugin.calls(),
     });
     print_line(manifest);
+    ExitCode::SUCCESS
+}
+
+/// `grenache-host compile`: checks the plugin as `run` would, precompiles it
+/// for this host's engine under `limits` (or for `target`) and writes it to
+/// `out`, whole or not at all.
+pub async fn compile(path: &Path, out: &Path, target: Option<&str>, limits: Limits) -> ExitCode {
+    let runtime = match Runtime::new(limits) {
+        Ok(r) => r,
+        Err(e) => return usage_error(e),
+    };
+    let artifact = match runtime.precompile(path, target).await {
+        Ok(a) => a,
+        Err(e) => return usage_error(e),
+    };
+    // Write beside, then rename: a host watching `out` (run --watch) never
+    // sees half a file.
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    if let Err(e) = std::fs::write(&partial, &artifact).and_then(|()| std::fs::rename(&partial, out))
+    {
+        let _ = std::fs::remove_file(&partial);
+        return usage_error(format!("cannot write {}: {e}", out.display()));
+    }
+    print_line(format_args!(
+        "wrote {} ({}, for {})",
+        out.display(),
+        crate::units::format_size(artifact.len() as u64),
+        target.unwrap_or("this machine")
+    ));
     ExitCode::SUCCESS
 }

@@ -7,7 +7,8 @@
 //! - [`client`]: the one-shot network clients, `call` and `bench`;
 //! - [`admin`]: `keygen`, `sign`, and `swap`/`rollback`/`status` on a running
 //!   host's control socket;
-//! - [`local`]: `invoke` and `inspect`, a plugin file without any network;
+//! - [`local`]: `invoke`, `inspect` and `compile`, a plugin file without
+//!   any network;
 //! - [`output`]: exit codes and how every command reports results and errors.
 //!
 //! Exit codes are part of the interface: 0 success, 1 the service answered
@@ -161,6 +162,15 @@ async fn dispatch(command: Command) -> ExitCode {
                 crate::node::control::ControlRequest::Status,
             )
             .await
+        }
+        Command::Compile {
+            plugin,
+            out,
+            target,
+            limits,
+        } => {
+            let out = out.unwrap_or_else(|| plugin.with_extension("cwasm"));
+            local::compile(&plugin, &out, target.as_deref(), limits.limits()).await
         }
         Command::Keygen { out } => admin::keygen(&out),
         Command::Sign { plugin, key } => admin::sign(&plugin, &key),

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Precompiled, Store,
+    Trap, UpdateDeadline,
 };
 
 use super::contract::{
@@ -75,8 +75,8 @@ pub enum LoadError {
     /// the engine was built for.
     #[error("cannot load {path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
-    /// The file does not start with the wasm magic number.
-    #[error("cannot load {path}: not a WebAssembly file (it does not start with `\\0asm`); pass a component built with `cargo build --target wasm32-wasip2`")]
+    /// The file is neither wasm (its magic number) nor precompiled.
+    #[error("cannot load {path}: not a WebAssembly file (it does not start with `\\0asm`) nor a precompiled plugin; pass a component built with `cargo build --target wasm32-wasip2`, or a .cwasm from `grenache-host compile`")]
     NotWasm { path: PathBuf },
     /// A core module (binary layer 0), not a component.
     #[error("cannot load {path}: a core wasm module, not a component (built for wasm32-unknown-unknown or wasm32-wasip1?); build it with `cargo build --target wasm32-wasip2`")]
@@ -101,6 +101,10 @@ pub enum LoadError {
     /// A component that does not compile, or an unknown wasm binary layer.
     #[error("cannot load {path}: invalid component ({reason}); rebuild it with `cargo build --target wasm32-wasip2`")]
     Invalid { path: PathBuf, reason: String },
+    /// A precompiled file (`.cwasm`) this engine cannot use: made by another
+    /// wasmtime version, engine configuration or target, or damaged.
+    #[error("cannot load {path}: a precompiled plugin this host cannot use ({reason}); recompile it with `grenache-host compile` from its .wasm, with this grenache-host (and --target for another machine)")]
+    Precompiled { path: PathBuf, reason: String },
     /// A component of another world: its imports or exports do not match
     /// `wit/plugin.wit` (nor any older contract version the host speaks).
     #[error("cannot load {path}: not a grenache plugin ({reason}); build it against wit/ with `wit_bindgen::generate!({{ path: \"wit\", world: \"plugin\" }})`")]
@@ -204,21 +208,7 @@ impl Runtime {
     /// Builds the engine (pooling allocator sized for `limits`, epoch
     /// interruption) and starts its epoch ticker thread.
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
-        let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(MAX_LIVE_INSTANCES)
-            .total_core_instances(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
-            .total_memories(MAX_LIVE_INSTANCES * 2)
-            .total_tables(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
-            .total_stacks(MAX_LIVE_INSTANCES)
-            .max_memory_size(usize::try_from(limits.memory_bytes)?)
-            .max_unused_warm_slots(32);
-        let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            // Plugins use the WASIp2 (sync ABI) contract only; calls are ~3x
-            // cheaper without component-model concurrency.
-            .concurrency_support(false)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let config = engine_config(limits)?;
         let engine = Engine::new(&config)
             .map_err(|e| anyhow::anyhow!("cannot start the wasm engine: {e:#}"))?;
 
@@ -307,30 +297,8 @@ impl Runtime {
                 }
             })?;
         }
-        check_component_header(&bytes, path)?;
-
         let hash = sha1_smol::Sha1::from(&bytes).digest().to_string();
-        // Compiling takes a while (Cranelift); keep it off the async workers.
-        let engine = self.engine.clone();
-        let component =
-            tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
-                .await
-                .map_err(|e| LoadError::Invalid {
-                    path: path_buf.clone(),
-                    reason: e.to_string(),
-                })?
-                .map_err(|e| match memory_minimum_over_limit(&e) {
-                    Some(needs) => LoadError::MemoryLimitTooLow {
-                        path: path_buf.clone(),
-                        plugin: plugin_name(path),
-                        needs,
-                        limit: self.limits.memory_bytes,
-                    },
-                    None => LoadError::Invalid {
-                        path: path_buf.clone(),
-                        reason: one_line(&e),
-                    },
-                })?;
+        let component = self.component_from(bytes, path).await?;
 
         let unknown = contract::unknown_versions(&self.engine, &component);
         if !unknown.is_empty() {
@@ -412,6 +380,154 @@ impl Runtime {
         ));
         Ok(plugin)
     }
+    /// The component in `bytes`, told apart by content, not by the file's
+    /// extension: a wasm component is compiled with Cranelift, a
+    /// precompiled one (`grenache-host compile`) deserialized.
+    async fn component_from(&self, bytes: Vec<u8>, path: &Path) -> Result<Component, LoadError> {
+        let path_buf = path.to_path_buf();
+        if !bytes.starts_with(WASM_MAGIC) {
+            return self.deserialize(&bytes, path);
+        }
+        check_component_header(&bytes, path)?;
+        // Compiling takes a while (Cranelift); keep it off the async workers.
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
+            .await
+            .map_err(|e| LoadError::Invalid {
+                path: path_buf.clone(),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| self.compile_error(&e, path))
+    }
+
+    /// A component that does not fit this engine: its memory is larger
+    /// than the memory limit allows, or it is invalid.
+    fn compile_error(&self, e: &wasmtime::Error, path: &Path) -> LoadError {
+        match memory_minimum_over_limit(e) {
+            Some(needs) => LoadError::MemoryLimitTooLow {
+                path: path.to_path_buf(),
+                plugin: plugin_name(path),
+                needs,
+                limit: self.limits.memory_bytes,
+            },
+            None => LoadError::Invalid {
+                path: path.to_path_buf(),
+                reason: one_line(e),
+            },
+        }
+    }
+
+    /// Loads a precompiled component (a `.cwasm` from `grenache-host
+    /// compile`) without compiling it.
+    fn deserialize(&self, bytes: &[u8], path: &Path) -> Result<Component, LoadError> {
+        let path_buf = path.to_path_buf();
+        match Engine::detect_precompiled(bytes) {
+            Some(Precompiled::Component) => {}
+            Some(Precompiled::Module) => {
+                return Err(LoadError::Precompiled {
+                    path: path_buf,
+                    reason: "a precompiled core module, not a component".into(),
+                })
+            }
+            None if bytes.starts_with(ELF_MAGIC) => {
+                return Err(LoadError::Precompiled {
+                    path: path_buf,
+                    reason: "damaged or not made by wasmtime".into(),
+                })
+            }
+            None => return Err(LoadError::NotWasm { path: path_buf }),
+        }
+        // SAFETY: `Component::deserialize` trusts its input to be machine
+        // code that wasmtime itself wrote; a crafted file could run
+        // arbitrary code in the host, outside the sandbox. It is sound here
+        // because:
+        // - the bytes come from `grenache-host compile`, which writes
+        //   `Engine::precompile_component`'s output of a component it has
+        //   fully checked (header, contract version, world, manifest);
+        // - wasmtime checks the header before using anything else: the ELF
+        //   flags (above, and again inside), then the wasmtime version, the
+        //   target, the compiler flags and the engine settings, so a file made
+        //   by another version, configuration or target is refused, not run;
+        // - with --trusted-key, the detached signature was verified over
+        //   these exact bytes (`load_with` reads the file once, verifies,
+        //   then hands the same buffer here), so what runs is what the signer
+        //   compiled.
+        // What remains trusted: whoever may write the plugin file when no
+        // --trusted-key is given (the same trust as for the host binary and
+        // its directory), and, with a key, the signer's build machine. A
+        // `.cwasm` is native code: sign it, or keep it where only the
+        // operator can write.
+        unsafe { Component::deserialize(&self.engine, bytes) }.map_err(|e| {
+            if memory_minimum_over_limit(&e).is_some() {
+                return self.compile_error(&e, path);
+            }
+            LoadError::Precompiled {
+                path: path_buf,
+                reason: one_line(&e),
+            }
+        })
+    }
+
+    /// Precompiles the component at `path` for this runtime's engine, or,
+    /// with `target` (a triple such as `aarch64-unknown-linux-gnu`), for the
+    /// same engine configuration on that target. The file is first loaded
+    /// here as `run` would load it (header, contract version, world,
+    /// manifest), so that a bad plugin never becomes a `.cwasm`. Returns the
+    /// artifact's bytes; every error is one line naming the fix.
+    pub async fn precompile(&self, path: &Path, target: Option<&str>) -> Result<Vec<u8>, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if Engine::detect_precompiled(&bytes).is_some() {
+            return Err(format!(
+                "{} is already precompiled; compile the .wasm component it was made from",
+                path.display()
+            ));
+        }
+        self.load(path, Arc::new(super::NoNetwork))
+            .await
+            .map_err(|e| e.to_string())?;
+        let engine = match target {
+            None => self.engine.clone(),
+            Some(triple) => {
+                let mut config = engine_config(self.limits).map_err(|e| e.to_string())?;
+                config.target(triple).map_err(|e| {
+                    format!("--target {triple}: {e:#}; pass a target triple such as aarch64-unknown-linux-gnu")
+                })?;
+                Engine::new(&config)
+                    .map_err(|e| format!("cannot compile for {triple}: {}", one_line(&e)))?
+            }
+        };
+        tokio::task::spawn_blocking(move || engine.precompile_component(&bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot compile {}: {}", path.display(), one_line(&e)))
+    }
+}
+
+/// The first bytes of a wasm binary, module or component.
+const WASM_MAGIC: &[u8] = b"\0asm";
+/// The first bytes of an ELF file, which a `.cwasm` is.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
+/// The engine configuration for `limits`: the one place it is written, so
+/// that `compile` makes artifacts for exactly the engine `run` builds
+/// (wasmtime refuses a precompiled component whose engine settings differ).
+fn engine_config(limits: Limits) -> anyhow::Result<Config> {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(MAX_LIVE_INSTANCES)
+        .total_core_instances(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(MAX_LIVE_INSTANCES * 2)
+        .total_tables(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
+        .total_stacks(MAX_LIVE_INSTANCES)
+        .max_memory_size(usize::try_from(limits.memory_bytes)?)
+        .max_unused_warm_slots(32);
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        // Plugins use the WASIp2 (sync ABI) contract only; calls are ~3x
+        // cheaper without component-model concurrency.
+        .concurrency_support(false)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Ok(config)
 }
 
 /// Whether `path` is in the `plugins/` folder of a grenache-host repository
@@ -472,8 +588,7 @@ fn valid_service_name(name: &str) -> bool {
 /// Tells a core module, a component and something else apart from the
 /// header, so the error can say which of them the user passed.
 fn check_component_header(bytes: &[u8], path: &Path) -> Result<(), LoadError> {
-    const MAGIC: &[u8] = b"\0asm";
-    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+    if bytes.len() < 8 || !bytes.starts_with(WASM_MAGIC) {
         return Err(LoadError::NotWasm {
             path: path.to_path_buf(),
         });
