@@ -93,6 +93,44 @@ fn swapping_ten_times_under_load_loses_no_request() {
 }
 
 #[test]
+fn a_swap_to_a_precompiled_plugin_under_load_loses_no_request() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let (_versioned, sock) = versioned_host(dir.path(), &bootstrap, &[]);
+    let v2 = common::precompiled(&test_plugin("version-2"), dir.path(), &[]);
+    let mut bench = HostProcess::spawn(
+        "bench",
+        &[
+            "bench",
+            "versioned",
+            "{}",
+            "--bootstrap",
+            &bootstrap,
+            "--requests",
+            "10000",
+            "--concurrency",
+            "16",
+        ],
+    );
+    bench.wait_for("bench: 10000 requests", SOON);
+    let r = control(&["swap", "versioned", v2.to_str().unwrap()], &sock);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("swapped versioned"), "{}", r.stdout);
+    assert!(
+        bench.is_running(),
+        "the bench ended before the swap; give it more requests\n{}",
+        bench.output()
+    );
+    let line = bench.wait_for("requests ok=", SOON * 6);
+    assert!(
+        line.starts_with("requests ok=10000 failed=0 "),
+        "{line}\n{}",
+        bench.output()
+    );
+    assert_eq!(version(&bootstrap), r#"{"version":2}"#);
+}
+
+#[test]
 fn a_swap_changes_what_is_announced_and_rollback_restores_it() {
     let (_dht, bootstrap) = start_dht();
     let dir = tempfile::tempdir().unwrap();

@@ -105,6 +105,32 @@ fn only_plugins_signed_by_a_trusted_key_run() {
 }
 
 #[test]
+fn a_signed_cwasm_runs_and_a_tampered_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = keygen(dir.path(), "ops");
+    let cwasm = common::precompiled(&plugin("fibonacci"), dir.path(), &[]);
+    sign(&cwasm, &dir.path().join("ops.secret"));
+    let (worker, peer) = signed_worker(&cwasm, &ops, &[]);
+    let r = call_peer(&peer, "fibonacci_worker", r#"{"length":5}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2,3,5]\n"),
+        "{}",
+        r.stderr
+    );
+    drop(worker);
+
+    // One byte of machine code changed after signing: refused before
+    // wasmtime sees it.
+    let mut bytes = std::fs::read(&cwasm).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&cwasm, bytes).unwrap();
+    let line = refused(&cwasm, &dir.path().join("ops.pub"));
+    assert!(line.contains("does not match"), "{line}");
+}
+
+#[test]
 fn a_swap_to_an_unsigned_file_is_refused_and_the_signed_version_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let ops = keygen(dir.path(), "ops");

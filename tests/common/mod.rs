@@ -83,6 +83,27 @@ pub fn invoke(plugin: &std::path::Path, service: &str, payload: &str, extra: &[&
     shown(host(&args))
 }
 
+/// `grenache-host compile <plugin> -o <dir>/<its name>.cwasm <extra>`;
+/// returns the .cwasm's path.
+pub fn precompiled(plugin: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> PathBuf {
+    let out = dir.join(plugin.with_extension("cwasm").file_name().unwrap());
+    let mut args = vec![
+        "compile",
+        plugin.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let r = shown(host(&args));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with(&format!("wrote {}", out.display())),
+        "{}",
+        r.stdout
+    );
+    out
+}
+
 /// What a finished command showed the user.
 pub struct Shown {
     pub code: i32,

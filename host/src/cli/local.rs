@@ -92,7 +92,8 @@ pub async fn compile(path: &Path, out: &Path, target: Option<&str>, limits: Limi
     let mut partial = out.as_os_str().to_owned();
     partial.push(".partial");
     let partial = std::path::PathBuf::from(partial);
-    if let Err(e) = std::fs::write(&partial, &artifact).and_then(|()| std::fs::rename(&partial, out))
+    if let Err(e) =
+        std::fs::write(&partial, &artifact).and_then(|()| std::fs::rename(&partial, out))
     {
         let _ = std::fs::remove_file(&partial);
         return usage_error(format!("cannot write {}: {e}", out.display()));

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Precompiled, Store,
-    Trap, UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Precompiled, Store, Trap,
+    UpdateDeadline,
 };
 
 use super::contract::{
@@ -475,7 +475,8 @@ impl Runtime {
     /// manifest), so that a bad plugin never becomes a `.cwasm`. Returns the
     /// artifact's bytes; every error is one line naming the fix.
     pub async fn precompile(&self, path: &Path, target: Option<&str>) -> Result<Vec<u8>, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         if Engine::detect_precompiled(&bytes).is_some() {
             return Err(format!(
                 "{} is already precompiled; compile the .wasm component it was made from",
