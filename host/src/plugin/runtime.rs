@@ -3,10 +3,12 @@
 //! instantiated afresh in its own `Store` for every call.
 //!
 //! Loading reads the file once, checks its signature when the runtime
-//! requires one ([`signing`](super::signing)), compiles and type-checks it
-//! against the `plugin` world of each contract version the host speaks
-//! ([`contract`]: 0.3.0, then 0.2.0), and reads its manifest; each way that
-//! fails is a [`LoadError`].
+//! requires one ([`signing`](super::signing)), compiles it (or, for a
+//! `.cwasm` from `grenache-host compile`, told apart by its header,
+//! deserializes it: [`Runtime::precompile`] makes those with the same engine
+//! configuration), type-checks it against the `plugin` world of each
+//! contract version the host speaks ([`contract`]: 0.3.0, then 0.2.0), and
+//! reads its manifest; each way that fails is a [`LoadError`].
 //!
 //! Every call (`manifest`, `handle`, `on-punch`) goes the same way, whatever
 //! the plugin's contract version: a new store with the limits of the
