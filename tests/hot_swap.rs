@@ -231,6 +231,44 @@ fn watch_swaps_in_a_file_renamed_over_and_ignores_a_broken_one() {
 }
 
 #[test]
+fn watch_swaps_in_a_cwasm_that_compile_writes_over_the_served_one() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    // Served from a .cwasm: compile version 1 to versioned.cwasm.
+    let v1 = dir.path().join("versioned.wasm");
+    std::fs::copy(test_plugin("version-1"), &v1).unwrap();
+    let file = common::precompiled(&v1, dir.path(), &[]);
+    let watcher = HostProcess::spawn(
+        "precompiled host",
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap",
+            &bootstrap,
+            "--control",
+            "off",
+            "--watch",
+        ],
+    );
+    watcher.wait_for("announced versioned", SOON);
+    assert_eq!(version(&bootstrap), r#"{"version":1}"#);
+
+    // `compile` writes beside and renames over: the host swaps in the new
+    // .cwasm whole.
+    let r = shown(host(&[
+        "compile",
+        test_plugin("version-2").to_str().unwrap(),
+        "-o",
+        file.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    watcher.wait_for("swapped versioned", SOON);
+    assert_eq!(version(&bootstrap), r#"{"version":2}"#);
+}
+
+#[test]
 fn the_control_socket_is_owner_only_and_tools_say_when_no_host_listens() {
     let (_dht, bootstrap) = start_dht();
     let dir = tempfile::tempdir().unwrap();
