@@ -443,22 +443,22 @@ impl Runtime {
         // code that wasmtime itself wrote; a crafted file could run
         // arbitrary code in the host, outside the sandbox. It is sound here
         // because:
-        // - the bytes come from `grenache-host compile`, which writes
-        //   `Engine::precompile_component`'s output of a component it has
-        //   fully checked (header, contract version, world, manifest);
-        // - wasmtime checks the header before using anything else: the ELF
-        //   flags (above, and again inside), then the wasmtime version, the
-        //   target, the compiler flags and the engine settings, so a file made
-        //   by another version, configuration or target is refused, not run;
+        // - a `.cwasm` is meant to come from `grenache-host compile`, which
+        //   writes `Engine::precompile_component`'s output for a component
+        //   it has fully checked (header, contract version, world, manifest);
+        // - wasmtime checks the artifact before using it: the ELF flags
+        //   (above, and again inside), then the wasmtime version, target,
+        //   compiler flags and engine settings recorded in it, so a file made
+        //   by another version, configuration or target is refused, not run
+        //   (this catches mistakes, not malice: the check reads the file);
         // - with --trusted-key, the detached signature was verified over
         //   these exact bytes (`load_with` reads the file once, verifies,
-        //   then hands the same buffer here), so what runs is what the signer
-        //   compiled.
-        // What remains trusted: whoever may write the plugin file when no
-        // --trusted-key is given (the same trust as for the host binary and
-        // its directory), and, with a key, the signer's build machine. A
-        // `.cwasm` is native code: sign it, or keep it where only the
-        // operator can write.
+        //   then hands the same buffer here; nothing re-reads the path), so
+        //   what runs is exactly what the signer compiled.
+        // The remaining trust assumption: without --trusted-key, whoever can
+        // write the plugin file can run native code as the host (as they
+        // could by replacing the host binary: keep plugins where only the
+        // operator writes); with it, the signer's key and build machine.
         unsafe { Component::deserialize(&self.engine, bytes) }.map_err(|e| {
             if memory_minimum_over_limit(&e).is_some() {
                 return self.compile_error(&e, path);
