@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use mainline::{Dht, Id};
 
-use super::{without_repeats, BoxFuture, Discovery, DiscoveryError, LookupCache};
+use super::{usable_peers, BoxFuture, Discovery, DiscoveryError, LookupCache};
 
 /// Per-query DHT timeout (mainline's default). Lookups take the first batch
 /// of peers, so a slow or dead node does not hold them up; a shorter timeout
@@ -133,7 +133,7 @@ impl DhtDiscovery {
         }
         let mut stream = self.dht.get_peers(service_key(service));
         let found = match tokio::time::timeout(timeout, stream.next()).await {
-            Ok(Some(batch)) => without_repeats(batch.into_iter().map(SocketAddr::V4).collect()),
+            Ok(Some(batch)) => usable_peers(batch.into_iter().map(SocketAddr::V4)),
             _ => vec![],
         };
         self.cache.put(service, &found);

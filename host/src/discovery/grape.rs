@@ -40,7 +40,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::{without_repeats, BoxFuture, Discovery, DiscoveryError, LookupCache};
+use super::{usable_peers, BoxFuture, Discovery, DiscoveryError, LookupCache};
 
 /// Deadline of one HTTP request to a Grape, connect included:
 /// grenache-nodejs-link's `requestTimeout` (2500 ms).
@@ -219,18 +219,18 @@ fn quoted(text: &str) -> String {
 }
 
 /// A lookup answer's peers: the `"a.b.c.d:port"` strings of a JSON array,
-/// at most [`MAX_LOOKUP_PEERS`], without repeats; entries that are not one
-/// (or have port 0) are left out. A JSON string is the Grape's error.
+/// at most [`MAX_LOOKUP_PEERS`], without repeats; entries that are not one,
+/// or not a [usable peer](super::is_usable_peer), are left out. A JSON
+/// string is the Grape's error.
 fn lookup_answer(url: &GrapeUrl, answer: serde_json::Value) -> Result<Vec<SocketAddr>, GrapeError> {
     match answer {
-        serde_json::Value::Array(entries) => Ok(without_repeats(
+        serde_json::Value::Array(entries) => Ok(usable_peers(
             entries
                 .iter()
                 .filter_map(|entry| entry.as_str()?.parse::<SocketAddrV4>().ok())
-                .filter(|peer| peer.port() != 0)
                 .map(SocketAddr::V4)
-                .take(MAX_LOOKUP_PEERS)
-                .collect(),
+                .filter(super::is_usable_peer)
+                .take(MAX_LOOKUP_PEERS),
         )),
         serde_json::Value::String(message) => Err(GrapeError::Refused {
             url: url.clone(),
@@ -646,8 +646,16 @@ mod tests {
     #[test]
     fn lookup_answers_are_peers_or_the_grapes_error() {
         let grape = url("http://127.0.0.1:30001");
-        let answer =
-            serde_json::json!(["127.0.0.1:5555", "10.0.0.1:0", "nonsense", 3, "10.0.0.2:7"]);
+        let answer = serde_json::json!([
+            "127.0.0.1:5555",
+            "10.0.0.1:0",
+            "nonsense",
+            3,
+            "0.0.0.0:9",
+            "255.255.255.255:9",
+            "224.0.0.1:9",
+            "10.0.0.2:7"
+        ]);
         assert_eq!(
             lookup_answer(&grape, answer).unwrap(),
             [

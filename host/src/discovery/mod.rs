@@ -157,6 +157,27 @@ pub fn without_repeats(peers: Vec<SocketAddr>) -> Vec<SocketAddr> {
     peers.into_iter().filter(|p| seen.insert(*p)).collect()
 }
 
+/// Whether a directory's answer names a peer we can send to: an IPv4 or
+/// IPv6 unicast address with a port. A directory can lie (a Grape's answer
+/// is anyone's announce), so unspecified (`0.0.0.0`), broadcast, multicast
+/// and port-0 addresses are dropped: sending to them reaches nobody, or
+/// everybody on the segment.
+pub fn is_usable_peer(peer: &SocketAddr) -> bool {
+    let unicast = match peer.ip() {
+        std::net::IpAddr::V4(ip) => {
+            !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast()
+        }
+        std::net::IpAddr::V6(ip) => !ip.is_unspecified() && !ip.is_multicast(),
+    };
+    unicast && peer.port() != 0
+}
+
+/// `peers` that [`is_usable_peer`], without repeats, first occurrences kept
+/// in order: what both backends hand on from a directory's answer.
+pub fn usable_peers(peers: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    without_repeats(peers.into_iter().filter(is_usable_peer).collect())
+}
+
 /// Removes the entry with the oldest time while `map` has `limit` entries
 /// or more, so one more fits.
 fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
@@ -196,5 +217,29 @@ mod tests {
         }
         assert_eq!(cache.lock().len(), MAX_CACHED_LOOKUPS);
         assert!(cache.get(&format!("s{}", MAX_CACHED_LOOKUPS + 4)).is_some());
+    }
+
+    #[test]
+    fn only_unicast_addresses_with_a_port_are_usable_peers() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter().map(|a| a.parse().unwrap()).collect()
+        };
+        let answer = addrs(&[
+            "127.0.0.1:5555",
+            "0.0.0.0:5555",
+            "255.255.255.255:5555",
+            "224.0.0.1:5555",
+            "239.255.255.250:1900",
+            "10.0.0.1:0",
+            "[::]:5555",
+            "[ff02::1]:5555",
+            "127.0.0.1:5555",
+            "10.0.0.2:7",
+            "[::1]:8",
+        ]);
+        assert_eq!(
+            usable_peers(answer),
+            addrs(&["127.0.0.1:5555", "10.0.0.2:7", "[::1]:8"])
+        );
     }
 }

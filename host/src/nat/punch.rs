@@ -21,6 +21,13 @@ use super::config::NatConfig;
 /// How often a host behind a NAT punches its targets (Grenache: every 1 s).
 pub const DEFAULT_PUNCH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Most peers of one service punched per round. A directory can lie (a
+/// Grape's answer is anyone's announce, up to 100 peers): without a cap one
+/// lookup would make the host spray a punch at every address it names,
+/// every round. A service rarely has more hosts than this; the directory
+/// answers in random order, so others get their turn in later rounds.
+pub const MAX_PUNCHES_PER_SERVICE: usize = 16;
+
 /// Forget peers we have not punched for this long.
 const FORGET_AFTER: Duration = Duration::from_secs(120);
 
@@ -85,8 +92,9 @@ impl PunchState {
             .collect()
     }
 
-    /// A lookup for a punch target found these peers: punch each of them.
-    /// `own` is this host's own address, which is never punched.
+    /// A lookup for a punch target found these peers: punch each of them,
+    /// the first [`MAX_PUNCHES_PER_SERVICE`] at most. `own` is this host's
+    /// own address, which is never punched.
     pub fn on_lookup(
         &mut self,
         now: Instant,
@@ -96,6 +104,7 @@ impl PunchState {
         peers
             .iter()
             .filter(|p| !own.contains(p))
+            .take(MAX_PUNCHES_PER_SERVICE)
             .map(|&peer| {
                 self.last_sent.insert(peer, now);
                 PunchAction::SendPunch(peer)
@@ -190,6 +199,16 @@ mod tests {
                 PunchAction::SendPunch(addr(2))
             ]
         );
+    }
+
+    #[test]
+    fn a_lookup_punches_at_most_the_cap_of_peers() {
+        let t0 = Instant::now();
+        let mut s = PunchState::new(t0, vec!["a".into()], &BEHIND_NAT, DEFAULT_PUNCH_INTERVAL);
+        let lying_answer: Vec<SocketAddr> = (1..=100).map(addr).collect();
+        let actions = s.on_lookup(t0, &lying_answer, &[addr(1)]);
+        assert_eq!(actions.len(), MAX_PUNCHES_PER_SERVICE);
+        assert_eq!(actions[0], PunchAction::SendPunch(addr(2)));
     }
 
     #[test]

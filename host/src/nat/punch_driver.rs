@@ -1,7 +1,8 @@
 //! The punch driver: runs a host's [`PunchState`] with the real clock, its
 //! RPC socket and discovery (`docs/wire.md §1`).
 //!
-//! Each round it looks the punch targets up and punches every peer found;
+//! Each round it looks the punch targets up and punches the peers found (at
+//! most [`super::punch::MAX_PUNCHES_PER_SERVICE`] per target);
 //! each punch received goes to the state machine, which may punch back and
 //! have the plugins told. Telling the plugins is the node's business: the
 //! driver calls the `notify` function it was given and runs the futures it
