@@ -155,7 +155,8 @@ enum GrapeError {
         status: u16,
         body: String,
     },
-    #[error("the Grape at {url} answered {message:?}{}", hint(message, url))]
+    /// `message` has been through [`quoted`], so it is shown as it is.
+    #[error("the Grape at {url} answered \"{message}\"{}", hint(message, url))]
     Refused { url: GrapeUrl, message: String },
     #[error("what {url} answered is not a Grape's ({reason}); is {url} a grape's --aph port?")]
     NotAGrape { url: GrapeUrl, reason: String },
@@ -209,13 +210,25 @@ fn transport_cause(error: &reqwest::Error) -> String {
     innermost
 }
 
-/// `text` cut to [`QUOTED_BODY_CHARS`], for a message.
+/// `text` cut to [`QUOTED_BODY_CHARS`], with control characters escaped
+/// (`\u{1b}`, `\n`), for a message: everything a Grape sends reaches the
+/// log or a terminal through here, and an escape sequence or a newline in
+/// it could repaint the terminal or forge a log line.
 fn quoted(text: &str) -> String {
     let text = text.trim();
-    match text.char_indices().nth(QUOTED_BODY_CHARS) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_string(),
+    let (kept, cut) = match text.char_indices().nth(QUOTED_BODY_CHARS) {
+        Some((end, _)) => (&text[..end], "…"),
+        None => (text, ""),
+    };
+    let mut escaped = String::with_capacity(kept.len());
+    for c in kept.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
     }
+    escaped + cut
 }
 
 /// A lookup answer's peers: the `"a.b.c.d:port"` strings of a JSON array,
@@ -243,11 +256,15 @@ fn lookup_answer(url: &GrapeUrl, answer: serde_json::Value) -> Result<Vec<Socket
     }
 }
 
-/// An announce answer: the number of DHT nodes that took it, or the
-/// Grape's error string.
+/// An announce answer: the number of DHT nodes that took it, a positive
+/// integer, or the Grape's error string. Any other answer (`0`, `-5`, `1.5`,
+/// an object) is a failure that quotes it: a Grape that stored the announce
+/// nowhere answers an error string, never 0.
 fn announce_answer(url: &GrapeUrl, answer: serde_json::Value) -> Result<u64, GrapeError> {
     match answer {
-        serde_json::Value::Number(n) => Ok(n.as_u64().unwrap_or(0)),
+        serde_json::Value::Number(n) if n.as_u64().is_some_and(|n| n > 0) => {
+            Ok(n.as_u64().unwrap_or_default())
+        }
         serde_json::Value::String(message) => Err(GrapeError::Refused {
             url: url.clone(),
             message: quoted(&message),
@@ -681,9 +698,33 @@ mod tests {
     }
 
     #[test]
+    fn quoted_text_has_its_control_characters_escaped() {
+        assert_eq!(quoted(" ok \n"), "ok");
+        assert_eq!(
+            quoted("\u{1b}[31mred\nforged line\r\u{7}"),
+            "\\u{1b}[31mred\\nforged line\\r\\u{7}"
+        );
+        let long = "é".repeat(QUOTED_BODY_CHARS + 1);
+        assert_eq!(quoted(&long), format!("{}…", "é".repeat(QUOTED_BODY_CHARS)));
+    }
+
+    #[test]
     fn announce_errors_say_what_to_check() {
         let grape = url("http://127.0.0.1:30001");
         assert_eq!(announce_answer(&grape, serde_json::json!(1)).unwrap(), 1);
+        assert_eq!(announce_answer(&grape, serde_json::json!(3)).unwrap(), 3);
+        for (bad, quoted) in [
+            (serde_json::json!(0), "answered 0"),
+            (serde_json::json!(-5), "answered -5"),
+            (serde_json::json!(1.5), "answered 1.5"),
+            (serde_json::json!({"ok": true}), r#"answered {"ok":true}"#),
+        ] {
+            let e = announce_answer(&grape, bad.clone()).unwrap_err();
+            assert!(matches!(e, GrapeError::NotAGrape { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(quoted), "{bad}: {e}");
+        }
+        let e = announce_answer(&grape, serde_json::json!("1")).unwrap_err();
+        assert!(e.to_string().contains(r#"answered "1""#), "{e}");
         let e = announce_answer(&grape, serde_json::json!("No nodes to query")).unwrap_err();
         assert!(
             e.to_string()
@@ -775,6 +816,20 @@ mod tests {
         assert_eq!(bodies.len(), 1, "a Grape's answer is not retried");
         let body: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
         assert_eq!(body["data"], serde_json::json!(["rpc_test", 49912]));
+    }
+
+    #[tokio::test]
+    async fn a_grapes_error_body_reaches_the_log_escaped() {
+        let evil = http("500 Internal Server Error", "\u{1b}[31mboom\nWARN forged");
+        let (grape, _) = fake_grape(vec![evil.clone(), evil.clone(), evil]).await;
+        let link = GrapeDiscovery::new(vec![grape]).unwrap();
+        let e = link.announce("svc", 5555).await.unwrap_err().to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains(r"\u{1b}[31mboom\nWARN forged"), "{e}");
+        let (grape, _) = fake_grape(vec![http("200 OK", r#""bad\u001b[2J""#)]).await;
+        let link = GrapeDiscovery::new(vec![grape]).unwrap();
+        let e = link.announce("svc", 5555).await.unwrap_err().to_string();
+        assert!(e.contains(r#"answered "bad\u{1b}[2J""#), "{e}");
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //!
 //! Grenache's behaviour, made explicit: a host behind a NAT looks up every
 //! service its plugins want punched, once per round (1 s), and sends one punch
-//! (`C3 BF`) from its RPC socket to every address found. The punch opens (and
+//! (`C3 BF`) from its RPC socket to every address found ([`MAX_PUNCHES_PER_SERVICE`]
+//! at most per service). The punch opens (and
 //! keeps open) a mapping in its NAT toward that peer. Any host that receives a
 //! punch tells its plugins (`on-punch`) and punches back, each at most once per
 //! round per peer: the answer cannot turn into a punch storm, and a burst of
