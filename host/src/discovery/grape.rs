@@ -147,8 +147,18 @@ impl FromStr for GrapeUrl {
 enum GrapeError {
     #[error("cannot reach the Grape at {url} ({cause}); is a grape running with --aph {}?", url.port())]
     Unreachable { url: GrapeUrl, cause: String },
-    #[error("the Grape at {url} did not answer within {after:?}; is it overloaded, or is {url} another kind of server?")]
-    Timeout { url: GrapeUrl, after: Duration },
+    /// The connection was made, but the exchange broke off or the answer's
+    /// head could not be read (e.g. headers too large): the Grape was
+    /// reached, so the hint is not "is a grape running".
+    #[error("the Grape at {url} was reached, but the exchange failed ({cause}); is {url} a grape's --aph port?")]
+    Broken { url: GrapeUrl, cause: String },
+    /// `after` is the whole wait, every try and pause included.
+    #[error("the Grape at {url} did not answer within {after:?} ({tries} {}); is it overloaded, or is {url} another kind of server?", if *tries == 1 { "try" } else { "tries" })]
+    Timeout {
+        url: GrapeUrl,
+        after: Duration,
+        tries: u32,
+    },
     #[error("the Grape at {url} answered HTTP {status}: {body}")]
     Status {
         url: GrapeUrl,
@@ -168,7 +178,10 @@ impl GrapeError {
     fn is_retried(&self) -> bool {
         matches!(
             self,
-            GrapeError::Unreachable { .. } | GrapeError::Timeout { .. } | GrapeError::Status { .. }
+            GrapeError::Unreachable { .. }
+                | GrapeError::Broken { .. }
+                | GrapeError::Timeout { .. }
+                | GrapeError::Status { .. }
         )
     }
 }
@@ -231,20 +244,32 @@ fn quoted(text: &str) -> String {
     escaped + cut
 }
 
+/// What a Grape answered to a lookup.
+#[derive(Debug, PartialEq, Eq)]
+struct LookupAnswer {
+    /// How many entries its array had, usable or not.
+    entries: usize,
+    /// The usable peers among them.
+    peers: Vec<SocketAddr>,
+}
+
 /// A lookup answer's peers: the `"a.b.c.d:port"` strings of a JSON array,
 /// at most [`MAX_LOOKUP_PEERS`], without repeats; entries that are not one,
 /// or not a [usable peer](super::is_usable_peer), are left out. A JSON
 /// string is the Grape's error.
-fn lookup_answer(url: &GrapeUrl, answer: serde_json::Value) -> Result<Vec<SocketAddr>, GrapeError> {
+fn lookup_answer(url: &GrapeUrl, answer: serde_json::Value) -> Result<LookupAnswer, GrapeError> {
     match answer {
-        serde_json::Value::Array(entries) => Ok(usable_peers(
-            entries
-                .iter()
-                .filter_map(|entry| entry.as_str()?.parse::<SocketAddrV4>().ok())
-                .map(SocketAddr::V4)
-                .filter(super::is_usable_peer)
-                .take(MAX_LOOKUP_PEERS),
-        )),
+        serde_json::Value::Array(entries) => Ok(LookupAnswer {
+            entries: entries.len(),
+            peers: usable_peers(
+                entries
+                    .iter()
+                    .filter_map(|entry| entry.as_str()?.parse::<SocketAddrV4>().ok())
+                    .map(SocketAddr::V4)
+                    .filter(super::is_usable_peer)
+                    .take(MAX_LOOKUP_PEERS),
+            ),
+        }),
         serde_json::Value::String(message) => Err(GrapeError::Refused {
             url: url.clone(),
             message: quoted(&message),
@@ -333,6 +358,10 @@ pub struct GrapeDiscovery {
     grapes: Vec<Grape>,
     http: reqwest::Client,
     cache: LookupCache,
+    /// The last lookup that Grapes answered with entries but no usable
+    /// peer: its service and what was answered, for
+    /// [`Discovery::nobody_announces`]. One only, so it stays bounded.
+    unusable: Mutex<Option<(String, String)>>,
 }
 
 impl GrapeDiscovery {
@@ -372,6 +401,7 @@ impl GrapeDiscovery {
                 .collect(),
             http,
             cache: LookupCache::default(),
+            unusable: Mutex::default(),
         })
     }
 
@@ -392,6 +422,7 @@ impl GrapeDiscovery {
     ) -> Result<serde_json::Value, GrapeError> {
         let body = serde_json::json!({ "rid": uuid::Uuid::new_v4().to_string(), "data": data })
             .to_string();
+        let started = Instant::now();
         let mut pause = GRAPE_RETRY_PAUSE;
         let attempts = grape.attempts();
         let mut attempt = 1;
@@ -403,7 +434,10 @@ impl GrapeDiscovery {
                     Ok(result) => result,
                     Err(_) => Err(GrapeError::Timeout {
                         url: grape.url.clone(),
-                        after: limit,
+                        // Whole milliseconds: the total waited so far, not
+                        // what this try had left.
+                        after: Duration::from_millis(started.elapsed().as_millis() as u64),
+                        tries: attempt,
                     }),
                 };
             match result {
@@ -431,13 +465,20 @@ impl GrapeDiscovery {
         path: &str,
         body: &str,
     ) -> Result<serde_json::Value, GrapeError> {
-        let unreachable = |e: reqwest::Error| GrapeError::Unreachable {
-            url: url.clone(),
-            cause: transport_cause(&e),
-        };
-        let too_large = || GrapeError::NotAGrape {
-            url: url.clone(),
-            reason: format!("an answer over {MAX_GRAPE_ANSWER} bytes"),
+        // Only a failed connect means nothing is there; an error after it
+        // (a reset, a head too large) comes from whoever answered.
+        let failed = |e: reqwest::Error| {
+            if e.is_connect() {
+                GrapeError::Unreachable {
+                    url: url.clone(),
+                    cause: transport_cause(&e),
+                }
+            } else {
+                GrapeError::Broken {
+                    url: url.clone(),
+                    cause: transport_cause(&e),
+                }
+            }
         };
         let mut response = self
             .http
@@ -447,21 +488,47 @@ impl GrapeDiscovery {
             .body(body.to_string())
             .send()
             .await
-            .map_err(unreachable)?;
+            .map_err(failed)?;
+        let status = response.status();
+        let too_large = || GrapeError::NotAGrape {
+            url: url.clone(),
+            reason: if status.is_success() {
+                format!("an answer over {MAX_GRAPE_ANSWER} bytes")
+            } else {
+                format!(
+                    "an HTTP {} answer over {MAX_GRAPE_ANSWER} bytes",
+                    status.as_u16()
+                )
+            },
+        };
         if response
             .content_length()
             .is_some_and(|n| n > MAX_GRAPE_ANSWER as u64)
         {
             return Err(too_large());
         }
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(GrapeError::Status {
+                url: url.clone(),
+                status: status.as_u16(),
+                body: format!(
+                    "a redirect to \"{}\", not followed (a Grape never redirects)",
+                    quoted(&location)
+                ),
+            });
+        }
         let mut answer = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+        while let Some(chunk) = response.chunk().await.map_err(failed)? {
             if answer.len() + chunk.len() > MAX_GRAPE_ANSWER {
                 return Err(too_large());
             }
             answer.extend_from_slice(&chunk);
         }
-        let status = response.status();
         if !status.is_success() {
             // A Grape's non-2xx answers are plain text, e.g. 500
             // ERR_GRAPE_PAYLOAD_INVALID or 413 ERR_GRAPE_PAYLOAD_SIZE.
@@ -563,18 +630,35 @@ impl GrapeDiscovery {
                 let answer = self
                     .post(grape, "lookup", serde_json::json!(service), deadline)
                     .await;
-                answer.and_then(|a| lookup_answer(&grape.url, a))
+                (
+                    &grape.url,
+                    answer.and_then(|a| lookup_answer(&grape.url, a)),
+                )
             })
             .collect();
         let mut errors = Vec::new();
         let mut answered = false;
-        while let Some(answer) = answers.next().await {
+        let mut unusable = Vec::new();
+        while let Some((url, answer)) = answers.next().await {
             match answer {
-                Ok(peers) if !peers.is_empty() => {
-                    self.cache.put(service, &peers);
-                    return Ok(peers);
+                Ok(answer) if !answer.peers.is_empty() => {
+                    self.cache.put(service, &answer.peers);
+                    return Ok(answer.peers);
                 }
-                Ok(_) => answered = true,
+                Ok(answer) => {
+                    answered = true;
+                    if answer.entries > 0 {
+                        unusable.push(format!(
+                            "the Grape at {url} answered {} {}, none a usable ip:port",
+                            answer.entries,
+                            if answer.entries == 1 {
+                                "entry"
+                            } else {
+                                "entries"
+                            }
+                        ));
+                    }
+                }
                 Err(e) => {
                     tracing::debug!("lookup of {service}: {e}");
                     errors.push(e.to_string());
@@ -582,6 +666,8 @@ impl GrapeDiscovery {
             }
         }
         if answered {
+            *self.unusable.lock().unwrap_or_else(|p| p.into_inner()) =
+                (!unusable.is_empty()).then(|| (service.to_string(), unusable.join("; and ")));
             Ok(Vec::new())
         } else {
             Err(failed(errors.join("; and ")))
@@ -616,6 +702,15 @@ impl Discovery for GrapeDiscovery {
     }
 
     fn nobody_announces(&self, service: &str) -> String {
+        if let Some((_, answered)) = self
+            .unusable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(asked, _)| asked == service)
+        {
+            return format!("no usable host announces {service:?}: {answered}");
+        }
         let through = if self.grapes.len() == 1 {
             "the Grape at"
         } else {
@@ -674,7 +769,7 @@ mod tests {
             "10.0.0.2:7"
         ]);
         assert_eq!(
-            lookup_answer(&grape, answer).unwrap(),
+            lookup_answer(&grape, answer).unwrap().peers,
             [
                 "127.0.0.1:5555".parse::<SocketAddr>().unwrap(),
                 "10.0.0.2:7".parse().unwrap()
@@ -684,6 +779,7 @@ mod tests {
         assert_eq!(
             lookup_answer(&grape, serde_json::json!(many))
                 .unwrap()
+                .peers
                 .len(),
             MAX_LOOKUP_PEERS
         );
@@ -841,7 +937,12 @@ mod tests {
         let (grape, seen) = fake_grape(vec![redirect.clone(), redirect.clone(), redirect]).await;
         let link = GrapeDiscovery::new(vec![grape]).unwrap();
         let e = link.announce("svc", 5555).await.unwrap_err();
-        assert!(e.to_string().contains("answered HTTP 302"), "{e}");
+        assert!(
+            e.to_string().contains(
+                r#"answered HTTP 302: a redirect to "http://127.0.0.1:9/announce", not followed"#
+            ),
+            "{e}"
+        );
         assert_eq!(seen.lock().unwrap().len(), GRAPE_ATTEMPTS as usize);
     }
 
@@ -855,6 +956,89 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("an answer over 65536 bytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_error_answer_keeps_its_status() {
+        let huge = "x".repeat(MAX_GRAPE_ANSWER + 1);
+        let (grape, _) = fake_grape(vec![http("500 Internal Server Error", &huge)]).await;
+        let link = GrapeDiscovery::new(vec![grape]).unwrap();
+        let e = link
+            .lookup("svc", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("an HTTP 500 answer over 65536 bytes"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_too_large_is_not_called_unreachable() {
+        let head = Some(format!(
+            "HTTP/1.1 200 OK\r\nX-Junk: {}\r\nContent-Length: 2\r\n\r\n[]",
+            "a".repeat(2 << 20)
+        ));
+        let (grape, _) = fake_grape(vec![head.clone(), head.clone(), head]).await;
+        let link = GrapeDiscovery::new(vec![grape.clone()]).unwrap();
+        let e = link
+            .lookup("svc", Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("cannot reach"), "{e}");
+        assert!(!e.contains("is a grape running"), "{e}");
+        assert!(
+            e.starts_with(&format!("the Grape at {grape} was reached, but")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn entries_that_are_none_of_them_usable_are_said_so() {
+        let (grape, _) = fake_grape(vec![http(
+            "200 OK",
+            r#"["0.0.0.0:5555", "127.0.0.1:0", "[::1]:1", "127.0.0.1:99999"]"#,
+        )])
+        .await;
+        let link = GrapeDiscovery::new(vec![grape.clone()]).unwrap();
+        let peers = link.lookup("svc", Duration::from_secs(5)).await.unwrap();
+        assert!(peers.is_empty());
+        assert_eq!(
+            link.nobody_announces("svc"),
+            format!(
+                r#"no usable host announces "svc": the Grape at {grape} answered 4 entries, none a usable ip:port"#
+            )
+        );
+        assert!(link
+            .nobody_announces("other")
+            .starts_with("no host announces"));
+    }
+
+    #[tokio::test]
+    async fn a_timeout_says_the_whole_wait() {
+        let (grape, _) = fake_grape(vec![None, None, None]).await;
+        let link = GrapeDiscovery::new(vec![grape]).unwrap();
+        // Two tries fit: 2.5 s, a 250 ms pause, then what is left.
+        let wait = GRAPE_REQUEST_TIMEOUT + Duration::from_millis(500);
+        let e = link
+            .post(
+                &link.grapes[0],
+                "lookup",
+                serde_json::json!("svc"),
+                Instant::now() + wait,
+            )
+            .await
+            .unwrap_err();
+        match &e {
+            GrapeError::Timeout { after, tries, .. } => {
+                assert_eq!(*tries, 2, "{e}");
+                assert!(*after >= wait - Duration::from_millis(50), "{e}");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(e.to_string().contains("(2 tries)"), "{e}");
     }
 
     #[tokio::test]
