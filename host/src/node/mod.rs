@@ -320,17 +320,16 @@ async fn announce_loop(
 }
 
 /// How long the announce loop waits after `failed_rounds` rounds in a row
-/// had a failed announce (0: all went well, so the next re-announce): 1 s for
-/// the first five (a directory that is starting up), then doubling up to
-/// [`REANNOUNCE_INTERVAL`], so a host facing a directory that keeps
-/// refusing neither floods it nor its own log.
+/// had a failed announce (0: all went well, so the next re-announce): 1 s
+/// after the first, doubling with each further one up to
+/// [`REANNOUNCE_INTERVAL`] (1, 2, 4, 8, 16, 30 s), so a directory that is
+/// starting up is soon retried while one that never answers is neither
+/// flooded nor floods the log.
 fn announce_retry_wait(failed_rounds: u32) -> Duration {
-    const QUICK_RETRIES: u32 = 5;
     match failed_rounds {
         0 => REANNOUNCE_INTERVAL,
-        n if n <= QUICK_RETRIES => Duration::from_secs(1),
         n => Duration::from_secs(1)
-            .saturating_mul(1 << (n - QUICK_RETRIES).min(16))
+            .saturating_mul(1 << (n - 1).min(16))
             .min(REANNOUNCE_INTERVAL),
     }
 }
@@ -340,9 +339,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failing_announces_are_retried_quickly_then_less_often() {
-        let waits: Vec<u64> = (0..12).map(|n| announce_retry_wait(n).as_secs()).collect();
-        assert_eq!(waits, [30, 1, 1, 1, 1, 1, 2, 4, 8, 16, 30, 30]);
+    fn failing_announces_back_off_from_1s_doubling_to_30s() {
+        let waits: Vec<u64> = (0..9).map(|n| announce_retry_wait(n).as_secs()).collect();
+        assert_eq!(waits, [30, 1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(announce_retry_wait(u32::MAX), REANNOUNCE_INTERVAL);
     }
 }
