@@ -40,7 +40,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::{usable_peers, BoxFuture, Discovery, DiscoveryError, LookupCache};
+use super::{is_usable_peer, without_repeats, BoxFuture, Discovery, DiscoveryError, LookupCache};
 
 /// Deadline of one HTTP request to a Grape, connect included:
 /// grenache-nodejs-link's `requestTimeout` (2500 ms).
@@ -255,19 +255,21 @@ struct LookupAnswer {
 
 /// A lookup answer's peers: the `"a.b.c.d:port"` strings of a JSON array,
 /// at most [`MAX_LOOKUP_PEERS`], without repeats; entries that are not one,
-/// or not a [usable peer](super::is_usable_peer), are left out. A JSON
+/// or not a [usable peer](is_usable_peer), are left out. A JSON
 /// string is the Grape's error.
 fn lookup_answer(url: &GrapeUrl, answer: serde_json::Value) -> Result<LookupAnswer, GrapeError> {
     match answer {
         serde_json::Value::Array(entries) => Ok(LookupAnswer {
             entries: entries.len(),
-            peers: usable_peers(
+            // Filtered before the cap, so junk cannot crowd real peers out.
+            peers: without_repeats(
                 entries
                     .iter()
                     .filter_map(|entry| entry.as_str()?.parse::<SocketAddrV4>().ok())
                     .map(SocketAddr::V4)
-                    .filter(super::is_usable_peer)
-                    .take(MAX_LOOKUP_PEERS),
+                    .filter(is_usable_peer)
+                    .take(MAX_LOOKUP_PEERS)
+                    .collect(),
             ),
         }),
         serde_json::Value::String(message) => Err(GrapeError::Refused {
@@ -782,6 +784,15 @@ mod tests {
                 .peers
                 .len(),
             MAX_LOOKUP_PEERS
+        );
+        let mut junk_first = vec!["0.0.0.0:1".to_string(); MAX_LOOKUP_PEERS];
+        junk_first.push("127.0.0.1:5".into());
+        assert_eq!(
+            lookup_answer(&grape, serde_json::json!(junk_first)).unwrap(),
+            LookupAnswer {
+                entries: MAX_LOOKUP_PEERS + 1,
+                peers: vec!["127.0.0.1:5".parse().unwrap()]
+            }
         );
         let e = lookup_answer(&grape, serde_json::json!("ERR_GRAPE_LOOKUP")).unwrap_err();
         assert_eq!(
