@@ -62,8 +62,12 @@ use crate::discovery::dht::service_key;
 use crate::discovery::DiscoveryError;
 use futures::future::BoxFuture;
 
-/// Most DHT operations (announce, lookup, put, get) in flight at once.
+/// Most DHT operations publishing or fetching (announce, put, get) in
+/// flight at once.
 pub const MAX_DHT_OPERATIONS: usize = 64;
+/// Most lookups querying the DHT at once: their own slots, so that a queue
+/// of publishes, puts or gets never delays a lookup.
+pub const MAX_DHT_LOOKUPS: usize = 32;
 /// How long an `/announce` waits for the DHT before answering.
 pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
 /// Most announces being published at once, those waiting for one of the
@@ -76,6 +80,12 @@ pub const LOOKUP_WAIT: Duration = Duration::from_millis(1500);
 pub const MAX_DHT_PEERS: usize = 1000;
 /// How long a get waits for the DHT.
 pub const GET_WAIT: Duration = Duration::from_secs(2);
+/// How long a put waits for the DHT; past it, `All queries failed` (the
+/// value is kept here for `/get` all the same).
+pub const PUT_WAIT: Duration = Duration::from_secs(2);
+
+// Every wait above runs from when the request reaches the backend, the
+// wait for a slot included: a queue cannot stretch a request past it.
 /// Per-query DHT timeout (mainline's default, k-rpc's too).
 const DHT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -115,6 +125,8 @@ struct Publisher {
     table: Arc<Mutex<AnnounceTable>>,
     /// At most [`MAX_DHT_OPERATIONS`] DHT operations at once.
     operations: Arc<Semaphore>,
+    /// At most [`MAX_DHT_LOOKUPS`] lookups at once.
+    lookups: Arc<Semaphore>,
     /// At most [`MAX_PENDING_PUBLISHES`] announces being published.
     pending: Arc<Semaphore>,
 }
@@ -159,6 +171,7 @@ impl GrapeNode {
                 client,
                 table: Arc::new(Mutex::new(AnnounceTable::new(config.peer_max_age, own_ip))),
                 operations: Arc::new(Semaphore::new(MAX_DHT_OPERATIONS)),
+                lookups: Arc::new(Semaphore::new(MAX_DHT_LOOKUPS)),
                 pending: Arc::new(Semaphore::new(MAX_PENDING_PUBLISHES)),
             },
             id,
@@ -179,10 +192,17 @@ impl GrapeNode {
     }
 
     /// Addresses the DHT has for `name`, until the query ends, [`LOOKUP_WAIT`]
-    /// passes or [`MAX_DHT_PEERS`] are found.
+    /// passes (waiting for a slot included) or [`MAX_DHT_PEERS`] are found.
     async fn dht_peers(&self, name: &str) -> Vec<SocketAddrV4> {
-        let _slot = self.publisher.operations.acquire().await;
         let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
+        let Ok(_slot) = tokio::time::timeout_at(deadline, self.publisher.lookups.acquire()).await
+        else {
+            tracing::debug!(
+                name,
+                "every lookup slot busy until the deadline; table only"
+            );
+            return Vec::new();
+        };
         let mut stream = self.publisher.client.get_peers(service_key(name));
         let mut found = Vec::new();
         while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, stream.next()).await {
@@ -257,6 +277,17 @@ impl GrapeNode {
     }
 
     async fn put_value(&self, request: PutRequest) -> Result<[u8; 20], DhtFailure> {
+        match tokio::time::timeout(PUT_WAIT, self.put_on_dht(request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::debug!("DHT put did not finish within {PUT_WAIT:?}");
+                Err(DhtFailure::AllFailed)
+            }
+        }
+    }
+
+    /// Stores a put here and on the DHT, without a deadline.
+    async fn put_on_dht(&self, request: PutRequest) -> Result<[u8; 20], DhtFailure> {
         let target = request.target();
         self.lock_values().insert(target, request.stored());
         let _slot = self.publisher.operations.acquire().await;
@@ -293,9 +324,11 @@ impl GrapeNode {
         if let Some(value) = local {
             return Some(FoundValue { id: self.id, value });
         }
-        let _slot = self.publisher.operations.acquire().await;
         let target = Id::from_bytes(target).ok()?;
-        let get = self.publisher.client.get_immutable(target);
+        let get = async {
+            let _slot = self.publisher.operations.acquire().await;
+            self.publisher.client.get_immutable(target).await
+        };
         let value = tokio::time::timeout(GET_WAIT, get).await.ok()??;
         Some(FoundValue {
             id: self.id,
@@ -431,5 +464,63 @@ mod tests {
             own_address(Some(Ipv4Addr::UNSPECIFIED), &["127.0.0.1:20001".into()]),
             Ipv4Addr::LOCALHOST
         );
+    }
+
+    async fn local_grape() -> Arc<GrapeNode> {
+        let config = GrapeConfig {
+            dht_port: 0,
+            bind: Some(Ipv4Addr::LOCALHOST),
+            bootstrap: Vec::new(),
+            peer_max_age: Some(Duration::from_secs(120)),
+        };
+        GrapeNode::start(&config)
+            .await
+            .expect("a grape on 127.0.0.1")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_answers_in_time_behind_a_queue_of_announces() {
+        let grape = local_grape().await;
+        // Every publish slot busy (a slow DHT), 500 distinct-name announces
+        // queued behind them.
+        let busy = grape
+            .publisher
+            .operations
+            .clone()
+            .acquire_many_owned(MAX_DHT_OPERATIONS as u32)
+            .await
+            .unwrap();
+        let caller = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut announces = Vec::new();
+        for i in 0..500u16 {
+            let grape = grape.clone();
+            announces.push(tokio::spawn(async move {
+                grape
+                    .announce_service(&format!("queued-{i}"), 10_000 + i, caller)
+                    .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        grape.announce_service("svc", 5555, caller).await.ok();
+        let started = std::time::Instant::now();
+        let found = grape.lookup_service("svc").await;
+        let took = started.elapsed();
+        assert!(found.contains(&SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5555)));
+        assert!(
+            took < LOOKUP_WAIT + Duration::from_millis(500),
+            "the lookup took {took:?} behind queued announces"
+        );
+        // Gets and puts keep their deadlines while the slots are busy too.
+        let started = std::time::Instant::now();
+        assert!(grape.get_value([7; 20]).await.is_none());
+        assert!(started.elapsed() < GET_WAIT + Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        let put = PutRequest::Immutable(b"v".to_vec());
+        assert!(grape.put_value(put).await.is_err());
+        assert!(started.elapsed() < PUT_WAIT + Duration::from_millis(500));
+        drop(busy);
+        for announce in announces {
+            announce.abort();
+        }
     }
 }
