@@ -16,7 +16,9 @@
 //!
 //! Bounds: [`MAX_NAMES`] names, each with [`MAX_ADDRS_PER_NAME`] live and as
 //! many expired addresses; the newest announce wins, evicting the least
-//! recently announced.
+//! recently announced. An evicted name's retractions outlive it in
+//! [`Retractions`] ([`MAX_RETRACTIONS`], each for [`RETRACTION_KEPT`]), so
+//! that eviction does not bring its DHT copies back for good.
 //!
 //! Cost: an announce, a lookup and an expiry step are O(log n) amortised in
 //! the table's size (a flood must not make every request scan the table):
@@ -24,7 +26,7 @@
 //! order of names; per-name work is bounded by [`MAX_ADDRS_PER_NAME`].
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,12 @@ pub const MAX_ADDRS_PER_NAME: usize = 100;
 /// each publish is one more entry on every DHT node (at most 500 per name),
 /// so the DHT hears a port at most this often.
 pub const DHT_REFRESH: Duration = Duration::from_secs(30);
+/// Most retractions of evicted names remembered; past that, the oldest go.
+pub const MAX_RETRACTIONS: usize = 65_536;
+/// How long a retraction of an evicted name is remembered. DHT nodes keep
+/// an announce until newer ones push it out or they restart; a day covers
+/// the usual life of both without growing for ever.
+pub const RETRACTION_KEPT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Default)]
 struct NameEntry {
@@ -71,6 +79,73 @@ pub struct AnnounceTable {
     due: BinaryHeap<Reverse<(Instant, String, SocketAddrV4)>>,
     /// Live addresses over all names (to bound `due`).
     live_count: usize,
+    /// What evicted names had announced here.
+    retractions: Retractions,
+}
+
+/// Addresses of evicted names that the DHT may still give but that expired
+/// here (or will, at the time kept): bounded in count and time.
+#[derive(Debug, Default)]
+struct Retractions {
+    /// name → address → from when it is retracted.
+    by_name: HashMap<String, HashMap<SocketAddrV4, Instant>>,
+    /// `(recorded, name, address, from)`, oldest first: for the count and
+    /// time bounds; an entry no longer in `by_name` with this `from` is
+    /// stale.
+    order: VecDeque<(Instant, String, SocketAddrV4, Instant)>,
+}
+
+impl Retractions {
+    fn insert(&mut self, now: Instant, name: &str, addr: SocketAddrV4, from: Instant) {
+        while self.order.len() >= MAX_RETRACTIONS {
+            self.pop_oldest();
+        }
+        self.by_name
+            .entry(name.to_string())
+            .or_default()
+            .insert(addr, from);
+        self.order.push_back((now, name.to_string(), addr, from));
+    }
+
+    fn pop_oldest(&mut self) {
+        let Some((_, name, addr, from)) = self.order.pop_front() else {
+            return;
+        };
+        if let Some(addrs) = self.by_name.get_mut(&name) {
+            if addrs.get(&addr) == Some(&from) {
+                addrs.remove(&addr);
+                if addrs.is_empty() {
+                    self.by_name.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// Forgets what was recorded [`RETRACTION_KEPT`] before `now`.
+    fn expire(&mut self, now: Instant) {
+        while self.order.front().is_some_and(|(recorded, ..)| {
+            now.saturating_duration_since(*recorded) >= RETRACTION_KEPT
+        }) {
+            self.pop_oldest();
+        }
+    }
+
+    /// `name` at `addr` is announced again: no longer retracted.
+    fn forget(&mut self, name: &str, addr: SocketAddrV4) {
+        if let Some(addrs) = self.by_name.get_mut(name) {
+            addrs.remove(&addr);
+            if addrs.is_empty() {
+                self.by_name.remove(name);
+            }
+        }
+    }
+
+    fn is_retracted(&self, now: Instant, name: &str, addr: &SocketAddrV4) -> bool {
+        self.by_name
+            .get(name)
+            .and_then(|addrs| addrs.get(addr))
+            .is_some_and(|from| *from <= now)
+    }
 }
 
 impl AnnounceTable {
@@ -85,6 +160,7 @@ impl AnnounceTable {
             tick: 0,
             due: BinaryHeap::new(),
             live_count: 0,
+            retractions: Retractions::default(),
         }
     }
 
@@ -93,9 +169,11 @@ impl AnnounceTable {
     /// ago.
     pub fn announce(&mut self, now: Instant, name: &str, addr: SocketAddrV4) -> Option<u16> {
         if !self.names.contains_key(name) && self.names.len() >= MAX_NAMES {
-            self.evict_oldest_name();
+            self.evict_oldest_name(now);
         }
         let published_as = SocketAddrV4::new(self.published_ip, addr.port());
+        self.retractions.forget(name, addr);
+        self.retractions.forget(name, published_as);
         self.tick += 1;
         let tick = self.tick;
         let entry = self.names.entry(name.to_string()).or_default();
@@ -141,6 +219,7 @@ impl AnnounceTable {
         let Some(max_age) = self.max_age else {
             return Vec::new();
         };
+        self.retractions.expire(now);
         let mut gone = Vec::new();
         while let Some(Reverse((at, _, _))) = self.due.peek() {
             if now.saturating_duration_since(*at) < max_age {
@@ -176,7 +255,10 @@ impl AnnounceTable {
     /// a live address has the same port (the DHT cannot tell them apart).
     pub fn lookup(&self, now: Instant, name: &str, found: Vec<SocketAddrV4>) -> Vec<SocketAddrV4> {
         let Some(entry) = self.names.get(name) else {
-            return found;
+            return found
+                .into_iter()
+                .filter(|p| !self.retractions.is_retracted(now, name, p))
+                .collect();
         };
         let live: Vec<SocketAddrV4> = entry
             .live
@@ -186,7 +268,8 @@ impl AnnounceTable {
             .map(|(addr, _)| *addr)
             .collect();
         let retracted = |peer: &SocketAddrV4| {
-            entry.expired.contains(peer) && !live.iter().any(|l| l.port() == peer.port())
+            (entry.expired.contains(peer) || self.retractions.is_retracted(now, name, peer))
+                && !live.iter().any(|l| l.port() == peer.port())
         };
         let from_dht: Vec<SocketAddrV4> = found.into_iter().filter(|p| !retracted(p)).collect();
         live.into_iter().chain(from_dht).collect()
@@ -207,11 +290,25 @@ impl AnnounceTable {
             .is_none_or(|max_age| now.saturating_duration_since(at) < max_age)
     }
 
-    fn evict_oldest_name(&mut self) {
-        if let Some((_, name)) = self.lru.pop_first() {
-            if let Some(entry) = self.names.remove(&name) {
-                self.live_count -= entry.live.len();
-            }
+    /// Evicts the least recently announced name, keeping its retractions:
+    /// what expired here already, and what is live from when it would
+    /// expire (at once without a max age: it leaves the lookups now).
+    fn evict_oldest_name(&mut self, now: Instant) {
+        let Some((_, name)) = self.lru.pop_first() else {
+            return;
+        };
+        let Some(entry) = self.names.remove(&name) else {
+            return;
+        };
+        self.live_count -= entry.live.len();
+        for addr in entry.expired {
+            self.retractions.insert(now, &name, addr, now);
+        }
+        for (addr, at) in entry.live {
+            let from = self.max_age.map_or(now, |age| at + age);
+            let published_as = SocketAddrV4::new(self.published_ip, addr.port());
+            self.retractions.insert(now, &name, addr, from);
+            self.retractions.insert(now, &name, published_as, from);
         }
     }
 
@@ -403,5 +500,71 @@ mod tests {
         assert!(!gone.iter().any(|(_, a)| *a == at(1) || *a == at(50)));
         assert_eq!(table.lookup(t0 + AGE, "svc", vec![]), [at(50)]);
         assert_eq!(table.expire(t0 + secs(60) + AGE), [("svc".into(), at(50))]);
+    }
+
+    #[test]
+    fn an_evicted_name_stays_retracted() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(Some(AGE), ME);
+        table.announce(t0, "gone", at(5555));
+        table.announce(t0, "expired", at(6666));
+        table.expire(t0 + AGE);
+        // A flood of names pushes both out of the table.
+        for i in 0..MAX_NAMES {
+            table.announce(t0 + AGE + secs(1), &format!("flood-{i}"), at(9));
+        }
+        assert!(!table.names.contains_key("gone"));
+        assert!(!table.names.contains_key("expired"));
+        let later = t0 + AGE + secs(2);
+        // What expired here stays dropped from the DHT's answer...
+        assert_eq!(
+            table.lookup(later, "expired", vec![at(6666), me(6666), at(7)]),
+            [at(7)]
+        );
+        // ...and so does what would have expired by now, under either address.
+        assert_eq!(
+            table.lookup(later, "gone", vec![at(5555), me(5555), at(7)]),
+            [at(7)]
+        );
+        // Announced again: served again.
+        table.announce(later, "gone", at(5555));
+        assert_eq!(
+            table.lookup(later, "gone", vec![at(5555), me(5555)]),
+            [at(5555), at(5555), me(5555)]
+        );
+        // Retractions are kept for a bounded time.
+        let next_day = later + RETRACTION_KEPT;
+        table.expire(next_day);
+        assert_eq!(
+            table.lookup(next_day, "expired", vec![at(6666)]),
+            [at(6666)]
+        );
+    }
+
+    #[test]
+    fn an_evicted_live_announce_is_retracted_only_when_it_would_expire() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(Some(AGE), ME);
+        table.announce(t0, "svc", at(5555));
+        for i in 0..MAX_NAMES {
+            table.announce(t0 + secs(1), &format!("flood-{i}"), at(9));
+        }
+        assert_eq!(
+            table.lookup(t0 + secs(2), "svc", vec![me(5555)]),
+            [me(5555)]
+        );
+        assert_eq!(table.lookup(t0 + AGE, "svc", vec![me(5555)]), []);
+    }
+
+    #[test]
+    fn retractions_are_bounded_in_count() {
+        let t0 = Instant::now();
+        let mut table = AnnounceTable::new(None, ME);
+        for i in 0..MAX_RETRACTIONS + MAX_NAMES + 10 {
+            table.announce(t0, &format!("n{i}"), at(1));
+        }
+        assert_eq!(table.retractions.order.len(), MAX_RETRACTIONS);
+        let entries: usize = table.retractions.by_name.values().map(HashMap::len).sum();
+        assert!(entries <= MAX_RETRACTIONS);
     }
 }
