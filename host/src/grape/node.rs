@@ -289,7 +289,15 @@ impl GrapeNode {
     /// Stores a put here and on the DHT, without a deadline.
     async fn put_on_dht(&self, request: PutRequest) -> Result<[u8; 20], DhtFailure> {
         let target = request.target();
-        self.lock_values().insert(target, request.stored());
+        let cas = match &request {
+            PutRequest::Mutable(put) => put.cas,
+            PutRequest::Immutable(_) => None,
+        };
+        if let Err(refused) = self.lock_values().insert(target, request.stored(), cas) {
+            // Kept as it was; the DHT's nodes would refuse it too.
+            tracing::debug!("mutable put refused: {refused}");
+            return Err(DhtFailure::AllFailed);
+        }
         let _slot = self.publisher.operations.acquire().await;
         let client = &self.publisher.client;
         let outcome = match request {

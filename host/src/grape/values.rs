@@ -29,6 +29,17 @@ pub struct StoredValue {
     pub signed: Option<Signed>,
 }
 
+/// Why a mutable put was refused (BEP 44's errors 301 and 302).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PutRefused {
+    /// `cas` is not the stored value's `seq`.
+    #[error("CAS mismatch, re-read value and try again")]
+    CasMismatch,
+    /// `seq` is lower than the stored one's, or the same with another value.
+    #[error("sequence number less than current")]
+    SeqTooLow,
+}
+
 /// Values by their 20-byte DHT target, at most [`MAX_VALUES`].
 #[derive(Debug, Default)]
 pub struct ValueStore {
@@ -37,19 +48,29 @@ pub struct ValueStore {
 }
 
 impl ValueStore {
-    /// Keeps `value` under `target`. A mutable value replaces one with a
-    /// lower `seq` only; returns whether it was kept.
-    pub fn insert(&mut self, target: [u8; 20], value: StoredValue) -> bool {
+    /// Keeps `value` under `target`, by BEP 44's rules for a mutable one:
+    /// with `cas`, only over a stored value of that `seq`; only over a lower
+    /// `seq`, or the same `seq` and the same value. A refused put changes
+    /// nothing.
+    pub fn insert(
+        &mut self,
+        target: [u8; 20],
+        value: StoredValue,
+        cas: Option<i64>,
+    ) -> Result<(), PutRefused> {
         if let Some(old) = self.values.get(&target) {
-            let older = match (&old.signed, &value.signed) {
-                (Some(old), Some(new)) => old.seq <= new.seq,
-                _ => true,
-            };
-            if !older {
-                return false;
+            if let (Some(old_signed), Some(new)) = (&old.signed, &value.signed) {
+                if cas.is_some_and(|cas| cas != old_signed.seq) {
+                    return Err(PutRefused::CasMismatch);
+                }
+                if new.seq < old_signed.seq
+                    || (new.seq == old_signed.seq && old.value != value.value)
+                {
+                    return Err(PutRefused::SeqTooLow);
+                }
             }
             self.values.insert(target, value);
-            return true;
+            return Ok(());
         }
         if self.order.len() >= MAX_VALUES {
             if let Some(oldest) = self.order.pop_front() {
@@ -58,7 +79,7 @@ impl ValueStore {
         }
         self.order.push_back(target);
         self.values.insert(target, value);
-        true
+        Ok(())
     }
 
     /// The value under `target`, if kept.
@@ -93,10 +114,34 @@ mod tests {
     #[test]
     fn a_mutable_value_is_replaced_only_by_a_newer_one() {
         let mut store = ValueStore::default();
-        assert!(store.insert([1; 20], mutable("a", 2)));
-        assert!(!store.insert([1; 20], mutable("old", 1)));
+        assert_eq!(store.insert([1; 20], mutable("a", 2), None), Ok(()));
+        assert_eq!(
+            store.insert([1; 20], mutable("old", 1), None),
+            Err(PutRefused::SeqTooLow)
+        );
         assert_eq!(store.get(&[1; 20]).unwrap().value, b"a");
-        assert!(store.insert([1; 20], mutable("b", 3)));
+        // The same seq: the same value again only.
+        assert_eq!(
+            store.insert([1; 20], mutable("other", 2), None),
+            Err(PutRefused::SeqTooLow)
+        );
+        assert_eq!(store.insert([1; 20], mutable("a", 2), None), Ok(()));
+        assert_eq!(store.get(&[1; 20]).unwrap().value, b"a");
+        assert_eq!(store.insert([1; 20], mutable("b", 3), None), Ok(()));
+        assert_eq!(store.get(&[1; 20]).unwrap().value, b"b");
+    }
+
+    #[test]
+    fn a_put_with_cas_replaces_only_the_seq_it_names() {
+        let mut store = ValueStore::default();
+        // Nothing stored: nothing to compare.
+        assert_eq!(store.insert([1; 20], mutable("a", 3), Some(1)), Ok(()));
+        assert_eq!(
+            store.insert([1; 20], mutable("cas-wrong", 4), Some(2)),
+            Err(PutRefused::CasMismatch)
+        );
+        assert_eq!(store.get(&[1; 20]).unwrap().value, b"a");
+        assert_eq!(store.insert([1; 20], mutable("b", 4), Some(3)), Ok(()));
         assert_eq!(store.get(&[1; 20]).unwrap().value, b"b");
     }
 
@@ -106,7 +151,7 @@ mod tests {
         for i in 0..MAX_VALUES + 1 {
             let mut target = [0; 20];
             target[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            store.insert(target, immutable("x"));
+            store.insert(target, immutable("x"), None).unwrap();
         }
         assert!(store.get(&[0; 20]).is_none());
         let mut last = [0; 20];
