@@ -219,6 +219,35 @@ fn wrong_arguments_are_refused_with_exit_code_2() {
 }
 
 #[test]
+fn grape_refuses_a_zero_payload_limit_and_names_a_bad_bind_address() {
+    let r = shown(host(&[
+        "grape",
+        "--dp",
+        "0",
+        "--aph",
+        "0",
+        "--check_maxPayloadSize",
+        "0",
+    ]));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--check_maxPayloadSize"), "{}", r.stderr);
+    assert!(r.stderr.contains("every request"), "{}", r.stderr);
+    // TEST-NET-1: no interface of this machine has it.
+    let r = shown(host(&[
+        "grape",
+        "--dp",
+        "0",
+        "--aph",
+        "0",
+        "-b",
+        "192.0.2.77",
+    ]));
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("-b 192.0.2.77"), "{}", r.stderr);
+    assert!(!r.stderr.contains("--dp"), "{}", r.stderr);
+}
+
+#[test]
 fn memory_and_time_limits_are_settable() {
     let faulty = test_plugin("faulty");
     let r = invoke(&faulty, "oom", "1", &["--memory-limit", "8MiB"]);

@@ -255,7 +255,7 @@ pub enum Command {
         /// Largest request body, in bytes, at most 1 MiB (the default is grape's
         /// library default); larger ones get 413 ERR_GRAPE_PAYLOAD_SIZE.
         #[arg(long = "check_maxPayloadSize", value_name = "BYTES", default_value_t = 8192,
-              value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+              value_parser = parse_max_payload)]
         max_payload: u64,
         /// The introducer's main port (it uses the next one too), or `off`.
         /// Default: the DHT port + 1.
@@ -458,6 +458,22 @@ impl LimitArgs {
 }
 
 /// Parses `dht --introducer-port`: a port number or `off`.
+/// Most `--check_maxPayloadSize` allows.
+const MAX_PAYLOAD_LIMIT: u64 = 1 << 20;
+
+fn parse_max_payload(text: &str) -> Result<u64, String> {
+    let bytes: u64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of bytes"))?;
+    match bytes {
+        0 => Err("0 would refuse every request with 413; give at least 1 (default 8192)".into()),
+        _ if bytes > MAX_PAYLOAD_LIMIT => Err(format!(
+            "{bytes} is over the limit of {MAX_PAYLOAD_LIMIT} (1 MiB)"
+        )),
+        _ => Ok(bytes),
+    }
+}
+
 fn parse_introducer_port(text: &str) -> Result<IntroducerPort, String> {
     match text {
         "off" => Ok(IntroducerPort::Off),

@@ -42,6 +42,14 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         max_body,
         introducer_port,
     } = config;
+    // The query node binds -b first; a failure there is -b's, not --dp's.
+    if let Some(ip) = node.bind.filter(|ip| !ip.is_unspecified()) {
+        if let Err(e) = std::net::UdpSocket::bind((ip, 0)) {
+            return usage_error(format!(
+                "cannot use -b {ip}: {e}; give an address of this machine's interfaces"
+            ));
+        }
+    }
     let grape = match GrapeNode::start(&node).await {
         Ok(grape) => grape,
         Err(e) => {
