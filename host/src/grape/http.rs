@@ -194,8 +194,24 @@ async fn respond(
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = request
+        .headers()
+        .get(hyper::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let body = request.into_body();
-    let reply = if declared.is_some_and(|len| len > max_body as u64) {
+    let oversized = declared.is_some_and(|len| len > max_body as u64);
+    let reply = if oversized && expects_continue {
+        // The client waits for `100 Continue` before sending the body:
+        // refuse at once instead (reading the body would send the 100).
+        let mut response =
+            Response::new(Full::new(Bytes::from(HttpReply::payload_too_large().body)));
+        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return response;
+    } else if oversized {
         drain(body).await;
         HttpReply::payload_too_large()
     } else {
@@ -390,5 +406,25 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with(r#"["127.0.0.1:5555"]"#), "{answer}");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_announced_with_expect_100_is_refused_at_once() {
+        let addr = start().await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /lookup HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\
+                  Content-Length: 100000000\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = vec![0; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut answer))
+            .await
+            .expect("no answer without the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     }
 }
