@@ -200,17 +200,12 @@ async fn respond(
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let body = request.into_body();
     let oversized = declared.is_some_and(|len| len > max_body as u64);
-    let reply = if oversized && expects_continue {
-        // The client waits for `100 Continue` before sending the body:
-        // refuse at once instead (reading the body would send the 100).
-        let mut response =
-            Response::new(Full::new(Bytes::from(HttpReply::payload_too_large().body)));
-        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-        response.headers_mut().insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("close"),
-        );
-        return response;
+    // The client waits for `100 Continue` before sending the body: refuse
+    // at once (reading the body would send the 100) and close, as the body
+    // is never read.
+    let refuse_unread = oversized && expects_continue;
+    let reply = if refuse_unread {
+        HttpReply::payload_too_large()
     } else if oversized {
         drain(body).await;
         HttpReply::payload_too_large()
@@ -231,6 +226,12 @@ async fn respond(
     let mut response = Response::new(Full::new(Bytes::from(reply.body)));
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if refuse_unread {
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     response
 }
 
