@@ -80,8 +80,9 @@ pub const LOOKUP_WAIT: Duration = Duration::from_millis(1500);
 pub const MAX_DHT_PEERS: usize = 1000;
 /// How long a get waits for the DHT.
 pub const GET_WAIT: Duration = Duration::from_secs(2);
-/// How long a put waits for the DHT; past it, `All queries failed` (the
-/// value is kept here for `/get` all the same).
+/// How long a put waits for the DHT: for a slot (past it, `All queries
+/// failed`, the value kept here for `/get` all the same), then for the put
+/// (past it, answered as done; it goes on in the background).
 pub const PUT_WAIT: Duration = Duration::from_secs(2);
 
 // Every wait above runs from when the request reaches the backend, the
@@ -276,18 +277,12 @@ impl GrapeNode {
         table.lookup(now, name, found)
     }
 
+    /// Keeps a put here, then puts it on the DHT within [`PUT_WAIT`] from
+    /// the request: no free slot by then is `All queries failed`; a put
+    /// still running then is answered as done (it is kept here, and goes on
+    /// in the background in its slot, as an announce does).
     async fn put_value(&self, request: PutRequest) -> Result<[u8; 20], DhtFailure> {
-        match tokio::time::timeout(PUT_WAIT, self.put_on_dht(request)).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                tracing::debug!("DHT put did not finish within {PUT_WAIT:?}");
-                Err(DhtFailure::AllFailed)
-            }
-        }
-    }
-
-    /// Stores a put here and on the DHT, without a deadline.
-    async fn put_on_dht(&self, request: PutRequest) -> Result<[u8; 20], DhtFailure> {
+        let deadline = tokio::time::Instant::now() + PUT_WAIT;
         let target = request.target();
         let cas = match &request {
             PutRequest::Mutable(put) => put.cas,
@@ -298,33 +293,23 @@ impl GrapeNode {
             tracing::debug!("mutable put refused: {refused}");
             return Err(DhtFailure::AllFailed);
         }
-        let _slot = self.publisher.operations.acquire().await;
-        let client = &self.publisher.client;
-        let outcome = match request {
-            PutRequest::Immutable(value) => client
-                .put_immutable(&value)
-                .await
-                .map(|_| ())
-                .map_err(|e| query_failure(&e)),
-            PutRequest::Mutable(put) => {
-                let item = MutableItem::new_signed_unchecked(
-                    put.signed.key,
-                    put.signed.signature,
-                    &put.value,
-                    put.signed.seq,
-                    put.signed.salt.as_deref(),
-                );
-                match client.put_mutable(item, put.cas).await {
-                    Ok(_) => Ok(()),
-                    Err(PutMutableError::Query(e)) => Err(query_failure(&e)),
-                    Err(e) => {
-                        tracing::debug!("DHT mutable put refused: {e}");
-                        Err(DhtFailure::AllFailed)
-                    }
-                }
-            }
+        let slot = self.publisher.operations.clone().acquire_owned();
+        let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slot).await else {
+            tracing::debug!("every DHT slot busy for {PUT_WAIT:?}; the put is kept here only");
+            return Err(DhtFailure::AllFailed);
         };
-        outcome.map(|()| target)
+        let client = self.publisher.client.clone();
+        let put = tokio::spawn(async move {
+            let outcome = put_on_dht(&client, request).await;
+            drop(slot);
+            outcome
+        });
+        match tokio::time::timeout_at(deadline, put).await {
+            Ok(Ok(outcome)) => outcome.map(|()| target),
+            Ok(Err(_)) => Err(DhtFailure::AllFailed),
+            // Still running: it finishes on its own.
+            Err(_) => Ok(target),
+        }
     }
 
     async fn get_value(&self, target: [u8; 20]) -> Option<FoundValue> {
@@ -384,6 +369,37 @@ impl Publisher {
             }
         }
         outcome
+    }
+}
+
+/// Puts a value on the DHT from the query node.
+async fn put_on_dht(
+    client: &mainline::async_dht::AsyncDht,
+    request: PutRequest,
+) -> Result<(), DhtFailure> {
+    match request {
+        PutRequest::Immutable(value) => client
+            .put_immutable(&value)
+            .await
+            .map(|_| ())
+            .map_err(|e| query_failure(&e)),
+        PutRequest::Mutable(put) => {
+            let item = MutableItem::new_signed_unchecked(
+                put.signed.key,
+                put.signed.signature,
+                &put.value,
+                put.signed.seq,
+                put.signed.salt.as_deref(),
+            );
+            match client.put_mutable(item, put.cas).await {
+                Ok(_) => Ok(()),
+                Err(PutMutableError::Query(e)) => Err(query_failure(&e)),
+                Err(e) => {
+                    tracing::debug!("DHT mutable put refused: {e}");
+                    Err(DhtFailure::AllFailed)
+                }
+            }
+        }
     }
 }
 
