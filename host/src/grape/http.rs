@@ -60,8 +60,9 @@ pub async fn serve(listener: TcpListener, backend: Arc<dyn GrapeBackend>, max_bo
                 continue;
             }
         };
-        let (closed, close) = oneshot::channel();
-        let admitted = lock(&connections).admit(Instant::now(), peer.ip(), closed);
+        // The table holds the sender; dropping it ends `closed`.
+        let (close, closed) = oneshot::channel();
+        let admitted = lock(&connections).admit(Instant::now(), peer.ip(), close);
         let id = match admitted {
             Ok(id) => id,
             Err(refusal) => {
@@ -90,7 +91,7 @@ pub async fn serve(listener: TcpListener, backend: Arc<dyn GrapeBackend>, max_bo
                     }
                 }
                 // Dropped from the table for a newer connection.
-                _ = close => tracing::debug!(%peer, "grape HTTP: slowest connection closed for a new one"),
+                _ = closed => tracing::debug!(%peer, "grape HTTP: slowest connection closed for a new one"),
             }
             lock(&connections).remove(id);
         });
