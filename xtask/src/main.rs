@@ -378,16 +378,22 @@ extern "C" fn request_stop(_signal: libc::c_int) {
     STOP_REQUESTED.store(true, Ordering::SeqCst);
 }
 
-/// Keeps the demo's processes running until Ctrl-C (or SIGTERM), then stops
-/// them: that ends the demo as asked (Ok). A process that exits before that
-/// ended it on its own: an error.
-fn keep_running_until_stopped(mut children: [Child; 3]) -> Result<()> {
-    // Our own handler, whatever we inherited: a shell starts a background job
-    // with SIGINT ignored, and by default SIGINT would kill us silently.
+/// Catches SIGINT and SIGTERM from now on (they set [`STOP_REQUESTED`]):
+/// our own handler, whatever we inherited, since a shell starts a background
+/// job with SIGINT ignored and by default SIGINT would kill us silently.
+/// Called before the demo says it runs until Ctrl-C, so a Ctrl-C that follows
+/// that line is always ours to handle.
+fn catch_stop_signals() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
     }
+}
+
+/// Keeps the demo's processes running until Ctrl-C (or SIGTERM), then stops
+/// them: that ends the demo as asked (Ok). A process that exits before that
+/// ended it on its own: an error.
+fn keep_running_until_stopped(mut children: [Child; 3]) -> Result<()> {
     let stop = |children: &mut [Child; 3]| {
         for child in children.iter_mut() {
             child.stop();
@@ -507,6 +513,7 @@ fn demo(keep_running: bool) -> Result<()> {
                 control_dir.socket(plugin)
             )
         };
+        catch_stop_signals();
         println!("\n== Running until Ctrl-C ==");
         println!("Each host's plugins: {}", status("consumer"));
         println!("                     {}", status("fibonacci"));
