@@ -49,3 +49,4 @@ pub mod plugin;
 pub mod rpc;
 pub mod transport;
 pub mod units;
+pub mod utp;
