@@ -1,0 +1,621 @@
+//! Every uTP connection of one UDP socket, sans-IO: received datagrams are
+//! routed by (remote address, connection id) to their [`Connection`], SYNs
+//! open new ones (within bounds), and packets for no connection are
+//! answered with a RESET. The driver feeds it datagrams and the time and
+//! sends what [`Socket::poll_transmit`] hands back.
+//!
+//! Applications name a connection by its [`ConnectionHandle`]. A handle
+//! stays valid until the application [releases](Socket::release) it; the
+//! connection stops receiving (is unrouted) when it is done, and its memory
+//! goes when both have happened.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::connection::{Connection, ConnectionError, RecvError, SendError, State};
+use super::packet::{Header, Packet, PacketType};
+
+/// Connections at most on one socket (both directions).
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections at most with one remote IP address (a NAT may hide many
+/// hosts behind one; Node opens at most 3 per peer, docs/wire.md §3).
+pub const MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Accepted connections the application has not taken yet; further SYNs
+/// are refused with a RESET.
+pub const ACCEPT_BACKLOG: usize = 256;
+/// RESETs waiting to be sent; more are not sent.
+pub const MAX_PENDING_RESETS: usize = 256;
+
+/// Names one connection of a [`Socket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionHandle(u64);
+
+/// One datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub destination: SocketAddr,
+    /// The uTP packet.
+    pub contents: Vec<u8>,
+}
+
+/// Why [`Socket::connect`] opened nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectLimit {
+    /// [`MAX_CONNECTIONS`] are open.
+    #[error("too many uTP connections ({MAX_CONNECTIONS})")]
+    Total,
+    /// [`MAX_CONNECTIONS_PER_IP`] are open with that address.
+    #[error("too many uTP connections with this address ({MAX_CONNECTIONS_PER_IP})")]
+    PerAddress,
+}
+
+/// Counters of what the socket saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SocketStats {
+    /// Datagrams that did not decode as uTP.
+    pub malformed: u64,
+    /// Packets for no connection (answered with a RESET unless a RESET).
+    pub unknown: u64,
+    /// SYNs refused by a bound.
+    pub refused: u64,
+    /// Half-open connections closed to make room.
+    pub evicted: u64,
+}
+
+/// One connection and the socket's book-keeping about it.
+#[derive(Debug)]
+struct Slot {
+    connection: Connection,
+    remote: SocketAddr,
+    /// In the routing table (and counted against the bounds).
+    routed: bool,
+    /// The application let go of its handle.
+    released: bool,
+    /// Waiting in the accept queue.
+    in_backlog: bool,
+    /// The instant it is filed under in the timer set.
+    timer: Option<Instant>,
+    /// In the transmit queue.
+    queued: bool,
+    /// In the woken list.
+    woken: bool,
+    opened: Instant,
+}
+
+/// The uTP side of one UDP socket; see the module documentation.
+#[derive(Debug)]
+pub struct Socket {
+    epoch: Instant,
+    rng: StdRng,
+    next_handle: u64,
+    slots: HashMap<ConnectionHandle, Slot>,
+    /// (remote, our receive id) → connection.
+    routes: HashMap<(SocketAddr, u16), ConnectionHandle>,
+    per_ip: HashMap<IpAddr, usize>,
+    backlog: VecDeque<ConnectionHandle>,
+    timers: BTreeSet<(Instant, ConnectionHandle)>,
+    /// Connections that may have something to send, served in turn.
+    transmit_queue: VecDeque<ConnectionHandle>,
+    resets: VecDeque<Transmit>,
+    /// Connections whose application side may have something new to see.
+    woken: Vec<ConnectionHandle>,
+    stats: SocketStats,
+    scratch: Vec<u8>,
+}
+
+impl Socket {
+    /// A socket whose clock starts at `now`; `seed` seeds the connection
+    /// ids and initial sequence numbers (any value; tests fix it).
+    pub fn new(now: Instant, seed: u64) -> Self {
+        Socket {
+            epoch: now,
+            rng: StdRng::seed_from_u64(seed),
+            next_handle: 0,
+            slots: HashMap::new(),
+            routes: HashMap::new(),
+            per_ip: HashMap::new(),
+            backlog: VecDeque::new(),
+            timers: BTreeSet::new(),
+            transmit_queue: VecDeque::new(),
+            resets: VecDeque::new(),
+            woken: Vec::new(),
+            stats: SocketStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// What the socket saw so far.
+    pub fn stats(&self) -> SocketStats {
+        self.stats
+    }
+
+    /// Connections routed now (open, connecting or lingering).
+    pub fn open_connections(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Connections held in memory, including closed ones whose handle the
+    /// application still holds.
+    pub fn held_connections(&self) -> usize {
+        self.slots.len()
+    }
+
+    // ---- The application's side. ----
+
+    /// Opens a connection to `remote`: the SYN leaves at the next
+    /// [`poll_transmit`](Self::poll_transmit) and again every
+    /// [`super::connection::SYN_RETRY`] until the handshake completes or the
+    /// application [releases](Self::release) the handle.
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+    ) -> Result<ConnectionHandle, ConnectLimit> {
+        self.check_limits(remote)?;
+        // A receive id no connection with `remote` uses (the responder
+        // side of an incoming SYN uses the SYN's id + 1).
+        let recv_id = loop {
+            let id: u16 = self.rng.random();
+            if !self.routes.contains_key(&(remote, id)) {
+                break id;
+            }
+        };
+        let syn_seq = self.rng.random();
+        let connection = Connection::connect(now, self.epoch, recv_id, syn_seq);
+        Ok(self.insert(now, remote, connection, false))
+    }
+
+    /// Sends the SYN again at once (the peer's punch arrived).
+    pub fn resend_syn(&mut self, handle: ConnectionHandle) {
+        if let Some(slot) = self.slots.get_mut(&handle) {
+            slot.connection.resend_syn();
+            self.touch(handle);
+        }
+    }
+
+    /// The next connection a peer opened, if any.
+    pub fn accept(&mut self) -> Option<ConnectionHandle> {
+        while let Some(handle) = self.backlog.pop_front() {
+            if let Some(slot) = self.slots.get_mut(&handle) {
+                slot.in_backlog = false;
+                return Some(handle);
+            }
+        }
+        None
+    }
+
+    /// Whether [`accept`](Self::accept) has something.
+    pub fn can_accept(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// The handshake's state, `None` for an unknown handle.
+    pub fn state(&self, handle: ConnectionHandle) -> Option<State> {
+        self.slots.get(&handle).map(|s| s.connection.state())
+    }
+
+    /// The peer's address.
+    pub fn remote(&self, handle: ConnectionHandle) -> Option<SocketAddr> {
+        self.slots.get(&handle).map(|s| s.remote)
+    }
+
+    /// How many SYNs a connection sent.
+    pub fn syn_count(&self, handle: ConnectionHandle) -> u32 {
+        self.slots
+            .get(&handle)
+            .map_or(0, |s| s.connection.syn_count())
+    }
+
+    /// The smoothed round-trip time of a connection, once measured.
+    pub fn rtt(&self, handle: ConnectionHandle) -> Option<Duration> {
+        self.slots.get(&handle)?.connection.rtt()
+    }
+
+    /// Queues one message on a connection (see [`Connection::send`]).
+    pub fn send(&mut self, handle: ConnectionHandle, message: &[u8]) -> Result<usize, SendError> {
+        let slot = self
+            .slots
+            .get_mut(&handle)
+            .ok_or(SendError::Closed(ConnectionError::Aborted))?;
+        let taken = slot.connection.send(message)?;
+        self.touch(handle);
+        Ok(taken)
+    }
+
+    /// Whether a send would take bytes now, or fail for good.
+    pub fn is_writable(&self, handle: ConnectionHandle) -> bool {
+        self.slots
+            .get(&handle)
+            .is_none_or(|s| s.connection.is_writable())
+    }
+
+    /// Reads received bytes (see [`Connection::recv`]).
+    pub fn recv(&mut self, handle: ConnectionHandle, buf: &mut [u8]) -> Result<usize, RecvError> {
+        let slot = self
+            .slots
+            .get_mut(&handle)
+            .ok_or(RecvError::Closed(ConnectionError::Aborted))?;
+        let (n, window_update) = slot.connection.recv(buf)?;
+        if window_update {
+            self.touch(handle);
+        }
+        Ok(n)
+    }
+
+    /// The application finished writing: a FIN follows the queued data.
+    pub fn shutdown(&mut self, handle: ConnectionHandle) {
+        if let Some(slot) = self.slots.get_mut(&handle) {
+            slot.connection.shutdown();
+            self.touch(handle);
+        }
+    }
+
+    /// The application reads no more on this connection.
+    pub fn close_read(&mut self, now: Instant, handle: ConnectionHandle) {
+        if let Some(slot) = self.slots.get_mut(&handle) {
+            slot.connection.close_read(now);
+            self.touch(handle);
+        }
+    }
+
+    /// The application lets go of `handle`: a connecting one is dropped, an
+    /// open one finishes gracefully (FIN after the queued data, received
+    /// data dropped) and is freed when done.
+    pub fn release(&mut self, now: Instant, handle: ConnectionHandle) {
+        let Some(slot) = self.slots.get_mut(&handle) else {
+            return;
+        };
+        slot.released = true;
+        if slot.connection.state() == State::SynSent {
+            slot.connection.abort(ConnectionError::Aborted);
+        } else {
+            slot.connection.shutdown();
+            slot.connection.close_read(now);
+        }
+        self.touch(handle);
+        self.collect(now, handle);
+    }
+
+    /// Ends a connection at once, with a RESET to the peer if it was open.
+    pub fn abort(&mut self, now: Instant, handle: ConnectionHandle) {
+        if let Some(slot) = self.slots.get_mut(&handle) {
+            slot.connection.abort(ConnectionError::Aborted);
+            self.touch(handle);
+            self.collect(now, handle);
+        }
+    }
+
+    // ---- The network's side. ----
+
+    /// Handles one datagram from `from` (the demultiplexer already judged
+    /// it uTP-shaped; anything that does not decode is counted and dropped).
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let Ok(packet) = Packet::decode(datagram) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let h = packet.header;
+        let handle = match h.packet_type {
+            PacketType::Syn => return self.handle_syn(now, from, &h),
+            PacketType::Reset => self.route_reset(from, h.connection_id),
+            _ => self.routes.get(&(from, h.connection_id)).copied(),
+        };
+        let Some(handle) = handle else {
+            self.stats.unknown += 1;
+            if h.packet_type != PacketType::Reset {
+                self.queue_reset(now, from, &h);
+            }
+            return;
+        };
+        if let Some(slot) = self.slots.get_mut(&handle) {
+            slot.connection.handle_packet(now, &packet);
+            self.wake(handle);
+            self.touch(handle);
+            self.collect(now, handle);
+        }
+    }
+
+    /// A RESET may carry the id we receive on or the one we send with
+    /// (libutp sends it with either, depending on who opened the
+    /// connection).
+    fn route_reset(&self, from: SocketAddr, id: u16) -> Option<ConnectionHandle> {
+        if let Some(&handle) = self.routes.get(&(from, id)) {
+            return Some(handle);
+        }
+        [id.wrapping_add(1), id.wrapping_sub(1)]
+            .into_iter()
+            .filter_map(|recv_id| self.routes.get(&(from, recv_id)))
+            .copied()
+            .find(|handle| {
+                self.slots
+                    .get(handle)
+                    .is_some_and(|s| s.connection.send_id() == id)
+            })
+    }
+
+    fn handle_syn(&mut self, now: Instant, from: SocketAddr, syn: &Header) {
+        let recv_id = syn.connection_id.wrapping_add(1);
+        if let Some(&handle) = self.routes.get(&(from, recv_id)) {
+            let slot = self.slots.get_mut(&handle).expect("routed slots exist");
+            if slot.connection.is_repeated_syn(syn) {
+                slot.connection
+                    .handle_packet(now, &Packet::without_payload(*syn));
+                self.touch(handle);
+                return;
+            }
+            // The same ids for a new connection: the peer restarted, or
+            // this one is long finished on its side.
+            slot.connection.abort(ConnectionError::Reset);
+            self.wake(handle);
+            self.touch(handle);
+            self.unroute(handle);
+            self.collect(now, handle);
+        }
+        let mut limits = self.check_limits(from);
+        if limits == Err(ConnectLimit::Total) && self.evict_half_open(now) {
+            limits = self.check_limits(from);
+        }
+        let refused = limits.is_err();
+        if refused || self.backlog.len() >= ACCEPT_BACKLOG {
+            self.stats.refused += 1;
+            self.queue_reset(now, from, syn);
+            return;
+        }
+        let initial_seq = self.rng.random();
+        let connection = Connection::accept(now, self.epoch, syn, initial_seq);
+        let handle = self.insert(now, from, connection, true);
+        self.backlog.push_back(handle);
+    }
+
+    /// Makes room for a new connection by closing the oldest half-open one
+    /// (a SYN and nothing since); `false` if there is none.
+    fn evict_half_open(&mut self, now: Instant) -> bool {
+        let oldest = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.routed && s.connection.is_half_open())
+            .min_by_key(|(_, s)| s.opened)
+            .map(|(&h, _)| h);
+        let Some(handle) = oldest else {
+            return false;
+        };
+        self.stats.evicted += 1;
+        if let Some(slot) = self.slots.get_mut(&handle) {
+            slot.connection.abort(ConnectionError::Aborted);
+        }
+        self.wake(handle);
+        self.unroute(handle);
+        self.touch(handle);
+        self.collect(now, handle);
+        true
+    }
+
+    fn check_limits(&self, remote: SocketAddr) -> Result<(), ConnectLimit> {
+        if self.routes.len() >= MAX_CONNECTIONS {
+            return Err(ConnectLimit::Total);
+        }
+        if self.per_ip.get(&remote.ip()).copied().unwrap_or(0) >= MAX_CONNECTIONS_PER_IP {
+            return Err(ConnectLimit::PerAddress);
+        }
+        Ok(())
+    }
+
+    /// A RESET for a packet that reached no connection, sent with the id
+    /// the packet carried (BEP 29 leaves the answer open; libutp looks a
+    /// RESET up by either of its ids).
+    fn queue_reset(&mut self, now: Instant, to: SocketAddr, about: &Header) {
+        if self.resets.len() >= MAX_PENDING_RESETS {
+            return;
+        }
+        let header = Header {
+            packet_type: PacketType::Reset,
+            extension: 0,
+            connection_id: about.connection_id,
+            timestamp_us: now.saturating_duration_since(self.epoch).as_micros() as u32,
+            timestamp_difference_us: 0,
+            wnd_size: 0,
+            seq_nr: self.rng.random(),
+            ack_nr: about.seq_nr,
+        };
+        self.resets.push_back(Transmit {
+            destination: to,
+            contents: Packet::without_payload(header).to_vec(),
+        });
+    }
+
+    fn insert(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        connection: Connection,
+        in_backlog: bool,
+    ) -> ConnectionHandle {
+        let handle = ConnectionHandle(self.next_handle);
+        self.next_handle += 1;
+        self.routes.insert((remote, connection.recv_id()), handle);
+        *self.per_ip.entry(remote.ip()).or_default() += 1;
+        self.slots.insert(
+            handle,
+            Slot {
+                connection,
+                remote,
+                routed: true,
+                released: false,
+                in_backlog,
+                timer: None,
+                queued: false,
+                woken: false,
+                opened: now,
+            },
+        );
+        self.touch(handle);
+        handle
+    }
+
+    fn unroute(&mut self, handle: ConnectionHandle) {
+        let Some(slot) = self.slots.get_mut(&handle) else {
+            return;
+        };
+        if !slot.routed {
+            return;
+        }
+        slot.routed = false;
+        let key = (slot.remote, slot.connection.recv_id());
+        if self.routes.get(&key) == Some(&handle) {
+            self.routes.remove(&key);
+        }
+        let ip = slot.remote.ip();
+        if let Some(count) = self.per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Unroutes a done connection and frees one nobody holds.
+    fn collect(&mut self, now: Instant, handle: ConnectionHandle) {
+        let Some(slot) = self.slots.get(&handle) else {
+            return;
+        };
+        if !slot.connection.is_done(now) || slot.queued {
+            return;
+        }
+        self.unroute(handle);
+        let slot = &self.slots[&handle];
+        // A closed connection nobody will accept is freed too.
+        if slot.released || slot.in_backlog {
+            if slot.in_backlog {
+                self.backlog.retain(|&h| h != handle);
+            }
+            if let Some(at) = slot.timer {
+                self.timers.remove(&(at, handle));
+            }
+            self.slots.remove(&handle);
+        }
+    }
+
+    /// Files the connection's next timer and queues it for transmitting.
+    fn touch(&mut self, handle: ConnectionHandle) {
+        let Some(slot) = self.slots.get_mut(&handle) else {
+            return;
+        };
+        let next = slot.connection.poll_timeout();
+        if next != slot.timer {
+            if let Some(at) = slot.timer {
+                self.timers.remove(&(at, handle));
+            }
+            if let Some(at) = next {
+                self.timers.insert((at, handle));
+            }
+            slot.timer = next;
+        }
+        if !slot.queued {
+            slot.queued = true;
+            self.transmit_queue.push_back(handle);
+        }
+    }
+
+    fn wake(&mut self, handle: ConnectionHandle) {
+        if let Some(slot) = self.slots.get_mut(&handle) {
+            if !slot.woken {
+                slot.woken = true;
+                self.woken.push(handle);
+            }
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next needed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|&(at, _)| at)
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<ConnectionHandle> = self
+            .timers
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|&(_, h)| h)
+            .collect();
+        for handle in due {
+            if let Some(slot) = self.slots.get_mut(&handle) {
+                let before = slot.connection.state();
+                slot.connection.handle_timeout(now);
+                if slot.connection.state() != before {
+                    self.wake(handle);
+                }
+                self.touch(handle);
+                self.collect(now, handle);
+            }
+        }
+    }
+
+    /// The next datagram to send, if any. Connections take turns, one
+    /// packet each.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if let Some(reset) = self.resets.pop_front() {
+            return Some(reset);
+        }
+        while let Some(handle) = self.transmit_queue.pop_front() {
+            let Some(slot) = self.slots.get_mut(&handle) else {
+                continue;
+            };
+            let mut out = std::mem::take(&mut self.scratch);
+            if slot.connection.poll_transmit(now, &mut out) {
+                let transmit = Transmit {
+                    destination: slot.remote,
+                    contents: out.clone(),
+                };
+                self.scratch = out;
+                // More may follow (it goes to the back of the queue); its
+                // timers moved.
+                slot.queued = false;
+                self.touch(handle);
+                return Some(transmit);
+            }
+            self.scratch = out;
+            slot.queued = false;
+            self.touch_timer_only(handle);
+            self.collect(now, handle);
+        }
+        None
+    }
+
+    fn touch_timer_only(&mut self, handle: ConnectionHandle) {
+        let Some(slot) = self.slots.get_mut(&handle) else {
+            return;
+        };
+        let next = slot.connection.poll_timeout();
+        if next != slot.timer {
+            if let Some(at) = slot.timer {
+                self.timers.remove(&(at, handle));
+            }
+            if let Some(at) = next {
+                self.timers.insert((at, handle));
+            }
+            slot.timer = next;
+        }
+    }
+
+    /// Whether [`poll_transmit`](Self::poll_transmit) may have something.
+    pub fn wants_transmit(&self) -> bool {
+        !self.resets.is_empty() || !self.transmit_queue.is_empty()
+    }
+
+    /// Connections whose application side may see something new (data,
+    /// space to write, a finished handshake, an error), each once.
+    pub fn drain_woken(&mut self) -> impl Iterator<Item = ConnectionHandle> + '_ {
+        for handle in &self.woken {
+            if let Some(slot) = self.slots.get_mut(handle) {
+                slot.woken = false;
+            }
+        }
+        self.woken.drain(..)
+    }
+}
