@@ -6,22 +6,22 @@
 //! the one the peer's uTP connection comes back through. Every received
 //! datagram is sorted by [`classify`]: an exact punch goes to every punch
 //! subscriber, an introduction message (see [`crate::nat`]) to the
-//! introduction channel, a datagram that can be uTP goes to `librqbit-utp`,
-//! and anything else is dropped and counted (it never reaches the uTP parser).
+//! introduction channel, a datagram that can be uTP goes to our uTP
+//! ([`crate::utp`]), and anything else is dropped and counted (it never
+//! reaches the uTP parser).
+//!
+//! The socket's one task receives, sorts, runs uTP's timers and sends what
+//! uTP hands back; streams wake it when they queue data.
 
-use std::future::Future;
-use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use librqbit_dualstack_sockets::PollSendToVectored;
-use librqbit_utp::{SocketOpts, Transport, UtpSocket, UtpSocketUdp, UtpStream};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
+
+use crate::utp::{Utp, UtpStream};
 
 /// The punch datagram: `ÿ` in UTF-8, exactly the two bytes Grenache's
 /// boxgloves sends (docs/wire.md §1).
@@ -36,14 +36,18 @@ pub const MAX_INTRODUCTION_DATAGRAM: usize = 1024;
 /// Receive buffer for the shared socket; uTP throughput suffers badly with
 /// the kernel default.
 const RECV_BUFFER: usize = 4 << 20;
-/// librqbit-utp sends a single SYN; a connect is re-issued this often until
-/// the request's deadline.
-pub const CONNECT_RETRY: Duration = Duration::from_millis(400);
+/// An unanswered SYN is sent again this often until the connect deadline;
+/// a refused connect is tried again after as long.
+pub const CONNECT_RETRY: Duration = crate::utp::SYN_RETRY;
 /// A connection whose peer stops acknowledging data for this long is closed,
 /// so requests sent to a host that died fail fast instead of at their deadline.
-pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
+pub const PEER_SILENCE_LIMIT: Duration = crate::utp::PEER_SILENCE_LIMIT;
 /// The uTP header is 20 bytes.
-const UTP_HEADER: usize = 20;
+const UTP_HEADER: usize = crate::utp::packet::HEADER_LEN;
+/// The largest datagram the socket reads (a UDP payload can be no longer).
+const MAX_DATAGRAM: usize = 65_536;
+/// Datagrams read in a row before uTP's ACKs and timers get a turn.
+const RECV_BATCH: usize = 64;
 /// Punches a slow subscriber may fall behind by (it then misses the oldest).
 const PUNCH_BACKLOG: usize = 256;
 /// Introduction messages waiting for the host's driver; more are dropped.
@@ -85,120 +89,105 @@ pub fn classify(bytes: &[u8]) -> Datagram {
 /// Counters a host reports about its socket.
 #[derive(Debug, Default)]
 pub struct TransportStats {
+    /// Exact punches received.
     pub punches_received: AtomicU64,
+    /// Datagrams dropped unread: neither punch, introduction nor uTP.
     pub garbage_datagrams: AtomicU64,
 }
 
-/// The demultiplexing transport handed to librqbit-utp.
-struct DemuxTransport {
+/// Where the socket's task sends what it sorts out.
+struct Demux {
     socket: Arc<UdpSocket>,
-    local: SocketAddr,
+    utp: Arc<Utp>,
     punches: broadcast::Sender<SocketAddr>,
     introductions: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     stats: Arc<TransportStats>,
 }
 
-impl PollSendToVectored for DemuxTransport {
-    fn poll_send_to_vectored(
-        &self,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-        target: SocketAddr,
-    ) -> Poll<std::io::Result<usize>> {
-        // uTP hands every DATA packet over as header + payload slices; send
-        // them with one sendmsg instead of copying them together first.
-        let target = socket2::SockAddr::from(target);
+impl Demux {
+    /// Receives, sorts and sends until the task is aborted.
+    async fn run(self) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut out = Vec::new();
+        let mut next_timer: Option<Instant> = None;
         loop {
-            if let Err(e) = std::task::ready!(self.socket.poll_send_ready(cx)) {
-                return Poll::Ready(Err(e));
-            }
-            let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                socket2::SockRef::from(&*self.socket).send_to_vectored(bufs, &target)
-            });
-            match sent {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
-    }
-}
-
-impl Transport for DemuxTransport {
-    // The trait asks for a future that is also Sync, which `async fn` cannot promise.
-    #[allow(clippy::manual_async_fn)]
-    fn recv_from<'a>(
-        &'a self,
-        buf: &'a mut [u8],
-    ) -> impl Future<Output = std::io::Result<(usize, SocketAddr)>> + Send + Sync + 'a {
-        async move {
-            loop {
-                match self.socket.recv_from(buf).await {
-                    Ok((n, from)) => match classify(&buf[..n]) {
-                        Datagram::Utp => return Ok((n, from)),
-                        Datagram::Punch => {
-                            self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
-                            let _ = self.punches.send(from);
-                        }
-                        Datagram::Introduction if n <= MAX_INTRODUCTION_DATAGRAM => {
-                            let _ = self.introductions.try_send((from, buf[..n].to_vec()));
-                        }
-                        Datagram::Introduction => {
-                            self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%from, len = n, "dropped an oversized introduction datagram");
-                        }
-                        Datagram::Garbage => {
-                            self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
-                            tracing::trace!(%from, len = n, "dropped a datagram that is neither uTP nor a punch");
-                        }
-                    },
-                    // An error returned here would stop the uTP dispatcher and
-                    // every stream on the socket. ICMP errors (port
-                    // unreachable after a peer died) are reported on the next
-                    // receive: they concern one peer, never the socket.
-                    Err(e) => {
-                        tracing::debug!("receive error on the RPC socket (ignored): {e}");
-                        tokio::task::yield_now().await;
+            let timer = async {
+                match next_timer {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ready = self.socket.readable() => {
+                    if ready.is_ok() {
+                        self.receive_batch(&mut buf);
                     }
+                }
+                _ = self.utp.wakeup() => {}
+                _ = timer => {}
+            }
+            next_timer = self.utp.poll(Instant::now(), &mut out);
+            for transmit in out.drain(..) {
+                if let Err(e) = self
+                    .socket
+                    .send_to(&transmit.contents, transmit.destination)
+                    .await
+                {
+                    tracing::debug!(to = %transmit.destination, "uTP packet not sent: {e}");
                 }
             }
         }
     }
 
-    fn send_to<'a>(
-        &'a self,
-        buf: &'a [u8],
-        target: SocketAddr,
-    ) -> impl Future<Output = std::io::Result<usize>> + Send + Sync + 'a {
-        self.socket.send_to(buf, target)
+    /// Reads what is waiting, up to [`RECV_BATCH`] datagrams.
+    fn receive_batch(&self, buf: &mut [u8]) {
+        let now = Instant::now();
+        for _ in 0..RECV_BATCH {
+            match self.socket.try_recv_from(buf) {
+                Ok((n, from)) => self.sort(now, from, &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // ICMP errors (port unreachable after a peer died) are
+                // reported on the next receive: they concern one peer,
+                // never the socket.
+                Err(e) => tracing::debug!("receive error on the RPC socket (ignored): {e}"),
+            }
+        }
     }
 
-    fn poll_send_to(
-        &self,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-        target: SocketAddr,
-    ) -> Poll<std::io::Result<usize>> {
-        self.socket.poll_send_to(cx, buf, target)
-    }
-
-    fn bind_addr(&self) -> SocketAddr {
-        self.local
+    fn sort(&self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let n = datagram.len();
+        match classify(datagram) {
+            Datagram::Utp => self.utp.handle_datagram(now, from, datagram),
+            Datagram::Punch => {
+                self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
+                let _ = self.punches.send(from);
+            }
+            Datagram::Introduction if n <= MAX_INTRODUCTION_DATAGRAM => {
+                let _ = self.introductions.try_send((from, datagram.to_vec()));
+            }
+            Datagram::Introduction => {
+                self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, len = n, "dropped an oversized introduction datagram");
+            }
+            Datagram::Garbage => {
+                self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%from, len = n, "dropped a datagram that is neither uTP nor a punch");
+            }
+        }
     }
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-type ConnectFn = dyn Fn(SocketAddr) -> BoxFuture<librqbit_utp::Result<UtpStream>> + Send + Sync;
-type AcceptFn = dyn Fn() -> BoxFuture<librqbit_utp::Result<UtpStream>> + Send + Sync;
 
 /// Why a uTP connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// No answer to any SYN before the deadline.
     #[error("no uTP answer from {peer} within {waited:?} ({attempts} attempts)")]
     Timeout {
         peer: SocketAddr,
         waited: Duration,
         attempts: u32,
     },
+    /// Refused (a RESET answered), or over a connection bound.
     #[error("uTP connect to {peer} failed: {reason}")]
     Failed { peer: SocketAddr, reason: String },
     /// Theory rules out a direct path between the two hosts' NATs.
@@ -206,21 +195,29 @@ pub enum ConnectError {
     Impossible(String),
 }
 
+/// Stops the socket's task when the last [`Endpoint`] clone goes.
+struct Task {
+    handle: tokio::task::JoinHandle<()>,
+    utp: Arc<Utp>,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.handle.abort();
+        self.utp.stop();
+    }
+}
+
 /// The host's socket: uTP in both directions plus punches.
 #[derive(Clone)]
 pub struct Endpoint {
     socket: Arc<UdpSocket>,
     local: SocketAddr,
-    connect: Arc<ConnectFn>,
-    accept: Arc<AcceptFn>,
+    utp: Arc<Utp>,
     punches: broadcast::Sender<SocketAddr>,
+    /// What the demultiplexer counted.
     pub stats: Arc<TransportStats>,
-}
-
-/// librqbit-utp does not export its default environment type; obtain a value
-/// of it through the public alias.
-fn default_env<T, E: Default>(_: PhantomData<UtpSocket<T, E>>) -> E {
-    E::default()
+    _task: Arc<Task>,
 }
 
 impl Endpoint {
@@ -242,37 +239,25 @@ impl Endpoint {
         let (introductions, introductions_rx) = mpsc::channel(INTRODUCTION_BACKLOG);
         let (punches, _) = broadcast::channel(PUNCH_BACKLOG);
         let stats = Arc::new(TransportStats::default());
-        let transport = DemuxTransport {
+        let utp = Utp::new();
+        let demux = Demux {
             socket: socket.clone(),
-            local,
+            utp: utp.clone(),
             punches: punches.clone(),
             introductions,
             stats: stats.clone(),
         };
-        let env = default_env(PhantomData::<UtpSocketUdp>);
-        let utp = UtpSocket::new_with_opts(
-            transport,
-            env,
-            SocketOpts {
-                remote_inactivity_timeout: Some(PEER_SILENCE_LIMIT),
-                ..SocketOpts::default()
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("cannot start uTP on {local}: {e}"))?;
-        let for_connect = utp.clone();
+        let task = Task {
+            handle: tokio::spawn(demux.run()),
+            utp: utp.clone(),
+        };
         let endpoint = Endpoint {
             socket,
             local,
-            connect: Arc::new(move |peer| {
-                let utp = for_connect.clone();
-                Box::pin(async move { utp.connect(peer).await })
-            }),
-            accept: Arc::new(move || {
-                let utp = utp.clone();
-                Box::pin(async move { utp.accept().await })
-            }),
+            utp,
             punches,
             stats,
+            _task: Arc::new(task),
         };
         Ok((endpoint, introductions_rx))
     }
@@ -294,6 +279,11 @@ impl Endpoint {
         self.local
     }
 
+    /// uTP connections open now (both directions, connecting included).
+    pub fn open_connections(&self) -> usize {
+        self.utp.open_connections()
+    }
+
     /// Sends one punch to `peer`.
     pub async fn punch(&self, peer: SocketAddr) {
         if let Err(e) = self.socket.send_to(&PUNCH, peer).await {
@@ -301,9 +291,10 @@ impl Endpoint {
         }
     }
 
-    /// Waits for the next incoming uTP connection.
-    pub async fn accept(&self) -> librqbit_utp::Result<UtpStream> {
-        (self.accept)().await
+    /// Waits for the next incoming uTP connection; fails only once the
+    /// socket stopped.
+    pub async fn accept(&self) -> std::io::Result<UtpStream> {
+        self.utp.accept().await
     }
 
     /// Connects to `peer`, re-sending the SYN every [`CONNECT_RETRY`] until
@@ -340,52 +331,65 @@ impl Endpoint {
         mut punches: Option<(broadcast::Receiver<SocketAddr>, bool)>,
     ) -> Result<(UtpStream, SocketAddr), ConnectError> {
         let started = Instant::now();
-        let mut attempts = 0;
+        // SYNs of abandoned attempts (refused, or moved to another port).
+        let mut earlier_syns = 0;
         let mut heard = false;
         loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ConnectError::Timeout {
-                    peer,
-                    waited: started.elapsed(),
-                    attempts,
-                });
-            }
-            attempts += 1;
-            let wait = CONNECT_RETRY.min(deadline - now);
-            let attempt = tokio::time::timeout(wait, (self.connect)(peer));
-            let punched = async {
-                match punches.as_mut() {
-                    Some((rx, follow_port)) => punch_from(rx, peer, *follow_port, heard).await,
-                    None => std::future::pending().await,
+            let attempt = self.utp.connect(peer).map_err(|e| ConnectError::Failed {
+                peer,
+                reason: e.to_string(),
+            })?;
+            // One attempt: its SYN is re-sent by uTP until it is answered.
+            let outcome = loop {
+                let (target, was_heard) = (peer, heard);
+                let punched = async {
+                    match punches.as_mut() {
+                        Some((rx, follow_port)) => {
+                            punch_from(rx, target, *follow_port, was_heard).await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    outcome = attempt.established() => break Some(outcome),
+                    from = punched => {
+                        // The peer's NAT is open now: a SYN at once.
+                        tracing::debug!(%peer, %from, "punched by the peer; connecting at once");
+                        heard = true;
+                        if from == peer {
+                            attempt.resend_syn();
+                        } else {
+                            peer = from;
+                            break None;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        return Err(ConnectError::Timeout {
+                            peer,
+                            waited: started.elapsed(),
+                            attempts: earlier_syns + attempt.syn_count(),
+                        });
+                    }
                 }
             };
-            let outcome = tokio::select! {
-                outcome = attempt => outcome,
-                from = punched => {
-                    // The peer's NAT is open now: send a fresh SYN at once.
-                    tracing::debug!(%peer, %from, "punched by the peer; connecting at once");
-                    heard = true;
-                    peer = from;
-                    continue;
-                }
-            };
+            earlier_syns += attempt.syn_count();
             match outcome {
-                Ok(Ok(stream)) => return Ok((stream, peer)),
-                Ok(Err(e)) => {
-                    // Refused or reset: wait out the rest of this attempt,
-                    // the peer may just be starting.
-                    tracing::debug!(%peer, "uTP connect attempt {attempts} failed: {e}");
-                    let rest = wait.saturating_sub(now.elapsed());
-                    if Instant::now() + rest >= deadline {
+                Some(Ok(())) => return Ok((attempt.into_stream(), peer)),
+                // Moved to the port the peer's punch came from.
+                None => {}
+                Some(Err(e)) => {
+                    // Refused: the peer may just be starting; try again
+                    // after a while if the deadline allows.
+                    tracing::debug!(%peer, "uTP connect refused: {e}");
+                    drop(attempt);
+                    if Instant::now() + CONNECT_RETRY >= deadline {
                         return Err(ConnectError::Failed {
                             peer,
                             reason: e.to_string(),
                         });
                     }
-                    tokio::time::sleep(rest).await;
+                    tokio::time::sleep(CONNECT_RETRY).await;
                 }
-                Err(_) => {}
             }
         }
     }

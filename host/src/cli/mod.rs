@@ -41,13 +41,11 @@ pub fn init_logging(level: &str) -> Result<(), String> {
             .map_err(|e| format!("RUST_LOG={spec:?} is not a valid filter: {e}"))?,
         // The DHT and uTP crates are chatty (mainline reports a lone bootstrap
         // node as an error even when lookups work); their news is ours to tell.
-        _ => {
-            EnvFilter::try_new(format!("{level},mainline=off,librqbit_utp=warn")).map_err(|e| {
-                format!(
+        _ => EnvFilter::try_new(format!("{level},mainline=off")).map_err(|e| {
+            format!(
                 "--log-level {level:?} is not valid ({e}); use error, warn, info, debug or trace"
             )
-            })?
-        }
+        })?,
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

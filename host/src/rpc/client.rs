@@ -50,7 +50,7 @@ type PeerSlot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
 
 /// One open connection to a peer.
 struct Connection {
-    writer: tokio::sync::Mutex<librqbit_utp::UtpStreamWriteHalf>,
+    writer: tokio::sync::Mutex<crate::utp::UtpWriteHalf>,
     pending: Mutex<Pending<Waiter>>,
     /// Wakes the connection task to re-arm its timer for a new request.
     deadline_added: tokio::sync::Notify,
@@ -308,7 +308,7 @@ impl RpcClient {
         &self,
         peer: SocketAddr,
         connect_by: Instant,
-    ) -> Result<(librqbit_utp::UtpStream, Option<(SocketAddr, Instant)>), ConnectError> {
+    ) -> Result<(crate::utp::UtpStream, Option<(SocketAddr, Instant)>), ConnectError> {
         let introduced = match &self.introductions {
             Some(introductions) => {
                 let started = Instant::now();

@@ -81,7 +81,7 @@ pub async fn serve(
 }
 
 async fn serve_connection(
-    stream: librqbit_utp::UtpStream,
+    stream: crate::utp::UtpStream,
     services: Arc<dyn Services>,
     max_message: usize,
     stats: Arc<ServerStats>,

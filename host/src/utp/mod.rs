@@ -9,12 +9,17 @@
 //!   ordered delivery, FIN and RESET, peer silence.
 //! - [`socket`]: every connection of one UDP socket, sans-IO: routing by
 //!   (address, connection id), SYNs, bounds.
+//! - [`driver`]: the tokio side: the socket behind a mutex, the wakers of
+//!   waiting tasks, and the stream types ([`UtpStream`], split into an
+//!   `AsyncRead` half and a message-per-write `AsyncWrite` half).
 //!
-//! Like quinn-proto, nothing here reads a clock or owns a socket: the host's
-//! transport (`crate::transport`) feeds datagrams and the time in and sends
-//! what comes out; the tests do the same in simulated time.
+//! Like quinn-proto, the protocol modules read no clock and own no socket:
+//! the host's transport (`crate::transport`) owns the UDP socket, feeds
+//! datagrams and the time in and sends what comes out; the tests do the
+//! same in simulated time.
 
 pub mod connection;
+pub mod driver;
 pub mod packet;
 pub mod socket;
 #[cfg(test)]
@@ -23,4 +28,5 @@ mod tests;
 pub use connection::{
     ConnectionError, RecvError, SendError, State, MAX_PAYLOAD, PEER_SILENCE_LIMIT, SYN_RETRY,
 };
+pub use driver::{Connecting, Utp, UtpReadHalf, UtpStream, UtpWriteHalf};
 pub use socket::{ConnectLimit, ConnectionHandle, Socket, SocketStats, Transmit};
