@@ -33,10 +33,11 @@ pub trait Services: Send + Sync + 'static {
 }
 
 /// While a request takes longer than this, the server sends one space on
-/// the connection per interval. librqbit-utp closes a connection whose peer
-/// has been silent for [`PEER_SILENCE_LIMIT`] after it sent us data, which a
-/// caller waiting for a slow answer is; the space gets acknowledged, and that
-/// ends the count (docs/wire.md#heartbeat).
+/// the connection per interval (docs/wire.md#heartbeat). It was needed with
+/// librqbit-utp, which closed a connection whose peer was silent for
+/// [`PEER_SILENCE_LIMIT`] after sending data; our uTP only counts silence
+/// while our own data waits for an ACK, so this space is next to go (Node
+/// clients log it as ERR_REQUEST_PARSE).
 const HEARTBEAT: std::time::Duration =
     PEER_SILENCE_LIMIT.saturating_sub(std::time::Duration::from_secs(1));
 
