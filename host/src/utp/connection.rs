@@ -35,7 +35,7 @@
 //!   episode, one packet after a timeout), bounded by the peer's advertised
 //!   window and [`MAX_IN_FLIGHT`] packets. BEP 29's LEDBAT is not used: it
 //!   yields to other traffic by measuring queueing delay, which RPC traffic
-//!   does not need (docs/wire.md §4.2).
+//!   does not need (docs/wire.md §4.1).
 //! - ACKs go out promptly: every received DATA or FIN makes an ACK due at
 //!   the next transmit (no delayed-ACK timer), carried by our next DATA or
 //!   sent as a STATE, with a selective ACK while packets are missing.
@@ -386,6 +386,11 @@ impl Connection {
     /// connection, the first to go when the socket is full).
     pub fn is_half_open(&self) -> bool {
         !self.initiator && !self.heard_after_syn && matches!(self.state, State::Connected)
+    }
+
+    /// How long since the peer last sent anything.
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_received)
     }
 
     /// Whether `syn` repeats the one that opened this connection (its

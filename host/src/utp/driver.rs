@@ -35,6 +35,9 @@ struct Wakers {
     write: Option<Waker>,
 }
 
+/// Everything behind the mutex. Wakers are not woken or dropped while it is
+/// held: a waker's code is not ours, and dropping the last reference to a
+/// task may drop a stream, whose drop takes the mutex again.
 struct Inner {
     socket: Socket,
     wakers: HashMap<ConnectionHandle, Wakers>,
@@ -63,6 +66,32 @@ fn io_error(e: ConnectionError) -> io::Error {
         ConnectionError::Aborted => io::ErrorKind::ConnectionAborted,
     };
     io::Error::new(kind, e)
+}
+
+/// Which task of a connection waits.
+enum Side {
+    Read,
+    /// A writer, or the task waiting for the handshake.
+    Write,
+}
+
+/// Files the task's waker for `handle` and returns `Pending`; the waker it
+/// replaces is dropped after the mutex is released.
+fn park<T>(
+    mut inner: MutexGuard<'_, Inner>,
+    handle: ConnectionHandle,
+    side: Side,
+    cx: &Context<'_>,
+) -> Poll<T> {
+    let wakers = inner.wakers.entry(handle).or_default();
+    let slot = match side {
+        Side::Read => &mut wakers.read,
+        Side::Write => &mut wakers.write,
+    };
+    let old = slot.replace(cx.waker().clone());
+    drop(inner);
+    drop(old);
+    Poll::Pending
 }
 
 fn stopped_error() -> io::Error {
@@ -98,25 +127,27 @@ impl Utp {
     /// tasks that have something new to see, and returns when to call
     /// again at the latest.
     pub fn poll(&self, now: Instant, out: &mut Vec<Transmit>) -> Option<Instant> {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        inner.socket.handle_timeout(now);
-        while let Some(transmit) = inner.socket.poll_transmit(now) {
-            out.push(transmit);
-        }
-        for handle in inner.socket.drain_woken() {
-            if let Some(w) = inner.wakers.get_mut(&handle) {
-                w.read
-                    .take()
-                    .into_iter()
-                    .chain(w.write.take())
-                    .for_each(Waker::wake);
+        let mut to_wake = Vec::new();
+        let next = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            inner.socket.handle_timeout(now);
+            while let Some(transmit) = inner.socket.poll_transmit(now) {
+                out.push(transmit);
             }
-        }
-        if inner.socket.can_accept() {
-            inner.acceptors.drain(..).for_each(Waker::wake);
-        }
-        inner.socket.poll_timeout()
+            for handle in inner.socket.drain_woken() {
+                if let Some(w) = inner.wakers.get_mut(&handle) {
+                    to_wake.extend(w.read.take());
+                    to_wake.extend(w.write.take());
+                }
+            }
+            if inner.socket.can_accept() {
+                to_wake.append(&mut inner.acceptors);
+            }
+            inner.socket.poll_timeout()
+        };
+        to_wake.into_iter().for_each(Waker::wake);
+        next
     }
 
     /// Resolves when a stream left something to send.
@@ -124,15 +155,30 @@ impl Utp {
         self.wakeup.notified().await
     }
 
+    /// The host is going away: every open connection sends its FIN after
+    /// its queued data; returns the packets that can leave now (the caller
+    /// sends them without waiting, then [`stop`](Self::stop)s).
+    pub fn shutdown_all(&self, now: Instant) -> Vec<Transmit> {
+        let mut inner = self.lock();
+        inner.socket.shutdown_all();
+        std::iter::from_fn(|| inner.socket.poll_transmit(now)).collect()
+    }
+
     /// The transport is gone: every stream and waiting task fails from now
     /// on.
     pub fn stop(&self) {
-        let mut inner = self.lock();
-        inner.stopped = true;
-        for (_, w) in inner.wakers.drain() {
+        let (wakers, acceptors) = {
+            let mut inner = self.lock();
+            inner.stopped = true;
+            (
+                std::mem::take(&mut inner.wakers),
+                std::mem::take(&mut inner.acceptors),
+            )
+        };
+        for (_, w) in wakers {
             w.read.into_iter().chain(w.write).for_each(Waker::wake);
         }
-        inner.acceptors.drain(..).for_each(Waker::wake);
+        acceptors.into_iter().for_each(Waker::wake);
     }
 
     /// Counters and sizes, for status reports and tests.
@@ -190,7 +236,7 @@ impl Connecting {
     /// the SYN).
     pub async fn established(&self) -> Result<(), io::Error> {
         std::future::poll_fn(|cx| {
-            let mut inner = self.utp().lock();
+            let inner = self.utp().lock();
             if inner.stopped {
                 return Poll::Ready(Err(stopped_error()));
             }
@@ -200,10 +246,7 @@ impl Connecting {
                     Poll::Ready(Err(io_error(e.unwrap_or(ConnectionError::Aborted))))
                 }
                 None => Poll::Ready(Err(io_error(ConnectionError::Aborted))),
-                Some(State::SynSent) => {
-                    inner.wakers.entry(self.handle).or_default().write = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+                Some(State::SynSent) => park(inner, self.handle, Side::Write, cx),
             }
         })
         .await
@@ -231,8 +274,10 @@ impl Drop for Connecting {
     fn drop(&mut self) {
         if let Some(utp) = self.utp.take() {
             let mut inner = utp.lock();
-            inner.wakers.remove(&self.handle);
+            let wakers = inner.wakers.remove(&self.handle);
             inner.socket.release(Instant::now(), self.handle);
+            drop(inner);
+            drop(wakers);
         }
     }
 }
@@ -248,9 +293,10 @@ struct StreamShared {
 impl Drop for StreamShared {
     fn drop(&mut self) {
         let mut inner = self.utp.lock();
-        inner.wakers.remove(&self.handle);
+        let wakers = inner.wakers.remove(&self.handle);
         inner.socket.release(Instant::now(), self.handle);
         drop(inner);
+        drop(wakers);
         self.utp.wakeup.notify_one();
     }
 }
@@ -271,10 +317,7 @@ impl StreamShared {
                 }
                 Poll::Ready(Ok(()))
             }
-            Err(RecvError::WouldBlock) => {
-                inner.wakers.entry(self.handle).or_default().read = Some(cx.waker().clone());
-                Poll::Pending
-            }
+            Err(RecvError::WouldBlock) => park(inner, self.handle, Side::Read, cx),
             Err(RecvError::Closed(e)) => Poll::Ready(Err(io_error(e))),
         }
     }
@@ -290,10 +333,7 @@ impl StreamShared {
                 self.utp.wakeup.notify_one();
                 Poll::Ready(Ok(n))
             }
-            Err(SendError::Full) => {
-                inner.wakers.entry(self.handle).or_default().write = Some(cx.waker().clone());
-                Poll::Pending
-            }
+            Err(SendError::Full) => park(inner, self.handle, Side::Write, cx),
             Err(SendError::Finished) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "this side of the uTP connection finished writing",

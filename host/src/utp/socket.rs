@@ -29,6 +29,10 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 pub const ACCEPT_BACKLOG: usize = 256;
 /// RESETs waiting to be sent; more are not sent.
 pub const MAX_PENDING_RESETS: usize = 256;
+/// A connection that heard nothing for this long may be dropped to make
+/// room for a new one: a live peer sends at least every 29 s (libutp's
+/// keep-alive, [`super::connection::KEEPALIVE`], and ours).
+pub const EVICTABLE_SILENCE: Duration = Duration::from_secs(30);
 
 /// Names one connection of a [`Socket`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,7 +67,7 @@ pub struct SocketStats {
     pub unknown: u64,
     /// SYNs refused by a bound.
     pub refused: u64,
-    /// Half-open connections closed to make room.
+    /// Half-open or long-silent connections closed to make room.
     pub evicted: u64,
 }
 
@@ -167,7 +171,9 @@ impl Socket {
         };
         let syn_seq = self.rng.random();
         let connection = Connection::connect(now, self.epoch, recv_id, syn_seq);
-        Ok(self.insert(now, remote, connection, false))
+        let handle = self.insert(now, remote, connection, false);
+        tracing::debug!(%remote, id = recv_id, ?handle, "uTP: connecting");
+        Ok(handle)
     }
 
     /// Sends the SYN again at once (the peer's punch arrived).
@@ -281,6 +287,19 @@ impl Socket {
         self.collect(now, handle);
     }
 
+    /// The host is going away: every open connection finishes writing (a
+    /// FIN after its queued data). What can leave at once comes out of
+    /// [`poll_transmit`](Self::poll_transmit).
+    pub fn shutdown_all(&mut self) {
+        let handles: Vec<ConnectionHandle> = self.routes.values().copied().collect();
+        for handle in handles {
+            if let Some(slot) = self.slots.get_mut(&handle) {
+                slot.connection.shutdown();
+                self.touch(handle);
+            }
+        }
+    }
+
     /// Ends a connection at once, with a RESET to the peer if it was open.
     pub fn abort(&mut self, now: Instant, handle: ConnectionHandle) {
         if let Some(slot) = self.slots.get_mut(&handle) {
@@ -306,6 +325,7 @@ impl Socket {
             _ => self.routes.get(&(from, h.connection_id)).copied(),
         };
         let Some(handle) = handle else {
+            tracing::debug!(%from, id = h.connection_id, kind = ?h.packet_type, "uTP: a packet for no connection");
             self.stats.unknown += 1;
             if h.packet_type != PacketType::Reset {
                 self.queue_reset(now, from, &h);
@@ -313,7 +333,12 @@ impl Socket {
             return;
         };
         if let Some(slot) = self.slots.get_mut(&handle) {
+            let before = slot.connection.state();
             slot.connection.handle_packet(now, &packet);
+            let after = slot.connection.state();
+            if after != before {
+                tracing::debug!(%from, ?handle, "uTP: {before:?} → {after:?} on a {:?}", h.packet_type);
+            }
             self.wake(handle);
             self.touch(handle);
             self.collect(now, handle);
@@ -343,11 +368,13 @@ impl Socket {
         if let Some(&handle) = self.routes.get(&(from, recv_id)) {
             let slot = self.slots.get_mut(&handle).expect("routed slots exist");
             if slot.connection.is_repeated_syn(syn) {
+                tracing::debug!(%from, id = syn.connection_id, "uTP: a repeated SYN, answered again");
                 slot.connection
                     .handle_packet(now, &Packet::without_payload(*syn));
                 self.touch(handle);
                 return;
             }
+            tracing::debug!(%from, id = syn.connection_id, "uTP: a SYN with the ids of an open connection replaces it");
             // The same ids for a new connection: the peer restarted, or
             // this one is long finished on its side.
             slot.connection.abort(ConnectionError::Reset);
@@ -357,11 +384,15 @@ impl Socket {
             self.collect(now, handle);
         }
         let mut limits = self.check_limits(from);
-        if limits == Err(ConnectLimit::Total) && self.evict_half_open(now) {
-            limits = self.check_limits(from);
+        if let Err(limit) = limits {
+            let only = (limit == ConnectLimit::PerAddress).then(|| from.ip());
+            if self.evict(now, only) {
+                limits = self.check_limits(from);
+            }
         }
         let refused = limits.is_err();
         if refused || self.backlog.len() >= ACCEPT_BACKLOG {
+            tracing::debug!(%from, "uTP: SYN refused ({limits:?}, backlog {})", self.backlog.len());
             self.stats.refused += 1;
             self.queue_reset(now, from, syn);
             return;
@@ -369,19 +400,31 @@ impl Socket {
         let initial_seq = self.rng.random();
         let connection = Connection::accept(now, self.epoch, syn, initial_seq);
         let handle = self.insert(now, from, connection, true);
+        tracing::debug!(%from, id = syn.connection_id, ?handle, "uTP: connection from a SYN");
         self.backlog.push_back(handle);
     }
 
-    /// Makes room for a new connection by closing the oldest half-open one
-    /// (a SYN and nothing since); `false` if there is none.
-    fn evict_half_open(&mut self, now: Instant) -> bool {
-        let oldest = self
-            .slots
-            .iter()
-            .filter(|(_, s)| s.routed && s.connection.is_half_open())
+    /// Makes room for a new connection (with `only` that address): closes
+    /// the oldest half-open one (a SYN and nothing since), or else the one
+    /// silent longest if it has been silent for [`EVICTABLE_SILENCE`] (its
+    /// peer is most likely gone: a `call` process that exited, a host that
+    /// died). `false` if there is none.
+    fn evict(&mut self, now: Instant, only: Option<IpAddr>) -> bool {
+        let candidates = || {
+            self.slots
+                .iter()
+                .filter(move |(_, s)| s.routed && only.is_none_or(|ip| s.remote.ip() == ip))
+        };
+        let victim = candidates()
+            .filter(|(_, s)| s.connection.is_half_open())
             .min_by_key(|(_, s)| s.opened)
+            .or_else(|| {
+                candidates()
+                    .filter(|(_, s)| s.connection.silent_for(now) >= EVICTABLE_SILENCE)
+                    .max_by_key(|(_, s)| s.connection.silent_for(now))
+            })
             .map(|(&h, _)| h);
-        let Some(handle) = oldest else {
+        let Some(handle) = victim else {
             return false;
         };
         self.stats.evicted += 1;
@@ -483,7 +526,9 @@ impl Socket {
         let Some(slot) = self.slots.get(&handle) else {
             return;
         };
-        if !slot.connection.is_done(now) || slot.queued {
+        // A done connection has nothing left to send (a pending RESET
+        // keeps it from being done).
+        if !slot.connection.is_done(now) {
             return;
         }
         self.unroute(handle);
@@ -547,7 +592,9 @@ impl Socket {
             if let Some(slot) = self.slots.get_mut(&handle) {
                 let before = slot.connection.state();
                 slot.connection.handle_timeout(now);
-                if slot.connection.state() != before {
+                let after = slot.connection.state();
+                if after != before {
+                    tracing::debug!(remote = %slot.remote, ?handle, "uTP: {before:?} → {after:?} on a timer");
                     self.wake(handle);
                 }
                 self.touch(handle);

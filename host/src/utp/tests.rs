@@ -15,7 +15,9 @@ use super::connection::{
     PEER_SILENCE_LIMIT, RECV_WINDOW, REORDER_LIMIT, SEND_BUFFER, SYN_RETRY,
 };
 use super::packet::{Header, Packet, PacketType};
-use super::socket::{ConnectionHandle, Socket, ACCEPT_BACKLOG, MAX_CONNECTIONS_PER_IP};
+use super::socket::{
+    ConnectionHandle, Socket, ACCEPT_BACKLOG, EVICTABLE_SILENCE, MAX_CONNECTIONS_PER_IP,
+};
 
 const LATENCY: Duration = Duration::from_millis(5);
 
@@ -921,6 +923,11 @@ fn connections_per_address_are_bounded() {
         handles.push(net.node(A).connect(now, addr(B)).unwrap());
         net.run_until(Duration::from_secs(1), |net| net.node(B).accept().is_some());
     }
+    // Every connection carries a message: none is half-open.
+    for &handle in &handles {
+        net.node(A).send(handle, b"[]").unwrap();
+    }
+    net.run_for(Duration::from_millis(100));
     let now = net.now;
     // The initiator refuses a connection too many...
     assert!(net.node(A).connect(now, addr(B)).is_err());
@@ -941,6 +948,46 @@ fn connections_per_address_are_bounded() {
     net.run_for(Duration::from_millis(50));
     let now = net.now;
     assert!(net.node(A).connect(now, addr(B)).is_ok());
+}
+
+#[test]
+fn a_full_address_makes_room_by_dropping_a_connection_silent_for_30_s() {
+    let mut net = Net::new();
+    let mut handles = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_IP {
+        let now = net.now;
+        handles.push(net.node(A).connect(now, addr(B)).unwrap());
+        net.run_until(Duration::from_secs(1), |net| net.node(B).accept().is_some());
+    }
+    // Every connection carries a message at the same moment.
+    for &handle in &handles {
+        net.node(A).send(handle, b"[]").unwrap();
+    }
+    net.run_for(Duration::from_millis(100));
+    // A's process exits without a word: B hears nothing from now on.
+    net.set_filter(|_| Fate::Drop);
+    net.run_for(EVICTABLE_SILENCE - Duration::from_secs(1));
+    let other = addr("10.0.0.1:1001");
+    // What B answers a SYN from another port of A's address.
+    let answer = |net: &mut Net, id| {
+        let now = net.now;
+        let syn = Packet::without_payload(syn_header(id, 1)).to_vec();
+        net.node(B).handle_datagram(now, other, &syn);
+        std::iter::from_fn(|| net.node(B).poll_transmit(now))
+            .find(|t| t.destination == other)
+            .map(|t| Packet::decode(&t.contents).unwrap().header.packet_type)
+    };
+    assert_eq!(
+        answer(&mut net, 1),
+        Some(PacketType::Reset),
+        "29 s is not dead yet"
+    );
+    assert_eq!(net.node(B).stats().evicted, 0);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(answer(&mut net, 2), Some(PacketType::State));
+    assert!(net.node(B).accept().is_some(), "30 s silent: one gave way");
+    assert_eq!(net.node(B).stats().evicted, 1);
+    assert_eq!(net.node(B).open_connections(), MAX_CONNECTIONS_PER_IP);
 }
 
 #[test]
