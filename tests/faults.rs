@@ -106,8 +106,9 @@ fn every_fault_costs_one_request_and_memory_returns_to_baseline() {
 
 #[test]
 fn an_answer_slower_than_the_peer_silence_limit_still_arrives() {
-    // librqbit-utp closes a connection 2 s after the caller's last packet
-    // unless the server's heartbeat keeps it open while the plugin works.
+    // The plugin works for 3.5 s, longer than PEER_SILENCE_LIMIT (2 s), and
+    // nothing is sent meanwhile: our uTP counts a peer's silence only while
+    // our own data waits for its ACK, so the connection stays open.
     let (_dht, bootstrap) = start_dht();
     let flags = ["--time-limit", "3500ms", "--control", "off"];
     let (_host, port) = start_host("slow host", &[&test_plugin("faulty")], &bootstrap, &flags);

@@ -223,7 +223,7 @@ pub fn parse_reply(value: &RawValue) -> Result<Reply, DecodeError> {
 
 /// Turns a byte stream into whole JSON values, however the bytes were split
 /// into packets (docs/wire.md §3), skipping whitespace between them (the
-/// server's keep-alive spaces, docs/wire.md#heartbeat).
+/// keep-alive spaces of earlier hosts, docs/wire.md#heartbeat).
 #[derive(Debug)]
 pub struct MessageDecoder {
     buffer: Vec<u8>,

@@ -5,8 +5,8 @@
 //!
 //! The stream has no framing (docs/wire.md §3): messages are concatenated
 //! JSON values, split over packets or coalesced into one however uTP cut the
-//! stream, with the server's keep-alive spaces between them
-//! (docs/wire.md#heartbeat).
+//! stream, with whitespace between them skipped (earlier hosts sent
+//! keep-alive spaces, docs/wire.md#heartbeat).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +34,7 @@ pub enum ReadError {
 }
 
 /// How many reads on a connection returned bytes, whether or not they
-/// completed a message (a keep-alive space counts: the peer was heard).
+/// completed a message (whitespace counts: the peer was heard).
 /// Shared, so another task can watch it while the reader runs; cheap to
 /// clone.
 #[derive(Debug, Clone, Default)]

@@ -1,8 +1,8 @@
 //! The RPC server: accepts uTP connections on the host's socket, decodes
 //! requests through a [`MessageReader`], hands each to the host's
 //! [`Services`] (the node routes them to plugins) and writes the reply on the
-//! same connection, sending keep-alive spaces while an answer is slow
-//! (docs/wire.md#heartbeat).
+//! same connection, however long the answer takes (no keep-alive bytes,
+//! docs/wire.md#heartbeat).
 //!
 //! A connection that sends something that is not a Grenache request is
 //! closed and counted; everyone else keeps being served. The server owns the
@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::codec::{self, DecodeError, Request};
 use super::connection::{MessageReader, ReadError};
-use crate::transport::{Endpoint, PEER_SILENCE_LIMIT};
+use crate::transport::Endpoint;
 
 /// What answers the requests a server receives.
 pub trait Services: Send + Sync + 'static {
@@ -31,15 +31,6 @@ pub trait Services: Send + Sync + 'static {
         peer: SocketAddr,
     ) -> BoxFuture<'a, Result<String, String>>;
 }
-
-/// While a request takes longer than this, the server sends one space on
-/// the connection per interval (docs/wire.md#heartbeat). It was needed with
-/// librqbit-utp, which closed a connection whose peer was silent for
-/// [`PEER_SILENCE_LIMIT`] after sending data; our uTP only counts silence
-/// while our own data waits for an ACK, so this space is next to go (Node
-/// clients log it as ERR_REQUEST_PARSE).
-const HEARTBEAT: std::time::Duration =
-    PEER_SILENCE_LIMIT.saturating_sub(std::time::Duration::from_secs(1));
 
 /// Server counters.
 #[derive(Debug, Default)]
@@ -110,20 +101,10 @@ async fn serve_connection(
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
         requests.spawn(async move {
-            let answering = answer(&*services, &request, peer, &stats);
-            tokio::pin!(answering);
-            let reply = loop {
-                tokio::select! {
-                    reply = &mut answering => break reply,
-                    _ = tokio::time::sleep(HEARTBEAT) => {
-                        // Whitespace between messages is ignored by every
-                        // Grenache reader; once the caller acknowledges it,
-                        // uTP stops counting the caller's silence
-                        // (docs/wire.md#heartbeat).
-                        let _ = writer.lock().await.write_all(b" ").await;
-                    }
-                }
-            };
+            // However long the answer takes, the connection waits: our uTP
+            // gives up on a silent peer only while our own data is
+            // unacknowledged (docs/wire.md §4.1).
+            let reply = answer(&*services, &request, peer, &stats).await;
             // One whole message per write (docs/wire.md §3).
             if let Err(e) = writer.lock().await.write_all(&reply).await {
                 tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
