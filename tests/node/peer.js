@@ -6,7 +6,9 @@
 //
 //   node peer.js vectors <port>      send TV-2 and TV-4 to 127.0.0.1:<port>, print each reply
 //   node peer.js punch <port>        punch 127.0.0.1:<port>, wait for the punch back
-//   node peer.js serve [punchPort]   answer fibonacci requests; punch punchPort every second
+//   node peer.js serve [punchPort]   answer fibonacci requests (or, with "replyBytes" in the
+//                                    payload, a string making the reply that long); print each
+//                                    request with its packet's size; punch punchPort every second
 //       --grape <url>                  and announce fibonacci_worker through that Grape every
 //                                      second, as the tutorial's servers do
 //       --punch <service>              and every second look <service> up through the Grape
@@ -14,6 +16,10 @@
 //   node peer.js link-call <grapeUrl> <service> <payload>
 //                                    look <service> up through the Grape, send the request
 //                                    envelope to the first peer found, print the reply
+//   node peer.js flight <port> <n> <replyBytes>
+//                                    on ONE connection, write n "echo" requests at once, each
+//                                    sized so the echoed reply is replyBytes long; print how
+//                                    many replies parsed, as Grenache parses them (per packet)
 //   --link 0.7                       use grenache-nodejs-link 0.7.13 instead of 1.0.2
 'use strict'
 const { randomUUID } = require('crypto')
@@ -61,6 +67,11 @@ function fibonacci (n) {
   return out
 }
 
+// A string that makes JSON.stringify([rid, null, string]) exactly `bytes` long.
+function padFor (rid, bytes) {
+  return 'x'.repeat(bytes - JSON.stringify([rid, null, '']).length)
+}
+
 // Sends one message on a fresh connection and resolves with the reply text.
 function ask (socket, port, message, host = '127.0.0.1') {
   return new Promise((resolve, reject) => {
@@ -104,8 +115,9 @@ async function main () {
         try { [rid, key, payload] = JSON.parse(chunk.toString()) } catch (e) {
           return console.log(`ERR_REQUEST_PARSE: ${chunk}`)
         }
-        console.log(`request ${key} ${JSON.stringify(payload)}`)
-        conn.write(Buffer.from(JSON.stringify([rid, null, fibonacci(payload.length)])))
+        console.log(`request ${key} ${JSON.stringify(payload)} in ${chunk.length} bytes`)
+        const result = payload.replyBytes ? padFor(rid, payload.replyBytes) : fibonacci(payload.length)
+        conn.write(Buffer.from(JSON.stringify([rid, null, result])))
       })
     })
     socket.on('message', (msg, rinfo) => {
@@ -140,6 +152,32 @@ async function main () {
         setInterval(punchPeers, 1000)
       }
     }
+  } else if (mode === 'flight') {
+    const [count, replyBytes] = positional.slice(2).map(Number)
+    const conn = socket.connect(Number(arg), '127.0.0.1')
+    conn.on('error', (e) => fail(`flight: ${e.message}`))
+    const answered = new Set()
+    const sizes = []
+    let parseErrors = 0
+    const report = () => `answers ${answered.size} of ${count}, packets ${sizes.join(',')}, parse errors ${parseErrors}`
+    setTimeout(() => fail(`timed out: ${report()}`), 15000).unref()
+    for (let i = 0; i < count; i++) {
+      const rid = `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`
+      conn.write(Buffer.from(JSON.stringify([rid, 'echo', padFor(rid, replyBytes)])))
+    }
+    conn.on('data', (chunk) => {
+      let reply
+      try { reply = JSON.parse(chunk.toString()) } catch (e) {
+        parseErrors++
+        return console.log(`ERR_REQUEST_PARSE: ${chunk.length} bytes`)
+      }
+      sizes.push(chunk.length)
+      answered.add(reply[0])
+      if (answered.size === count) {
+        console.log(report())
+        process.exit(0)
+      }
+    })
   } else {
     fail(`unknown mode ${mode}`)
   }
