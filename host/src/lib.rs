@@ -29,7 +29,12 @@
 //!   request, every contract version bound), the plugin set and its router with swap and rollback, the
 //!   operator's policy and limits, and plugin signatures.
 //! - [`transport`]: the host's one UDP socket and its demultiplexer (uTP,
-//!   punches, introduction datagrams).
+//!   punches, introduction datagrams); its task feeds [`utp`] and sends
+//!   what it returns.
+//! - [`utp`]: our own uTP (BEP 29 with libutp's conventions): the packet
+//!   codec, a sans-IO connection and socket (routing, bounds, timers), and
+//!   the stream types; each message starts a new packet, up to 1382 bytes in
+//!   one (what Node's Grenache reads).
 //! - [`units`]: sizes and durations as people write them.
 //!
 //! The contract between host and plugins is the WIT package in `wit/`
