@@ -1,5 +1,5 @@
 //! The Grape HTTP API's server: plain HTTP/1.1 on hyper, a thin shell around
-//! [`api::answer`](super::api::answer). It reads the request target and the
+//! [`super::api::answer`]. It reads the request target and the
 //! body (refusing one over the limit with `413 ERR_GRAPE_PAYLOAD_SIZE`, as
 //! Grape's raw-body limit does), and writes the status and body with no
 //! `Content-Type`.

@@ -17,7 +17,7 @@
 //! Bounds: [`MAX_NAMES`] names, each with [`MAX_ADDRS_PER_NAME`] live and as
 //! many expired addresses; the newest announce wins, evicting the least
 //! recently announced. An evicted name's retractions outlive it in
-//! [`Retractions`] ([`MAX_RETRACTIONS`], each for [`RETRACTION_KEPT`]), so
+//! `Retractions` ([`MAX_RETRACTIONS`], each for [`RETRACTION_KEPT`]), so
 //! that eviction does not bring its DHT copies back for good.
 //!
 //! Cost: an announce, a lookup and an expiry step are O(log n) amortised in
