@@ -547,19 +547,10 @@ impl Socket {
 
     /// Files the connection's next timer and queues it for transmitting.
     fn touch(&mut self, handle: ConnectionHandle) {
+        self.refile_timer(handle);
         let Some(slot) = self.slots.get_mut(&handle) else {
             return;
         };
-        let next = slot.connection.poll_timeout();
-        if next != slot.timer {
-            if let Some(at) = slot.timer {
-                self.timers.remove(&(at, handle));
-            }
-            if let Some(at) = next {
-                self.timers.insert((at, handle));
-            }
-            slot.timer = next;
-        }
         if !slot.queued {
             slot.queued = true;
             self.transmit_queue.push_back(handle);
@@ -628,13 +619,14 @@ impl Socket {
             }
             self.scratch = out;
             slot.queued = false;
-            self.touch_timer_only(handle);
+            self.refile_timer(handle);
             self.collect(now, handle);
         }
         None
     }
 
-    fn touch_timer_only(&mut self, handle: ConnectionHandle) {
+    /// Files the connection's next timer (and unfiles its old one).
+    fn refile_timer(&mut self, handle: ConnectionHandle) {
         let Some(slot) = self.slots.get_mut(&handle) else {
             return;
         };
