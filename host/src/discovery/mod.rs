@@ -179,8 +179,9 @@ pub fn usable_peers(peers: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAd
 }
 
 /// Removes the entry with the oldest time while `map` has `limit` entries
-/// or more, so one more fits.
-fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
+/// or more, so one more fits. Shared by the bounded tables of discovery and
+/// the RPC client's peer health.
+pub(crate) fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
     map: &mut HashMap<K, V>,
     limit: usize,
     time: impl Fn(&V) -> Instant,

@@ -29,12 +29,7 @@ impl PeerHealth {
         let mut failed = self.lock();
         if failed.len() >= MAX_REMEMBERED && !failed.contains_key(&peer) {
             failed.retain(|_, at| at.elapsed() < FAILURE_MEMORY);
-            if failed.len() >= MAX_REMEMBERED {
-                let oldest = failed.iter().min_by_key(|(_, at)| **at).map(|(p, _)| *p);
-                if let Some(oldest) = oldest {
-                    failed.remove(&oldest);
-                }
-            }
+            crate::discovery::evict_oldest(&mut failed, MAX_REMEMBERED, |at| *at);
         }
         failed.insert(peer, Instant::now());
     }
