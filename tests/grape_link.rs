@@ -171,6 +171,31 @@ fn our_worker_behind_nat_punches_a_consumer_it_finds_through_a_grape() {
     worker.wait_for("request for fibonacci_worker", GRAPE_SOON);
 }
 
+#[test]
+fn our_worker_behind_nat_punches_a_node_consumer() {
+    // The tutorial's punch_simple_servers, mixed the other way: a Node
+    // consumer (rpc_server_public.js) announced through one Grape, and our
+    // fibonacci host --behind-nat finding it through the other and punching
+    // it every second; the consumer punches back and requests through the
+    // hole, addressing the request to the puncher as the tutorial does.
+    let grapes = start_grapes();
+    let node = node_peer(
+        "node consumer",
+        &["consume", "--grape", &grapes.url(0), "--link", "0.7"],
+    );
+    let (worker, port) = start_host_on(
+        "worker host",
+        &[&plugin("fibonacci")],
+        &["--grape", &grapes.url(1), "--control", "off"],
+        &["--behind-nat"],
+    );
+    // The punch comes from our RPC socket, the one the request then reaches.
+    node.wait_for(&format!("punch from 127.0.0.1:{port}"), GRAPE_SOON);
+    let reply = node.wait_for("sequence ", GRAPE_SOON);
+    assert_eq!(reply, format!("sequence {SEQUENCE}"));
+    worker.wait_for("request for fibonacci_worker", GRAPE_SOON);
+}
+
 /// Our consumer plugin's host, announced through the Grape at `grape`.
 fn start_consumer(grape: &str) -> HostProcess {
     let (consumer, _) = start_host_on(

@@ -13,6 +13,11 @@
 //                                      second, as the tutorial's servers do
 //       --punch <service>              and every second look <service> up through the Grape
 //                                      and punch every peer found (rpc_server_behind_nat.js)
+//   node peer.js consume --grape <url>
+//                                    the tutorial's public consumer (rpc_server_public.js):
+//                                    announce fibonacci_consumer through the Grape every
+//                                    second; on every punch, punch back and send
+//                                    {"length":10} to the puncher; print each reply
 //   node peer.js link-call <grapeUrl> <service> <payload>
 //                                    look <service> up through the Grape, send the request
 //                                    envelope to the first peer found, print the reply
@@ -85,7 +90,7 @@ function ask (socket, port, message, host = '127.0.0.1') {
 async function main () {
   const socket = utp()
   await new Promise((resolve) => socket.listen(0, resolve))
-  if (mode !== 'serve') setTimeout(() => fail(`timed out in mode ${mode}`), 20000).unref()
+  if (mode !== 'serve' && mode !== 'consume') setTimeout(() => fail(`timed out in mode ${mode}`), 20000).unref()
   if (mode === 'vectors') {
     for (const [name, message] of [['TV-2', TV2], ['TV-4', TV4]]) {
       console.log(`${name} reply ${await ask(socket, arg, message)}`)
@@ -152,6 +157,26 @@ async function main () {
         setInterval(punchPeers, 1000)
       }
     }
+  } else if (mode === 'consume') {
+    if (!flags.grape) fail('consume needs --grape <url>')
+    const port = socket.address().port
+    console.log(`listening on ${port}`)
+    socket.on('message', async (msg, rinfo) => {
+      if (!msg.equals(PUNCH)) return
+      console.log(`punch from ${rinfo.address}:${rinfo.port}`)
+      socket.send(PUNCH, 0, PUNCH.length, rinfo.port, rinfo.address)
+      const request = [randomUUID(), `${rinfo.address}:${rinfo.port}`, { length: 10 }]
+      try {
+        const [, err, res] = JSON.parse(await ask(socket, rinfo.port, JSON.stringify(request), rinfo.address))
+        console.log(err ? `error ${err}` : `sequence ${JSON.stringify(res)}`)
+      } catch (e) {
+        console.log(`request failed: ${e.message}`)
+      }
+    })
+    const link = startLink()
+    const announce = () => link.announce('fibonacci_consumer', port, {}, () => {})
+    announce()
+    setInterval(announce, 1000)
   } else if (mode === 'flight') {
     const [count, replyBytes] = positional.slice(2).map(Number)
     const conn = socket.connect(Number(arg), '127.0.0.1')
