@@ -224,10 +224,131 @@ pub fn parse_reply(value: &RawValue) -> Result<Reply, DecodeError> {
 /// Turns a byte stream into whole JSON values, however the bytes were split
 /// into packets (docs/wire.md §3), skipping whitespace between them (the
 /// keep-alive spaces of earlier hosts, docs/wire.md#heartbeat).
+///
+/// Linear in the bytes received, however they are split: a [`Scanner`]
+/// finds where the next value ends by looking at each byte once (string,
+/// escape and nesting state carry over from one `push` to the next), and
+/// only a complete value is handed to serde_json, once. A message trickled
+/// in 100-byte packets therefore costs what it costs in one piece (issue 13:
+/// re-parsing the buffer from its start on every packet was quadratic).
+/// Whether the bytes are valid JSON is decided by that one parse; until a
+/// value ends, what it holds is bounded by `max_message`.
 #[derive(Debug)]
 pub struct MessageDecoder {
     buffer: Vec<u8>,
+    /// Bytes at the front of `buffer` already returned as messages; dropped
+    /// at the next `push`, so many messages in one packet cost one move.
+    consumed: usize,
+    scanner: Scanner,
     max_message: usize,
+}
+
+/// Where the value being received starts and how far the bytes after it
+/// have been examined, with the JSON lexical state at that point.
+#[derive(Debug, Default, Clone, Copy)]
+struct Scanner {
+    /// Offset in `buffer` of the value's first byte, once seen.
+    start: Option<usize>,
+    /// Offset in `buffer` of the first byte not yet examined.
+    next: usize,
+    /// Open `[` and `{` not yet closed.
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// Bytes examined since the decoder was made (tests check linearity).
+    #[cfg(test)]
+    examined: usize,
+}
+
+/// Bytes that end a bare top-level number or literal (`true`, `12`): JSON's
+/// structural characters, the start of a string, and whitespace.
+fn ends_a_bare_value(b: u8) -> bool {
+    matches!(b, b'[' | b']' | b'{' | b'}' | b',' | b':' | b'"') || b.is_ascii_whitespace()
+}
+
+impl Scanner {
+    /// Starts looking for the next value at offset `next`.
+    fn expect_value_at(&mut self, next: usize) {
+        self.start = None;
+        self.next = next;
+        self.depth = 0;
+        self.in_string = false;
+        self.escaped = false;
+    }
+
+    /// Examines `buffer[self.next..]` and returns the end (exclusive) of the
+    /// value that starts at `self.start`, if it has ended.
+    fn find_end(&mut self, buffer: &[u8]) -> Option<usize> {
+        while self.next < buffer.len() {
+            let i = self.next;
+            let b = buffer[i];
+            self.next += 1;
+            #[cfg(test)]
+            {
+                self.examined += 1;
+            }
+            let Some(start) = self.start else {
+                if !b.is_ascii_whitespace() {
+                    self.start = Some(i);
+                    match b {
+                        b'[' | b'{' => self.depth = 1,
+                        b'"' => self.in_string = true,
+                        b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {}
+                        // Not the start of any value: let the parser say so.
+                        _ => return Some(i + 1),
+                    }
+                }
+                continue;
+            };
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                } else {
+                    // Most of a message is string contents: jump to the
+                    // next quote or backslash (or the end of what arrived).
+                    let skip = memchr::memchr2(b'"', b'\\', &buffer[self.next..])
+                        .unwrap_or(buffer.len() - self.next);
+                    self.next += skip;
+                    #[cfg(test)]
+                    {
+                        self.examined += skip;
+                    }
+                }
+                continue;
+            }
+            if self.depth == 0 {
+                // A bare number or literal: it ends before its first
+                // delimiter, and at the first byte no number or literal has.
+                if ends_a_bare_value(b) && i > start {
+                    self.next = i;
+                    return Some(i);
+                }
+                if !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-')) {
+                    return Some(i + 1);
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'[' | b'{' => self.depth += 1,
+                b']' | b'}' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
 }
 
 impl MessageDecoder {
@@ -235,12 +356,20 @@ impl MessageDecoder {
     pub fn new(max_message: usize) -> Self {
         MessageDecoder {
             buffer: Vec::new(),
+            consumed: 0,
+            scanner: Scanner::default(),
             max_message,
         }
     }
 
     /// Adds received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.consumed > 0 {
+            self.buffer.drain(..self.consumed);
+            self.scanner.start = self.scanner.start.map(|s| s - self.consumed);
+            self.scanner.next -= self.consumed;
+            self.consumed = 0;
+        }
         self.buffer.extend_from_slice(bytes);
     }
 
@@ -248,37 +377,39 @@ impl MessageDecoder {
     /// error if the stream is not a sequence of JSON values (after an error
     /// the decoder should be dropped together with its connection).
     pub fn next_message(&mut self) -> Result<Option<Box<RawValue>>, DecodeError> {
-        let start = self.buffer.iter().position(|b| !b.is_ascii_whitespace());
-        let Some(start) = start else {
-            self.buffer.clear();
+        if self.scanner.next < self.consumed {
+            self.scanner.next = self.consumed;
+        }
+        let Some(end) = self.scanner.find_end(&self.buffer) else {
+            match self.scanner.start {
+                None => {
+                    // Only whitespace so far: nothing to keep.
+                    self.buffer.clear();
+                    self.consumed = 0;
+                    self.scanner.next = 0;
+                }
+                Some(start) if self.buffer.len() - start > self.max_message => {
+                    return Err(self.too_large(start));
+                }
+                Some(_) => {}
+            }
             return Ok(None);
         };
-        let mut stream = serde_json::Deserializer::from_slice(&self.buffer[start..])
-            .into_iter::<Box<RawValue>>();
-        match stream.next() {
-            Some(Ok(value)) => {
-                let end = start + stream.byte_offset();
-                if end - start > self.max_message {
-                    return Err(self.too_large());
-                }
-                self.buffer.drain(..end);
-                Ok(Some(value))
-            }
-            Some(Err(e)) if e.is_eof() => {
-                if self.buffer.len() - start > self.max_message {
-                    return Err(self.too_large());
-                }
-                Ok(None)
-            }
-            Some(Err(e)) => Err(DecodeError::NotJson(e.to_string())),
-            None => Ok(None),
+        let start = self.scanner.start.expect("a value that ended has started");
+        if end - start > self.max_message {
+            return Err(self.too_large(start));
         }
+        let value = serde_json::from_slice::<Box<RawValue>>(&self.buffer[start..end])
+            .map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        self.consumed = end;
+        self.scanner.expect_value_at(end);
+        Ok(Some(value))
     }
 
-    fn too_large(&self) -> DecodeError {
+    fn too_large(&self, start: usize) -> DecodeError {
         DecodeError::TooLarge {
             limit: self.max_message,
-            rid: leading_rid(&self.buffer),
+            rid: leading_rid(&self.buffer[start..]),
         }
     }
 }
@@ -414,6 +545,83 @@ mod tests {
         let msg = encode_request(&rid, "k", &format!("\"{pad}\""));
         assert_eq!(msg.len(), 1382);
         assert_eq!(decode_all(&msg).len(), 1);
+    }
+
+    #[test]
+    fn trickled_bytes_are_examined_once() {
+        // A 1 MiB request in 100-byte packets: each byte is looked at once,
+        // not once per packet as a re-parse from the start would.
+        let rid = new_rid();
+        let msg = encode_request(&rid, "k", &format!("\"{}\"", "x\\\"".repeat(1 << 18)));
+        let mut d = MessageDecoder::new(2 << 20);
+        let mut got = vec![];
+        for chunk in msg.chunks(100) {
+            d.push(chunk);
+            while let Some(v) = d.next_message().unwrap() {
+                got.push(v);
+            }
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].get().as_bytes(), &msg[..]);
+        assert_eq!(d.scanner.examined, msg.len());
+    }
+
+    #[test]
+    fn values_of_every_kind_end_where_json_says() {
+        // Strings holding brackets and escaped quotes, nested objects, bare
+        // scalars ended by whitespace, whitespace between values.
+        let stream = br#"  ["a]\"[", {"b":[1,{"c":"}"}]}] "top\"]" 12 true ["x"]"#;
+        assert_eq!(
+            decode_all(stream),
+            vec![
+                r#"["a]\"[", {"b":[1,{"c":"}"}]}]"#,
+                r#""top\"]""#,
+                "12",
+                "true",
+                r#"["x"]"#
+            ]
+        );
+        // A bare scalar at the end of what arrived may go on: wait.
+        let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
+        d.push(b"12");
+        assert!(d.next_message().unwrap().is_none());
+        d.push(b"3 ");
+        assert_eq!(d.next_message().unwrap().unwrap().get(), "123");
+        // Garbage is refused once its value ends, and a stray closer at once.
+        for junk in [
+            &b"[1,}"[..],
+            b"]",
+            b",",
+            b"[tru]",
+            br#"{"a" 1}"#,
+            b"tr\xC3",
+            b"\xC3",
+        ] {
+            let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
+            d.push(junk);
+            assert!(
+                d.next_message().is_err(),
+                "{}",
+                String::from_utf8_lossy(junk)
+            );
+        }
+    }
+
+    #[test]
+    fn an_unfinished_value_is_refused_past_the_limit() {
+        let mut d = MessageDecoder::new(1000);
+        d.push(br#"["00000000-0000-4000-8000-000000000001","k",""#);
+        for _ in 0..9 {
+            d.push(&[b'x'; 100]);
+            assert!(d.next_message().unwrap().is_none());
+        }
+        d.push(&[b'x'; 100]);
+        match d.next_message() {
+            Err(DecodeError::TooLarge { limit: 1000, rid }) => {
+                assert_eq!(rid.as_deref(), Some("00000000-0000-4000-8000-000000000001"))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
