@@ -195,3 +195,38 @@ fn a_bad_trusted_key_is_a_usage_error() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("keygen"), "{}", r.stderr);
 }
+
+#[test]
+fn keys_cannot_be_swapped_and_a_secret_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    keygen(dir.path(), "ops");
+    let (secret, public) = (dir.path().join("ops.secret"), dir.path().join("ops.pub"));
+    let secret_hex = std::fs::read_to_string(&secret).unwrap();
+    let secret_hex = secret_hex.split_whitespace().last().unwrap();
+    let fib = dir.path().join("fibonacci.wasm");
+    std::fs::copy(plugin("fibonacci"), &fib).unwrap();
+
+    // The secret key as a trusted key: refused at start, by file name only.
+    let r = shown(host(&[
+        "run",
+        fib.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trusted-key",
+        secret.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("is a secret key"), "{}", r.stderr);
+    assert!(!r.stderr.contains(secret_hex) && !r.stdout.contains(secret_hex));
+
+    // Signing with the public key: refused, and nothing written.
+    let r = shown(host(&[
+        "sign",
+        fib.to_str().unwrap(),
+        "--key",
+        public.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("is a public key"), "{}", r.stderr);
+    assert!(!dir.path().join("fibonacci.wasm.sig").exists());
+}

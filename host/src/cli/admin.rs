@@ -54,12 +54,9 @@ pub fn keygen(out: &Path) -> ExitCode {
         options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        options
-            .open(&secret_path)?
-            .write_all(format!("{secret}\n").as_bytes())
+        options.open(&secret_path)?.write_all(secret.as_bytes())
     };
-    if let Err(e) = write_secret().and_then(|_| std::fs::write(&public_path, format!("{public}\n")))
-    {
+    if let Err(e) = write_secret().and_then(|_| std::fs::write(&public_path, &public)) {
         return usage_error(format!("cannot write the key files: {e}"));
     }
     eprintln!(
@@ -67,7 +64,13 @@ pub fn keygen(out: &Path) -> ExitCode {
         secret_path.display(),
         public_path.display()
     );
-    print_line(public);
+    // The public key's hex, as `--trusted-key` takes it inline.
+    print_line(
+        public
+            .trim()
+            .trim_start_matches(signing::PUBLIC_LABEL)
+            .trim(),
+    );
     ExitCode::SUCCESS
 }
 
@@ -81,14 +84,10 @@ pub fn sign(plugin: &Path, key: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(format!("cannot read {}: {e}", plugin.display())),
     };
-    let signature = match signing::sign(&content, &secret) {
+    let name = key.to_string_lossy();
+    let signature = match signing::sign(&content, &secret, &name) {
         Ok(s) => s,
-        Err(e) => {
-            return usage_error(format!(
-                "{}: {e}; pass the .secret file `grenache-host keygen` wrote",
-                key.display()
-            ))
-        }
+        Err(e) => return usage_error(format!("{} {e}", key.display())),
     };
     let path = signing::signature_path(plugin);
     if let Err(e) = std::fs::write(&path, signature) {

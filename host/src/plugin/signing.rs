@@ -3,10 +3,18 @@
 //! signature (`<plugin>.wasm.sig`) verifies under one of its trusted keys.
 //!
 //! Files are plain text so they can be read, copied and diffed:
-//! - secret key: the 32-byte seed in hex (owner-only permissions);
-//! - public key: the 32-byte key in hex;
+//! - secret key: `ed25519-secret <32-byte seed in hex>` (owner-only
+//!   permissions);
+//! - public key: `ed25519-public <32-byte key in hex>`;
 //! - signature: `ed25519 <public key hex> <signature hex>`, naming the signer
 //!   so a refusal can say which key signed and which keys were expected.
+//!
+//! The labels keep the two keys from being swapped: `--trusted-key` refuses
+//! a secret key (which would otherwise parse as a public key, both being 32
+//! bytes, and later show up in messages) and `sign` refuses a public key.
+//! Key files from before the labels (bare hex) are told apart by their
+//! `.secret` / `.pub` file names. No message ever contains secret key
+//! material: errors about a key file name the file, never its text.
 //!
 //! The signature covers the exact bytes the runtime compiles: the runtime
 //! verifies after reading the file once, never a second read.
@@ -91,37 +99,100 @@ fn from_hex<const N: usize>(text: &str) -> Result<[u8; N], String> {
     }
     let mut out = [0u8; N];
     for (i, byte) in out.iter_mut().enumerate() {
+        // The text may be a secret key: say where it is wrong, never what it is.
         *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-            .map_err(|_| format!("{text:?} is not hex"))?;
+            .map_err(|_| format!("not hex at digit {}", 2 * i + 1))?;
     }
     Ok(out)
 }
 
-/// A new key pair: (secret seed hex, public key hex).
+/// The label of a secret key file's line.
+pub const SECRET_LABEL: &str = "ed25519-secret";
+/// The label of a public key file's line.
+pub const PUBLIC_LABEL: &str = "ed25519-public";
+
+/// A new key pair, as the text of its two files: (secret key file, public
+/// key file), each one labelled line.
 pub fn generate() -> (String, String) {
     let seed: [u8; 32] = rand::random();
     let key = SigningKey::from_bytes(&seed);
-    (to_hex(&seed), to_hex(key.verifying_key().as_bytes()))
+    (
+        format!("{SECRET_LABEL} {}\n", to_hex(&seed)),
+        format!(
+            "{PUBLIC_LABEL} {}\n",
+            to_hex(key.verifying_key().as_bytes())
+        ),
+    )
 }
 
-/// Parses a public key given as hex, or as the path of a file holding it.
-pub fn parse_trusted_key(text: &str) -> Result<TrustedKey, String> {
-    let hex = if Path::new(text).is_file() {
-        std::fs::read_to_string(text).map_err(|e| format!("cannot read {text}: {e}"))?
+/// What a key file holds, by its label (or, for bare hex from before the
+/// labels, by its file name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Secret,
+    Public,
+}
+
+/// Splits a key file's text into its kind and its hex. `name` is the file's
+/// name, used only for unlabelled files; `None` when the kind is unknown.
+fn read_key_text<'a>(text: &'a str, name: &str) -> (Option<KeyKind>, &'a str) {
+    let text = text.trim();
+    if let Some(hex) = text.strip_prefix(SECRET_LABEL) {
+        return (Some(KeyKind::Secret), hex.trim());
+    }
+    if let Some(hex) = text.strip_prefix(PUBLIC_LABEL) {
+        return (Some(KeyKind::Public), hex.trim());
+    }
+    let kind = if name.ends_with(".secret") {
+        Some(KeyKind::Secret)
+    } else if name.ends_with(".pub") {
+        Some(KeyKind::Public)
     } else {
-        text.to_string()
+        None
     };
-    let bytes = from_hex::<32>(&hex).map_err(|e| {
-        format!("{text:?} is not a public key ({e}); pass the .pub file `grenache-host keygen` wrote, or its hex")
+    (kind, text)
+}
+
+/// Parses a public key given as hex (bare or labelled), or as the path of a
+/// file holding one. A secret key file is refused, naming the file only.
+pub fn parse_trusted_key(text: &str) -> Result<TrustedKey, String> {
+    let (file_text, name) = if Path::new(text).is_file() {
+        let content =
+            std::fs::read_to_string(text).map_err(|e| format!("cannot read {text}: {e}"))?;
+        (content, text)
+    } else {
+        (text.to_string(), "")
+    };
+    let (kind, hex) = read_key_text(&file_text, name);
+    if kind == Some(KeyKind::Secret) {
+        return Err(format!(
+            "{text} is a secret key: pass the public key (the .pub file `grenache-host keygen` wrote beside it); a host never needs a secret key"
+        ));
+    }
+    let shown = if name.is_empty() {
+        "the key given".to_string()
+    } else {
+        name.to_string()
+    };
+    let bytes = from_hex::<32>(hex).map_err(|e| {
+        format!("{shown} is not a public key ({e}); pass the .pub file `grenache-host keygen` wrote, or its hex")
     })?;
     VerifyingKey::from_bytes(&bytes)
         .map(TrustedKey)
-        .map_err(|e| format!("{text:?} is not a valid Ed25519 public key: {e}"))
+        .map_err(|e| format!("{shown} is not a valid Ed25519 public key: {e}"))
 }
 
-/// The signature file's text for `content` signed with the secret seed `secret_hex`.
-pub fn sign(content: &[u8], secret_hex: &str) -> Result<String, String> {
-    let seed = from_hex::<32>(secret_hex).map_err(|e| format!("not a secret key ({e})"))?;
+/// The signature file's text for `content`, signed with the secret key whose
+/// file text is `secret` (`name` is that file's name, for unlabelled keys).
+/// A public key is refused; errors never contain the key's text.
+pub fn sign(content: &[u8], secret: &str, name: &str) -> Result<String, String> {
+    let (kind, hex) = read_key_text(secret, name);
+    if kind == Some(KeyKind::Public) {
+        return Err("is a public key: sign with the secret key (the .secret file `grenache-host keygen` wrote)".into());
+    }
+    let seed = from_hex::<32>(hex).map_err(|e| {
+        format!("not a secret key ({e}); pass the .secret file `grenache-host keygen` wrote")
+    })?;
     let key = SigningKey::from_bytes(&seed);
     let signature = key.sign(content);
     Ok(format!(
@@ -176,10 +247,16 @@ pub fn verify(plugin: &Path, content: &[u8], trusted: &[TrustedKey]) -> Result<(
 mod tests {
     use super::*;
 
+    /// The hex of a key file's text.
+    fn hex(file: &str) -> String {
+        file.split_whitespace().nth(1).unwrap().to_string()
+    }
+
     fn signed(dir: &Path, content: &[u8], secret: &str) -> PathBuf {
         let plugin = dir.join("p.wasm");
         std::fs::write(&plugin, content).unwrap();
-        std::fs::write(signature_path(&plugin), sign(content, secret).unwrap()).unwrap();
+        let signature = sign(content, secret, "k.secret").unwrap();
+        std::fs::write(signature_path(&plugin), signature).unwrap();
         plugin
     }
 
@@ -200,7 +277,7 @@ mod tests {
         let plugin = signed(dir.path(), b"component bytes", &other_secret);
         match verify(&plugin, b"component bytes", &trusted) {
             Err(SignatureError::Untrusted { signer, expected }) => {
-                assert_eq!((signer, expected), (other_public, public.clone()));
+                assert_eq!((signer, expected), (hex(&other_public), hex(&public)));
             }
             other => panic!("{other:?}"),
         }
@@ -208,7 +285,7 @@ mod tests {
         std::fs::remove_file(signature_path(&plugin)).unwrap();
         let err = verify(&plugin, b"component bytes", &trusted).unwrap_err();
         assert!(matches!(err, SignatureError::Unsigned { .. }));
-        assert!(err.to_string().contains(&public), "{err}");
+        assert!(err.to_string().contains(&hex(&public)), "{err}");
         // Garbage in the signature file.
         std::fs::write(signature_path(&plugin), "ed25519 zz zz").unwrap();
         assert!(matches!(
@@ -222,11 +299,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, public) = generate();
         let file = dir.path().join("k.pub");
-        std::fs::write(&file, format!("{public}\n")).unwrap();
-        assert_eq!(
-            parse_trusted_key(file.to_str().unwrap()),
-            parse_trusted_key(&public)
-        );
+        std::fs::write(&file, &public).unwrap();
+        let from_hex = parse_trusted_key(&hex(&public));
+        assert!(from_hex.is_ok());
+        assert_eq!(parse_trusted_key(file.to_str().unwrap()), from_hex);
+        assert_eq!(parse_trusted_key(public.trim()), from_hex);
+        // A key file from before the labels: bare hex in a .pub file.
+        std::fs::write(&file, format!("{}\n", hex(&public))).unwrap();
+        assert_eq!(parse_trusted_key(file.to_str().unwrap()), from_hex);
         assert!(parse_trusted_key("abc").unwrap_err().contains("keygen"));
+    }
+
+    #[test]
+    fn a_secret_key_is_never_trusted_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = generate();
+        let secret_hex = hex(&secret);
+        // Labelled, under any name; and bare hex in a .secret file.
+        for (name, text) in [
+            ("ops.secret", secret.clone()),
+            ("ops.key", secret.clone()),
+            ("old.secret", format!("{secret_hex}\n")),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let err = parse_trusted_key(path.to_str().unwrap()).unwrap_err();
+            assert!(
+                err.contains("is a secret key") && err.contains(".pub"),
+                "{err}"
+            );
+            assert!(!err.contains(&secret_hex), "{err}");
+        }
+        // A damaged secret key file's error does not echo its digits.
+        let damaged = format!("{}zz{}", &secret_hex[..30], &secret_hex[32..]);
+        let err = sign(b"x", &damaged, "ops.secret").unwrap_err();
+        assert!(!err.contains(&secret_hex[..30]), "{err}");
+        // Signing with a public key is refused, labelled or by name.
+        assert!(sign(b"x", &public, "ops.key")
+            .unwrap_err()
+            .contains("public key"));
+        let bare_public = format!("{}\n", hex(&public));
+        assert!(sign(b"x", &bare_public, "ops.pub")
+            .unwrap_err()
+            .contains("public key"));
     }
 }
