@@ -374,3 +374,39 @@ fn a_reader_that_goes_away_ends_the_command_quietly() {
         assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{args:?}");
     }
 }
+
+#[test]
+fn ipv6_addresses_and_unresolvable_bootstrap_names_are_refused_with_the_reason() {
+    // Never an announced address where nothing listens: IPv6 is refused at
+    // start, for the host's socket, a client's and a direct peer alike.
+    let fib = plugin("fibonacci");
+    for args in [
+        vec!["run", fib.to_str().unwrap(), "--listen", "[::1]:0"],
+        vec!["call", "fibonacci_worker", "{}", "--peer", "[::1]:40000"],
+        vec!["dht", "--listen", "[::1]:20001"],
+    ] {
+        let r = shown(host(&args));
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("is IPv6") && r.stderr.contains("use an IPv4 address"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    // A --bootstrap name that does not resolve is named, with the fix.
+    let r = shown(host(&[
+        "call",
+        "fibonacci_worker",
+        "{}",
+        "--bootstrap",
+        "nosuchhost.invalid:20001",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("--bootstrap nosuchhost.invalid:20001: cannot resolve it")
+            && r.stderr.contains("HOST:PORT"),
+        "{}",
+        r.stderr
+    );
+}

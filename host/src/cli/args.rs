@@ -83,8 +83,9 @@ pub enum Command {
         /// each serves the services in its manifest.
         #[arg(required = true)]
         plugins: Vec<PathBuf>,
-        /// Address of the RPC socket (uTP and punches); port 0 picks a free port.
-        #[arg(long, default_value = "0.0.0.0:0", value_name = "IP:PORT")]
+        /// Address of the RPC socket (uTP and punches); port 0 picks a free
+        /// port. IPv4 only, like the DHT that announces it.
+        #[arg(long, default_value = "0.0.0.0:0", value_name = "IP:PORT", value_parser = ipv4_only)]
         listen: SocketAddr,
         #[command(flatten)]
         dht: BootstrapArgs,
@@ -201,7 +202,7 @@ pub enum Command {
     /// Example: grenache-host dht --listen 127.0.0.1:20001
     Dht {
         /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:20001", value_name = "IP:PORT")]
+        #[arg(long, default_value = "0.0.0.0:20001", value_name = "IP:PORT", value_parser = ipv4_socket)]
         listen: SocketAddrV4,
         /// Other DHT nodes to join (repeatable). Without it, this node starts a new DHT.
         #[arg(long, value_name = "IP:PORT")]
@@ -281,8 +282,8 @@ pub enum Command {
         client: ClientArgs,
         /// Call this peer directly instead of looking the service up (no
         /// --bootstrap or --grape needed), as Grenache's request to
-        /// {address, port} does.
-        #[arg(long, value_name = "IP:PORT")]
+        /// {address, port} does. IPv4 only.
+        #[arg(long, value_name = "IP:PORT", value_parser = ipv4_only)]
         peer: Option<SocketAddr>,
     },
     /// Load-test a service: N requests, C in flight, then one line of figures.
@@ -332,8 +333,9 @@ pub struct ServiceRequest {
 #[derive(Debug, Clone, Args)]
 pub struct BootstrapArgs {
     /// A DHT node to join through, e.g. one started with `grenache-host dht`
-    /// (repeatable). The public BitTorrent network is never contacted.
-    #[arg(long, value_name = "IP:PORT")]
+    /// (repeatable; a host name is resolved at start). The public
+    /// BitTorrent network is never contacted.
+    #[arg(long, value_name = "HOST:PORT")]
     pub bootstrap: Vec<String>,
     /// A Grape's HTTP API, e.g. http://127.0.0.1:30001 for `grape --aph
     /// 30001` (repeatable): announce and look up through Grapes as
@@ -404,8 +406,8 @@ pub struct ClientArgs {
     /// Deadline of each request, lookup and connect included.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub timeout_ms: u64,
-    /// Address of the client's socket.
-    #[arg(long, default_value = "0.0.0.0:0", value_name = "IP:PORT")]
+    /// Address of the client's socket. IPv4 only.
+    #[arg(long, default_value = "0.0.0.0:0", value_name = "IP:PORT", value_parser = ipv4_only)]
     pub listen: SocketAddr,
 }
 
@@ -482,4 +484,26 @@ fn parse_introducer_port(text: &str) -> Result<IntroducerPort, String> {
             _ => Err(format!("{text:?} is not a port number (1-65534) or `off`")),
         },
     }
+}
+
+/// Parses an `IP:PORT` that must be IPv4, with the reason when it is not.
+///
+/// The host's peers are found through the DHT (BEP 5, IPv4 in the mainline
+/// crate) and the introducer, which carry IPv4 addresses only: a host bound
+/// to an IPv6 address would be announced at an IPv4 address where nothing
+/// listens (issue 12). Refusing at start says so instead.
+pub fn ipv4_socket(text: &str) -> Result<SocketAddrV4, String> {
+    match text.parse::<SocketAddr>() {
+        Ok(SocketAddr::V4(addr)) => Ok(addr),
+        Ok(SocketAddr::V6(addr)) => Err(format!(
+            "{text} is IPv6; grenache-host speaks IPv4 only for now: its DHT (BEP 5 as the mainline crate implements it) and introducer carry IPv4 addresses only, so a host on IPv6 would be announced where nothing listens; use an IPv4 address, e.g. 127.0.0.1:{}",
+            addr.port()
+        )),
+        Err(_) => Err(format!("{text:?} is not IP:PORT, e.g. 127.0.0.1:20001")),
+    }
+}
+
+/// [`ipv4_socket`], as a [`SocketAddr`].
+pub fn ipv4_only(text: &str) -> Result<SocketAddr, String> {
+    ipv4_socket(text).map(SocketAddr::V4)
 }

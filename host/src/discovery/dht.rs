@@ -40,6 +40,51 @@ pub struct DhtConfig {
     pub server_mode: bool,
 }
 
+/// Resolves each `--bootstrap` node (`ip:port` or `host:port`) to the IPv4
+/// addresses the DHT can use (mainline, BEP 5, speaks IPv4 only).
+///
+/// Errors: a node that is not `host:port`, a name that does not resolve, or
+/// one with no IPv4 address, each named with the fix.
+pub fn resolve_bootstrap(nodes: &[String]) -> Result<Vec<String>, DiscoveryError> {
+    use std::net::ToSocketAddrs;
+    let mut resolved = Vec::new();
+    for node in nodes {
+        let bad = |why: String| {
+            DiscoveryError::Start(format!(
+                "--bootstrap {node}: {why}; give the DHT node as IP:PORT or HOST:PORT, e.g. 127.0.0.1:20001"
+            ))
+        };
+        if node
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(bad("no port".into()));
+        }
+        let addrs: Vec<SocketAddr> = node
+            .to_socket_addrs()
+            .map_err(|e| bad(format!("cannot resolve it ({e})")))?
+            .collect();
+        let v4: Vec<String> = addrs
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .map(ToString::to_string)
+            .collect();
+        if v4.is_empty() {
+            return Err(bad(format!(
+                "it has no IPv4 address (found {}), and the DHT speaks IPv4 only",
+                addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        resolved.extend(v4);
+    }
+    Ok(resolved)
+}
+
 /// A running DHT node.
 pub struct DhtDiscovery {
     dht: mainline::async_dht::AsyncDht,
@@ -61,7 +106,9 @@ impl DhtDiscovery {
             // Never fall back to mainline's public routers.
             builder.no_bootstrap();
         } else {
-            builder.bootstrap(&config.bootstrap);
+            // mainline resolves names itself and silently drops those that
+            // fail: resolve here so a wrong name is named in an error.
+            builder.bootstrap(&resolve_bootstrap(&config.bootstrap)?);
         }
         if config.server_mode {
             builder.server_mode();
@@ -172,6 +219,21 @@ impl Discovery for DhtDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bootstrap_nodes_resolve_or_are_named_in_the_error() {
+        let ok = resolve_bootstrap(&["127.0.0.1:20001".into(), "localhost:20002".into()]).unwrap();
+        assert_eq!(ok[0], "127.0.0.1:20001");
+        assert!(ok[1..].contains(&"127.0.0.1:20002".to_string()), "{ok:?}");
+        for (node, why) in [
+            ("nosuchhost.invalid:20001", "cannot resolve"),
+            ("127.0.0.1", "no port"),
+            ("[::1]:20001", "IPv4 only"),
+        ] {
+            let err = resolve_bootstrap(&[node.into()]).unwrap_err().to_string();
+            assert!(err.contains(node) && err.contains(why), "{err}");
+        }
+    }
 
     #[test]
     fn the_key_of_a_service_is_the_sha1_of_its_name() {
