@@ -455,7 +455,7 @@ fn a_node_that_shuts_down_stops_serving() {
 
         // Every task of the node stops with it: nothing answers any more,
         // not even on the connection the client already has.
-        node.shutdown().await;
+        node.shutdown(Duration::ZERO).await;
         let after = ask(Duration::from_millis(1500)).await;
         assert!(after.is_err(), "a stopped node answered: {after:?}");
     });

@@ -244,6 +244,12 @@ impl HostProcess {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
+        self.wait_exit(timeout)
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code, or
+    /// `None` if it still runs (or was killed by a signal).
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {

@@ -1,5 +1,8 @@
 //! The serving commands: `run` (a host serving plugins) and `dht` (a public
-//! DHT node with an introducer beside it). Both run until Ctrl-C or SIGTERM.
+//! DHT node with an introducer beside it). Both run until Ctrl-C or SIGTERM;
+//! `run` then drains (see [`Node::shutdown`]), and a second signal stops it
+//! at once. Under systemd (`Type=notify`), `run` says READY=1 once it serves
+//! and has announced, and STOPPING=1 when it starts draining.
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -35,6 +38,14 @@ pub(super) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Tells the service manager (systemd, `Type=notify`) how the host is
+/// doing; nothing happens when `NOTIFY_SOCKET` is unset.
+fn notify_service_manager(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify the service manager through NOTIFY_SOCKET: {e}");
+    }
 }
 
 /// `run`'s options beyond the node's own configuration.
@@ -129,9 +140,42 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         node.endpoint.local_addr(),
         node.discovery.describe().await
     );
+    // Ready once the plugins are loaded, the socket bound and the services
+    // announced (or their announces failed and are being retried: a
+    // directory that is down must not keep the host from serving).
+    let ready = tokio::select! {
+        round = node.first_announce() => round,
+        () = shutdown_signal() => return stop(node).await,
+    };
+    let status = match ready {
+        Some(round) if round.failed > 0 => format!(
+            "serving on port {}; {} of {} announces failed, retrying",
+            node.endpoint.local_addr().port(),
+            round.failed,
+            round.failed + round.announced
+        ),
+        _ => format!("serving on port {}", node.endpoint.local_addr().port()),
+    };
+    notify_service_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
     shutdown_signal().await;
+    stop(node).await
+}
+
+/// Drains and stops `node`; a second Ctrl-C or SIGTERM stops it at once.
+async fn stop(node: Node) -> ExitCode {
+    notify_service_manager(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
     tracing::info!("stopping: {}", node.summary());
-    node.shutdown().await;
+    let limit = node.longest_time_limit() + crate::node::DRAIN_GRACE;
+    tokio::select! {
+        () = node.shutdown(limit) => {}
+        () = shutdown_signal() => tracing::warn!("second signal: stopping without draining"),
+    }
     ExitCode::SUCCESS
 }
 

@@ -4,8 +4,10 @@
 //! the Grape link), loads the plugins (their outgoing calls go through this node's RPC client), serves
 //! requests, announces every service and re-announces it, and runs the punch
 //! driver ([`crate::nat::punch_driver`]), telling the plugins who punched.
-//! The node owns every task it starts: [`Node::shutdown`], or dropping the
-//! node, stops them all.
+//! The node owns every task it starts: [`Node::shutdown`] stops them
+//! gracefully (it stops announcing, lets the requests in flight finish up to
+//! their plugins' time limit, answers the rest with `ERR_SHUTTING_DOWN`),
+//! dropping the node stops them at once.
 //!
 //! - `network`: plugins' outgoing calls, carried by the node's RPC client.
 //! - [`control`]: the local control socket behind `swap`, `rollback`, `status`.
@@ -26,7 +28,7 @@ use crate::nat::{punch_driver, HostIntroductions, NatConfig, PunchState, DEFAULT
 use crate::plugin::set::{PluginSet, Route};
 use crate::plugin::{CallError, PluginNetwork, RequestContext, Runtime};
 use crate::rpc::client::RpcClient;
-use crate::rpc::server::{self, ServerStats, Services};
+use crate::rpc::server::{self, Drain, Phase, ServerStats, Services};
 use crate::transport::Endpoint;
 
 /// How to run a host.
@@ -117,7 +119,8 @@ impl Services for PluginServices {
                     self.0.service_names().join(", ")
                 ));
             };
-            tracing::info!("request for {service} from {peer}");
+            // Debug, not info: a loaded host serves thousands a second.
+            tracing::debug!("request for {service} from {peer}");
             // The plugin sees the address we observed: a broker records it to
             // call the peer back through the path this request opened.
             let context = RequestContext::from_caller(peer);
@@ -141,10 +144,34 @@ pub struct Node {
     pub discovery: Arc<dyn Discovery>,
     pub plugins: Arc<PluginSet>,
     pub stats: Arc<ServerStats>,
+    /// How the RPC server stops gracefully.
+    drain: Arc<Drain>,
     tasks: JoinSet<()>,
+    /// The announce loop, stopped first when the node shuts down.
+    announcing: tokio::task::AbortHandle,
+    /// Resolves when the first round of announces is done.
+    first_announce: Option<tokio::sync::oneshot::Receiver<AnnounceRound>>,
     /// The control socket's file, removed when the node stops.
     control_file: Option<control::SocketFile>,
 }
+
+/// How a round of announces went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnounceRound {
+    /// Services announced.
+    pub announced: usize,
+    /// Services whose announce failed (retried in the background).
+    pub failed: usize,
+}
+
+/// How long a stopping node waits, beyond its plugins' longest time limit,
+/// for the requests in flight (the runtime stops a plugin a few epoch ticks
+/// after its limit; the reply still has to be written).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a stopped node waits for its last replies and FINs to be
+/// acknowledged before it closes its socket.
+const LINGER: Duration = Duration::from_secs(1);
 
 impl Node {
     /// Starts everything; returns once the socket is bound and the plugins
@@ -168,16 +195,20 @@ impl Node {
             PluginSet::load(runtime, network, config.policies.clone(), &config.plugins).await?,
         );
         let stats = Arc::new(ServerStats::default());
+        let drain = Arc::new(Drain::default());
         tasks.spawn(server::serve(
             endpoint.clone(),
             Arc::new(PluginServices(plugins.clone())),
             config.max_message,
             stats.clone(),
+            drain.clone(),
         ));
-        tasks.spawn(announce_loop(
+        let (first_round, first_announce) = tokio::sync::oneshot::channel();
+        let announcing = tasks.spawn(announce_loop(
             discovery.clone(),
             plugins.watch_services(),
             endpoint.local_addr().port(),
+            first_round,
         ));
 
         // Punch targets are read at start; a swap changes what plugins answer,
@@ -218,9 +249,19 @@ impl Node {
             discovery,
             plugins,
             stats,
+            drain,
             tasks,
+            announcing,
+            first_announce: Some(first_announce),
             control_file: None,
         })
+    }
+
+    /// Waits until the first round of announces is done (each service
+    /// announced, or its announce failed and is being retried); `None` if it
+    /// was already asked.
+    pub async fn first_announce(&mut self) -> Option<AnnounceRound> {
+        self.first_announce.take()?.await.ok()
     }
 
     /// Serves `swap`, `rollback` and `status` on a Unix socket at `path`
@@ -238,9 +279,50 @@ impl Node {
         self.tasks.spawn(self.plugins.clone().watch(interval));
     }
 
-    /// Stops every task of the node and waits until they have stopped.
-    pub async fn shutdown(mut self) {
+    /// The longest time limit of the plugins serving now: how long a
+    /// request in flight can still take.
+    pub fn longest_time_limit(&self) -> Duration {
+        self.plugins
+            .current()
+            .iter()
+            .map(|p| p.policy().limits.time)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Stops gracefully, then stops every task of the node and waits until
+    /// they have stopped: no more announces; new requests are answered with
+    /// `ERR_SHUTTING_DOWN` at once; the requests in flight get `limit` to
+    /// finish (pass [`longest_time_limit`](Self::longest_time_limit) plus
+    /// [`DRAIN_GRACE`] to let each run to its own time limit), and those
+    /// still running then are answered with `ERR_SHUTTING_DOWN`. Each step
+    /// is logged.
+    pub async fn shutdown(mut self, limit: Duration) {
+        self.announcing.abort();
+        let in_flight = self.drain.enter(Phase::Draining);
+        if in_flight > 0 {
+            tracing::info!("draining {in_flight} requests (waiting up to {limit:?})");
+        }
+        let started = Instant::now();
+        let left = self.drain.settled(limit).await;
+        if left > 0 {
+            tracing::warn!(
+                "{left} requests still running after {limit:?}; answering them with {}",
+                server::ERR_SHUTTING_DOWN
+            );
+        } else if in_flight > 0 {
+            tracing::info!("drained in {:?}", started.elapsed());
+        }
+        self.drain.enter(Phase::Closed);
+        // Writing those error replies takes no plugin time; bounded all the same.
+        self.drain.settled(DRAIN_GRACE).await;
         self.tasks.shutdown().await;
+        // The connections' tasks are gone, so each has queued its FIN after
+        // its last reply; give the socket a moment to deliver them.
+        let lingering = Instant::now();
+        while self.endpoint.open_connections() > 0 && lingering.elapsed() < LINGER {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// One line of what the node has seen, for its log.
@@ -265,11 +347,15 @@ impl Node {
 /// then less and less often ([`announce_retry_wait`]). A service a swap
 /// removed is no longer re-announced (DHT nodes cannot be told to forget
 /// it; callers try it last once it fails).
+///
+/// `first_round` hears how the first round went (for the readiness signal).
 async fn announce_loop(
     discovery: Arc<dyn Discovery>,
     mut services: tokio::sync::watch::Receiver<Vec<String>>,
     port: u16,
+    first_round: tokio::sync::oneshot::Sender<AnnounceRound>,
 ) {
+    let mut first_round = Some(first_round);
     let mut announced: Vec<String> = Vec::new();
     let mut failed_rounds = 0u32;
     loop {
@@ -302,6 +388,12 @@ async fn announce_loop(
                 Err(e) => Some(e),
             })
             .collect();
+        if let Some(tell) = first_round.take() {
+            let _ = tell.send(AnnounceRound {
+                announced: current.len() - errors.len(),
+                failed: errors.len(),
+            });
+        }
         failed_rounds = if errors.is_empty() {
             0
         } else {

@@ -7,6 +7,12 @@
 //! A connection that sends something that is not a Grenache request is
 //! closed and counted; everyone else keeps being served. The server owns the
 //! tasks of its connections and their requests: stopping it stops them all.
+//!
+//! Stopping gracefully goes through its [`Drain`]: once draining, every new
+//! request is answered at once with [`ERR_SHUTTING_DOWN`] while the requests
+//! in flight run on; once closed, those still running are answered with the
+//! same error instead of their result. The node decides when (see
+//! `Node::shutdown`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +20,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
 
 use super::codec::{self, DecodeError, Request};
 use super::connection::{MessageReader, ReadError};
@@ -44,13 +51,101 @@ pub struct ServerStats {
     pub bad_connections: AtomicU64,
 }
 
+/// The error string of a request the host will not answer because it is
+/// stopping; a caller should ask another peer.
+pub const ERR_SHUTTING_DOWN: &str = "ERR_SHUTTING_DOWN";
+
+/// Where a server is in stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Answering every request.
+    Serving,
+    /// New requests get [`ERR_SHUTTING_DOWN`]; those in flight run on.
+    Draining,
+    /// Requests still running are answered with [`ERR_SHUTTING_DOWN`] now.
+    Closed,
+}
+
+/// The server's way to stop gracefully, shared between the server and
+/// whoever stops it: the phase, and how many requests are in flight (decoded
+/// and not yet answered).
+#[derive(Debug)]
+pub struct Drain {
+    phase: watch::Sender<Phase>,
+    in_flight: watch::Sender<usize>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            phase: watch::Sender::new(Phase::Serving),
+            in_flight: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Drain {
+    /// Requests decoded and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        *self.in_flight.borrow()
+    }
+
+    /// The phase now.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Moves on to `phase` (never back); returns the requests in flight then.
+    pub fn enter(&self, phase: Phase) -> usize {
+        self.phase.send_if_modified(|now| {
+            let later = phase > *now;
+            if later {
+                *now = phase;
+            }
+            later
+        });
+        self.in_flight()
+    }
+
+    /// Waits until no request is in flight or `limit` has passed; returns
+    /// how many are still in flight.
+    pub async fn settled(&self, limit: std::time::Duration) -> usize {
+        let mut in_flight = self.in_flight.subscribe();
+        let _ = tokio::time::timeout(limit, in_flight.wait_for(|n| *n == 0)).await;
+        self.in_flight()
+    }
+
+    /// Counts a request in flight until the returned guard is dropped.
+    fn track(self: &Arc<Self>) -> InFlight {
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(self.clone())
+    }
+
+    /// Resolves once the phase is at least `phase`.
+    async fn reached(&self, phase: Phase) {
+        let mut rx = self.phase.subscribe();
+        // The sender lives in `self`, so the wait ends only by the phase.
+        let _ = rx.wait_for(|now| *now >= phase).await;
+    }
+}
+
+/// One request in flight; dropping it counts it done.
+struct InFlight(Arc<Drain>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n -= 1);
+    }
+}
+
 /// Accepts connections until dropped; dropping the future stops every
-/// connection it accepted.
+/// connection it accepted. `drain` stops it gracefully (see [`Drain`]).
 pub async fn serve(
     endpoint: Endpoint,
     services: Arc<dyn Services>,
     max_message: usize,
     stats: Arc<ServerStats>,
+    drain: Arc<Drain>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -59,9 +154,9 @@ pub async fn serve(
         match endpoint.accept().await {
             Ok(stream) => {
                 let services = services.clone();
-                let stats = stats.clone();
+                let (stats, drain) = (stats.clone(), drain.clone());
                 connections.spawn(async move {
-                    serve_connection(stream, services, max_message, stats).await
+                    serve_connection(stream, services, max_message, stats, drain).await
                 });
             }
             Err(e) => {
@@ -77,6 +172,7 @@ async fn serve_connection(
     services: Arc<dyn Services>,
     max_message: usize,
     stats: Arc<ServerStats>,
+    drain: Arc<Drain>,
 ) {
     let peer = stream.remote_addr();
     let (reader, writer) = stream.split();
@@ -99,16 +195,35 @@ async fn serve_connection(
             Err(ReadError::Decode(e)) => break e,
         };
         stats.requests.fetch_add(1, Ordering::Relaxed);
+        if drain.phase() != Phase::Serving {
+            // Stopping: say so at once rather than leave the caller to time out.
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            let reply = codec::encode_err(&request.rid, &shutting_down("takes no new requests"));
+            if let Err(e) = writer.lock().await.write_all(&reply).await {
+                tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
+            }
+            continue;
+        }
+        let in_flight = drain.track();
         let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
+        let drain = drain.clone();
         requests.spawn(async move {
             // However long the answer takes, the connection waits: our uTP
             // gives up on a silent peer only while our own data is
-            // unacknowledged (docs/wire.md §4.1).
-            let reply = answer(&*services, &request, peer, &stats).await;
+            // unacknowledged (docs/wire.md §4.1). Only closing the server
+            // cuts it short.
+            let reply = tokio::select! {
+                reply = answer(&*services, &request, peer, &stats) => reply,
+                () = drain.reached(Phase::Closed) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    codec::encode_err(&request.rid, &shutting_down("stopped before this request finished"))
+                }
+            };
             // One whole message per write (docs/wire.md §3).
             if let Err(e) = writer.lock().await.write_all(&reply).await {
                 tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
             }
+            drop(in_flight);
         });
     };
     stats.bad_connections.fetch_add(1, Ordering::Relaxed);
@@ -125,6 +240,11 @@ async fn serve_connection(
     }
     tracing::warn!(%peer, "closing a connection that {problem}", problem = describe(&problem));
     requests.join_all().await;
+}
+
+/// The error string of a request refused or cut short by stopping.
+fn shutting_down(what: &str) -> String {
+    format!("{ERR_SHUTTING_DOWN}: this host is stopping and {what}; ask another peer")
 }
 
 fn describe(e: &DecodeError) -> String {

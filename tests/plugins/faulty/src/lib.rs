@@ -24,6 +24,7 @@ const SERVICES: &[&str] = &[
     "request_loop",
     "slow_host_call",
     "sandbox_probe",
+    "sleep",
 ];
 
 struct Faulty;
@@ -94,6 +95,16 @@ impl Guest for Faulty {
                 Ok(format!(
                     "{{\"files\":{files:?},\"env\":{env},\"tcp\":{tcp:?},\"udp\":{udp:?}}}"
                 ))
+            }
+            "sleep" => {
+                // A slow but healthy request: the payload is the number of
+                // milliseconds to wait before answering with it.
+                let ms: u64 = payload
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("sleep takes a number of milliseconds, not {payload}"))?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(format!("{{\"slept\":{ms}}}"))
             }
             "log" => {
                 log(Level::Info, &format!("logged {payload}"));

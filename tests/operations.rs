@@ -1,0 +1,147 @@
+//! Running a host as a service: stopping gracefully on SIGTERM, telling
+//! systemd when it is ready and when it stops, log volume, payloads from
+//! files.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{call_peer, host_bin, start_dht, start_host, test_plugin, HostProcess, SOON};
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones() {
+    let (_dht, bootstrap) = start_dht();
+    let (mut host, port) = start_host(
+        "faulty host",
+        &[&test_plugin("faulty")],
+        &bootstrap,
+        &[
+            "--control",
+            "off",
+            "--log-level",
+            "debug",
+            "--time-limit",
+            "10s",
+        ],
+    );
+    let peer = format!("127.0.0.1:{port}");
+    // A healthy request that takes 3 s, in flight when the signal comes.
+    let slow = HostProcess::spawn("slow caller", &["call", "sleep", "3000", "--peer", &peer]);
+    host.wait_for("request for sleep", SOON);
+    let signalled = Instant::now();
+    host.signal("TERM");
+    host.wait_for("draining 1 requests", SOON);
+
+    // A request arriving during the drain is told so at once, not left to
+    // its 10 s timeout.
+    let asked = Instant::now();
+    let refused = call_peer(&peer, "echo", "1", &["--timeout-ms", "10000"]);
+    assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stderr.contains("ERR_SHUTTING_DOWN"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?}",
+        asked.elapsed()
+    );
+
+    // The request in flight gets its reply, then the host exits 0, well
+    // within its 10 s time limit plus the grace.
+    slow.wait_for(r#"{"slept":3000}"#, SOON);
+    let code = host.wait_exit(Duration::from_secs(12).saturating_sub(signalled.elapsed()));
+    assert_eq!(code, Some(0), "{}", host.output());
+    assert!(host.output().contains("drained in"), "{}", host.output());
+}
+
+#[test]
+fn readiness_and_stopping_are_notified_on_notify_socket() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let manager = UnixDatagram::bind(&socket_path).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut command = Command::new(host_bin());
+    command
+        .args([
+            "run",
+            test_plugin("faulty").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap",
+            &bootstrap,
+            "--control",
+            "off",
+        ])
+        .env_remove("RUST_LOG")
+        .env("NOTIFY_SOCKET", &socket_path);
+    let mut host = HostProcess::spawn_command("notifying host", command);
+
+    let next_message = |what: &str| -> String {
+        let deadline = Instant::now() + SOON;
+        let mut buf = [0u8; 4096];
+        loop {
+            match manager.recv(&mut buf) {
+                Ok(n) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    assert!(Instant::now() < deadline, "no {what} notification");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let ready = next_message("READY=1");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l.starts_with("STATUS=serving on port ")),
+        "{ready:?}"
+    );
+    // Ready means announced: the services are findable from now on.
+    assert!(host.count("announced echo") > 0, "{}", host.output());
+
+    host.signal("TERM");
+    let stopping = next_message("STOPPING=1");
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    assert_eq!(host.wait_exit(SOON), Some(0), "{}", host.output());
+}
+
+#[test]
+fn requests_are_logged_at_debug_not_info() {
+    let (_dht, bootstrap) = start_dht();
+    let quiet_args = ["--control", "off"];
+    let (quiet, port) = start_host(
+        "info host",
+        &[&test_plugin("faulty")],
+        &bootstrap,
+        &quiet_args,
+    );
+    let (verbose, verbose_port) = start_host(
+        "debug host",
+        &[&test_plugin("faulty")],
+        &bootstrap,
+        &["--control", "off", "--log-level", "debug"],
+    );
+    for p in [port, verbose_port] {
+        let r = call_peer(&format!("127.0.0.1:{p}"), "log", "1", &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    // The plugin's own line comes after the host's line for the request, in
+    // the same stream: once it is there, so would the request's be.
+    verbose.wait_for("logged 1", SOON);
+    verbose.wait_for("request for log", SOON);
+    quiet.wait_for("logged 1", SOON);
+    assert_eq!(quiet.count("request for log"), 0, "{}", quiet.output());
+}
