@@ -145,3 +145,92 @@ fn requests_are_logged_at_debug_not_info() {
     quiet.wait_for("logged 1", SOON);
     assert_eq!(quiet.count("request for log"), 0, "{}", quiet.output());
 }
+
+#[test]
+fn call_bench_and_invoke_read_the_payload_from_a_file_or_stdin() {
+    let (_dht, bootstrap) = start_dht();
+    let (_host, port) = start_host(
+        "faulty host",
+        &[&test_plugin("faulty")],
+        &bootstrap,
+        &["--control", "off"],
+    );
+    let peer = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    // 800 KB: more than an argument may be ("Argument list too long").
+    let big = format!("\"{}\"", "x".repeat(800_000));
+    let file = dir.path().join("big.json");
+    std::fs::write(&file, &big).unwrap();
+    let at_file = format!("@{}", file.display());
+
+    let r = call_peer(&peer, "echo", &at_file, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), big);
+
+    let r = common::shown(common::host(&[
+        "bench",
+        "echo",
+        &at_file,
+        "--bootstrap",
+        &bootstrap,
+        "--requests",
+        "3",
+        "--warmup",
+        "1",
+    ]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with("requests ok=3 failed=0 "),
+        "{}",
+        r.stdout
+    );
+
+    // Standard input, as `-`.
+    let mut invoke = Command::new(host_bin())
+        .args([
+            "invoke",
+            test_plugin("faulty").to_str().unwrap(),
+            "echo",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut invoke.stdin.take().unwrap(), br#"{"from":"stdin"}"#).unwrap();
+    let r = common::shown(invoke.wait_with_output().unwrap());
+    assert_eq!(
+        (r.code, r.stdout.trim()),
+        (0, r#"{"from":"stdin"}"#),
+        "{}",
+        r.stderr
+    );
+
+    // Errors name the file.
+    let missing = dir.path().join("missing.json");
+    let r = common::invoke(
+        &test_plugin("faulty"),
+        "echo",
+        &format!("@{}", missing.display()),
+        &[],
+    );
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("cannot read the payload file") && r.stderr.contains("missing.json"),
+        "{}",
+        r.stderr
+    );
+    std::fs::write(&file, "not json").unwrap();
+    let r = common::invoke(&test_plugin("faulty"), "echo", &at_file, &[]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("big.json is not valid JSON"),
+        "{}",
+        r.stderr
+    );
+    std::fs::write(&file, format!("\"{}\"", "x".repeat(1 << 20))).unwrap();
+    let r = call_peer(&peer, "echo", &at_file, &[]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("larger than 1 MiB"), "{}", r.stderr);
+}

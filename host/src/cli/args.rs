@@ -46,7 +46,8 @@ pub enum Command {
         plugin: PathBuf,
         /// The service to call, one the plugin serves (see `inspect`).
         service: String,
-        /// The request payload, as JSON.
+        /// The request payload, as JSON; `@FILE` reads it from FILE, `-` from
+        /// standard input (at most 1 MiB).
         payload: String,
         /// The caller's address the plugin sees in its request context, as if
         /// the request had come from there. Plugins built against
@@ -324,7 +325,8 @@ pub struct ControlArgs {
 pub struct ServiceRequest {
     /// The service name.
     pub service: String,
-    /// The request payload, as JSON.
+    /// The request payload, as JSON; `@FILE` reads it from FILE, `-` from
+    /// standard input (at most 1 MiB), e.g. @request.json.
     pub payload: String,
 }
 

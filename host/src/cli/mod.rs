@@ -29,6 +29,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 use crate::plugin::RequestContext;
+use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
 use args::{Cli, Command};
 use output::usage_error;
 pub use output::{EXIT_SERVICE_ERROR, EXIT_USAGE};
@@ -86,6 +87,10 @@ async fn dispatch(command: Command) -> ExitCode {
             caller,
             limits,
         } => {
+            let payload = match output::read_payload(&payload, DEFAULT_MAX_MESSAGE) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
             let context = RequestContext::from_caller(caller);
             local::invoke(&plugin, &service, &payload, &context, limits.limits()).await
         }
@@ -213,13 +218,13 @@ async fn dispatch(command: Command) -> ExitCode {
             client,
             peer,
         } => {
-            let client = match client_config(dht, client) {
+            let (client, payload) = match client_config(dht, client, &request) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             let call = client::CallConfig {
                 service: request.service,
-                payload: request.payload,
+                payload,
                 client,
                 peer,
             };
@@ -233,13 +238,13 @@ async fn dispatch(command: Command) -> ExitCode {
             concurrency,
             warmup,
         } => {
-            let client = match client_config(dht, client) {
+            let (client, payload) = match client_config(dht, client, &request) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             let bench = client::BenchConfig {
                 service: request.service,
-                payload: request.payload,
+                payload,
                 client,
                 plan: client::BenchPlan {
                     requests,
@@ -252,17 +257,22 @@ async fn dispatch(command: Command) -> ExitCode {
     }
 }
 
-/// The one-shot clients' config from their arguments.
+/// The one-shot clients' config and payload from their arguments.
 fn client_config(
     dht: args::BootstrapArgs,
     client: args::ClientArgs,
-) -> Result<client::ClientConfig, ExitCode> {
-    Ok(client::ClientConfig {
+    request: &args::ServiceRequest,
+) -> Result<(client::ClientConfig, String), ExitCode> {
+    let config = client::ClientConfig {
         introducer: dht.introducer().map_err(usage_error)?,
         discovery: dht.discovery(),
         timeout: std::time::Duration::from_millis(client.timeout_ms),
         listen: client.listen,
-    })
+    };
+    Ok((
+        config,
+        output::read_payload(&request.payload, DEFAULT_MAX_MESSAGE)?,
+    ))
 }
 
 #[cfg(test)]

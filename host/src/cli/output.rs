@@ -20,6 +20,40 @@ pub fn check_payload(payload: &str) -> Result<(), ExitCode> {
     })
 }
 
+/// The payload argument of `call`, `bench` and `invoke`: JSON text as given,
+/// `@FILE` for the contents of FILE, or `-` for standard input (as curl's
+/// `--data`), at most `limit` bytes. A payload read from a file or stdin is
+/// checked to be JSON here, so the error names where it came from; errors
+/// return the usage exit code.
+pub fn read_payload(arg: &str, limit: usize) -> Result<String, ExitCode> {
+    use std::io::Read;
+    let (source, reader): (String, Box<dyn Read>) = if arg == "-" {
+        ("standard input".into(), Box::new(std::io::stdin()))
+    } else if let Some(path) = arg.strip_prefix('@') {
+        let file = std::fs::File::open(path)
+            .map_err(|e| usage_error(format!("cannot read the payload file {path}: {e}")))?;
+        (path.to_string(), Box::new(file))
+    } else {
+        return Ok(arg.to_string());
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| usage_error(format!("cannot read the payload from {source}: {e}")))?;
+    if bytes.len() > limit {
+        return Err(usage_error(format!(
+            "the payload in {source} is larger than {} (the largest Grenache message)",
+            crate::units::format_size(limit as u64)
+        )));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| usage_error(format!("the payload in {source} is not UTF-8 text")))?;
+    crate::plugin::check_json(&text)
+        .map_err(|e| usage_error(format!("the payload in {source} is not valid JSON ({e})")))?;
+    Ok(text)
+}
+
 /// Prints a JSON reply compactly on one line of stdout.
 pub fn print_compact(reply: &str) -> Result<(), serde_json::Error> {
     let value: serde_json::Value = serde_json::from_str(reply)?;
