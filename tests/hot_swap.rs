@@ -88,6 +88,12 @@ fn swapping_ten_times_under_load_loses_no_request() {
     let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let plugin = &status["plugins"][0];
     assert_eq!(plugin["swaps"], 11);
+    // Only the last 5 earlier versions are kept to roll back to.
+    assert_eq!(
+        plugin["history"].as_array().map(Vec::len),
+        Some(5),
+        "{plugin}"
+    );
     assert!(plugin["requests"].as_u64().unwrap() >= 30000, "{plugin}");
     drop(versioned);
 }
@@ -282,6 +288,117 @@ fn the_control_socket_is_owner_only_and_tools_say_when_no_host_listens() {
     assert_eq!(r.code, 2);
     assert!(
         r.stderr.contains("no host answers on the control socket"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// `grenache-host <args> --control <control>`, run from `cwd`.
+fn control_in(cwd: &Path, args: &[&str], control: &Path) -> common::Shown {
+    let out = std::process::Command::new(common::host_bin())
+        .args(args)
+        .args(["--control", control.to_str().unwrap()])
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    shown(out)
+}
+
+fn status_of(sock: &Path) -> serde_json::Value {
+    let r = control(&["status"], sock);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    status["plugins"][0].clone()
+}
+
+#[test]
+fn rollback_walks_back_through_the_history_and_a_refused_swap_changes_nothing() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let (_host, sock) = versioned_host(dir.path(), &bootstrap, &[]);
+    // Staged versions in a folder of their own, swapped in by relative
+    // paths from there: the caller's working directory is not the host's.
+    let staged = dir.path().join("staged");
+    std::fs::create_dir(&staged).unwrap();
+    for (name, from) in [
+        ("b.wasm", "version-2"),
+        ("c.wasm", "version-1"),
+        ("d.wasm", "version-2"),
+    ] {
+        std::fs::copy(test_plugin(from), staged.join(name)).unwrap();
+    }
+    std::fs::write(staged.join("junk.wasm"), "not wasm").unwrap();
+    for name in ["b.wasm", "c.wasm", "d.wasm"] {
+        let r = control_in(&staged, &["swap", "versioned", name], &sock);
+        assert_eq!(r.code, 0, "{name}: {}", r.stderr);
+    }
+    let plugin = status_of(&sock);
+    // The file serving now, not the one the host started with.
+    assert!(
+        plugin["file"].as_str().unwrap().ends_with("staged/d.wasm"),
+        "{plugin}"
+    );
+    let history: Vec<&str> = plugin["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["file"].as_str().unwrap().rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(history, ["c.wasm", "b.wasm", "versioned.wasm"], "{plugin}");
+    assert_eq!(
+        (plugin["swaps"].as_u64(), plugin["rollbacks"].as_u64()),
+        (Some(3), Some(0))
+    );
+
+    // A refused swap leaves the history as it was.
+    let r = control_in(&staged, &["swap", "versioned", "junk.wasm"], &sock);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(status_of(&sock)["history"], plugin["history"]);
+
+    // Back two steps, to b.wasm; then back one, to versioned.wasm: never
+    // forth again to what was rolled back from.
+    let r = control(&["rollback", "versioned", "--to", "2"], &sock);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(version(&bootstrap), r#"{"version":2}"#);
+    assert!(status_of(&sock)["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("staged/b.wasm"));
+    let r = control(&["rollback", "versioned"], &sock);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(version(&bootstrap), r#"{"version":1}"#);
+    let plugin = status_of(&sock);
+    assert!(
+        plugin["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("/versioned.wasm"),
+        "{plugin}"
+    );
+    assert_eq!(
+        (
+            plugin["swaps"].as_u64(),
+            plugin["rollbacks"].as_u64(),
+            plugin["history"].as_array().map(Vec::len)
+        ),
+        (Some(3), Some(2), Some(0)),
+        "{plugin}"
+    );
+    // Nothing further back: the rollback "to be safe" after a refused swap
+    // refuses instead of bringing a newer version back.
+    let r = control_in(&staged, &["swap", "versioned", "junk.wasm"], &sock);
+    assert_eq!(r.code, 1);
+    let r = control(&["rollback", "versioned"], &sock);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("no previous version"), "{}", r.stderr);
+    assert_eq!(version(&bootstrap), r#"{"version":1}"#);
+
+    // A relative path that does not exist where the caller is: named, exit 2.
+    let r = control(&["swap", "versioned", "nowhere/e.wasm"], &sock);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("cannot use nowhere/e.wasm"),
         "{}",
         r.stderr
     );

@@ -133,19 +133,34 @@ pub enum Command {
     Swap {
         /// The plugin's name (its first file name without .wasm) or a service it serves.
         target: String,
-        /// The new plugin file (a wasm component or a .cwasm).
+        /// The new plugin file (a wasm component or a .cwasm); a relative
+        /// path is taken from this command's working directory.
         file: PathBuf,
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Put back the version a plugin had before its last swap.
+    /// Put back an earlier version of a plugin: by default the one that
+    /// served before the current one.
+    ///
+    /// The host keeps the last 5 versions of each plugin (`status` lists them
+    /// under "history", the most recent first). A rollback drops the versions
+    /// it goes past, so a second rollback goes further back; a swap that was
+    /// refused changes nothing.
+    ///
+    /// Example: grenache-host rollback fibonacci --to 2
     Rollback {
         /// The plugin's name or a service it serves.
         target: String,
+        /// Which earlier version: entry N of `status`'s "history" (1, the
+        /// default, is the version before the current one).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        to: usize,
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Show a running host's plugins: services, content hashes, request counts, swaps.
+    /// Show a running host's plugins as JSON: the file and content hash
+    /// serving now, services, the earlier versions kept for rollback,
+    /// request and fault counts, swaps and rollbacks.
     Status {
         #[command(flatten)]
         control: ControlArgs,

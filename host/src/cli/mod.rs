@@ -152,11 +152,21 @@ async fn dispatch(command: Command) -> ExitCode {
             file,
             control,
         } => {
+            // The host runs elsewhere (another working directory, maybe
+            // another user): resolve the path here, where the user typed it.
+            let file = match std::fs::canonicalize(&file) {
+                Ok(f) => f,
+                Err(e) => return usage_error(format!("cannot use {}: {e}", file.display())),
+            };
             let request = crate::node::control::ControlRequest::Swap { target, file };
             admin::control(control.control, request).await
         }
-        Command::Rollback { target, control } => {
-            let request = crate::node::control::ControlRequest::Rollback { target };
+        Command::Rollback {
+            target,
+            to,
+            control,
+        } => {
+            let request = crate::node::control::ControlRequest::Rollback { target, steps: to };
             admin::control(control.control, request).await
         }
         Command::Status { control } => {

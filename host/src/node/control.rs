@@ -3,7 +3,9 @@
 //!
 //! One JSON object per line each way. Requests:
 //! `{"op":"swap","target":"<plugin or service>","file":"<path>"}`,
-//! `{"op":"rollback","target":"…"}`, `{"op":"status"}`. Replies:
+//! `{"op":"rollback","target":"…","steps":1}` (`steps` optional, default
+//! 1), `{"op":"status"}`. A swap's `file` is used as given: the client
+//! resolves it against its own working directory first. Replies:
 //! `{"ok":true,"message":"…"}` (plus `"status"` for status) or
 //! `{"ok":false,"error":"…"}`.
 
@@ -36,9 +38,23 @@ pub fn default_path() -> PathBuf {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum ControlRequest {
-    Swap { target: String, file: PathBuf },
-    Rollback { target: String },
+    /// Swap in `file` (an absolute path: the host's working directory is
+    /// not the caller's).
+    Swap {
+        target: String,
+        file: PathBuf,
+    },
+    /// Go `steps` versions back (1: the previous version).
+    Rollback {
+        target: String,
+        #[serde(default = "one_step")]
+        steps: usize,
+    },
     Status,
+}
+
+fn one_step() -> usize {
+    1
 }
 
 /// A reply on the control channel.
@@ -139,8 +155,8 @@ async fn serve_one(stream: UnixStream, plugins: &PluginSet) -> std::io::Result<(
             Ok(ControlRequest::Swap { target, file }) => {
                 ControlReply::result(plugins.swap_and_log(&target, &file).await)
             }
-            Ok(ControlRequest::Rollback { target }) => {
-                ControlReply::result(plugins.rollback_and_log(&target))
+            Ok(ControlRequest::Rollback { target, steps }) => {
+                ControlReply::result(plugins.rollback_and_log(&target, steps))
             }
         };
         let mut text = serde_json::to_string(&reply).expect("replies serialise");

@@ -3,7 +3,11 @@
 //! rollback, file watching) while requests flow.
 //!
 //! A [`PluginSet`] keeps one slot per plugin file: the version serving now
-//! and the one before it, for [`rollback`](PluginSet::rollback).
+//! and the [`HISTORY_LEN`] versions that served before it, most recent
+//! first, for [`rollback`](PluginSet::rollback): a rollback goes back one
+//! step (or several) and drops the versions it leaves, so rolling back
+//! twice goes two versions back, never back and forth; a refused swap
+//! changes nothing.
 //! [`route`](PluginSet::route) reads an immutable routing snapshot (a key is
 //! a service name, or an `ip:port` that goes to the primary service, the
 //! first service of the first plugin that serves one: `docs/wire.md §2`) and
@@ -23,7 +27,7 @@
 //! [`status`](PluginSet::status); `run --watch` starts
 //! [`watch`](PluginSet::watch).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,13 +37,20 @@ use std::time::{Duration, Instant};
 use super::policy::Policies;
 use super::{plugin_name, LoadedPlugin, PluginNetwork, Runtime};
 
+/// How many earlier versions of a plugin a host keeps to roll back to.
+pub const HISTORY_LEN: usize = 5;
+
 /// One plugin file's versions.
 struct Slot {
-    /// The file the operator named; `--watch` watches it.
+    /// The file the operator named at start; it names the plugin, and
+    /// `--watch` watches it.
     path: PathBuf,
     current: Arc<LoadedPlugin>,
-    previous: Option<Arc<LoadedPlugin>>,
+    /// The versions that served before `current`, most recent first, at
+    /// most [`HISTORY_LEN`].
+    history: VecDeque<Arc<LoadedPlugin>>,
     swaps: u64,
+    rollbacks: u64,
     stats: Arc<SlotStats>,
 }
 
@@ -183,8 +194,9 @@ impl PluginSet {
             slots.push(Slot {
                 path: path.clone(),
                 current: Arc::new(plugin),
-                previous: None,
+                history: VecDeque::new(),
                 swaps: 0,
+                rollbacks: 0,
                 stats: Arc::default(),
             });
         }
@@ -288,8 +300,10 @@ impl PluginSet {
             .map_err(|e| e.to_string())?;
         let load_time = started.elapsed();
         self.publish(target, |slot| {
-            let new = Arc::new(plugin);
-            slot.previous = Some(std::mem::replace(&mut slot.current, new));
+            let old = std::mem::replace(&mut slot.current, Arc::new(plugin));
+            slot.history.push_front(old);
+            slot.history.truncate(HISTORY_LEN);
+            slot.swaps += 1;
             Ok(())
         })
         .map(|mut report| {
@@ -298,14 +312,27 @@ impl PluginSet {
         })
     }
 
-    /// Puts back the version that served before the last swap of `target`.
-    pub fn rollback(&self, target: &str) -> Result<SwapReport, String> {
+    /// Puts back an earlier version of `target`: `steps` back in its
+    /// history (1: the version that served before the current one; see
+    /// `status`), dropping the current version and those in between, so the
+    /// next rollback goes further back.
+    pub fn rollback(&self, target: &str, steps: usize) -> Result<SwapReport, String> {
         self.publish(target, |slot| {
-            let previous = slot
-                .previous
-                .take()
-                .ok_or_else(|| format!("{} has no previous version", slot.name()))?;
-            slot.previous = Some(std::mem::replace(&mut slot.current, previous));
+            let kept = slot.history.len();
+            if kept == 0 {
+                return Err(format!(
+                    "{} has no previous version (nothing was swapped in, or every earlier version was rolled back to)",
+                    slot.name()
+                ));
+            }
+            if steps == 0 || steps > kept {
+                return Err(format!(
+                    "{} has {kept} earlier versions; roll back 1 to {kept} steps (see `status`)",
+                    slot.name()
+                ));
+            }
+            slot.current = slot.history.drain(..steps).last().expect("steps <= kept");
+            slot.rollbacks += 1;
             Ok(())
         })
     }
@@ -319,16 +346,22 @@ impl PluginSet {
     ) -> Result<SwapReport, String> {
         let mut slots = self.lock_slots();
         let i = Self::find(&slots, target)?;
-        let (old_current, old_previous) = (slots[i].current.clone(), slots[i].previous.clone());
+        let before = (
+            slots[i].current.clone(),
+            slots[i].history.clone(),
+            slots[i].swaps,
+            slots[i].rollbacks,
+        );
         change(&mut slots[i])?;
         let routes = match build_routes(&slots) {
             Ok(r) => r,
             Err(e) => {
-                (slots[i].current, slots[i].previous) = (old_current, old_previous);
+                let slot = &mut slots[i];
+                (slot.current, slot.history, slot.swaps, slot.rollbacks) = before;
                 return Err(e);
             }
         };
-        slots[i].swaps += 1;
+        let old_current = before.0;
         let services = routes_services(&routes);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
         self.services.send_replace(services);
@@ -362,8 +395,10 @@ impl PluginSet {
     }
 
     /// [`rollback`](Self::rollback), logging the outcome either way.
-    pub fn rollback_and_log(&self, target: &str) -> Result<String, String> {
-        let result = self.rollback(target).map(|r| format!("rolled back {r}"));
+    pub fn rollback_and_log(&self, target: &str, steps: usize) -> Result<String, String> {
+        let result = self
+            .rollback(target, steps)
+            .map(|r| format!("rolled back {r}"));
         log_outcome("rollback", target, &result);
         result
     }
@@ -399,17 +434,24 @@ impl PluginSet {
         let plugins: Vec<serde_json::Value> = slots
             .iter()
             .map(|s| {
+                // `history[n - 1]` is what `rollback --to n` puts back.
+                let history: Vec<serde_json::Value> = s
+                    .history
+                    .iter()
+                    .map(|p| serde_json::json!({ "file": p.path().display().to_string(), "hash": p.hash() }))
+                    .collect();
                 serde_json::json!({
                     "plugin": s.name(),
-                    "file": s.path.display().to_string(),
+                    "file": s.current.path().display().to_string(),
                     "services": s.current.serves(),
                     "hash": s.current.hash(),
-                    "previous_hash": s.previous.as_ref().map(|p| p.hash().to_string()),
+                    "history": history,
                     "requests": s.stats.requests.load(Ordering::Relaxed),
                     "faults": s.stats.faults.load(Ordering::Relaxed),
+                    "swaps": s.swaps,
+                    "rollbacks": s.rollbacks,
                     "refused_swaps": s.stats.refused_swaps.load(Ordering::Relaxed),
                     "last_problem": s.stats.last_problem.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                    "swaps": s.swaps,
                 })
             })
             .collect();
