@@ -176,3 +176,31 @@ fn a_bad_policy_file_is_refused_with_the_field_named() {
         r.stderr
     );
 }
+
+#[test]
+fn a_policy_table_named_after_a_service_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // The plugin is `fibonacci` (its file); `fibonacci_worker` is its service.
+    let config = policy_file(
+        dir.path(),
+        "[plugin.fibonacci_worker]\nmax_concurrent = 2\n",
+    );
+    let fibonacci = plugin("fibonacci");
+    let r = shown(host(&[
+        "run",
+        fibonacci.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "off",
+        "--config",
+        &config,
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("[plugin.fibonacci_worker] names no plugin loaded here (plugins: fibonacci)"),
+        "{}",
+        r.stderr
+    );
+}

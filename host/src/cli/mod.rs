@@ -109,10 +109,20 @@ async fn dispatch(command: Command) -> ExitCode {
             limits,
         } => {
             let file = match config {
-                Some(path) => match crate::plugin::policy::PolicyFile::load(&path) {
-                    Ok(file) => file,
-                    Err(e) => return usage_error(e),
-                },
+                Some(path) => {
+                    let names: Vec<String> = plugins
+                        .iter()
+                        .map(|p| crate::plugin::plugin_name(p))
+                        .collect();
+                    match crate::plugin::policy::PolicyFile::load(&path).and_then(|file| {
+                        file.check_plugin_names(&names)
+                            .map_err(|e| format!("the policy {}: {e}", path.display()))?;
+                        Ok(file)
+                    }) {
+                        Ok(file) => file,
+                        Err(e) => return usage_error(e),
+                    }
+                }
                 None => Default::default(),
             };
             let policies = crate::plugin::policy::Policies {

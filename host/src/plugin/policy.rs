@@ -140,6 +140,26 @@ impl PolicyFile {
         Ok(file)
     }
 
+    /// Refuses a `[plugin.NAME]` table that names none of `plugins` (the
+    /// names of the plugins loaded): a policy named after a service, or
+    /// after a file that was renamed, would otherwise be ignored in silence.
+    pub fn check_plugin_names(&self, plugins: &[String]) -> Result<(), String> {
+        let mut unknown: Vec<&String> = self
+            .plugin
+            .keys()
+            .filter(|name| !plugins.contains(name))
+            .collect();
+        unknown.sort();
+        match unknown.first() {
+            None => Ok(()),
+            Some(name) => Err(format!(
+                "[plugin.{name}] names no plugin loaded here (plugins: {}); a plugin is named \
+                 after its file without .wasm or .cwasm, not after the services it serves",
+                plugins.join(", ")
+            )),
+        }
+    }
+
     /// The policy of plugin `name`, with `overrides` (from the command line) last.
     pub fn for_plugin(&self, name: &str, overrides: &PolicyEntry) -> Result<PluginPolicy, String> {
         let mut policy = PluginPolicy::with_limits(Limits::default()).apply(&self.defaults)?;
@@ -255,6 +275,23 @@ mod tests {
             (p.max_concurrent, p.may_call, p.may_be_punched_for),
             (64, None, true)
         );
+    }
+
+    #[test]
+    fn a_table_for_a_plugin_not_loaded_is_refused_naming_both() {
+        let file: PolicyFile =
+            toml::from_str("[plugin.fibonacci]\n[plugin.fibonacci_worker]\nmax_concurrent = 2\n")
+                .unwrap();
+        let loaded = ["fibonacci".to_string(), "consumer".to_string()];
+        let e = file.check_plugin_names(&loaded).unwrap_err();
+        assert!(
+            e.contains("[plugin.fibonacci_worker]") && e.contains("plugins: fibonacci, consumer"),
+            "{e}"
+        );
+        assert!(file
+            .check_plugin_names(&[loaded[0].clone(), "fibonacci_worker".into()])
+            .is_ok());
+        assert!(PolicyFile::default().check_plugin_names(&[]).is_ok());
     }
 
     #[test]
