@@ -230,3 +230,33 @@ fn keys_cannot_be_swapped_and_a_secret_is_never_printed() {
     assert!(r.stderr.contains("is a public key"), "{}", r.stderr);
     assert!(!dir.path().join("fibonacci.wasm.sig").exists());
 }
+
+#[test]
+fn watch_loads_a_plugin_written_before_its_signature_once_the_signature_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = keygen(dir.path(), "ops");
+    let secret = dir.path().join("ops.secret");
+    let file = dir.path().join("versioned.wasm");
+    std::fs::copy(common::test_plugin("version-1"), &file).unwrap();
+    sign(&file, &secret);
+    let (worker, peer) = signed_worker(&file, &ops, &["--watch", "--control", "off"]);
+    let version = || {
+        let r = call_peer(&peer, "versioned", "{}", &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r.stdout.trim().to_string()
+    };
+    assert_eq!(version(), r#"{"version":1}"#);
+
+    // The new plugin lands first (renamed over); its signature is still
+    // the old one's, so it is refused and version 1 keeps serving.
+    let staged = dir.path().join("versioned.wasm.new");
+    std::fs::copy(common::test_plugin("version-2"), &staged).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    worker.wait_for("refused, the current version keeps serving", common::SOON);
+    assert_eq!(version(), r#"{"version":1}"#);
+
+    // The signature arrives: loaded, without touching the plugin again.
+    sign(&file, &secret);
+    worker.wait_for("swapped versioned", common::SOON);
+    assert_eq!(version(), r#"{"version":2}"#);
+}

@@ -246,6 +246,11 @@ impl Runtime {
         self
     }
 
+    /// Whether plugins must be signed (see [`require_signatures`](Self::require_signatures)).
+    pub fn requires_signatures(&self) -> bool {
+        !self.trusted_keys.is_empty()
+    }
+
     /// [`load_with`](Self::load_with) the built-in policy around this
     /// runtime's limits.
     pub async fn load(

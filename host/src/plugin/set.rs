@@ -407,23 +407,62 @@ impl PluginSet {
     /// place or renamed over). A change is taken once the file has looked the
     /// same for one more `interval`, so a file still being written is not
     /// loaded half-done (and if it is, loading fails and the old version stays).
+    ///
+    /// When signatures are required, the file's `.sig` is watched too: a
+    /// plugin written before its signature is refused, then tried again when
+    /// the signature arrives. A refused file is also tried again
+    /// [`WATCH_RETRIES`] times, 1 s, 2 s and 4 s later, in case what it
+    /// needed arrived unseen; then it waits for the next change.
     pub async fn watch(self: Arc<Self>, interval: Duration) {
         let files = self.files();
-        let mut seen: Vec<Option<FileState>> = files.iter().map(|(_, p)| file_state(p)).collect();
+        let signed = self.runtime.requires_signatures();
+        let state = |path: &Path| WatchedFiles {
+            plugin: file_state(path),
+            signature: signed
+                .then(|| file_state(&super::signing::signature_path(path)))
+                .flatten(),
+        };
+        let mut seen: Vec<WatchedFiles> = files.iter().map(|(_, p)| state(p)).collect();
+        let mut retries: Vec<Option<Retry>> = vec![None; files.len()];
+        // Whether the file as it is now was refused: only then does a new
+        // signature alone call for another load (an update agent that writes
+        // the signature first must not see the old file refused under it).
+        let mut refused = vec![false; files.len()];
         loop {
             tokio::time::sleep(interval).await;
             for (i, (name, path)) in files.iter().enumerate() {
-                let now = file_state(path);
-                if now.is_none() || now == seen[i] {
+                let now = state(path);
+                if now.plugin.is_none() {
                     continue;
                 }
-                tokio::time::sleep(interval).await;
-                if file_state(path) != now {
-                    continue; // still changing; look again next round
+                let mut retry = retries[i].filter(|r| r.at <= Instant::now());
+                if now != seen[i] {
+                    tokio::time::sleep(interval).await;
+                    if state(path) != now {
+                        continue; // still changing; look again next round
+                    }
+                    let signature_only = now.plugin == seen[i].plugin;
+                    seen[i] = now;
+                    if signature_only && !refused[i] {
+                        continue;
+                    }
+                    retry = None; // a new file starts a new series of tries
+                    tracing::info!("{} changed; loading it", path.display());
+                } else if let Some(retry) = retry {
+                    tracing::info!(
+                        "{} was refused; loading it again (retry {} of {WATCH_RETRIES})",
+                        path.display(),
+                        retry.attempt
+                    );
+                } else {
+                    continue;
                 }
-                seen[i] = now;
-                tracing::info!("{} changed; loading it", path.display());
-                let _ = self.swap_and_log(name, path).await;
+                let result = self.swap_and_log(name, path).await;
+                refused[i] = result.is_err();
+                retries[i] = match result {
+                    Ok(_) => None,
+                    Err(_) => Retry::after(retry),
+                };
             }
         }
     }
@@ -474,6 +513,38 @@ fn log_outcome(what: &str, target: &str, result: &Result<String, String>) {
     }
 }
 
+/// How many times `--watch` tries a refused file again before it waits for
+/// the file (or its signature) to change.
+pub const WATCH_RETRIES: u32 = 3;
+
+/// The next try of a file `--watch` saw refused.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Instant,
+    /// 1 for the first retry.
+    attempt: u32,
+}
+
+impl Retry {
+    /// The retry after a refusal at `previous` (`None`: the first load),
+    /// 1 s, 2 s, 4 s later; `None` once [`WATCH_RETRIES`] are spent.
+    fn after(previous: Option<Retry>) -> Option<Retry> {
+        let attempt = previous.map_or(1, |r| r.attempt + 1);
+        (attempt <= WATCH_RETRIES).then(|| Retry {
+            at: Instant::now() + Duration::from_secs(1 << (attempt - 1)),
+            attempt,
+        })
+    }
+}
+
+/// What `--watch` looks at for one plugin: its file and, when signatures
+/// are required, its `.sig`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WatchedFiles {
+    plugin: Option<FileState>,
+    signature: Option<FileState>,
+}
+
 /// What identifies one version of a file on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FileState {
@@ -489,4 +560,21 @@ fn file_state(path: &Path) -> Option<FileState> {
         modified: meta.modified().ok(),
         inode: std::os::unix::fs::MetadataExt::ino(&meta),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_file_is_retried_three_times_after_1_2_and_4_seconds() {
+        let mut waits = Vec::new();
+        let mut retry = None;
+        while let Some(next) = Retry::after(retry) {
+            let wait = next.at.saturating_duration_since(Instant::now());
+            waits.push((next.attempt, wait.as_secs_f64().round() as u64));
+            retry = Some(next);
+        }
+        assert_eq!(waits, [(1, 1), (2, 2), (3, 4)]);
+    }
 }
