@@ -234,3 +234,81 @@ fn call_bench_and_invoke_read_the_payload_from_a_file_or_stdin() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("larger than 1 MiB"), "{}", r.stderr);
 }
+
+/// The example unit's settings, `Key=value` lines of its [Service] table
+/// (continuation lines joined).
+fn example_unit() -> (String, Vec<(String, String)>) {
+    let path = common::root().join("examples/systemd/grenache-host.service");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let joined = text.replace("\\\n", " ");
+    let settings = joined
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    (text, settings)
+}
+
+#[test]
+fn the_example_systemd_unit_matches_what_the_host_does() {
+    let (text, settings) = example_unit();
+    let get = |key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(get("Type"), ["notify"]);
+    // The control socket is in the runtime directory systemd makes.
+    let runtime = get("RuntimeDirectory");
+    let exec = get("ExecStart");
+    assert!(
+        exec[0].contains(&format!("--control /run/{}/", runtime[0])),
+        "{exec:?}"
+    );
+    // Stopping waits for the drain: the default 5 s time limit plus the
+    // 1 s grace and the 1 s linger.
+    let stop: u64 = get("TimeoutStopSec")[0]
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    assert!(stop > 5 + 2, "TimeoutStopSec={stop}s");
+    // wasmtime maps compiled code executable.
+    assert!(get("MemoryDenyWriteExecute").is_empty(), "{text}");
+    assert_eq!(get("RestrictAddressFamilies"), ["AF_INET AF_INET6 AF_UNIX"]);
+
+    // The flags of its ExecStart are ones `run` takes.
+    let args: Vec<&str> = exec[0].split_whitespace().skip(1).collect();
+    let mut help_args = args.clone();
+    help_args.push("--help");
+    let r = common::shown(common::host(&help_args));
+    assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+
+    // systemd's own check, where systemd is installed; the unit's binary
+    // path is this build's.
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = dir.path().join("grenache-host.service");
+        std::fs::write(
+            &unit,
+            text.replace("/usr/local/bin/grenache-host", host_bin().to_str().unwrap()),
+        )
+        .unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -74,7 +74,12 @@ pub enum Command {
     /// with --grape) and answer Grenache requests over uTP on one UDP socket,
     /// punching through NATs.
     ///
-    /// Prints `listening on <port>` once the socket is bound. Stops on Ctrl-C.
+    /// Prints `listening on <port>` once the socket is bound. On Ctrl-C or
+    /// SIGTERM it drains: new requests get ERR_SHUTTING_DOWN at once, those in
+    /// flight finish up to their time limit, then it exits 0 (a second signal
+    /// stops it at once). Under systemd (Type=notify, NOTIFY_SOCKET) it sends
+    /// READY=1 once serving and announced, STOPPING=1 when draining; see
+    /// examples/systemd/grenache-host.service.
     ///
     /// Example: grenache-host run plugins/fibonacci.wasm --bootstrap 127.0.0.1:20001 --behind-nat
     ///
