@@ -271,3 +271,90 @@ async fn answer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::rpc::client::RpcClient;
+    use crate::rpc::RpcError;
+
+    /// Answers `slow` only when told to, anything else at once.
+    struct Gate(tokio::sync::Notify);
+
+    impl Services for Gate {
+        fn answer<'a>(
+            &'a self,
+            key: &'a str,
+            payload: &'a str,
+            _peer: SocketAddr,
+        ) -> BoxFuture<'a, Result<String, String>> {
+            Box::pin(async move {
+                if key == "slow" {
+                    self.0.notified().await;
+                }
+                Ok(payload.to_string())
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn draining_refuses_new_requests_and_closing_answers_those_in_flight() {
+        let any = "127.0.0.1:0".parse().unwrap();
+        let (server, _) = Endpoint::bind(any).await.unwrap();
+        let addr = server.local_addr();
+        let drain = Arc::new(Drain::default());
+        let gate = Arc::new(Gate(tokio::sync::Notify::new()));
+        let serving = tokio::spawn(serve(
+            server,
+            gate.clone(),
+            1 << 20,
+            Arc::default(),
+            drain.clone(),
+        ));
+        let (client, _) = Endpoint::bind(any).await.unwrap();
+        let client = RpcClient::new(client, None, 1 << 20);
+        let ask = |key: &'static str| {
+            let client = client.clone();
+            async move {
+                client
+                    .request_peer(addr, key, "7", Duration::from_secs(10))
+                    .await
+            }
+        };
+        assert_eq!(ask("fast").await.unwrap(), "7");
+
+        // Two requests in flight, then draining: a new one is refused at once.
+        let first = tokio::spawn(ask("slow"));
+        let second = tokio::spawn(ask("slow"));
+        let mut in_flight = drain.in_flight.subscribe();
+        in_flight.wait_for(|n| *n == 2).await.unwrap();
+        assert_eq!(drain.enter(Phase::Draining), 2);
+        match ask("fast").await {
+            Err(RpcError::Remote(m)) => assert!(m.starts_with(ERR_SHUTTING_DOWN), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // One finishes within the drain and gets its answer; the other is
+        // still running when the server closes and gets the error.
+        gate.0.notify_one();
+        in_flight.wait_for(|n| *n == 1).await.unwrap();
+        drain.enter(Phase::Closed);
+        let mut replies = vec![first.await.unwrap(), second.await.unwrap()];
+        replies.sort_by_key(|r| r.is_err());
+        assert_eq!(replies[0].as_deref().unwrap(), "7");
+        match &replies[1] {
+            Err(RpcError::Remote(m)) => {
+                assert!(m.contains("stopped before this request finished"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(drain.settled(Duration::from_secs(5)).await, 0);
+        // Phases never go back.
+        assert_eq!(
+            (drain.enter(Phase::Serving), drain.phase()),
+            (0, Phase::Closed)
+        );
+        serving.abort();
+    }
+}
