@@ -92,7 +92,7 @@ kill "$QUIET"
 
 echo "== the worker behind NAT, with --behind-nat: it punches fibonacci_consumer every second"
 wait "$QUIET" 2>/dev/null || true
-bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --behind-nat --control off
+bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --behind-nat --control off --log-level info,requests=debug
 sleep "$SECONDS_TO_WATCH"
 echo "-- consumer (public):"; grep -E "punch from|got data reply|failed" "$LOG/consumer" | sed 's/^/   /' | head -8
 echo "-- worker (behind NAT, seen from outside as 203.0.113.2):"; grep -E "request for" "$LOG/worker" | sed 's/^/   /' | head -4

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::grape::{free_tcp_port, start_grapes};
-use common::{host, node_peer, plugin, shown, start_host_on, HostProcess};
+use common::{host, node_peer, plugin, shown, start_host_on, HostProcess, LOG_REQUESTS};
 
 /// Grapes run a DHT traversal per lookup and Node starts slowly on a busy
 /// machine: wait generously.
@@ -23,7 +23,7 @@ fn a_node_client_on_the_other_grape_calls_our_host() {
         "fibonacci host",
         &[&plugin("fibonacci")],
         &["--grape", &grapes.url(0), "--control", "off"],
-        &[],
+        &LOG_REQUESTS,
     );
     host.wait_for(&format!("Grape {}", grapes.url(0)), GRAPE_SOON);
     for link in ["1.0", "0.7"] {
@@ -164,7 +164,7 @@ fn our_worker_behind_nat_punches_a_consumer_it_finds_through_a_grape() {
         "worker host",
         &[&plugin("fibonacci")],
         &["--grape", &grapes.url(1), "--control", "off"],
-        &["--behind-nat"],
+        &["--behind-nat", LOG_REQUESTS[0], LOG_REQUESTS[1]],
     );
     worker.wait_for("no introducer: with --grape", GRAPE_SOON);
     consumer_is_punched_and_gets_the_sequence(&consumer);

@@ -4,7 +4,7 @@
 mod common;
 
 use common::lab::{Home, Lab, NatType, PUBLIC_IP};
-use common::{HostProcess, SOON};
+use common::{HostProcess, LOG_REQUESTS, SOON};
 
 /// `run plugins/consumer.wasm` on the public host, once it has announced.
 fn public_consumer(lab: &Lab, bootstrap: &str) -> HostProcess {
@@ -15,8 +15,11 @@ fn public_consumer(lab: &Lab, bootstrap: &str) -> HostProcess {
 
 /// `run plugins/fibonacci.wasm` in `home`, punching with `--behind-nat` or not.
 fn worker_behind_nat(lab: &Lab, home: &Home, bootstrap: &str, punching: bool) -> HostProcess {
-    let extra: &[&str] = if punching { &["--behind-nat"] } else { &[] };
-    lab.run_plugin(home.host_at(), "fibonacci", bootstrap, extra)
+    let mut extra = LOG_REQUESTS.to_vec();
+    if punching {
+        extra.push("--behind-nat");
+    }
+    lab.run_plugin(home.host_at(), "fibonacci", bootstrap, &extra)
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lab::{Home, Lab, NatType};
-use common::{policy_file, HostProcess, Shown, SOON};
+use common::{policy_file, HostProcess, Shown, LOG_REQUESTS, SOON};
 
 const SEQUENCE: &str = "[1,1,2,3,5,8,13,21,34,55]\n";
 
@@ -23,6 +23,7 @@ fn serve_behind_nat(
     extra: &[&str],
 ) -> (HostProcess, u16) {
     let mut args = vec!["--behind-nat", "--control", "off"];
+    args.extend_from_slice(&LOG_REQUESTS);
     args.extend_from_slice(extra);
     let host = lab.run_plugin(home.host_at(), plugin_name, bootstrap, &args);
     let line = host.wait_for("listening on ", SOON);

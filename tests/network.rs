@@ -6,7 +6,9 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{call, host, plugin, shown, start_dht, start_host, test_plugin, HostProcess, SOON};
+use common::{
+    call, host, plugin, shown, start_dht, start_host, test_plugin, HostProcess, LOG_REQUESTS, SOON,
+};
 
 #[test]
 fn call_reaches_a_fibonacci_host_through_the_dht() {
@@ -74,7 +76,7 @@ fn the_classic_example_runs_on_one_machine() {
         "worker host",
         &[&plugin("fibonacci")],
         &bootstrap,
-        &["--behind-nat"],
+        &["--behind-nat", LOG_REQUESTS[0], LOG_REQUESTS[1]],
     );
     let punch = consumer.wait_for("[consumer] punch from ", SOON);
     assert!(
@@ -141,8 +143,18 @@ fn figure(line: &str, name: &str) -> f64 {
 #[test]
 fn two_fibonacci_hosts_share_the_load() {
     let (_dht, bootstrap) = start_dht();
-    let (a, _) = start_host("worker a", &[&plugin("fibonacci")], &bootstrap, &[]);
-    let (b, _) = start_host("worker b", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let (a, _) = start_host(
+        "worker a",
+        &[&plugin("fibonacci")],
+        &bootstrap,
+        &LOG_REQUESTS,
+    );
+    let (b, _) = start_host(
+        "worker b",
+        &[&plugin("fibonacci")],
+        &bootstrap,
+        &LOG_REQUESTS,
+    );
     let mut run = bench(&bootstrap, 400, 8);
     let line = run.wait_for("requests ok=", SOON * 3);
     assert_eq!(figure(&line, "failed"), 0.0, "{}", run.output());
@@ -160,7 +172,12 @@ fn two_fibonacci_hosts_share_the_load() {
 #[test]
 fn bench_fails_over_when_a_host_dies_losing_at_most_the_requests_in_flight() {
     let (_dht, bootstrap) = start_dht();
-    let (mut a, _) = start_host("worker a", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let (mut a, _) = start_host(
+        "worker a",
+        &[&plugin("fibonacci")],
+        &bootstrap,
+        &LOG_REQUESTS,
+    );
     let (_b, _) = start_host("worker b", &[&plugin("fibonacci")], &bootstrap, &[]);
     let concurrency = 8;
     let mut run = bench(&bootstrap, 6000, concurrency);

@@ -4,7 +4,7 @@ mod common;
 
 use common::{
     call_peer, host, invoke, plugin, policy_file, shown, start_dht, start_host, test_plugin,
-    HostProcess, Shown, SOON,
+    HostProcess, Shown, LOG_REQUESTS, SOON,
 };
 
 /// Calls `service` on the loopback host listening on `port`.
@@ -63,7 +63,7 @@ fn max_concurrent_refuses_the_excess_and_limits_come_from_the_file() {
         "faulty",
         &[&test_plugin("faulty")],
         &bootstrap,
-        &["--config", &config],
+        &["--config", &config, LOG_REQUESTS[0], LOG_REQUESTS[1]],
     );
     let peer = format!("127.0.0.1:{port}");
     let looping = HostProcess::spawn("looping call", &["call", "loop", "1", "--peer", &peer]);

@@ -267,6 +267,10 @@ impl Drop for HostProcess {
     }
 }
 
+/// `run` flags that log one line per request served (`request for
+/// <service> from <peer>`), which tests count; the default `info` does not.
+pub const LOG_REQUESTS: [&str; 2] = ["--log-level", "info,requests=debug"];
+
 /// Generous deadline for things that take well under a second here.
 pub const SOON: std::time::Duration = std::time::Duration::from_secs(20);
 

@@ -498,7 +498,12 @@ fn demo(keep_running: bool) -> Result<()> {
     println!(
         "\n== 3. The worker behind NAT (fibonacci_worker --behind-nat) punches the consumer =="
     );
-    let worker = run_host("worker host", "fibonacci", &["--behind-nat"])?;
+    // One log line per request it serves, as the story shows.
+    let worker = run_host(
+        "worker host",
+        "fibonacci",
+        &["--behind-nat", "--log-level", "info,requests=debug"],
+    )?;
     consumer.wait_for("punch from", secs(15))?;
     consumer.wait_for(
         "got data reply, sequence is: [1,1,2,3,5,8,13,21,34,55]",

@@ -23,7 +23,9 @@ use crate::units::{parse_duration, parse_size};
 #[derive(Debug, Parser)]
 #[command(name = "grenache-host", version, propagate_version = true)]
 pub struct Cli {
-    /// Log level: error, warn, info, debug or trace. RUST_LOG, when set, wins.
+    /// Log level: error, warn, info, debug or trace, or per target as in
+    /// RUST_LOG, e.g. info,requests=debug (one line per request served).
+    /// RUST_LOG, when set, wins.
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
 

@@ -119,8 +119,10 @@ impl Services for PluginServices {
                     self.0.service_names().join(", ")
                 ));
             };
-            // Debug, not info: a loaded host serves thousands a second.
-            tracing::debug!("request for {service} from {peer}");
+            // Debug, not info: a loaded host serves thousands a second. Its
+            // own target, so `--log-level info,requests=debug` shows them
+            // without every other debug line.
+            tracing::debug!(target: "requests", "request for {service} from {peer}");
             // The plugin sees the address we observed: a broker records it to
             // call the peer back through the path this request opened.
             let context = RequestContext::from_caller(peer);
