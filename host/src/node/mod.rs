@@ -302,9 +302,10 @@ impl Node {
     pub async fn shutdown(mut self, limit: Duration) {
         self.announcing.abort();
         let in_flight = self.drain.enter(Phase::Draining);
-        if in_flight > 0 {
-            tracing::info!("draining {in_flight} requests (waiting up to {limit:?})");
-        }
+        tracing::info!(
+            "draining {in_flight} requests (waiting up to {limit:?}); new ones get {}",
+            server::ERR_SHUTTING_DOWN
+        );
         let started = Instant::now();
         let left = self.drain.settled(limit).await;
         if left > 0 {

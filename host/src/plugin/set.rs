@@ -331,7 +331,7 @@ impl PluginSet {
                     slot.name()
                 ));
             }
-            slot.current = slot.history.drain(..steps).last().expect("steps <= kept");
+            slot.current = slot.history.drain(..steps).next_back().expect("steps <= kept");
             slot.rollbacks += 1;
             Ok(())
         })

@@ -340,7 +340,7 @@ mod tests {
         gate.0.notify_one();
         in_flight.wait_for(|n| *n == 1).await.unwrap();
         drain.enter(Phase::Closed);
-        let mut replies = vec![first.await.unwrap(), second.await.unwrap()];
+        let mut replies = [first.await.unwrap(), second.await.unwrap()];
         replies.sort_by_key(|r| r.is_err());
         assert_eq!(replies[0].as_deref().unwrap(), "7");
         match &replies[1] {
