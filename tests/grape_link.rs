@@ -116,7 +116,7 @@ fn grape_and_bootstrap_do_not_mix() {
     assert_eq!(r.code, 2);
     assert!(
         r.stderr
-            .contains("'--grape <URL>' cannot be used with '--bootstrap <IP:PORT>'"),
+            .contains("'--grape <URL>' cannot be used with '--bootstrap <HOST:PORT>'"),
         "{}",
         r.stderr
     );
@@ -187,7 +187,7 @@ fn our_worker_behind_nat_punches_a_node_consumer() {
         "worker host",
         &[&plugin("fibonacci")],
         &["--grape", &grapes.url(1), "--control", "off"],
-        &["--behind-nat"],
+        &["--behind-nat", LOG_REQUESTS[0], LOG_REQUESTS[1]],
     );
     // The punch comes from our RPC socket, the one the request then reaches.
     node.wait_for(&format!("punch from 127.0.0.1:{port}"), GRAPE_SOON);
