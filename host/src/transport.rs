@@ -91,6 +91,9 @@ pub fn classify(bytes: &[u8]) -> Datagram {
 pub struct TransportStats {
     /// Exact punches received.
     pub punches_received: AtomicU64,
+    /// Punches handed to the kernel (Grenache punching, introduction
+    /// handshakes and keepalives alike).
+    pub punches_sent: AtomicU64,
     /// Datagrams dropped unread: neither punch, introduction nor uTP.
     pub garbage_datagrams: AtomicU64,
 }
@@ -294,10 +297,18 @@ impl Endpoint {
         self.utp.open_connections()
     }
 
+    /// What the uTP side of the socket counted so far.
+    pub fn utp_stats(&self) -> crate::utp::SocketStats {
+        self.utp.stats()
+    }
+
     /// Sends one punch to `peer`.
     pub async fn punch(&self, peer: SocketAddr) {
-        if let Err(e) = self.socket.send_to(&PUNCH, peer).await {
-            tracing::debug!(%peer, "punch not sent: {e}");
+        match self.socket.send_to(&PUNCH, peer).await {
+            Ok(_) => {
+                self.stats.punches_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(%peer, "punch not sent: {e}"),
         }
     }
 

@@ -53,8 +53,13 @@ pub enum Action {
     Send { to: SocketAddr, message: Message },
     /// Send one punch to this address from the RPC socket.
     Punch(SocketAddr),
-    /// The answer to [`HostIntroductions::introduce`] number `id`.
-    Introduced { id: u64, result: IntroResult },
+    /// The answer to [`HostIntroductions::introduce`] number `id`, and how
+    /// the introduction ended (for the host's counters).
+    Introduced {
+        id: u64,
+        result: IntroResult,
+        outcome: IntroOutcome,
+    },
     /// The NAT probe finished (or gave up: [`NatKind::Unknown`]).
     NatDetected {
         kind: NatKind,
@@ -74,6 +79,38 @@ pub enum IntroResult {
     Punched { addr: SocketAddr, nat: NatKind },
     /// No direct path can exist.
     Impossible(String),
+}
+
+/// How an introduction ended: what the host's counters tell apart, beyond
+/// the [`IntroResult`] the caller acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntroOutcome {
+    /// The introducer named the peer's address; both sides punch.
+    Punched,
+    /// The introducer answered that no direct path can exist.
+    Impossible,
+    /// The introducer does not know the peer (not registered: a public
+    /// host, or one that stopped); the caller connects as announced.
+    UnknownPeer,
+    /// The introducer did not answer in time, or is known to be
+    /// unreachable; the caller connects as announced.
+    NoAnswer,
+    /// No introducer is configured: nothing was asked.
+    NoIntroducer,
+}
+
+impl IntroOutcome {
+    /// The outcome's name in metrics: `punched`, `impossible`,
+    /// `unknown_peer`, `no_answer`, `no_introducer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntroOutcome::Punched => "punched",
+            IntroOutcome::Impossible => "impossible",
+            IntroOutcome::UnknownPeer => "unknown_peer",
+            IntroOutcome::NoAnswer => "no_answer",
+            IntroOutcome::NoIntroducer => "no_introducer",
+        }
+    }
 }
 
 /// Where the NAT probe is (`docs/wire.md §5.3` step 1).
@@ -197,9 +234,21 @@ impl HostIntroductions {
     /// [`Action::Introduced`] with the returned id.
     pub fn introduce(&mut self, now: Instant, peer: SocketAddr) -> (u64, Vec<Action>) {
         let id = self.id();
-        if self.config.introducer.is_none() || self.retry_probe_at.is_some() {
+        let unasked = if self.config.introducer.is_none() {
+            Some(IntroOutcome::NoIntroducer)
+        } else {
+            self.retry_probe_at.map(|_| IntroOutcome::NoAnswer)
+        };
+        if let Some(outcome) = unasked {
             let result = IntroResult::Direct;
-            return (id, vec![Action::Introduced { id, result }]);
+            return (
+                id,
+                vec![Action::Introduced {
+                    id,
+                    result,
+                    outcome,
+                }],
+            );
         }
         self.intros.insert(
             id,
@@ -292,6 +341,7 @@ impl HostIntroductions {
             out.push(Action::Introduced {
                 id,
                 result: IntroResult::Direct,
+                outcome: IntroOutcome::NoAnswer,
             });
         }
     }
@@ -345,6 +395,7 @@ impl HostIntroductions {
                 out.push(Action::Introduced {
                     id,
                     result: IntroResult::Direct,
+                    outcome: IntroOutcome::NoAnswer,
                 });
             }
             return;
@@ -431,15 +482,21 @@ impl HostIntroductions {
                 if self.intros.remove(&id).is_none() {
                     return vec![]; // A late duplicate.
                 }
-                let result = match outcome {
-                    Outcome::Unknown => IntroResult::Direct,
-                    Outcome::Impossible { reason } => IntroResult::Impossible(reason),
+                let (result, outcome) = match outcome {
+                    Outcome::Unknown => (IntroResult::Direct, IntroOutcome::UnknownPeer),
+                    Outcome::Impossible { reason } => {
+                        (IntroResult::Impossible(reason), IntroOutcome::Impossible)
+                    }
                     Outcome::Peer { addr, nat } => {
                         self.start_handshake(now, addr, nat);
-                        IntroResult::Punched { addr, nat }
+                        (IntroResult::Punched { addr, nat }, IntroOutcome::Punched)
                     }
                 };
-                let mut out = vec![Action::Introduced { id, result }];
+                let mut out = vec![Action::Introduced {
+                    id,
+                    result,
+                    outcome,
+                }];
                 out.extend(self.poll(now));
                 out
             }

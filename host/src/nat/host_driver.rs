@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::host::{Action, HostIntroductions, IntroResult};
+use super::host::{Action, HostIntroductions, IntroOutcome, IntroResult};
 use super::kind::NatKind;
 use super::wire;
 use crate::transport::{Endpoint, Introductions};
@@ -31,6 +33,46 @@ enum Command {
 #[derive(Clone)]
 pub struct IntroductionHandle {
     commands: mpsc::UnboundedSender<Command>,
+    /// What the driver counted.
+    pub stats: Arc<IntroductionStats>,
+}
+
+/// How the introductions this host asked for ended; introductions without
+/// an introducer ([`IntroOutcome::NoIntroducer`]) are not counted.
+#[derive(Debug, Default)]
+pub struct IntroductionStats {
+    /// [`IntroOutcome::Punched`].
+    pub punched: AtomicU64,
+    /// [`IntroOutcome::Impossible`].
+    pub impossible: AtomicU64,
+    /// [`IntroOutcome::UnknownPeer`].
+    pub unknown_peer: AtomicU64,
+    /// [`IntroOutcome::NoAnswer`].
+    pub no_answer: AtomicU64,
+}
+
+impl IntroductionStats {
+    fn count(&self, outcome: IntroOutcome) {
+        let counter = match outcome {
+            IntroOutcome::Punched => &self.punched,
+            IntroOutcome::Impossible => &self.impossible,
+            IntroOutcome::UnknownPeer => &self.unknown_peer,
+            IntroOutcome::NoAnswer => &self.no_answer,
+            IntroOutcome::NoIntroducer => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every counted outcome with its count.
+    pub fn counts(&self) -> [(IntroOutcome, u64); 4] {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            (IntroOutcome::Punched, load(&self.punched)),
+            (IntroOutcome::Impossible, load(&self.impossible)),
+            (IntroOutcome::UnknownPeer, load(&self.unknown_peer)),
+            (IntroOutcome::NoAnswer, load(&self.no_answer)),
+        ]
+    }
 }
 
 impl IntroductionHandle {
@@ -59,8 +101,9 @@ pub fn spawn(
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> IntroductionHandle {
     let (commands, rx) = mpsc::unbounded_channel();
-    tasks.spawn(drive(endpoint, incoming, rx, state));
-    IntroductionHandle { commands }
+    let stats = Arc::new(IntroductionStats::default());
+    tasks.spawn(drive(endpoint, incoming, rx, state, stats.clone()));
+    IntroductionHandle { commands, stats }
 }
 
 async fn drive(
@@ -68,6 +111,7 @@ async fn drive(
     mut incoming: Introductions,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut state: HostIntroductions,
+    stats: Arc<IntroductionStats>,
 ) {
     let mut punches = endpoint.punches();
     let mut waiting: HashMap<u64, oneshot::Sender<IntroResult>> = HashMap::new();
@@ -76,6 +120,9 @@ async fn drive(
     let loud = state.registers();
     loop {
         for action in actions.drain(..) {
+            if let Action::Introduced { outcome, .. } = &action {
+                stats.count(*outcome);
+            }
             execute(&endpoint, &mut waiting, action, loud).await;
         }
         let wake = state.next_wakeup().unwrap_or_else(|| Instant::now() + IDLE);
@@ -93,7 +140,7 @@ async fn drive(
                 Some((from, bytes)) => match wire::decode(&bytes) {
                     Ok(message) => actions = state.on_message(Instant::now(), from, message),
                     Err(e) => {
-                        endpoint.stats.garbage_datagrams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        endpoint.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%from, "dropped a bad introduction message: {e}");
                     }
                 },
@@ -122,7 +169,7 @@ async fn execute(
                 .await
         }
         Action::Punch(to) => endpoint.punch(to).await,
-        Action::Introduced { id, result } => {
+        Action::Introduced { id, result, .. } => {
             if let Some(reply) = waiting.remove(&id) {
                 let _ = reply.send(result);
             }

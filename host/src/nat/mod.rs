@@ -71,8 +71,8 @@ pub mod punch_driver;
 pub mod wire;
 
 pub use config::{NatConfig, DEFAULT_KEEPALIVE};
-pub use host::{HostIntroductions, IntroResult};
-pub use host_driver::IntroductionHandle;
+pub use host::{HostIntroductions, IntroOutcome, IntroResult};
+pub use host_driver::{IntroductionHandle, IntroductionStats};
 pub use introducer_driver::IntroducerSockets;
 pub use kind::NatKind;
 pub use punch::{PunchAction, PunchState, DEFAULT_PUNCH_INTERVAL};

@@ -224,7 +224,7 @@ impl Sim {
             let (to, payload) = match action {
                 Action::Send { to, message } => (to, Payload::Message(message)),
                 Action::Punch(to) => (to, Payload::Punch),
-                Action::Introduced { id, result } => {
+                Action::Introduced { id, result, .. } => {
                     host.results.push((self.now, id, result));
                     continue;
                 }

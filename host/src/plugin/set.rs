@@ -84,6 +84,18 @@ impl SlotStats {
     }
 }
 
+/// One plugin's swap counters, for the host's metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapCounts {
+    /// The plugin's name.
+    pub plugin: String,
+    /// Swaps and rollbacks that took effect.
+    pub swaps: u64,
+    /// Swaps refused (the file did not load or its services collide); the
+    /// version before kept serving.
+    pub refused: u64,
+}
+
 /// Where one request goes.
 pub struct Route {
     /// The service asked for (the primary one for an `ip:port` key).
@@ -465,6 +477,18 @@ impl PluginSet {
                 };
             }
         }
+    }
+
+    /// Every plugin's swap counters.
+    pub fn swap_counts(&self) -> Vec<SwapCounts> {
+        self.lock_slots()
+            .iter()
+            .map(|s| SwapCounts {
+                plugin: s.name(),
+                swaps: s.swaps,
+                refused: s.stats.refused_swaps.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// What `grenache-host status` shows.

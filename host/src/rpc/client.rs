@@ -29,7 +29,7 @@ use super::health::PeerHealth;
 use super::pending::Pending;
 use super::RpcError;
 use crate::discovery::Discovery;
-use crate::nat::{IntroResult, IntroductionHandle, NatKind};
+use crate::nat::{IntroResult, IntroductionHandle, IntroductionStats, NatKind};
 use crate::transport::{ConnectError, Endpoint};
 
 /// When several peers serve a service, give each this long to accept a
@@ -102,6 +102,19 @@ pub struct RpcClient {
     introductions: Option<IntroductionHandle>,
     /// Which peers failed recently: they are tried last.
     health: Arc<PeerHealth>,
+    /// The paths this client opened, by kind.
+    paths: Arc<PathStats>,
+}
+
+/// The connections a client opened, by the kind of path they took. Both
+/// kinds are direct UDP paths; there is no relay yet.
+#[derive(Debug, Default)]
+pub struct PathStats {
+    /// Connected to the peer's address as announced.
+    pub direct: AtomicU64,
+    /// Connected to the address an introduction named, through the hole
+    /// both sides punched.
+    pub punched: AtomicU64,
 }
 
 impl RpcClient {
@@ -119,7 +132,22 @@ impl RpcClient {
             max_message,
             introductions: None,
             health: Arc::default(),
+            paths: Arc::default(),
         }
+    }
+
+    /// How the introductions this client asked for ended; zeros without
+    /// introductions.
+    pub fn introduction_stats(&self) -> Arc<IntroductionStats> {
+        self.introductions
+            .as_ref()
+            .map(|i| i.stats.clone())
+            .unwrap_or_default()
+    }
+
+    /// The paths this client opened so far, by kind.
+    pub fn paths(&self) -> Arc<PathStats> {
+        self.paths.clone()
     }
 
     /// Opens new connections through introductions (see the module doc).
@@ -360,6 +388,11 @@ impl RpcClient {
             return Ok((c.clone(), None));
         }
         let (stream, introduced) = self.open(peer, connect_by).await?;
+        let kind = match introduced {
+            Some(_) => &self.paths.punched,
+            None => &self.paths.direct,
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
         let (reader, writer) = stream.split();
         let mut reader = MessageReader::new(reader, self.max_message);
         let connection = Arc::new(Connection {

@@ -186,6 +186,11 @@ impl Utp {
         self.lock().socket.open_connections()
     }
 
+    /// What the socket counted so far.
+    pub fn stats(&self) -> super::SocketStats {
+        self.lock().socket.stats()
+    }
+
     // ---- The application's side. ----
 
     /// Starts opening a connection to `peer`; the SYN is re-sent every

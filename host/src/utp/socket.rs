@@ -69,6 +69,10 @@ pub struct SocketStats {
     pub refused: u64,
     /// Half-open or long-silent connections closed to make room.
     pub evicted: u64,
+    /// Connections this side began to open ([`Socket::connect`]).
+    pub connected: u64,
+    /// Connections peers opened (a SYN admitted to the accept queue).
+    pub accepted: u64,
 }
 
 /// One connection and the socket's book-keeping about it.
@@ -172,6 +176,7 @@ impl Socket {
         let syn_seq = self.rng.random();
         let connection = Connection::connect(now, self.epoch, recv_id, syn_seq);
         let handle = self.insert(now, remote, connection, false);
+        self.stats.connected += 1;
         tracing::debug!(%remote, id = recv_id, ?handle, "uTP: connecting");
         Ok(handle)
     }
@@ -400,6 +405,7 @@ impl Socket {
         let initial_seq = self.rng.random();
         let connection = Connection::accept(now, self.epoch, syn, initial_seq);
         let handle = self.insert(now, from, connection, true);
+        self.stats.accepted += 1;
         tracing::debug!(%from, id = syn.connection_id, ?handle, "uTP: connection from a SYN");
         self.backlog.push_back(handle);
     }
