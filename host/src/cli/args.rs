@@ -124,6 +124,13 @@ pub enum Command {
         /// /tmp/grenache-host-UID.sock.
         #[arg(long, value_name = "PATH")]
         control: Option<String>,
+        /// Serve Prometheus metrics on GET http://IP:PORT/metrics (requests,
+        /// errors and latency per service, plugin failures, swaps, punches,
+        /// introductions, paths, uTP, memory; listed in the README), e.g.
+        /// 127.0.0.1:9100. Plain HTTP, no authentication: bind a local or
+        /// private address. Default: no metrics.
+        #[arg(long, value_name = "IP:PORT")]
+        metrics: Option<SocketAddr>,
         /// Per-plugin policy (TOML): limits, max_concurrent, may_call,
         /// may_be_punched_for. See the README; flags below override it.
         #[arg(long, value_name = "FILE")]

@@ -105,6 +105,7 @@ async fn dispatch(command: Command) -> ExitCode {
             trusted_key,
             watch,
             control,
+            metrics,
             config,
             limits,
         } => {
@@ -154,6 +155,7 @@ async fn dispatch(command: Command) -> ExitCode {
                     Some("off") => run::ControlSocket::Off,
                     Some(path) => run::ControlSocket::At(path.into()),
                 },
+                metrics,
             };
             run::run(config, options).await
         }

@@ -55,6 +55,9 @@ pub struct RunOptions {
     /// Swap a plugin in when its file changes.
     pub watch: bool,
     pub control: ControlSocket,
+    /// Where to serve Prometheus metrics; `None`: nowhere. A failure to
+    /// bind stops the host.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where `run` serves its control socket.
@@ -78,6 +81,7 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         trusted_keys,
         watch,
         control,
+        metrics,
     } = options;
     match &config.discovery {
         DiscoveryConfig::Dht { bootstrap } if bootstrap.is_empty() => tracing::warn!(
@@ -124,6 +128,12 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
             Ok(()) => tracing::info!("control socket {}", path.display()),
             Err(e) if explicit => return usage_error(format!("{e:#}")),
             Err(e) => tracing::warn!("no control socket: {e:#}"),
+        }
+    }
+    if let Some(addr) = metrics {
+        match node.serve_metrics(addr).await {
+            Ok(bound) => tracing::info!("metrics on http://{bound}/metrics"),
+            Err(e) => return usage_error(format!("{e:#}")),
         }
     }
     if watch {

@@ -11,8 +11,10 @@
 //!
 //! - `network`: plugins' outgoing calls, carried by the node's RPC client.
 //! - [`control`]: the local control socket behind `swap`, `rollback`, `status`.
+//! - [`metrics`]: the Prometheus endpoint of `run --metrics`.
 
 pub mod control;
+pub mod metrics;
 mod network;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -24,12 +26,16 @@ use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 
 use crate::discovery::{Discovery, DiscoveryConfig, REANNOUNCE_INTERVAL};
-use crate::nat::{punch_driver, HostIntroductions, NatConfig, PunchState, DEFAULT_PUNCH_INTERVAL};
+use crate::nat::{
+    punch_driver, HostIntroductions, IntroductionStats, NatConfig, PunchState,
+    DEFAULT_PUNCH_INTERVAL,
+};
 use crate::plugin::set::{PluginSet, Route};
 use crate::plugin::{CallError, PluginNetwork, RequestContext, Runtime};
-use crate::rpc::client::RpcClient;
+use crate::rpc::client::{PathStats, RpcClient};
 use crate::rpc::server::{self, Drain, Phase, ServerStats, Services};
 use crate::transport::Endpoint;
+use metrics::{NodeMetrics, Outcome};
 
 /// How to run a host.
 #[derive(Debug, Clone)]
@@ -98,7 +104,10 @@ impl ClientParts {
 
 /// Requests routed to the plugins, the first loaded answering `ip:port`
 /// keys (what a Node punch client sends when it calls a punched address).
-struct PluginServices(Arc<PluginSet>);
+struct PluginServices {
+    plugins: Arc<PluginSet>,
+    metrics: Arc<NodeMetrics>,
+}
 
 impl Services for PluginServices {
     fn answer<'a>(
@@ -108,15 +117,19 @@ impl Services for PluginServices {
         peer: SocketAddr,
     ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
+            let started = Instant::now();
             let Some(Route {
                 service,
                 plugin,
                 stats,
-            }) = self.0.route(key)
+            }) = self.plugins.route(key)
             else {
+                // Never the key itself as a label: peers choose it.
+                self.metrics
+                    .request(None, Outcome::NotFound, started.elapsed());
                 return Err(format!(
                     "ERR_SERVICE_NOT_FOUND: no service {key:?} on this host (it serves: {})",
-                    self.0.service_names().join(", ")
+                    self.plugins.service_names().join(", ")
                 ));
             };
             // Debug, not info: a loaded host serves thousands a second. Its
@@ -126,16 +139,22 @@ impl Services for PluginServices {
             // The plugin sees the address we observed: a broker records it to
             // call the peer back through the path this request opened.
             let context = RequestContext::from_caller(peer);
-            plugin
-                .handle_with(&service, payload, &context)
-                .await
-                .map_err(|e| {
-                    if !matches!(e, CallError::Handler(_)) {
-                        stats.record_fault(e.to_string());
-                        tracing::warn!(%peer, %service, "request failed: {e}");
-                    }
-                    e.to_string()
-                })
+            let reply = plugin.handle_with(&service, payload, &context).await;
+            let outcome = match &reply {
+                Ok(_) => Outcome::Ok,
+                Err(CallError::Handler(_)) => Outcome::Error,
+                Err(_) => Outcome::Failed,
+            };
+            self.metrics
+                .request(Some(&service), outcome, started.elapsed());
+            reply.map_err(|e| {
+                if outcome == Outcome::Failed {
+                    stats.record_fault(e.to_string());
+                    self.metrics.plugin_failed(plugin.name(), &e);
+                    tracing::warn!(%peer, %service, "request failed: {e}");
+                }
+                e.to_string()
+            })
         })
     }
 }
@@ -148,6 +167,10 @@ pub struct Node {
     pub stats: Arc<ServerStats>,
     /// How the RPC server stops gracefully.
     drain: Arc<Drain>,
+    /// What the node counts for `--metrics`.
+    pub metrics: Arc<NodeMetrics>,
+    /// Introductions and paths of the node's RPC client, for `--metrics`.
+    client_stats: (Arc<IntroductionStats>, Arc<PathStats>),
     tasks: JoinSet<()>,
     /// The announce loop, stopped first when the node shuts down.
     announcing: tokio::task::AbortHandle,
@@ -192,15 +215,21 @@ impl Node {
         )
         .await?;
         let punches = endpoint.punches();
+        let client_stats = (client.introduction_stats(), client.paths());
         let network: Arc<dyn PluginNetwork> = Arc::new(network::NodeNetwork::new(client));
         let plugins = Arc::new(
             PluginSet::load(runtime, network, config.policies.clone(), &config.plugins).await?,
         );
         let stats = Arc::new(ServerStats::default());
         let drain = Arc::new(Drain::default());
+        let metrics = Arc::new(NodeMetrics::default());
+        metrics.declare_services(&plugins.service_names());
         tasks.spawn(server::serve(
             endpoint.clone(),
-            Arc::new(PluginServices(plugins.clone())),
+            Arc::new(PluginServices {
+                plugins: plugins.clone(),
+                metrics: metrics.clone(),
+            }),
             config.max_message,
             stats.clone(),
             drain.clone(),
@@ -224,14 +253,16 @@ impl Node {
         let punch = PunchState::new(Instant::now(), targets, &config.nat, DEFAULT_PUNCH_INTERVAL);
         // A peer punched us: each plugin that may be punched for hears of it
         // through its `on-punch`, in the punch driver's own task set.
-        let told = plugins.clone();
+        let (told, counted) = (plugins.clone(), metrics.clone());
         let notify_plugins = move |peer: SocketAddr| -> Vec<BoxFuture<'static, ()>> {
             told.current()
                 .into_iter()
                 .filter(|p| p.policy().may_be_punched_for)
                 .map(|plugin| -> BoxFuture<'static, ()> {
+                    let metrics = counted.clone();
                     Box::pin(async move {
                         if let Err(e) = plugin.on_punch(&peer.to_string()).await {
+                            metrics.plugin_failed(plugin.name(), &e);
                             tracing::warn!("on-punch failed: {e}");
                         }
                     })
@@ -252,6 +283,8 @@ impl Node {
             plugins,
             stats,
             drain,
+            metrics,
+            client_stats,
             tasks,
             announcing,
             first_announce: Some(first_announce),
@@ -274,6 +307,25 @@ impl Node {
             .spawn(control::serve(listener, self.plugins.clone()));
         self.control_file = Some(file);
         Ok(())
+    }
+
+    /// Serves the Prometheus metrics on `GET /metrics` at `addr`
+    /// ([`metrics`]); returns the address bound (port 0: any free port).
+    /// Errors: the address cannot be bound (taken, not local).
+    pub async fn serve_metrics(&mut self, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let listener = metrics::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let (introductions, paths) = self.client_stats.clone();
+        let parts = metrics::PartsCollector {
+            endpoint: self.endpoint.clone(),
+            server: self.stats.clone(),
+            introductions,
+            paths,
+            plugins: self.plugins.clone(),
+        };
+        let registry = metrics::registry(&self.metrics, parts);
+        self.tasks.spawn(metrics::serve(listener, registry));
+        Ok(bound)
     }
 
     /// Swaps a plugin in when its file changes, checking every `interval`.
