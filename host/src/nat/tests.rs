@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::config::{NatConfig, DEFAULT_KEEPALIVE};
 use super::host::{
-    Action, HostIntroductions, IntroResult, HANDSHAKE_PUNCH_INTERVAL, HANDSHAKE_TIME, PATH_TTL,
-    PROBE_DEADLINE, PROBE_RETRY, REGISTER_INTERVAL, RETRY,
+    Action, HostIntroductions, IntroOutcome, IntroResult, HANDSHAKE_PUNCH_INTERVAL, HANDSHAKE_TIME,
+    PATH_TTL, PROBE_DEADLINE, PROBE_RETRY, REGISTER_INTERVAL, RETRY,
 };
 use super::introducer::{Introducer, Port};
 use super::kind::{direct_path_possible, NatKind};
@@ -119,6 +119,8 @@ struct Host {
     /// Addresses this host received punches from.
     punched_by: Vec<(Instant, SocketAddr)>,
     results: Vec<(Instant, u64, IntroResult)>,
+    /// How each introduction ended, by id.
+    outcomes: HashMap<u64, IntroOutcome>,
     detected: Option<NatKind>,
 }
 
@@ -185,6 +187,7 @@ impl Sim {
                     nat: Nat::new(kind, public),
                     punched_by: vec![],
                     results: vec![],
+                    outcomes: HashMap::new(),
                     detected: None,
                 }
             })
@@ -224,8 +227,13 @@ impl Sim {
             let (to, payload) = match action {
                 Action::Send { to, message } => (to, Payload::Message(message)),
                 Action::Punch(to) => (to, Payload::Punch),
-                Action::Introduced { id, result, .. } => {
+                Action::Introduced {
+                    id,
+                    result,
+                    outcome,
+                } => {
                     host.results.push((self.now, id, result));
+                    host.outcomes.insert(id, outcome);
                     continue;
                 }
                 Action::NatDetected { kind, .. } => {
@@ -461,6 +469,7 @@ fn pairs_theory_rules_out_are_refused_at_once_and_the_peer_is_left_alone() {
             panic!("{a:?}→{b:?}: {result:?}");
         };
         assert!(reason.contains("direct path is impossible"), "{reason}");
+        assert_eq!(sim.hosts[0].outcomes[&id], IntroOutcome::Impossible);
         assert!(answered <= sim.at(500) + 2 * LATENCY + STEP);
         assert!(sim.hosts[1].punched_by.is_empty(), "{a:?}→{b:?}");
     }
@@ -538,6 +547,7 @@ fn a_peer_that_starts_later_is_unknown_until_it_registers() {
     let early = sim.introduce(0, peer);
     sim.run_until(1_000, &[1]);
     assert_eq!(sim.result(0, early).map(|r| r.1), Some(IntroResult::Direct));
+    assert_eq!(sim.hosts[0].outcomes[&early], IntroOutcome::UnknownPeer);
     // It starts at 1 s and registers; the next introduction works.
     sim.hosts[1].state = serving_host(sim.now, sim.hosts[1].local);
     sim.run_until(1_500, &[]);
@@ -547,6 +557,7 @@ fn a_peer_that_starts_later_is_unknown_until_it_registers() {
         sim.result(0, later),
         Some((_, IntroResult::Punched { .. }))
     ));
+    assert_eq!(sim.hosts[0].outcomes[&later], IntroOutcome::Punched);
     assert!(sim.path_open_at().is_some());
 }
 
@@ -590,6 +601,9 @@ fn without_an_introducer_every_peer_is_called_directly() {
     // And later introductions answer at once.
     let again = sim.introduce(0, peer);
     assert_eq!(sim.result(0, again).map(|r| r.1), Some(IntroResult::Direct));
+    // Neither is an unknown peer: the introducer never answered.
+    assert_eq!(sim.hosts[0].outcomes[&id], IntroOutcome::NoAnswer);
+    assert_eq!(sim.hosts[0].outcomes[&again], IntroOutcome::NoAnswer);
 }
 
 #[test]
@@ -667,4 +681,24 @@ fn paths_in_use_are_kept_alive_and_idle_ones_are_let_go() {
     );
     let after_ttl = idle_from + PATH_TTL + Duration::from_secs(1);
     assert_eq!(punches_from_0(&sim, after_ttl), 0);
+}
+
+#[test]
+fn without_an_introducer_configured_nothing_is_asked() {
+    let config = NatConfig {
+        introducer: None,
+        keepalive: DEFAULT_KEEPALIVE,
+        behind_nat: false,
+    };
+    let now = Instant::now();
+    let mut host = HostIntroductions::new(now, &config, 1);
+    let (id, actions) = host.introduce(now, "198.51.100.7:1000".parse().unwrap());
+    assert_eq!(
+        actions,
+        vec![Action::Introduced {
+            id,
+            result: IntroResult::Direct,
+            outcome: IntroOutcome::NoIntroducer,
+        }]
+    );
 }
