@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    call_peer, host, plugin, policy_file, shown, spawn_listening, test_plugin, HostProcess, Shown,
-    SOON,
+    call_peer, host, plugin, policy_file, shown, spawn_listening, start_dht, start_host,
+    test_plugin, HostProcess, Shown, SOON,
 };
 
 /// One scrape, parsed: every sample line as `name{labels}` → value.
@@ -238,6 +238,62 @@ fn a_scrape_after_traffic_counts_every_request_failure_swap_and_punch() {
         .send()
         .unwrap();
     assert_eq!(post.status(), 405);
+}
+
+#[test]
+fn a_plugins_call_through_an_introduction_counts_the_introduction_and_the_punched_path() {
+    let (_dht, bootstrap) = start_dht();
+    // A worker that registers with the introducer beside the DHT node.
+    let (worker, _) = start_host(
+        "worker",
+        &[&plugin("fibonacci")],
+        &bootstrap,
+        &["--behind-nat", "--control", "off"],
+    );
+    worker.wait_for("the introducer sees this host", SOON);
+    let (_caller, peer, metrics) = metrics_host(
+        &[&test_plugin("faulty")],
+        &["--bootstrap", &bootstrap, "--control", "off"],
+    );
+    let before = Scrape::of(&metrics);
+    assert_eq!(
+        before.value("grenache_host_introductions_total{outcome=\"punched\"}"),
+        0.0
+    );
+    // The caller's plugin asks the worker: the host is introduced to it,
+    // both punch, and the request takes the punched path.
+    let r = call_peer(&peer, "network", r#"{"length":3}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+
+    let scrape = Scrape::of(&metrics);
+    let introductions = |outcome: &str| {
+        scrape.value(&format!(
+            "grenache_host_introductions_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(introductions("punched"), 1.0);
+    for outcome in ["impossible", "unknown_peer", "no_answer"] {
+        assert_eq!(introductions(outcome), 0.0, "{outcome}");
+    }
+    let paths = |kind: &str| {
+        scrape.value(&format!(
+            "grenache_host_paths_opened_total{{kind=\"{kind}\"}}"
+        ))
+    };
+    assert_eq!(
+        (paths("direct"), paths("punched"), paths("relayed")),
+        (0.0, 1.0, 0.0)
+    );
+    assert_eq!(
+        scrape.value("grenache_host_utp_connections_opened_total{direction=\"outgoing\"}"),
+        1.0
+    );
+    assert!(scrape.value("grenache_host_punches_sent_total") >= 1.0);
 }
 
 #[test]
