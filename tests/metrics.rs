@@ -241,36 +241,84 @@ fn a_scrape_after_traffic_counts_every_request_failure_swap_and_punch() {
 }
 
 #[test]
-fn a_plugins_call_through_an_introduction_counts_the_introduction_and_the_punched_path() {
+fn plugins_calls_through_an_introduction_count_by_service_with_the_punched_path() {
     let (_dht, bootstrap) = start_dht();
-    // A worker that registers with the introducer beside the DHT node.
+    let dir = tempfile::tempdir().unwrap();
+    // A worker that registers with the introducer beside the DHT node (and
+    // does not punch the consumer, whose punch-back would add calls).
+    let config = policy_file(
+        dir.path(),
+        "[plugin.fibonacci]\nmay_be_punched_for = false\n",
+    );
     let (worker, _) = start_host(
         "worker",
         &[&plugin("fibonacci")],
         &bootstrap,
-        &["--behind-nat", "--control", "off"],
+        &["--behind-nat", "--control", "off", "--config", &config],
     );
     worker.wait_for("the introducer sees this host", SOON);
-    let (_caller, peer, metrics) = metrics_host(
-        &[&test_plugin("faulty")],
-        &["--bootstrap", &bootstrap, "--control", "off"],
+    // Nor does the consumer hear of the handshake's punches: it would call
+    // the worker back.
+    let caller_dir = tempfile::tempdir().unwrap();
+    let caller_config = policy_file(
+        caller_dir.path(),
+        "[plugin.consumer]\nmay_be_punched_for = false\n[plugin.faulty]\ntime_limit = \"300ms\"\n",
     );
+    let (_caller, peer, metrics) = metrics_host(
+        &[&plugin("consumer"), &test_plugin("faulty")],
+        &[
+            "--bootstrap",
+            &bootstrap,
+            "--control",
+            "off",
+            "--config",
+            &caller_config,
+        ],
+    );
+    let outgoing = |scrape: &Scrape, service: &str, outcome: &str| {
+        scrape.value(&format!(
+            "grenache_host_outgoing_requests_total{{service=\"{service}\",outcome=\"{outcome}\"}}"
+        ))
+    };
     let before = Scrape::of(&metrics);
     assert_eq!(
         before.value("grenache_host_introductions_total{outcome=\"punched\"}"),
         0.0
     );
-    // The caller's plugin asks the worker: the host is introduced to it,
+    // The consumer's manifest names the service it calls: it shows at zero.
+    assert_eq!(outgoing(&before, "fibonacci_worker", "ok"), 0.0);
+
+    // The consumer plugin asks the worker: the host is introduced to it,
     // both punch, and the request takes the punched path.
-    let r = call_peer(&peer, "network", r#"{"length":3}"#, &[]);
+    let r = call_peer(&peer, "fibonacci_consumer", r#"{"length":3}"#, &[]);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "[1,1,2]\n"),
         "{}",
         r.stderr
     );
+    // Another plugin calling the same service counts under its name too.
+    let r = call_peer(&peer, "network", r#"{"length":4}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2,3]\n"),
+        "{}",
+        r.stderr
+    );
+    // A name no manifest lists (the faulty plugin may call anything, "*")
+    // is never a label: it calls `nobody_serves_this` until its time limit.
+    assert_eq!(call_peer(&peer, "request_loop", "1", &[]).code, 1);
 
     let scrape = Scrape::of(&metrics);
+    assert_eq!(outgoing(&scrape, "fibonacci_worker", "ok"), 2.0);
+    let count = "grenache_host_outgoing_request_duration_seconds_count";
+    assert_eq!(
+        scrape.value(&format!("{count}{{service=\"fibonacci_worker\"}}")),
+        2.0
+    );
+    let others = scrape.value(&format!("{count}{{service=\"_other\"}}"));
+    assert!(others >= 1.0, "{others} calls of request_loop");
+    assert!(!scrape.text.contains("nobody_serves_this"));
     let introductions = |outcome: &str| {
         scrape.value(&format!(
             "grenache_host_introductions_total{{outcome=\"{outcome}\"}}"

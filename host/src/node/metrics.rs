@@ -6,18 +6,21 @@
 //! Two kinds of sources, so that counting costs the hot paths nothing more
 //! than an atomic add:
 //!
-//! - What only the node sees, a request's service, outcome and duration and
-//!   why a plugin failed, is counted here, in [`NodeMetrics`]: one set of
-//!   instruments per service, looked up once per service (not built per
-//!   request from label strings).
+//! - What only the node sees, a request's service, outcome and duration (in
+//!   both directions: received, and sent by plugins) and why a plugin
+//!   failed, is counted here, in [`NodeMetrics`]: one set of instruments
+//!   per service, resolved once per service (not built per request from
+//!   label strings).
 //! - What the parts already count in atomics of their own (the socket's
 //!   punches, uTP, introductions, paths, swaps) is read when a scrape
 //!   arrives, by [`PartsCollector`].
 //!
-//! Label values come only from this host: the services its plugins serve,
-//! the plugin names, fixed outcome and reason names. A key a peer sends
-//! that no plugin serves is counted under the one service [`UNKNOWN_SERVICE`],
-//! so random keys cannot grow the registry.
+//! Label values come only from this host: the services its plugins serve
+//! or name in their manifests' `calls`, the plugin names, fixed outcome and
+//! reason names. A key a peer sends that no plugin serves is counted under
+//! the one service [`UNKNOWN_SERVICE`], a plugin's call to a service no
+//! manifest names under [`OTHER_SERVICE`], so random keys cannot grow the
+//! registry.
 //!
 //! The endpoint is plain HTTP/1.1 on hyper, bounded like the grape's API:
 //! at most [`MAX_CONNECTIONS`] at once (more are closed at once), headers
@@ -50,10 +53,15 @@ use crate::plugin::set::PluginSet;
 use crate::plugin::CallError;
 use crate::rpc::client::PathStats;
 use crate::rpc::server::ServerStats;
+use crate::rpc::RpcError;
 use crate::transport::Endpoint;
 
 /// The `service` label of requests for a key no plugin serves.
 pub const UNKNOWN_SERVICE: &str = "_unknown";
+/// The `service` label of plugins' outgoing requests to a service no
+/// loaded plugin names in its manifest's `calls` (one reached through
+/// `"*"`, say).
+pub const OTHER_SERVICE: &str = "_other";
 /// Most metrics connections served at once; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 16;
 /// Time a client has to send a request's headers.
@@ -70,7 +78,7 @@ const DURATION_BUCKETS: [f64; 15] = [
     5.0,
 ];
 
-/// How one request ended (the `outcome` label).
+/// How one request this host received ended (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The plugin answered with a result.
@@ -95,6 +103,26 @@ impl Outcome {
         }
     }
 }
+
+/// The outcomes a served service has, created at zero.
+const SERVED_OUTCOMES: [&str; 3] = ["ok", "error", "failed"];
+/// The outcome of a key no plugin serves.
+const UNKNOWN_OUTCOMES: [&str; 1] = ["not_found"];
+
+/// How one request a plugin sent ended (the `outcome` label of outgoing
+/// requests): `ok`, or the kind of [`RpcError`].
+pub fn outgoing_outcome(result: &Result<String, RpcError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(RpcError::Remote(_)) => "error",
+        Err(RpcError::NoPeers(_)) => "no_peers",
+        Err(RpcError::Timeout(_)) => "timeout",
+        Err(RpcError::Transport(_)) => "transport",
+    }
+}
+
+/// The outcomes of outgoing requests, created at zero.
+const OUTGOING_OUTCOMES: [&str; 5] = ["ok", "error", "no_peers", "timeout", "transport"];
 
 /// The `reason` label of a plugin failure; `None` for a handler's own
 /// error, which is an answer, not a failure.
@@ -128,9 +156,8 @@ struct FailureLabels {
 
 /// One service's instruments, resolved from the families once.
 struct ServiceInstruments {
-    /// By [`Outcome`], in declaration order; those the service can have
-    /// (a served service never has `not_found`, the unknown one only that).
-    outcomes: [Option<Counter>; 4],
+    /// The outcomes the service can have, each with its counter.
+    outcomes: Vec<(&'static str, Counter)>,
     duration: Histogram,
 }
 
@@ -140,31 +167,30 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
-/// What the node counts itself: requests by service and outcome, their
-/// durations, and plugin failures. Cheap to share behind an `Arc`.
-pub struct NodeMetrics {
+/// Requests of one direction (received, or sent by plugins): a counter by
+/// service and outcome, a duration histogram by service, and each
+/// service's instruments resolved once.
+struct RequestTable {
     requests: Family<RequestLabels, Counter>,
     durations: DurationFamily,
-    failures: Family<FailureLabels, Counter>,
-    /// Instruments per service served (or ever served, across swaps).
     services: RwLock<HashMap<String, Arc<ServiceInstruments>>>,
 }
 
-impl Default for NodeMetrics {
+impl Default for RequestTable {
     fn default() -> Self {
-        NodeMetrics {
+        RequestTable {
             requests: Family::default(),
             durations: Family::new_with_constructor(duration_histogram),
-            failures: Family::default(),
             services: RwLock::default(),
         }
     }
 }
 
-impl NodeMetrics {
-    /// The instruments of `service`, a name this host serves (or
-    /// [`UNKNOWN_SERVICE`]); created on first use.
-    fn instruments(&self, service: &str) -> Arc<ServiceInstruments> {
+impl RequestTable {
+    /// The instruments of `service`, created on first use with a counter
+    /// at zero for each of `outcomes`. `service` is a name from this host
+    /// (a bounded set), never a key from the wire.
+    fn instruments(&self, service: &str, outcomes: &[&'static str]) -> Arc<ServiceInstruments> {
         let known = self
             .services
             .read()
@@ -178,19 +204,11 @@ impl NodeMetrics {
         services
             .entry(service.to_string())
             .or_insert_with(|| {
-                let unknown = service == UNKNOWN_SERVICE;
-                let counter = |outcome: Outcome| {
-                    ((outcome == Outcome::NotFound) == unknown)
-                        .then(|| self.counter(service, outcome))
-                };
                 Arc::new(ServiceInstruments {
-                    outcomes: [
-                        Outcome::Ok,
-                        Outcome::Error,
-                        Outcome::Failed,
-                        Outcome::NotFound,
-                    ]
-                    .map(counter),
+                    outcomes: outcomes
+                        .iter()
+                        .map(|&outcome| (outcome, self.counter(service, outcome)))
+                        .collect(),
                     duration: self.durations.get_or_create_owned(&ServiceLabels {
                         service: service.to_string(),
                     }),
@@ -199,35 +217,80 @@ impl NodeMetrics {
             .clone()
     }
 
-    fn counter(&self, service: &str, outcome: Outcome) -> Counter {
+    fn counter(&self, service: &str, outcome: &'static str) -> Counter {
         self.requests.get_or_create_owned(&RequestLabels {
             service: service.to_string(),
-            outcome: outcome.as_str(),
+            outcome,
         })
     }
 
-    /// Creates the series of every service in `services`, and of
-    /// [`UNKNOWN_SERVICE`], at zero, so that a scrape shows them before
-    /// their first request.
-    pub fn declare_services(&self, services: &[String]) {
-        self.instruments(UNKNOWN_SERVICE);
-        for service in services {
-            self.instruments(service);
-        }
-    }
-
-    /// Counts one request that took `took`. `service` must be a name this
-    /// host serves, never a key from the wire: a request no plugin serves
-    /// is counted with `service = None` under [`UNKNOWN_SERVICE`].
-    pub fn request(&self, service: Option<&str>, outcome: Outcome, took: Duration) {
-        let service = service.unwrap_or(UNKNOWN_SERVICE);
-        let instruments = self.instruments(service);
-        match &instruments.outcomes[outcome as usize] {
-            Some(counter) => counter.inc(),
+    /// Counts one request of `service` that ended with `outcome` after
+    /// `took`; `outcomes` are those the service has (see
+    /// [`instruments`](Self::instruments)).
+    fn record(
+        &self,
+        service: &str,
+        outcomes: &[&'static str],
+        outcome: &'static str,
+        took: Duration,
+    ) {
+        let instruments = self.instruments(service, outcomes);
+        match instruments.outcomes.iter().find(|(o, _)| *o == outcome) {
+            Some((_, counter)) => counter.inc(),
             // An outcome the service should not have: counted all the same.
             None => self.counter(service, outcome).inc(),
         };
         instruments.duration.observe(took.as_secs_f64());
+    }
+}
+
+/// What the node counts itself: requests received by service and outcome
+/// and their durations, the same for plugins' outgoing requests, and
+/// plugin failures. Cheap to share behind an `Arc`.
+#[derive(Default)]
+pub struct NodeMetrics {
+    received: RequestTable,
+    outgoing: RequestTable,
+    failures: Family<FailureLabels, Counter>,
+}
+
+impl NodeMetrics {
+    /// Creates the series of every service in `services`, and of
+    /// [`UNKNOWN_SERVICE`], at zero, so that a scrape shows them before
+    /// their first request.
+    pub fn declare_services(&self, services: &[String]) {
+        self.received
+            .instruments(UNKNOWN_SERVICE, &UNKNOWN_OUTCOMES);
+        for service in services {
+            self.received.instruments(service, &SERVED_OUTCOMES);
+        }
+    }
+
+    /// Counts one request received that took `took`. `service` must be a
+    /// name this host serves, never a key from the wire: a request no
+    /// plugin serves is counted with `service = None` under
+    /// [`UNKNOWN_SERVICE`].
+    pub fn request(&self, service: Option<&str>, outcome: Outcome, took: Duration) {
+        let (service, outcomes): (&str, &[&'static str]) = match service {
+            Some(service) => (service, &SERVED_OUTCOMES),
+            None => (UNKNOWN_SERVICE, &UNKNOWN_OUTCOMES),
+        };
+        self.received
+            .record(service, outcomes, outcome.as_str(), took);
+    }
+
+    /// Creates the series of calls to `service` (a name a plugin's
+    /// manifest lists in `calls`) at zero.
+    pub fn declare_call(&self, service: &str) {
+        self.outgoing.instruments(service, &OUTGOING_OUTCOMES);
+    }
+
+    /// Counts one request a plugin sent to `service` (a name some loaded
+    /// plugin declares in its `calls`, or [`OTHER_SERVICE`]) that ended as
+    /// `outcome` ([`outgoing_outcome`]) after `took`.
+    pub fn outgoing(&self, service: &str, outcome: &'static str, took: Duration) {
+        self.outgoing
+            .record(service, &OUTGOING_OUTCOMES, outcome, took);
     }
 
     /// Counts a failed call into `plugin` (a request or an `on-punch`);
@@ -443,15 +506,26 @@ impl NodeMetrics {
     /// Registers the node's own families with `registry`.
     fn register(&self, registry: &mut Registry) {
         registry.register(
-        "grenache_host_requests",
-        "Requests received, by service and outcome (ok, error: the service's own error reply, failed: the plugin failed, not_found: no plugin serves the key, counted under service=\"_unknown\")",
-        self.requests.clone(),
-    );
+            "grenache_host_requests",
+            "Requests received, by service and outcome (ok, error: the service's own error reply, failed: the plugin failed, not_found: no plugin serves the key, counted under service=\"_unknown\")",
+            self.received.requests.clone(),
+        );
         registry.register_with_unit(
             "grenache_host_request_duration",
-            "Time from routing a request to its reply, by service",
+            "Time from routing a request received to its reply, by service",
             Unit::Seconds,
-            self.durations.clone(),
+            self.received.durations.clone(),
+        );
+        registry.register(
+            "grenache_host_outgoing_requests",
+            "Requests plugins sent, by service (one a plugin's manifest names in calls, else \"_other\") and outcome (ok, error: the service's error reply, no_peers, timeout, transport)",
+            self.outgoing.requests.clone(),
+        );
+        registry.register_with_unit(
+            "grenache_host_outgoing_request_duration",
+            "Time from a plugin's request to its reply or failure, by service",
+            Unit::Seconds,
+            self.outgoing.durations.clone(),
         );
         registry.register(
             "grenache_host_plugin_failures",

@@ -216,13 +216,20 @@ impl Node {
         .await?;
         let punches = endpoint.punches();
         let client_stats = (client.introduction_stats(), client.paths());
-        let network: Arc<dyn PluginNetwork> = Arc::new(network::NodeNetwork::new(client));
+        let metrics = Arc::new(NodeMetrics::default());
+        let network = Arc::new(network::NodeNetwork::new(client, metrics.clone()));
         let plugins = Arc::new(
-            PluginSet::load(runtime, network, config.policies.clone(), &config.plugins).await?,
+            PluginSet::load(
+                runtime,
+                network.clone() as Arc<dyn PluginNetwork>,
+                config.policies.clone(),
+                &config.plugins,
+            )
+            .await?,
         );
+        network.set_plugins(&plugins);
         let stats = Arc::new(ServerStats::default());
         let drain = Arc::new(Drain::default());
-        let metrics = Arc::new(NodeMetrics::default());
         metrics.declare_services(&plugins.service_names());
         tasks.spawn(server::serve(
             endpoint.clone(),

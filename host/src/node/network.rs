@@ -3,20 +3,71 @@
 //! contract's request errors.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
+use super::metrics::{outgoing_outcome, NodeMetrics, OTHER_SERVICE};
+use crate::plugin::set::PluginSet;
 use crate::plugin::{OutboundCall, OutboundError, PluginNetwork};
 use crate::rpc::client::RpcClient;
 use crate::rpc::RpcError;
 
-/// Plugins' outgoing calls, carried by the node's RPC client.
+/// Plugins' outgoing calls, carried by the node's RPC client and counted.
 pub(super) struct NodeNetwork {
     client: RpcClient,
+    metrics: Arc<NodeMetrics>,
+    /// The plugins making the calls, once loaded (they hold this network,
+    /// hence weak): a service their manifests' `calls` name is counted
+    /// under its name, any other under [`OTHER_SERVICE`].
+    plugins: OnceLock<Weak<PluginSet>>,
 }
 
 impl NodeNetwork {
-    pub(super) fn new(client: RpcClient) -> Self {
-        NodeNetwork { client }
+    pub(super) fn new(client: RpcClient, metrics: Arc<NodeMetrics>) -> Self {
+        NodeNetwork {
+            client,
+            metrics,
+            plugins: OnceLock::new(),
+        }
+    }
+
+    /// Names the plugins whose manifests say which services are counted
+    /// by name, and shows those services at zero.
+    pub(super) fn set_plugins(&self, plugins: &Arc<PluginSet>) {
+        let _ = self.plugins.set(Arc::downgrade(plugins));
+        for plugin in plugins.current() {
+            for service in plugin.calls().iter().filter(|c| *c != "*") {
+                self.metrics.declare_call(service);
+            }
+        }
+    }
+
+    /// The `service` label of a call to `service`: never a name a plugin
+    /// made up (or took from a peer's payload) unless a manifest names it.
+    fn label(&self, service: &str) -> String {
+        let declared = self
+            .plugins
+            .get()
+            .and_then(Weak::upgrade)
+            .is_some_and(|plugins| {
+                plugins
+                    .current()
+                    .iter()
+                    .any(|p| p.calls().iter().any(|c| c == service))
+            });
+        if declared { service } else { OTHER_SERVICE }.to_string()
+    }
+
+    /// Runs one outgoing call and counts it.
+    async fn counted(
+        metrics: Arc<NodeMetrics>,
+        label: String,
+        call: impl std::future::Future<Output = Result<String, RpcError>>,
+    ) -> Result<String, OutboundError> {
+        let started = Instant::now();
+        let result = call.await;
+        metrics.outgoing(&label, outgoing_outcome(&result), started.elapsed());
+        result.map_err(outbound)
     }
 }
 
@@ -32,12 +83,14 @@ fn outbound(error: RpcError) -> OutboundError {
 
 impl PluginNetwork for NodeNetwork {
     fn request(&self, service: String, payload: String, timeout: Duration) -> OutboundCall {
-        let client = self.client.clone();
+        let (client, metrics, label) = (
+            self.client.clone(),
+            self.metrics.clone(),
+            self.label(&service),
+        );
         Box::pin(async move {
-            client
-                .request(&service, &payload, timeout)
-                .await
-                .map_err(outbound)
+            let call = client.request(&service, &payload, timeout);
+            Self::counted(metrics, label, call).await
         })
     }
 
@@ -48,15 +101,17 @@ impl PluginNetwork for NodeNetwork {
         payload: String,
         timeout: Duration,
     ) -> OutboundCall {
-        let client = self.client.clone();
+        let (client, metrics, label) = (
+            self.client.clone(),
+            self.metrics.clone(),
+            self.label(&service),
+        );
         Box::pin(async move {
             let addr: SocketAddr = peer.parse().map_err(|_| {
                 OutboundError::Transport(format!("{peer:?} is not an ip:port address"))
             })?;
-            client
-                .request_peer(addr, &service, &payload, timeout)
-                .await
-                .map_err(outbound)
+            let call = client.request_peer(addr, &service, &payload, timeout);
+            Self::counted(metrics, label, call).await
         })
     }
 }
