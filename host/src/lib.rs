@@ -13,7 +13,8 @@
 //!   API (for Node services' links) from the embedded DHT.
 //! - [`node`]: a running host: wires the transport, discovery, NAT traversal,
 //!   RPC and plugins together, owns every task it starts, adapts the network
-//!   for plugins, and serves the local control socket.
+//!   for plugins, and serves the local control socket and the Prometheus
+//!   metrics of `run --metrics`.
 //! - [`rpc`]: Grenache RPC: the envelope codec, the table of pending
 //!   requests, the client (one uTP connection per peer, deadlines) and the
 //!   server (hands each request to the node's services).
@@ -35,6 +36,8 @@
 //!   codec, a sans-IO connection and socket (routing, bounds, timers), and
 //!   the stream types; each message starts a new packet, up to 1382 bytes in
 //!   one (what Node's Grenache reads).
+//! - [`http`]: what the two plain HTTP servers (the grape's API, the
+//!   metrics endpoint) share: the hyper connection builder and accepting.
 //! - [`units`]: sizes and durations as people write them.
 //!
 //! The contract between host and plugins is the WIT package in `wit/`
@@ -48,6 +51,7 @@
 pub mod cli;
 pub mod discovery;
 pub mod grape;
+pub mod http;
 pub mod nat;
 pub mod node;
 pub mod plugin;

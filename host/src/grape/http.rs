@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -46,20 +46,9 @@ pub const MAX_DRAINED: usize = 1 << 20;
 /// `max_body` bytes are refused with 413.
 pub async fn serve(listener: TcpListener, backend: Arc<dyn GrapeBackend>, max_body: usize) {
     let connections = Arc::new(Mutex::new(ConnectionTable::default()));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
+    let builder = crate::http::builder(HEADER_TIMEOUT);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors, for one: wait instead of spinning.
-                tracing::warn!("grape HTTP: cannot accept a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::http::accept(&listener, "grape HTTP").await;
         // The table holds the sender; dropping it ends `closed`.
         let (close, closed) = oneshot::channel();
         let admitted = lock(&connections).admit(Instant::now(), peer.ip(), close);

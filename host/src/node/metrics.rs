@@ -22,10 +22,10 @@
 //! manifest names under [`OTHER_SERVICE`], so random keys cannot grow the
 //! registry.
 //!
-//! The endpoint is plain HTTP/1.1 on hyper, bounded like the grape's API:
-//! at most [`MAX_CONNECTIONS`] at once (more are closed at once), headers
-//! within [`HEADER_TIMEOUT`], and no connection lives longer than
-//! [`CONNECTION_LIFETIME`].
+//! The endpoint is plain HTTP/1.1 on hyper ([`crate::http`], as the grape's
+//! API), bounded: at most [`MAX_CONNECTIONS`] at once (more are closed at
+//! once), headers within [`HEADER_TIMEOUT`], and no connection lives longer
+//! than [`CONNECTION_LIFETIME`].
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -548,20 +548,9 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 pub async fn serve(listener: TcpListener, registry: Registry) {
     let registry = Arc::new(registry);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
+    let builder = crate::http::builder(HEADER_TIMEOUT);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors, for one: wait instead of spinning.
-                tracing::warn!("metrics: cannot accept a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::http::accept(&listener, "metrics").await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "metrics: connection closed: {MAX_CONNECTIONS} already open");
             continue;
