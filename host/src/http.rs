@@ -26,7 +26,7 @@ pub fn builder(header_timeout: Duration) -> http1::Builder {
 
 /// The next connection on `listener`. An error (out of file descriptors,
 /// for one) is logged under `server`'s name and retried after
-/// [`ACCEPT_RETRY`] instead of spinning.
+/// 100 ms instead of spinning.
 pub async fn accept(listener: &TcpListener, server: &str) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
