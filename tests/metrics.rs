@@ -345,6 +345,36 @@ fn plugins_calls_through_an_introduction_count_by_service_with_the_punched_path(
 }
 
 #[test]
+fn idle_connections_cannot_lock_the_endpoint_for_long() {
+    let (_host, _, metrics) = metrics_host(&[&plugin("fibonacci")], &["--control", "off"]);
+    // The endpoint's MAX_CONNECTIONS, held open without a request.
+    let idle: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(&metrics).unwrap())
+        .collect();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let scrape = || client.get(format!("http://{metrics}/metrics")).send();
+    assert!(scrape().is_err(), "a 17th connection is closed at once");
+    // Clients that send no request are closed after the header timeout
+    // (3 s); then scrapes get through again.
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        if let Ok(response) = scrape() {
+            assert_eq!(response.status(), 200);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the endpoint stays locked"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(idle);
+}
+
+#[test]
 fn a_taken_metrics_port_stops_the_host_with_what_to_do() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();

@@ -544,24 +544,27 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Serves `registry` on `listener` until the task is dropped.
+/// Serves `registry` on `listener` until the task is dropped; dropping it
+/// also closes every connection it accepted.
 pub async fn serve(listener: TcpListener, registry: Registry) {
     let registry = Arc::new(registry);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let builder = crate::http::builder(HEADER_TIMEOUT);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = crate::http::accept(&listener, "metrics").await;
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        // Reap finished connections so the set holds only the live ones.
+        while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_CONNECTIONS {
             tracing::debug!(%peer, "metrics: connection closed: {MAX_CONNECTIONS} already open");
             continue;
-        };
+        }
         let registry = registry.clone();
         let service = hyper::service::service_fn(move |request| {
             let response = respond(&registry, &request);
             async move { Ok::<_, Infallible>(response) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
                 Ok(Err(e)) => tracing::debug!(%peer, "metrics connection ended: {e}"),
                 Ok(Ok(())) => {}
@@ -569,7 +572,6 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
                     tracing::debug!(%peer, "metrics connection closed after {CONNECTION_LIFETIME:?}")
                 }
             }
-            drop(slot);
         });
     }
 }
