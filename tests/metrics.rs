@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     call_peer, host, plugin, policy_file, shown, spawn_listening, start_dht, start_host,
-    test_plugin, HostProcess, Shown, SOON,
+    test_plugin, HostProcess, Shown, LOG_REQUESTS, SOON,
 };
 
 /// One scrape, parsed: every sample line as `name{labels}` → value.
@@ -110,6 +110,8 @@ fn a_scrape_after_traffic_counts_every_request_failure_swap_and_punch() {
             &config,
             "--time-limit",
             "1s",
+            LOG_REQUESTS[0],
+            LOG_REQUESTS[1],
         ],
     );
 
@@ -149,7 +151,9 @@ fn a_scrape_after_traffic_counts_every_request_failure_swap_and_punch() {
     }
 
     // A swap that is refused, then one that takes.
-    let refused = control(&["swap", "fibonacci", "/nonexistent/fib.wasm"], &sock);
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not a plugin").unwrap();
+    let refused = control(&["swap", "fibonacci", junk.to_str().unwrap()], &sock);
     assert_eq!(refused.code, 1, "{}", refused.stderr);
     let swapped = control(
         &["swap", "fibonacci", plugin("fibonacci").to_str().unwrap()],
