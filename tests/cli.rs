@@ -310,7 +310,24 @@ fn a_plugin_built_against_the_0_2_contract_still_loads_and_answers() {
 
     let r = shown(host(&["inspect", plugin("fibonacci").to_str().unwrap()]));
     let m: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(m["contract"], "grenache:plugin@0.4.0");
+}
+
+#[test]
+fn a_plugin_built_against_the_0_3_contract_still_loads_and_answers() {
+    let legacy = test_plugin("legacy-v3");
+    let r = shown(host(&["inspect", legacy.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(m["contract"], "grenache:plugin@0.3.0");
+    assert_eq!(m["serves"], serde_json::json!(["legacy_v3"]));
+    assert_eq!(m["tick_interval_ms"], serde_json::Value::Null);
+    let r = invoke(&legacy, "legacy_v3", "[2]", &["--caller", "192.0.2.1:7"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stdout, "{\"caller\":\"192.0.2.1:7\",\"legacy\":3,\"payload\":[2]}\n",
+        "invoke prints compact JSON with sorted keys"
+    );
 }
 
 #[test]

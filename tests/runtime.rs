@@ -202,13 +202,38 @@ async fn a_0_2_plugin_answers_and_hears_of_punches_without_a_context() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_0_3_plugin_gets_the_callers_address() {
+async fn a_0_3_plugin_answers_with_the_callers_address_and_is_never_ticked() {
+    let runtime = Runtime::new(Limits::default()).unwrap();
+    let legacy = runtime
+        .load(&common::test_plugin("legacy-v3"), Arc::new(NoNetwork))
+        .await
+        .expect("a 0.3.0 plugin loads");
+    assert_eq!(legacy.contract(), ContractVersion::V0_3);
+    assert_eq!(legacy.serves(), ["legacy_v3"]);
+    assert_eq!(legacy.tick_interval(), None);
+    assert_eq!(legacy.state_file(), None);
+    let caller = RequestContext::from_caller("192.0.2.1:7".parse().unwrap());
+    assert_eq!(
+        legacy
+            .handle_with("legacy_v3", "[1]", &caller)
+            .await
+            .as_deref(),
+        Ok(r#"{"legacy":3,"caller":"192.0.2.1:7","payload":[1]}"#)
+    );
+    legacy
+        .on_punch("127.0.0.1:4000")
+        .await
+        .expect("on-punch returns");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_gets_the_callers_address() {
     let runtime = Runtime::new(Limits::default()).unwrap();
     let echo = runtime
         .load(&common::test_plugin("echo-caller"), Arc::new(NoNetwork))
         .await
         .unwrap();
-    assert_eq!(echo.contract(), ContractVersion::V0_3);
+    assert_eq!(echo.contract(), ContractVersion::V0_4);
     let caller = RequestContext::from_caller("[2001:db8::1]:40123".parse().unwrap());
     assert_eq!(
         echo.handle_with("echo_caller", "{}", &caller)

@@ -304,12 +304,17 @@ impl Endpoint {
 
     /// Sends one punch to `peer`.
     pub async fn punch(&self, peer: SocketAddr) {
-        match self.socket.send_to(&PUNCH, peer).await {
-            Ok(_) => {
-                self.stats.punches_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => tracing::debug!(%peer, "punch not sent: {e}"),
+        if let Err(e) = self.try_punch(peer).await {
+            tracing::debug!(%peer, "punch not sent: {e}");
         }
+    }
+
+    /// Sends one punch to `peer` and counts it, or says why the socket
+    /// could not.
+    pub async fn try_punch(&self, peer: SocketAddr) -> std::io::Result<()> {
+        self.socket.send_to(&PUNCH, peer).await?;
+        self.stats.punches_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Waits for the next incoming uTP connection; fails only once the

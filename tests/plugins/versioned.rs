@@ -10,7 +10,7 @@ struct Versioned;
 
 impl Guest for Versioned {
     fn manifest() -> PluginManifest {
-        PluginManifest { serves: SERVES.iter().map(|s| s.to_string()).collect(), punch: vec![], calls: vec![] }
+        PluginManifest { serves: SERVES.iter().map(|s| s.to_string()).collect(), punch: vec![], calls: vec![], tick_interval_ms: None }
     }
 
     fn handle(
@@ -22,6 +22,10 @@ impl Guest for Versioned {
     }
 
     fn on_punch(_peer: String) {}
+
+    fn on_tick() -> Result<(), String> {
+        Ok(())
+    }
 }
 
 export!(Versioned);

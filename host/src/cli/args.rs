@@ -56,16 +56,23 @@ pub enum Command {
         /// grenache:plugin@0.2.0 do not see it.
         #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:0")]
         caller: SocketAddr,
+        /// Keep the plugin's state (grenache:plugin@0.4.0's `state`) in this
+        /// directory, as `run --state-dir` does: the call reads it and, if it
+        /// returns without trapping, writes it back. Without it the plugin's
+        /// state calls fail as `unavailable`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
     },
     /// Load a plugin and print its manifest as one JSON line: its name, the
     /// contract version it was built against, the services it serves, those
-    /// it wants punched when its host is behind a NAT, and those it may call.
+    /// it wants punched when its host is behind a NAT, those it may call, and
+    /// how often it asks to be ticked (milliseconds, null: never).
     ///
     /// Example: grenache-host inspect plugins/consumer.wasm prints
     ///
-    /// {"calls":["fibonacci_worker"],"contract":"grenache:plugin@0.3.0","plugin":"consumer","punch":[],"serves":["fibonacci_consumer"]}
+    /// {"calls":["fibonacci_worker"],"contract":"grenache:plugin@0.4.0","plugin":"consumer","punch":[],"serves":["fibonacci_consumer"],"tick_interval_ms":null}
     Inspect {
         /// The plugin file (a wasm component, or a .cwasm from `compile`).
         plugin: PathBuf,
@@ -132,9 +139,18 @@ pub enum Command {
         #[arg(long, value_name = "IP:PORT")]
         metrics: Option<SocketAddr>,
         /// Per-plugin policy (TOML): limits, max_concurrent, may_call,
-        /// may_be_punched_for. See the README; flags below override it.
+        /// may_be_punched_for, state_quota, tick_interval and each plugin's
+        /// configuration values. See the README; flags below override it.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Where plugins keep their state: one file per plugin, NAME.state,
+        /// written atomically; it survives swaps and restarts. One host per
+        /// directory. Default: $STATE_DIRECTORY (systemd's StateDirectory=),
+        /// else $XDG_STATE_HOME/grenache-host, else
+        /// ~/.local/state/grenache-host. Created (owner-only) at the first
+        /// write.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
     },

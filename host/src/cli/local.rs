@@ -1,7 +1,7 @@
 //! The local commands: `invoke` and `inspect` load a plugin file and call it
 //! in this process, without any network; `compile` precompiles one.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,28 +9,47 @@ use super::output::{check_payload, print_compact, print_line, usage_error, EXIT_
 use crate::plugin::policy::Limits;
 use crate::plugin::{LoadedPlugin, NoNetwork, RequestContext, Runtime};
 
-async fn load(path: &Path, limits: Limits) -> Result<LoadedPlugin, ExitCode> {
-    let runtime = Runtime::new(limits).map_err(usage_error)?;
+async fn load(
+    path: &Path,
+    limits: Limits,
+    state_dir: Option<PathBuf>,
+) -> Result<LoadedPlugin, ExitCode> {
+    let mut runtime = Runtime::new(limits).map_err(usage_error)?;
+    if let Some(dir) = state_dir {
+        runtime = runtime.with_state_dir(dir);
+    }
     runtime
         .load(path, Arc::new(NoNetwork))
         .await
         .map_err(usage_error)
 }
 
+/// The one call `invoke` makes.
+pub struct Invocation<'a> {
+    /// The service, one the plugin serves.
+    pub service: &'a str,
+    /// The payload, JSON text.
+    pub payload: &'a str,
+    /// Whom the call is as if from.
+    pub context: &'a RequestContext,
+    /// Where the plugin's state is kept; `None`: it has none.
+    pub state_dir: Option<PathBuf>,
+}
+
 /// `grenache-host invoke`: one call of `service` with `payload` (JSON text)
-/// as if from `context`'s caller, under `limits`; prints the reply as compact
-/// JSON.
-pub async fn invoke(
-    path: &Path,
-    service: &str,
-    payload: &str,
-    context: &RequestContext,
-    limits: Limits,
-) -> ExitCode {
+/// as if from `context`'s caller, under `limits`, with the plugin's state in
+/// `state_dir`; prints the reply as compact JSON.
+pub async fn invoke(path: &Path, call: Invocation<'_>, limits: Limits) -> ExitCode {
+    let Invocation {
+        service,
+        payload,
+        context,
+        state_dir,
+    } = call;
     if let Err(code) = check_payload(payload) {
         return code;
     }
-    let plugin = match load(path, limits).await {
+    let plugin = match load(path, limits, state_dir).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -58,9 +77,9 @@ pub async fn invoke(
 }
 
 /// `grenache-host inspect`: prints the plugin's name, contract version and
-/// manifest (serves, punch, calls) as one JSON line.
+/// manifest (serves, punch, calls, tick interval) as one JSON line.
 pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
-    let plugin = match load(path, limits).await {
+    let plugin = match load(path, limits, None).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -70,6 +89,7 @@ pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
         "serves": plugin.serves(),
         "punch": plugin.punch_targets(),
         "calls": plugin.calls(),
+        "tick_interval_ms": plugin.tick_interval().map(|d| d.as_millis() as u64),
     });
     print_line(manifest);
     ExitCode::SUCCESS

@@ -85,6 +85,7 @@ async fn dispatch(command: Command) -> ExitCode {
             service,
             payload,
             caller,
+            state_dir,
             limits,
         } => {
             let payload = match output::read_payload(&payload, DEFAULT_MAX_MESSAGE) {
@@ -92,7 +93,13 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => return code,
             };
             let context = RequestContext::from_caller(caller);
-            local::invoke(&plugin, &service, &payload, &context, limits.limits()).await
+            let call = local::Invocation {
+                service: &service,
+                payload: &payload,
+                context: &context,
+                state_dir,
+            };
+            local::invoke(&plugin, call, limits.limits()).await
         }
         Command::Inspect { plugin, limits } => local::inspect(&plugin, limits.limits()).await,
         Command::Run {
@@ -107,6 +114,7 @@ async fn dispatch(command: Command) -> ExitCode {
             control,
             metrics,
             config,
+            state_dir,
             limits,
         } => {
             let file = match config {
@@ -156,6 +164,7 @@ async fn dispatch(command: Command) -> ExitCode {
                     Some(path) => run::ControlSocket::At(path.into()),
                 },
                 metrics,
+                state_dir: state_dir.or_else(run::default_state_dir),
             };
             run::run(config, options).await
         }

@@ -58,6 +58,25 @@ pub struct RunOptions {
     /// Where to serve Prometheus metrics; `None`: nowhere. A failure to
     /// bind stops the host.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where plugins keep their state; `None`: nowhere (no default found).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Where `run` keeps plugin state without --state-dir: the first directory
+/// of `$STATE_DIRECTORY` (systemd sets it for a unit with `StateDirectory=`),
+/// else `$XDG_STATE_HOME/grenache-host`, else `$HOME/.local/state/grenache-host`
+/// (the XDG base directory specification's default); `None` without any.
+pub fn default_state_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dirs) = var("STATE_DIRECTORY") {
+        // systemd lists several directories separated by colons.
+        let first = dirs.to_string_lossy().split(':').next()?.to_string();
+        return Some(PathBuf::from(first));
+    }
+    if let Some(state_home) = var("XDG_STATE_HOME") {
+        return Some(PathBuf::from(state_home).join("grenache-host"));
+    }
+    var("HOME").map(|home| PathBuf::from(home).join(".local/state/grenache-host"))
 }
 
 /// Where `run` serves its control socket.
@@ -82,6 +101,7 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         watch,
         control,
         metrics,
+        state_dir,
     } = options;
     match &config.discovery {
         DiscoveryConfig::Dht { bootstrap } if bootstrap.is_empty() => tracing::warn!(
@@ -110,10 +130,19 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
             Err(e) => return usage_error(e),
         }
     }
-    let runtime = match Runtime::new(limits) {
+    let mut runtime = match Runtime::new(limits) {
         Ok(r) => r.require_signatures(trusted_keys),
         Err(e) => return usage_error(e),
     };
+    match state_dir {
+        Some(dir) => {
+            tracing::info!("plugin state in {}", dir.display());
+            runtime = runtime.with_state_dir(dir);
+        }
+        None => tracing::warn!(
+            "no state directory (no --state-dir, $STATE_DIRECTORY, $XDG_STATE_HOME or $HOME): plugins' state calls fail as unavailable"
+        ),
+    }
     let mut node = match Node::start(config, runtime).await {
         Ok(node) => node,
         Err(e) => return usage_error(format!("{e:#}")),

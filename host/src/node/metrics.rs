@@ -134,6 +134,7 @@ pub fn failure_reason(error: &CallError) -> Option<&'static str> {
         CallError::MemoryLimit { .. } => Some("memory_limit"),
         CallError::BadReply { .. } => Some("bad_reply"),
         CallError::Busy { .. } => Some("busy"),
+        CallError::StateNotSaved { .. } => Some("state_not_saved"),
     }
 }
 

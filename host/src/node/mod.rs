@@ -2,7 +2,7 @@
 //!
 //! [`Node::start`] binds the RPC socket, starts discovery (the DHT node or
 //! the Grape link), loads the plugins (their outgoing calls go through this node's RPC client), serves
-//! requests, announces every service and re-announces it, and runs the punch
+//! requests, ticks the plugins that ask for it, announces every service and re-announces it, and runs the punch
 //! driver ([`crate::nat::punch_driver`]), telling the plugins who punched.
 //! The node owns every task it starts: [`Node::shutdown`] stops them
 //! gracefully (it stops announcing, lets the requests in flight finish up to
@@ -217,7 +217,11 @@ impl Node {
         let punches = endpoint.punches();
         let client_stats = (client.introduction_stats(), client.paths());
         let metrics = Arc::new(NodeMetrics::default());
-        let network = Arc::new(network::NodeNetwork::new(client, metrics.clone()));
+        let network = Arc::new(network::NodeNetwork::new(
+            client,
+            endpoint.clone(),
+            metrics.clone(),
+        ));
         let plugins = Arc::new(
             PluginSet::load(
                 runtime,
@@ -241,6 +245,10 @@ impl Node {
             stats.clone(),
             drain.clone(),
         ));
+        let tick_failed = metrics.clone();
+        tasks.spawn(plugins.clone().run_ticks(Arc::new(move |plugin, e| {
+            tick_failed.plugin_failed(plugin, e)
+        })));
         let (first_round, first_announce) = tokio::sync::oneshot::channel();
         let announcing = tasks.spawn(announce_loop(
             discovery.clone(),

@@ -1,6 +1,7 @@
 //! Plugins' outgoing calls (`host.request`, `host.request-peer`), carried by
 //! the node's RPC client: the seam where RPC errors become the plugin
-//! contract's request errors.
+//! contract's request errors; and their punches (`host.punch`), sent from
+//! the node's RPC socket (the plugin layer has checked the budget).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
@@ -8,13 +9,16 @@ use std::time::{Duration, Instant};
 
 use super::metrics::{outgoing_outcome, NodeMetrics, OTHER_SERVICE};
 use crate::plugin::set::PluginSet;
-use crate::plugin::{OutboundCall, OutboundError, PluginNetwork};
+use crate::plugin::{OutboundCall, OutboundError, PluginNetwork, PunchCall};
 use crate::rpc::client::RpcClient;
 use crate::rpc::RpcError;
+use crate::transport::Endpoint;
 
-/// Plugins' outgoing calls, carried by the node's RPC client and counted.
+/// Plugins' outgoing calls, carried by the node's RPC client and counted,
+/// and their punches, sent from its socket.
 pub(super) struct NodeNetwork {
     client: RpcClient,
+    endpoint: Endpoint,
     metrics: Arc<NodeMetrics>,
     /// The plugins making the calls, once loaded (they hold this network,
     /// hence weak): a service their manifests' `calls` name is counted
@@ -23,9 +27,10 @@ pub(super) struct NodeNetwork {
 }
 
 impl NodeNetwork {
-    pub(super) fn new(client: RpcClient, metrics: Arc<NodeMetrics>) -> Self {
+    pub(super) fn new(client: RpcClient, endpoint: Endpoint, metrics: Arc<NodeMetrics>) -> Self {
         NodeNetwork {
             client,
+            endpoint,
             metrics,
             plugins: OnceLock::new(),
         }
@@ -82,6 +87,17 @@ fn outbound(error: RpcError) -> OutboundError {
 }
 
 impl PluginNetwork for NodeNetwork {
+    fn punch(&self, peer: SocketAddr) -> PunchCall {
+        let endpoint = self.endpoint.clone();
+        Box::pin(async move {
+            tracing::debug!(%peer, "punch for a plugin");
+            endpoint
+                .try_punch(peer)
+                .await
+                .map_err(|e| format!("cannot send a punch to {peer}: {e}"))
+        })
+    }
+
     fn request(&self, service: String, payload: String, timeout: Duration) -> OutboundCall {
         let (client, metrics, label) = (
             self.client.clone(),

@@ -2,9 +2,10 @@
 //! runtime calls a plugin whatever version it was built against.
 //!
 //! Each version is bound with `wasmtime::component::bindgen!` in a module of
-//! its own: [`v0_3`] from `wit/plugin.wit` (the current contract, whose
-//! `handle` receives a [`RequestContext`]) and [`v0_2`] from the frozen
-//! `wit/v0.2/plugin.wit`. wasmtime matches a 0.x package only up to its
+//! its own: [`v0_4`] from `wit/plugin.wit` (the current contract: plugin
+//! state, configuration, `on-tick` and `host.punch`), [`v0_3`] from the
+//! frozen `wit/v0.3/plugin.wit` (whose `handle` receives a
+//! [`RequestContext`]) and [`v0_2`] from the frozen `wit/v0.2/plugin.wit`. wasmtime matches a 0.x package only up to its
 //! minor version, so each minor version is a separate contract: the linker
 //! carries the `host` imports of every version side by side, and
 //! [`ContractPre::detect`] type-checks a component against each version's
@@ -24,11 +25,23 @@ use wasmtime::{Engine, Store};
 
 use super::instance::RequestState;
 
-/// Bindings of `grenache:plugin@0.3.0` (`wit/plugin.wit`), the current
+/// Bindings of `grenache:plugin@0.4.0` (`wit/plugin.wit`), the current
 /// contract.
-pub mod v0_3 {
+pub mod v0_4 {
     wasmtime::component::bindgen!({
         path: "../wit",
+        world: "plugin",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+/// Bindings of `grenache:plugin@0.3.0` (`wit/v0.3/plugin.wit`), kept so that
+/// plugins built against it still load; they get no state, configuration
+/// or ticks.
+pub mod v0_3 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.3",
         world: "plugin",
         imports: { default: async },
         exports: { default: async },
@@ -50,11 +63,18 @@ pub mod v0_2 {
 pub const PACKAGE: &str = "grenache:plugin";
 
 /// The contract versions this host speaks, newest first.
-pub const VERSIONS: &[ContractVersion] = &[ContractVersion::V0_3, ContractVersion::V0_2];
+pub const VERSIONS: &[ContractVersion] = &[
+    ContractVersion::V0_4,
+    ContractVersion::V0_3,
+    ContractVersion::V0_2,
+];
 
 /// A version of `grenache:plugin` that a plugin was built against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContractVersion {
+    /// `grenache:plugin@0.4.0`: plugin state, configuration, `on-tick`,
+    /// `host.punch`.
+    V0_4,
     /// `grenache:plugin@0.3.0`: `handle` receives a `request-context`.
     V0_3,
     /// `grenache:plugin@0.2.0`: `handle(service, payload)`, no context.
@@ -65,6 +85,7 @@ impl ContractVersion {
     /// The version as WIT writes it, e.g. `0.3.0`.
     pub fn as_str(self) -> &'static str {
         match self {
+            ContractVersion::V0_4 => "0.4.0",
             ContractVersion::V0_3 => "0.3.0",
             ContractVersion::V0_2 => "0.2.0",
         }
@@ -112,14 +133,15 @@ pub fn unknown_versions(engine: &Engine, component: &Component) -> Vec<String> {
 /// Links the `host` imports of every contract version into `linker`.
 pub fn add_to_linker(linker: &mut Linker<RequestState>) -> wasmtime::Result<()> {
     use wasmtime::component::HasSelf;
+    v0_4::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     v0_3::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     v0_2::Plugin::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     Ok(())
 }
 
 /// What the host tells a plugin about one request besides its service and
-/// payload: the WIT `request-context` of the current contract. Plugins built
-/// against an older contract do not receive it.
+/// payload: the WIT `request-context` of 0.3.0 and later. Plugins built
+/// against 0.2.0 do not receive it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RequestContext {
@@ -145,29 +167,46 @@ impl RequestContext {
         Self::from_caller(Self::NO_CALLER)
     }
 
-    fn to_wit(self) -> v0_3::grenache::plugin::types::RequestContext {
+    fn to_wit(self) -> v0_4::grenache::plugin::types::RequestContext {
+        v0_4::grenache::plugin::types::RequestContext {
+            caller: self.caller.to_string(),
+        }
+    }
+
+    fn to_wit_v0_3(self) -> v0_3::grenache::plugin::types::RequestContext {
         v0_3::grenache::plugin::types::RequestContext {
             caller: self.caller.to_string(),
         }
     }
 }
 
-/// What a plugin's `manifest` returned, whatever its contract version.
-pub type Manifest = v0_3::grenache::plugin::types::PluginManifest;
+/// What a plugin's `manifest` returned, whatever its contract version;
+/// older versions have no `tick-interval-ms` (`None`: never ticked).
+pub type Manifest = v0_4::grenache::plugin::types::PluginManifest;
 
-impl From<v0_2::grenache::plugin::types::PluginManifest> for Manifest {
-    fn from(m: v0_2::grenache::plugin::types::PluginManifest) -> Self {
-        Manifest {
-            serves: m.serves,
-            punch: m.punch,
-            calls: m.calls,
+/// The manifest of an older version, as the current one.
+macro_rules! manifest_from {
+    ($version:ident) => {
+        impl From<$version::grenache::plugin::types::PluginManifest> for Manifest {
+            fn from(m: $version::grenache::plugin::types::PluginManifest) -> Self {
+                Manifest {
+                    serves: m.serves,
+                    punch: m.punch,
+                    calls: m.calls,
+                    tick_interval_ms: None,
+                }
+            }
         }
-    }
+    };
 }
+manifest_from!(v0_3);
+manifest_from!(v0_2);
 
 /// A component type-checked against one contract version, ready to be
 /// instantiated for each call.
 pub enum ContractPre {
+    /// Built against 0.4.0.
+    V0_4(v0_4::PluginPre<RequestState>),
     /// Built against 0.3.0.
     V0_3(v0_3::PluginPre<RequestState>),
     /// Built against 0.2.0.
@@ -178,6 +217,10 @@ impl ContractPre {
     /// Finds the contract version whose `service` export `pre`'s component
     /// has, newest first. The error says why each version did not fit.
     pub fn detect(pre: InstancePre<RequestState>) -> wasmtime::Result<Self> {
+        let as_v0_4 = match v0_4::PluginPre::new(pre.clone()) {
+            Ok(pre) => return Ok(ContractPre::V0_4(pre)),
+            Err(e) => e,
+        };
         let as_v0_3 = match v0_3::PluginPre::new(pre.clone()) {
             Ok(pre) => return Ok(ContractPre::V0_3(pre)),
             Err(e) => e,
@@ -186,7 +229,8 @@ impl ContractPre {
             .map(ContractPre::V0_2)
             .map_err(|as_v0_2| {
                 wasmtime::format_err!(
-                    "as {}: {as_v0_3:#}; as {}: {as_v0_2:#}",
+                    "as {}: {as_v0_4:#}; as {}: {as_v0_3:#}; as {}: {as_v0_2:#}",
+                    ContractVersion::V0_4,
                     ContractVersion::V0_3,
                     ContractVersion::V0_2
                 )
@@ -196,6 +240,7 @@ impl ContractPre {
     /// The contract version the component was built against.
     pub fn version(&self) -> ContractVersion {
         match self {
+            ContractPre::V0_4(_) => ContractVersion::V0_4,
             ContractPre::V0_3(_) => ContractVersion::V0_3,
             ContractPre::V0_2(_) => ContractVersion::V0_2,
         }
@@ -207,6 +252,7 @@ impl ContractPre {
         store: &mut Store<RequestState>,
     ) -> wasmtime::Result<ContractInstance> {
         Ok(match self {
+            ContractPre::V0_4(pre) => ContractInstance::V0_4(pre.instantiate_async(store).await?),
             ContractPre::V0_3(pre) => ContractInstance::V0_3(pre.instantiate_async(store).await?),
             ContractPre::V0_2(pre) => ContractInstance::V0_2(pre.instantiate_async(store).await?),
         })
@@ -216,6 +262,8 @@ impl ContractPre {
 /// One instance of a plugin; its methods are the `service` exports, called
 /// the way the plugin's contract version defines them.
 pub enum ContractInstance {
+    /// Built against 0.4.0.
+    V0_4(v0_4::Plugin),
     /// Built against 0.3.0.
     V0_3(v0_3::Plugin),
     /// Built against 0.2.0.
@@ -226,7 +274,12 @@ impl ContractInstance {
     /// `service.manifest()`.
     pub async fn manifest(&self, store: &mut Store<RequestState>) -> wasmtime::Result<Manifest> {
         match self {
-            ContractInstance::V0_3(p) => p.grenache_plugin_service().call_manifest(store).await,
+            ContractInstance::V0_4(p) => p.grenache_plugin_service().call_manifest(store).await,
+            ContractInstance::V0_3(p) => p
+                .grenache_plugin_service()
+                .call_manifest(store)
+                .await
+                .map(Manifest::from),
             ContractInstance::V0_2(p) => p
                 .grenache_plugin_service()
                 .call_manifest(store)
@@ -245,9 +298,14 @@ impl ContractInstance {
         context: &RequestContext,
     ) -> wasmtime::Result<Result<String, String>> {
         match self {
-            ContractInstance::V0_3(p) => {
+            ContractInstance::V0_4(p) => {
                 p.grenache_plugin_service()
                     .call_handle(store, service, payload, &context.to_wit())
+                    .await
+            }
+            ContractInstance::V0_3(p) => {
+                p.grenache_plugin_service()
+                    .call_handle(store, service, payload, &context.to_wit_v0_3())
                     .await
             }
             ContractInstance::V0_2(p) => {
@@ -266,6 +324,11 @@ impl ContractInstance {
     ) -> wasmtime::Result<()> {
         let peer = peer.to_string();
         match self {
+            ContractInstance::V0_4(p) => {
+                p.grenache_plugin_service()
+                    .call_on_punch(store, &peer)
+                    .await
+            }
             ContractInstance::V0_3(p) => {
                 p.grenache_plugin_service()
                     .call_on_punch(store, &peer)
@@ -280,19 +343,36 @@ impl ContractInstance {
     }
 }
 
+impl ContractInstance {
+    /// `service.on-tick()`; `Ok(Ok(()))` for a plugin built against a
+    /// version without it (the runtime never ticks those).
+    pub async fn on_tick(
+        &self,
+        store: &mut Store<RequestState>,
+    ) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            ContractInstance::V0_4(p) => p.grenache_plugin_service().call_on_tick(store).await,
+            ContractInstance::V0_3(_) | ContractInstance::V0_2(_) => Ok(Ok(())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn versions_match_the_way_wasmtime_matches_them() {
+        assert!(ContractVersion::V0_4.matches("0.4.0"));
+        assert!(ContractVersion::V0_4.matches("0.4.3"));
+        assert!(!ContractVersion::V0_4.matches("0.5.0"));
         assert!(ContractVersion::V0_3.matches("0.3.0"));
         assert!(ContractVersion::V0_3.matches("0.3.7"));
         assert!(!ContractVersion::V0_3.matches("0.2.0"));
         assert!(!ContractVersion::V0_3.matches("0.4.0"));
         assert!(ContractVersion::V0_2.matches("0.2.1"));
         assert!(!ContractVersion::V0_2.matches("1.0.0"));
-        assert_eq!(VERSIONS[0], ContractVersion::V0_3, "newest first");
+        assert_eq!(VERSIONS[0], ContractVersion::V0_4, "newest first");
         assert_eq!(ContractVersion::V0_2.to_string(), "grenache:plugin@0.2.0");
     }
 
@@ -311,15 +391,17 @@ mod tests {
         let newer = exporting(
             &engine,
             &[
-                "grenache:plugin/service@0.4.0",
-                "grenache:plugin/types@0.4.0",
+                "grenache:plugin/service@0.5.0",
+                "grenache:plugin/types@0.5.0",
                 "other:pkg/service@9.0.0",
             ],
         );
-        assert_eq!(unknown_versions(&engine, &newer), ["0.4.0"]);
+        assert_eq!(unknown_versions(&engine, &newer), ["0.5.0"]);
         let known = exporting(
             &engine,
             &[
+                "grenache:plugin/service@0.4.1",
+                "grenache:plugin/state@0.4.0",
                 "grenache:plugin/service@0.3.2",
                 "grenache:plugin/types@0.2.0",
             ],

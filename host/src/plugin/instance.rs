@@ -1,11 +1,15 @@
 //! The per-request side of the runtime: what lives in each `Store` and how
-//! the plugin's imports (`host.request`, `host.request-peer`, `host.log`) are
-//! served, for every contract version in [`contract`](super::contract): each
-//! version's `Host` trait is a thin translation to the same methods.
+//! the plugin's imports (`host.request`, `host.request-peer`, `host.punch`,
+//! `host.log`, and since 0.4.0 `state` and `config`) are served, for every
+//! contract version in [`contract`](super::contract): each version's `Host`
+//! trait is a thin translation to the same methods.
 //!
 //! A fresh [`RequestState`] is built for every call into a plugin, so nothing
-//! a plugin does survives its request, and a trap poisons only that store.
+//! a plugin does survives its request but the writes of its state
+//! [`Transaction`], which the runtime commits when the call returned without
+//! trapping; a trap poisons only that store.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +17,12 @@ use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::contract::{v0_2, v0_3};
-use super::network::{OutboundError, PluginNetwork};
+use super::contract::{v0_2, v0_3, v0_4};
+use super::network::{punch_target, OutboundError, PluginNetwork};
 use super::output::CapturedOutput;
+use super::state::{StateError, Transaction};
 
-use v0_3::grenache::plugin::types::Level;
+use v0_4::grenache::plugin::types::Level;
 
 /// Tables in a component are small; this is far above what a Rust plugin
 /// uses and only stops a runaway `table.grow`.
@@ -38,6 +43,10 @@ pub struct RequestState {
     /// Set to the size asked for when the plugin tried to grow past its limit.
     pub(crate) memory_refused: Option<usize>,
     pub(crate) output: CapturedOutput,
+    /// This call's reads and writes of the plugin's state.
+    pub(crate) state: Transaction,
+    /// The plugin's configuration values (the policy's `config`).
+    config: Arc<BTreeMap<String, String>>,
 }
 
 impl RequestState {
@@ -46,6 +55,8 @@ impl RequestState {
         network: Arc<dyn PluginNetwork>,
         deadline: Instant,
         memory_limit: usize,
+        state: Transaction,
+        config: Arc<BTreeMap<String, String>>,
     ) -> Self {
         let output = CapturedOutput::default();
         // No preopened directories, no environment, no arguments, no sockets:
@@ -64,6 +75,8 @@ impl RequestState {
             memory_limit,
             memory_refused: None,
             output,
+            state,
+            config,
         }
     }
 
@@ -134,6 +147,12 @@ impl RequestState {
             .await
     }
 
+    /// `host.punch`, whatever the contract version.
+    async fn punch(&mut self, peer: String) -> Result<(), String> {
+        let addr = punch_target(&peer)?;
+        self.network.punch(addr).await
+    }
+
     /// `host.log`, whatever the contract version.
     fn log(&self, level: Level, message: &str) {
         let plugin = &*self.plugin;
@@ -150,8 +169,9 @@ impl RequestState {
 /// Serves one contract version's imports with the methods above: its `host`
 /// interface, and its `types` interface, which has no functions. Each version
 /// has its own generated types, so each gets its own impls; the logic is one.
+/// `$added` are the `host` functions of versions that have more.
 macro_rules! host_imports {
-    ($version:ident) => {
+    ($version:ident $(, $($added:tt)*)?) => {
         impl From<OutboundError> for $version::grenache::plugin::types::RequestError {
             fn from(e: OutboundError) -> Self {
                 use $version::grenache::plugin::types::RequestError;
@@ -198,22 +218,94 @@ macro_rules! host_imports {
             ) {
                 RequestState::log(self, level.into(), &message);
             }
+
+            $($($added)*)?
         }
     };
 }
 
+host_imports!(
+    v0_4,
+    async fn punch(&mut self, peer: String) -> Result<(), String> {
+        RequestState::punch(self, peer).await
+    }
+);
 host_imports!(v0_3);
 host_imports!(v0_2);
 
-impl From<v0_2::grenache::plugin::types::Level> for Level {
-    fn from(level: v0_2::grenache::plugin::types::Level) -> Self {
-        use v0_2::grenache::plugin::types::Level as Old;
-        match level {
-            Old::Trace => Level::Trace,
-            Old::Debug => Level::Debug,
-            Old::Info => Level::Info,
-            Old::Warn => Level::Warn,
-            Old::Error => Level::Error,
+/// An older version's log level as the current one.
+macro_rules! level_from {
+    ($version:ident) => {
+        impl From<$version::grenache::plugin::types::Level> for Level {
+            fn from(level: $version::grenache::plugin::types::Level) -> Self {
+                use $version::grenache::plugin::types::Level as Old;
+                match level {
+                    Old::Trace => Level::Trace,
+                    Old::Debug => Level::Debug,
+                    Old::Info => Level::Info,
+                    Old::Warn => Level::Warn,
+                    Old::Error => Level::Error,
+                }
+            }
         }
+    };
+}
+level_from!(v0_3);
+level_from!(v0_2);
+
+// What 0.4.0 added: `host.punch`, `state` and `config`.
+
+impl From<StateError> for v0_4::grenache::plugin::state::StateError {
+    fn from(e: StateError) -> Self {
+        use v0_4::grenache::plugin::state::StateError as Wit;
+        match e {
+            StateError::QuotaExceeded(m) => Wit::QuotaExceeded(m),
+            StateError::Invalid(m) => Wit::Invalid(m),
+            StateError::Unavailable(m) => Wit::Unavailable(m),
+        }
+    }
+}
+
+impl v0_4::grenache::plugin::state::Host for RequestState {
+    async fn get(
+        &mut self,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, v0_4::grenache::plugin::state::StateError> {
+        self.state.get(&key).map_err(Into::into)
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), v0_4::grenache::plugin::state::StateError> {
+        self.state.set(&key, value).map_err(Into::into)
+    }
+
+    async fn delete(
+        &mut self,
+        key: String,
+    ) -> Result<(), v0_4::grenache::plugin::state::StateError> {
+        self.state.delete(&key).map_err(Into::into)
+    }
+
+    async fn list_keys(
+        &mut self,
+        prefix: String,
+    ) -> Result<Vec<String>, v0_4::grenache::plugin::state::StateError> {
+        self.state.list_keys(&prefix).map_err(Into::into)
+    }
+}
+
+impl v0_4::grenache::plugin::config::Host for RequestState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+
+    async fn get_all(&mut self) -> Vec<(String, String)> {
+        self.config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }

@@ -14,14 +14,16 @@
 //! - [`runtime`]: the shared engine, loading and type-checking a file, and
 //!   calling a plugin: per-call limits, the wall-clock cap, and turning
 //!   whatever went wrong into a [`CallError`].
-//! - [`contract`]: the WIT contract versions the host speaks (0.3.0 and the
-//!   frozen 0.2.0), detecting which one a component was built against, and
-//!   calling its exports the way that version defines them; the
-//!   [`RequestContext`] that 0.3.0's `handle` receives.
+//! - [`contract`]: the WIT contract versions the host speaks (0.4.0 and the
+//!   frozen 0.3.0 and 0.2.0), detecting which one a component was built
+//!   against, and calling its exports the way that version defines them; the
+//!   [`RequestContext`] that `handle` receives since 0.3.0.
 //! - [`instance`]: what one call's `Store` holds and how the plugin's imports
 //!   are served.
-//! - [`network`]: the seam between a plugin's outgoing calls and the host's
-//!   network (or its absence, for `invoke`).
+//! - [`state`]: each plugin's key-value state on disk, and the transaction
+//!   each call reads and writes it through.
+//! - [`network`]: the seam between a plugin's outgoing calls and punches and
+//!   the host's network (or its absence, for `invoke`), and the punch budget.
 //! - [`output`]: capture of a plugin's stdout/stderr.
 //! - [`policy`]: the operator's per-plugin policy (TOML plus flags), the
 //!   per-call [`Limits`] and their defaults.
@@ -35,8 +37,9 @@ pub mod policy;
 pub mod runtime;
 pub mod set;
 pub mod signing;
+pub mod state;
 
 pub use contract::{ContractVersion, RequestContext};
-pub use network::{NoNetwork, OutboundCall, OutboundError, PluginNetwork};
+pub use network::{NoNetwork, OutboundCall, OutboundError, PluginNetwork, PunchCall};
 pub use policy::Limits;
 pub use runtime::{check_json, plugin_name, CallError, LoadError, LoadedPlugin, Runtime};

@@ -1,13 +1,18 @@
-//! What a plugin's outgoing calls (`host.request`, `host.request-peer`) reach.
+//! What a plugin's outgoing calls (`host.request`, `host.request-peer`) and
+//! punches (`host.punch`) reach.
 //!
 //! The plugin runtime does not know about sockets: it hands each outgoing call
 //! to a [`PluginNetwork`]. `invoke` uses [`NoNetwork`]; `run` plugs in the
-//! node's RPC client.
+//! node's RPC client and socket. [`AllowedCalls`] stands in front of either
+//! with what the plugin may do: the services it may call, and whether and how
+//! often it may punch ([`PunchBudget`]).
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Why an outgoing call failed; mirrors the WIT `request-error` variant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,8 +37,14 @@ pub enum OutboundError {
 /// The future of one outgoing call: the reply's JSON text or why it failed.
 pub type OutboundCall = Pin<Box<dyn Future<Output = Result<String, OutboundError>> + Send>>;
 
-/// Carries a plugin's outgoing calls. Implementations must honour `timeout`.
+/// The future of one punch sent: done, or why not.
+pub type PunchCall = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Carries a plugin's outgoing calls and punches. Implementations must
+/// honour `timeout`.
 pub trait PluginNetwork: Send + Sync + 'static {
+    /// Sends one UDP hole punch (`C3 BF`) from the host's RPC socket to `peer`.
+    fn punch(&self, peer: SocketAddr) -> PunchCall;
     /// Look `service` up and call one of its peers.
     fn request(&self, service: String, payload: String, timeout: Duration) -> OutboundCall;
     /// Call `service` on the peer at `peer` (`ip:port`) directly.
@@ -61,6 +72,14 @@ impl NoNetwork {
 }
 
 impl PluginNetwork for NoNetwork {
+    fn punch(&self, peer: SocketAddr) -> PunchCall {
+        Box::pin(async move {
+            Err(format!(
+                "no network in this mode: a punch to {peer} needs a running host (`grenache-host run`)"
+            ))
+        })
+    }
+
     fn request(&self, service: String, _payload: String, _timeout: Duration) -> OutboundCall {
         Self::refuse(format!("a request to {service}"))
     }
@@ -76,19 +95,108 @@ impl PluginNetwork for NoNetwork {
     }
 }
 
-/// The services one plugin may call: what it declared in its manifest,
-/// narrowed by the operator's policy. Calls to anything else are `denied`
-/// before they reach the network.
+/// Punches one plugin may send per second, on average (`host.punch`).
+pub const PUNCHES_PER_SECOND: u32 = 4;
+/// Punches one plugin may send at once before the rate applies.
+pub const PUNCH_BURST: u32 = 8;
+/// Distinct peers one plugin may punch within [`PUNCH_PEER_WINDOW`].
+pub const MAX_PUNCH_PEERS: usize = 64;
+/// The window over which distinct punched peers are counted.
+pub const PUNCH_PEER_WINDOW: Duration = Duration::from_secs(60);
+
+/// How many punches a plugin may still send: a token bucket of
+/// [`PUNCH_BURST`] filling at [`PUNCHES_PER_SECOND`], and at most
+/// [`MAX_PUNCH_PEERS`] distinct peers per [`PUNCH_PEER_WINDOW`], so that a
+/// plugin cannot turn its host into a UDP flood source, nor into a scanner.
+/// A state machine over the time it is given; bounded by construction.
+#[derive(Debug)]
+pub struct PunchBudget {
+    tokens: f64,
+    refilled: Instant,
+    /// Peers punched within the window, each with its latest punch, oldest
+    /// first; at most [`MAX_PUNCH_PEERS`].
+    peers: VecDeque<(SocketAddr, Instant)>,
+}
+
+impl PunchBudget {
+    /// A full budget at `now`.
+    pub fn new(now: Instant) -> Self {
+        PunchBudget {
+            tokens: f64::from(PUNCH_BURST),
+            refilled: now,
+            peers: VecDeque::new(),
+        }
+    }
+
+    /// Spends one punch to `peer` at `now`, or says which limit refuses it.
+    pub fn spend(&mut self, now: Instant, peer: SocketAddr) -> Result<(), String> {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed * f64::from(PUNCHES_PER_SECOND)).min(f64::from(PUNCH_BURST));
+        self.refilled = now;
+        while self
+            .peers
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= PUNCH_PEER_WINDOW)
+        {
+            self.peers.pop_front();
+        }
+        let known = self.peers.iter().position(|(p, _)| *p == peer);
+        if known.is_none() && self.peers.len() >= MAX_PUNCH_PEERS {
+            return Err(format!(
+                "punch budget exceeded: at most {MAX_PUNCH_PEERS} distinct peers per {}s",
+                PUNCH_PEER_WINDOW.as_secs()
+            ));
+        }
+        if self.tokens < 1.0 {
+            return Err(format!(
+                "punch budget exceeded: at most {PUNCHES_PER_SECOND} punches per second (bursts of {PUNCH_BURST})"
+            ));
+        }
+        self.tokens -= 1.0;
+        if let Some(i) = known {
+            self.peers.remove(i);
+        }
+        self.peers.push_back((peer, now));
+        Ok(())
+    }
+}
+
+/// The address a plugin asked to punch, if it is one a punch may go to: a
+/// unicast `ip:port` with a port.
+pub fn punch_target(peer: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = peer
+        .parse()
+        .map_err(|_| format!("{peer:?} is not an ip:port address"))?;
+    let unicast = match addr.ip() {
+        IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()),
+        IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
+    };
+    if !unicast || addr.port() == 0 {
+        return Err(format!(
+            "{peer} is not a peer's address (unspecified, multicast, broadcast or port 0)"
+        ));
+    }
+    Ok(addr)
+}
+
+/// What one plugin may do on the network: call the services it declared in
+/// its manifest, narrowed by the operator's policy (calls to anything else
+/// are `denied` before they reach the network), and punch within its
+/// [`PunchBudget`] when the policy lets it (`may_be_punched_for`).
 pub struct AllowedCalls {
     plugin: String,
     /// `None`: any service.
     allowed: Option<Vec<String>>,
+    /// `None`: the policy does not let it punch.
+    punches: Option<Mutex<PunchBudget>>,
     inner: Arc<dyn PluginNetwork>,
 }
 
 impl AllowedCalls {
     /// `declared` is the manifest's `calls`; `policy`, when set, the
-    /// operator's `may_call`. `*` in a list means any service.
+    /// operator's `may_call`. `*` in a list means any service. The plugin
+    /// may not punch until [`may_punch`](Self::may_punch).
     pub fn new(
         plugin: &str,
         declared: &[String],
@@ -113,8 +221,15 @@ impl AllowedCalls {
         AllowedCalls {
             plugin: plugin.to_string(),
             allowed,
+            punches: None,
             inner,
         }
+    }
+
+    /// Lets the plugin punch, within a full [`PunchBudget`].
+    pub fn may_punch(mut self) -> Self {
+        self.punches = Some(Mutex::new(PunchBudget::new(Instant::now())));
+        self
     }
 
     /// Whether `service` may be called.
@@ -140,6 +255,25 @@ impl AllowedCalls {
 }
 
 impl PluginNetwork for AllowedCalls {
+    fn punch(&self, peer: SocketAddr) -> PunchCall {
+        let Some(budget) = &self.punches else {
+            let message = format!(
+                "plugin {} may not punch: its policy has may_be_punched_for = false",
+                self.plugin
+            );
+            return Box::pin(async move { Err(message) });
+        };
+        let spent = budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spend(Instant::now(), peer);
+        if let Err(e) = spent {
+            tracing::debug!(plugin = %self.plugin, %peer, "{e}");
+            return Box::pin(async move { Err(e) });
+        }
+        self.inner.punch(peer)
+    }
+
     fn request(&self, service: String, payload: String, timeout: Duration) -> OutboundCall {
         if !self.allows(&service) {
             return self.deny(&service);
@@ -189,6 +323,74 @@ mod tests {
             !allowed(&[], None).allows("x"),
             "nothing declared, nothing allowed"
         );
+    }
+
+    #[test]
+    fn the_punch_budget_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut budget = PunchBudget::new(start);
+        let peer: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        for _ in 0..PUNCH_BURST {
+            budget.spend(start, peer).unwrap();
+        }
+        let e = budget.spend(start, peer).unwrap_err();
+        assert!(e.contains("per second"), "{e}");
+        // A quarter second refills one punch at 4 per second.
+        let later = start + Duration::from_millis(250);
+        budget.spend(later, peer).unwrap();
+        assert!(budget.spend(later, peer).is_err());
+    }
+
+    #[test]
+    fn the_punch_budget_bounds_distinct_peers_per_window() {
+        let start = Instant::now();
+        let mut budget = PunchBudget::new(start);
+        let peer = |i: usize| SocketAddr::from(([192, 0, 2, 1], 1000 + i as u16));
+        // Slowly enough that the rate never refuses.
+        let at = |i: usize| start + Duration::from_millis(250 * i as u64);
+        for i in 0..MAX_PUNCH_PEERS {
+            budget.spend(at(i), peer(i)).unwrap();
+        }
+        let now = at(MAX_PUNCH_PEERS);
+        let e = budget.spend(now, peer(MAX_PUNCH_PEERS)).unwrap_err();
+        assert!(e.contains("distinct peers"), "{e}");
+        budget
+            .spend(now, peer(3))
+            .expect("a peer already punched is fine");
+        // Once the first peer's punch is a window old, a new peer fits.
+        budget
+            .spend(start + PUNCH_PEER_WINDOW, peer(MAX_PUNCH_PEERS))
+            .unwrap();
+    }
+
+    #[test]
+    fn only_unicast_addresses_with_a_port_are_punched() {
+        assert!(punch_target("203.0.113.7:40123").is_ok());
+        assert!(punch_target("[2001:db8::1]:40123").is_ok());
+        for bad in [
+            "nonsense",
+            "203.0.113.7",
+            "0.0.0.0:1",
+            "255.255.255.255:1",
+            "224.0.0.1:1",
+            "[ff02::1]:1",
+            "203.0.113.7:0",
+        ] {
+            assert!(punch_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plugin_without_may_be_punched_for_cannot_punch() {
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let e = allowed(&[], None).punch(peer).await.unwrap_err();
+        assert!(e.contains("may_be_punched_for = false"), "{e}");
+        let e = allowed(&[], None)
+            .may_punch()
+            .punch(peer)
+            .await
+            .unwrap_err();
+        assert!(e.contains("no network in this mode"), "{e}");
     }
 
     #[tokio::test]

@@ -15,19 +15,26 @@
 //! max_reply = "1MiB"
 //! max_concurrent = 64         # requests running at once in this plugin
 //! may_call = ["*"]            # narrows the manifest's `calls`; "*" = what it declared
-//! may_be_punched_for = true   # punch its targets, tell it about punches
+//! may_be_punched_for = true   # punch its targets, tell it about punches, let it host.punch
+//! state_quota = "1MiB"        # its key-value state: bytes of keys plus values
+//! tick_interval = "1s"        # calls its on-tick this often ("off": never); default: its manifest's
 //!
 //! [plugin.consumer]           # by plugin name (file name without .wasm)
 //! may_call = ["fibonacci_worker"]
+//!
+//! [plugin.sensors.config]     # string values the plugin reads with config.get
+//! max_readings = "100"
 //! ```
 //!
 //! Precedence: built-in defaults, then `[defaults]`, then `[plugin.NAME]`,
 //! then command-line flags (which apply to every plugin). The built-in
 //! defaults are the safe ones: the limits above, and calls only to what the
-//! plugin's manifest declares.
+//! plugin's manifest declares. A `config` table merges key by key:
+//! `[defaults.config]`, then `[plugin.NAME.config]`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -65,6 +72,27 @@ impl Default for Limits {
 
 /// Default number of requests one plugin may run at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+/// Largest `state_quota`: a plugin's whole state is held in memory and
+/// rewritten to disk by each call that changes it.
+pub const MAX_STATE_QUOTA: u64 = 256 << 20;
+/// Shortest interval between two ticks of a plugin (the WIT's minimum).
+pub const MIN_TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// Most configuration values one plugin may be given, and the longest key
+/// or value, in bytes: the plugin reads them all with `config.get-all`.
+pub const MAX_CONFIG_VALUES: usize = 1024;
+/// Longest configuration key or value, in bytes.
+pub const MAX_CONFIG_BYTES: usize = 64 << 10;
+
+/// When a plugin's `on-tick` runs, as its policy says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TickPolicy {
+    /// As its manifest's `tick-interval-ms` says.
+    Manifest,
+    /// Never.
+    Off,
+    /// At this interval, whatever the manifest says.
+    Every(Duration),
+}
 
 /// What one plugin may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,8 +103,15 @@ pub struct PluginPolicy {
     pub max_concurrent: usize,
     /// Narrows the manifest's `calls`; `None` leaves them as declared.
     pub may_call: Option<Vec<String>>,
-    /// Whether the host punches this plugin's targets and calls its `on-punch`.
+    /// Whether the host punches this plugin's targets, calls its
+    /// `on-punch`, and lets it send punches with `host.punch`.
     pub may_be_punched_for: bool,
+    /// Most bytes of keys plus values its state may hold.
+    pub state_quota: u64,
+    /// When its `on-tick` runs.
+    pub tick: TickPolicy,
+    /// The values it reads through the WIT `config` interface.
+    pub config: Arc<BTreeMap<String, String>>,
 }
 
 impl PluginPolicy {
@@ -87,6 +122,9 @@ impl PluginPolicy {
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             may_call: None,
             may_be_punched_for: true,
+            state_quota: super::state::DEFAULT_STATE_QUOTA,
+            tick: TickPolicy::Manifest,
+            config: Arc::default(),
         }
     }
 }
@@ -106,8 +144,16 @@ pub struct PolicyEntry {
     pub max_concurrent: Option<usize>,
     /// Services the plugin may call; narrows its manifest's `calls`.
     pub may_call: Option<Vec<String>>,
-    /// Whether the host punches the plugin's targets and calls its `on-punch`.
+    /// Whether the host punches the plugin's targets, calls its `on-punch`
+    /// and lets it call `host.punch`.
     pub may_be_punched_for: Option<bool>,
+    /// Its state's quota, as a size (`"1MiB"`), at most 256 MiB.
+    pub state_quota: Option<String>,
+    /// How often its `on-tick` runs, as a duration of at least 100ms
+    /// (`"1s"`), or `"off"`; overrides its manifest's `tick-interval-ms`.
+    pub tick_interval: Option<String>,
+    /// `[....config]`: string values the plugin reads with `config.get`.
+    pub config: Option<BTreeMap<String, String>>,
 }
 
 /// The policy file.
@@ -196,6 +242,49 @@ impl PluginPolicy {
         if let Some(b) = entry.may_be_punched_for {
             self.may_be_punched_for = b;
         }
+        if let Some(v) = &entry.state_quota {
+            let quota = parse_size(v).map_err(|e| field("state_quota", e))?;
+            if quota > MAX_STATE_QUOTA {
+                return Err(format!(
+                    "state_quota: {v:?} is more than the most a plugin may keep, 256MiB"
+                ));
+            }
+            self.state_quota = quota;
+        }
+        if let Some(v) = &entry.tick_interval {
+            self.tick = match v.as_str() {
+                "off" => TickPolicy::Off,
+                v => {
+                    let every = parse_duration(v)
+                        .map_err(|e| field("tick_interval", format!("{e}, or \"off\"")))?;
+                    if every < MIN_TICK_INTERVAL {
+                        return Err(format!(
+                            "tick_interval: {v:?} is shorter than the minimum of 100ms"
+                        ));
+                    }
+                    TickPolicy::Every(every)
+                }
+            };
+        }
+        if let Some(values) = &entry.config {
+            let mut config = (*self.config).clone();
+            config.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if config.len() > MAX_CONFIG_VALUES {
+                return Err(format!(
+                    "config: {} values, more than the {MAX_CONFIG_VALUES} a plugin may be given",
+                    config.len()
+                ));
+            }
+            if let Some((key, _)) = config
+                .iter()
+                .find(|(k, v)| k.len() > MAX_CONFIG_BYTES || v.len() > MAX_CONFIG_BYTES)
+            {
+                return Err(format!(
+                    "config: {key:.40?} or its value is longer than {MAX_CONFIG_BYTES} bytes"
+                ));
+            }
+            self.config = Arc::new(config);
+        }
         Ok(self)
     }
 }
@@ -275,6 +364,67 @@ mod tests {
             (p.max_concurrent, p.may_call, p.may_be_punched_for),
             (64, None, true)
         );
+        assert_eq!(
+            (p.state_quota, p.tick, p.config.len()),
+            (1 << 20, TickPolicy::Manifest, 0)
+        );
+    }
+
+    #[test]
+    fn state_quota_tick_interval_and_config_come_from_the_file() {
+        let file: PolicyFile = toml::from_str(
+            r#"
+            [defaults]
+            state_quota = "64KiB"
+            [defaults.config]
+            region = "eu"
+            unit = "C"
+            [plugin.sensors]
+            tick_interval = "250ms"
+            [plugin.sensors.config]
+            unit = "K"
+            max_readings = "10"
+            [plugin.quiet]
+            tick_interval = "off"
+            "#,
+        )
+        .unwrap();
+        let none = PolicyEntry::default();
+        let sensors = file.for_plugin("sensors", &none).unwrap();
+        assert_eq!(sensors.state_quota, 64 << 10);
+        assert_eq!(sensors.tick, TickPolicy::Every(Duration::from_millis(250)));
+        let config: Vec<(&str, &str)> = sensors
+            .config
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            config,
+            [("max_readings", "10"), ("region", "eu"), ("unit", "K")]
+        );
+        assert_eq!(
+            file.for_plugin("quiet", &none).unwrap().tick,
+            TickPolicy::Off
+        );
+        assert_eq!(
+            file.for_plugin("other", &none).unwrap().tick,
+            TickPolicy::Manifest
+        );
+    }
+
+    #[test]
+    fn a_bad_state_quota_tick_interval_or_config_value_is_refused() {
+        for (text, expect) in [
+            ("state_quota = \"1GiB\"", "256MiB"),
+            ("tick_interval = \"50ms\"", "100ms"),
+            ("tick_interval = \"sometimes\"", "\"off\""),
+        ] {
+            let file: PolicyFile = toml::from_str(&format!("[defaults]\n{text}\n")).unwrap();
+            let e = file.for_plugin("p", &PolicyEntry::default()).unwrap_err();
+            assert!(e.contains(expect), "{text}: {e}");
+        }
+        let e = toml::from_str::<PolicyFile>("[plugin.p.config]\nlimit = 5\n").unwrap_err();
+        assert!(e.to_string().contains("string"), "{e}");
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //! `.cwasm` from `grenache-host compile`, told apart by its header,
 //! deserializes it: [`Runtime::precompile`] makes those with the same engine
 //! configuration), type-checks it against the `plugin` world of each
-//! contract version the host speaks ([`contract`]: 0.3.0, then 0.2.0), and
+//! contract version the host speaks ([`contract`]: 0.4.0, 0.3.0, then 0.2.0), and
 //! reads its manifest; each way that fails is a [`LoadError`].
 //!
-//! Every call (`manifest`, `handle`, `on-punch`) goes the same way, whatever
-//! the plugin's contract version: a new store with the limits of the
-//! plugin's [`PluginPolicy`], instantiation, the export, all under a
-//! wall-clock cap; then the plugin's output is logged.
+//! Every call (`manifest`, `handle`, `on-punch`, `on-tick`) goes the same
+//! way, whatever the plugin's contract version: a new store with the limits
+//! of the plugin's [`PluginPolicy`] and a state [`Transaction`],
+//! instantiation, the export, all under a wall-clock cap; then the plugin's
+//! output is logged, and the transaction committed if the call returned
+//! without trapping. A plugin built against 0.4.0 or later gets its state
+//! from the runtime's [`StateDir`] (`run --state-dir`), opened at load.
 //! Memory is bounded by a [`wasmtime::ResourceLimiter`] on the store, wall
 //! time by epoch interruption (an OS thread ticks the engine's epoch; the
 //! store's deadline callback yields to tokio on each tick and stops the
@@ -43,8 +46,9 @@ use super::contract::{
 };
 use super::instance::RequestState;
 use super::network::{AllowedCalls, PluginNetwork};
-use super::policy::{Limits, PluginPolicy};
+use super::policy::{Limits, PluginPolicy, TickPolicy, MIN_TICK_INTERVAL};
 use super::signing::TrustedKey;
+use super::state::{PluginState, StateDir, Transaction};
 use crate::units::format_size;
 
 /// How often the engine's epoch advances; the granularity of time limits.
@@ -129,6 +133,10 @@ pub enum LoadError {
         path: PathBuf,
         reason: super::signing::SignatureError,
     },
+    /// Its state file could not be read: damaged, larger than its quota, or
+    /// unreadable. The reason names the file and the fix.
+    #[error("cannot load {path}: {reason}")]
+    State { path: PathBuf, reason: String },
     /// Its `manifest` export failed, or named an unusable service.
     #[error(
         "cannot load {path}: its manifest() failed ({reason}); fix the plugin's manifest function"
@@ -181,6 +189,15 @@ pub enum CallError {
         /// What is wrong with the reply (too large, not JSON).
         detail: String,
     },
+    /// The call returned, but its state writes could not be kept (the disk,
+    /// or calls running at once passed the quota together): none was kept.
+    #[error("plugin {plugin}'s state changes were not saved: {reason}")]
+    StateNotSaved {
+        /// The plugin's name.
+        plugin: String,
+        /// Why, naming the file or the quota.
+        reason: String,
+    },
     /// The plugin already runs as many requests as its policy allows.
     #[error(
         "plugin {plugin} is busy: {max} requests already running (its max_concurrent); retry later"
@@ -204,6 +221,8 @@ pub struct Runtime {
     limits: Limits,
     /// When not empty, only plugins signed by one of these keys load.
     trusted_keys: Arc<[TrustedKey]>,
+    /// Where plugins' state lives; `None`: they have none.
+    state_dir: Option<Arc<StateDir>>,
 }
 
 impl Runtime {
@@ -237,7 +256,20 @@ impl Runtime {
             linker: Arc::new(linker),
             limits,
             trusted_keys: Arc::new([]),
+            state_dir: None,
         })
+    }
+
+    /// Keeps plugins' state under `dir` (`run --state-dir`); without it a
+    /// plugin's state calls fail as `unavailable`.
+    pub fn with_state_dir(mut self, dir: PathBuf) -> Self {
+        self.state_dir = Some(Arc::new(StateDir::new(dir)));
+        self
+    }
+
+    /// The state directory, if any.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref().map(StateDir::root)
     }
 
     /// Loads only plugins whose signature verifies under one of `keys`.
@@ -262,11 +294,25 @@ impl Runtime {
             .await
     }
 
-    /// Reads, compiles and type-checks a plugin file, then reads its
-    /// manifest; the plugin then runs under `policy`. Everything that can go
-    /// wrong with the file is a [`LoadError`].
+    /// [`load_as`](Self::load_as) under the file's own name.
     pub async fn load_with(
         &self,
+        path: &Path,
+        network: Arc<dyn PluginNetwork>,
+        policy: PluginPolicy,
+    ) -> Result<LoadedPlugin, LoadError> {
+        self.load_as(&plugin_name(path), path, network, policy)
+            .await
+    }
+
+    /// Reads, compiles and type-checks a plugin file, opens its state, then
+    /// reads its manifest; the plugin then runs as `name` (its logs, its
+    /// state: a swap loads the new file under the name of the plugin it
+    /// replaces) under `policy`. Everything that can go wrong with the file
+    /// is a [`LoadError`].
+    pub async fn load_as(
+        &self,
+        name: &str,
         path: &Path,
         network: Arc<dyn PluginNetwork>,
         policy: PluginPolicy,
@@ -330,7 +376,22 @@ impl Runtime {
             .map_err(wrong_world)?;
         let pre = ContractPre::detect(pre).map_err(wrong_world)?;
 
-        let name: Arc<str> = plugin_name(path).into();
+        let name: Arc<str> = name.into();
+        // Older contracts have no state interface to use it through.
+        let state = match (&self.state_dir, pre.version()) {
+            (_, ContractVersion::V0_3 | ContractVersion::V0_2) => Err(String::new()),
+            (None, _) => {
+                Err("this host keeps no plugin state: `invoke` without --state-dir".to_string())
+            }
+            (Some(dir), _) => {
+                Ok(dir
+                    .open(&name, policy.state_quota)
+                    .map_err(|reason| LoadError::State {
+                        path: path_buf.clone(),
+                        reason,
+                    })?)
+            }
+        };
         // Until the manifest says what the plugin may call, it may call nothing.
         let no_calls: Arc<dyn PluginNetwork> =
             Arc::new(AllowedCalls::new(&name, &[], None, network.clone()));
@@ -345,9 +406,11 @@ impl Runtime {
                 serves: vec![],
                 punch: vec![],
                 calls: vec![],
+                tick_interval_ms: None,
             },
             concurrency: Arc::new(tokio::sync::Semaphore::new(policy.max_concurrent)),
             policy,
+            state,
         };
         plugin.manifest = plugin.read_manifest().await.map_err(|e| match e {
             CallError::MemoryLimit {
@@ -379,12 +442,17 @@ impl Runtime {
                 ),
             });
         }
-        plugin.network = Arc::new(AllowedCalls::new(
+        let allowed = AllowedCalls::new(
             &name,
             &plugin.manifest.calls,
             plugin.policy.may_call.as_deref(),
             network,
-        ));
+        );
+        plugin.network = Arc::new(if plugin.policy.may_be_punched_for {
+            allowed.may_punch()
+        } else {
+            allowed
+        });
         Ok(plugin)
     }
     /// The component in `bytes`, told apart by content, not by the file's
@@ -640,6 +708,8 @@ pub struct LoadedPlugin {
     policy: PluginPolicy,
     /// One permit per request allowed to run at once.
     concurrency: Arc<tokio::sync::Semaphore>,
+    /// Its state, shared with its other versions; or why it has none.
+    state: Result<Arc<PluginState>, String>,
 }
 
 impl LoadedPlugin {
@@ -684,8 +754,31 @@ impl LoadedPlugin {
         &self.manifest.calls
     }
 
-    /// A fresh store with this call's limits.
-    fn new_store(&self) -> Store<RequestState> {
+    /// How often the host calls its `on-tick`: its policy's
+    /// `tick_interval`, else its manifest's `tick-interval-ms`, never more
+    /// often than [`MIN_TICK_INTERVAL`]; `None`: never (also for plugins
+    /// built against a contract without `on-tick`).
+    pub fn tick_interval(&self) -> Option<Duration> {
+        if self.contract() != ContractVersion::V0_4 {
+            return None;
+        }
+        let every = match self.policy.tick {
+            TickPolicy::Off => return None,
+            TickPolicy::Every(every) => every,
+            TickPolicy::Manifest => {
+                Duration::from_millis(u64::from(self.manifest.tick_interval_ms?))
+            }
+        };
+        Some(every.max(MIN_TICK_INTERVAL))
+    }
+
+    /// Its state file, when it has state.
+    pub fn state_file(&self) -> Option<&Path> {
+        self.state.as_ref().ok().map(|s| s.file())
+    }
+
+    /// A fresh store with this call's limits and state transaction.
+    fn new_store(&self, transaction: Transaction) -> Store<RequestState> {
         let limits = self.policy.limits;
         let deadline = Instant::now() + limits.time;
         let state = RequestState::new(
@@ -693,6 +786,8 @@ impl LoadedPlugin {
             self.network.clone(),
             deadline,
             usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+            transaction,
+            self.policy.config.clone(),
         );
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| s);
@@ -786,24 +881,51 @@ impl LoadedPlugin {
     /// Runs one export of the plugin in a fresh store and instance: the
     /// per-call limits of [`new_store`](Self::new_store), the wall-clock cap
     /// of [`bounded`](Self::bounded), then [`finish`](Self::finish) (the
-    /// plugin's output logged, a failure classified). Instantiating counts
+    /// plugin's output logged, a failure classified); when the call returned
+    /// without trapping, its state writes are committed. Instantiating counts
     /// against the same limits as the call itself.
     async fn call<T>(
         &self,
         export: impl AsyncFnOnce(&ContractInstance, &mut Store<RequestState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        let mut store = self.new_store();
+        let transaction = match &self.state {
+            Ok(state) => Transaction::new(state.clone()),
+            Err(reason) => Transaction::Unavailable(reason.clone()),
+        };
+        self.call_in(transaction, export).await
+    }
+
+    async fn call_in<T>(
+        &self,
+        transaction: Transaction,
+        export: impl AsyncFnOnce(&ContractInstance, &mut Store<RequestState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let mut store = self.new_store(transaction);
         let result = self
             .bounded(async {
                 let instance = self.pre.instantiate(&mut store).await?;
                 export(&instance, &mut store).await
             })
             .await;
-        self.finish(&store, result)
+        let value = self.finish(&store, result)?;
+        let done = Transaction::Unavailable("the call has returned".into());
+        let transaction = std::mem::replace(&mut store.data_mut().state, done);
+        drop(store);
+        transaction.commit().await.map_err(|reason| {
+            let e = CallError::StateNotSaved {
+                plugin: self.name.to_string(),
+                reason,
+            };
+            tracing::warn!("{e}");
+            e
+        })?;
+        Ok(value)
     }
 
     async fn read_manifest(&self) -> Result<Manifest, CallError> {
-        self.call(async |plugin, store| plugin.manifest(store).await)
+        // Nothing the manifest does is kept: the version may never serve.
+        let no_state = Transaction::Unavailable("not during manifest()".into());
+        self.call_in(no_state, async |plugin, store| plugin.manifest(store).await)
             .await
     }
 
@@ -864,6 +986,22 @@ impl LoadedPlugin {
         self.call(async |plugin, store| plugin.on_punch(store, peer).await)
             .await
     }
+
+    /// Calls the plugin's `on-tick` in a fresh instance, under the limits of
+    /// a request and taking one of its request slots (`Busy` when none is
+    /// free). Its `err` is [`CallError::Handler`].
+    pub async fn on_tick(&self) -> Result<(), CallError> {
+        let _permit = self
+            .concurrency
+            .try_acquire()
+            .map_err(|_| CallError::Busy {
+                plugin: self.name.to_string(),
+                max: self.policy.max_concurrent,
+            })?;
+        self.call(async |plugin, store| plugin.on_tick(store).await)
+            .await?
+            .map_err(CallError::Handler)
+    }
 }
 
 #[cfg(test)]
@@ -904,14 +1042,14 @@ mod tests {
         let e = LoadError::UnknownContract {
             path: "plugins/new.wasm".into(),
             package: contract::PACKAGE,
-            versions: "0.4.0".into(),
-            known: "0.3.0, 0.2.0".into(),
+            versions: "0.5.0".into(),
+            known: "0.4.0, 0.3.0, 0.2.0".into(),
         };
         let text = e.to_string();
         assert!(!text.contains('\n'));
         assert!(text.starts_with("cannot load plugins/new.wasm: "));
-        assert!(text.contains("grenache:plugin@0.4.0"), "{text}");
-        assert!(text.contains("it speaks 0.3.0, 0.2.0"), "{text}");
+        assert!(text.contains("grenache:plugin@0.5.0"), "{text}");
+        assert!(text.contains("it speaks 0.4.0, 0.3.0, 0.2.0"), "{text}");
         assert!(text.contains("rebuild the plugin against"), "{text}");
     }
 

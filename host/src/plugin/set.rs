@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use super::policy::Policies;
-use super::{plugin_name, LoadedPlugin, PluginNetwork, Runtime};
+use super::{plugin_name, CallError, LoadedPlugin, PluginNetwork, Runtime};
 
 /// How many earlier versions of a plugin a host keeps to roll back to.
 pub const HISTORY_LEN: usize = 5;
@@ -52,6 +52,18 @@ struct Slot {
     swaps: u64,
     rollbacks: u64,
     stats: Arc<SlotStats>,
+    ticks: Arc<SlotTicks>,
+}
+
+/// The ticking of one plugin, across its versions.
+#[derive(Default)]
+struct SlotTicks {
+    /// Which ticker may tick: each version that becomes current gets a new
+    /// one, and the ticker of a version swapped out stops at its next tick.
+    ticker: AtomicU64,
+    /// Held while a tick runs, whatever the version: a tick due while
+    /// another runs is skipped, so ticks of one plugin never overlap.
+    running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Slot {
@@ -66,6 +78,8 @@ impl Slot {
 pub struct SlotStats {
     requests: AtomicU64,
     faults: AtomicU64,
+    ticks: AtomicU64,
+    skipped_ticks: AtomicU64,
     refused_swaps: AtomicU64,
     /// The latest fault or refusal, with its reason.
     last_problem: Mutex<Option<String>>,
@@ -157,6 +171,8 @@ pub struct PluginSet {
     routes: RwLock<Arc<Routes>>,
     /// The services served now, for the announce loop.
     services: tokio::sync::watch::Sender<Vec<String>>,
+    /// Bumped by every swap and rollback, for the tick driver.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 fn build_routes(slots: &[Slot]) -> Result<Routes, String> {
@@ -210,6 +226,7 @@ impl PluginSet {
                 swaps: 0,
                 rollbacks: 0,
                 stats: Arc::default(),
+                ticks: Arc::default(),
             });
         }
         let routes = build_routes(&slots).map_err(anyhow::Error::msg)?;
@@ -221,6 +238,7 @@ impl PluginSet {
             slots: Mutex::new(slots),
             routes: RwLock::new(Arc::new(routes)),
             services,
+            generation: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -305,9 +323,10 @@ impl PluginSet {
         };
         let policy = self.policies.for_plugin(&name)?;
         let started = Instant::now();
+        // ... and under its name, which its state belongs to.
         let plugin = self
             .runtime
-            .load_with(file, self.network.clone(), policy)
+            .load_as(&name, file, self.network.clone(), policy)
             .await
             .map_err(|e| e.to_string())?;
         let load_time = started.elapsed();
@@ -377,6 +396,7 @@ impl PluginSet {
         let services = routes_services(&routes);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
         self.services.send_replace(services);
+        self.generation.send_modify(|g| *g += 1);
         let slot = &slots[i];
         Ok(SwapReport {
             plugin: slot.name(),
@@ -491,6 +511,55 @@ impl PluginSet {
             .collect()
     }
 
+    /// Calls every plugin's `on-tick` at its interval
+    /// ([`LoadedPlugin::tick_interval`]) until dropped (at shutdown, which
+    /// stops the ticks running too). A swap or rollback stops the ticks of
+    /// the version it replaces and starts those of the new one at its own
+    /// interval. A tick runs under the limits of a request, in one of the
+    /// plugin's request slots; a tick due while the plugin's previous one
+    /// (of any version) still runs, or while all its slots are busy, is
+    /// skipped. A failed tick is logged as a warning, counted as a fault,
+    /// and handed to `failed` with the plugin's name (the node counts it in
+    /// its metrics).
+    pub async fn run_ticks(self: Arc<Self>, failed: Arc<TickFailed>) {
+        let mut changes = self.generation.subscribe();
+        let mut tickers = tokio::task::JoinSet::new();
+        // The version each plugin's ticker was started for.
+        let mut ticking: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
+        loop {
+            changes.borrow_and_update();
+            let current: Vec<Tick> = self
+                .lock_slots()
+                .iter()
+                .map(|s| Tick {
+                    name: s.name(),
+                    plugin: s.current.clone(),
+                    stats: s.stats.clone(),
+                    ticks: s.ticks.clone(),
+                    ticker: 0,
+                    failed: failed.clone(),
+                })
+                .collect();
+            for mut tick in current {
+                let known = ticking.insert(tick.name.clone(), tick.plugin.clone());
+                if known.is_some_and(|known| Arc::ptr_eq(&known, &tick.plugin)) {
+                    continue;
+                }
+                // A new ticker for a new version; the old one stops.
+                tick.ticker = tick.ticks.ticker.fetch_add(1, Ordering::SeqCst) + 1;
+                let Some(every) = tick.plugin.tick_interval() else {
+                    continue;
+                };
+                tracing::info!("{}: ticking every {every:?}", tick.name);
+                tickers.spawn(tick.run(every, self.generation.subscribe()));
+            }
+            while tickers.try_join_next().is_some() {}
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// What `grenache-host status` shows.
     pub fn status(&self) -> serde_json::Value {
         let slots = self.lock_slots();
@@ -513,12 +582,92 @@ impl PluginSet {
                     "faults": s.stats.faults.load(Ordering::Relaxed),
                     "swaps": s.swaps,
                     "rollbacks": s.rollbacks,
+                    "contract": s.current.contract().to_string(),
+                    "tick_interval_ms": s.current.tick_interval().map(|d| d.as_millis() as u64),
+                    "ticks": s.stats.ticks.load(Ordering::Relaxed),
+                    "skipped_ticks": s.stats.skipped_ticks.load(Ordering::Relaxed),
+                    "state_file": s.current.state_file().map(|p| p.display().to_string()),
                     "refused_swaps": s.stats.refused_swaps.load(Ordering::Relaxed),
                     "last_problem": s.stats.last_problem.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 })
             })
             .collect();
         serde_json::json!({ "plugins": plugins })
+    }
+}
+
+/// What [`PluginSet::run_ticks`] does with a failed tick besides logging
+/// and counting it: called with the plugin's name and the failure.
+pub type TickFailed = dyn Fn(&str, &CallError) + Send + Sync;
+
+/// The ticker of one version of a plugin.
+struct Tick {
+    name: String,
+    plugin: Arc<LoadedPlugin>,
+    stats: Arc<SlotStats>,
+    ticks: Arc<SlotTicks>,
+    /// Its number: it ticks while its slot's ticker is this one.
+    ticker: u64,
+    failed: Arc<TickFailed>,
+}
+
+impl Tick {
+    fn is_current(&self) -> bool {
+        self.ticks.ticker.load(Ordering::SeqCst) == self.ticker
+    }
+
+    /// Ticks every `every` until a swap (seen through `changes`) gives the
+    /// slot another ticker; a tick running then finishes.
+    async fn run(self, every: Duration, mut changes: tokio::sync::watch::Receiver<u64>) {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut in_flight = tokio::task::JoinSet::new();
+        while self.is_current() {
+            tokio::select! {
+                _ = interval.tick() => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            while in_flight.try_join_next().is_some() {}
+            if !self.is_current() {
+                break;
+            }
+            let Ok(running) = self.ticks.running.clone().try_lock_owned() else {
+                self.stats.skipped_ticks.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("{}: tick skipped, the previous one still runs", self.name);
+                continue;
+            };
+            let (name, plugin, stats, failed) = (
+                self.name.clone(),
+                self.plugin.clone(),
+                self.stats.clone(),
+                self.failed.clone(),
+            );
+            in_flight.spawn(async move {
+                let _running = running;
+                match plugin.on_tick().await {
+                    Ok(()) => {
+                        stats.ticks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(CallError::Busy { .. }) => {
+                        stats.skipped_ticks.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("{name}: tick skipped, every request slot is busy");
+                    }
+                    Err(e) => {
+                        stats.ticks.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("{name}: tick failed: {e}");
+                        stats.record_fault(format!("tick: {e}"));
+                        failed(&name, &e);
+                    }
+                }
+            });
+        }
+        // Swapped out: the tick running finishes (its writes are kept).
+        while in_flight.join_next().await.is_some() {}
     }
 }
 

@@ -29,6 +29,7 @@ impl Guest for Consumer {
             serves: vec![SERVICE.to_string()],
             punch: vec![],
             calls: vec![WORKER.to_string()],
+            tick_interval_ms: None,
         }
     }
 
@@ -41,6 +42,10 @@ impl Guest for Consumer {
             return Err(format!("this plugin serves {SERVICE}, not {service}"));
         }
         request(WORKER, &payload, TIMEOUT_MS).map_err(|e| describe(&e))
+    }
+
+    fn on_tick() -> Result<(), String> {
+        Ok(())
     }
 
     fn on_punch(peer: String) {

@@ -23,6 +23,7 @@ mod bindings {
                 serves: vec![super::SERVICE.to_string()],
                 punch: vec!["fibonacci_consumer".to_string()],
                 calls: vec![],
+                tick_interval_ms: None,
             }
         }
 
@@ -38,6 +39,10 @@ mod bindings {
                 ));
             }
             super::answer(&payload)
+        }
+
+        fn on_tick() -> Result<(), String> {
+            Ok(())
         }
 
         fn on_punch(_peer: String) {}

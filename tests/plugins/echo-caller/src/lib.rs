@@ -16,6 +16,7 @@ impl Guest for EchoCaller {
             serves: vec!["echo_caller".into()],
             punch: vec![],
             calls: vec![],
+            tick_interval_ms: None,
         }
     }
 
@@ -26,6 +27,10 @@ impl Guest for EchoCaller {
     ) -> Result<String, String> {
         // An address has no characters JSON must escape.
         Ok(format!("\"{}\"", context.caller))
+    }
+
+    fn on_tick() -> Result<(), String> {
+        Ok(())
     }
 
     fn on_punch(_peer: String) {}

@@ -35,6 +35,7 @@ impl Guest for Faulty {
             serves: SERVICES.iter().map(|s| s.to_string()).collect(),
             punch: vec![],
             calls: vec!["*".to_string()],
+            tick_interval_ms: None,
         }
     }
 
@@ -114,6 +115,10 @@ impl Guest for Faulty {
             }
             other => Err(format!("unknown service {other}")),
         }
+    }
+
+    fn on_tick() -> Result<(), String> {
+        Ok(())
     }
 
     fn on_punch(_peer: String) {}

@@ -16,6 +16,7 @@ impl Guest for RpcTest {
             serves: vec!["rpc_test".into()],
             punch: vec![],
             calls: vec![],
+            tick_interval_ms: None,
         }
     }
 
@@ -25,6 +26,10 @@ impl Guest for RpcTest {
         _context: RequestContext,
     ) -> Result<String, String> {
         Ok("\"world\"".into())
+    }
+
+    fn on_tick() -> Result<(), String> {
+        Ok(())
     }
 
     fn on_punch(_peer: String) {}
