@@ -27,8 +27,9 @@
 //!   Grapes' HTTP API, key = the raw name), with the lookup cache they
 //!   share.
 //! - [`plugin`]: the wasm runtime (one engine, a fresh sandboxed instance per
-//!   request, every contract version bound), the plugin set and its router with swap and rollback, the
-//!   operator's policy and limits, and plugin signatures.
+//!   request, every contract version bound), the plugin set and its router with swap, rollback
+//!   and ticks, each plugin's key-value state on disk, the operator's policy and limits, and
+//!   plugin signatures.
 //! - [`transport`]: the host's one UDP socket and its demultiplexer (uTP,
 //!   punches, introduction datagrams); its task feeds [`utp`] and sends
 //!   what it returns.
@@ -41,8 +42,9 @@
 //! - [`units`]: sizes and durations as people write them.
 //!
 //! The contract between host and plugins is the WIT package in `wit/`
-//! (`grenache:plugin@0.3.0`, with the frozen 0.2.0 in `wit/v0.2/`, which the
-//! host still speaks); the wire formats are described in `docs/wire.md`.
+//! (`grenache:plugin@0.4.0`, with the frozen 0.3.0 and 0.2.0 in `wit/v0.3/` and
+//! `wit/v0.2/`, which the host still speaks); the wire formats are described in
+//! `docs/wire.md`.
 
 // Every command's stdout goes through `cli::output::print_line`, which ends
 // quietly when the reader has gone; `println!` would panic there.

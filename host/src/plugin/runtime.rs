@@ -124,7 +124,7 @@ pub enum LoadError {
         package: &'static str,
         /// The unknown versions the component names, e.g. `0.4.0`.
         versions: String,
-        /// The versions this host speaks, e.g. `0.3.0, 0.2.0`.
+        /// The versions this host speaks, e.g. `0.4.0, 0.3.0, 0.2.0`.
         known: String,
     },
     /// The runtime requires signatures and this file's does not verify.
