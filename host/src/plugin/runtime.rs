@@ -765,11 +765,17 @@ impl LoadedPlugin {
         let every = match self.policy.tick {
             TickPolicy::Off => return None,
             TickPolicy::Every(every) => every,
-            TickPolicy::Manifest => {
-                Duration::from_millis(u64::from(self.manifest.tick_interval_ms?))
-            }
+            TickPolicy::Manifest => self.asked_tick_interval()?,
         };
         Some(every.max(MIN_TICK_INTERVAL))
+    }
+
+    /// The tick interval its manifest asks for, before the policy and the
+    /// minimum apply.
+    pub fn asked_tick_interval(&self) -> Option<Duration> {
+        self.manifest
+            .tick_interval_ms
+            .map(|ms| Duration::from_millis(u64::from(ms)))
     }
 
     /// Its state file, when it has state.

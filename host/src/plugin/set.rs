@@ -550,7 +550,13 @@ impl PluginSet {
                 let Some(every) = tick.plugin.tick_interval() else {
                     continue;
                 };
-                tracing::info!("{}: ticking every {every:?}", tick.name);
+                match tick.plugin.asked_tick_interval() {
+                    Some(asked) if asked < every => tracing::warn!(
+                        "{}: its manifest asks for a tick every {asked:?}; ticking every {every:?}, the minimum",
+                        tick.name
+                    ),
+                    _ => tracing::info!("{}: ticking every {every:?}", tick.name),
+                }
                 tickers.spawn(tick.run(every, self.generation.subscribe()));
             }
             while tickers.try_join_next().is_some() {}
