@@ -147,8 +147,8 @@ pub enum Command {
         /// written atomically; it survives swaps and restarts. One host per
         /// directory. Default: $STATE_DIRECTORY (systemd's StateDirectory=),
         /// else $XDG_STATE_HOME/grenache-host, else
-        /// ~/.local/state/grenache-host. Created (owner-only) at the first
-        /// write.
+        /// ~/.local/state/grenache-host. Created (owner-only) when a plugin
+        /// with state loads.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
         #[command(flatten)]

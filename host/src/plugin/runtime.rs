@@ -48,7 +48,7 @@ use super::instance::RequestState;
 use super::network::{AllowedCalls, PluginNetwork};
 use super::policy::{Limits, PluginPolicy, TickPolicy, MIN_TICK_INTERVAL};
 use super::signing::TrustedKey;
-use super::state::{PluginState, StateDir, Transaction};
+use super::state::{OpenError, PluginState, StateDir, Transaction};
 use crate::units::format_size;
 
 /// How often the engine's epoch advances; the granularity of time limits.
@@ -267,11 +267,6 @@ impl Runtime {
         self
     }
 
-    /// The state directory, if any.
-    pub fn state_dir(&self) -> Option<&Path> {
-        self.state_dir.as_deref().map(StateDir::root)
-    }
-
     /// Loads only plugins whose signature verifies under one of `keys`.
     pub fn require_signatures(mut self, keys: Vec<TrustedKey>) -> Self {
         self.trusted_keys = keys.into();
@@ -377,20 +372,27 @@ impl Runtime {
         let pre = ContractPre::detect(pre).map_err(wrong_world)?;
 
         let name: Arc<str> = name.into();
-        // Older contracts have no state interface to use it through.
         let state = match (&self.state_dir, pre.version()) {
-            (_, ContractVersion::V0_3 | ContractVersion::V0_2) => Err(String::new()),
+            // Older contracts have no state interface to use it through.
+            (_, ContractVersion::V0_3 | ContractVersion::V0_2) => {
+                Err(format!("{} has no state", pre.version()))
+            }
             (None, _) => {
-                Err("this host keeps no plugin state: `invoke` without --state-dir".to_string())
+                Err("this host has no state directory; give it one with --state-dir".to_string())
             }
-            (Some(dir), _) => {
-                Ok(dir
-                    .open(&name, policy.state_quota)
-                    .map_err(|reason| LoadError::State {
-                        path: path_buf.clone(),
+            (Some(dir), _) => match dir.open(&name, policy.state_quota) {
+                Ok(state) => Ok(state),
+                Err(OpenError::NoDirectory(reason)) => {
+                    tracing::warn!("{name} runs without state: {reason}");
+                    Err(reason)
+                }
+                Err(OpenError::File(reason)) => {
+                    return Err(LoadError::State {
+                        path: path_buf,
                         reason,
-                    })?)
-            }
+                    })
+                }
+            },
         };
         // Until the manifest says what the plugin may call, it may call nothing.
         let no_calls: Arc<dyn PluginNetwork> =

@@ -20,6 +20,11 @@
 //! so a flood of tiny entries cannot cost the host more memory than the
 //! quota suggests.
 //!
+//! A state directory that cannot be created leaves the plugin running
+//! without state (its calls fail as `unavailable`); a state file that cannot
+//! be read stops the plugin from loading, so that it never runs on as if it
+//! had kept nothing.
+//!
 //! The file (`DIR/NAME.state`) is [`FILE_MAGIC`], then per entry the key's
 //! and the value's lengths (u32, little-endian) and bytes, in key order, then
 //! the SHA-1 of everything before it, which tells a damaged file from a good
@@ -70,7 +75,7 @@ pub struct StateDir {
 
 impl StateDir {
     /// The state directory at `root`; nothing is read or created until a
-    /// plugin's state is opened or first written.
+    /// plugin's state is opened.
     pub fn new(root: PathBuf) -> Self {
         StateDir {
             root,
@@ -85,16 +90,22 @@ impl StateDir {
 
     /// The state of plugin `name` under `quota` bytes: the one already open
     /// (every version of a plugin shares it), or the one loaded from its
-    /// file, or an empty one. The error (a damaged or oversized file) names
-    /// the file and the fix.
-    pub fn open(&self, name: &str, quota: u64) -> Result<Arc<PluginState>, String> {
+    /// file, or an empty one. Creates the directory (owner-only) when
+    /// missing. Each error names the file or directory and the fix.
+    pub fn open(&self, name: &str, quota: u64) -> Result<Arc<PluginState>, OpenError> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.retain(|_, state| state.strong_count() > 0);
         if let Some(state) = open.get(name).and_then(Weak::upgrade) {
             return Ok(state);
         }
+        create_dir(&self.root).map_err(|e| {
+            OpenError::NoDirectory(format!(
+                "cannot create the state directory {}: {e}; pass a writable one with --state-dir",
+                self.root.display()
+            ))
+        })?;
         let file = self.root.join(format!("{name}.state"));
-        let entries = read_file(&file, quota)?;
+        let entries = read_file(&file, quota).map_err(OpenError::File)?;
         let size = entries.iter().map(|(k, v)| entry_size(k, v)).sum();
         let state = Arc::new(PluginState {
             name: name.to_string(),
@@ -108,6 +119,29 @@ impl StateDir {
         open.insert(name.to_string(), Arc::downgrade(&state));
         Ok(state)
     }
+}
+
+/// Why a plugin's state could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// Its file is damaged, larger than the quota, or unreadable: the plugin
+    /// must not run on without what it kept.
+    File(String),
+    /// The state directory cannot be created: the plugin runs, and its
+    /// state calls fail as `unavailable` (as the WIT says).
+    NoDirectory(String),
+}
+
+/// Creates `dir` and its parents, owner-only, unless it exists.
+fn create_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// What has been kept of one plugin's state.
@@ -452,14 +486,8 @@ fn write_file(file: &Path, entries: &BTreeMap<String, Vec<u8>>) -> Result<(), St
             dir.display()
         )
     };
-    if !dir.is_dir() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| fail("create the directory of", e))?;
-    }
+    // Made at open; made again if removed since.
+    create_dir(dir).map_err(|e| fail("create the directory of", e))?;
     let mut temporary = file.as_os_str().to_owned();
     temporary.push(".partial");
     let temporary = PathBuf::from(temporary);
@@ -487,7 +515,7 @@ mod tests {
     use super::*;
 
     fn state(dir: &Path, quota: u64) -> (StateDir, Arc<PluginState>) {
-        let states = StateDir::new(dir.to_path_buf());
+        let states = StateDir::new(dir.join("state"));
         let state = states.open("p", quota).unwrap();
         (states, state)
     }
@@ -513,7 +541,7 @@ mod tests {
         // once it is not.
         assert!(Arc::ptr_eq(&states.open("p", 1 << 10).unwrap(), &state));
         drop(state);
-        let reopened = StateDir::new(dir.path().to_path_buf())
+        let reopened = StateDir::new(dir.path().join("state"))
             .open("p", 1 << 10)
             .unwrap();
         assert_eq!(reopened.size(), 2);
@@ -612,6 +640,17 @@ mod tests {
             Transaction::new(state).get("k").unwrap(),
             Some(b"first".to_vec())
         );
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_made_leaves_the_plugin_without_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("a-file");
+        std::fs::write(&blocker, b"").unwrap();
+        match StateDir::new(blocker.join("state")).open("p", 1 << 10) {
+            Err(OpenError::NoDirectory(e)) => assert!(e.contains("--state-dir"), "{e}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
     }
 
     #[test]
