@@ -953,18 +953,21 @@ impl LoadedPlugin {
         payload: &str,
         context: &RequestContext,
     ) -> Result<String, CallError> {
-        let _permit = self
-            .concurrency
-            .try_acquire()
-            .map_err(|_| CallError::Busy {
-                plugin: self.name.to_string(),
-                max: self.policy.max_concurrent,
-            })?;
+        let _permit = self.request_slot()?;
         let reply = self
             .call(async |plugin, store| plugin.handle(store, service, payload, context).await)
             .await?
             .map_err(CallError::Handler)?;
         self.check_reply(reply)
+    }
+
+    /// One of the plugin's `max_concurrent` request slots, held until
+    /// dropped; `Busy` when all are taken.
+    fn request_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, CallError> {
+        self.concurrency.try_acquire().map_err(|_| CallError::Busy {
+            plugin: self.name.to_string(),
+            max: self.policy.max_concurrent,
+        })
     }
 
     fn check_reply(&self, reply: String) -> Result<String, CallError> {
@@ -999,13 +1002,7 @@ impl LoadedPlugin {
     /// a request and taking one of its request slots (`Busy` when none is
     /// free). Its `err` is [`CallError::Handler`].
     pub async fn on_tick(&self) -> Result<(), CallError> {
-        let _permit = self
-            .concurrency
-            .try_acquire()
-            .map_err(|_| CallError::Busy {
-                plugin: self.name.to_string(),
-                max: self.policy.max_concurrent,
-            })?;
+        let _permit = self.request_slot()?;
         self.call(async |plugin, store| plugin.on_tick(store).await)
             .await?
             .map_err(CallError::Handler)

@@ -234,9 +234,11 @@ pub enum Transaction {
         state: Arc<PluginState>,
         /// `None`: deleted.
         writes: Writes,
-        /// For each written key, the size it had when written (kept, or
-        /// written before in this call), to keep a running total.
+        /// Bytes the writes add to the state, as it was kept when each was
+        /// made (the commit checks the quota again, exactly).
         growth: i64,
+        /// Keys the writes add, counted the same way.
+        added: i64,
     },
 }
 
@@ -247,24 +249,36 @@ impl Transaction {
             state,
             writes: BTreeMap::new(),
             growth: 0,
+            added: 0,
         }
     }
 
-    fn open(&mut self) -> Result<(&PluginState, &mut Writes, &mut i64), StateError> {
+    #[allow(clippy::type_complexity)] // the fields of `Open`, borrowed
+    fn open(&mut self) -> Result<(&PluginState, &mut Writes, &mut i64, &mut i64), StateError> {
         match self {
             Transaction::Unavailable(reason) => Err(StateError::Unavailable(reason.clone())),
             Transaction::Open {
                 state,
                 writes,
                 growth,
-            } => Ok((state, writes, growth)),
+                added,
+            } => Ok((state, writes, growth, added)),
+        }
+    }
+
+    /// The size of `key`'s entry as this call sees it: its own write, or
+    /// what is kept; `None` when there is no such key.
+    fn entry_before(state: &PluginState, writes: &Writes, key: &str) -> Option<u64> {
+        match writes.get(key) {
+            Some(written) => written.as_ref().map(|v| entry_size(key, v)),
+            None => state.snapshot().0.get(key).map(|v| entry_size(key, v)),
         }
     }
 
     /// The value under `key`: this call's write, or what is kept now.
     pub fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
         check_key(key)?;
-        let (state, writes, _) = self.open()?;
+        let (state, writes, ..) = self.open()?;
         if let Some(written) = writes.get(key) {
             return Ok(written.clone());
         }
@@ -275,7 +289,7 @@ impl Transaction {
     /// writes, would grow past the quota.
     pub fn set(&mut self, key: &str, value: Vec<u8>) -> Result<(), StateError> {
         check_key(key)?;
-        let (state, writes, growth) = self.open()?;
+        let (state, writes, growth, added) = self.open()?;
         if value.len() as u64 > state.quota {
             return Err(StateError::Invalid(format!(
                 "a value of {} is larger than the state quota of {}",
@@ -284,10 +298,7 @@ impl Transaction {
             )));
         }
         let (kept, kept_size) = state.snapshot();
-        let before = match writes.get(key) {
-            Some(written) => written.as_ref().map(|v| entry_size(key, v)),
-            None => kept.get(key).map(|v| entry_size(key, v)),
-        };
+        let before = Self::entry_before(state, writes, key);
         let change = entry_size(key, &value) as i64 - before.unwrap_or(0) as i64;
         let projected = kept_size as i64 + *growth + change;
         if projected > state.quota as i64 {
@@ -298,25 +309,28 @@ impl Transaction {
                 format_size(state.quota)
             )));
         }
-        if before.is_none() && kept.len() + writes.len() >= MAX_KEYS && !writes.contains_key(key) {
+        let new_key = i64::from(before.is_none());
+        if kept.len() as i64 + *added + new_key > MAX_KEYS as i64 {
             return Err(StateError::QuotaExceeded(format!(
-                "the state may hold at most {MAX_KEYS} keys"
+                "the state may hold at most {MAX_KEYS} keys; delete some"
             )));
         }
         *growth += change;
+        *added += new_key;
         writes.insert(key.to_string(), Some(value));
         Ok(())
     }
 
-    /// Buffers the removal of `key`.
+    /// Buffers the removal of `key`. Removing a key this call does not see
+    /// records nothing, so deletes cannot grow a call's writes without bound.
     pub fn delete(&mut self, key: &str) -> Result<(), StateError> {
         check_key(key)?;
-        let (state, writes, growth) = self.open()?;
-        let before = match writes.get(key) {
-            Some(written) => written.as_ref().map(|v| entry_size(key, v)),
-            None => state.snapshot().0.get(key).map(|v| entry_size(key, v)),
+        let (state, writes, growth, added) = self.open()?;
+        let Some(before) = Self::entry_before(state, writes, key) else {
+            return Ok(());
         };
-        *growth -= before.unwrap_or(0) as i64;
+        *growth -= before as i64;
+        *added -= 1;
         writes.insert(key.to_string(), None);
         Ok(())
     }
@@ -324,7 +338,7 @@ impl Transaction {
     /// The keys starting with `prefix`, kept or written by this call and not
     /// deleted by it, in byte order.
     pub fn list_keys(&mut self, prefix: &str) -> Result<Vec<String>, StateError> {
-        let (state, writes, _) = self.open()?;
+        let (state, writes, ..) = self.open()?;
         let kept = state.snapshot().0;
         let starting = |map_keys: &mut dyn Iterator<Item = &String>| -> Vec<String> {
             map_keys
@@ -610,6 +624,20 @@ mod tests {
         ));
         txn.commit().await.unwrap();
         assert_eq!(state.size(), 10);
+    }
+
+    #[tokio::test]
+    async fn deleting_what_is_not_there_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_states, state) = state(dir.path(), 100);
+        let mut txn = Transaction::new(state);
+        for i in 0..1000 {
+            txn.delete(&format!("missing {i}")).unwrap();
+        }
+        let Transaction::Open { writes, .. } = &txn else {
+            unreachable!()
+        };
+        assert!(writes.is_empty());
     }
 
     #[tokio::test]
