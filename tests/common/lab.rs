@@ -349,12 +349,25 @@ impl Lab {
     /// through `bootstrap`, with `extra` flags.
     pub fn run_plugin(
         &self,
-        (ns, ip): (&str, &str),
+        at: (&str, &str),
         plugin: &str,
         bootstrap: &str,
         extra: &[&str],
     ) -> HostProcess {
-        let wasm = super::plugin(plugin);
+        self.run_plugin_file(at, &super::plugin(plugin), bootstrap, extra)
+    }
+
+    /// `run <wasm>` (any plugin file, e.g. a [`super::test_plugin`]) in
+    /// namespace `ns` on address `ip`, joined through `bootstrap`, with
+    /// `extra` flags.
+    pub fn run_plugin_file(
+        &self,
+        (ns, ip): (&str, &str),
+        wasm: &std::path::Path,
+        bootstrap: &str,
+        extra: &[&str],
+    ) -> HostProcess {
+        let plugin = wasm.file_stem().unwrap().to_str().unwrap();
         let listen = format!("{ip}:0");
         let mut args = vec![
             "run",
@@ -376,8 +389,16 @@ impl Lab {
     /// The DHT node (with its introducer) on the public host; returns it and
     /// the bootstrap address.
     pub fn public_dht(&self) -> (HostProcess, String) {
+        self.public_dht_with(&[])
+    }
+
+    /// [`Self::public_dht`] with `extra` flags for `dht` (e.g.
+    /// `--introducer-port off`).
+    pub fn public_dht_with(&self, extra: &[&str]) -> (HostProcess, String) {
         let bootstrap = format!("{PUBLIC_IP}:20001");
-        let dht = self.host(&self.public, "dht", &["dht", "--listen", &bootstrap]);
+        let mut args = vec!["dht", "--listen", &bootstrap];
+        args.extend_from_slice(extra);
+        let dht = self.host(&self.public, "dht", &args);
         dht.wait_for("dht listening on", SOON);
         (dht, bootstrap)
     }

@@ -1,0 +1,166 @@
+//! Brokers (issue 10 item 5): a plugin on a public host that records the
+//! address each peer's request came from (`request-context.caller`) in its
+//! state, and two hosts behind two NATs that find each other through it, as
+//! in Grenache's `nat_w_broker` example (docs/wire.md §5, TV-7). The
+//! plugins are `tests/plugins/broker*`; the lab needs root (see
+//! tests/common/lab.rs).
+
+mod common;
+
+use std::time::Duration;
+
+use common::lab::{Lab, NatType, PUBLIC_IP};
+use common::{start_dht, start_host, test_plugin, SOON};
+
+/// TV-7's registration payload and its reply's result, byte for byte.
+const TV7_PAYLOAD: &str = r#"{"service":"fibonacci_worker","server":false}"#;
+const TV7_RESULT: &str = r#"{"fibonacci_worker":{"69b2f36dd451211e4c8b858103fde1e2":{"service":"fibonacci_worker","server":false,"address":"127.0.0.1","port":38742}}}"#;
+/// The port TV-7's client registered from (part of the md5 key).
+const TV7_CALLER_PORT: u16 = 38742;
+
+const SEQUENCE: &str = "[1,1,2,3,5,8,13,21,34,55]";
+
+/// The broker over real uTP: a peer at TV-7's address gets TV-7's result
+/// byte for byte, and a second peer gets both entries, its own first, from
+/// the broker's state (each request runs in a fresh instance).
+#[test]
+fn the_broker_answers_tv7_over_the_wire_and_remembers_peers() {
+    let state = tempfile::tempdir().unwrap();
+    let (_dht, bootstrap) = start_dht();
+    let state_dir = state.path().to_str().unwrap();
+    let (broker, port) = start_host(
+        "broker",
+        &[&test_plugin("broker")],
+        &bootstrap,
+        &["--state-dir", state_dir, "--control", "off"],
+    );
+    let broker_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let register = |from: &str, payload: &str| -> String {
+        rt.block_on(async {
+            use grenache_host::rpc::client::RpcClient;
+            use grenache_host::transport::Endpoint;
+            let (endpoint, _) = Endpoint::bind(from.parse().unwrap())
+                .await
+                .unwrap_or_else(|e| panic!("cannot bind {from} (TV-7's client port): {e}"));
+            let client = RpcClient::new(endpoint, None, 1 << 20);
+            client
+                .request_peer(broker_addr, "fibo_broker", payload, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("registration failed: {e}\n{}", broker.output()))
+        })
+    };
+    let first = register(&format!("127.0.0.1:{TV7_CALLER_PORT}"), TV7_PAYLOAD);
+    assert_eq!(first, TV7_RESULT);
+
+    let second = register(
+        "127.0.0.1:0",
+        r#"{"service":"fibonacci_worker","server":true}"#,
+    );
+    let reply: serde_json::Value = serde_json::from_str(&second).unwrap();
+    let entries = reply["fibonacci_worker"].as_object().unwrap();
+    assert_eq!(entries.len(), 2, "{second}");
+    // Most recent first: the new server's entry, then TV-7's, unchanged.
+    let tv7_entry = &TV7_RESULT[r#"{"fibonacci_worker":{"#.len()..TV7_RESULT.len() - 2];
+    let at = second.find(tv7_entry).unwrap_or_else(|| panic!("{second}"));
+    assert!(
+        second[..at].contains(r#""server":true,"address":"127.0.0.1""#),
+        "{second}"
+    );
+}
+
+/// Two hosts behind two port-restricted NATs (plain SNAT; the routers drop
+/// what nobody inside asked for) meet only through the broker on the public
+/// host: the worker and the client each register every 2 s, the broker
+/// records each one's NAT mapping, and each punches the other's mapping. The
+/// second punch gets through the NAT the first one opened; the client, told
+/// of the worker's punch, calls it back through the hole.
+///
+/// Why this proves the broker path: there is no introducer anywhere in the
+/// lab (`dht --introducer-port off`, and each host `--introducer off`), so
+/// no host is introduced to another; the hosts run without `--behind-nat`
+/// and their plugins name nothing to punch, so the host punches nobody on
+/// its own; and the client never looks the worker up, it only answers
+/// punches with `request-peer`. The only place either side can learn the
+/// other's public address is the broker's reply.
+#[test]
+fn two_hosts_behind_two_nats_meet_through_a_broker() {
+    let Some(lab) = Lab::build(
+        "broker",
+        &[NatType::PortRestricted, NatType::PortRestricted],
+    ) else {
+        return;
+    };
+    let (worker_home, client_home) = (&lab.homes[0], &lab.homes[1]);
+    let (_dht, bootstrap) = lab.public_dht_with(&["--introducer-port", "off"]);
+    let state_dir = lab.scratch.path().join("broker-state");
+    let broker = lab.run_plugin_file(
+        (&lab.public, PUBLIC_IP),
+        &test_plugin("broker"),
+        &bootstrap,
+        &[
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--control",
+            "off",
+        ],
+    );
+    broker.wait_for("announced fibo_broker", SOON);
+    let no_introducer = ["--introducer", "off", "--control", "off"];
+    let worker = lab.run_plugin_file(
+        worker_home.host_at(),
+        &test_plugin("broker-worker"),
+        &bootstrap,
+        &no_introducer,
+    );
+    let client = lab.run_plugin_file(
+        client_home.host_at(),
+        &test_plugin("broker-client"),
+        &bootstrap,
+        &no_introducer,
+    );
+
+    // Several 2 s registration rounds, DHT lookups of the broker included.
+    let deadline = Duration::from_secs(40);
+    let line = client.wait_for(
+        &format!("[broker-client] sequence from {}:", worker_home.wan_ip),
+        deadline,
+    );
+    assert!(
+        line.ends_with(&format!(": {SEQUENCE}")),
+        "{line}\nclient:\n{}\nworker:\n{}",
+        client.output(),
+        worker.output()
+    );
+    // The request reached the worker from the client's router: a direct path.
+    worker.wait_for(
+        &format!("request for fibonacci_worker from {}:", client_home.wan_ip),
+        SOON,
+    );
+    // The broker saw each side at its NAT's public address, never its LAN
+    // address, and that is what it handed the other side.
+    for home in [worker_home, client_home] {
+        broker.wait_for(
+            &format!("request for fibo_broker from {}:", home.wan_ip),
+            SOON,
+        );
+    }
+    assert_eq!(broker.count("from 10.0."), 0, "{}", broker.output());
+    client.wait_for(
+        &format!("the broker lists a server at {}:", worker_home.wan_ip),
+        SOON,
+    );
+    worker.wait_for(
+        &format!("the broker lists a client at {}:", client_home.wan_ip),
+        SOON,
+    );
+    for host in [&worker, &client] {
+        assert_eq!(
+            host.count("opened by an introduction"),
+            0,
+            "{}",
+            host.output()
+        );
+    }
+}
