@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::lab::{Lab, NatType, PUBLIC_IP};
-use common::{start_dht, start_host, test_plugin, SOON};
+use common::{node_peer, start_dht, start_host, test_plugin, HostProcess, SOON};
 
 /// TV-7's registration payload and its reply's result, byte for byte.
 const TV7_PAYLOAD: &str = r#"{"service":"fibonacci_worker","server":false}"#;
@@ -26,14 +26,7 @@ const SEQUENCE: &str = "[1,1,2,3,5,8,13,21,34,55]";
 #[test]
 fn the_broker_answers_tv7_over_the_wire_and_remembers_peers() {
     let state = tempfile::tempdir().unwrap();
-    let (_dht, bootstrap) = start_dht();
-    let state_dir = state.path().to_str().unwrap();
-    let (broker, port) = start_host(
-        "broker",
-        &[&test_plugin("broker")],
-        &bootstrap,
-        &["--state-dir", state_dir, "--control", "off"],
-    );
+    let (_dht, broker, port) = loopback_broker(state.path());
     let broker_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -67,6 +60,51 @@ fn the_broker_answers_tv7_over_the_wire_and_remembers_peers() {
     assert!(
         second[..at].contains(r#""server":true,"address":"127.0.0.1""#),
         "{second}"
+    );
+}
+
+/// A DHT node and a broker host on loopback, the broker keeping its state
+/// in `state`; returns both and the broker's port.
+fn loopback_broker(state: &std::path::Path) -> (HostProcess, HostProcess, u16) {
+    let (dht, bootstrap) = start_dht();
+    let (broker, port) = start_host(
+        "broker",
+        &[&test_plugin("broker")],
+        &bootstrap,
+        &["--state-dir", state.to_str().unwrap(), "--control", "off"],
+    );
+    (dht, broker, port)
+}
+
+/// Node's side of the tutorial: a utp-native peer registers as a client,
+/// then another as a server; the server reads the client back the way
+/// `register.js` does, at the address the broker observed, and every key
+/// in both replies is what `broker.js` computes with Node's own
+/// `JSON.stringify` and md5.
+#[test]
+fn node_peers_register_as_the_tutorials_register_js_does() {
+    let state = tempfile::tempdir().unwrap();
+    let (_dht, _broker, port) = loopback_broker(state.path());
+    let port = port.to_string();
+    let keyed = "every key is md5(JSON.stringify(entry)): true";
+
+    let client = node_peer("node client", &["broker", &port, "false"]);
+    let line = client.wait_for("registered from port ", SOON);
+    assert!(line.ends_with(keyed), "{}", client.output());
+    let client_port: u16 = line["registered from port ".len()..line.find(';').unwrap()]
+        .parse()
+        .unwrap();
+    // No server has registered yet.
+    client.wait_for("peers []", SOON);
+
+    let server = node_peer("node server", &["broker", &port, "true"]);
+    let line = server.wait_for("registered from port ", SOON);
+    assert!(line.ends_with(keyed), "{}", server.output());
+    server.wait_for(
+        &format!(
+            r#"peers [{{"service":"fibonacci_worker","server":false,"address":"127.0.0.1","port":{client_port}}}]"#
+        ),
+        SOON,
     );
 }
 

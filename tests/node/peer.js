@@ -25,9 +25,14 @@
 //                                    on ONE connection, write n "echo" requests at once, each
 //                                    sized so the echoed reply is replyBytes long; print how
 //                                    many replies parsed, as Grenache parses them (per packet)
+//   node peer.js broker <port> <true|false>
+//                                    register with fibo_broker at 127.0.0.1:<port> as a server
+//                                    (true) or a client of fibonacci_worker, read the reply as the
+//                                    tutorial's nat_w_broker/register.js does, and print the peers
+//                                    it keeps and whether each key is md5(JSON.stringify(entry))
 //   --link 0.7                       use grenache-nodejs-link 0.7.13 instead of 1.0.2
 'use strict'
-const { randomUUID } = require('crypto')
+const { createHash, randomUUID } = require('crypto')
 const utp = require('utp-native')
 
 const PUNCH = Buffer.from('ÿ') // UTF-8: C3 BF, as boxgloves sends it
@@ -104,6 +109,20 @@ async function main () {
     const reply = await ask(socket, port, JSON.stringify([randomUUID(), service, JSON.parse(payload)]), host)
     const [, err, res] = JSON.parse(reply)
     console.log(err ? `error ${err}` : `reply ${JSON.stringify(res)}`)
+    process.exit(0)
+  } else if (mode === 'broker') {
+    const isServer = positional[2] === 'true'
+    const request = [randomUUID(), 'fibo_broker', { service: 'fibonacci_worker', server: isServer }]
+    const [, err, data] = JSON.parse(await ask(socket, arg, JSON.stringify(request)))
+    if (err) fail(`error ${err}`)
+    // register.js: a server keeps the clients, a client the servers.
+    const pool = data.fibonacci_worker
+    const peers = Object.keys(pool).filter((k) => isServer ? !pool[k].server : pool[k].server).map((k) => pool[k])
+    // broker.js keys each entry by md5(JSON.stringify(payload)).
+    const md5 = (entry) => createHash('md5').update(JSON.stringify(entry)).digest('hex')
+    const keyed = Object.keys(pool).every((k) => md5(pool[k]) === k)
+    console.log(`registered from port ${socket.address().port}; every key is md5(JSON.stringify(entry)): ${keyed}`)
+    console.log(`peers ${JSON.stringify(peers)}`)
     process.exit(0)
   } else if (mode === 'punch') {
     socket.on('message', (msg, rinfo) => {
