@@ -291,7 +291,7 @@ mod tests {
         assert_eq!(r2.cache.len(), 2);
         let r3 = register(1_001 + MAX_AGE_MS, stored(&r1.cache), entry(false, 2));
         assert_eq!(r3.cache.len(), 1);
-        assert_eq!(r3.evict, [r1.key.clone()]);
+        assert_eq!(r3.evict, std::slice::from_ref(&r1.key));
     }
 
     #[test]
