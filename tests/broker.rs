@@ -133,6 +133,7 @@ fn two_hosts_behind_two_nats_meet_through_a_broker() {
     let (worker_home, client_home) = (&lab.homes[0], &lab.homes[1]);
     let (_dht, bootstrap) = lab.public_dht_with(&["--introducer-port", "off"]);
     let state_dir = lab.scratch.path().join("broker-state");
+    std::fs::create_dir_all(&state_dir).unwrap();
     let broker = lab.run_plugin_file(
         (&lab.public, PUBLIC_IP),
         &test_plugin("broker"),
