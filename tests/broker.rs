@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::lab::{Lab, NatType, PUBLIC_IP};
-use common::{node_peer, start_dht, start_host, test_plugin, HostProcess, SOON};
+use common::{node_peer, policy_file, start_dht, start_host, test_plugin, HostProcess, SOON};
 
 /// TV-7's registration payload and its reply's result, byte for byte.
 const TV7_PAYLOAD: &str = r#"{"service":"fibonacci_worker","server":false}"#;
@@ -122,16 +122,16 @@ fn node_peers_register_as_the_tutorials_register_js_does() {
 /// its own; and the client never looks the worker up, it only answers
 /// punches with `request-peer`. The only place either side can learn the
 /// other's public address is the broker's reply.
-#[test]
-fn two_hosts_behind_two_nats_meet_through_a_broker() {
-    let Some(lab) = Lab::build(
-        "broker",
-        &[NatType::PortRestricted, NatType::PortRestricted],
-    ) else {
-        return;
-    };
+/// The broker lab: two port-restricted homes (A: the worker, B: the
+/// client), the public DHT node without an introducer, the broker on the
+/// public host, and the worker and client hosts without introductions; the
+/// client host gets `client_policy`, if any, as its policy file (`run
+/// --config`).
+/// Returns the lab and the DHT, broker, worker and client processes.
+fn broker_lab(test: &str, client_policy: Option<&str>) -> Option<(Lab, [HostProcess; 4])> {
+    let lab = Lab::build(test, &[NatType::PortRestricted, NatType::PortRestricted])?;
     let (worker_home, client_home) = (&lab.homes[0], &lab.homes[1]);
-    let (_dht, bootstrap) = lab.public_dht_with(&["--introducer-port", "off"]);
+    let (dht, bootstrap) = lab.public_dht_with(&["--introducer-port", "off"]);
     let state_dir = lab.scratch.path().join("broker-state");
     std::fs::create_dir_all(&state_dir).unwrap();
     let broker = lab.run_plugin_file(
@@ -153,12 +153,26 @@ fn two_hosts_behind_two_nats_meet_through_a_broker() {
         &bootstrap,
         &no_introducer,
     );
+    let policy = client_policy.map(|text| policy_file(lab.scratch.path(), text));
+    let mut client_flags = no_introducer.to_vec();
+    if let Some(policy) = &policy {
+        client_flags.extend(["--config", policy.as_str()]);
+    }
     let client = lab.run_plugin_file(
         client_home.host_at(),
         &test_plugin("broker-client"),
         &bootstrap,
-        &no_introducer,
+        &client_flags,
     );
+    Some((lab, [dht, broker, worker, client]))
+}
+
+#[test]
+fn two_hosts_behind_two_nats_meet_through_a_broker() {
+    let Some((lab, [_dht, broker, worker, client])) = broker_lab("broker", None) else {
+        return;
+    };
+    let (worker_home, client_home) = (&lab.homes[0], &lab.homes[1]);
 
     // Several 2 s registration rounds, DHT lookups of the broker included.
     let deadline = Duration::from_secs(40);
@@ -202,4 +216,40 @@ fn two_hosts_behind_two_nats_meet_through_a_broker() {
             host.output()
         );
     }
+}
+
+/// The control: the same lab with the client registering but not punching,
+/// as the tutorial's `rpc_client.js` does. The worker punches the client's
+/// mapping round after round, and the client's router drops every punch
+/// (port-restricted: the client never sent anything to the worker), so no
+/// request is ever made. This is docs/wire.md §4.5's inference, and it shows
+/// the routers in the test above really filter.
+#[test]
+fn a_one_sided_punch_does_not_get_through_two_nats() {
+    let Some((lab, [_dht, _broker, worker, client])) = broker_lab(
+        "onesided",
+        Some("[plugin.broker-client.config]\npunch = \"false\"\n"),
+    ) else {
+        return;
+    };
+    let client_home = &lab.homes[1];
+    let listed = format!("the broker lists a client at {}:", client_home.wan_ip);
+    // Four rounds of the worker punching the client (2 s apart).
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while worker.count(&listed) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never saw the client at the broker:\n{}",
+            worker.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client.wait_for("the broker lists a server at ", SOON);
+    assert_eq!(client.count("sequence from"), 0, "{}", client.output());
+    assert_eq!(
+        worker.count("request for fibonacci_worker"),
+        0,
+        "{}",
+        worker.output()
+    );
 }

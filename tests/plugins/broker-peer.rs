@@ -25,11 +25,11 @@ pub const MAX_PUNCHES: usize = 16;
 const TIMEOUT_MS: u32 = 5_000;
 
 /// Registers this host with the broker, as a server of [`SERVICE`] or as a
-/// client, and punches each peer of the other role the broker lists.
-/// Both sides must punch: behind port-restricted NATs on both sides, the
-/// first punch is dropped by the other side's router and only opens this
-/// side's; the other side's punch then gets through.
-pub fn register_and_punch(server: bool) -> Result<(), String> {
+/// client, and punches each peer of the other role the broker lists (when
+/// `punch`). Both sides must punch: behind port-restricted NATs on both
+/// sides, the first punch is dropped by the other side's router and only
+/// opens this side's; the other side's punch then gets through.
+pub fn register_and_punch(server: bool, punch_peers: bool) -> Result<(), String> {
     let payload = format!(r#"{{"service":"{SERVICE}","server":{server}}}"#);
     let reply = request(BROKER, &payload, TIMEOUT_MS)
         .map_err(|e| format!("cannot register with {BROKER}: {e}"))?;
@@ -38,6 +38,13 @@ pub fn register_and_punch(server: bool) -> Result<(), String> {
         .iter()
         .take(MAX_PUNCHES)
     {
+        if !punch_peers {
+            log(
+                Level::Info,
+                &format!("the broker lists a {others} at {peer}"),
+            );
+            continue;
+        }
         log(
             Level::Info,
             &format!("the broker lists a {others} at {peer}; punching it"),

@@ -5,6 +5,10 @@
 //! port-restricted NAT on its side defeats: docs/wire.md §4.5). When a
 //! server's punch arrives, the path is open: it asks that server for
 //! `{"length":10}` and logs `sequence from PEER: REPLY`.
+//!
+//! Configuration (policy `[plugin.broker-client.config]`): `punch =
+//! "false"` makes it register without punching, as the tutorial's client
+//! does, so the lab can show that a one-sided punch does not get through.
 
 #![cfg(target_arch = "wasm32")]
 
@@ -19,6 +23,7 @@ mod registry;
 mod peer;
 
 use exports::grenache::plugin::service::{Guest, PluginManifest, RequestContext};
+use grenache::plugin::config;
 use grenache::plugin::host::{log, request_peer};
 use grenache::plugin::types::Level;
 
@@ -50,7 +55,8 @@ impl Guest for BrokerClient {
     }
 
     fn on_tick() -> Result<(), String> {
-        peer::register_and_punch(false)
+        let punch = config::get("punch").is_none_or(|v| v != "false");
+        peer::register_and_punch(false, punch)
     }
 }
 

@@ -52,7 +52,7 @@ impl Guest for BrokerWorker {
     fn on_punch(_peer: String) {}
 
     fn on_tick() -> Result<(), String> {
-        peer::register_and_punch(true)
+        peer::register_and_punch(true, true)
     }
 }
 
