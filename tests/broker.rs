@@ -124,7 +124,8 @@ fn node_peers_register_as_the_tutorials_register_js_does() {
 /// other's public address is the broker's reply.
 /// The broker lab: two port-restricted homes (A: the worker, B: the
 /// client), the public DHT node without an introducer, the broker on the
-/// public host, and the worker and client hosts without introductions; the
+/// public host, and the worker and client hosts, none using an introducer
+/// and each keeping its plugins' state in the lab's scratch directory; the
 /// client host gets `client_policy`, if any, as its policy file (`run
 /// --config`).
 /// Returns the lab and the DHT, broker, worker and client processes.
@@ -132,37 +133,53 @@ fn broker_lab(test: &str, client_policy: Option<&str>) -> Option<(Lab, [HostProc
     let lab = Lab::build(test, &[NatType::PortRestricted, NatType::PortRestricted])?;
     let (worker_home, client_home) = (&lab.homes[0], &lab.homes[1]);
     let (dht, bootstrap) = lab.public_dht_with(&["--introducer-port", "off"]);
-    let state_dir = lab.scratch.path().join("broker-state");
-    std::fs::create_dir_all(&state_dir).unwrap();
+    // No host uses an introducer; each keeps its plugins' state in the
+    // lab's scratch directory.
+    let state_dirs: Vec<String> = ["broker", "worker", "client"]
+        .iter()
+        .map(|host| {
+            let dir = lab.scratch.path().join(format!("{host}-state"));
+            std::fs::create_dir_all(&dir).unwrap();
+            dir.to_str().unwrap().to_string()
+        })
+        .collect();
+    let flags = |state: &str| -> Vec<String> {
+        [
+            "--introducer",
+            "off",
+            "--control",
+            "off",
+            "--state-dir",
+            state,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    fn as_strs(flags: &[String]) -> Vec<&str> {
+        flags.iter().map(String::as_str).collect()
+    }
     let broker = lab.run_plugin_file(
         (&lab.public, PUBLIC_IP),
         &test_plugin("broker"),
         &bootstrap,
-        &[
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-            "--control",
-            "off",
-        ],
+        &as_strs(&flags(&state_dirs[0])),
     );
     broker.wait_for("announced fibo_broker", SOON);
-    let no_introducer = ["--introducer", "off", "--control", "off"];
     let worker = lab.run_plugin_file(
         worker_home.host_at(),
         &test_plugin("broker-worker"),
         &bootstrap,
-        &no_introducer,
+        &as_strs(&flags(&state_dirs[1])),
     );
-    let policy = client_policy.map(|text| policy_file(lab.scratch.path(), text));
-    let mut client_flags = no_introducer.to_vec();
-    if let Some(policy) = &policy {
-        client_flags.extend(["--config", policy.as_str()]);
+    let mut client_flags = flags(&state_dirs[2]);
+    if let Some(text) = client_policy {
+        client_flags.extend(["--config".into(), policy_file(lab.scratch.path(), text)]);
     }
     let client = lab.run_plugin_file(
         client_home.host_at(),
         &test_plugin("broker-client"),
         &bootstrap,
-        &client_flags,
+        &as_strs(&client_flags),
     );
     Some((lab, [dht, broker, worker, client]))
 }
@@ -209,6 +226,7 @@ fn two_hosts_behind_two_nats_meet_through_a_broker() {
         SOON,
     );
     for host in [&worker, &client] {
+        assert_eq!(host.count("cannot punch"), 0, "{}", host.output());
         assert_eq!(
             host.count("opened by an introduction"),
             0,
@@ -245,6 +263,9 @@ fn a_one_sided_punch_does_not_get_through_two_nats() {
         std::thread::sleep(Duration::from_millis(100));
     }
     client.wait_for("the broker lists a server at ", SOON);
+    // The worker's punches went out; the client's router dropped them.
+    assert_eq!(worker.count("cannot punch"), 0, "{}", worker.output());
+    assert_eq!(client.count("punching it"), 0, "{}", client.output());
     assert_eq!(client.count("sequence from"), 0, "{}", client.output());
     assert_eq!(
         worker.count("request for fibonacci_worker"),
