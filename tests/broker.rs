@@ -1,7 +1,7 @@
 //! Brokers (issue 10 item 5): a plugin on a public host that records the
 //! address each peer's request came from (`request-context.caller`) in its
 //! state, and two hosts behind two NATs that find each other through it, as
-//! in Grenache's `nat_w_broker` example (docs/wire.md §5, TV-7). The
+//! in Grenache's `nat_w_broker` example (docs/wire.md TV-7). The
 //! plugins are `tests/plugins/broker*`; the lab needs root (see
 //! tests/common/lab.rs).
 
@@ -240,8 +240,9 @@ fn two_hosts_behind_two_nats_meet_through_a_broker() {
 /// as the tutorial's `rpc_client.js` does. The worker punches the client's
 /// mapping round after round, and the client's router drops every punch
 /// (port-restricted: the client never sent anything to the worker), so no
-/// request is ever made. This is docs/wire.md §4.5's inference, and it shows
-/// the routers in the test above really filter.
+/// request is ever made: the tutorial's example cannot work with such a NAT
+/// on the client's side. It also shows that the routers in the test above
+/// really filter.
 #[test]
 fn a_one_sided_punch_does_not_get_through_two_nats() {
     let Some((lab, [_dht, _broker, worker, client])) = broker_lab(

@@ -1,8 +1,8 @@
 //! The client side of the tutorial's `nat_w_broker` example
 //! (`rpc_client.js`): every 2 s it registers with `fibo_broker` as a client
 //! and punches every `fibonacci_worker` server the broker lists (the
-//! tutorial's client registers once and never punches, which a
-//! port-restricted NAT on its side defeats: docs/wire.md §4.5). When a
+//! tutorial's client registers once and never punches, so a port-restricted
+//! NAT on its side drops the servers' punches). When a
 //! server's punch arrives, the path is open: it asks that server for
 //! `{"length":10}` and logs `sequence from PEER: REPLY`.
 //!

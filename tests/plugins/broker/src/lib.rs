@@ -1,5 +1,5 @@
 //! `fibo_broker`: the broker of the tutorial's `nat_w_broker` example
-//! (docs/wire.md §5, TV-7), as a plugin of contract 0.4.0.
+//! (docs/wire.md TV-7), as a plugin of contract 0.4.0.
 //!
 //! Two peers behind NATs cannot find each other's public addresses through
 //! discovery: each announces its local port. Each registers with this

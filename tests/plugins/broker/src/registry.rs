@@ -3,7 +3,7 @@
 //! source file (`#[path]`) by the broker's two peers, `broker-worker` and
 //! `broker-client`, so all three read and write one format.
 //!
-//! The format is the tutorial's `nat_w_broker` (docs/wire.md §5, TV-7): a
+//! The format is the tutorial's `nat_w_broker` (docs/wire.md TV-7): a
 //! registration `{"service":S,"server":B}` is stored, with the caller's
 //! observed `address` and `port` added, under the md5 (hex) of its JSON
 //! text, in a cache of at most [`MAX_ENTRIES`] entries that each live
@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn tv7_registration_is_answered_byte_for_byte() {
-        // docs/wire.md §7 TV-7: the request's payload, the caller the
+        // docs/wire.md TV-7: the request's payload, the caller the
         // tutorial's broker observed, and its reply's result.
         let e = Entry::from_request(
             r#"{"service":"fibonacci_worker","server":false}"#,
