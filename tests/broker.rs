@@ -108,27 +108,12 @@ fn node_peers_register_as_the_tutorials_register_js_does() {
     );
 }
 
-/// Two hosts behind two port-restricted NATs (plain SNAT; the routers drop
-/// what nobody inside asked for) meet only through the broker on the public
-/// host: the worker and the client each register every 2 s, the broker
-/// records each one's NAT mapping, and each punches the other's mapping. The
-/// second punch gets through the NAT the first one opened; the client, told
-/// of the worker's punch, calls it back through the hole.
-///
-/// Why this proves the broker path: there is no introducer anywhere in the
-/// lab (`dht --introducer-port off`, and each host `--introducer off`), so
-/// no host is introduced to another; the hosts run without `--behind-nat`
-/// and their plugins name nothing to punch, so the host punches nobody on
-/// its own; and the client never looks the worker up, it only answers
-/// punches with `request-peer`. The only place either side can learn the
-/// other's public address is the broker's reply.
 /// The broker lab: two port-restricted homes (A: the worker, B: the
 /// client), the public DHT node without an introducer, the broker on the
 /// public host, and the worker and client hosts, none using an introducer
 /// and each keeping its plugins' state in the lab's scratch directory; the
 /// client host gets `client_policy`, if any, as its policy file (`run
-/// --config`).
-/// Returns the lab and the DHT, broker, worker and client processes.
+/// --config`). Returns the lab and the DHT, broker, worker and client processes.
 fn broker_lab(test: &str, client_policy: Option<&str>) -> Option<(Lab, [HostProcess; 4])> {
     let lab = Lab::build(test, &[NatType::PortRestricted, NatType::PortRestricted])?;
     let (worker_home, client_home) = (&lab.homes[0], &lab.homes[1]);
@@ -184,6 +169,20 @@ fn broker_lab(test: &str, client_policy: Option<&str>) -> Option<(Lab, [HostProc
     Some((lab, [dht, broker, worker, client]))
 }
 
+/// Two hosts behind two port-restricted NATs (plain SNAT; the routers drop
+/// what nobody inside asked for) meet only through the broker on the public
+/// host: the worker and the client each register every 2 s, the broker
+/// records each one's NAT mapping, and each punches the other's mapping. The
+/// second punch gets through the NAT the first one opened; the client, told
+/// of the worker's punch, calls it back through the hole.
+///
+/// Why this proves the broker path: there is no introducer anywhere in the
+/// lab (`dht --introducer-port off`, and each host `--introducer off`), so
+/// no host is introduced to another; the hosts run without `--behind-nat`
+/// and their plugins name nothing to punch, so the host punches nobody on
+/// its own; and the client never looks the worker up, it only answers
+/// punches with `request-peer`. The only place either side can learn the
+/// other's public address is the broker's reply.
 #[test]
 fn two_hosts_behind_two_nats_meet_through_a_broker() {
     let Some((lab, [_dht, broker, worker, client])) = broker_lab("broker", None) else {
