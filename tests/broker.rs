@@ -10,7 +10,9 @@ mod common;
 use std::time::Duration;
 
 use common::lab::{Lab, NatType, PUBLIC_IP};
-use common::{node_peer, policy_file, start_dht, start_host, test_plugin, HostProcess, SOON};
+use common::{
+    node_peer, policy_file, start_dht, start_host, test_plugin, HostProcess, LOG_REQUESTS, SOON,
+};
 
 /// TV-7's registration payload and its reply's result, byte for byte.
 const TV7_PAYLOAD: &str = r#"{"service":"fibonacci_worker","server":false}"#;
@@ -136,6 +138,9 @@ fn broker_lab(test: &str, client_policy: Option<&str>) -> Option<(Lab, [HostProc
             "off",
             "--state-dir",
             state,
+            // The checks below read the per-request lines (at debug).
+            LOG_REQUESTS[0],
+            LOG_REQUESTS[1],
         ]
         .map(String::from)
         .to_vec()
