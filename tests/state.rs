@@ -413,3 +413,50 @@ fn a_swap_stops_the_old_versions_ticks_and_starts_the_new_ones_at_its_interval()
         host.output()
     );
 }
+
+#[test]
+fn two_hosts_cannot_share_a_plugins_state_and_a_plugin_without_state_creates_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = state_host(dir.path(), &test_plugin("stateful"), "");
+    let second = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let r = shown(host(&[
+        "run",
+        test_plugin("stateful").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "off",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("in use by another running host")
+            && r.stderr.contains("give each host its own --state-dir"),
+        "{}",
+        r.stderr
+    );
+    drop(first);
+
+    // fibonacci (0.4.0) never calls the state interface, so it does not
+    // import it: no directory, no lock, and any number of such hosts.
+    let unused = second.path().join("state");
+    let (_fib, _) = spawn_listening(
+        "fibonacci host",
+        &[
+            "run",
+            plugin("fibonacci").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "off",
+            "--state-dir",
+            unused.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !unused.exists(),
+        "a plugin without state created {unused:?}"
+    );
+}

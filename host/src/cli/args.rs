@@ -144,11 +144,12 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Where plugins keep their state: one file per plugin, NAME.state,
-        /// written atomically; it survives swaps and restarts. One host per
-        /// directory. Default: $STATE_DIRECTORY (systemd's StateDirectory=),
-        /// else $XDG_STATE_HOME/grenache-host, else
-        /// ~/.local/state/grenache-host. Created (owner-only) when a plugin
-        /// with state loads.
+        /// written atomically; it survives swaps and restarts. A host locks
+        /// the files of the plugins it runs (NAME.state.lock): a second host
+        /// on the same directory with the same plugin stops at start.
+        /// Default: $STATE_DIRECTORY (systemd's StateDirectory=), else
+        /// $XDG_STATE_HOME/grenache-host, else ~/.local/state/grenache-host.
+        /// Created (owner-only) when a plugin that uses state loads.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
         #[command(flatten)]

@@ -130,6 +130,18 @@ pub fn unknown_versions(engine: &Engine, component: &Component) -> Vec<String> {
     unknown
 }
 
+/// Whether `component` imports the `state` interface (0.4.0 on). A plugin
+/// that never calls it does not import it (wit-component keeps only the
+/// imports a module uses), so the host opens, creates and locks state only
+/// for plugins that keep some.
+pub fn imports_state(engine: &Engine, component: &Component) -> bool {
+    component.component_type().imports(engine).any(|(name, _)| {
+        name.strip_prefix(PACKAGE)
+            .and_then(|rest| rest.strip_prefix("/state@"))
+            .is_some()
+    })
+}
+
 /// Links the `host` imports of every contract version into `linker`.
 pub fn add_to_linker(linker: &mut Linker<RequestState>) -> wasmtime::Result<()> {
     use wasmtime::component::HasSelf;

@@ -365,6 +365,7 @@ impl Runtime {
             path: path_buf.clone(),
             reason: one_line(&e),
         };
+        let uses_state = contract::imports_state(&self.engine, &component);
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -377,6 +378,8 @@ impl Runtime {
             (_, ContractVersion::V0_3 | ContractVersion::V0_2) => {
                 Err(format!("{} has no state", pre.version()))
             }
+            // Nothing to open, create or lock for a plugin that keeps none.
+            _ if !uses_state => Err("it does not use the state interface".to_string()),
             (None, _) => {
                 Err("this host has no state directory; give it one with --state-dir".to_string())
             }

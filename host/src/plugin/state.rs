@@ -105,11 +105,13 @@ impl StateDir {
             ))
         })?;
         let file = self.root.join(format!("{name}.state"));
+        let lock = lock_file(&self.root, name).map_err(OpenError::File)?;
         let entries = read_file(&file, quota).map_err(OpenError::File)?;
         let size = entries.iter().map(|(k, v)| entry_size(k, v)).sum();
         let state = Arc::new(PluginState {
             name: name.to_string(),
             file,
+            _lock: lock,
             quota,
             committed: Mutex::new(Committed {
                 entries: Arc::new(entries),
@@ -124,8 +126,9 @@ impl StateDir {
 /// Why a plugin's state could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenError {
-    /// Its file is damaged, larger than the quota, or unreadable: the plugin
-    /// must not run on without what it kept.
+    /// Its file is damaged, larger than the quota or unreadable, or another
+    /// running host holds its lock: the plugin must not run on without what
+    /// it kept, nor overwrite another host's.
     File(String),
     /// The state directory cannot be created: the plugin runs, and its
     /// state calls fail as `unavailable` (as the WIT says).
@@ -133,6 +136,30 @@ pub enum OpenError {
 }
 
 /// Creates `dir` and its parents, owner-only, unless it exists.
+/// Takes the exclusive lock `DIR/NAME.state.lock` (an advisory `flock`,
+/// released when the file closes, also when the process dies), or says which
+/// other host holds it and what to do.
+fn lock_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
+    let path = dir.join(format!("{name}.state.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "the state of {name} in {} is in use by another running host (it holds {}); give each host its own --state-dir",
+            dir.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(format!("cannot lock {}: {e}", path.display()))
+        }
+    }
+}
+
 fn create_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
@@ -156,6 +183,9 @@ struct Committed {
 pub struct PluginState {
     name: String,
     file: PathBuf,
+    /// `DIR/NAME.state.lock`, locked exclusively while this store is open,
+    /// so a second host on the same directory cannot overwrite it.
+    _lock: std::fs::File,
     quota: u64,
     committed: Mutex<Committed>,
 }
