@@ -2,10 +2,11 @@
 //! runtime calls a plugin whatever version it was built against.
 //!
 //! Each version is bound with `wasmtime::component::bindgen!` in a module of
-//! its own: [`v0_4`] from `wit/plugin.wit` (the current contract: plugin
-//! state, configuration, `on-tick` and `host.punch`), [`v0_3`] from the
-//! frozen `wit/v0.3/plugin.wit` (whose `handle` receives a
-//! [`RequestContext`]) and [`v0_2`] from the frozen `wit/v0.2/plugin.wit`. wasmtime matches a 0.x package only up to its
+//! its own (`bindings.rs`, re-exported here): [`v0_4`] from `wit/plugin.wit`
+//! (the current contract: plugin state, configuration, `on-tick` and
+//! `host.punch`), [`v0_3`] from the frozen `wit/v0.3/plugin.wit` (whose
+//! `handle` receives a [`RequestContext`]) and [`v0_2`] from the frozen
+//! `wit/v0.2/plugin.wit`. wasmtime matches a 0.x package only up to its
 //! minor version, so each minor version is a separate contract: the linker
 //! carries the `host` imports of every version side by side, and
 //! [`ContractPre::detect`] type-checks a component against each version's
@@ -25,39 +26,7 @@ use wasmtime::{Engine, Store};
 
 use super::instance::RequestState;
 
-/// Bindings of `grenache:plugin@0.4.0` (`wit/plugin.wit`), the current
-/// contract.
-pub mod v0_4 {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "plugin",
-        imports: { default: async },
-        exports: { default: async },
-    });
-}
-
-/// Bindings of `grenache:plugin@0.3.0` (`wit/v0.3/plugin.wit`), kept so that
-/// plugins built against it still load; they get no state, configuration
-/// or ticks.
-pub mod v0_3 {
-    wasmtime::component::bindgen!({
-        path: "../wit/v0.3",
-        world: "plugin",
-        imports: { default: async },
-        exports: { default: async },
-    });
-}
-
-/// Bindings of `grenache:plugin@0.2.0` (`wit/v0.2/plugin.wit`), kept so that
-/// plugins built against it still load; their `handle` gets no context.
-pub mod v0_2 {
-    wasmtime::component::bindgen!({
-        path: "../wit/v0.2",
-        world: "plugin",
-        imports: { default: async },
-        exports: { default: async },
-    });
-}
+pub use super::bindings::{v0_2, v0_3, v0_4};
 
 /// The WIT package every contract version belongs to.
 pub const PACKAGE: &str = "grenache:plugin";

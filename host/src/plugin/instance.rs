@@ -17,7 +17,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::contract::{v0_2, v0_3, v0_4};
+use super::bindings::{v0_2, v0_3, v0_4};
 use super::network::{punch_target, OutboundError, PluginNetwork};
 use super::output::CapturedOutput;
 use super::state::{StateError, Transaction};

@@ -29,6 +29,7 @@
 //!   per-call [`Limits`] and their defaults.
 //! - [`signing`]: Ed25519 signatures on plugin files, checked at load.
 
+pub mod bindings;
 pub mod contract;
 pub mod instance;
 pub mod network;

@@ -225,7 +225,7 @@ pub fn parse_reply(value: &RawValue) -> Result<Reply, DecodeError> {
 /// into packets (docs/wire.md §3), skipping whitespace between them (the
 /// keep-alive spaces of earlier hosts, docs/wire.md#heartbeat).
 ///
-/// Linear in the bytes received, however they are split: a [`Scanner`]
+/// Linear in the bytes received, however they are split: a scanner
 /// finds where the next value ends by looking at each byte once (string,
 /// escape and nesting state carry over from one `push` to the next), and
 /// only a complete value is handed to serde_json, once. A message trickled
