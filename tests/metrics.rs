@@ -177,6 +177,14 @@ fn a_scrape_after_traffic_counts_every_request_failure_swap_and_punch() {
         &sock,
     );
     assert_eq!(swapped.code, 0, "{}", swapped.stderr);
+    // Swapped again and rolled back once: counted apart.
+    for args in [
+        &["swap", "fibonacci", plugin("fibonacci").to_str().unwrap()][..],
+        &["rollback", "fibonacci"],
+    ] {
+        let r = control(args, &sock);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+    }
 
     // A punch from a plain UDP socket; the host punches back.
     let puncher = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -223,6 +231,10 @@ fn a_scrape_after_traffic_counts_every_request_failure_swap_and_punch() {
     assert_eq!(failures("busy"), 1.0);
     assert_eq!(
         scrape.value("grenache_host_plugin_swaps_total{plugin=\"fibonacci\"}"),
+        2.0
+    );
+    assert_eq!(
+        scrape.value("grenache_host_plugin_rollbacks_total{plugin=\"fibonacci\"}"),
         1.0
     );
     assert_eq!(

@@ -448,10 +448,18 @@ impl Collector for PartsCollector {
         counters(
             e,
             "grenache_host_plugin_swaps",
-            "Swaps and rollbacks of a plugin that took effect.",
+            "Swaps of a plugin that took effect (rollbacks are counted apart).",
             swaps
                 .iter()
                 .map(|s| ([("plugin", s.plugin.as_str())], s.swaps)),
+        )?;
+        counters(
+            e,
+            "grenache_host_plugin_rollbacks",
+            "Rollbacks of a plugin that took effect.",
+            swaps
+                .iter()
+                .map(|s| ([("plugin", s.plugin.as_str())], s.rollbacks)),
         )?;
         counters(
             e,

@@ -103,8 +103,10 @@ impl SlotStats {
 pub struct SwapCounts {
     /// The plugin's name.
     pub plugin: String,
-    /// Swaps and rollbacks that took effect.
+    /// Swaps that took effect.
     pub swaps: u64,
+    /// Rollbacks that took effect.
+    pub rollbacks: u64,
     /// Swaps refused (the file did not load or its services collide); the
     /// version before kept serving.
     pub refused: u64,
@@ -506,6 +508,7 @@ impl PluginSet {
             .map(|s| SwapCounts {
                 plugin: s.name(),
                 swaps: s.swaps,
+                rollbacks: s.rollbacks,
                 refused: s.stats.refused_swaps.load(Ordering::Relaxed),
             })
             .collect()
