@@ -462,9 +462,10 @@ pub struct ClientArgs {
 /// Per-request sandbox limits.
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
-    /// Memory one request may use, e.g. 64MiB, 512KiB, 1GiB [default: 64MiB,
-    /// or the policy's]. Overrides the policy file for every plugin.
-    #[arg(long, value_name = "SIZE", value_parser = checked(parse_size))]
+    /// Memory one request may use, e.g. 64MiB, 512KiB, 1GiB; at most 4GiB
+    /// [default: 64MiB, or the policy's]. Overrides the policy file for
+    /// every plugin.
+    #[arg(long, value_name = "SIZE", value_parser = checked(crate::plugin::policy::parse_memory_limit))]
     pub memory_limit: Option<String>,
     /// Wall time one request may take, host calls included, e.g. 5s, 250ms
     /// [default: 5s, or the policy's]. Overrides the policy file.

@@ -75,6 +75,23 @@ pub const DEFAULT_MAX_CONCURRENT: usize = 64;
 /// Largest `state_quota`: a plugin's whole state is held in memory and
 /// rewritten to disk by each call that changes it.
 pub const MAX_STATE_QUOTA: u64 = 256 << 20;
+
+/// The largest memory limit: 4 GiB, all a wasm32 linear memory can hold
+/// (65,536 pages of 64 KiB, WebAssembly core spec), and the address space
+/// the engine reserves per memory.
+pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+
+/// Parses a memory limit (`64MiB`, `1GiB`), refusing one over
+/// [`MAX_MEMORY_LIMIT`] with the reason.
+pub fn parse_memory_limit(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if bytes > MAX_MEMORY_LIMIT {
+        return Err(format!(
+            "{text:?} is more than a plugin can use: a wasm32 memory holds at most 4GiB"
+        ));
+    }
+    Ok(bytes)
+}
 /// Shortest interval between two ticks of a plugin (the WIT's minimum).
 pub const MIN_TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// Most configuration values one plugin may be given, and the longest key
@@ -220,7 +237,8 @@ impl PluginPolicy {
     fn apply(mut self, entry: &PolicyEntry) -> Result<Self, String> {
         let field = |name: &str, e: String| format!("{name}: {e}");
         if let Some(v) = &entry.memory_limit {
-            self.limits.memory_bytes = parse_size(v).map_err(|e| field("memory_limit", e))?;
+            self.limits.memory_bytes =
+                parse_memory_limit(v).map_err(|e| field("memory_limit", e))?;
         }
         if let Some(v) = &entry.time_limit {
             self.limits.time = parse_duration(v).map_err(|e| field("time_limit", e))?;
@@ -308,6 +326,19 @@ impl Policies {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_memory_limit_over_what_wasm32_can_hold_is_refused() {
+        assert_eq!(parse_memory_limit("4GiB"), Ok(4 << 30));
+        let e = parse_memory_limit("8GiB").unwrap_err();
+        assert!(e.contains("at most 4GiB"), "{e}");
+        let mut file = PolicyEntry::default();
+        file.memory_limit = Some("5GiB".into());
+        let e = PluginPolicy::with_limits(Limits::default())
+            .apply(&file)
+            .unwrap_err();
+        assert!(e.starts_with("memory_limit:") && e.contains("4GiB"), "{e}");
+    }
+
     use super::*;
 
     #[test]
