@@ -331,8 +331,10 @@ mod tests {
         assert_eq!(parse_memory_limit("4GiB"), Ok(4 << 30));
         let e = parse_memory_limit("8GiB").unwrap_err();
         assert!(e.contains("at most 4GiB"), "{e}");
-        let mut file = PolicyEntry::default();
-        file.memory_limit = Some("5GiB".into());
+        let file = PolicyEntry {
+            memory_limit: Some("5GiB".into()),
+            ..Default::default()
+        };
         let e = PluginPolicy::with_limits(Limits::default())
             .apply(&file)
             .unwrap_err();
