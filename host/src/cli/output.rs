@@ -15,7 +15,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub fn check_payload(payload: &str) -> Result<(), ExitCode> {
     crate::plugin::check_json(payload).map_err(|e| {
         usage_error(format!(
-            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"length\":10}}'"
+            "the payload is not valid JSON ({e}); quote it for the shell, e.g. '{{\"key\":1}}' or '\"text\"'"
         ))
     })
 }

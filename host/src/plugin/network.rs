@@ -170,7 +170,11 @@ pub fn punch_target(peer: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{peer:?} is not an ip:port address"))?;
     let unicast = match addr.ip() {
         IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()),
-        IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
+        IpAddr::V6(_) => {
+            return Err(format!(
+                "{peer} is IPv6; the host's RPC socket speaks IPv4 only"
+            ))
+        }
     };
     if !unicast || addr.port() == 0 {
         return Err(format!(
@@ -366,7 +370,8 @@ mod tests {
     #[test]
     fn only_unicast_addresses_with_a_port_are_punched() {
         assert!(punch_target("203.0.113.7:40123").is_ok());
-        assert!(punch_target("[2001:db8::1]:40123").is_ok());
+        let e = punch_target("[2001:db8::1]:40123").unwrap_err();
+        assert!(e.contains("IPv4 only"), "{e}");
         for bad in [
             "nonsense",
             "203.0.113.7",
