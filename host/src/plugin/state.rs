@@ -352,7 +352,10 @@ impl Transaction {
     }
 
     /// Buffers the removal of `key`. Removing a key this call does not see
-    /// records nothing, so deletes cannot grow a call's writes without bound.
+    /// records nothing, and removing one only this call wrote (not kept)
+    /// drops that write rather than recording a delete, so a call's writes
+    /// hold at most its kept keys plus [`MAX_KEYS`] new ones however often
+    /// it sets and deletes fresh keys.
     pub fn delete(&mut self, key: &str) -> Result<(), StateError> {
         check_key(key)?;
         let (state, writes, growth, added) = self.open()?;
@@ -361,7 +364,11 @@ impl Transaction {
         };
         *growth -= before as i64;
         *added -= 1;
-        writes.insert(key.to_string(), None);
+        if state.snapshot().0.contains_key(key) {
+            writes.insert(key.to_string(), None);
+        } else {
+            writes.remove(key);
+        }
         Ok(())
     }
 
@@ -429,18 +436,24 @@ fn read_file(file: &Path, quota: u64) -> Result<BTreeMap<String, Vec<u8>>, Strin
                 file.display()
             ))
         }
-        // Each entry costs 8 bytes of lengths on top of its key and value.
-        Ok(meta)
-            if meta.len()
-                > quota
-                    .saturating_add(MAX_KEYS as u64 * 8)
-                    .saturating_add((FILE_MAGIC.len() + DIGEST_BYTES) as u64) =>
-        {
+        Ok(meta) if meta.len() > max_file_size(quota) => {
             return Err(oversized(file, meta.len(), quota));
         }
-        Ok(_) => std::fs::read(file)
+        // Only a regular file: a FIFO would block the start for ever and a
+        // device (a link to /dev/zero) would be read without end.
+        Ok(meta) if !meta.is_file() => {
+            return Err(format!(
+                "the state file {} is not a regular file; move it away to start this plugin with empty state",
+                file.display()
+            ))
+        }
+        Ok(_) => read_at_most(file, max_file_size(quota) + 1)
             .map_err(|e| format!("cannot read the state file {}: {e}", file.display()))?,
     };
+    if bytes.len() as u64 > max_file_size(quota) {
+        // It grew between the look and the read.
+        return Err(oversized(file, bytes.len() as u64, quota));
+    }
     let damaged = |why: &str| {
         format!(
             "the state file {} is damaged ({why}); move it away to start this plugin with empty state, or put back a good copy",
@@ -490,6 +503,24 @@ fn read_file(file: &Path, quota: u64) -> Result<BTreeMap<String, Vec<u8>>, Strin
         }
     }
     Ok(entries)
+}
+
+/// The largest state file a plugin with `quota` can have written: each
+/// entry costs 8 bytes of lengths on top of its key and value.
+fn max_file_size(quota: u64) -> u64 {
+    quota
+        .saturating_add(MAX_KEYS as u64 * 8)
+        .saturating_add((FILE_MAGIC.len() + DIGEST_BYTES) as u64)
+}
+
+/// The first `limit` bytes of `file`.
+fn read_at_most(file: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)?
+        .take(limit)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn oversized(file: &Path, size: u64, quota: u64) -> String {
@@ -668,6 +699,63 @@ mod tests {
             unreachable!()
         };
         assert!(writes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn setting_and_deleting_fresh_keys_cannot_grow_a_calls_writes() {
+        // A hostile plugin churns set/delete of ever new keys in one call:
+        // the quota and key count are never passed, so only the writes
+        // buffered in the host could grow (by a tombstone per key).
+        let dir = tempfile::tempdir().unwrap();
+        let (_states, state) = state(dir.path(), 1 << 10);
+        let mut kept = Transaction::new(state.clone());
+        kept.set("kept", vec![1]).unwrap();
+        kept.commit().await.unwrap();
+        let mut txn = Transaction::new(state.clone());
+        for i in 0..100_000 {
+            let key = format!("{i:0>200}");
+            txn.set(&key, vec![0; 100]).unwrap();
+            txn.delete(&key).unwrap();
+        }
+        txn.delete("kept").unwrap();
+        assert_eq!(txn.get("kept").unwrap(), None);
+        let Transaction::Open { writes, .. } = &txn else {
+            unreachable!()
+        };
+        assert_eq!(writes.len(), 1, "only the delete of the kept key");
+        txn.commit().await.unwrap();
+        assert_eq!(state.size(), 0);
+    }
+
+    #[test]
+    fn a_state_file_that_is_not_a_regular_file_is_refused_at_once() {
+        // A FIFO would block the open for ever, a link to /dev/zero be read
+        // without end: each must be an error, within a deadline.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        std::fs::create_dir(&root).unwrap();
+        let fifo = root.join("fifo.state");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero.state")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("dir.state")).unwrap();
+        for name in ["fifo", "zero", "dir"] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let opened = StateDir::new(root).open(name, 1 << 10).map(|_| ());
+                let _ = tx.send(opened);
+            });
+            match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+                Ok(Err(OpenError::File(e))) => {
+                    assert!(e.contains("not a regular file"), "{name}: {e}")
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
