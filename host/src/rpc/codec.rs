@@ -263,7 +263,14 @@ struct Scanner {
 /// Bytes that end a bare top-level number or literal (`true`, `12`): JSON's
 /// structural characters, the start of a string, and whitespace.
 fn ends_a_bare_value(b: u8) -> bool {
-    matches!(b, b'[' | b']' | b'{' | b'}' | b',' | b':' | b'"') || b.is_ascii_whitespace()
+    matches!(b, b'[' | b']' | b'{' | b'}' | b',' | b':' | b'"') || is_json_whitespace(b)
+}
+
+/// JSON's whitespace (RFC 8259 §2): space, tab, line feed, carriage return.
+/// Not Rust's `is_ascii_whitespace`, which also takes form feed, a byte
+/// serde_json refuses between values.
+fn is_json_whitespace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 impl Scanner {
@@ -288,7 +295,7 @@ impl Scanner {
                 self.examined += 1;
             }
             let Some(start) = self.start else {
-                if !b.is_ascii_whitespace() {
+                if !is_json_whitespace(b) {
                     self.start = Some(i);
                     match b {
                         b'[' | b'{' => self.depth = 1,
@@ -588,8 +595,12 @@ mod tests {
         d.push(b"3 ");
         assert_eq!(d.next_message().unwrap().unwrap().get(), "123");
         // Garbage is refused once its value ends, and a stray closer at once.
+        // A form feed is not JSON whitespace, before a value or after one.
         for junk in [
-            &b"[1,}"[..],
+            &b"\x0c[1]"[..],
+            b"[1]\x0c[2]",
+            b"12\x0c ",
+            b"[1,}",
             b"]",
             b",",
             b"[tru]",
@@ -600,7 +611,9 @@ mod tests {
             let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
             d.push(junk);
             assert!(
-                d.next_message().is_err(),
+                std::iter::from_fn(|| Some(d.next_message()))
+                    .take(3)
+                    .any(|r| r.is_err()),
                 "{}",
                 String::from_utf8_lossy(junk)
             );
@@ -657,6 +670,183 @@ mod tests {
             );
         }
         assert!(parse_reply(&RawValue::from_string(r#"["a",5,3]"#.into()).unwrap()).is_err());
+    }
+
+    /// What the decoder makes of `bytes` pushed in the pieces `cuts`
+    /// marks: the values it returned, then whether it stopped on an error.
+    fn decode_split(bytes: &[u8], cuts: &[usize], max: usize) -> (Vec<String>, bool) {
+        let mut d = MessageDecoder::new(max);
+        let mut out = vec![];
+        let mut from = 0;
+        for &to in cuts.iter().chain([&bytes.len()]) {
+            d.push(&bytes[from..to]);
+            from = to;
+            loop {
+                match d.next_message() {
+                    Ok(Some(v)) => out.push(v.get().to_string()),
+                    Ok(None) => break,
+                    Err(_) => return (out, true),
+                }
+            }
+        }
+        (out, false)
+    }
+
+    /// serde_json's verdict on the same stream: the values before its
+    /// first error, and that error's kind (`None`: the stream ended well).
+    fn serde_stream(bytes: &[u8]) -> (Vec<String>, Option<serde_json::error::Category>) {
+        let mut out = vec![];
+        for v in serde_json::Deserializer::from_slice(bytes).into_iter::<Box<RawValue>>() {
+            match v {
+                Ok(v) => out.push(v.get().to_string()),
+                Err(e) => return (out, Some(e.classify())),
+            }
+        }
+        (out, None)
+    }
+
+    fn random_json(rng: &mut impl rand::Rng, depth: usize) -> String {
+        const PIECES: &[&str] = &[
+            "a",
+            "\\\"",
+            "\\\\",
+            "\\n",
+            "\\u00e9",
+            "\\ud83d\\ude00",
+            "é",
+            "😀",
+            "]",
+            "[",
+            "{",
+            "}",
+            ",",
+            ":",
+            " ",
+            "\\/",
+        ];
+        match rng.random_range(0..if depth > 4 { 4 } else { 6 }) {
+            0 => rng.random_range(-1000i64..1000).to_string(),
+            1 => ["true", "false", "null", "1.5e3", "-0.25"][rng.random_range(0..5)].into(),
+            2 | 3 => {
+                let n = rng.random_range(0..6);
+                let body: String = (0..n)
+                    .map(|_| PIECES[rng.random_range(0..PIECES.len())])
+                    .collect();
+                format!("\"{body}\"")
+            }
+            4 => {
+                let n = rng.random_range(0..4);
+                let items: Vec<String> = (0..n).map(|_| random_json(rng, depth + 1)).collect();
+                format!("[{}]", items.join(if rng.random() { "," } else { " , " }))
+            }
+            _ => {
+                let n = rng.random_range(0..4);
+                let items: Vec<String> = (0..n)
+                    .map(|i| format!("\"k{i}\":{}", random_json(rng, depth + 1)))
+                    .collect();
+                format!("{{{}}}", items.join(","))
+            }
+        }
+    }
+
+    #[test]
+    fn random_splits_of_random_streams_agree_with_serde_json() {
+        // Valid streams of arrays and objects (the values a peer sends),
+        // and the same with a byte changed, dropped or doubled, each pushed
+        // in random pieces: the decoder returns what serde_json reads from
+        // the stream whole, stops with an error where serde_json finds
+        // one, and waits only when serde_json ran out of input.
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for round in 0..5000 {
+            let n = rng.random_range(1..4);
+            let mut stream = String::new();
+            for _ in 0..n {
+                let value = loop {
+                    let v = random_json(&mut rng, 0);
+                    if v.starts_with(['[', '{']) {
+                        break v;
+                    }
+                };
+                stream.push_str(&value);
+                // Form feed: Rust's whitespace, not JSON's.
+                stream.push_str([" ", "", "\n", "\r\n  ", "\t", "\u{c}"][rng.random_range(0..6)]);
+            }
+            let mut bytes = stream.into_bytes();
+            if round % 2 == 1 {
+                let at = rng.random_range(0..bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes[at] = rng.random(),
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, bytes[at]),
+                }
+            }
+            // A bare number at the very end may go on (the decoder waits,
+            // serde_json takes the end of input as its end): end it.
+            bytes.push(b' ');
+            let mut cuts: Vec<usize> = (0..rng.random_range(0..8))
+                .map(|_| rng.random_range(0..=bytes.len()))
+                .collect();
+            cuts.sort_unstable();
+            let (got, failed) = decode_split(&bytes, &cuts, DEFAULT_MAX_MESSAGE);
+            let (want, error) = serde_stream(&bytes);
+            let shown = String::from_utf8_lossy(&bytes);
+            assert_eq!(got, want, "seed {seed}, stream {shown:?}, cuts {cuts:?}");
+            match error {
+                None => assert!(!failed, "seed {seed}: {shown:?} is valid JSON"),
+                Some(serde_json::error::Category::Eof) => {
+                    assert!(!failed, "seed {seed}: {shown:?} may go on")
+                }
+                Some(_) if failed => {}
+                Some(_) => {
+                    // The scanner saw no end yet (a stray quote put the
+                    // rest in a string): it waits, as for a slow peer,
+                    // until the limit refuses the value.
+                    let limit = bytes.len() + 64;
+                    let mut d = MessageDecoder::new(limit);
+                    d.push(&bytes);
+                    let padding = vec![b'x'; limit];
+                    let refused = std::iter::from_fn(|| Some(d.next_message()))
+                        .take(want.len() + 2)
+                        .find_map(|r| r.err());
+                    let refused = refused.or_else(|| {
+                        d.push(&padding);
+                        std::iter::from_fn(|| Some(d.next_message()))
+                            .take(2)
+                            .find_map(|r| r.err())
+                    });
+                    assert!(refused.is_some(), "seed {seed}: {shown:?} is never refused");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        // 1 MiB of `[` waits for its end and then is too large; nesting
+        // past serde_json's recursion limit inside the limit is not JSON.
+        let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);
+        d.push(&vec![b'['; DEFAULT_MAX_MESSAGE]);
+        assert!(d.next_message().unwrap().is_none());
+        d.push(b"[");
+        assert!(matches!(
+            d.next_message(),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        // serde_json reads a raw value without recursing: 100,000 levels
+        // in a request's payload are one message, as it says.
+        let deep = format!(
+            "[\"r\",\"k\",{}{}]",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let (got, failed) = decode_split(deep.as_bytes(), &[7, 50_000], DEFAULT_MAX_MESSAGE);
+        assert_eq!((&got, failed), (&serde_stream(deep.as_bytes()).0, false));
+        let request = parse_request(&RawValue::from_string(got[0].clone()).unwrap()).unwrap();
+        assert_eq!(request.payload.len(), 200_000);
     }
 
     #[test]
