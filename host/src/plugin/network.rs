@@ -168,6 +168,9 @@ pub fn punch_target(peer: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = peer
         .parse()
         .map_err(|_| format!("{peer:?} is not an ip:port address"))?;
+    // An IPv4-mapped IPv6 address (`[::ffff:224.0.0.1]:9`) is the IPv4
+    // address it maps: judge (and punch) that one.
+    let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
     let unicast = match addr.ip() {
         IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()),
         IpAddr::V6(_) => {
@@ -372,6 +375,11 @@ mod tests {
         assert!(punch_target("203.0.113.7:40123").is_ok());
         let e = punch_target("[2001:db8::1]:40123").unwrap_err();
         assert!(e.contains("IPv4 only"), "{e}");
+        // IPv4-mapped: the IPv4 address it maps, which the socket can send to.
+        assert_eq!(
+            punch_target("[::ffff:203.0.113.7]:40123").unwrap(),
+            "203.0.113.7:40123".parse().unwrap()
+        );
         for bad in [
             "nonsense",
             "203.0.113.7",
@@ -380,6 +388,10 @@ mod tests {
             "224.0.0.1:1",
             "[ff02::1]:1",
             "203.0.113.7:0",
+            // IPv4-mapped forms of the above.
+            "[::ffff:255.255.255.255]:1",
+            "[::ffff:224.0.0.1]:1",
+            "[::ffff:0.0.0.0]:1",
         ] {
             assert!(punch_target(bad).is_err(), "{bad}");
         }
