@@ -219,6 +219,28 @@ fn keys_cannot_be_swapped_and_a_secret_is_never_printed() {
     assert!(r.stderr.contains("is a secret key"), "{}", r.stderr);
     assert!(!r.stderr.contains(secret_hex) && !r.stdout.contains(secret_hex));
 
+    // The secret key's text pasted inline, labelled or with a typo: refused
+    // without quoting it (clap's own error would quote the value).
+    let labelled = format!("ed25519-secret {secret_hex}");
+    let typo = format!("{secret_hex}0");
+    for inline in [labelled.as_str(), typo.as_str()] {
+        let r = shown(host(&[
+            "run",
+            fib.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--trusted-key",
+            inline,
+        ]));
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("--trusted-key"), "{}", r.stderr);
+        assert!(
+            !r.stderr.contains(secret_hex) && !r.stdout.contains(secret_hex),
+            "{}",
+            r.stderr
+        );
+    }
+
     // Signing with the public key: refused, and nothing written.
     let r = shown(host(&[
         "sign",

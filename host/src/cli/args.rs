@@ -120,7 +120,7 @@ pub enum Command {
         /// Load only plugins signed (see `sign`) by this public key: a .pub
         /// file from `keygen` or its hex (repeatable). Without it, plugins
         /// need no signature.
-        #[arg(long, value_name = "KEY", value_parser = crate::plugin::signing::parse_trusted_key)]
+        #[arg(long, value_name = "KEY", value_parser = TrustedKeyParser)]
         trusted_key: Vec<crate::plugin::signing::TrustedKey>,
         /// Swap a plugin in when its file changes (written in place or renamed
         /// over); requests in flight finish on the old version.
@@ -555,4 +555,34 @@ pub fn ipv4_socket(text: &str) -> Result<SocketAddrV4, String> {
 /// [`ipv4_socket`], as a [`SocketAddr`].
 pub fn ipv4_only(text: &str) -> Result<SocketAddr, String> {
     ipv4_socket(text).map(SocketAddr::V4)
+}
+
+/// `--trusted-key`'s parser. clap's error for a value its parser refuses
+/// quotes the value, which may be a secret key pasted by mistake; this one
+/// names the option and says what is wrong, never what was given.
+#[derive(Clone)]
+struct TrustedKeyParser;
+
+impl clap::builder::TypedValueParser for TrustedKeyParser {
+    type Value = crate::plugin::signing::TrustedKey;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let fail = |why: String| {
+            let option = arg.map_or_else(|| "--trusted-key".to_string(), ToString::to_string);
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{option}': {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| fail("not UTF-8 text".to_string()))?;
+        crate::plugin::signing::parse_trusted_key(text).map_err(fail)
+    }
 }

@@ -164,16 +164,17 @@ pub fn parse_trusted_key(text: &str) -> Result<TrustedKey, String> {
         (text.to_string(), "")
     };
     let (kind, hex) = read_key_text(&file_text, name);
-    if kind == Some(KeyKind::Secret) {
-        return Err(format!(
-            "{text} is a secret key: pass the public key (the .pub file `grenache-host keygen` wrote beside it); a host never needs a secret key"
-        ));
-    }
+    // Inline text may be a secret key pasted by mistake: never shown.
     let shown = if name.is_empty() {
         "the key given".to_string()
     } else {
         name.to_string()
     };
+    if kind == Some(KeyKind::Secret) {
+        return Err(format!(
+            "{shown} is a secret key: pass the public key (the .pub file `grenache-host keygen` wrote beside it); a host never needs a secret key"
+        ));
+    }
     let bytes = from_hex::<32>(hex).map_err(|e| {
         format!("{shown} is not a public key ({e}); pass the .pub file `grenache-host keygen` wrote, or its hex")
     })?;
