@@ -138,6 +138,12 @@ impl Drop for InFlight {
     }
 }
 
+/// Requests one connection may have in flight at once; the next is not
+/// read until one of them is answered. A Grenache client multiplexes its
+/// requests to a peer over one connection, so this is generous: four times
+/// a plugin's default `max_concurrent`.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
+
 /// Accepts connections until dropped; dropping the future stops every
 /// connection it accepted. `drain` stops it gracefully (see [`Drain`]).
 pub async fn serve(
@@ -183,6 +189,13 @@ async fn serve_connection(
     let mut requests = tokio::task::JoinSet::new();
     let problem = loop {
         while requests.try_join_next().is_some() {}
+        // A peer that pipelines requests faster than they are answered (or
+        // never reads its replies, so that each waits for the writer) is
+        // not read further until one finishes: its bytes wait in uTP's
+        // window instead of as tasks in our memory.
+        while requests.len() >= MAX_IN_FLIGHT_PER_CONNECTION {
+            requests.join_next().await;
+        }
         let request = match reader.next().await {
             Ok(Some(value)) => match codec::parse_request(&value) {
                 Ok(request) => request,
@@ -297,6 +310,54 @@ mod tests {
                 Ok(payload.to_string())
             })
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_connection_cannot_pile_up_requests_without_bound() {
+        // 1000 requests pipelined on one uTP connection to a service that
+        // does not answer: the server reads only as many as it may hold in
+        // flight, and still answers other connections.
+        let any = "127.0.0.1:0".parse().unwrap();
+        let (server, _) = Endpoint::bind(any).await.unwrap();
+        let addr = server.local_addr();
+        let drain = Arc::new(Drain::default());
+        let gate = Arc::new(Gate(tokio::sync::Notify::new()));
+        let serving = tokio::spawn(serve(
+            server,
+            gate.clone(),
+            1 << 20,
+            Arc::default(),
+            drain.clone(),
+        ));
+        let (flooder, _) = Endpoint::bind(any).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let stream = flooder.connect(addr, deadline.into_std()).await.unwrap();
+        let (_read, mut write) = stream.split();
+        let mut burst = Vec::new();
+        for _ in 0..1000 {
+            burst.extend(codec::encode_request(&codec::new_rid(), "slow", "1"));
+        }
+        write.write_all(&burst).await.unwrap();
+        let mut in_flight = drain.in_flight.subscribe();
+        tokio::time::timeout_at(
+            deadline,
+            in_flight.wait_for(|n| *n >= MAX_IN_FLIGHT_PER_CONNECTION),
+        )
+        .await
+        .expect("the pipelined requests reach the server")
+        .unwrap();
+        // Another caller is served meanwhile; by then the flood's bytes
+        // have long arrived, and the server still holds only the cap.
+        let (client, _) = Endpoint::bind(any).await.unwrap();
+        let client = RpcClient::new(client, None, 1 << 20);
+        for _ in 0..3 {
+            let reply = client
+                .request_peer(addr, "fast", "7", Duration::from_secs(10))
+                .await;
+            assert_eq!(reply.unwrap(), "7");
+        }
+        assert_eq!(*drain.in_flight.borrow(), MAX_IN_FLIGHT_PER_CONNECTION);
+        serving.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
