@@ -104,6 +104,7 @@ impl StateDir {
                 self.root.display()
             ))
         })?;
+        check_private(&self.root).map_err(OpenError::File)?;
         let file = self.root.join(format!("{name}.state"));
         let lock = lock_file(&self.root, name).map_err(OpenError::File)?;
         let entries = read_file(&file, quota).map_err(OpenError::File)?;
@@ -135,16 +136,45 @@ pub enum OpenError {
     NoDirectory(String),
 }
 
-/// Creates `dir` and its parents, owner-only, unless it exists.
+/// Refuses a state directory another user could write into: one not owned
+/// by this process's user, or writable by its group or others. Whoever can
+/// write there can replace the state, or plant a link where the host writes
+/// (as `ssh` refuses such a home directory).
+fn check_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| format!("cannot read the state directory {}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "the state directory {} belongs to user {}, not to this host's user {me}; pass a directory of your own with --state-dir",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "the state directory {} is writable by other users (mode {:o}); make it owner-only (chmod 700 {}) or pass another with --state-dir",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Takes the exclusive lock `DIR/NAME.state.lock` (an advisory `flock`,
 /// released when the file closes, also when the process dies), or says which
 /// other host holds it and what to do.
 fn lock_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
     let path = dir.join(format!("{name}.state.lock"));
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     match file.try_lock() {
@@ -160,6 +190,7 @@ fn lock_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
     }
 }
 
+/// Creates `dir` and its parents, owner-only, unless it exists.
 fn create_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
@@ -568,10 +599,15 @@ fn write_file(file: &Path, entries: &BTreeMap<String, Vec<u8>>) -> Result<(), St
     let temporary = PathBuf::from(temporary);
     let written = (|| {
         use std::os::unix::fs::OpenOptionsExt;
+        // A fresh file, never through a link left at its name: what was
+        // there (a crash's leftover) goes first.
+        match std::fs::remove_file(&temporary) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut out = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&temporary)?;
         out.write_all(&encode(entries))?;
@@ -725,6 +761,31 @@ mod tests {
         assert_eq!(writes.len(), 1, "only the delete of the kept key");
         txn.commit().await.unwrap();
         assert_eq!(state.size(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_can_write_is_refused_and_links_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        match StateDir::new(root.clone()).open("p", 1 << 10) {
+            Err(OpenError::File(e)) => assert!(e.contains("chmod 700"), "{e}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Owner-only: a link left where the commit writes its temporary
+        // file is replaced, not written through.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("p.state.partial")).unwrap();
+        let state = StateDir::new(root.clone()).open("p", 1 << 10).unwrap();
+        let mut txn = Transaction::new(state.clone());
+        txn.set("k", b"v".to_vec()).unwrap();
+        txn.commit().await.unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(read_file(state.file(), 1 << 10).unwrap().len(), 1);
     }
 
     #[test]
