@@ -23,8 +23,8 @@
 //! registry.
 //!
 //! The endpoint is plain HTTP/1.1 on hyper ([`crate::http`], as the grape's
-//! API), bounded: at most [`MAX_CONNECTIONS`] at once (more are closed at
-//! once), headers within [`HEADER_TIMEOUT`], and no connection lives longer
+//! API), bounded: at most [`MAX_CONNECTIONS`] at once (a new one closes
+//! the oldest), headers within [`HEADER_TIMEOUT`], and no connection lives longer
 //! than [`CONNECTION_LIFETIME`].
 
 use std::collections::HashMap;
@@ -62,7 +62,7 @@ pub const UNKNOWN_SERVICE: &str = "_unknown";
 /// loaded plugin names in its manifest's `calls` (one reached through
 /// `"*"`, say).
 pub const OTHER_SERVICE: &str = "_other";
-/// Most metrics connections served at once; more are closed at once.
+/// Most metrics connections served at once; a new one closes the oldest.
 pub const MAX_CONNECTIONS: usize = 16;
 /// Time a client has to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -559,13 +559,22 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
     let registry = Arc::new(registry);
     let builder = crate::http::builder(HEADER_TIMEOUT);
     let mut connections = tokio::task::JoinSet::new();
+    // The live connections' tasks, oldest first.
+    let mut open = std::collections::VecDeque::new();
     loop {
         let (stream, peer) = crate::http::accept(&listener, "metrics").await;
         // Reap finished connections so the set holds only the live ones.
         while connections.try_join_next().is_some() {}
-        if connections.len() >= MAX_CONNECTIONS {
-            tracing::debug!(%peer, "metrics: connection closed: {MAX_CONNECTIONS} already open");
-            continue;
+        open.retain(|task: &tokio::task::AbortHandle| !task.is_finished());
+        // Full: the oldest goes, not the newcomer. Refusing newcomers let
+        // 16 clients that reconnect every few seconds keep a scraper out
+        // for good; to push a scrape out now, clients would have to open
+        // 16 connections while it is served.
+        if open.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+                tracing::debug!(%peer, "metrics: {MAX_CONNECTIONS} connections open; closed the oldest");
+            }
         }
         let registry = registry.clone();
         let service = hyper::service::service_fn(move |request| {
@@ -573,7 +582,7 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
             async move { Ok::<_, Infallible>(response) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
-        connections.spawn(async move {
+        open.push_back(connections.spawn(async move {
             match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
                 Ok(Err(e)) => tracing::debug!(%peer, "metrics connection ended: {e}"),
                 Ok(Ok(())) => {}
@@ -581,7 +590,7 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
                     tracing::debug!(%peer, "metrics connection closed after {CONNECTION_LIFETIME:?}")
                 }
             }
-        });
+        }));
     }
 }
 
