@@ -7,11 +7,11 @@
 //! with what the plugin may do: the services it may call, and whether and how
 //! often it may punch ([`PunchBudget`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// Why an outgoing call failed; mirrors the WIT `request-error` variant.
@@ -162,6 +162,27 @@ impl PunchBudget {
     }
 }
 
+/// The punch budget of each plugin by name, shared by its versions while
+/// one is loaded: swapping a plugin (or rolling it back) does not give it a
+/// fresh burst and a fresh set of distinct peers.
+#[derive(Default)]
+pub struct PunchBudgets(Mutex<HashMap<String, Weak<Mutex<PunchBudget>>>>);
+
+impl PunchBudgets {
+    /// The budget of plugin `name`: the one a loaded version of it uses,
+    /// or a full one.
+    pub fn of(&self, name: &str) -> Arc<Mutex<PunchBudget>> {
+        let mut budgets = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        budgets.retain(|_, budget| budget.strong_count() > 0);
+        if let Some(budget) = budgets.get(name).and_then(Weak::upgrade) {
+            return budget;
+        }
+        let budget = Arc::new(Mutex::new(PunchBudget::new(Instant::now())));
+        budgets.insert(name.to_string(), Arc::downgrade(&budget));
+        budget
+    }
+}
+
 /// The address a plugin asked to punch, if it is one a punch may go to: a
 /// unicast `ip:port` with a port.
 pub fn punch_target(peer: &str) -> Result<SocketAddr, String> {
@@ -196,7 +217,7 @@ pub struct AllowedCalls {
     /// `None`: any service.
     allowed: Option<Vec<String>>,
     /// `None`: the policy does not let it punch.
-    punches: Option<Mutex<PunchBudget>>,
+    punches: Option<Arc<Mutex<PunchBudget>>>,
     inner: Arc<dyn PluginNetwork>,
 }
 
@@ -233,9 +254,11 @@ impl AllowedCalls {
         }
     }
 
-    /// Lets the plugin punch, within a full [`PunchBudget`].
-    pub fn may_punch(mut self) -> Self {
-        self.punches = Some(Mutex::new(PunchBudget::new(Instant::now())));
+    /// Lets the plugin punch, within `budget`: the one every version of
+    /// the plugin shares (see [`PunchBudgets`]), so that a swap does not
+    /// refill it.
+    pub fn may_punch(mut self, budget: Arc<Mutex<PunchBudget>>) -> Self {
+        self.punches = Some(budget);
         self
     }
 
@@ -398,12 +421,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_version_of_a_plugin_punches_within_the_budget_its_old_one_spent() {
+        // A swap loads the new version while the old one serves: both take
+        // the plugin's budget from the runtime's PunchBudgets by name.
+        let budgets = PunchBudgets::default();
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let old = allowed(&[], None).may_punch(budgets.of("p"));
+        for _ in 0..PUNCH_BURST {
+            let e = old.punch(peer).await.unwrap_err();
+            assert!(e.contains("no network in this mode"), "{e}");
+        }
+        let new = allowed(&[], None).may_punch(budgets.of("p"));
+        let e = new.punch(peer).await.unwrap_err();
+        assert!(e.contains("punch budget exceeded"), "{e}");
+        // Another plugin has its own budget.
+        let other = allowed(&[], None).may_punch(budgets.of("q"));
+        let e = other.punch(peer).await.unwrap_err();
+        assert!(e.contains("no network in this mode"), "{e}");
+        // Once no version holds it, the table forgets it.
+        drop((old, new, other));
+        budgets.of("r");
+        assert_eq!(budgets.0.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_plugin_without_may_be_punched_for_cannot_punch() {
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let e = allowed(&[], None).punch(peer).await.unwrap_err();
         assert!(e.contains("may_be_punched_for = false"), "{e}");
         let e = allowed(&[], None)
-            .may_punch()
+            .may_punch(PunchBudgets::default().of("p"))
             .punch(peer)
             .await
             .unwrap_err();

@@ -45,7 +45,7 @@ use super::contract::{
     self, ContractInstance, ContractPre, ContractVersion, Manifest, RequestContext,
 };
 use super::instance::RequestState;
-use super::network::{AllowedCalls, PluginNetwork};
+use super::network::{AllowedCalls, PluginNetwork, PunchBudgets};
 use super::policy::{Limits, PluginPolicy, TickPolicy, MIN_TICK_INTERVAL};
 use super::signing::TrustedKey;
 use super::state::{OpenError, PluginState, StateDir, Transaction};
@@ -223,6 +223,8 @@ pub struct Runtime {
     trusted_keys: Arc<[TrustedKey]>,
     /// Where plugins' state lives; `None`: they have none.
     state_dir: Option<Arc<StateDir>>,
+    /// Each plugin's punch budget, shared by its versions.
+    punch_budgets: Arc<PunchBudgets>,
 }
 
 impl Runtime {
@@ -257,6 +259,7 @@ impl Runtime {
             limits,
             trusted_keys: Arc::new([]),
             state_dir: None,
+            punch_budgets: Arc::default(),
         })
     }
 
@@ -454,7 +457,7 @@ impl Runtime {
             network,
         );
         plugin.network = Arc::new(if plugin.policy.may_be_punched_for {
-            allowed.may_punch()
+            allowed.may_punch(self.punch_budgets.of(&name))
         } else {
             allowed
         });
