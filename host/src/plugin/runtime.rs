@@ -436,18 +436,10 @@ impl Runtime {
                 reason: e.to_string(),
             },
         })?;
-        if let Some(bad) = plugin
-            .manifest
-            .serves
-            .iter()
-            .chain(&plugin.manifest.punch)
-            .find(|s| !valid_service_name(s))
-        {
+        if let Err(reason) = check_manifest(&plugin.manifest) {
             return Err(LoadError::Manifest {
                 path: path_buf,
-                reason: format!(
-                    "service name {bad:?} is empty, too long or has control characters"
-                ),
+                reason,
             });
         }
         let allowed = AllowedCalls::new(
@@ -662,6 +654,40 @@ pub fn plugin_name(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "plugin".to_string())
+}
+
+/// Most names one list of a manifest (`serves`, `punch`, `calls`) may
+/// hold: each service served is announced on the DHT (or to each Grape)
+/// every few minutes and has its own metrics series, so a plugin listing a
+/// million would make its host flood the DHT and grow its registry.
+pub const MAX_MANIFEST_NAMES: usize = 256;
+
+/// What a manifest must be for its plugin to load: at most
+/// [`MAX_MANIFEST_NAMES`] names a list, and service names usable as keys.
+fn check_manifest(manifest: &Manifest) -> Result<(), String> {
+    for (list, names) in [
+        ("serves", &manifest.serves),
+        ("punch", &manifest.punch),
+        ("calls", &manifest.calls),
+    ] {
+        if names.len() > MAX_MANIFEST_NAMES {
+            return Err(format!(
+                "its manifest's `{list}` has {} names, more than the {MAX_MANIFEST_NAMES} a plugin may list",
+                names.len()
+            ));
+        }
+    }
+    if let Some(bad) = manifest
+        .serves
+        .iter()
+        .chain(&manifest.punch)
+        .find(|s| !valid_service_name(s))
+    {
+        return Err(format!(
+            "service name {bad:?} is empty, too long or has control characters"
+        ));
+    }
+    Ok(())
 }
 
 /// A service name must be usable as a DHT key and an RPC key.
@@ -1084,6 +1110,24 @@ mod tests {
             "(component (core module (func (result i32))))",
         );
         assert_eq!(memory_minimum_over_limit(&broken.err().unwrap()), None);
+    }
+
+    #[test]
+    fn a_manifest_may_list_only_so_many_names() {
+        let names = |n: usize| (0..n).map(|i| format!("svc{i}")).collect::<Vec<_>>();
+        let manifest = |serves, calls| Manifest {
+            serves,
+            punch: vec![],
+            calls,
+            tick_interval_ms: None,
+        };
+        assert!(check_manifest(&manifest(names(MAX_MANIFEST_NAMES), names(1))).is_ok());
+        let e = check_manifest(&manifest(names(1_000_000), vec![])).unwrap_err();
+        assert!(e.contains("`serves` has 1000000 names"), "{e}");
+        let e = check_manifest(&manifest(vec![], names(MAX_MANIFEST_NAMES + 1))).unwrap_err();
+        assert!(e.contains("`calls`"), "{e}");
+        let e = check_manifest(&manifest(vec!["a\nb".into()], vec![])).unwrap_err();
+        assert!(e.contains("control characters"), "{e}");
     }
 
     #[test]
