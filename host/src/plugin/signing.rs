@@ -38,9 +38,18 @@ pub const SIGNATURE_SUFFIX: &str = ".sig";
 pub struct TrustedKey(VerifyingKey);
 
 impl TrustedKey {
-    /// The key as hex, the form the files and messages use.
+    /// The key as hex, the form the files use.
     pub fn to_hex(&self) -> String {
         to_hex(self.0.as_bytes())
+    }
+
+    /// The first 16 hex digits of the key and `…`: how messages name a
+    /// trusted key. Enough to tell keys apart, and never a whole secret
+    /// seed when an operator passed one as bare hex by mistake (a seed and
+    /// a public key are both 32 bytes; about half of all seeds also parse
+    /// as a public key).
+    pub fn short(&self) -> String {
+        format!("{}…", &self.to_hex()[..16])
     }
 }
 
@@ -54,7 +63,7 @@ pub enum SignatureError {
         plugin: String,
         /// The signature file that was looked for.
         sig: String,
-        /// The trusted keys in hex, joined with " or ".
+        /// The trusted keys, [short](TrustedKey::short), joined with " or ".
         expected: String,
     },
     /// A well-formed signature by a key the host does not trust; it is
@@ -63,7 +72,7 @@ pub enum SignatureError {
     Untrusted {
         /// The signer's public key in hex, as the signature file names it.
         signer: String,
-        /// The trusted keys in hex, joined with " or ".
+        /// The trusted keys, [short](TrustedKey::short), joined with " or ".
         expected: String,
     },
     /// A trusted key, but the signature is not over these bytes.
@@ -209,7 +218,7 @@ pub fn verify(plugin: &Path, content: &[u8], trusted: &[TrustedKey]) -> Result<(
     let sig_path = signature_path(plugin);
     let expected = trusted
         .iter()
-        .map(TrustedKey::to_hex)
+        .map(TrustedKey::short)
         .collect::<Vec<_>>()
         .join(" or ");
     let text = std::fs::read_to_string(&sig_path).map_err(|_| SignatureError::Unsigned {
@@ -278,7 +287,10 @@ mod tests {
         let plugin = signed(dir.path(), b"component bytes", &other_secret);
         match verify(&plugin, b"component bytes", &trusted) {
             Err(SignatureError::Untrusted { signer, expected }) => {
-                assert_eq!((signer, expected), (hex(&other_public), hex(&public)));
+                assert_eq!(
+                    (signer, expected),
+                    (hex(&other_public), format!("{}…", &hex(&public)[..16]))
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -286,7 +298,8 @@ mod tests {
         std::fs::remove_file(signature_path(&plugin)).unwrap();
         let err = verify(&plugin, b"component bytes", &trusted).unwrap_err();
         assert!(matches!(err, SignatureError::Unsigned { .. }));
-        assert!(err.to_string().contains(&hex(&public)), "{err}");
+        assert!(err.to_string().contains(&hex(&public)[..16]), "{err}");
+        assert!(!err.to_string().contains(&hex(&public)[16..]), "{err}");
         // Garbage in the signature file.
         std::fs::write(signature_path(&plugin), "ed25519 zz zz").unwrap();
         assert!(matches!(
