@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <plugins|test|demo>`.
+//! Project tasks: `cargo xtask <plugins|test|demo|gateway>`.
 //!
-//! Each task installs what it needs (the wasm32-wasip2 target) so the two
-//! README commands work on a fresh machine.
+//! Each task installs what it needs (the wasm32-wasip2 target; as root, the
+//! aarch64 cross toolchain and qemu from Debian's packages) so the two README
+//! commands work on a fresh machine.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -12,6 +13,28 @@ use anyhow::{bail, Context, Result};
 const WASM_TARGET: &str = "wasm32-wasip2";
 /// Cargo profile for plugins (see the workspace Cargo.toml).
 const PLUGIN_PROFILE: &str = "plugin";
+/// The gateway the suite emulates: 64-bit ARM Linux (a Raspberry Pi 4/5).
+const AARCH64_TARGET: &str = "aarch64-unknown-linux-gnu";
+/// Cargo profile for the smallest host (see the workspace Cargo.toml).
+const GATEWAY_PROFILE: &str = "gateway";
+/// Cargo arguments of the gateway build: grenache-host without the compiler.
+const GATEWAY_BUILD: [&str; 4] = [
+    "build",
+    "--package",
+    "grenache-host",
+    "--no-default-features",
+];
+/// Debian's packages that cross-link and emulate aarch64, each with a shell
+/// check that it is there.
+const AARCH64_TOOLS: [(&str, &str); 3] = [
+    ("command -v aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    // The aarch64 libc to link against, and its loader for qemu.
+    (
+        "test -e /usr/aarch64-linux-gnu/lib/crt1.o",
+        "libc6-dev-arm64-cross",
+    ),
+    ("command -v qemu-aarch64", "qemu-user"),
+];
 
 const USAGE: &str = "\
 usage: cargo xtask <task> [options]
@@ -24,7 +47,14 @@ tasks:
   demo      build the plugins and the host, then run Grenache's classic hole-punching
             example on 127.0.0.1 (a DHT node, a consumer, a worker --behind-nat);
             --keep-running keeps it going until Ctrl-C
-  help      print this text (so does --help after any task)";
+  gateway   build the smallest host, without the compiler (it runs .cwasm plugins only),
+            with the gateway profile, and print its size; --target TRIPLE cross-compiles
+            (aarch64-unknown-linux-gnu: a Raspberry Pi 4/5)
+  help      print this text (so does --help after any task)
+
+`test` also cross-compiles the gateway host for aarch64 and runs it under qemu-aarch64
+(tests/gateway.rs); it needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user,
+installed when run as root, else those tests skip (GRENACHE_REQUIRE_AARCH64=1: fail).";
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq)]
@@ -35,6 +65,10 @@ enum Task {
     Test(Vec<String>),
     Demo {
         keep_running: bool,
+    },
+    /// The gateway build, for this machine or the given target triple.
+    Gateway {
+        target: Option<String>,
     },
 }
 
@@ -69,6 +103,14 @@ fn parse_args(args: &[String]) -> std::result::Result<Task, String> {
             }
             Ok(Task::Demo { keep_running })
         }
+        "gateway" => match options {
+            [] => Ok(Task::Gateway { target: None }),
+            [flag, triple] if flag == "--target" => Ok(Task::Gateway {
+                target: Some(triple.clone()),
+            }),
+            [arg, ..] if is_help(arg) => Ok(Task::Help),
+            [arg, ..] => unknown(arg),
+        },
         other => Err(format!("unknown task {other:?}")),
     }
 }
@@ -83,6 +125,7 @@ fn main() -> ExitCode {
         Ok(Task::Plugins) => build_plugins().map(|_| ()),
         Ok(Task::Test(cargo_args)) => test(&cargo_args),
         Ok(Task::Demo { keep_running }) => demo(keep_running),
+        Ok(Task::Gateway { target }) => gateway(target.as_deref()),
         Err(e) => {
             eprintln!("xtask: {e}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -121,8 +164,8 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Installs the wasm target if rustup does not have it yet.
-fn ensure_wasm_target() -> Result<()> {
+/// Installs the standard library for `target` if rustup does not have it yet.
+fn ensure_rust_target(target: &str) -> Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .current_dir(root())
@@ -130,12 +173,12 @@ fn ensure_wasm_target() -> Result<()> {
         .context("cannot run rustup; install Rust with rustup (https://rustup.rs)")?;
     if String::from_utf8_lossy(&installed.stdout)
         .lines()
-        .any(|l| l.trim() == WASM_TARGET)
+        .any(|l| l.trim() == target)
     {
         return Ok(());
     }
     run(Command::new("rustup")
-        .args(["target", "add", WASM_TARGET])
+        .args(["target", "add", target])
         .current_dir(root()))
 }
 
@@ -166,7 +209,7 @@ fn package_name(crate_dir: &Path) -> Result<String> {
 /// Builds every plugin crate and copies the components where users and tests
 /// look for them. Returns the written paths.
 fn build_plugins() -> Result<Vec<PathBuf>> {
-    ensure_wasm_target()?;
+    ensure_rust_target(WASM_TARGET)?;
     let root = root();
     let groups = [
         (root.join("plugins"), root.join("plugins")),
@@ -258,17 +301,24 @@ fn stale_node_packages(dir: &Path) -> Result<Vec<String>> {
     Ok(stale)
 }
 
-/// The NAT lab tests need root, `ip` and `nft`; as root, install what is
-/// missing from Debian's packages. Without root those tests say they skipped.
-fn ensure_nat_lab_tools() -> Result<()> {
-    let have = |tool: &str| {
+/// Makes sure each `(shell check, Debian package)` pair's package is there
+/// (its check succeeds), installing the missing ones with apt-get as root.
+/// Returns whether they all are; without root, says on stderr what
+/// `without` then means.
+fn ensure_debian_tools(tools: &[(&str, &str)], without: &str) -> Result<bool> {
+    let have = |check: &str| {
         Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
+            .args(["-c", check])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if have("ip") && have("nft") && have("conntrack") {
-        return Ok(());
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(check, _)| !have(check))
+        .map(|&(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(true);
     }
     let root = Command::new("id")
         .arg("-u")
@@ -276,21 +326,107 @@ fn ensure_nat_lab_tools() -> Result<()> {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     if !root {
         eprintln!(
-            "xtask: not root and nftables/iproute2/conntrack missing: the NAT lab tests will be skipped"
+            "xtask: not root and {} missing: {without}",
+            missing.join(", ")
         );
-        return Ok(());
+        return Ok(false);
     }
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "nftables", "iproute2", "conntrack"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(true)
+}
+
+/// The NAT lab tests need root, `ip` and `nft`; as root, install what is
+/// missing from Debian's packages. Without root those tests say they skipped.
+fn ensure_nat_lab_tools() -> Result<()> {
+    ensure_debian_tools(
+        &[
+            ("command -v ip", "iproute2"),
+            ("command -v nft", "nftables"),
+            ("command -v conntrack", "conntrack"),
+        ],
+        "the NAT lab tests will be skipped",
+    )
+    .map(|_| ())
+}
+
+/// Whether GRENACHE_REQUIRE_AARCH64=1 (set by CI): the aarch64 gateway tests
+/// must run, not skip.
+fn aarch64_required() -> bool {
+    std::env::var("GRENACHE_REQUIRE_AARCH64").as_deref() == Ok("1")
+}
+
+/// Cross-compiles the gateway host (no compiler) for aarch64 with the dev
+/// profile, which builds fastest (dependencies are still optimised), for
+/// tests/gateway.rs to run under qemu. Returns its path, or `None` where the
+/// cross toolchain cannot be had (not root): those tests then skip.
+fn build_aarch64_gateway() -> Result<Option<PathBuf>> {
+    if !ensure_debian_tools(&AARCH64_TOOLS, "the aarch64 gateway tests will be skipped")? {
+        if aarch64_required() {
+            bail!("GRENACHE_REQUIRE_AARCH64=1 but the aarch64 cross toolchain and qemu cannot be installed (not root)");
+        }
+        return Ok(None);
+    }
+    ensure_rust_target(AARCH64_TARGET)?;
+    let started = std::time::Instant::now();
+    run(cargo()
+        .args(GATEWAY_BUILD)
+        .args(["--target", AARCH64_TARGET]))?;
+    eprintln!(
+        "xtask: built the aarch64 gateway host in {:.0?}",
+        started.elapsed()
+    );
+    Ok(Some(
+        root()
+            .join("target")
+            .join(AARCH64_TARGET)
+            .join("debug/grenache-host"),
+    ))
+}
+
+/// `cargo xtask gateway`: the gateway build with its size-optimised profile,
+/// for this machine or `target`; prints where it is and its size.
+fn gateway(target: Option<&str>) -> Result<()> {
+    let mut build = cargo();
+    build
+        .args(GATEWAY_BUILD)
+        .args(["--profile", GATEWAY_PROFILE]);
+    let mut dir = root().join("target");
+    if let Some(target) = target {
+        if target == AARCH64_TARGET
+            && !ensure_debian_tools(&AARCH64_TOOLS[..1], "the cross build cannot link")?
+        {
+            bail!("cross-compiling for {AARCH64_TARGET} needs gcc-aarch64-linux-gnu (apt-get install gcc-aarch64-linux-gnu)");
+        }
+        ensure_rust_target(target)?;
+        build.args(["--target", target]);
+        dir.push(target);
+    }
+    run(&mut build)?;
+    let bin = dir.join(GATEWAY_PROFILE).join("grenache-host");
+    let size = std::fs::metadata(&bin)
+        .with_context(|| format!("cannot read {}", bin.display()))?
+        .len();
+    println!(
+        "{}: {:.1} MiB ({size} bytes, stripped)",
+        bin.display(),
+        size as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }
 
 fn test(extra: &[String]) -> Result<()> {
     build_plugins()?;
     ensure_node_packages()?;
     ensure_nat_lab_tools()?;
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    let mut test = cargo();
+    if let Some(gateway) = build_aarch64_gateway()? {
+        test.env("GRENACHE_AARCH64_HOST", gateway);
+    }
+    run(test.args(["test", "--workspace"]).args(extra))
 }
 
 /// A child process whose output lines are echoed with a prefix and kept for
@@ -579,6 +715,18 @@ mod tests {
                     .to_vec()
             ))
         );
+    }
+
+    #[test]
+    fn gateway_takes_a_target() {
+        assert_eq!(parse(&["gateway"]), Ok(Task::Gateway { target: None }));
+        assert_eq!(
+            parse(&["gateway", "--target", "aarch64-unknown-linux-gnu"]),
+            Ok(Task::Gateway {
+                target: Some("aarch64-unknown-linux-gnu".into())
+            })
+        );
+        assert!(parse(&["gateway", "--target"]).is_err());
     }
 
     #[test]

@@ -152,6 +152,18 @@ pub enum Command {
         /// Created (owner-only) when a plugin that uses state loads.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Plugin instances alive at once across all plugins: each request
+        /// runs in one, and a request beyond them fails. The host reserves
+        /// about 8 GiB of address space (not memory) per instance when it
+        /// starts: lower this on a kernel with 39-bit addresses (512 GiB for
+        /// a process, as on some ARM boards), e.g. 32.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = crate::plugin::runtime::DEFAULT_MAX_INSTANCES,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::plugin::runtime::MAX_INSTANCES_LIMIT))
+        )]
+        max_instances: u32,
         #[command(flatten)]
         limits: LimitArgs,
     },

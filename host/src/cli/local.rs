@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::output::{check_payload, print_compact, print_line, usage_error, EXIT_SERVICE_ERROR};
 use crate::plugin::policy::Limits;
+use crate::plugin::runtime::ONE_SHOT_INSTANCES;
 use crate::plugin::{LoadedPlugin, NoNetwork, RequestContext, Runtime};
 
 async fn load(
@@ -14,7 +15,8 @@ async fn load(
     limits: Limits,
     state_dir: Option<PathBuf>,
 ) -> Result<LoadedPlugin, ExitCode> {
-    let mut runtime = Runtime::new(limits).map_err(usage_error)?;
+    let mut runtime =
+        Runtime::with_max_instances(limits, ONE_SHOT_INSTANCES).map_err(usage_error)?;
     if let Some(dir) = state_dir {
         runtime = runtime.with_state_dir(dir);
     }
@@ -99,7 +101,7 @@ pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
 /// for this host's engine under `limits` (or for `target`) and writes it to
 /// `out`, whole or not at all.
 pub async fn compile(path: &Path, out: &Path, target: Option<&str>, limits: Limits) -> ExitCode {
-    let runtime = match Runtime::new(limits) {
+    let runtime = match Runtime::with_max_instances(limits, ONE_SHOT_INSTANCES) {
         Ok(r) => r,
         Err(e) => return usage_error(e),
     };

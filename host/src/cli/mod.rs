@@ -115,6 +115,7 @@ async fn dispatch(command: Command) -> ExitCode {
             metrics,
             config,
             state_dir,
+            max_instances,
             limits,
         } => {
             let file = match config {
@@ -165,6 +166,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 },
                 metrics,
                 state_dir: state_dir.or_else(run::default_state_dir),
+                max_instances,
             };
             run::run(config, options).await
         }

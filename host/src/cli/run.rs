@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Where plugins keep their state; `None`: nowhere (no default found).
     pub state_dir: Option<PathBuf>,
+    /// Plugin instances alive at once across all plugins (the engine's pool).
+    pub max_instances: u32,
 }
 
 /// Where `run` keeps plugin state without --state-dir: the first directory
@@ -102,6 +104,7 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         control,
         metrics,
         state_dir,
+        max_instances,
     } = options;
     match &config.discovery {
         DiscoveryConfig::Dht { bootstrap } if bootstrap.is_empty() => tracing::warn!(
@@ -130,7 +133,7 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
             Err(e) => return usage_error(e),
         }
     }
-    let mut runtime = match Runtime::new(limits) {
+    let mut runtime = match Runtime::with_max_instances(limits, max_instances) {
         Ok(r) => r.require_signatures(trusted_keys),
         Err(e) => return usage_error(e),
     };

@@ -358,6 +358,7 @@ mod tests {
     }
 
     /// A component that exports an empty instance under each of `names`.
+    #[cfg(feature = "compiler")]
     fn exporting(engine: &Engine, names: &[&str]) -> Component {
         let exports: String = names
             .iter()
@@ -367,6 +368,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "compiler")]
     fn unknown_versions_are_named_and_known_ones_are_not() {
         let engine = Engine::default();
         let newer = exporting(

@@ -14,6 +14,9 @@
 //! - [`runtime`]: the shared engine, loading and type-checking a file, and
 //!   calling a plugin: per-call limits, the wall-clock cap, and turning
 //!   whatever went wrong into a [`CallError`].
+//! - [`compiler`]: compiling components with Cranelift, which a gateway
+//!   build (without the `compiler` feature) leaves out; the one place that
+//!   decides what happens then.
 //! - [`contract`]: the WIT contract versions the host speaks (0.4.0 and the
 //!   frozen 0.3.0 and 0.2.0), detecting which one a component was built
 //!   against, and calling its exports the way that version defines them; the
@@ -30,6 +33,7 @@
 //! - [`signing`]: Ed25519 signatures on plugin files, checked at load.
 
 pub mod bindings;
+pub mod compiler;
 pub mod contract;
 pub mod instance;
 pub mod network;

@@ -3,10 +3,11 @@
 //! instantiated afresh in its own `Store` for every call.
 //!
 //! Loading reads the file once, checks its signature when the runtime
-//! requires one ([`signing`](super::signing)), compiles it (or, for a
-//! `.cwasm` from `grenache-host compile`, told apart by its header,
-//! deserializes it: [`Runtime::precompile`] makes those with the same engine
-//! configuration), type-checks it against the `plugin` world of each
+//! requires one ([`signing`](super::signing)), compiles it ([`compiler`],
+//! absent from a gateway build) or, for a `.cwasm` from `grenache-host
+//! compile`, told apart by its header, deserializes it
+//! ([`Runtime::precompile`] makes those with the same engine configuration,
+//! for this machine or another target), type-checks it against the `plugin` world of each
 //! contract version the host speaks ([`contract`]: 0.4.0, 0.3.0, then 0.2.0), and
 //! reads its manifest; each way that fails is a [`LoadError`].
 //!
@@ -41,6 +42,7 @@ use wasmtime::{
     UpdateDeadline,
 };
 
+use super::compiler::{self, NoCompiler};
 use super::contract::{
     self, ContractInstance, ContractPre, ContractVersion, Manifest, RequestContext,
 };
@@ -54,8 +56,19 @@ use crate::units::format_size;
 /// How often the engine's epoch advances; the granularity of time limits.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Component instances that may be alive at once across all plugins.
-const MAX_LIVE_INSTANCES: u32 = 256;
+/// Component instances that may be alive at once across all plugins, by
+/// default (`run --max-instances`): each request runs in one. The engine
+/// reserves the address space of all of them when it starts, about 8 GiB
+/// each (two 4 GiB memory slots with their guard pages; wasmtime 48's
+/// defaults on 64-bit targets), so 256 take about 2 TiB: a small part of the
+/// 128 TiB that Linux gives a process with 48-bit addresses, too much for a
+/// kernel built with 39-bit ones (512 GiB), as on some ARM boards.
+pub const DEFAULT_MAX_INSTANCES: u32 = 256;
+/// The most `--max-instances` accepts (about 32 TiB of address space).
+pub const MAX_INSTANCES_LIMIT: u32 = 4096;
+/// Instances for a one-shot command (`invoke`, `inspect`, `compile`), which
+/// runs one call at a time.
+pub const ONE_SHOT_INSTANCES: u32 = 1;
 /// A Rust wasip2 component uses three core instances; leave headroom.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
 
@@ -104,6 +117,10 @@ pub enum LoadError {
         /// Its memory limit, in bytes.
         limit: u64,
     },
+    /// A `.wasm` component given to a build without the compiler (a gateway
+    /// build), which runs only precompiled plugins.
+    #[error("cannot load {}: {reason}", reason.path.display())]
+    NoCompiler { reason: NoCompiler },
     /// A component that does not compile, or an unknown wasm binary layer.
     #[error("cannot load {path}: invalid component ({reason}); rebuild it with `cargo build --target wasm32-wasip2`")]
     Invalid { path: PathBuf, reason: String },
@@ -219,6 +236,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<RequestState>>,
     limits: Limits,
+    /// Component instances alive at once, the size of the engine's pool.
+    max_instances: u32,
     /// When not empty, only plugins signed by one of these keys load.
     trusted_keys: Arc<[TrustedKey]>,
     /// Where plugins' state lives; `None`: they have none.
@@ -228,10 +247,18 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Builds the engine (pooling allocator sized for `limits`, epoch
-    /// interruption) and starts its epoch ticker thread.
+    /// [`with_max_instances`](Self::with_max_instances) the default
+    /// [`DEFAULT_MAX_INSTANCES`].
     pub fn new(limits: Limits) -> anyhow::Result<Self> {
-        let config = engine_config(limits)?;
+        Self::with_max_instances(limits, DEFAULT_MAX_INSTANCES)
+    }
+
+    /// Builds the engine (pooling allocator for `max_instances` component
+    /// instances alive at once, memory slots sized for `limits`, epoch
+    /// interruption) and starts its epoch ticker thread. Fails when the
+    /// address space for the pool cannot be reserved.
+    pub fn with_max_instances(limits: Limits, max_instances: u32) -> anyhow::Result<Self> {
+        let config = engine_config(limits, max_instances)?;
         let engine = Engine::new(&config)
             .map_err(|e| anyhow::anyhow!("cannot start the wasm engine: {e:#}"))?;
 
@@ -257,6 +284,7 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             limits,
+            max_instances,
             trusted_keys: Arc::new([]),
             state_dir: None,
             punch_budgets: Arc::default(),
@@ -456,8 +484,9 @@ impl Runtime {
         Ok(plugin)
     }
     /// The component in `bytes`, told apart by content, not by the file's
-    /// extension: a wasm component is compiled with Cranelift, a
-    /// precompiled one (`grenache-host compile`) deserialized.
+    /// extension: a wasm component is compiled with Cranelift (refused by a
+    /// build without the compiler), a precompiled one (`grenache-host
+    /// compile`) deserialized.
     async fn component_from(&self, bytes: Vec<u8>, path: &Path) -> Result<Component, LoadError> {
         let path_buf = path.to_path_buf();
         if !bytes.starts_with(WASM_MAGIC) {
@@ -466,12 +495,13 @@ impl Runtime {
         check_component_header(&bytes, path)?;
         // Compiling takes a while (Cranelift); keep it off the async workers.
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
+        tokio::task::spawn_blocking(move || compiler::component(&engine, &bytes, path_buf))
             .await
             .map_err(|e| LoadError::Invalid {
-                path: path_buf.clone(),
+                path: path.to_path_buf(),
                 reason: e.to_string(),
             })?
+            .map_err(|reason| LoadError::NoCompiler { reason })?
             .map_err(|e| self.compile_error(&e, path))
     }
 
@@ -548,8 +578,11 @@ impl Runtime {
     /// same engine configuration on that target. The file is first loaded
     /// here as `run` would load it (header, contract version, world,
     /// manifest), so that a bad plugin never becomes a `.cwasm`. Returns the
-    /// artifact's bytes; every error is one line naming the fix.
+    /// artifact's bytes; every error is one line naming the fix, the first
+    /// of them for a build without the compiler.
     pub async fn precompile(&self, path: &Path, target: Option<&str>) -> Result<Vec<u8>, String> {
+        compiler::available(path.to_path_buf())
+            .map_err(|e| format!("cannot compile {}: {e}", path.display()))?;
         let bytes =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         if Engine::detect_precompiled(&bytes).is_some() {
@@ -564,7 +597,8 @@ impl Runtime {
         let engine = match target {
             None => self.engine.clone(),
             Some(triple) => {
-                let mut config = engine_config(self.limits).map_err(|e| e.to_string())?;
+                let mut config =
+                    engine_config(self.limits, self.max_instances).map_err(|e| e.to_string())?;
                 config.target(triple).map_err(|e| {
                     format!("--target {triple}: {e:#}; pass a target triple such as aarch64-unknown-linux-gnu")
                 })?;
@@ -572,9 +606,11 @@ impl Runtime {
                     .map_err(|e| format!("cannot compile for {triple}: {}", one_line(&e)))?
             }
         };
-        tokio::task::spawn_blocking(move || engine.precompile_component(&bytes))
+        let path_buf = path.to_path_buf();
+        tokio::task::spawn_blocking(move || compiler::precompile(&engine, &bytes, path_buf))
             .await
             .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot compile {}: {e}", path.display()))?
             .map_err(|e| format!("cannot compile {}: {}", path.display(), one_line(&e)))
     }
 }
@@ -586,14 +622,16 @@ const ELF_MAGIC: &[u8] = b"\x7fELF";
 
 /// The engine configuration for `limits`: the one place it is written, so
 /// that `compile` makes artifacts for exactly the engine `run` builds
-/// (wasmtime refuses a precompiled component whose engine settings differ).
-fn engine_config(limits: Limits) -> anyhow::Result<Config> {
+/// (wasmtime refuses a precompiled component whose engine settings differ),
+/// with or without the compiler.
+/// The pool's sizes are not part of it: they do not change compiled code.
+fn engine_config(limits: Limits, max_instances: u32) -> anyhow::Result<Config> {
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(MAX_LIVE_INSTANCES)
-        .total_core_instances(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
-        .total_memories(MAX_LIVE_INSTANCES * 2)
-        .total_tables(MAX_LIVE_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
-        .total_stacks(MAX_LIVE_INSTANCES)
+    pool.total_component_instances(max_instances)
+        .total_core_instances(max_instances * CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(max_instances * 2)
+        .total_tables(max_instances * CORE_INSTANCES_PER_COMPONENT)
+        .total_stacks(max_instances)
         .max_memory_size(usize::try_from(limits.memory_bytes)?)
         .max_unused_warm_slots(32);
     let mut config = Config::new();
@@ -1091,6 +1129,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "compiler")]
     fn a_memory_larger_than_the_engine_allows_is_told_apart_from_an_invalid_component() {
         let runtime = Runtime::new(Limits {
             memory_bytes: 64 << 10,
