@@ -396,10 +396,11 @@ fn gateway(target: Option<&str>) -> Result<()> {
         .args(["--profile", GATEWAY_PROFILE]);
     let mut dir = root().join("target");
     if let Some(target) = target {
+        // The cross gcc and libc; qemu is for tests only.
         if target == AARCH64_TARGET
-            && !ensure_debian_tools(&AARCH64_TOOLS[..1], "the cross build cannot link")?
+            && !ensure_debian_tools(&AARCH64_TOOLS[..2], "the cross build cannot link")?
         {
-            bail!("cross-compiling for {AARCH64_TARGET} needs gcc-aarch64-linux-gnu (apt-get install gcc-aarch64-linux-gnu)");
+            bail!("cross-compiling for {AARCH64_TARGET} needs gcc-aarch64-linux-gnu and libc6-dev-arm64-cross (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)");
         }
         ensure_rust_target(target)?;
         build.args(["--target", target]);
