@@ -180,8 +180,8 @@ fn an_x86_host_and_the_aarch64_gateway_call_each_other_on_loopback() {
         r.stderr,
         served.output()
     );
+    // Only the aarch64 host serves it on this DHT.
     assert_eq!(r.stdout.trim(), FIBONACCI_10);
-    served.wait_for("request for fibonacci_worker", EMULATED);
 
     // aarch64 → x86: the gateway's `call` to a given peer.
     let (_x86, port) = spawn_listening(

@@ -364,7 +364,8 @@ mod tests {
             .iter()
             .map(|n| format!("(export \"{n}\" (instance $i))"))
             .collect();
-        Component::new(engine, format!("(component (instance $i) {exports})")).unwrap()
+        let text = format!("(component (instance $i) {exports})");
+        Component::new(engine, wat::parse_str(text).unwrap()).unwrap()
     }
 
     #[test]

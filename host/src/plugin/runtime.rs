@@ -7,9 +7,10 @@
 //! absent from a gateway build) or, for a `.cwasm` from `grenache-host
 //! compile`, told apart by its header, deserializes it
 //! ([`Runtime::precompile`] makes those with the same engine configuration,
-//! for this machine or another target), type-checks it against the `plugin` world of each
-//! contract version the host speaks ([`contract`]: 0.4.0, 0.3.0, then 0.2.0), and
-//! reads its manifest; each way that fails is a [`LoadError`].
+//! for this machine or another target), type-checks it against the `plugin`
+//! world of each contract version the host speaks ([`contract`]: 0.4.0,
+//! 0.3.0, then 0.2.0), and reads its manifest; each way that fails is a
+//! [`LoadError`].
 //!
 //! Every call (`manifest`, `handle`, `on-punch`, `on-tick`) goes the same
 //! way, whatever the plugin's contract version: a new store with the limits
@@ -623,8 +624,8 @@ const ELF_MAGIC: &[u8] = b"\x7fELF";
 /// The engine configuration for `limits`: the one place it is written, so
 /// that `compile` makes artifacts for exactly the engine `run` builds
 /// (wasmtime refuses a precompiled component whose engine settings differ),
-/// with or without the compiler.
-/// The pool's sizes are not part of it: they do not change compiled code.
+/// with or without the compiler. The pool's size (`max_instances`) changes
+/// no compiled code, so a `.cwasm` fits a host with any `--max-instances`.
 fn engine_config(limits: Limits, max_instances: u32) -> anyhow::Result<Config> {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(max_instances)
@@ -1136,18 +1137,16 @@ mod tests {
             ..Limits::default()
         })
         .unwrap();
+        let compile = |text: &str| Component::new(&runtime.engine, wat::parse_str(text).unwrap());
         // 17 pages of 64 KiB: what wasmtime refuses with a 64 KiB limit.
-        let big = Component::new(&runtime.engine, "(component (core module (memory 17)))");
+        let big = compile("(component (core module (memory 17)))");
         assert_eq!(
             memory_minimum_over_limit(&big.err().unwrap()),
             Some(17 << 16)
         );
-        let fits = Component::new(&runtime.engine, "(component (core module (memory 1)))");
+        let fits = compile("(component (core module (memory 1)))");
         assert!(fits.is_ok());
-        let broken = Component::new(
-            &runtime.engine,
-            "(component (core module (func (result i32))))",
-        );
+        let broken = compile("(component (core module (func (result i32))))");
         assert_eq!(memory_minimum_over_limit(&broken.err().unwrap()), None);
     }
 
