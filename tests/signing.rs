@@ -123,6 +123,8 @@ fn a_signed_cwasm_runs_and_a_tampered_one_is_refused() {
         "{}",
         r.stderr
     );
+    // Signed: no warning about unchecked machine code.
+    assert_eq!(worker.count("is precompiled machine code"), 0);
     drop(worker);
 
     // One byte of machine code changed after signing: refused before

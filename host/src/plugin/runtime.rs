@@ -563,6 +563,14 @@ impl Runtime {
         // write the plugin file can run native code as the host (as they
         // could by replacing the host binary: keep plugins where only the
         // operator writes); with it, the signer's key and build machine.
+        if !self.requires_signatures() {
+            tracing::warn!(
+                "{} is precompiled machine code that runs outside the checks wasmtime makes \
+                 on a .wasm: load only .cwasm files you compiled yourself, or sign them and \
+                 run with --trusted-key",
+                path.display()
+            );
+        }
         unsafe { Component::deserialize(&self.engine, bytes) }.map_err(|e| {
             if memory_minimum_over_limit(&e).is_some() {
                 return self.compile_error(&e, path);
