@@ -132,13 +132,59 @@ fn the_sensor_gateways_tick_drops_readings_past_their_retention() {
         ask(&peer, "sensor_gateway", r#"{"stats":"t1"}"#)["count"],
         1
     );
-    gateway.wait_for("sensor/t1: every reading expired", common::SOON);
+    gateway.wait_for("t1: every reading expired", common::SOON);
     let r = call_peer(&peer, "sensor_gateway", r#"{"stats":"t1"}"#, &[]);
     assert_eq!(r.code, 1);
     assert!(
         r.stderr.contains("no readings for sensor \"t1\""),
         "{}",
         r.stderr
+    );
+}
+
+#[test]
+fn concurrent_records_lose_no_reading_and_bad_config_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    // max_readings holds all 200; "many" is no number: the gateway warns
+    // and keeps the default retention.
+    let policy = "[plugin.sensors.config]\nmax_readings = \"1000\"\nretention_s = \"many\"\n";
+    let policy = common::policy_file(dir.path(), policy);
+    let state = dir.path().join("state");
+    let (_dht, bootstrap) = common::start_dht();
+    let (gateway, port) = common::start_host(
+        "sensors",
+        &[&plugin("sensors")],
+        &bootstrap,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--control",
+            "off",
+            "--config",
+            &policy,
+        ],
+    );
+    let peer = format!("127.0.0.1:{port}");
+    let r = shown(host(&[
+        "bench",
+        "sensor_gateway",
+        r#"{"record":{"sensor":"c1","value":1}}"#,
+        "--bootstrap",
+        &bootstrap,
+        "--requests",
+        "200",
+        "--concurrency",
+        "16",
+        "--warmup",
+        "0",
+    ]));
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let stats = ask(&peer, "sensor_gateway", r#"{"stats":"c1"}"#);
+    assert_eq!(stats["count"], 200, "{stats}");
+    let line = gateway.wait_for("retention_s", common::SOON);
+    assert!(
+        line.contains("WARN") && line.contains("\"many\"") && line.contains("default, 86400"),
+        "{line}"
     );
 }
 
