@@ -312,3 +312,43 @@ fn the_example_systemd_unit_matches_what_the_host_does() {
         );
     }
 }
+
+#[test]
+fn ticks_stop_when_the_drain_starts() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = common::policy_file(dir.path(), "[plugin.stateful]\ntick_interval = \"100ms\"\n");
+    let state = dir.path().join("state");
+    let (mut host, port) = start_host(
+        "ticking host",
+        &[&test_plugin("faulty"), &test_plugin("stateful")],
+        &bootstrap,
+        &[
+            "--control",
+            "off",
+            "--log-level",
+            "debug",
+            "--config",
+            &policy,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    host.wait_for("tick end 2", SOON);
+    // A request of 2 s keeps the host draining for 20 tick intervals.
+    let peer = format!("127.0.0.1:{port}");
+    let slow = HostProcess::spawn("slow caller", &["call", "sleep", "2000", "--peer", &peer]);
+    host.wait_for("request for sleep", SOON);
+    host.signal("TERM");
+    slow.wait_for(r#"{"slept":2000}"#, SOON);
+    assert_eq!(host.wait_exit(SOON), Some(0), "{}", host.output());
+    let log = host.output();
+    let (_, draining) = log
+        .split_once("ticks stopped")
+        .unwrap_or_else(|| panic!("no \"ticks stopped\":\n{log}"));
+    assert!(draining.contains("drained in"), "{log}");
+    assert!(
+        !draining.contains("tick start"),
+        "a tick started during the drain:\n{log}"
+    );
+}

@@ -360,7 +360,8 @@ impl Node {
     }
 
     /// Stops gracefully, then stops every task of the node and waits until
-    /// they have stopped: no more announces; new requests are answered with
+    /// they have stopped: no more announces or ticks (a tick running
+    /// finishes); new requests are answered with
     /// `ERR_SHUTTING_DOWN` at once; the requests in flight get `limit` to
     /// finish (pass [`longest_time_limit`](Self::longest_time_limit) plus
     /// [`DRAIN_GRACE`] to let each run to its own time limit), and those
@@ -368,6 +369,7 @@ impl Node {
     /// is logged.
     pub async fn shutdown(mut self, limit: Duration) {
         self.announcing.abort();
+        self.plugins.stop_ticks();
         let in_flight = self.drain.enter(Phase::Draining);
         tracing::info!(
             "draining {in_flight} requests (waiting up to {limit:?}); new ones get {}",

@@ -175,6 +175,8 @@ pub struct PluginSet {
     services: tokio::sync::watch::Sender<Vec<String>>,
     /// Bumped by every swap and rollback, for the tick driver.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Set by [`PluginSet::stop_ticks`]: no tick starts after it.
+    ticks_stopped: tokio::sync::watch::Sender<bool>,
 }
 
 fn build_routes(slots: &[Slot]) -> Result<Routes, String> {
@@ -240,6 +242,7 @@ impl PluginSet {
             slots: Mutex::new(slots),
             routes: RwLock::new(Arc::new(routes)),
             services,
+            ticks_stopped: tokio::sync::watch::channel(false).0,
             generation: tokio::sync::watch::channel(0).0,
         })
     }
@@ -526,6 +529,7 @@ impl PluginSet {
     /// its metrics).
     pub async fn run_ticks(self: Arc<Self>, failed: Arc<TickFailed>) {
         let mut changes = self.generation.subscribe();
+        let mut stopped = self.ticks_stopped.subscribe();
         let mut tickers = tokio::task::JoinSet::new();
         // The version each plugin's ticker was started for.
         let mut ticking: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
@@ -560,12 +564,32 @@ impl PluginSet {
                     ),
                     _ => tracing::info!("{}: ticking every {every:?}", tick.name),
                 }
-                tickers.spawn(tick.run(every, self.generation.subscribe()));
+                tickers.spawn(tick.run(
+                    every,
+                    self.generation.subscribe(),
+                    self.ticks_stopped.subscribe(),
+                ));
             }
             while tickers.try_join_next().is_some() {}
-            if changes.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = stopped.wait_for(|stopped| *stopped) => break,
             }
+        }
+        // Stopped: the tickers stop too; a tick running finishes.
+        while tickers.join_next().await.is_some() {}
+    }
+
+    /// Stops every plugin's ticks for good (the node does this when it
+    /// starts draining, so no tick writes state while it stops); a tick
+    /// running finishes. Idempotent.
+    pub fn stop_ticks(&self) {
+        if !self.ticks_stopped.send_replace(true) {
+            tracing::info!("ticks stopped");
         }
     }
 
@@ -626,8 +650,14 @@ impl Tick {
     }
 
     /// Ticks every `every` until a swap (seen through `changes`) gives the
-    /// slot another ticker; a tick running then finishes.
-    async fn run(self, every: Duration, mut changes: tokio::sync::watch::Receiver<u64>) {
+    /// slot another ticker or the ticks are stopped (`stopped` turns true);
+    /// a tick running then finishes.
+    async fn run(
+        self,
+        every: Duration,
+        mut changes: tokio::sync::watch::Receiver<u64>,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut in_flight = tokio::task::JoinSet::new();
@@ -640,9 +670,10 @@ impl Tick {
                     }
                     continue;
                 }
+                _ = stopped.wait_for(|stopped| *stopped) => break,
             }
             while in_flight.try_join_next().is_some() {}
-            if !self.is_current() {
+            if !self.is_current() || *stopped.borrow() {
                 break;
             }
             let Ok(running) = self.ticks.running.clone().try_lock_owned() else {
@@ -675,7 +706,7 @@ impl Tick {
                 }
             });
         }
-        // Swapped out: the tick running finishes (its writes are kept).
+        // Swapped out or stopped: the tick running finishes (its writes are kept).
         while in_flight.join_next().await.is_some() {}
     }
 }
