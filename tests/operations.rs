@@ -352,3 +352,40 @@ fn ticks_stop_when_the_drain_starts() {
         "a tick started during the drain:\n{log}"
     );
 }
+
+#[test]
+fn a_second_sigterm_during_the_drain_exits_143() {
+    let (_dht, bootstrap) = start_dht();
+    let (mut host, port) = start_host(
+        "faulty host",
+        &[&test_plugin("faulty")],
+        &bootstrap,
+        &[
+            "--control",
+            "off",
+            "--log-level",
+            "debug",
+            "--time-limit",
+            "20s",
+        ],
+    );
+    let peer = format!("127.0.0.1:{port}");
+    let _slow = HostProcess::spawn("slow caller", &["call", "sleep", "15000", "--peer", &peer]);
+    host.wait_for("request for sleep", SOON);
+    host.signal("TERM");
+    host.wait_for("draining 1 requests", SOON);
+    host.signal("TERM");
+    // Well before the 15 s request could have finished.
+    assert_eq!(
+        host.wait_exit(Duration::from_secs(10)),
+        Some(143),
+        "{}",
+        host.output()
+    );
+    assert!(
+        host.output()
+            .contains("second signal: stopping without draining"),
+        "{}",
+        host.output()
+    );
+}

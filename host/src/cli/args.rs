@@ -86,7 +86,8 @@ pub enum Command {
     /// Prints `listening on <port>` once the socket is bound. On Ctrl-C or
     /// SIGTERM it drains: new requests get ERR_SHUTTING_DOWN at once, those in
     /// flight finish up to their time limit, then it exits 0 (a second signal
-    /// stops it at once). Under systemd (Type=notify, NOTIFY_SOCKET) it sends
+    /// stops it at once, dropping those, and it exits 130 after Ctrl-C, 143
+    /// after SIGTERM). Under systemd (Type=notify, NOTIFY_SOCKET) it sends
     /// READY=1 once serving and announced, STOPPING=1 when draining; see
     /// examples/systemd/grenache-host.service.
     ///

@@ -18,8 +18,9 @@ use crate::plugin::policy::Limits;
 use crate::plugin::signing::TrustedKey;
 use crate::plugin::Runtime;
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub(super) async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM, with the signal's number (`SIGINT`, 2,
+/// or `SIGTERM`, 15).
+pub(super) async fn shutdown_signal() -> i32 {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -28,16 +29,19 @@ pub(super) async fn shutdown_signal() {
                 Ok(s) => s,
                 Err(_) => {
                     let _ = ctrl_c.await;
-                    return;
+                    return libc::SIGINT;
                 }
             };
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = ctrl_c => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = ctrl_c.await;
+        2
+    }
 }
 
 /// Tells the service manager (systemd, `Type=notify`) how the host is
@@ -187,7 +191,7 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     // directory that is down must not keep the host from serving).
     let ready = tokio::select! {
         round = node.first_announce() => round,
-        () = shutdown_signal() => return stop(node).await,
+        _ = shutdown_signal() => return stop(node).await,
     };
     let status = match ready {
         Some(round) if round.failed > 0 => format!(
@@ -206,7 +210,10 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     stop(node).await
 }
 
-/// Drains and stops `node`; a second Ctrl-C or SIGTERM stops it at once.
+/// Drains and stops `node`; exits 0. A second Ctrl-C or SIGTERM stops it at
+/// once, dropping the requests in flight, and exits 128 + the signal's
+/// number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process
+/// killed by it.
 async fn stop(node: Node) -> ExitCode {
     notify_service_manager(&[
         sd_notify::NotifyState::Stopping,
@@ -215,10 +222,12 @@ async fn stop(node: Node) -> ExitCode {
     tracing::info!("stopping: {}", node.summary());
     let limit = node.longest_time_limit() + crate::node::DRAIN_GRACE;
     tokio::select! {
-        () = node.shutdown(limit) => {}
-        () = shutdown_signal() => tracing::warn!("second signal: stopping without draining"),
+        () = node.shutdown(limit) => ExitCode::SUCCESS,
+        signal = shutdown_signal() => {
+            tracing::warn!("second signal: stopping without draining; requests in flight are dropped");
+            ExitCode::from(128 + signal as u8)
+        }
     }
-    ExitCode::SUCCESS
 }
 
 /// Where `dht` runs its introducer.
