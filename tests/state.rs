@@ -506,3 +506,71 @@ fn two_hosts_cannot_share_a_plugins_state_and_a_plugin_without_state_creates_non
         "a plugin without state created {unused:?}"
     );
 }
+
+#[test]
+fn invoke_takes_the_policys_config_and_limits_and_ticks_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let policy = common::policy_file(
+        dir.path(),
+        "[plugin.stateful]\nstate_quota = \"1KiB\"\n[plugin.stateful.config]\ngreeting = \"hello\"\n",
+    );
+    let with = |extra: &[&str]| {
+        let mut args = vec!["--config", &policy, "--state-dir", state.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let invoke_with = |payload: &str, extra: &[&str]| {
+        let args = with(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        invoke(&test_plugin("stateful"), "state", payload, &args)
+    };
+    let r = invoke_with(r#"{"config":"greeting"}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "\"hello\"\n"),
+        "{}",
+        r.stderr
+    );
+    // The policy's 1 KiB quota: a value of 5000 bytes is larger than all of it.
+    let r = invoke_with(r#"{"fill":5000}"#, &[]);
+    assert!(r.stdout.contains("invalid:"), "{}{}", r.stdout, r.stderr);
+
+    // --tick: on-tick once, nothing on stdout; stateful counts its ticks.
+    let tick = |extra: &[&str]| {
+        let mut args = vec![
+            "invoke".to_string(),
+            test_plugin("stateful").display().to_string(),
+            "--tick".into(),
+        ];
+        args.extend(with(extra));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        shown(host(&args))
+    };
+    for _ in 0..2 {
+        let r = tick(&[]);
+        assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{}", r.stderr);
+    }
+    let r = invoke_with(r#"{"get":"ticks"}"#, &[]);
+    assert_eq!(r.stdout, "\"2\"\n", "{}", r.stderr);
+
+    let failing = common::policy_file(
+        dir.path(),
+        "[plugin.stateful.config]\ntick_fails = \"yes\"\n",
+    );
+    let r = shown(host(&[
+        "invoke",
+        test_plugin("stateful").to_str().unwrap(),
+        "--tick",
+        "--config",
+        &failing,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.is_empty() && r.stderr.contains("failed on purpose"),
+        "{}",
+        r.stderr
+    );
+}

@@ -43,14 +43,29 @@ pub enum Command {
     /// plugin makes fail with "no network in this mode".
     ///
     /// Example: grenache-host invoke plugins/fibonacci.wasm fibonacci_worker '{"length":10}'
+    ///
+    /// Testing a tick: grenache-host invoke plugins/sensors.wasm --tick --config policy.toml --state-dir state
     Invoke {
         /// The plugin file (a wasm component, or a .cwasm from `compile`).
         plugin: PathBuf,
         /// The service to call, one the plugin serves (see `inspect`).
-        service: String,
+        #[arg(required_unless_present = "tick")]
+        service: Option<String>,
         /// The request payload, as JSON; `@FILE` reads it from FILE, `-` from
         /// standard input (at most 1 MiB).
-        payload: String,
+        #[arg(required_unless_present = "tick")]
+        payload: Option<String>,
+        /// Call the plugin's `on-tick` once instead of a handler (no service
+        /// or payload then): prints nothing and exits 0, or prints its error
+        /// and exits 1.
+        #[arg(long, conflicts_with_all = ["service", "payload", "caller"])]
+        tick: bool,
+        /// The policy file `run --config` takes: the plugin's
+        /// `[plugin.NAME.config]` values (and `[defaults.config]`) reach it,
+        /// and its limits and state_quota apply (the flags below override
+        /// them).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// The caller's address the plugin sees in its request context, as if
         /// the request had come from there. Plugins built against
         /// grenache:plugin@0.2.0 do not see it.

@@ -6,52 +6,75 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use super::output::{check_payload, print_compact, print_line, usage_error, EXIT_SERVICE_ERROR};
-use crate::plugin::policy::Limits;
+use crate::plugin::policy::{Limits, PluginPolicy};
 use crate::plugin::runtime::ONE_SHOT_INSTANCES;
 use crate::plugin::{LoadedPlugin, NoNetwork, RequestContext, Runtime};
 
+/// Loads the plugin at `path` under `policy` (the engine sized to its
+/// limits), with its state in `state_dir` (`None`: it has none).
 async fn load(
     path: &Path,
-    limits: Limits,
+    policy: PluginPolicy,
     state_dir: Option<PathBuf>,
 ) -> Result<LoadedPlugin, ExitCode> {
     let mut runtime =
-        Runtime::with_max_instances(limits, ONE_SHOT_INSTANCES).map_err(usage_error)?;
+        Runtime::with_max_instances(policy.limits, ONE_SHOT_INSTANCES).map_err(usage_error)?;
     if let Some(dir) = state_dir {
         runtime = runtime.with_state_dir(dir);
     }
     runtime
-        .load(path, Arc::new(NoNetwork))
+        .load_with(path, Arc::new(NoNetwork), policy)
         .await
         .map_err(usage_error)
 }
 
 /// The one call `invoke` makes.
-pub struct Invocation<'a> {
-    /// The service, one the plugin serves.
-    pub service: &'a str,
-    /// The payload, JSON text.
-    pub payload: &'a str,
-    /// Whom the call is as if from.
-    pub context: &'a RequestContext,
-    /// Where the plugin's state is kept; `None`: it has none.
-    pub state_dir: Option<PathBuf>,
+pub enum Call {
+    /// The handler of `service` with `payload` (JSON text), as if from
+    /// `context`'s caller.
+    Handle {
+        service: String,
+        payload: String,
+        context: RequestContext,
+    },
+    /// `on-tick`, once.
+    Tick,
 }
 
-/// `grenache-host invoke`: one call of `service` with `payload` (JSON text)
-/// as if from `context`'s caller, under `limits`, with the plugin's state in
-/// `state_dir`; prints the reply as compact JSON.
-pub async fn invoke(path: &Path, call: Invocation<'_>, limits: Limits) -> ExitCode {
-    let Invocation {
-        service,
-        payload,
-        context,
-        state_dir,
-    } = call;
+/// `grenache-host invoke`: one call under `policy`, with the plugin's state
+/// in `state_dir`; prints a handler's reply as compact JSON, nothing for a
+/// tick that succeeds, and an error on stderr (exit 1) for a call that fails.
+pub async fn invoke(
+    path: &Path,
+    call: Call,
+    policy: PluginPolicy,
+    state_dir: Option<PathBuf>,
+) -> ExitCode {
+    let (service, payload, context) = match call {
+        Call::Handle {
+            service,
+            payload,
+            context,
+        } => (service, payload, context),
+        Call::Tick => {
+            let plugin = match load(path, policy, state_dir).await {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            return match plugin.on_tick().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: tick failed: {e}");
+                    ExitCode::from(EXIT_SERVICE_ERROR)
+                }
+            };
+        }
+    };
+    let (service, payload, context) = (service.as_str(), payload.as_str(), &context);
     if let Err(code) = check_payload(payload) {
         return code;
     }
-    let plugin = match load(path, limits, state_dir).await {
+    let plugin = match load(path, policy, state_dir).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -81,7 +104,7 @@ pub async fn invoke(path: &Path, call: Invocation<'_>, limits: Limits) -> ExitCo
 /// `grenache-host inspect`: prints the plugin's name, contract version and
 /// manifest (serves, punch, calls, tick interval) as one JSON line.
 pub async fn inspect(path: &Path, limits: Limits) -> ExitCode {
-    let plugin = match load(path, limits, None).await {
+    let plugin = match load(path, PluginPolicy::with_limits(limits), None).await {
         Ok(p) => p,
         Err(code) => return code,
     };

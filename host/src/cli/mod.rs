@@ -77,6 +77,29 @@ pub fn main() -> ExitCode {
     runtime.block_on(dispatch(cli.command))
 }
 
+/// The policies of `run` and `invoke`: the `--config` file (checked, and
+/// checked to name only the plugins `names`) with the limit flags last.
+fn policies(
+    config: Option<std::path::PathBuf>,
+    names: &[String],
+    limits: &args::LimitArgs,
+) -> Result<crate::plugin::policy::Policies, ExitCode> {
+    let file = match config {
+        Some(path) => crate::plugin::policy::PolicyFile::load(&path)
+            .and_then(|file| {
+                file.check_plugin_names(names)
+                    .map_err(|e| format!("the policy {}: {e}", path.display()))?;
+                Ok(file)
+            })
+            .map_err(usage_error)?,
+        None => Default::default(),
+    };
+    Ok(crate::plugin::policy::Policies {
+        file,
+        overrides: limits.overrides(),
+    })
+}
+
 /// Turns one command's arguments into its config and runs it.
 async fn dispatch(command: Command) -> ExitCode {
     match command {
@@ -84,22 +107,34 @@ async fn dispatch(command: Command) -> ExitCode {
             plugin,
             service,
             payload,
+            tick,
+            config,
             caller,
             state_dir,
             limits,
         } => {
-            let payload = match output::read_payload(&payload, DEFAULT_MAX_MESSAGE) {
+            let name = crate::plugin::plugin_name(&plugin);
+            let policy = match policies(config, std::slice::from_ref(&name), &limits)
+                .and_then(|p| p.for_plugin(&name).map_err(usage_error))
+            {
                 Ok(p) => p,
                 Err(code) => return code,
             };
-            let context = RequestContext::from_caller(caller);
-            let call = local::Invocation {
-                service: &service,
-                payload: &payload,
-                context: &context,
-                state_dir,
+            let call = match (tick, service, payload) {
+                (false, Some(service), Some(payload)) => {
+                    match output::read_payload(&payload, DEFAULT_MAX_MESSAGE) {
+                        Ok(payload) => local::Call::Handle {
+                            service,
+                            payload,
+                            context: RequestContext::from_caller(caller),
+                        },
+                        Err(code) => return code,
+                    }
+                }
+                // clap requires a service and a payload without --tick.
+                _ => local::Call::Tick,
             };
-            local::invoke(&plugin, call, limits.limits()).await
+            local::invoke(&plugin, call, policy, state_dir).await
         }
         Command::Inspect { plugin, limits } => local::inspect(&plugin, limits.limits()).await,
         Command::Run {
@@ -118,26 +153,13 @@ async fn dispatch(command: Command) -> ExitCode {
             max_instances,
             limits,
         } => {
-            let file = match config {
-                Some(path) => {
-                    let names: Vec<String> = plugins
-                        .iter()
-                        .map(|p| crate::plugin::plugin_name(p))
-                        .collect();
-                    match crate::plugin::policy::PolicyFile::load(&path).and_then(|file| {
-                        file.check_plugin_names(&names)
-                            .map_err(|e| format!("the policy {}: {e}", path.display()))?;
-                        Ok(file)
-                    }) {
-                        Ok(file) => file,
-                        Err(e) => return usage_error(e),
-                    }
-                }
-                None => Default::default(),
-            };
-            let policies = crate::plugin::policy::Policies {
-                file,
-                overrides: limits.overrides(),
+            let names: Vec<String> = plugins
+                .iter()
+                .map(|p| crate::plugin::plugin_name(p))
+                .collect();
+            let policies = match policies(config, &names, &limits) {
+                Ok(p) => p,
+                Err(code) => return code,
             };
             let introducer = match dht.introducer() {
                 Ok(i) => i,
