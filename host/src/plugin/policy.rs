@@ -169,8 +169,35 @@ pub struct PolicyEntry {
     /// How often its `on-tick` runs, as a duration of at least 100ms
     /// (`"1s"`), or `"off"`; overrides its manifest's `tick-interval-ms`.
     pub tick_interval: Option<String>,
-    /// `[....config]`: string values the plugin reads with `config.get`.
+    /// `[....config]`: string values the plugin reads with `config.get`. A
+    /// value that is not a string (`n = 5`) is refused with a message saying
+    /// to quote it.
+    #[serde(default, deserialize_with = "string_values")]
     pub config: Option<BTreeMap<String, String>>,
+}
+
+/// A `config` table: every value a string; the error for one that is not
+/// names the key and shows it quoted.
+fn string_values<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    let table = BTreeMap::<String, toml::Value>::deserialize(deserializer)?;
+    let mut values = BTreeMap::new();
+    for (key, value) in table {
+        match value {
+            toml::Value::String(text) => {
+                values.insert(key, text);
+            }
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "config values are strings (the plugin reads text): {key} = {other} is not one ({}); quote it: {key} = \"{}\"",
+                    other.type_str(),
+                    other.to_string().trim_matches('"'),
+                )))
+            }
+        }
+    }
+    Ok(Some(values))
 }
 
 /// The policy file.
@@ -457,7 +484,11 @@ mod tests {
             assert!(e.contains(expect), "{text}: {e}");
         }
         let e = toml::from_str::<PolicyFile>("[plugin.p.config]\nlimit = 5\n").unwrap_err();
-        assert!(e.to_string().contains("string"), "{e}");
+        assert!(
+            e.to_string().contains("config values are strings")
+                && e.to_string().contains(r#"quote it: limit = "5""#),
+            "{e}"
+        );
     }
 
     #[test]
