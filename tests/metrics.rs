@@ -433,3 +433,41 @@ fn a_taken_metrics_port_stops_the_host_with_what_to_do() {
     );
     assert!(r.stderr.contains("pick another --metrics"), "{}", r.stderr);
 }
+
+#[test]
+fn ticks_are_counted_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each tick fails on purpose, 100 ms apart.
+    let policy = common::policy_file(
+        dir.path(),
+        "[plugin.stateful]\ntick_interval = \"100ms\"\n[plugin.stateful.config]\ntick_fails = \"yes\"\n",
+    );
+    let state = dir.path().join("state");
+    let (_host, _peer, metrics) = metrics_host(
+        &[&common::test_plugin("stateful")],
+        &[
+            "--control",
+            "off",
+            "--config",
+            &policy,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    let ticks = |s: &Scrape, outcome: &str| {
+        s.value(&format!(
+            "grenache_host_plugin_ticks_total{{plugin=\"stateful\",outcome=\"{outcome}\"}}"
+        ))
+    };
+    let scrape = Scrape::until(&metrics, "two failed ticks", |s| ticks(s, "error") >= 2.0);
+    for outcome in [
+        "ok",
+        "trap",
+        "time_limit",
+        "memory_limit",
+        "state_not_saved",
+    ] {
+        assert_eq!(ticks(&scrape, outcome), 0.0, "{outcome}");
+    }
+    ticks(&scrape, "skipped");
+}

@@ -49,7 +49,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
 use crate::nat::IntroductionStats;
-use crate::plugin::set::PluginSet;
+use crate::plugin::set::{PluginSet, TICK_OUTCOMES};
 use crate::plugin::CallError;
 use crate::rpc::client::PathStats;
 use crate::rpc::server::ServerStats;
@@ -127,15 +127,7 @@ const OUTGOING_OUTCOMES: [&str; 5] = ["ok", "error", "no_peers", "timeout", "tra
 /// The `reason` label of a plugin failure; `None` for a handler's own
 /// error, which is an answer, not a failure.
 pub fn failure_reason(error: &CallError) -> Option<&'static str> {
-    match error {
-        CallError::Handler(_) => None,
-        CallError::Trap { .. } => Some("trap"),
-        CallError::TimeLimit { .. } => Some("time_limit"),
-        CallError::MemoryLimit { .. } => Some("memory_limit"),
-        CallError::BadReply { .. } => Some("bad_reply"),
-        CallError::Busy { .. } => Some("busy"),
-        CallError::StateNotSaved { .. } => Some("state_not_saved"),
-    }
+    error.failure_reason()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -466,6 +458,18 @@ impl Collector for PartsCollector {
             "grenache_host_plugin_swap_refusals",
             "Swaps of a plugin refused (the new file did not load, or its services collide); the old version kept serving.",
             swaps.iter().map(|s| ([("plugin", s.plugin.as_str())], s.refused)),
+        )?;
+        let ticks = self.plugins.tick_counts();
+        counters(
+            e,
+            "grenache_host_plugin_ticks",
+            "Ticks of a plugin (on-tick), by outcome: ok, error (it returned one), a failure's reason (trap, time_limit, memory_limit, state_not_saved), or skipped (the previous tick still ran, or every request slot was busy).",
+            ticks.iter().flat_map(|(plugin, counts)| {
+                TICK_OUTCOMES
+                    .iter()
+                    .zip(counts)
+                    .map(|(outcome, n)| ([("plugin", plugin.as_str()), ("outcome", *outcome)], *n))
+            }),
         )?;
         Ok(())
     }

@@ -162,6 +162,24 @@ pub enum LoadError {
     Manifest { path: PathBuf, reason: String },
 }
 
+impl CallError {
+    /// The failure's reason, as the `reason` label of
+    /// `grenache_host_plugin_failures_total`: `trap`, `time_limit`,
+    /// `memory_limit`, `bad_reply`, `busy` or `state_not_saved`; `None` for
+    /// a handler's own error, which is an answer, not a failure.
+    pub fn failure_reason(&self) -> Option<&'static str> {
+        match self {
+            CallError::Handler(_) => None,
+            CallError::Trap { .. } => Some("trap"),
+            CallError::TimeLimit { .. } => Some("time_limit"),
+            CallError::MemoryLimit { .. } => Some("memory_limit"),
+            CallError::BadReply { .. } => Some("bad_reply"),
+            CallError::Busy { .. } => Some("busy"),
+            CallError::StateNotSaved { .. } => Some("state_not_saved"),
+        }
+    }
+}
+
 /// Why one call into a plugin failed. The `Display` text is what a Grenache
 /// caller receives as the `err` string (`docs/wire.md §2.1`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -80,12 +80,39 @@ pub struct SlotStats {
     faults: AtomicU64,
     ticks: AtomicU64,
     skipped_ticks: AtomicU64,
+    /// Ticks by outcome, in the order of [`TICK_OUTCOMES`].
+    tick_outcomes: [AtomicU64; TICK_OUTCOMES.len()],
     refused_swaps: AtomicU64,
     /// The latest fault or refusal, with its reason.
     last_problem: Mutex<Option<String>>,
 }
 
+/// How a tick ended, the `outcome` label of
+/// `grenache_host_plugin_ticks_total`: `ok`, `error` (on-tick returned an
+/// error), a failure's reason ([`CallError::failure_reason`]) or `skipped`.
+pub const TICK_OUTCOMES: [&str; 7] = [
+    "ok",
+    "error",
+    "trap",
+    "time_limit",
+    "memory_limit",
+    "state_not_saved",
+    "skipped",
+];
+
 impl SlotStats {
+    /// Counts a tick that ended as `outcome`, one of [`TICK_OUTCOMES`].
+    fn count_tick(&self, outcome: &str) {
+        if let Some(i) = TICK_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.tick_outcomes[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if outcome == "skipped" {
+            self.skipped_ticks.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.ticks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a request that failed in the plugin (trap, limit, bad reply,
     /// busy), not one its handler answered with an error.
     pub fn record_fault(&self, reason: String) {
@@ -517,6 +544,18 @@ impl PluginSet {
             .collect()
     }
 
+    /// Every plugin's ticks by outcome, in the order of [`TICK_OUTCOMES`].
+    pub fn tick_counts(&self) -> Vec<(String, [u64; TICK_OUTCOMES.len()])> {
+        self.lock_slots()
+            .iter()
+            .map(|s| {
+                let counts =
+                    std::array::from_fn(|i| s.stats.tick_outcomes[i].load(Ordering::Relaxed));
+                (s.name(), counts)
+            })
+            .collect()
+    }
+
     /// Calls every plugin's `on-tick` at its interval
     /// ([`LoadedPlugin::tick_interval`]) until dropped (at shutdown, which
     /// stops the ticks running too). A swap or rollback stops the ticks of
@@ -677,7 +716,7 @@ impl Tick {
                 break;
             }
             let Ok(running) = self.ticks.running.clone().try_lock_owned() else {
-                self.stats.skipped_ticks.fetch_add(1, Ordering::Relaxed);
+                self.stats.count_tick("skipped");
                 tracing::debug!("{}: tick skipped, the previous one still runs", self.name);
                 continue;
             };
@@ -690,15 +729,13 @@ impl Tick {
             in_flight.spawn(async move {
                 let _running = running;
                 match plugin.on_tick().await {
-                    Ok(()) => {
-                        stats.ticks.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Ok(()) => stats.count_tick("ok"),
                     Err(CallError::Busy { .. }) => {
-                        stats.skipped_ticks.fetch_add(1, Ordering::Relaxed);
+                        stats.count_tick("skipped");
                         tracing::debug!("{name}: tick skipped, every request slot is busy");
                     }
                     Err(e) => {
-                        stats.ticks.fetch_add(1, Ordering::Relaxed);
+                        stats.count_tick(e.failure_reason().unwrap_or("error"));
                         tracing::warn!("{name}: tick failed: {e}");
                         stats.record_fault(format!("tick: {e}"));
                         failed(&name, &e);
