@@ -86,6 +86,11 @@ fn sensor_readings_survive_a_hot_swap_and_a_host_restart() {
     let next = copy_to(dir.path(), &plugin("sensors"), "sensors-v2.wasm");
     let policy = "[plugin.sensors.config]\nmax_readings = \"3\"\n";
     let (mut gateway, peer) = state_host(dir.path(), &sensors, policy);
+    let opened = gateway.wait_for("sensors: state in", common::SOON);
+    assert!(
+        opened.contains(&dir.path().join("state/sensors.state").display().to_string()),
+        "{opened}"
+    );
     for v in [10.0, 21.5, 19.0, 23.0] {
         record(&peer, "t1", v);
     }
@@ -488,7 +493,7 @@ fn two_hosts_cannot_share_a_plugins_state_and_a_plugin_without_state_creates_non
     // fibonacci (0.4.0) never calls the state interface, so it does not
     // import it: no directory, no lock, and any number of such hosts.
     let unused = second.path().join("state");
-    let (_fib, _) = spawn_listening(
+    let (fib, _) = spawn_listening(
         "fibonacci host",
         &[
             "run",
@@ -505,6 +510,8 @@ fn two_hosts_cannot_share_a_plugins_state_and_a_plugin_without_state_creates_non
         !unused.exists(),
         "a plugin without state created {unused:?}"
     );
+    fib.wait_for("fibonacci: no state", common::SOON);
+    assert!(!fib.output().contains("state in"), "{}", fib.output());
 }
 
 #[test]

@@ -142,10 +142,9 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     match state_dir {
-        Some(dir) => {
-            tracing::info!("plugin state in {}", dir.display());
-            runtime = runtime.with_state_dir(dir);
-        }
+        // Each plugin's state file is logged when it is opened (see
+        // PluginSet::load): nothing is created for plugins without state.
+        Some(dir) => runtime = runtime.with_state_dir(dir),
         None => tracing::warn!(
             "no state directory (no --state-dir, $STATE_DIRECTORY, $XDG_STATE_HOME or $HOME): plugins' state calls fail as unavailable"
         ),

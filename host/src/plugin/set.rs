@@ -250,6 +250,10 @@ impl PluginSet {
                 plugin.serves(),
                 plugin.punch_targets()
             );
+            match plugin.state_file() {
+                Some(file) => tracing::info!("{}: state in {}", plugin.name(), file.display()),
+                None => tracing::info!("{}: no state", plugin.name()),
+            }
             slots.push(Slot {
                 path: path.clone(),
                 current: Arc::new(plugin),
