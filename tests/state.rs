@@ -488,6 +488,17 @@ fn two_hosts_cannot_share_a_plugins_state_and_a_plugin_without_state_creates_non
         "{}",
         r.stderr
     );
+    // invoke on the running host's directory says what fits invoke.
+    let r = stateful(&state, r#"{"get":"k"}"#);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("in use by a running host")
+            && r.stderr.contains("stop that host first")
+            && r.stderr.contains("copy of the directory")
+            && !r.stderr.contains("give each host"),
+        "{}",
+        r.stderr
+    );
     drop(first);
 
     // fibonacci (0.4.0) never calls the state interface, so it does not

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::output::{check_payload, print_compact, print_line, usage_error, EXIT_SERVICE_ERROR};
 use crate::plugin::policy::{Limits, PluginPolicy};
 use crate::plugin::runtime::ONE_SHOT_INSTANCES;
-use crate::plugin::{LoadedPlugin, NoNetwork, RequestContext, Runtime};
+use crate::plugin::{LoadError, LoadedPlugin, NoNetwork, RequestContext, Runtime};
 
 /// Loads the plugin at `path` under `policy` (the engine sized to its
 /// limits), with its state in `state_dir` (`None`: it has none).
@@ -25,7 +25,21 @@ async fn load(
     runtime
         .load_with(path, Arc::new(NoNetwork), policy)
         .await
-        .map_err(usage_error)
+        .map_err(|e| match e {
+            LoadError::StateLocked {
+                path,
+                name,
+                dir,
+                lock,
+            } => usage_error(format!(
+                "cannot load {path}: the state of {name} in {dir} is in use by a running host (it holds {lock}); \
+                 stop that host first, or invoke on a copy of the directory (cp -r {dir} COPY, then --state-dir COPY)",
+                path = path.display(),
+                dir = dir.display(),
+                lock = lock.display()
+            )),
+            e => usage_error(e),
+        })
 }
 
 /// The one call `invoke` makes.

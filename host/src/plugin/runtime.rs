@@ -155,6 +155,19 @@ pub enum LoadError {
     /// unreadable. The reason names the file and the fix.
     #[error("cannot load {path}: {reason}")]
     State { path: PathBuf, reason: String },
+    /// Its state is in use: another running process holds `lock`, the lock
+    /// of `name`'s state in `dir`.
+    #[error(
+        "cannot load {path}: the state of {name} in {dir} is in use by another running host (it holds {lock}); give each host its own --state-dir",
+        dir = dir.display(),
+        lock = lock.display()
+    )]
+    StateLocked {
+        path: PathBuf,
+        name: String,
+        dir: PathBuf,
+        lock: PathBuf,
+    },
     /// Its `manifest` export failed, or named an unusable service.
     #[error(
         "cannot load {path}: its manifest() failed ({reason}); fix the plugin's manifest function"
@@ -443,6 +456,14 @@ impl Runtime {
                     return Err(LoadError::State {
                         path: path_buf,
                         reason,
+                    })
+                }
+                Err(OpenError::Locked { name, dir, lock }) => {
+                    return Err(LoadError::StateLocked {
+                        path: path_buf,
+                        name,
+                        dir,
+                        lock,
                     })
                 }
             },

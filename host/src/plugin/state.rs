@@ -106,7 +106,7 @@ impl StateDir {
         })?;
         check_private(&self.root).map_err(OpenError::File)?;
         let file = self.root.join(format!("{name}.state"));
-        let lock = lock_file(&self.root, name).map_err(OpenError::File)?;
+        let lock = lock_file(&self.root, name)?;
         let entries = read_file(&file, quota).map_err(OpenError::File)?;
         let size = entries.iter().map(|(k, v)| entry_size(k, v)).sum();
         let state = Arc::new(PluginState {
@@ -131,6 +131,14 @@ pub enum OpenError {
     /// running host holds its lock: the plugin must not run on without what
     /// it kept, nor overwrite another host's.
     File(String),
+    /// Another running process (a host, or an `invoke`) holds the lock file
+    /// `lock` of plugin `name`'s state in `dir`; what to do depends on who
+    /// asks, so the message is the caller's to write.
+    Locked {
+        name: String,
+        dir: PathBuf,
+        lock: PathBuf,
+    },
     /// The state directory cannot be created: the plugin runs, and its
     /// state calls fail as `unavailable` (as the WIT says).
     NoDirectory(String),
@@ -165,9 +173,9 @@ fn check_private(dir: &Path) -> Result<(), String> {
 }
 
 /// Takes the exclusive lock `DIR/NAME.state.lock` (an advisory `flock`,
-/// released when the file closes, also when the process dies), or says which
-/// other host holds it and what to do.
-fn lock_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
+/// released when the file closes, also when the process dies), or
+/// [`OpenError::Locked`] when another process holds it.
+fn lock_file(dir: &Path, name: &str) -> Result<std::fs::File, OpenError> {
     let path = dir.join(format!("{name}.state.lock"));
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
@@ -176,17 +184,18 @@ fn lock_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
         .write(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(|e| OpenError::File(format!("cannot open {}: {e}", path.display())))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-            "the state of {name} in {} is in use by another running host (it holds {}); give each host its own --state-dir",
-            dir.display(),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            lock: path,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(OpenError::File(format!(
+            "cannot lock {}: {e}",
             path.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(format!("cannot lock {}: {e}", path.display()))
-        }
+        ))),
     }
 }
 
