@@ -561,8 +561,9 @@ impl PluginSet {
     }
 
     /// Calls every plugin's `on-tick` at its interval
-    /// ([`LoadedPlugin::tick_interval`]) until dropped (at shutdown, which
-    /// stops the ticks running too). A swap or rollback stops the ticks of
+    /// ([`LoadedPlugin::tick_interval`]) until [`stop_ticks`](Self::stop_ticks)
+    /// (a tick running then finishes) or until dropped (which stops the
+    /// ticks running too). A swap or rollback stops the ticks of
     /// the version it replaces and starts those of the new one at its own
     /// interval. A tick runs under the limits of a request, in one of the
     /// plugin's request slots; a tick due while the plugin's previous one
