@@ -350,6 +350,28 @@ fn ticks_run_repeatedly_and_never_overlap() {
 }
 
 #[test]
+fn a_long_tick_takes_no_request_slot() {
+    // One request slot, and a tick that spins 1.5 s of every 100 ms: while
+    // it runs, requests are still answered, never refused as busy.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"
+        [plugin.stateful]
+        max_concurrent = 1
+        tick_interval = "100ms"
+        [plugin.stateful.config]
+        tick_busy_ms = "1500"
+    "#;
+    let (host, peer) = state_host(dir.path(), &test_plugin("stateful"), policy);
+    host.wait_for("tick start 1", common::SOON);
+    for _ in 0..3 {
+        let r = call_peer(&peer, "state", r#"{"get":"ticks"}"#, &[]);
+        assert_eq!(r.code, 0, "busy while a tick ran? {}", r.stderr);
+    }
+    // The calls overlapped a running tick: the first one had not ended yet.
+    assert_eq!(host.count("tick end"), 0, "{}", host.output());
+}
+
+#[test]
 fn a_failing_tick_is_a_warning_and_a_fault() {
     let dir = tempfile::tempdir().unwrap();
     let policy = r#"

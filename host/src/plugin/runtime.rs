@@ -1117,10 +1117,12 @@ impl LoadedPlugin {
     }
 
     /// Calls the plugin's `on-tick` in a fresh instance, under the limits of
-    /// a request and taking one of its request slots (`Busy` when none is
-    /// free). Its `err` is [`CallError::Handler`].
+    /// a request. A tick takes none of the plugin's request slots: the
+    /// plugin set runs at most one tick of a plugin at a time, so it is one
+    /// instance beside them, and a long tick never makes requests busy (with
+    /// `max_concurrent = 1` it would have refused every request while it
+    /// ran). Its `err` is [`CallError::Handler`].
     pub async fn on_tick(&self) -> Result<(), CallError> {
-        let _permit = self.request_slot()?;
         self.call(async |plugin, store| plugin.on_tick(store).await)
             .await?
             .map_err(CallError::Handler)

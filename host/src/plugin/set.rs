@@ -565,10 +565,9 @@ impl PluginSet {
     /// (a tick running then finishes) or until dropped (which stops the
     /// ticks running too). A swap or rollback stops the ticks of
     /// the version it replaces and starts those of the new one at its own
-    /// interval. A tick runs under the limits of a request, in one of the
-    /// plugin's request slots; a tick due while the plugin's previous one
-    /// (of any version) still runs, or while all its slots are busy, is
-    /// skipped. A failed tick is logged as a warning, counted as a fault,
+    /// interval. A tick runs under the limits of a request, beside its
+    /// request slots (it takes none); a tick due while the plugin's previous
+    /// one (of any version) still runs is skipped. A failed tick is logged as a warning, counted as a fault,
     /// and handed to `failed` with the plugin's name (the node counts it in
     /// its metrics).
     pub async fn run_ticks(self: Arc<Self>, failed: Arc<TickFailed>) {
@@ -735,10 +734,6 @@ impl Tick {
                 let _running = running;
                 match plugin.on_tick().await {
                     Ok(()) => stats.count_tick("ok"),
-                    Err(CallError::Busy { .. }) => {
-                        stats.count_tick("skipped");
-                        tracing::debug!("{name}: tick skipped, every request slot is busy");
-                    }
                     Err(e) => {
                         stats.count_tick(e.failure_reason().unwrap_or("error"));
                         tracing::warn!("{name}: tick failed: {e}");
