@@ -235,10 +235,11 @@ pub fn parse_reply(value: &RawValue) -> Result<Reply, DecodeError> {
 /// value ends, what it holds is bounded by `max_message`.
 #[derive(Debug)]
 pub struct MessageDecoder {
+    /// Received bytes from the first one still needed: what comes before
+    /// the scanner's position (messages returned, whitespace between them)
+    /// is dropped at the next `push`, so many messages in one packet cost
+    /// one move.
     buffer: Vec<u8>,
-    /// Bytes at the front of `buffer` already returned as messages; dropped
-    /// at the next `push`, so many messages in one packet cost one move.
-    consumed: usize,
     scanner: Scanner,
     max_message: usize,
 }
@@ -363,7 +364,6 @@ impl MessageDecoder {
     pub fn new(max_message: usize) -> Self {
         MessageDecoder {
             buffer: Vec::new(),
-            consumed: 0,
             scanner: Scanner::default(),
             max_message,
         }
@@ -371,11 +371,11 @@ impl MessageDecoder {
 
     /// Adds received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.consumed > 0 {
-            self.buffer.drain(..self.consumed);
-            self.scanner.start = self.scanner.start.map(|s| s - self.consumed);
-            self.scanner.next -= self.consumed;
-            self.consumed = 0;
+        let done = self.scanner.start.unwrap_or(self.scanner.next);
+        if done > 0 {
+            self.buffer.drain(..done);
+            self.scanner.start = self.scanner.start.map(|s| s - done);
+            self.scanner.next -= done;
         }
         self.buffer.extend_from_slice(bytes);
     }
@@ -384,23 +384,13 @@ impl MessageDecoder {
     /// error if the stream is not a sequence of JSON values (after an error
     /// the decoder should be dropped together with its connection).
     pub fn next_message(&mut self) -> Result<Option<Box<RawValue>>, DecodeError> {
-        if self.scanner.next < self.consumed {
-            self.scanner.next = self.consumed;
-        }
         let Some(end) = self.scanner.find_end(&self.buffer) else {
-            match self.scanner.start {
-                None => {
-                    // Only whitespace so far: nothing to keep.
-                    self.buffer.clear();
-                    self.consumed = 0;
-                    self.scanner.next = 0;
-                }
+            return match self.scanner.start {
                 Some(start) if self.buffer.len() - start > self.max_message => {
-                    return Err(self.too_large(start));
+                    Err(self.too_large(start))
                 }
-                Some(_) => {}
-            }
-            return Ok(None);
+                _ => Ok(None),
+            };
         };
         let start = self.scanner.start.expect("a value that ended has started");
         if end - start > self.max_message {
@@ -408,7 +398,6 @@ impl MessageDecoder {
         }
         let value = serde_json::from_slice::<Box<RawValue>>(&self.buffer[start..end])
             .map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        self.consumed = end;
         self.scanner.expect_value_at(end);
         Ok(Some(value))
     }
