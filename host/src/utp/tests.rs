@@ -914,20 +914,26 @@ fn an_idle_connection_lives_on_keepalives_and_dies_when_the_path_does() {
 
 // ---- Bounds. ----
 
-#[test]
-fn connections_per_address_are_bounded() {
-    let mut net = Net::new();
+/// Opens the most connections A's address may have to B, each carrying a
+/// message at the same moment (none is half-open); returns A's handles.
+fn fill_an_address(net: &mut Net) -> Vec<ConnectionHandle> {
     let mut handles = Vec::new();
     for _ in 0..MAX_CONNECTIONS_PER_IP {
         let now = net.now;
         handles.push(net.node(A).connect(now, addr(B)).unwrap());
         net.run_until(Duration::from_secs(1), |net| net.node(B).accept().is_some());
     }
-    // Every connection carries a message: none is half-open.
     for &handle in &handles {
         net.node(A).send(handle, b"[]").unwrap();
     }
     net.run_for(Duration::from_millis(100));
+    handles
+}
+
+#[test]
+fn connections_per_address_are_bounded() {
+    let mut net = Net::new();
+    let handles = fill_an_address(&mut net);
     let now = net.now;
     // The initiator refuses a connection too many...
     assert!(net.node(A).connect(now, addr(B)).is_err());
@@ -953,17 +959,7 @@ fn connections_per_address_are_bounded() {
 #[test]
 fn a_full_address_makes_room_by_dropping_a_connection_silent_for_30_s() {
     let mut net = Net::new();
-    let mut handles = Vec::new();
-    for _ in 0..MAX_CONNECTIONS_PER_IP {
-        let now = net.now;
-        handles.push(net.node(A).connect(now, addr(B)).unwrap());
-        net.run_until(Duration::from_secs(1), |net| net.node(B).accept().is_some());
-    }
-    // Every connection carries a message at the same moment.
-    for &handle in &handles {
-        net.node(A).send(handle, b"[]").unwrap();
-    }
-    net.run_for(Duration::from_millis(100));
+    fill_an_address(&mut net);
     // A's process exits without a word: B hears nothing from now on.
     net.set_filter(|_| Fate::Drop);
     net.run_for(EVICTABLE_SILENCE - Duration::from_secs(1));
