@@ -312,23 +312,50 @@ mod tests {
         }
     }
 
+    /// `serve` on loopback answering through a [`Gate`], with its drain.
+    struct GatedServer {
+        addr: SocketAddr,
+        drain: Arc<Drain>,
+        gate: Arc<Gate>,
+        serving: tokio::task::JoinHandle<()>,
+    }
+
+    impl GatedServer {
+        async fn start() -> Self {
+            let (server, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            let addr = server.local_addr();
+            let drain = Arc::new(Drain::default());
+            let gate = Arc::new(Gate(tokio::sync::Notify::new()));
+            let serving = tokio::spawn(serve(
+                server,
+                gate.clone(),
+                1 << 20,
+                Arc::default(),
+                drain.clone(),
+            ));
+            GatedServer {
+                addr,
+                drain,
+                gate,
+                serving,
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_connection_cannot_pile_up_requests_without_bound() {
         // 1000 requests pipelined on one uTP connection to a service that
         // does not answer: the server reads only as many as it may hold in
         // flight, and still answers other connections.
         let any = "127.0.0.1:0".parse().unwrap();
-        let (server, _) = Endpoint::bind(any).await.unwrap();
-        let addr = server.local_addr();
-        let drain = Arc::new(Drain::default());
-        let gate = Arc::new(Gate(tokio::sync::Notify::new()));
-        let serving = tokio::spawn(serve(
-            server,
-            gate.clone(),
-            1 << 20,
-            Arc::default(),
-            drain.clone(),
-        ));
+        let GatedServer {
+            addr,
+            drain,
+            gate: _,
+            serving,
+        } = GatedServer::start().await;
         let (flooder, _) = Endpoint::bind(any).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let stream = flooder.connect(addr, deadline.into_std()).await.unwrap();
@@ -363,17 +390,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn draining_refuses_new_requests_and_closing_answers_those_in_flight() {
         let any = "127.0.0.1:0".parse().unwrap();
-        let (server, _) = Endpoint::bind(any).await.unwrap();
-        let addr = server.local_addr();
-        let drain = Arc::new(Drain::default());
-        let gate = Arc::new(Gate(tokio::sync::Notify::new()));
-        let serving = tokio::spawn(serve(
-            server,
-            gate.clone(),
-            1 << 20,
-            Arc::default(),
-            drain.clone(),
-        ));
+        let GatedServer {
+            addr,
+            drain,
+            gate,
+            serving,
+        } = GatedServer::start().await;
         let (client, _) = Endpoint::bind(any).await.unwrap();
         let client = RpcClient::new(client, None, 1 << 20);
         let ask = |key: &'static str| {
