@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::{call_peer, host_bin, start_dht, start_host, test_plugin, HostProcess, SOON};
 
-#[test]
-fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones() {
-    let (_dht, bootstrap) = start_dht();
-    let (mut host, port) = start_host(
+/// A host of the `faulty` test plugin (its `sleep` service is the slow
+/// request) logging at debug with `time_limit`, on a DHT of its own;
+/// returns the DHT, the host and its RPC address.
+fn faulty_host(time_limit: &str) -> (HostProcess, HostProcess, String) {
+    let (dht, bootstrap) = start_dht();
+    let (host, port) = start_host(
         "faulty host",
         &[&test_plugin("faulty")],
         &bootstrap,
@@ -23,10 +25,15 @@ fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones() {
             "--log-level",
             "debug",
             "--time-limit",
-            "10s",
+            time_limit,
         ],
     );
-    let peer = format!("127.0.0.1:{port}");
+    (dht, host, format!("127.0.0.1:{port}"))
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones() {
+    let (_dht, mut host, peer) = faulty_host("10s");
     // A healthy request that takes 3 s, in flight when the signal comes.
     let slow = HostProcess::spawn("slow caller", &["call", "sleep", "3000", "--peer", &peer]);
     host.wait_for("request for sleep", SOON);
@@ -355,21 +362,7 @@ fn ticks_stop_when_the_drain_starts() {
 
 #[test]
 fn a_second_sigterm_during_the_drain_exits_143() {
-    let (_dht, bootstrap) = start_dht();
-    let (mut host, port) = start_host(
-        "faulty host",
-        &[&test_plugin("faulty")],
-        &bootstrap,
-        &[
-            "--control",
-            "off",
-            "--log-level",
-            "debug",
-            "--time-limit",
-            "20s",
-        ],
-    );
-    let peer = format!("127.0.0.1:{port}");
+    let (_dht, mut host, peer) = faulty_host("20s");
     let _slow = HostProcess::spawn("slow caller", &["call", "sleep", "15000", "--peer", &peer]);
     host.wait_for("request for sleep", SOON);
     host.signal("TERM");
