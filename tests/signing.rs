@@ -24,17 +24,22 @@ fn sign(plugin: &Path, secret: &Path) {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
-/// `run <plugin> --trusted-key <key>` for a plugin that must be refused:
-/// returns the one line it printed.
-fn refused(plugin: &Path, key: &Path) -> String {
-    let r = shown(host(&[
+/// `run <plugin> --listen 127.0.0.1:0 --trusted-key <key>` to its end.
+fn run_trusting(plugin: &Path, key: &str) -> common::Shown {
+    shown(host(&[
         "run",
         plugin.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
         "--trusted-key",
-        key.to_str().unwrap(),
-    ]));
+        key,
+    ]))
+}
+
+/// `run <plugin> --trusted-key <key>` for a plugin that must be refused:
+/// returns the one line it printed.
+fn refused(plugin: &Path, key: &Path) -> String {
+    let r = run_trusting(plugin, key.to_str().unwrap());
     assert_eq!(r.code, 2, "{}", r.stderr);
     let line = r
         .stderr
@@ -214,14 +219,7 @@ fn keys_cannot_be_swapped_and_a_secret_is_never_printed() {
     std::fs::copy(plugin("fibonacci"), &fib).unwrap();
 
     // The secret key as a trusted key: refused at start, by file name only.
-    let r = shown(host(&[
-        "run",
-        fib.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--trusted-key",
-        secret.to_str().unwrap(),
-    ]));
+    let r = run_trusting(&fib, secret.to_str().unwrap());
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("is a secret key"), "{}", r.stderr);
     assert!(!r.stderr.contains(secret_hex) && !r.stdout.contains(secret_hex));
@@ -231,14 +229,7 @@ fn keys_cannot_be_swapped_and_a_secret_is_never_printed() {
     let labelled = format!("ed25519-secret {secret_hex}");
     let typo = format!("{secret_hex}0");
     for inline in [labelled.as_str(), typo.as_str()] {
-        let r = shown(host(&[
-            "run",
-            fib.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--trusted-key",
-            inline,
-        ]));
+        let r = run_trusting(&fib, inline);
         assert_eq!(r.code, 2, "{}", r.stderr);
         assert!(r.stderr.contains("--trusted-key"), "{}", r.stderr);
         assert!(
