@@ -58,6 +58,8 @@ pub mod nat;
 pub mod node;
 pub mod plugin;
 pub mod rpc;
+#[cfg(test)]
+mod test_vectors;
 pub mod transport;
 pub mod units;
 pub mod utp;

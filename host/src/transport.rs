@@ -456,13 +456,7 @@ mod tests {
         );
     }
 
-    fn hex(text: &str) -> Vec<u8> {
-        let digits: String = text.split_whitespace().collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::test_vectors::hex;
 
     #[test]
     fn tv9_libutp_handshake_packets_reach_utp() {

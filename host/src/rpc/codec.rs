@@ -434,10 +434,7 @@ fn leading_rid(buffer: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    const TV2: &str = r#"["3f2cf13b-da02-4abf-bb01-9306b37281a3","rpc_test","hello"]"#;
-    const TV3: &str = r#"["3f2cf13b-da02-4abf-bb01-9306b37281a3",null,"world"]"#;
-    const TV4: &str = r#"["f5e82789-41d0-450f-88ed-cd320deb8fac","127.0.0.1:38772",{"length":10}]"#;
-    const TV5: &str = r#"["f5e82789-41d0-450f-88ed-cd320deb8fac",null,[1,1,2,3,5,8,13,21,34,55]]"#;
+    use crate::test_vectors::{TV2, TV3, TV4, TV5};
 
     fn decode_all(bytes: &[u8]) -> Vec<String> {
         let mut d = MessageDecoder::new(DEFAULT_MAX_MESSAGE);

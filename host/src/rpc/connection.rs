@@ -111,8 +111,7 @@ mod tests {
     use super::*;
     use crate::rpc::codec::{encode_request, DEFAULT_MAX_MESSAGE};
 
-    const TV2: &str = r#"["3f2cf13b-da02-4abf-bb01-9306b37281a3","rpc_test","hello"]"#;
-    const TV4: &str = r#"["f5e82789-41d0-450f-88ed-cd320deb8fac","127.0.0.1:38772",{"length":10}]"#;
+    use crate::test_vectors::{TV2, TV4};
 
     /// A reader on one end of an in-memory stream, and the other end.
     fn pair(max_message: usize) -> (MessageReader<DuplexStream>, DuplexStream) {

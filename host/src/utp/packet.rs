@@ -269,15 +269,9 @@ pub fn seq_less(a: u16, b: u16) -> bool {
 mod tests {
     use super::*;
 
-    fn hex(text: &str) -> Vec<u8> {
-        let digits: String = text.split_whitespace().collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::test_vectors::hex;
 
-    const TV2: &[u8] = br#"["3f2cf13b-da02-4abf-bb01-9306b37281a3","rpc_test","hello"]"#;
+    const TV2: &[u8] = crate::test_vectors::TV2.as_bytes();
 
     fn state(ack_nr: u16) -> Header {
         Header {

@@ -370,16 +370,10 @@ fn a_reset_answers_a_syn_nobody_takes_and_the_connect_fails() {
 
 // ---- libutp's conventions, byte for byte (docs/wire.md §4, TV-9). ----
 
-fn hex(text: &str) -> Vec<u8> {
-    let digits: String = text.split_whitespace().collect();
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-        .collect()
-}
+use crate::test_vectors::hex;
 
-const TV2: &[u8] = br#"["3f2cf13b-da02-4abf-bb01-9306b37281a3","rpc_test","hello"]"#;
-const TV3: &[u8] = br#"["3f2cf13b-da02-4abf-bb01-9306b37281a3",null,"world"]"#;
+const TV2: &[u8] = crate::test_vectors::TV2.as_bytes();
+const TV3: &[u8] = crate::test_vectors::TV3.as_bytes();
 
 fn syn_header(connection_id: u16, seq_nr: u16) -> Header {
     Header {
