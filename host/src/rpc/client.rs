@@ -3,9 +3,11 @@
 //! One uTP connection per peer is opened on demand and reused; a task per
 //! connection reads replies through a [`MessageReader`], wakes the matching
 //! request and expires the requests whose deadline passed. A request
-//! by service name looks the service up, tries healthy peers in random order
-//! and marks peers that cannot be reached as bad, all within the request's
-//! deadline.
+//! by service name looks the service up and races connects to its peers,
+//! staggered as happy eyeballs does (RFC 8305): those that answered before
+//! first, then the others in random order with IPs taking turns, those that
+//! failed recently last ([`super::health`]); a dead entry costs
+//! [`ATTEMPT_DELAY`], not a timeout. All within the request's deadline.
 //!
 //! With an introducer (see [`crate::nat`]), every new connection
 //! starts with an introduction: a peer behind a NAT is punched open from both
@@ -19,22 +21,33 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rand::seq::SliceRandom;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
 use super::codec::{self, Reply};
 use super::connection::{MessageReader, ReadCount, ReadError};
-use super::health::PeerHealth;
+use super::health::{interleave_by_ip, PeerHealth};
 use super::pending::Pending;
 use super::RpcError;
 use crate::discovery::Discovery;
 use crate::nat::{IntroResult, IntroductionHandle, IntroductionStats, NatKind};
 use crate::transport::{ConnectError, Endpoint};
 
-/// When several peers serve a service, give each this long to accept a
-/// connection before trying the next.
+/// When several peers serve a service, how long one connect attempt may
+/// take (the last candidate's may take all the time left).
 const CONNECT_BUDGET_PER_PEER: Duration = Duration::from_millis(1500);
+/// When several peers serve a service, how long after one connect attempt
+/// the next starts if the first has not connected yet: RFC 8305's
+/// recommended minimum "Connection Attempt Delay" (§5). A round trip on a
+/// LAN, or an introduction and punch between two NATs in one region, fits;
+/// a slower peer still wins if it connects first.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(100);
+/// Most connect attempts of one request running at once: what a directory
+/// full of dead entries can make one request send (a SYN each, re-sent on
+/// uTP's schedule).
+const MAX_ATTEMPTS_AT_ONCE: usize = 8;
 /// How long a lookup may take out of a request's deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -45,6 +58,9 @@ const USE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Wakes a request: `Some(reply)`, or `None` when its deadline passed.
 type Waiter = oneshot::Sender<Option<Reply>>;
+/// A connection just opened or found open, with when the introducer
+/// answered if this call opened it through an introduction.
+type Opened = (Arc<Connection>, Option<Instant>);
 /// The connection to one peer, if open; locked while connecting.
 type PeerSlot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
 
@@ -156,8 +172,14 @@ impl RpcClient {
         self
     }
 
-    /// Looks `service` up and sends `payload` to one healthy peer at random,
-    /// trying others if a peer cannot be reached.
+    /// Looks `service` up and sends `payload` to the first of its peers to
+    /// accept a connection (see [`Self::connect_any`] for the order and the
+    /// race).
+    ///
+    /// Errors: [`RpcError::NoPeers`] when the lookup fails or finds nobody;
+    /// the last connect error (or a timeout) when no peer accepts before the
+    /// deadline; the request's own error once it was sent (it is never sent
+    /// to a second peer: it may have reached the first).
     pub async fn request(
         &self,
         service: &str,
@@ -176,42 +198,97 @@ impl RpcClient {
         if peers.is_empty() {
             return Err(RpcError::NoPeers(discovery.nobody_announces(service)));
         }
-        // Spread load over the healthy peers; those that failed recently go
-        // last but are still tried (a glitch is not an outage).
+        // Spread load at random, let no one IP take every early slot, then
+        // put the peers that answered recently first and those that failed
+        // recently last (still tried: a glitch is not an outage).
         peers.shuffle(&mut rand::rng());
+        interleave_by_ip(&mut peers);
         self.health.order(&mut peers);
+        let (peer, opened) = self.connect_any(service, &peers, deadline).await?;
+        match self
+            .send(peer, service, payload, deadline, deadline, Some(opened))
+            .await
+        {
+            Err(SendError::Unreachable(e) | SendError::Lost(e) | SendError::Silent(e)) => {
+                self.health.failed(peer);
+                Err(e)
+            }
+            Ok(reply) => {
+                self.health.answered(peer);
+                reply_result(reply)
+            }
+        }
+    }
+
+    /// Connects to one of `peers`, trying them in the given order as happy
+    /// eyeballs does (RFC 8305 §5): the first attempt starts at once, each
+    /// next one [`ATTEMPT_DELAY`] later or as soon as every running attempt
+    /// failed, at most [`MAX_ATTEMPTS_AT_ONCE`] run at once, and the first
+    /// connection to open wins (the others are dropped). A dead or planted
+    /// entry therefore costs [`ATTEMPT_DELAY`], not a connect timeout.
+    /// An attempt may take [`CONNECT_BUDGET_PER_PEER`]; the last candidate
+    /// all the time left. Failed attempts mark their peer failed.
+    ///
+    /// Returns the winner and its connection; the last connect error, or a
+    /// timeout when attempts were still running at `deadline`.
+    async fn connect_any(
+        &self,
+        service: &str,
+        peers: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<(SocketAddr, Opened), RpcError> {
+        let mut attempts = futures::stream::FuturesUnordered::new();
+        let mut untried = peers.iter().copied().enumerate().peekable();
+        let mut next_start = Instant::now();
         let mut last_error = None;
-        for (i, peer) in peers.iter().enumerate() {
+        loop {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            // The last candidate may use all the time left.
-            let connect_by = if i + 1 == peers.len() {
-                deadline
-            } else {
-                deadline.min(now + CONNECT_BUDGET_PER_PEER)
-            };
-            match self
-                .send(*peer, service, payload, connect_by, deadline)
-                .await
+            while attempts.len() < MAX_ATTEMPTS_AT_ONCE
+                && (attempts.is_empty() || now >= next_start)
             {
-                Err(SendError::Unreachable(e)) => {
-                    self.health.failed(*peer);
-                    last_error = Some(e);
+                let Some((i, peer)) = untried.next() else {
+                    break;
+                };
+                let connect_by = if i + 1 == peers.len() {
+                    deadline
+                } else {
+                    deadline.min(now + CONNECT_BUDGET_PER_PEER)
+                };
+                attempts.push(async move { (peer, self.connection(peer, connect_by).await) });
+                next_start = now + ATTEMPT_DELAY;
+            }
+            if attempts.is_empty() {
+                break;
+            }
+            let more = untried.peek().is_some() && attempts.len() < MAX_ATTEMPTS_AT_ONCE;
+            let next_attempt = async {
+                match more {
+                    true => tokio::time::sleep_until(next_start.into()).await,
+                    false => std::future::pending().await,
                 }
-                Err(SendError::Lost(e) | SendError::Silent(e)) => {
-                    self.health.failed(*peer);
-                    return Err(e);
-                }
-                Ok(reply) => {
-                    self.health.answered(*peer);
-                    return reply_result(reply);
-                }
+            };
+            tokio::select! {
+                Some((peer, result)) = attempts.next() => match result {
+                    Ok(opened) => return Ok((peer, opened)),
+                    Err(e) => {
+                        self.health.failed(peer);
+                        last_error = Some(connect_error(e));
+                        // Every running attempt failed: start the next now.
+                        next_start = Instant::now();
+                    }
+                },
+                _ = next_attempt => {}
+                _ = tokio::time::sleep_until(deadline.into()) => break,
             }
         }
         Err(last_error.unwrap_or_else(|| {
-            RpcError::Timeout(format!("no reply for {service} within {timeout:?}"))
+            RpcError::Timeout(format!(
+                "no peer of {service} accepted a connection in time ({} tried)",
+                peers.len() - untried.count()
+            ))
         }))
     }
 
@@ -224,14 +301,18 @@ impl RpcClient {
         timeout: Duration,
     ) -> Result<String, RpcError> {
         let deadline = Instant::now() + timeout;
-        match self.send(peer, key, payload, deadline, deadline).await {
+        match self
+            .send(peer, key, payload, deadline, deadline, None)
+            .await
+        {
             Ok(reply) => reply_result(reply),
             Err(SendError::Unreachable(e) | SendError::Lost(e) | SendError::Silent(e)) => Err(e),
         }
     }
 
-    /// Sends one request to `peer`; once more over a new introduction if
-    /// the introduced path went silent before anything came back.
+    /// Sends one request to `peer`, on `opened` if given; once more over a
+    /// new introduction if the introduced path went silent before anything
+    /// came back.
     async fn send(
         &self,
         peer: SocketAddr,
@@ -239,11 +320,16 @@ impl RpcClient {
         payload: &str,
         connect_by: Instant,
         deadline: Instant,
+        opened: Option<Opened>,
     ) -> Result<Reply, SendError> {
-        match self
-            .send_once(peer, key, payload, connect_by, deadline)
-            .await
-        {
+        let first = match opened {
+            Some(opened) => self.send_on(peer, opened, key, payload, deadline).await,
+            None => {
+                self.send_once(peer, key, payload, connect_by, deadline)
+                    .await
+            }
+        };
+        match first {
             Err(SendError::Silent(e)) if Instant::now() < deadline => {
                 tracing::info!(%peer, "the introduced path went silent ({e}); introducing again and resending");
                 match self.send_once(peer, key, payload, deadline, deadline).await {
@@ -264,14 +350,23 @@ impl RpcClient {
         connect_by: Instant,
         deadline: Instant,
     ) -> Result<Reply, SendError> {
-        let (connection, introduced_at) = self.connection(peer, connect_by).await.map_err(|e| {
-            SendError::Unreachable(match e {
-                ConnectError::Timeout { .. } => RpcError::Timeout(e.to_string()),
-                ConnectError::Failed { .. } | ConnectError::Impossible(_) => {
-                    RpcError::Transport(e.to_string())
-                }
-            })
-        })?;
+        let opened = self
+            .connection(peer, connect_by)
+            .await
+            .map_err(|e| SendError::Unreachable(connect_error(e)))?;
+        self.send_on(peer, opened, key, payload, deadline).await
+    }
+
+    /// Sends one request on an open connection to `peer` and waits for its
+    /// reply until `deadline`.
+    async fn send_on(
+        &self,
+        peer: SocketAddr,
+        (connection, introduced_at): Opened,
+        key: &str,
+        payload: &str,
+        deadline: Instant,
+    ) -> Result<Reply, SendError> {
         if let (Some(introductions), Some(addr)) = (&self.introductions, connection.use_to_report())
         {
             introductions.used(addr);
@@ -375,7 +470,7 @@ impl RpcClient {
         &self,
         peer: SocketAddr,
         connect_by: Instant,
-    ) -> Result<(Arc<Connection>, Option<Instant>), ConnectError> {
+    ) -> Result<Opened, ConnectError> {
         let slot = self
             .connections
             .lock()
@@ -467,6 +562,16 @@ enum SendError {
     /// The introduced path died and nothing came back after the request was
     /// sent: the NATs forgot the path, so it is sent once more.
     Silent(RpcError),
+}
+
+/// The request error for a connection that could not be opened.
+fn connect_error(e: ConnectError) -> RpcError {
+    match e {
+        ConnectError::Timeout { .. } => RpcError::Timeout(e.to_string()),
+        ConnectError::Failed { .. } | ConnectError::Impossible(_) => {
+            RpcError::Transport(e.to_string())
+        }
+    }
 }
 
 fn reply_result(reply: Reply) -> Result<String, RpcError> {

@@ -1,56 +1,115 @@
-//! The client's memory of which peers failed: candidates that failed recently
-//! are tried last, never dropped, so a glitch towards the only peer of a
-//! service costs one retry instead of an outage.
+//! The client's memory of how peers did: the order in which a request tries
+//! the peers a lookup returned.
+//!
+//! Three classes, in this order: peers that answered recently (the best
+//! bet, and an open connection to them costs nothing), peers never tried,
+//! and peers that failed recently. A failed peer is tried last, never
+//! dropped, so a glitch towards the only peer of a service costs one retry
+//! instead of an outage. Within a class the given order is kept: the caller
+//! shuffles first to spread load, and [`interleave_by_ip`] keeps one
+//! address from taking every early slot.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a failure pushes a peer to the back of the line.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(30);
-/// Most failed peers remembered; the oldest failure is forgotten first.
+/// How long an answer puts a peer at the front of the line: a few
+/// re-announce intervals ([`crate::discovery::REANNOUNCE_INTERVAL`]).
+pub const ANSWER_MEMORY: Duration = Duration::from_secs(300);
+/// Most peers remembered; the oldest memory is forgotten first.
 const MAX_REMEMBERED: usize = 4096;
 
-/// Peers that failed recently, with when they failed.
+/// What was last seen of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Answered,
+    Failed,
+}
+
+/// Peers that answered or failed recently, with when.
 #[derive(Debug, Default)]
 pub struct PeerHealth {
-    failed: Mutex<HashMap<SocketAddr, Instant>>,
+    seen: Mutex<HashMap<SocketAddr, (Seen, Instant)>>,
 }
 
 impl PeerHealth {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Instant>> {
-        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, (Seen, Instant)>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, peer: SocketAddr, seen: Seen) {
+        let mut memory = self.lock();
+        if memory.len() >= MAX_REMEMBERED && !memory.contains_key(&peer) {
+            memory.retain(|_, (seen, at)| at.elapsed() < memory_of(*seen));
+            crate::discovery::evict_oldest(&mut memory, MAX_REMEMBERED, |(_, at)| *at);
+        }
+        memory.insert(peer, (seen, Instant::now()));
     }
 
     /// Remembers that `peer` failed (for [`FAILURE_MEMORY`]).
     pub fn failed(&self, peer: SocketAddr) {
         tracing::debug!(%peer, "peer failed; trying it last for {FAILURE_MEMORY:?}");
-        let mut failed = self.lock();
-        if failed.len() >= MAX_REMEMBERED && !failed.contains_key(&peer) {
-            failed.retain(|_, at| at.elapsed() < FAILURE_MEMORY);
-            crate::discovery::evict_oldest(&mut failed, MAX_REMEMBERED, |at| *at);
-        }
-        failed.insert(peer, Instant::now());
+        self.remember(peer, Seen::Failed);
     }
 
-    /// Forgets a failure: the peer answered.
+    /// Remembers that `peer` answered (for [`ANSWER_MEMORY`]); forgets a
+    /// failure.
     pub fn answered(&self, peer: SocketAddr) {
-        self.lock().remove(&peer);
+        self.remember(peer, Seen::Answered);
     }
 
-    /// Reorders `peers` in place: those without a recent failure first (in
-    /// their given order), then the failed ones, least recently failed first.
+    /// Reorders `peers` in place, keeping the given order within a class:
+    /// those that answered recently, then those not seen recently, then those
+    /// that failed recently, least recently failed first.
     pub fn order(&self, peers: &mut [SocketAddr]) {
-        let failed = self.lock();
-        let failed_at = |p: &SocketAddr| {
-            failed
-                .get(p)
-                .filter(|at| at.elapsed() < FAILURE_MEMORY)
-                .copied()
+        let memory = self.lock();
+        let class = |p: &SocketAddr| match memory.get(p) {
+            Some((seen, at)) if at.elapsed() < memory_of(*seen) => match seen {
+                Seen::Answered => (0, None),
+                Seen::Failed => (2, Some(*at)),
+            },
+            _ => (1, None),
         };
-        // `None` (healthy) sorts before any `Some(instant)`; the sort is stable.
-        peers.sort_by_key(failed_at);
+        // The sort is stable.
+        peers.sort_by_key(class);
+    }
+}
+
+fn memory_of(seen: Seen) -> Duration {
+    match seen {
+        Seen::Answered => ANSWER_MEMORY,
+        Seen::Failed => FAILURE_MEMORY,
+    }
+}
+
+/// Reorders `peers` so that the IP addresses take turns: the first peer of
+/// each IP (in order of first appearance), then the second of each, and so
+/// on; within one IP the given order is kept.
+///
+/// One machine that announces hundreds of addresses (a host that restarted
+/// on many ports, or someone planting dead entries) then takes at most
+/// every other early slot, and a live host on another machine is among the
+/// first tries. Our DHT nodes answer in this order already; doing it here
+/// too covers other directories (Grapes, mainline nodes).
+pub fn interleave_by_ip(peers: &mut Vec<SocketAddr>) {
+    let mut by_ip: Vec<(IpAddr, std::collections::VecDeque<SocketAddr>)> = Vec::new();
+    for peer in peers.drain(..) {
+        match by_ip.iter_mut().find(|(ip, _)| *ip == peer.ip()) {
+            Some((_, queue)) => queue.push_back(peer),
+            None => by_ip.push((peer.ip(), [peer].into())),
+        }
+    }
+    while !by_ip.is_empty() {
+        by_ip.retain_mut(|(_, queue)| match queue.pop_front() {
+            Some(peer) => {
+                peers.push(peer);
+                true
+            }
+            None => false,
+        });
     }
 }
 
@@ -63,7 +122,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_peers_go_last_and_are_never_dropped() {
+    fn answered_peers_go_first_failed_ones_last_and_none_is_dropped() {
         let health = PeerHealth::default();
         health.failed(addr(1));
         health.failed(addr(3));
@@ -72,7 +131,11 @@ mod tests {
         assert_eq!(peers, vec![addr(2), addr(4), addr(1), addr(3)]);
         health.answered(addr(1));
         health.order(&mut peers);
-        assert_eq!(peers, vec![addr(2), addr(4), addr(1), addr(3)]);
+        assert_eq!(peers, vec![addr(1), addr(2), addr(4), addr(3)]);
+        health.answered(addr(4));
+        let mut peers = vec![addr(3), addr(2), addr(4), addr(1)];
+        health.order(&mut peers);
+        assert_eq!(peers, vec![addr(4), addr(1), addr(2), addr(3)]);
         let mut only = vec![addr(3)];
         health.order(&mut only);
         assert_eq!(only, vec![addr(3)], "the only peer is still tried");
@@ -85,5 +148,33 @@ mod tests {
             health.failed(addr(port));
         }
         assert!(health.lock().len() <= MAX_REMEMBERED);
+    }
+
+    #[test]
+    fn addresses_take_turns() {
+        let on = |ip: u8, port: u16| SocketAddr::from(([127, 0, 0, ip], port));
+        let mut peers = vec![
+            on(66, 1),
+            on(66, 2),
+            on(66, 3),
+            on(1, 9),
+            on(2, 7),
+            on(1, 8),
+        ];
+        interleave_by_ip(&mut peers);
+        assert_eq!(
+            peers,
+            vec![
+                on(66, 1),
+                on(1, 9),
+                on(2, 7),
+                on(66, 2),
+                on(1, 8),
+                on(66, 3)
+            ]
+        );
+        let mut none: Vec<SocketAddr> = vec![];
+        interleave_by_ip(&mut none);
+        assert!(none.is_empty());
     }
 }
