@@ -403,3 +403,117 @@ fn rollback_walks_back_through_the_history_and_a_refused_swap_changes_nothing() 
         r.stderr
     );
 }
+
+#[test]
+fn the_control_socket_refuses_unsafe_places_and_bad_files_and_names_its_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    // A directory everyone can write, like /tmp: another user could listen
+    // there first. Refused with an error, for --control and by default.
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let plugin = test_plugin("version-1");
+    let base = [
+        "run",
+        plugin.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--bootstrap",
+        &bootstrap,
+    ];
+    let in_open_dir = open_dir.join("c.sock");
+    let mut explicit = base.to_vec();
+    explicit.extend(["--control", in_open_dir.to_str().unwrap()]);
+    let r = shown(host(&explicit));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("writable by other users"), "{}", r.stderr);
+    let by_default = std::process::Command::new(common::host_bin())
+        .args(base)
+        .env("XDG_RUNTIME_DIR", &open_dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let r = shown(by_default);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--control"), "{}", r.stderr);
+    // Something that is not a socket is never deleted to make room.
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, "keep me").unwrap();
+    let mut on_file = base.to_vec();
+    on_file.extend(["--control", precious.to_str().unwrap()]);
+    let r = shown(host(&on_file));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("not a socket"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+
+    // `status` names the host that answers.
+    let (versioned, sock) = versioned_host(dir.path(), &bootstrap, &[]);
+    let r = control(&["status"], &sock);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let status: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(status["host"]["pid"], versioned.pid(), "{status}");
+    assert!(status["host"]["rpc"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+
+    // A swap names a regular file of bounded size; anything else is refused
+    // at once, and the host goes on serving.
+    let fifo = dir.path().join("fifo.wasm");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for file in [fifo.as_path(), Path::new("/dev/zero")] {
+        let started = Instant::now();
+        let r = control(&["swap", "versioned", file.to_str().unwrap()], &sock);
+        assert_eq!(r.code, 1, "{file:?}: {}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+        assert!(
+            started.elapsed() < SOON,
+            "{file:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(version(&bootstrap), r#"{"version":1}"#);
+}
+
+#[test]
+fn the_tools_refuse_a_control_socket_served_by_another_user() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: serving a socket as another user needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("impostor.sock");
+    // Someone else's listener (uid 65534, nobody) on the path the operator
+    // names: it would answer every request "ok".
+    let script = format!(
+        "import os, socket\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.bind({path:?})\n\
+         os.chmod({path:?}, 0o777)\n\
+         os.setuid(65534)\n\
+         s.listen()\n\
+         print('listening', flush=True)\n\
+         while True:\n\
+         \x20   c, _ = s.accept()\n\
+         \x20   c.recv(65536)\n\
+         \x20   c.sendall(b'{{\"ok\":true,\"message\":\"swapped\"}}\\n')\n\
+         \x20   c.close()\n",
+        path = sock.to_str().unwrap()
+    );
+    let mut command = std::process::Command::new("python3");
+    command.args(["-c", &script]);
+    let impostor = HostProcess::spawn_command("impostor", command);
+    impostor.wait_for("listening", SOON);
+    let plugin = test_plugin("version-2");
+    let r = control(&["swap", "versioned", plugin.to_str().unwrap()], &sock);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("served by uid 65534"), "{}", r.stderr);
+    assert!(!r.stdout.contains("swapped"), "{}", r.stdout);
+}

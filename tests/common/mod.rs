@@ -230,6 +230,11 @@ impl HostProcess {
         let _ = self.child.wait();
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends the process a signal by name (e.g. `STOP`, `CONT`).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")

@@ -11,7 +11,11 @@ use crate::plugin::signing;
 
 /// `grenache-host swap | rollback | status`: one request on the control socket.
 pub async fn control(socket: Option<PathBuf>, request: ControlRequest) -> ExitCode {
-    let path = socket.unwrap_or_else(control::default_path);
+    let Some(path) = socket.or_else(control::default_path) else {
+        return usage_error(
+            "no default control socket: no $XDG_RUNTIME_DIR or $HOME; pass --control <path> as given to `run`",
+        );
+    };
     let reply = match control::request(&path, &request).await {
         Ok(reply) => reply,
         Err(e) => return usage_error(e),

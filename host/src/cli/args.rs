@@ -143,8 +143,9 @@ pub enum Command {
         #[arg(long)]
         watch: bool,
         /// Control socket for `swap`, `rollback` and `status` (owner-only);
-        /// `off` for none. Default: $XDG_RUNTIME_DIR/grenache-host.sock or
-        /// /tmp/grenache-host-UID.sock.
+        /// `off` for none. Default: $XDG_RUNTIME_DIR/grenache-host.sock, for
+        /// root /run/grenache-host.sock, else control.sock in the state
+        /// directory. Refused in a directory others can write (like /tmp).
         #[arg(long, value_name = "PATH")]
         control: Option<String>,
         /// Serve Prometheus metrics on GET http://IP:PORT/metrics (requests,

@@ -187,7 +187,7 @@ async fn dispatch(command: Command) -> ExitCode {
                     Some(path) => run::ControlSocket::At(path.into()),
                 },
                 metrics,
-                state_dir: state_dir.or_else(run::default_state_dir),
+                state_dir: state_dir.or_else(crate::node::default_state_dir),
                 max_instances,
             };
             run::run(config, options).await

@@ -13,6 +13,7 @@ use super::output::{print_line, usage_error};
 use crate::discovery::dht::{DhtConfig, DhtDiscovery};
 use crate::discovery::DiscoveryConfig;
 use crate::nat::IntroducerAddr;
+use crate::node::control::BindError;
 use crate::node::{Node, NodeConfig};
 use crate::plugin::policy::Limits;
 use crate::plugin::signing::TrustedKey;
@@ -68,27 +69,11 @@ pub struct RunOptions {
     pub max_instances: u32,
 }
 
-/// Where `run` keeps plugin state without --state-dir: the first directory
-/// of `$STATE_DIRECTORY` (systemd sets it for a unit with `StateDirectory=`),
-/// else `$XDG_STATE_HOME/grenache-host`, else `$HOME/.local/state/grenache-host`
-/// (the XDG base directory specification's default); `None` without any.
-pub fn default_state_dir() -> Option<PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dirs) = var("STATE_DIRECTORY") {
-        // systemd lists several directories separated by colons.
-        let first = dirs.to_string_lossy().split(':').next()?.to_string();
-        return Some(PathBuf::from(first));
-    }
-    if let Some(state_home) = var("XDG_STATE_HOME") {
-        return Some(PathBuf::from(state_home).join("grenache-host"));
-    }
-    var("HOME").map(|home| PathBuf::from(home).join(".local/state/grenache-host"))
-}
-
 /// Where `run` serves its control socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlSocket {
-    /// [`crate::node::control::default_path`]; a failure to bind is a warning.
+    /// [`crate::node::control::default_path`]; a failure to bind is a
+    /// warning, except an unsafe path ([`BindError::Unsafe`]).
     Default,
     /// This path; a failure to bind stops the host.
     At(PathBuf),
@@ -156,13 +141,22 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     let control_path = match control {
         ControlSocket::Off => None,
         ControlSocket::At(path) => Some((path, true)),
-        ControlSocket::Default => Some((crate::node::control::default_path(), false)),
+        ControlSocket::Default => match crate::node::control::default_path() {
+            Some(path) => Some((path, false)),
+            None => {
+                tracing::warn!("no control socket: no $XDG_RUNTIME_DIR or $HOME to put it in; pass --control <path>");
+                None
+            }
+        },
     };
     if let Some((path, explicit)) = control_path {
         match node.serve_control(&path) {
             Ok(()) => tracing::info!("control socket {}", path.display()),
-            Err(e) if explicit => return usage_error(format!("{e:#}")),
-            Err(e) => tracing::warn!("no control socket: {e:#}"),
+            // An unsafe path is an error even by default: the operator's
+            // swaps could go to another user's socket.
+            Err(e @ BindError::Unsafe(_)) => return usage_error(e.to_string()),
+            Err(e) if explicit => return usage_error(e.to_string()),
+            Err(e) => tracing::warn!("no control socket: {e}"),
         }
     }
     if let Some(addr) = metrics {

@@ -21,17 +21,38 @@ use crate::plugin::set::PluginSet;
 /// Largest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
 
-/// The default socket path: per user, so two operators do not collide.
-pub fn default_path() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => PathBuf::from(dir).join("grenache-host.sock"),
-        None => {
-            let uid = std::fs::metadata("/proc/self")
-                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-                .unwrap_or(0);
-            PathBuf::from(format!("/tmp/grenache-host-{uid}.sock"))
-        }
+/// The default socket path, per user and never in a directory others can
+/// write (where another user could listen first and take the operator's
+/// swaps): `$XDG_RUNTIME_DIR/grenache-host.sock` (the login session's
+/// runtime directory, mode 0700), else for root `/run/grenache-host.sock`,
+/// else `control.sock` in the state directory ([`super::default_state_dir`]);
+/// `None` when there is none of them (no `$HOME`).
+pub fn default_path() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("XDG_RUNTIME_DIR") {
+        return Some(PathBuf::from(dir).join("grenache-host.sock"));
     }
+    if effective_uid() == 0 {
+        return Some(PathBuf::from("/run/grenache-host.sock"));
+    }
+    super::default_state_dir().map(|dir| dir.join("control.sock"))
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Why the control socket cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The path is unsafe: another user could serve it or could have put
+    /// something there. Always fatal, even for the default path.
+    #[error("{0}")]
+    Unsafe(String),
+    /// Another host listens there, or the socket cannot be created.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A request on the control channel.
@@ -96,30 +117,91 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds the socket (replacing a stale one left by a host that died) with
-/// owner-only permissions. Fails if a live host already listens there.
-pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
-    if path.exists() {
+/// Binds the socket with owner-only permissions, replacing a stale socket
+/// left by a host of ours that died. Creates the default state directory
+/// (mode 0700) if the path is in it and it is missing.
+///
+/// Errors: [`BindError::Unsafe`] when the directory is writable by group or
+/// others or owned by another user (not root), or the path exists and is
+/// not a socket or belongs to another user; [`BindError::Unavailable`] when
+/// a live host already listens there or the socket cannot be created.
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+    let me = effective_uid();
+    let unsafe_path = |why: String| {
+        BindError::Unsafe(format!(
+            "refusing the control socket {}: {why}; pass --control <path> in a directory only you can write, or --control off",
+            path.display()
+        ))
+    };
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    if !dir.exists() && super::default_state_dir().is_some_and(|d| d == dir) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| BindError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let dir_meta = std::fs::metadata(&dir)
+        .map_err(|e| BindError::Unavailable(format!("cannot use {}: {e}", dir.display())))?;
+    if dir_meta.uid() != me && dir_meta.uid() != 0 {
+        return Err(unsafe_path(format!(
+            "its directory {} belongs to uid {}, not to you",
+            dir.display(),
+            dir_meta.uid()
+        )));
+    }
+    if dir_meta.mode() & 0o022 != 0 {
+        return Err(unsafe_path(format!(
+            "its directory {} is writable by other users (mode {:o}), who could listen there first",
+            dir.display(),
+            dir_meta.mode() & 0o7777
+        )));
+    }
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        if !existing.file_type().is_socket() {
+            return Err(unsafe_path("it exists and is not a socket".into()));
+        }
+        if existing.uid() != me {
+            return Err(unsafe_path(format!(
+                "it belongs to uid {}, not to you",
+                existing.uid()
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
+            return Err(BindError::Unavailable(format!(
                 "another host already listens on the control socket {}; pass --control <path> to use another",
                 path.display()
-            );
+            )));
         }
-        std::fs::remove_file(path)?;
+        std::fs::remove_file(path).map_err(|e| {
+            BindError::Unavailable(format!("cannot replace {}: {e}", path.display()))
+        })?;
     }
     // With the usual umask others cannot write (so cannot connect) even
     // before the chmod below; the chmod makes it owner-only whatever the umask.
-    let listener = UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("cannot create the control socket {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(|e| {
+        BindError::Unavailable(format!(
+            "cannot create the control socket {}: {e}",
+            path.display()
+        ))
+    })?;
     let file = SocketFile(path.to_path_buf());
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| BindError::Unavailable(format!("cannot restrict {}: {e}", path.display())))?;
     Ok((listener, file))
 }
 
 /// Serves the control channel until dropped; dropping it ends every
 /// connection it accepted.
-pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>) {
+///
+/// `host` (a JSON object: pid, RPC address, discovery) heads every
+/// `status` reply, so an operator sees which host answered.
+pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>, host: serde_json::Value) {
+    let host = Arc::new(host);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -132,26 +214,34 @@ pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>) {
                 continue;
             }
         };
-        let plugins = plugins.clone();
+        let (plugins, host) = (plugins.clone(), host.clone());
         connections.spawn(async move {
-            if let Err(e) = serve_one(stream, &plugins).await {
+            if let Err(e) = serve_one(stream, &plugins, &host).await {
                 tracing::debug!("control connection: {e}");
             }
         });
     }
 }
 
-async fn serve_one(stream: UnixStream, plugins: &PluginSet) -> std::io::Result<()> {
+async fn serve_one(
+    stream: UnixStream,
+    plugins: &PluginSet,
+    host: &serde_json::Value,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64)).lines();
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<ControlRequest>(&line) {
             Err(e) => ControlReply::result(Err(format!("not a control request ({e})"))),
-            Ok(ControlRequest::Status) => ControlReply {
-                ok: true,
-                status: Some(plugins.status()),
-                ..Default::default()
-            },
+            Ok(ControlRequest::Status) => {
+                let mut status = plugins.status();
+                status["host"] = host.clone();
+                ControlReply {
+                    ok: true,
+                    status: Some(status),
+                    ..Default::default()
+                }
+            }
             Ok(ControlRequest::Swap { target, file }) => {
                 ControlReply::result(plugins.swap_and_log(&target, &file).await)
             }
@@ -166,11 +256,30 @@ async fn serve_one(stream: UnixStream, plugins: &PluginSet) -> std::io::Result<(
     Ok(())
 }
 
+/// Largest reply line read from a host (a `status` of many plugins fits).
+const MAX_REPLY: u64 = 4 << 20;
+
 /// Sends one request to the host listening on `path` and returns its reply.
+///
+/// Errors: nobody listens there; the socket is served by another user than
+/// this one or root (checked with the socket's peer credentials, so a
+/// socket someone else put there first is never told a swap); the reply is
+/// missing, over [`MAX_REPLY`] bytes or not JSON.
 pub async fn request(path: &Path, request: &ControlRequest) -> Result<ControlReply, String> {
     let stream = UnixStream::connect(path).await.map_err(|e| {
         format!("no host answers on the control socket {} ({e}); is `grenache-host run` running, with this --control path?", path.display())
     })?;
+    let server = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot tell who serves {}: {e}", path.display()))?
+        .uid();
+    let me = effective_uid();
+    if server != me && server != 0 {
+        return Err(format!(
+            "the control socket {} is served by uid {server}, not by you (uid {me}) or root: refusing to talk to it; another user may have put it there",
+            path.display()
+        ));
+    }
     let (read, mut write) = stream.into_split();
     let mut text = serde_json::to_string(request).expect("requests serialise");
     text.push('\n');
@@ -178,11 +287,13 @@ pub async fn request(path: &Path, request: &ControlRequest) -> Result<ControlRep
         .write_all(text.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    let line = BufReader::new(read)
+    let line = BufReader::new(read.take(MAX_REPLY))
         .lines()
         .next_line()
         .await
         .map_err(|e| e.to_string())?
-        .ok_or("the host closed the control connection without answering")?;
+        .ok_or(
+            "the host closed the control connection without answering (or its reply was too long)",
+        )?;
     serde_json::from_str(&line).map_err(|e| format!("unreadable reply from the host: {e}"))
 }

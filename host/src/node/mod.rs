@@ -316,10 +316,17 @@ impl Node {
 
     /// Serves `swap`, `rollback` and `status` on a Unix socket at `path`
     /// (owner-only); the file is removed when the node stops.
-    pub fn serve_control(&mut self, path: &Path) -> anyhow::Result<()> {
+    ///
+    /// Errors: see [`control::bind`].
+    pub fn serve_control(&mut self, path: &Path) -> Result<(), control::BindError> {
         let (listener, file) = control::bind(path)?;
+        let host = serde_json::json!({
+            "pid": std::process::id(),
+            "rpc": self.endpoint.local_addr().to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
         self.tasks
-            .spawn(control::serve(listener, self.plugins.clone()));
+            .spawn(control::serve(listener, self.plugins.clone(), host));
         self.control_file = Some(file);
         Ok(())
     }
@@ -411,6 +418,23 @@ impl Node {
             load(&self.endpoint.stats.garbage_datagrams),
         )
     }
+}
+
+/// Where `run` keeps plugin state without --state-dir: the first directory
+/// of `$STATE_DIRECTORY` (systemd sets it for a unit with `StateDirectory=`),
+/// else `$XDG_STATE_HOME/grenache-host`, else `$HOME/.local/state/grenache-host`
+/// (the XDG base directory specification's default); `None` without any.
+pub fn default_state_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dirs) = var("STATE_DIRECTORY") {
+        // systemd lists several directories separated by colons.
+        let first = dirs.to_string_lossy().split(':').next()?.to_string();
+        return Some(PathBuf::from(first));
+    }
+    if let Some(state_home) = var("XDG_STATE_HOME") {
+        return Some(PathBuf::from(state_home).join("grenache-host"));
+    }
+    var("HOME").map(|home| PathBuf::from(home).join(".local/state/grenache-host"))
 }
 
 /// Announces every service now, again every [`REANNOUNCE_INTERVAL`], and at

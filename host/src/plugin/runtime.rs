@@ -386,7 +386,7 @@ impl Runtime {
                 ),
             });
         }
-        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        let bytes = read_plugin_file(path).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => LoadError::NotFound {
                 path: path_buf.clone(),
                 bundled: in_repository_plugins(path),
@@ -631,8 +631,9 @@ impl Runtime {
     pub async fn precompile(&self, path: &Path, target: Option<&str>) -> Result<Vec<u8>, String> {
         compiler::available(path.to_path_buf())
             .map_err(|e| format!("cannot compile {}: {e}", path.display()))?;
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes = read_plugin_file(path)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         if Engine::detect_precompiled(&bytes).is_some() {
             return Err(format!(
                 "{} is already precompiled; compile the .wasm component it was made from",
@@ -1127,6 +1128,59 @@ impl LoadedPlugin {
             .await?
             .map_err(CallError::Handler)
     }
+}
+
+/// Largest plugin file read (a `.wasm` component or a precompiled
+/// `.cwasm`): our plugins are 0.1–3 MiB, their `.cwasm` up to ~10 MiB;
+/// the cap keeps a wrong path (`/dev/zero`, a disk image) from filling
+/// memory.
+pub const MAX_PLUGIN_FILE: u64 = 256 << 20;
+
+/// Reads a plugin file off the async workers: only a regular file of at
+/// most [`MAX_PLUGIN_FILE`] bytes. Opened non-blocking, so a FIFO is
+/// refused instead of waiting for a writer.
+///
+/// Errors: the open's (`NotFound`, …); `IsADirectory` for a directory;
+/// `InvalidInput` for anything else that is not a regular file, or a file
+/// over the cap.
+pub async fn read_plugin_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let path = path.to_path_buf();
+    let read = move || -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)?;
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            return Err(std::io::ErrorKind::IsADirectory.into());
+        }
+        let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+        if !meta.is_file() {
+            return Err(invalid(
+                "not a regular file (a plugin is a .wasm or .cwasm file)".into(),
+            ));
+        }
+        let too_big = || {
+            invalid(format!(
+                "over the {} MiB plugin file limit",
+                MAX_PLUGIN_FILE >> 20
+            ))
+        };
+        if meta.len() > MAX_PLUGIN_FILE {
+            return Err(too_big());
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_PLUGIN_FILE + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > MAX_PLUGIN_FILE {
+            return Err(too_big());
+        }
+        Ok(bytes)
+    };
+    tokio::task::spawn_blocking(read)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 #[cfg(test)]
