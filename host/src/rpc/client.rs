@@ -280,8 +280,9 @@ impl RpcClient {
                         next_start = Instant::now();
                     }
                 },
+                // Every attempt ends by the deadline with its own error,
+                // which names the peer: no separate deadline branch.
                 _ = next_attempt => {}
-                _ = tokio::time::sleep_until(deadline.into()) => break,
             }
         }
         Err(last_error.unwrap_or_else(|| {
