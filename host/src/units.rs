@@ -116,3 +116,68 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 }
+
+/// A token bucket: at most `burst` events at once, refilled at `rate` per
+/// second; a state machine over the time it is given. Shared by the
+/// introducer's and the plugins' rate limits.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    tokens: f64,
+    refilled: std::time::Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn new(now: std::time::Instant, rate: u32, burst: u32) -> Self {
+        TokenBucket {
+            tokens: f64::from(burst),
+            refilled: now,
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+        }
+    }
+
+    fn refill(&mut self, now: std::time::Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.refilled = now;
+    }
+
+    /// Whether a token is there at `now` (without taking it).
+    pub fn has(&mut self, now: std::time::Instant) -> bool {
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+
+    /// Takes a token at `now`; `false` (and nothing taken) when empty.
+    pub fn take(&mut self, now: std::time::Instant) -> bool {
+        if !self.has(now) {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// When the bucket was last used.
+    pub fn last_used(&self) -> std::time::Instant {
+        self.refilled
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes hex (either case); `None` for odd lengths or other characters.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}

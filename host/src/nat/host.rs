@@ -147,11 +147,17 @@ struct Handshake {
     until: Instant,
 }
 
-/// A path opened by an introduction, kept alive while it is used.
+/// A path opened by an introduction, kept alive while it is used, once
+/// the peer has answered on it: a peer that never answers (an address a
+/// forged introduction named) gets the handshake's punches and no more.
 #[derive(Debug)]
 struct Path {
     last_used: Instant,
     next_keepalive: Instant,
+    /// Whether the peer punched back or a request used the path.
+    answered: bool,
+    /// When the handshake that opened it gives up.
+    handshake_until: Instant,
 }
 
 /// A host's side of introductions: its NAT probe, its registration, the
@@ -172,6 +178,13 @@ pub struct HostIntroductions {
     /// The NAT kind last reported, so a failed retry is not reported again.
     reported: Option<NatKind>,
     next_register: Instant,
+    /// The introducer's latest cookie for our address (`docs/wire.md §5.4`).
+    cookie: String,
+    /// The cookie the last registration carried, and its id.
+    registered_with: (u64, String),
+    /// This run's secret: binds our registration to us; punch requests
+    /// must carry it back.
+    key: String,
     intros: HashMap<u64, PendingIntro>,
     handshakes: HashMap<SocketAddr, Handshake>,
     paths: HashMap<SocketAddr, Path>,
@@ -202,6 +215,9 @@ impl HostIntroductions {
             retry_probe_at: None,
             reported: None,
             next_register: now,
+            cookie: String::new(),
+            registered_with: (0, String::new()),
+            key: crate::units::hex(&rand::random::<[u8; 16]>()),
             intros: HashMap::new(),
             handshakes: HashMap::new(),
             paths: HashMap::new(),
@@ -266,6 +282,7 @@ impl HostIntroductions {
     pub fn used(&mut self, now: Instant, addr: SocketAddr) {
         if let Some(path) = self.paths.get_mut(&addr) {
             path.last_used = now;
+            path.answered = true;
         }
     }
 
@@ -287,7 +304,14 @@ impl HostIntroductions {
             .min()
             .filter(|_| !self.probing());
         let handshakes = self.handshakes.values().map(|h| h.next_punch).min();
-        let paths = self.paths.values().map(|p| p.next_keepalive).min();
+        let paths = self
+            .paths
+            .values()
+            .map(|p| match p.answered {
+                true => p.next_keepalive,
+                false => p.handshake_until,
+            })
+            .min();
         [probe, register, intros, handshakes, paths]
             .into_iter()
             .flatten()
@@ -309,10 +333,14 @@ impl HostIntroductions {
     fn poll_introducer(&mut self, now: Instant, introducer: IntroducerAddr, out: &mut Vec<Action>) {
         if self.config.behind_nat && now >= self.next_register {
             self.next_register = now + REGISTER_INTERVAL;
+            let id = self.id();
+            self.registered_with = (id, self.cookie.clone());
             let message = Message::Register {
-                id: self.id(),
+                id,
                 port: self.port,
                 nat: self.nat,
+                cookie: self.cookie.clone(),
+                key: self.key.clone(),
             };
             out.push(Action::Send {
                 to: introducer.main,
@@ -331,6 +359,7 @@ impl HostIntroductions {
                         id,
                         peer: intro.peer,
                         nat: self.nat,
+                        cookie: self.cookie.clone(),
                     },
                 });
             }
@@ -355,10 +384,12 @@ impl HostIntroductions {
                 out.push(Action::Punch(peer));
             }
         }
-        self.paths
-            .retain(|_, p| now.duration_since(p.last_used) < PATH_TTL);
+        self.paths.retain(|_, p| match p.answered {
+            true => now.duration_since(p.last_used) < PATH_TTL,
+            false => now < p.handshake_until,
+        });
         for (&peer, path) in self.paths.iter_mut() {
-            if now >= path.next_keepalive {
+            if path.answered && now >= path.next_keepalive {
                 path.next_keepalive = now + self.config.keepalive;
                 out.push(Action::Punch(peer));
             }
@@ -449,8 +480,24 @@ impl HostIntroductions {
                 }
                 vec![]
             }
-            Message::Observed { id, addr } => match self.probe {
+            Message::Observed { id, cookie, .. }
+                if from == introducer.main && !cookie.is_empty() && !self.probing() =>
+            {
+                // A registration's answer, or a cookie for a registration
+                // or introduction whose own was stale: renew it and resend
+                // what it answered if that carried another cookie.
+                self.cookie = cookie;
+                if self.registered_with.0 == id && self.registered_with.1 != self.cookie {
+                    self.next_register = now;
+                }
+                if let Some(intro) = self.intros.get_mut(&id) {
+                    intro.next_send = now;
+                }
+                self.poll(now)
+            }
+            Message::Observed { id, addr, cookie } => match self.probe {
                 Probe::Main { id: probe, .. } if id == probe && from == introducer.main => {
+                    self.cookie = cookie;
                     self.probe = Probe::Grace {
                         main: addr,
                         alt_at: now + FILTER_GRACE,
@@ -500,7 +547,9 @@ impl HostIntroductions {
                 out.extend(self.poll(now));
                 out
             }
-            Message::PunchRequest { peer, nat } => {
+            // Only the introducer knows our key: anything else is forged.
+            Message::PunchRequest { key, .. } if key != self.key => vec![],
+            Message::PunchRequest { peer, nat, .. } => {
                 self.start_handshake(now, peer, nat);
                 let mut out = vec![
                     Action::Send {
@@ -536,11 +585,14 @@ impl HostIntroductions {
                 until: now + HANDSHAKE_TIME,
             },
         );
+        let answered = self.paths.get(&peer).is_some_and(|p| p.answered);
         self.paths.insert(
             peer,
             Path {
                 last_used: now,
                 next_keepalive: now + self.config.keepalive,
+                answered,
+                handshake_until: now + HANDSHAKE_TIME,
             },
         );
     }
@@ -570,6 +622,7 @@ impl HostIntroductions {
             // The peer's punch refreshed our NAT's mapping as well as an own
             // keepalive would (our answer refreshes the peer's).
             path.next_keepalive = now + self.config.keepalive;
+            path.answered = true;
         }
         out
     }

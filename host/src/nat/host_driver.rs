@@ -165,7 +165,7 @@ async fn execute(
     match action {
         Action::Send { to, message } => {
             endpoint
-                .send_introduction(to, &wire::encode(&message))
+                .send_introduction(to, &wire::encode_padded(&message, wire::HOST_DATAGRAM_MIN))
                 .await
         }
         Action::Punch(to) => endpoint.punch(to).await,

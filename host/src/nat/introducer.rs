@@ -9,6 +9,22 @@
 //! the caller. [`Introducer::on_message`] takes the time and one message and
 //! returns the datagrams to send; [`super::introducer_driver`] owns the
 //! sockets.
+//!
+//! Every source address can be spoofed, so (`docs/wire.md §5.4`):
+//! - Only a probe is answered without proof, and only when the datagram is
+//!   at least as long as the answer (hosts pad theirs to
+//!   [`super::wire::HOST_DATAGRAM_MIN`]): never a reflector.
+//! - `observed` carries a cookie, a keyed hash (HMAC-SHA-256, rotating
+//!   secret) of the address it went to. `register` and `introduce` must echo
+//!   a valid cookie for their source, which proves the sender receives
+//!   there; without one they get only a fresh cookie (if padded enough).
+//! - A registration is bound to its host's per-run `key`: another sender
+//!   (the same NAT, a carrier-grade NAT, the same machine) cannot take over
+//!   the public IP and port it claims while it is alive, and punch requests
+//!   carry the key so the host can tell them from forgeries.
+//! - Introductions are rate-limited per source IP and punch requests per
+//!   target; the registration table is bounded per IP and in all, and when
+//!   full evicts the registration that would expire first.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use super::kind::{direct_path_possible, NatKind};
 use super::wire::{Message, Outcome};
+use crate::units::TokenBucket;
 
 /// A registration not refreshed for this long is forgotten: three of a
 /// host's registration intervals ([`super::host::REGISTER_INTERVAL`]), so one
@@ -32,6 +49,43 @@ const MAX_PENDING: usize = 4_096;
 /// Expired registrations and punch requests are dropped at most this often
 /// (on the next message after it), not on every message.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Most hosts registered from one public IP (a carrier-grade NAT hides many
+/// behind one): a flood from one address cannot fill the table.
+const MAX_REGISTRATIONS_PER_IP: usize = 256;
+/// The cookie secret is replaced this often; cookies made with the previous
+/// one are still accepted, so a cookie lives 1–2 rotations. A host renews
+/// its cookie with every registration (every 4 s) and probe.
+pub const COOKIE_ROTATION: Duration = Duration::from_secs(120);
+/// Introductions one source IP may ask for per second, and at once.
+pub const INTRODUCTIONS_PER_SECOND: u32 = 20;
+/// See [`INTRODUCTIONS_PER_SECOND`].
+pub const INTRODUCTION_BURST: u32 = 40;
+/// Punch requests one registered host is sent per second, and at once.
+pub const PUNCH_REQUESTS_PER_SECOND: u32 = 20;
+/// See [`PUNCH_REQUESTS_PER_SECOND`].
+pub const PUNCH_REQUEST_BURST: u32 = 40;
+/// Most rate-limit buckets kept (per source IP, per target); the least
+/// recently used is forgotten first.
+const MAX_BUCKETS: usize = 4_096;
+
+/// Bytes of a cookie (128 bits of HMAC-SHA-256).
+const COOKIE_BYTES: usize = 16;
+
+/// What the introducer refused or dropped, by reason.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IntroducerStats {
+    /// Datagrams shorter than the answer they asked for from an unverified
+    /// source: dropped unanswered.
+    pub unpadded: u64,
+    /// `register` / `introduce` without a valid cookie: answered with a
+    /// cookie only.
+    pub challenged: u64,
+    /// Registrations refused: the address is claimed by another live host,
+    /// or the table (or the sender's IP's share) is full.
+    pub refused_registrations: u64,
+    /// Introductions and punch requests over their rate.
+    pub rate_limited: u64,
+}
 
 /// Which of the introducer's sockets (`docs/wire.md §5.2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,23 +117,142 @@ struct Registration {
     port: u16,
     nat: NatKind,
     expires: Instant,
+    /// The host's per-run secret, sent back in punch requests.
+    key: String,
+}
+
+/// The registered hosts, indexed so that every operation is O(log n): by
+/// observed address, by key, by the (IP, local port) they claim, by IP
+/// (a count), and by expiry.
+#[derive(Debug, Default)]
+struct Registrations {
+    hosts: HashMap<SocketAddr, Registration>,
+    by_key: HashMap<String, SocketAddr>,
+    claims: HashMap<(std::net::IpAddr, u16), SocketAddr>,
+    per_ip: HashMap<std::net::IpAddr, usize>,
+    expiries: std::collections::BTreeSet<(Instant, SocketAddr)>,
+}
+
+impl Registrations {
+    fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&Registration> {
+        self.hosts.get(addr)
+    }
+
+    /// The host the DHT announces as `peer`: registered at that observed
+    /// address, or claiming its IP and local port (behind a symmetric NAT
+    /// the observed port differs from the local one).
+    fn find_peer(&self, peer: SocketAddr) -> Option<(SocketAddr, &Registration)> {
+        let addr = match self.hosts.contains_key(&peer) {
+            true => peer,
+            false => *self.claims.get(&(peer.ip(), peer.port()))?,
+        };
+        self.hosts.get(&addr).map(|r| (addr, r))
+    }
+
+    fn claim(&self, ip: std::net::IpAddr, port: u16) -> Option<&Registration> {
+        self.claims.get(&(ip, port)).and_then(|a| self.hosts.get(a))
+    }
+
+    fn has_key(&self, key: &str) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    fn on_ip(&self, ip: std::net::IpAddr) -> usize {
+        self.per_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    fn remove(&mut self, addr: SocketAddr) {
+        let Some(r) = self.hosts.remove(&addr) else {
+            return;
+        };
+        self.by_key.remove(&r.key);
+        if self.claims.get(&(addr.ip(), r.port)) == Some(&addr) {
+            self.claims.remove(&(addr.ip(), r.port));
+        }
+        if let Some(n) = self.per_ip.get_mut(&addr.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&addr.ip());
+            }
+        }
+        self.expiries.remove(&(r.expires, addr));
+    }
+
+    /// Stores `r` at `addr`, replacing what was there and the same key's
+    /// registration elsewhere (its NAT rebound it to a new address).
+    fn insert(&mut self, addr: SocketAddr, r: Registration) {
+        self.remove(addr);
+        if let Some(&old) = self.by_key.get(&r.key) {
+            self.remove(old);
+        }
+        self.by_key.insert(r.key.clone(), addr);
+        self.claims.insert((addr.ip(), r.port), addr);
+        *self.per_ip.entry(addr.ip()).or_default() += 1;
+        self.expiries.insert((r.expires, addr));
+        self.hosts.insert(addr, r);
+    }
+
+    /// Drops the registrations expired at `now`.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, addr)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.remove(addr);
+        }
+    }
+
+    /// Drops the registration that would expire first.
+    fn evict_first_to_expire(&mut self) {
+        if let Some(&(_, addr)) = self.expiries.first() {
+            self.remove(addr);
+        }
+    }
 }
 
 /// The public side: registrations and introductions.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Introducer {
-    /// Registered hosts by observed address.
-    hosts: HashMap<SocketAddr, Registration>,
+    /// Registered hosts.
+    hosts: Registrations,
     /// Punch requests re-sent when their target next registers.
     pending: Vec<(SocketAddr, Instant, Message)>,
     /// When expired registrations and punch requests are next dropped.
     next_sweep: Option<Instant>,
+    /// The cookie secrets: current, previous.
+    secrets: [[u8; 32]; 2],
+    /// When the current secret is replaced; `None` before the first message.
+    rotate_at: Option<Instant>,
+    /// Introductions asked for, per source IP.
+    introductions: HashMap<std::net::IpAddr, TokenBucket>,
+    /// Punch requests sent, per registered host.
+    punch_requests: HashMap<SocketAddr, TokenBucket>,
+    stats: IntroducerStats,
+}
+
+impl Default for Introducer {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Introducer {
-    /// An introducer that knows nobody yet.
+    /// An introducer that knows nobody yet, with fresh random cookie secrets.
     pub fn new() -> Self {
-        Self::default()
+        Introducer {
+            hosts: Registrations::default(),
+            pending: Vec::new(),
+            next_sweep: None,
+            secrets: [rand::random(), rand::random()],
+            rotate_at: None,
+            introductions: HashMap::new(),
+            punch_requests: HashMap::new(),
+            stats: IntroducerStats::default(),
+        }
     }
 
     /// How many hosts are registered.
@@ -87,49 +260,179 @@ impl Introducer {
         self.hosts.len()
     }
 
-    /// Handles one message that arrived on `via` from `from`.
+    /// What it refused so far.
+    pub fn stats(&self) -> IntroducerStats {
+        self.stats
+    }
+
+    /// The keyed hash of `addr` under `secret`: HMAC-SHA-256 of the
+    /// address's text.
+    fn mac(secret: &[u8; 32], addr: SocketAddr) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret)
+            .expect("HMAC takes keys of any length");
+        mac.update(addr.to_string().as_bytes());
+        mac
+    }
+
+    /// The cookie a host at `addr` gets now: the first
+    /// [`COOKIE_BYTES`] of its keyed hash, in hex.
+    pub fn cookie(&self, addr: SocketAddr) -> String {
+        use hmac::Mac;
+        crate::units::hex(
+            &Self::mac(&self.secrets[0], addr).finalize().into_bytes()[..COOKIE_BYTES],
+        )
+    }
+
+    /// Whether `cookie` is one this introducer gave `addr` (under the
+    /// current or the previous secret); compared in constant time.
+    fn verified(&self, addr: SocketAddr, cookie: &str) -> bool {
+        use hmac::Mac;
+        let Some(tag) = crate::units::from_hex(cookie).filter(|t| t.len() == COOKIE_BYTES) else {
+            return false;
+        };
+        self.secrets
+            .iter()
+            .any(|secret| Self::mac(secret, addr).verify_truncated_left(&tag).is_ok())
+    }
+
+    fn rotate(&mut self, now: Instant) {
+        match self.rotate_at {
+            None => self.rotate_at = Some(now + COOKIE_ROTATION),
+            Some(at) if now >= at => {
+                self.secrets = [rand::random(), self.secrets[0]];
+                self.rotate_at = Some(now + COOKIE_ROTATION);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Takes a token from `key`'s bucket in `buckets`, making one if needed.
+    fn spend<K: Clone + Eq + std::hash::Hash>(
+        buckets: &mut HashMap<K, TokenBucket>,
+        key: K,
+        now: Instant,
+        (rate, burst): (u32, u32),
+    ) -> bool {
+        if !buckets.contains_key(&key) {
+            crate::discovery::evict_oldest(buckets, MAX_BUCKETS, |b| b.last_used());
+        }
+        buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(now, rate, burst))
+            .take(now)
+    }
+
+    /// Whether the verified sender `from` may register local port `port`
+    /// with `key`: no other live host (another key) holds an address it
+    /// would take over (the same observed address, or the same IP and
+    /// local port, which introductions match on), and there is room, if
+    /// need be by evicting the registration that would expire first.
+    fn may_register(&mut self, from: SocketAddr, port: u16, key: &str) -> bool {
+        if key.is_empty() {
+            return false;
+        }
+        let taken_by_other = |r: Option<&Registration>| r.is_some_and(|r| r.key != key);
+        if taken_by_other(self.hosts.get(&from))
+            || taken_by_other(self.hosts.claim(from.ip(), port))
+        {
+            return false;
+        }
+        if self.hosts.get(&from).is_some() || self.hosts.has_key(key) {
+            return true;
+        }
+        if self.hosts.on_ip(from.ip()) >= MAX_REGISTRATIONS_PER_IP {
+            return false;
+        }
+        if self.hosts.len() >= MAX_REGISTRATIONS {
+            self.hosts.evict_first_to_expire();
+        }
+        true
+    }
+
+    /// Handles one message of `received` bytes (the whole datagram) that
+    /// arrived on `via` from `from`.
     pub fn on_message(
         &mut self,
         now: Instant,
         via: Port,
         from: SocketAddr,
         message: Message,
+        received: usize,
     ) -> Vec<Outgoing> {
         if self.next_sweep.is_none_or(|at| now >= at) {
             self.next_sweep = Some(now + SWEEP_INTERVAL);
-            self.hosts.retain(|_, r| r.expires > now);
+            self.hosts.expire(now);
             self.pending.retain(|(_, until, _)| *until > now);
         }
+        self.rotate(now);
         let reply = |message| Outgoing {
             via,
             to: from,
             message,
         };
+        let cookie = self.cookie(from);
+        let observed = |id| Message::Observed {
+            id,
+            addr: from,
+            cookie: cookie.clone(),
+        };
+        // What an unverified source may be sent: no more than it sent.
+        let within = |out: Vec<Outgoing>, stats: &mut IntroducerStats| {
+            let bytes: usize = out
+                .iter()
+                .map(|o| super::wire::encode(&o.message).len())
+                .sum();
+            if bytes > received {
+                stats.unpadded += 1;
+                vec![]
+            } else {
+                out
+            }
+        };
         match message {
-            Message::Probe { id } if via == Port::Main => vec![
-                // The filter test leaves first, so its answer is in before
-                // the host goes on to probe the other port.
-                Outgoing {
-                    via: Port::Fresh,
-                    to: from,
-                    message: Message::FilterTest { id },
-                },
-                reply(Message::Observed { id, addr: from }),
-            ],
-            Message::Probe { id } => vec![reply(Message::Observed { id, addr: from })],
-            Message::Register { id, port, nat } => {
-                if self.hosts.len() >= MAX_REGISTRATIONS && !self.hosts.contains_key(&from) {
-                    return vec![]; // Full: the host retries at its next registration.
+            Message::Probe { id } if via == Port::Main => within(
+                vec![
+                    // The filter test leaves first, so its answer is in
+                    // before the host goes on to probe the other port.
+                    Outgoing {
+                        via: Port::Fresh,
+                        to: from,
+                        message: Message::FilterTest { id },
+                    },
+                    reply(observed(id)),
+                ],
+                &mut self.stats,
+            ),
+            Message::Probe { id } => within(vec![reply(observed(id))], &mut self.stats),
+            Message::Register { id, cookie, .. } | Message::Introduce { id, cookie, .. }
+                if via != Port::Main || !self.verified(from, &cookie) =>
+            {
+                self.stats.challenged += 1;
+                if via != Port::Main {
+                    return vec![];
                 }
+                within(vec![reply(observed(id))], &mut self.stats)
+            }
+            Message::Register {
+                id, port, nat, key, ..
+            } => {
+                if !self.may_register(from, port, &key) {
+                    self.stats.refused_registrations += 1;
+                    return vec![]; // The host retries at its next registration.
+                }
+                // The same host from a new address (its NAT rebound): the
+                // old registration goes (`insert` drops it).
                 self.hosts.insert(
                     from,
                     Registration {
                         port,
                         nat,
                         expires: now + REGISTRATION_TTL,
+                        key,
                     },
                 );
-                let mut out = vec![reply(Message::Observed { id, addr: from })];
+                let mut out = vec![reply(observed(id))];
                 out.extend(
                     self.pending
                         .iter()
@@ -142,13 +445,15 @@ impl Introducer {
                 );
                 out
             }
-            Message::Introduce { id, peer, nat } => {
+            Message::Introduce { id, peer, nat, .. } => {
+                let limit = (INTRODUCTIONS_PER_SECOND, INTRODUCTION_BURST);
+                if !Self::spend(&mut self.introductions, from.ip(), now, limit) {
+                    self.stats.rate_limited += 1;
+                    return vec![];
+                }
                 // The DHT knows the peer by its public IP and its *local* RPC
                 // port; behind a symmetric NAT the observed port differs.
-                let found = self.hosts.iter().find(|(addr, r)| {
-                    r.expires > now
-                        && (*addr == &peer || (addr.ip() == peer.ip() && r.port == peer.port()))
-                });
+                let found = self.hosts.find_peer(peer).filter(|(_, r)| r.expires > now);
                 let outcome = match found {
                     None => Outcome::Unknown,
                     Some((_, r)) if !direct_path_possible(nat, r.nat) => Outcome::Impossible {
@@ -158,15 +463,26 @@ impl Introducer {
                             r.nat.describe()
                         ),
                     },
-                    Some((&addr, r)) => Outcome::Peer { addr, nat: r.nat },
+                    Some((addr, r)) => Outcome::Peer { addr, nat: r.nat },
                 };
-                let peer_addr = match outcome {
-                    Outcome::Peer { addr, .. } => Some(addr),
+                let peer_addr = match (&outcome, found) {
+                    (Outcome::Peer { addr, .. }, Some((_, r))) => Some((*addr, r.key.clone())),
                     _ => None,
                 };
                 let mut out = vec![reply(Message::Introduced { id, outcome })];
-                if let Some(addr) = peer_addr {
-                    let ask = Message::PunchRequest { peer: from, nat };
+                let limit = (PUNCH_REQUESTS_PER_SECOND, PUNCH_REQUEST_BURST);
+                if let Some((addr, key)) = peer_addr {
+                    if !Self::spend(&mut self.punch_requests, addr, now, limit) {
+                        // The caller hears where the peer is; the peer is
+                        // not bothered beyond its rate.
+                        self.stats.rate_limited += 1;
+                        return out;
+                    }
+                    let ask = Message::PunchRequest {
+                        peer: from,
+                        nat,
+                        key,
+                    };
                     self.pending
                         .retain(|(to, _, m)| !(*to == addr && *m == ask));
                     if self.pending.len() < MAX_PENDING {
@@ -216,24 +532,245 @@ mod tests {
 
     const INTRODUCER: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
 
+    /// What a host's driver sends for `message`: its padded size.
+    fn padded(message: &Message) -> usize {
+        super::super::wire::encode_padded(message, super::super::wire::HOST_DATAGRAM_MIN).len()
+    }
+
+    /// Sends `message` from `from` as a host would (padded), on the main port.
+    fn send(
+        introducer: &mut Introducer,
+        now: Instant,
+        from: SocketAddr,
+        message: Message,
+    ) -> Vec<Outgoing> {
+        let size = padded(&message);
+        introducer.on_message(now, Port::Main, from, message, size)
+    }
+
+    /// Sends the message `make` builds with `from`'s own cookie.
+    fn verified(
+        introducer: &mut Introducer,
+        now: Instant,
+        from: SocketAddr,
+        make: impl FnOnce(String) -> Message,
+    ) -> Vec<Outgoing> {
+        let cookie = introducer.cookie(from);
+        send(introducer, now, from, make(cookie))
+    }
+
+    fn register(cookie: String, key: &str, port: u16) -> Message {
+        Message::Register {
+            id: 1,
+            port,
+            nat: NatKind::PortRestricted,
+            cookie,
+            key: key.into(),
+        }
+    }
+
+    fn introduce(cookie: String, peer: SocketAddr) -> Message {
+        Message::Introduce {
+            id: 2,
+            peer,
+            nat: NatKind::PortRestricted,
+            cookie,
+        }
+    }
+
     #[test]
     fn a_flood_of_registrations_is_capped() {
         let mut introducer = Introducer::new();
         let now = Instant::now();
         for i in 0..MAX_REGISTRATIONS + 10 {
             let from = SocketAddr::new(ip(10, (i >> 16) as u8, (i >> 8) as u8, i as u8), 9);
-            let message = Message::Register {
-                id: 1,
-                port: 9,
-                nat: NatKind::Open,
-            };
-            introducer.on_message(now, Port::Main, from, message);
+            let message = register(introducer.cookie(from), &format!("k{i}"), 9);
+            send(&mut introducer, now, from, message);
         }
         assert_eq!(introducer.registered(), MAX_REGISTRATIONS);
         // They expire, and make room.
         let later = now + REGISTRATION_TTL + Duration::from_secs(1);
-        let probe = Message::Probe { id: 2 };
-        introducer.on_message(later, Port::Main, SocketAddr::new(INTRODUCER, 1), probe);
+        send(
+            &mut introducer,
+            later,
+            SocketAddr::new(INTRODUCER, 1),
+            Message::Probe { id: 2 },
+        );
         assert_eq!(introducer.registered(), 0);
+    }
+
+    #[test]
+    fn spoofed_sources_can_neither_register_nor_get_anyone_punched() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        let host = SocketAddr::new(ip(198, 51, 100, 2), 4000);
+        let victim = SocketAddr::new(ip(192, 0, 2, 9), 80);
+        // A registration from a spoofed address has no cookie for it: it is
+        // answered with a cookie only (to the spoofed address), not stored.
+        let out = send(
+            &mut introducer,
+            now,
+            victim,
+            register(String::new(), "k", 1),
+        );
+        assert_eq!(introducer.registered(), 0);
+        assert!(
+            matches!(&out[..], [Outgoing { to, message: Message::Observed { .. }, .. }] if *to == victim)
+        );
+        // A cookie made for another address is refused the same way.
+        let wrong = introducer.cookie(host);
+        send(&mut introducer, now, victim, register(wrong, "k", 1));
+        assert_eq!(introducer.registered(), 0);
+        assert_eq!(introducer.stats().challenged, 2);
+        // The real host registers with its own cookie.
+        let cookie = introducer.cookie(host);
+        send(
+            &mut introducer,
+            now,
+            host,
+            register(cookie, "hostkey", 5000),
+        );
+        assert_eq!(introducer.registered(), 1);
+        // A spoofed introduction (from the victim) makes nobody punch.
+        let peer = SocketAddr::new(host.ip(), 5000);
+        let out = send(&mut introducer, now, victim, introduce(String::new(), peer));
+        assert!(
+            out.iter()
+                .all(|o| !matches!(o.message, Message::PunchRequest { .. })),
+            "{out:?}"
+        );
+        // A verified caller gets its punch request, carrying the host's key.
+        let caller = SocketAddr::new(ip(203, 0, 113, 7), 6000);
+        let cookie = introducer.cookie(caller);
+        let out = send(&mut introducer, now, caller, introduce(cookie, peer));
+        assert!(out.iter().any(|o| o.to == host
+            && o.message
+                == Message::PunchRequest {
+                    peer: caller,
+                    nat: NatKind::PortRestricted,
+                    key: "hostkey".into()
+                }));
+    }
+
+    #[test]
+    fn no_unverified_source_gets_more_bytes_than_it_sent() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        let from: SocketAddr = "[2001:db8::1]:65535".parse().unwrap();
+        for message in [
+            Message::Probe { id: u64::MAX >> 12 },
+            register(String::new(), "k", 1),
+            introduce(String::new(), from),
+        ] {
+            // Padded as our hosts send it: answered, within its size.
+            let size = padded(&message);
+            let out = introducer.on_message(now, Port::Main, from, message.clone(), size);
+            let bytes: usize = out
+                .iter()
+                .map(|o| super::super::wire::encode(&o.message).len())
+                .sum();
+            assert!(
+                !out.is_empty() && bytes <= size,
+                "{bytes} > {size}: {out:?}"
+            );
+            // Unpadded: nothing at all.
+            let bare = super::super::wire::encode(&message).len();
+            let out = introducer.on_message(now, Port::Main, from, message, bare);
+            assert!(out.is_empty(), "{out:?}");
+        }
+    }
+
+    #[test]
+    fn an_impostor_on_the_same_ip_cannot_take_a_live_registration() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        // Two hosts behind one NAT (or one machine): the impostor claims the
+        // victim's local RPC port, which introductions match on.
+        let victim = SocketAddr::new(ip(198, 51, 100, 2), 40001);
+        let impostor = SocketAddr::new(ip(198, 51, 100, 2), 40002);
+        verified(&mut introducer, now, victim, |c| {
+            register(c, "victim", 5000)
+        });
+        verified(&mut introducer, now, impostor, |c| {
+            register(c, "evil", 5000)
+        });
+        assert_eq!(introducer.registered(), 1);
+        assert_eq!(introducer.stats().refused_registrations, 1);
+        let caller = SocketAddr::new(ip(203, 0, 113, 7), 6000);
+        let peer = SocketAddr::new(victim.ip(), 5000);
+        let out = verified(&mut introducer, now, caller, |c| introduce(c, peer));
+        assert!(out.iter().any(|o| matches!(o.message,
+            Message::Introduced { outcome: Outcome::Peer { addr, .. }, .. } if addr == victim)));
+        // The victim's NAT rebinds it to a new port: the same key moves its
+        // registration there.
+        let moved = SocketAddr::new(victim.ip(), 40003);
+        verified(&mut introducer, now, moved, |c| register(c, "victim", 5000));
+        assert_eq!(introducer.registered(), 1);
+        let out = verified(&mut introducer, now, caller, |c| introduce(c, peer));
+        assert!(out.iter().any(|o| matches!(o.message,
+            Message::Introduced { outcome: Outcome::Peer { addr, .. }, .. } if addr == moved)));
+    }
+
+    #[test]
+    fn introductions_and_punch_requests_are_rate_limited() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        let host = SocketAddr::new(ip(198, 51, 100, 2), 4000);
+        verified(&mut introducer, now, host, |c| register(c, "k", 5000));
+        let peer = SocketAddr::new(host.ip(), 5000);
+        let mut punch_requests = 0;
+        // Many verified callers (from many IPs) at one target in one instant.
+        for i in 0..200u32 {
+            let caller = SocketAddr::new(ip(203, 0, (i >> 8) as u8, i as u8), 6000);
+            let out = verified(&mut introducer, now, caller, |c| introduce(c, peer));
+            punch_requests += out
+                .iter()
+                .filter(|o| matches!(o.message, Message::PunchRequest { .. }))
+                .count();
+        }
+        assert_eq!(punch_requests, PUNCH_REQUEST_BURST as usize);
+        // One caller asking again and again.
+        let caller = SocketAddr::new(ip(203, 0, 113, 99), 6000);
+        let answered = (0..200)
+            .filter(|_| !verified(&mut introducer, now, caller, |c| introduce(c, peer)).is_empty())
+            .count();
+        assert_eq!(answered, INTRODUCTION_BURST as usize);
+        // A second later the rates refill.
+        let later = now + Duration::from_secs(1);
+        let out = verified(&mut introducer, later, caller, |c| introduce(c, peer));
+        assert!(!out.is_empty());
+    }
+
+    #[test]
+    fn cookies_outlive_one_rotation_and_no_more() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        let host = SocketAddr::new(ip(198, 51, 100, 2), 4000);
+        send(&mut introducer, now, host, Message::Probe { id: 1 });
+        let cookie = introducer.cookie(host);
+        let after_one = now + COOKIE_ROTATION;
+        send(
+            &mut introducer,
+            after_one,
+            host,
+            register(cookie.clone(), "k", 1),
+        );
+        assert_eq!(introducer.registered(), 1);
+        let after_two = now + 2 * COOKIE_ROTATION;
+        let out = send(
+            &mut introducer,
+            after_two,
+            host,
+            register(cookie.clone(), "k", 1),
+        );
+        assert_eq!(introducer.stats().challenged, 1);
+        // The challenge carries a fresh cookie, which works.
+        let Some(Message::Observed { cookie: fresh, .. }) = out.first().map(|o| o.message.clone())
+        else {
+            panic!("{out:?}");
+        };
+        assert_ne!(fresh, cookie);
+        send(&mut introducer, after_two, host, register(fresh, "k", 1));
+        assert_eq!(introducer.stats().challenged, 1);
     }
 }

@@ -75,7 +75,7 @@ impl IntroducerSockets {
                 }
             };
             tracing::debug!(%from, ?message, "introducer received");
-            for out in state.on_message(Instant::now(), via, from, message) {
+            for out in state.on_message(Instant::now(), via, from, message, n) {
                 let fresh;
                 let socket = match out.via {
                     Port::Main => &self.main,

@@ -22,7 +22,7 @@ use super::host::{
 };
 use super::introducer::{Introducer, Port};
 use super::kind::{direct_path_possible, NatKind};
-use super::wire::{IntroducerAddr, Message};
+use super::wire::{self, IntroducerAddr, Message};
 
 /// One hop's delay.
 const LATENCY: Duration = Duration::from_millis(10);
@@ -314,7 +314,12 @@ impl Sim {
             } else {
                 Port::Alt
             };
-            for out in self.introducer.on_message(self.now, via, from, message) {
+            // What the host's driver sends: the message, padded.
+            let received = wire::encode_padded(&message, wire::HOST_DATAGRAM_MIN).len();
+            for out in self
+                .introducer
+                .on_message(self.now, via, from, message, received)
+            {
                 let src = match out.via {
                     Port::Main => introducer_addr().main,
                     Port::Alt => introducer_addr().alt,
@@ -515,6 +520,30 @@ fn an_unanswered_handshake_sends_only_a_handful_of_punches() {
     sim.run_until(500 + HANDSHAKE_TIME.as_millis() as u64 + 1_000, &[]);
     let punches = sim.hosts[0].punched_by.len();
     assert!((5..=12).contains(&punches), "{punches} punches");
+    // And nothing after: a path the peer never answered on is not kept
+    // alive (it used to get a keepalive every interval for PATH_TTL).
+    sim.run_until(PATH_TTL.as_millis() as u64 + 60_000, &[]);
+    assert_eq!(sim.hosts[0].punched_by.len(), punches);
+}
+
+#[test]
+fn a_punch_request_without_the_hosts_key_is_ignored() {
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(500, &[]);
+    let victim: SocketAddr = "192.0.2.9:80".parse().unwrap();
+    let now = sim.now;
+    // Spoofed from the introducer's address, as an off-path attacker can.
+    for key in ["", "00112233445566778899aabbccddeeff"] {
+        let forged = Message::PunchRequest {
+            peer: victim,
+            nat: NatKind::PortRestricted,
+            key: key.into(),
+        };
+        let actions = sim.hosts[1]
+            .state
+            .on_message(now, introducer_addr().main, forged);
+        assert!(actions.is_empty(), "{actions:?}");
+    }
 }
 
 #[test]

@@ -31,31 +31,69 @@ pub enum Outcome {
     Impossible { reason: String },
 }
 
-/// One introduction datagram (after [`MAGIC`], JSON).
+/// One introduction datagram (after [`MAGIC`], JSON; trailing spaces pad
+/// it, see [`encode_padded`]).
+///
+/// A `cookie` is the introducer's proof that a host receives at the address
+/// it sends from (return routability, as QUIC's Retry token or DTLS's
+/// cookie): a keyed hash of that address, handed out in `observed`, which
+/// `register` and `introduce` must echo. A `key` is the registering host's
+/// per-run random secret (32 hex digits): it binds a registration to that
+/// host, and the introducer's `punch-request`s carry it back so the host
+/// knows they are real.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Message {
     /// Host → introducer: what address do you see?
     Probe { id: u64 },
     /// Host → introducer: I serve on local RPC port `port` behind `nat`.
-    Register { id: u64, port: u16, nat: NatKind },
+    Register {
+        id: u64,
+        port: u16,
+        nat: NatKind,
+        #[serde(default)]
+        cookie: String,
+        #[serde(default)]
+        key: String,
+    },
     /// Host → introducer: introduce me to `peer` (as announced on the DHT).
     Introduce {
         id: u64,
         peer: SocketAddr,
         nat: NatKind,
+        #[serde(default)]
+        cookie: String,
     },
-    /// Introducer → host: the answer to a probe or registration.
-    Observed { id: u64, addr: SocketAddr },
+    /// Introducer → host: the answer to a probe or registration, or to a
+    /// `register` / `introduce` whose cookie was missing or stale (then the
+    /// host sends it again with this cookie).
+    Observed {
+        id: u64,
+        addr: SocketAddr,
+        #[serde(default)]
+        cookie: String,
+    },
     /// Introducer (other port) → host: arrives only through open filtering.
     FilterTest { id: u64 },
     /// Introducer → host: the answer to `introduce`.
     Introduced { id: u64, outcome: Outcome },
     /// Introducer → registered host: punch `peer`, it wants to connect.
-    PunchRequest { peer: SocketAddr, nat: NatKind },
+    PunchRequest {
+        peer: SocketAddr,
+        nat: NatKind,
+        #[serde(default)]
+        key: String,
+    },
     /// Host → introducer: got the punch request for `peer`; do not re-send it.
     PunchAck { peer: SocketAddr },
 }
+
+/// What a host pads each of its datagrams to the introducer to: at least
+/// the bytes of any answer the introducer gives a source it has not
+/// verified (a probe's `observed` plus its filter test, with an IPv6
+/// address), so the introducer never sends such a source more than it
+/// received and is useless for reflection.
+pub const HOST_DATAGRAM_MIN: usize = 320;
 
 /// Whether a datagram is an introduction message.
 pub fn is_introduction(bytes: &[u8]) -> bool {
@@ -66,6 +104,16 @@ pub fn is_introduction(bytes: &[u8]) -> bool {
 pub fn encode(message: &Message) -> Vec<u8> {
     let mut bytes = MAGIC.to_vec();
     serde_json::to_writer(&mut bytes, message).expect("messages serialise");
+    bytes
+}
+
+/// The datagram for `message`, padded with trailing spaces (still valid
+/// JSON) to at least `min` bytes.
+pub fn encode_padded(message: &Message, min: usize) -> Vec<u8> {
+    let mut bytes = encode(message);
+    if bytes.len() < min {
+        bytes.resize(min, b' ');
+    }
     bytes
 }
 
@@ -123,6 +171,9 @@ mod tests {
         let mut huge = MAGIC.to_vec();
         huge.resize(MAX_DATAGRAM + 1, b' ');
         assert!(decode(&huge).is_err());
+        let padded = encode_padded(&Message::Probe { id: 1 }, HOST_DATAGRAM_MIN);
+        assert_eq!(padded.len(), HOST_DATAGRAM_MIN);
+        assert_eq!(decode(&padded), Ok(Message::Probe { id: 1 }));
         assert_eq!(
             crate::transport::classify(&bytes),
             crate::transport::Datagram::Introduction

@@ -111,8 +111,7 @@ pub const PUNCH_PEER_WINDOW: Duration = Duration::from_secs(60);
 /// A state machine over the time it is given; bounded by construction.
 #[derive(Debug)]
 pub struct PunchBudget {
-    tokens: f64,
-    refilled: Instant,
+    tokens: crate::units::TokenBucket,
     /// Peers punched within the window, each with its latest punch, oldest
     /// first; at most [`MAX_PUNCH_PEERS`].
     peers: VecDeque<(SocketAddr, Instant)>,
@@ -122,18 +121,13 @@ impl PunchBudget {
     /// A full budget at `now`.
     pub fn new(now: Instant) -> Self {
         PunchBudget {
-            tokens: f64::from(PUNCH_BURST),
-            refilled: now,
+            tokens: crate::units::TokenBucket::new(now, PUNCHES_PER_SECOND, PUNCH_BURST),
             peers: VecDeque::new(),
         }
     }
 
     /// Spends one punch to `peer` at `now`, or says which limit refuses it.
     pub fn spend(&mut self, now: Instant, peer: SocketAddr) -> Result<(), String> {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens =
-            (self.tokens + elapsed * f64::from(PUNCHES_PER_SECOND)).min(f64::from(PUNCH_BURST));
-        self.refilled = now;
         while self
             .peers
             .front()
@@ -148,12 +142,11 @@ impl PunchBudget {
                 PUNCH_PEER_WINDOW.as_secs()
             ));
         }
-        if self.tokens < 1.0 {
+        if !self.tokens.take(now) {
             return Err(format!(
                 "punch budget exceeded: at most {PUNCHES_PER_SECOND} punches per second (bursts of {PUNCH_BURST})"
             ));
         }
-        self.tokens -= 1.0;
         if let Some(i) = known {
             self.peers.remove(i);
         }

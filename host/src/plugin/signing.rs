@@ -97,9 +97,7 @@ pub fn signature_path(plugin: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::units::hex as to_hex;
 
 fn from_hex<const N: usize>(text: &str) -> Result<[u8; N], String> {
     let text = text.trim();
