@@ -48,6 +48,8 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(100);
 /// full of dead entries can make one request send (a SYN each, re-sent on
 /// uTP's schedule).
 const MAX_ATTEMPTS_AT_ONCE: usize = 8;
+/// Most background connects to untried peers one client runs at once.
+const MAX_WARMING: u64 = 2;
 /// How long a lookup may take out of a request's deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -120,6 +122,8 @@ pub struct RpcClient {
     health: Arc<PeerHealth>,
     /// The paths this client opened, by kind.
     paths: Arc<PathStats>,
+    /// Background connects under way ([`Self::warm_up`]).
+    warming: Arc<AtomicU64>,
 }
 
 /// The connections a client opened, by the kind of path they took. Both
@@ -149,6 +153,7 @@ impl RpcClient {
             introductions: None,
             health: Arc::default(),
             paths: Arc::default(),
+            warming: Arc::default(),
         }
     }
 
@@ -205,6 +210,7 @@ impl RpcClient {
         interleave_by_ip(&mut peers);
         self.health.order(&mut peers);
         let (peer, opened) = self.connect_any(service, &peers, deadline).await?;
+        self.warm_up(&peers, peer);
         match self
             .send(peer, service, payload, deadline, deadline, Some(opened))
             .await
@@ -218,6 +224,32 @@ impl RpcClient {
                 reply_result(reply)
             }
         }
+    }
+
+    /// Opens, in the background, a connection to one peer of `peers` (not
+    /// `chosen`, which this request uses) that was never tried, so that load spreads over every live peer (answered
+    /// peers go first, so an untried one would otherwise wait for them all
+    /// to fail) and a dead one is found out without a request waiting on
+    /// it. At most [`MAX_WARMING`] at once per client; the outcome goes to
+    /// the peer health memory.
+    fn warm_up(&self, peers: &[SocketAddr], chosen: SocketAddr) {
+        let untried = |p: &&SocketAddr| **p != chosen && self.health.unseen(**p);
+        let Some(&peer) = peers.iter().find(untried) else {
+            return;
+        };
+        if self.warming.fetch_add(1, Ordering::Relaxed) >= MAX_WARMING {
+            self.warming.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            let by = Instant::now() + CONNECT_BUDGET_PER_PEER;
+            match client.connection(peer, by).await {
+                Ok(_) => client.health.answered(peer),
+                Err(_) => client.health.failed(peer),
+            }
+            client.warming.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     /// Connects to one of `peers`, trying them in the given order as happy

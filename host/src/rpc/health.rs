@@ -61,6 +61,13 @@ impl PeerHealth {
         self.remember(peer, Seen::Answered);
     }
 
+    /// Whether nothing is remembered of `peer` (never tried, or long ago).
+    pub fn unseen(&self, peer: SocketAddr) -> bool {
+        self.lock()
+            .get(&peer)
+            .is_none_or(|(seen, at)| at.elapsed() >= memory_of(*seen))
+    }
+
     /// Reorders `peers` in place, keeping the given order within a class:
     /// those that answered recently, then those not seen recently, then those
     /// that failed recently, least recently failed first.
