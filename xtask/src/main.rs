@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <plugins|test|demo|gateway>`.
+//! Project tasks: `cargo xtask <plugins|test|demo|gateway|fuzz>`.
 //!
 //! Each task installs what it needs (the wasm32-wasip2 target; as root, the
 //! aarch64 cross toolchain and qemu from Debian's packages) so the two README
@@ -50,11 +50,15 @@ tasks:
   gateway   build the smallest host, without the compiler (it runs .cwasm plugins only),
             with the gateway profile, and print its size; --target TRIPLE cross-compiles
             (aarch64-unknown-linux-gnu: a Raspberry Pi 4/5)
+  fuzz      run the fuzz targets (fuzz/: the decoders that face the network) with
+            cargo-fuzz, installing it if missing; `fuzz [TARGET] [--seconds N]`, default
+            every target for 60 s each; a crash stops it and names the input saved
   help      print this text (so does --help after any task)
 
 `test` also cross-compiles the gateway host for aarch64 and runs it under qemu-aarch64
 (tests/gateway.rs); it needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user,
-installed when run as root, else those tests skip (GRENACHE_REQUIRE_AARCH64=1: fail).";
+installed when run as root, else those tests skip (GRENACHE_REQUIRE_AARCH64=1: fail).
+With GRENACHE_FUZZ_SECONDS=N (`.ci/run` sets it), `test` first fuzzes each target N s.";
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq)]
@@ -70,7 +74,17 @@ enum Task {
     Gateway {
         target: Option<String>,
     },
+    /// Fuzz one target (or every one) for this many seconds each.
+    Fuzz {
+        target: Option<String>,
+        seconds: u64,
+    },
 }
+
+/// The fuzz targets (fuzz/fuzz_targets/<name>.rs).
+const FUZZ_TARGETS: [&str; 2] = ["rpc_stream", "utp_packet"];
+/// How long `cargo xtask fuzz` runs each target by default.
+const FUZZ_SECONDS: u64 = 60;
 
 /// Parses `cargo xtask`'s arguments; an error names what was not understood.
 fn parse_args(args: &[String]) -> std::result::Result<Task, String> {
@@ -111,6 +125,32 @@ fn parse_args(args: &[String]) -> std::result::Result<Task, String> {
             [arg, ..] if is_help(arg) => Ok(Task::Help),
             [arg, ..] => unknown(arg),
         },
+        "fuzz" => {
+            let (mut target, mut seconds) = (None, FUZZ_SECONDS);
+            let mut options = options.iter();
+            while let Some(arg) = options.next() {
+                match arg.as_str() {
+                    "--seconds" => {
+                        seconds = options
+                            .next()
+                            .and_then(|n| n.parse().ok())
+                            .filter(|n| *n > 0)
+                            .ok_or("--seconds takes a number of seconds, e.g. --seconds 600")?;
+                    }
+                    arg if is_help(arg) => return Ok(Task::Help),
+                    name if target.is_none() && FUZZ_TARGETS.contains(&name) => {
+                        target = Some(name.to_string());
+                    }
+                    other => {
+                        return Err(format!(
+                            "unknown fuzz target or option {other:?}; targets: {}",
+                            FUZZ_TARGETS.join(", ")
+                        ))
+                    }
+                }
+            }
+            Ok(Task::Fuzz { target, seconds })
+        }
         other => Err(format!("unknown task {other:?}")),
     }
 }
@@ -126,6 +166,7 @@ fn main() -> ExitCode {
         Ok(Task::Test(cargo_args)) => test(&cargo_args),
         Ok(Task::Demo { keep_running }) => demo(keep_running),
         Ok(Task::Gateway { target }) => gateway(target.as_deref()),
+        Ok(Task::Fuzz { target, seconds }) => fuzz(target.as_deref(), seconds),
         Err(e) => {
             eprintln!("xtask: {e}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -419,7 +460,55 @@ fn gateway(target: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Installs cargo-fuzz if `cargo fuzz` is missing (from crates.io).
+fn ensure_cargo_fuzz() -> Result<()> {
+    let present = cargo()
+        .args(["fuzz", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        eprintln!("xtask: installing cargo-fuzz (once; a few minutes)");
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    Ok(())
+}
+
+/// Runs `target` (or every fuzz target) for `seconds` each. libFuzzer runs
+/// on stable Rust without a sanitizer (`-s none`): coverage-guided, and a
+/// panic or failed assertion is a crash, saved under fuzz/artifacts.
+fn fuzz(target: Option<&str>, seconds: u64) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let fuzz_dir = root().join("fuzz");
+    let targets: Vec<&str> = match target {
+        Some(t) => vec![t],
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    for target in targets {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        run(cargo().current_dir(&fuzz_dir).args([
+            "fuzz",
+            "run",
+            "-s",
+            "none",
+            target,
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-max_len=16384",
+            "-print_final_stats=1",
+        ]))?;
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
+    if let Some(seconds) = std::env::var("GRENACHE_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        fuzz(None, seconds)?;
+    }
     build_plugins()?;
     ensure_node_packages()?;
     ensure_nat_lab_tools()?;
@@ -728,6 +817,26 @@ mod tests {
             })
         );
         assert!(parse(&["gateway", "--target"]).is_err());
+    }
+
+    #[test]
+    fn fuzz_takes_a_target_and_seconds() {
+        assert_eq!(
+            parse(&["fuzz"]),
+            Ok(Task::Fuzz {
+                target: None,
+                seconds: FUZZ_SECONDS
+            })
+        );
+        assert_eq!(
+            parse(&["fuzz", "rpc_stream", "--seconds", "600"]),
+            Ok(Task::Fuzz {
+                target: Some("rpc_stream".into()),
+                seconds: 600
+            })
+        );
+        assert!(parse(&["fuzz", "nope"]).is_err());
+        assert!(parse(&["fuzz", "--seconds", "0"]).is_err());
     }
 
     #[test]
