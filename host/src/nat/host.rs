@@ -28,6 +28,14 @@ pub(super) const PROBE_DEADLINE: Duration = Duration::from_millis(1500);
 pub(super) const PROBE_RETRY: Duration = Duration::from_secs(30);
 /// Most paths a host keeps alive; the least recently used goes first.
 const MAX_PATHS: usize = 4_096;
+/// Most handshakes (peers being punched until they answer) at once; an
+/// introduction beyond that is answered but not punched.
+const MAX_HANDSHAKES: usize = 256;
+/// Punch requests a host acts on per second, and at once: what even an
+/// introducer (or someone answering in its place) can make it punch.
+pub const PUNCH_REQUESTS_PER_SECOND: u32 = 20;
+/// See [`PUNCH_REQUESTS_PER_SECOND`].
+pub const PUNCH_REQUEST_BURST: u32 = 40;
 /// After the main port answers, how long the host waits for the filter test
 /// before probing the other port (which opens its NAT to that port).
 const FILTER_GRACE: Duration = Duration::from_millis(30);
@@ -185,6 +193,8 @@ pub struct HostIntroductions {
     /// This run's secret: binds our registration to us; punch requests
     /// must carry it back.
     key: String,
+    /// The punch requests acted on ([`PUNCH_REQUESTS_PER_SECOND`]).
+    punch_requests: crate::units::TokenBucket,
     intros: HashMap<u64, PendingIntro>,
     handshakes: HashMap<SocketAddr, Handshake>,
     paths: HashMap<SocketAddr, Path>,
@@ -218,6 +228,11 @@ impl HostIntroductions {
             cookie: String::new(),
             registered_with: (0, String::new()),
             key: crate::units::hex(&rand::random::<[u8; 16]>()),
+            punch_requests: crate::units::TokenBucket::new(
+                now,
+                PUNCH_REQUESTS_PER_SECOND,
+                PUNCH_REQUEST_BURST,
+            ),
             intros: HashMap::new(),
             handshakes: HashMap::new(),
             paths: HashMap::new(),
@@ -549,6 +564,9 @@ impl HostIntroductions {
             }
             // Only the introducer knows our key: anything else is forged.
             Message::PunchRequest { key, .. } if key != self.key => vec![],
+            // Over the rate: dropped unacknowledged (the introducer re-sends
+            // a real one at our next registration, for a while).
+            Message::PunchRequest { .. } if !self.punch_requests.take(now) => vec![],
             Message::PunchRequest { peer, nat, .. } => {
                 self.start_handshake(now, peer, nat);
                 let mut out = vec![
@@ -565,7 +583,13 @@ impl HostIntroductions {
         }
     }
 
+    /// Starts punching `peer` until it answers, unless a handshake with it
+    /// is under way already (a repeated request does not restart it) or
+    /// [`MAX_HANDSHAKES`] are.
     fn start_handshake(&mut self, now: Instant, peer: SocketAddr, nat: NatKind) {
+        if self.handshakes.contains_key(&peer) || self.handshakes.len() >= MAX_HANDSHAKES {
+            return;
+        }
         if self.paths.len() >= MAX_PATHS && !self.paths.contains_key(&peer) {
             let oldest = self
                 .paths

@@ -60,10 +60,17 @@ pub const COOKIE_ROTATION: Duration = Duration::from_secs(120);
 pub const INTRODUCTIONS_PER_SECOND: u32 = 20;
 /// See [`INTRODUCTIONS_PER_SECOND`].
 pub const INTRODUCTION_BURST: u32 = 40;
-/// Punch requests one registered host is sent per second, and at once.
-pub const PUNCH_REQUESTS_PER_SECOND: u32 = 20;
+/// Punch requests one registered host is sent per second, and at once, in
+/// all: what many callers together can make it punch.
+pub const PUNCH_REQUESTS_PER_SECOND: u32 = 100;
 /// See [`PUNCH_REQUESTS_PER_SECOND`].
-pub const PUNCH_REQUEST_BURST: u32 = 40;
+pub const PUNCH_REQUEST_BURST: u32 = 200;
+/// Punch requests one registered host is sent per second, and at once, on
+/// behalf of one caller IP: one caller cannot use up the host's whole
+/// budget and keep other callers from being introduced.
+pub const PUNCH_REQUESTS_PER_CALLER_PER_SECOND: u32 = 2;
+/// See [`PUNCH_REQUESTS_PER_CALLER_PER_SECOND`].
+pub const PUNCH_REQUEST_PER_CALLER_BURST: u32 = 5;
 /// Most rate-limit buckets kept (per source IP, per target); the least
 /// recently used is forgotten first.
 const MAX_BUCKETS: usize = 4_096;
@@ -153,8 +160,11 @@ impl Registrations {
         self.hosts.get(&addr).map(|r| (addr, r))
     }
 
-    fn claim(&self, ip: std::net::IpAddr, port: u16) -> Option<&Registration> {
-        self.claims.get(&(ip, port)).and_then(|a| self.hosts.get(a))
+    /// The registration claiming `ip` and local port `port`, with its
+    /// observed address.
+    fn claim(&self, ip: std::net::IpAddr, port: u16) -> Option<(SocketAddr, &Registration)> {
+        let addr = *self.claims.get(&(ip, port))?;
+        self.hosts.get(&addr).map(|r| (addr, r))
     }
 
     fn has_key(&self, key: &str) -> bool {
@@ -231,6 +241,8 @@ pub struct Introducer {
     introductions: HashMap<std::net::IpAddr, TokenBucket>,
     /// Punch requests sent, per registered host.
     punch_requests: HashMap<SocketAddr, TokenBucket>,
+    /// Punch requests sent, per registered host and caller IP.
+    punch_requests_by_caller: HashMap<(SocketAddr, std::net::IpAddr), TokenBucket>,
     stats: IntroducerStats,
 }
 
@@ -251,6 +263,7 @@ impl Introducer {
             rotate_at: None,
             introductions: HashMap::new(),
             punch_requests: HashMap::new(),
+            punch_requests_by_caller: HashMap::new(),
             stats: IntroducerStats::default(),
         }
     }
@@ -328,15 +341,27 @@ impl Introducer {
     /// would take over (the same observed address, or the same IP and
     /// local port, which introductions match on), and there is room, if
     /// need be by evicting the registration that would expire first.
+    ///
+    /// A claim is only a declaration, except when the sender's observed
+    /// address is the very IP and port it claims (no NAT, or one that kept
+    /// the port): the cookie proves it receives there, so it owns the claim
+    /// and takes it from a sender that merely declared it (a squatter on
+    /// the same IP that registered first, or during a restart).
     fn may_register(&mut self, from: SocketAddr, port: u16, key: &str) -> bool {
         if key.is_empty() {
             return false;
         }
-        let taken_by_other = |r: Option<&Registration>| r.is_some_and(|r| r.key != key);
-        if taken_by_other(self.hosts.get(&from))
-            || taken_by_other(self.hosts.claim(from.ip(), port))
-        {
+        if self.hosts.get(&from).is_some_and(|r| r.key != key) {
             return false;
+        }
+        if let Some((holder, r)) = self.hosts.claim(from.ip(), port) {
+            if r.key != key {
+                let proven = |addr: SocketAddr| addr.port() == port;
+                if !proven(from) || proven(holder) {
+                    return false;
+                }
+                self.hosts.remove(holder);
+            }
         }
         if self.hosts.get(&from).is_some() || self.hosts.has_key(key) {
             return true;
@@ -471,8 +496,15 @@ impl Introducer {
                 };
                 let mut out = vec![reply(Message::Introduced { id, outcome })];
                 let limit = (PUNCH_REQUESTS_PER_SECOND, PUNCH_REQUEST_BURST);
+                let per_caller = (
+                    PUNCH_REQUESTS_PER_CALLER_PER_SECOND,
+                    PUNCH_REQUEST_PER_CALLER_BURST,
+                );
                 if let Some((addr, key)) = peer_addr {
-                    if !Self::spend(&mut self.punch_requests, addr, now, limit) {
+                    let pair = (addr, from.ip());
+                    let caller_may =
+                        Self::spend(&mut self.punch_requests_by_caller, pair, now, per_caller);
+                    if !caller_may || !Self::spend(&mut self.punch_requests, addr, now, limit) {
                         // The caller hears where the peer is; the peer is
                         // not bothered beyond its rate.
                         self.stats.rate_limited += 1;
@@ -712,6 +744,37 @@ mod tests {
     }
 
     #[test]
+    fn a_host_that_receives_at_the_port_it_claims_takes_it_from_a_squatter() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        // The squatter registers first (or while the worker restarts),
+        // claiming the worker's port 40001 from another port of the IP.
+        let squatter = SocketAddr::new(ip(127, 0, 0, 1), 45847);
+        verified(&mut introducer, now, squatter, |c| {
+            register(c, "evil", 40001)
+        });
+        assert_eq!(introducer.registered(), 1);
+        // The worker proves it receives at 127.0.0.1:40001 itself.
+        let worker = SocketAddr::new(ip(127, 0, 0, 1), 40001);
+        verified(&mut introducer, now, worker, |c| {
+            register(c, "worker", 40001)
+        });
+        assert_eq!(introducer.registered(), 1, "the squatter is gone");
+        let caller = SocketAddr::new(ip(127, 0, 0, 3), 6000);
+        let out = verified(&mut introducer, now, caller, |c| introduce(c, worker));
+        assert!(out.iter().any(|o| matches!(o.message,
+            Message::Introduced { outcome: Outcome::Peer { addr, .. }, .. } if addr == worker)));
+        // And the squatter cannot take it back.
+        verified(&mut introducer, now, squatter, |c| {
+            register(c, "evil", 40001)
+        });
+        assert_eq!(introducer.stats().refused_registrations, 1);
+        let out = verified(&mut introducer, now, caller, |c| introduce(c, worker));
+        assert!(out.iter().any(|o| matches!(o.message,
+            Message::Introduced { outcome: Outcome::Peer { addr, .. }, .. } if addr == worker)));
+    }
+
+    #[test]
     fn introductions_and_punch_requests_are_rate_limited() {
         let mut introducer = Introducer::new();
         let now = Instant::now();
@@ -735,6 +798,23 @@ mod tests {
             .filter(|_| !verified(&mut introducer, now, caller, |c| introduce(c, peer)).is_empty())
             .count();
         assert_eq!(answered, INTRODUCTION_BURST as usize);
+        // ... and make the host punch it only a few times: one caller IP
+        // cannot use up the host's punch budget for everyone.
+        let host_punches = |introducer: &mut Introducer, caller: SocketAddr| {
+            (0..20)
+                .flat_map(|_| verified(introducer, now, caller, |c| introduce(c, peer)))
+                .filter(|o| matches!(o.message, Message::PunchRequest { .. }))
+                .count()
+        };
+        let mut fresh = Introducer::new();
+        verified(&mut fresh, now, host, |c| register(c, "k", 5000));
+        let greedy = SocketAddr::new(ip(203, 0, 113, 98), 6000);
+        assert_eq!(
+            host_punches(&mut fresh, greedy),
+            PUNCH_REQUEST_PER_CALLER_BURST as usize
+        );
+        let other = SocketAddr::new(ip(203, 0, 113, 97), 6000);
+        assert!(host_punches(&mut fresh, other) > 0);
         // A second later the rates refill.
         let later = now + Duration::from_secs(1);
         let out = verified(&mut introducer, later, caller, |c| introduce(c, peer));

@@ -74,8 +74,14 @@ impl IntroducerSockets {
                     continue;
                 }
             };
-            tracing::debug!(%from, ?message, "introducer received");
-            for out in state.on_message(Instant::now(), via, from, message, n) {
+            // The message's type only: a registration carries its host's key.
+            tracing::debug!(%from, kind = message.kind(), "introducer received");
+            let refused = state.stats().refused_registrations;
+            let out = state.on_message(Instant::now(), via, from, message, n);
+            if state.stats().refused_registrations > refused {
+                tracing::debug!(%from, "refused a registration: its address or claimed port belongs to another live host, or its IP's share of the table is full");
+            }
+            for out in out {
                 let fresh;
                 let socket = match out.via {
                     Port::Main => &self.main,

@@ -88,6 +88,23 @@ pub enum Message {
     PunchAck { peer: SocketAddr },
 }
 
+impl Message {
+    /// The message's `type`, as on the wire (for logs: never the fields,
+    /// which may hold a host's key).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Probe { .. } => "probe",
+            Message::Register { .. } => "register",
+            Message::Introduce { .. } => "introduce",
+            Message::Observed { .. } => "observed",
+            Message::FilterTest { .. } => "filter-test",
+            Message::Introduced { .. } => "introduced",
+            Message::PunchRequest { .. } => "punch-request",
+            Message::PunchAck { .. } => "punch-ack",
+        }
+    }
+}
+
 /// What a host pads each of its datagrams to the introducer to: at least
 /// the bytes of any answer the introducer gives a source it has not
 /// verified (a probe's `observed` plus its filter test, with an IPv6
