@@ -448,6 +448,35 @@ fn the_control_socket_refuses_unsafe_places_and_bad_files_and_names_its_host() {
     assert!(r.stderr.contains("not a socket"), "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
 
+    // A path through a symlink is used as the directory it names then: the
+    // host binds, and at exit removes, the socket there, even if the link
+    // is pointed elsewhere meanwhile.
+    let (real, other) = (dir.path().join("real"), dir.path().join("other"));
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("c.sock"), "not the host's").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let through_link = link.join("c.sock");
+    let mut linked = base.to_vec();
+    linked.extend(["--control", through_link.to_str().unwrap()]);
+    let mut host_behind_link = HostProcess::spawn("host behind a link", &linked);
+    host_behind_link.wait_for("control socket", SOON);
+    assert!(real.join("c.sock").exists());
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&other, &link).unwrap();
+    assert_eq!(
+        host_behind_link.terminate(SOON),
+        Some(0),
+        "{}",
+        host_behind_link.output()
+    );
+    assert!(!real.join("c.sock").exists(), "its own socket is removed");
+    assert_eq!(
+        std::fs::read_to_string(other.join("c.sock")).unwrap(),
+        "not the host's"
+    );
+
     // `status` names the host that answers.
     let (versioned, sock) = versioned_host(dir.path(), &bootstrap, &[]);
     let r = control(&["status"], &sock);

@@ -20,6 +20,14 @@ use crate::plugin::set::PluginSet;
 
 /// Largest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
+/// Most control connections served at once; more are closed at once (only
+/// the owner can connect, but a stuck script must not use up descriptors).
+pub const MAX_CONTROL_CONNECTIONS: usize = 16;
+/// A control connection that sends no request for this long is closed.
+pub const CONTROL_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a tool waits for the host's answer (a swap compiles a plugin:
+/// seconds on a gateway).
+pub const CONTROL_REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The default socket path, per user and never in a directory others can
 /// write (where another user could listen first and take the operator's
@@ -145,6 +153,17 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
             .create(&dir)
             .map_err(|e| BindError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
     }
+    // Judge, bind and later remove the socket in the directory the path
+    // really names: a symlink in it could be repointed after the checks.
+    let dir = std::fs::canonicalize(&dir)
+        .map_err(|e| BindError::Unavailable(format!("cannot use {}: {e}", dir.display())))?;
+    let Some(name) = path.file_name() else {
+        return Err(BindError::Unavailable(format!(
+            "{} names no file for the socket",
+            path.display()
+        )));
+    };
+    let path = &dir.join(name);
     let dir_meta = std::fs::metadata(&dir)
         .map_err(|e| BindError::Unavailable(format!("cannot use {}: {e}", dir.display())))?;
     if dir_meta.uid() != me && dir_meta.uid() != 0 {
@@ -200,8 +219,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
 ///
 /// `host` (a JSON object: pid, RPC address, discovery) heads every
 /// `status` reply, so an operator sees which host answered.
+///
+/// At most [`MAX_CONTROL_CONNECTIONS`] at once, each closed after
+/// [`CONTROL_IDLE`] without a request; swaps run one at a time (each reads
+/// and compiles a whole plugin).
 pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>, host: serde_json::Value) {
     let host = Arc::new(host);
+    let swaps = Arc::new(tokio::sync::Mutex::new(()));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -214,9 +238,13 @@ pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>, host: serde_
                 continue;
             }
         };
-        let (plugins, host) = (plugins.clone(), host.clone());
+        if connections.len() >= MAX_CONTROL_CONNECTIONS {
+            tracing::debug!("control connection closed: {MAX_CONTROL_CONNECTIONS} are open");
+            continue;
+        }
+        let (plugins, host, swaps) = (plugins.clone(), host.clone(), swaps.clone());
         connections.spawn(async move {
-            if let Err(e) = serve_one(stream, &plugins, &host).await {
+            if let Err(e) = serve_one(stream, &plugins, &host, &swaps).await {
                 tracing::debug!("control connection: {e}");
             }
         });
@@ -227,10 +255,21 @@ async fn serve_one(
     stream: UnixStream,
     plugins: &PluginSet,
     host: &serde_json::Value,
+    swaps: &tokio::sync::Mutex<()>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64)).lines();
-    while let Some(line) = lines.next_line().await? {
+    loop {
+        let line = match tokio::time::timeout(CONTROL_IDLE, lines.next_line()).await {
+            Ok(line) => line?,
+            Err(_) => return Ok(()), // Idle: closed.
+        };
+        let Some(line) = line else {
+            return Ok(());
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
         let reply = match serde_json::from_str::<ControlRequest>(&line) {
             Err(e) => ControlReply::result(Err(format!("not a control request ({e})"))),
             Ok(ControlRequest::Status) => {
@@ -243,6 +282,7 @@ async fn serve_one(
                 }
             }
             Ok(ControlRequest::Swap { target, file }) => {
+                let _one_at_a_time = swaps.lock().await;
                 ControlReply::result(plugins.swap_and_log(&target, &file).await)
             }
             Ok(ControlRequest::Rollback { target, steps }) => {
@@ -253,7 +293,6 @@ async fn serve_one(
         text.push('\n');
         write.write_all(text.as_bytes()).await?;
     }
-    Ok(())
 }
 
 /// Largest reply line read from a host (a `status` of many plugins fits).
@@ -287,10 +326,16 @@ pub async fn request(path: &Path, request: &ControlRequest) -> Result<ControlRep
         .write_all(text.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    let line = BufReader::new(read.take(MAX_REPLY))
-        .lines()
-        .next_line()
+    let mut lines = BufReader::new(read.take(MAX_REPLY)).lines();
+    let line = tokio::time::timeout(CONTROL_REPLY_WAIT, lines.next_line())
         .await
+        .map_err(|_| {
+            format!(
+                "the host on {} did not answer within {}s",
+                path.display(),
+                CONTROL_REPLY_WAIT.as_secs()
+            )
+        })?
         .map_err(|e| e.to_string())?
         .ok_or(
             "the host closed the control connection without answering (or its reply was too long)",

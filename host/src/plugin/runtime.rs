@@ -394,6 +394,9 @@ impl Runtime {
             std::io::ErrorKind::IsADirectory => LoadError::Directory {
                 path: path_buf.clone(),
             },
+            std::io::ErrorKind::InvalidData => LoadError::NotWasm {
+                path: path_buf.clone(),
+            },
             _ => LoadError::Unreadable {
                 path: path_buf.clone(),
                 reason: e.to_string(),
@@ -1137,12 +1140,14 @@ impl LoadedPlugin {
 pub const MAX_PLUGIN_FILE: u64 = 256 << 20;
 
 /// Reads a plugin file off the async workers: only a regular file of at
-/// most [`MAX_PLUGIN_FILE`] bytes. Opened non-blocking, so a FIFO is
-/// refused instead of waiting for a writer.
+/// most [`MAX_PLUGIN_FILE`] bytes that starts as WebAssembly or a
+/// precompiled plugin does. Opened non-blocking, so a FIFO is refused
+/// instead of waiting for a writer.
 ///
 /// Errors: the open's (`NotFound`, …); `IsADirectory` for a directory;
 /// `InvalidInput` for anything else that is not a regular file, or a file
-/// over the cap.
+/// over the cap; `InvalidData` for a file with neither magic number (read
+/// no further).
 pub async fn read_plugin_file(path: &Path) -> std::io::Result<Vec<u8>> {
     let path = path.to_path_buf();
     let read = move || -> std::io::Result<Vec<u8>> {
@@ -1171,8 +1176,14 @@ pub async fn read_plugin_file(path: &Path) -> std::io::Result<Vec<u8>> {
         if meta.len() > MAX_PLUGIN_FILE {
             return Err(too_big());
         }
+        // The magic first: a wrong file is refused before it is read whole.
+        let mut file = file.take(MAX_PLUGIN_FILE + 1);
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.take(MAX_PLUGIN_FILE + 1).read_to_end(&mut bytes)?;
+        (&mut file).take(4).read_to_end(&mut bytes)?;
+        if bytes.as_slice() != WASM_MAGIC && bytes.as_slice() != ELF_MAGIC {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        file.read_to_end(&mut bytes)?;
         if bytes.len() as u64 > MAX_PLUGIN_FILE {
             return Err(too_big());
         }
