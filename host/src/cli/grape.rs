@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use super::output::{print_line, usage_error};
-use super::run::{shutdown_signal, start_introducer, IntroducerPort};
+use super::run::{start_introducer, IntroducerPort, Signals};
 use crate::grape::api::GrapeBackend;
 use crate::grape::node::{GrapeConfig, GrapeNode};
 
@@ -36,6 +36,7 @@ pub fn bootstrap_list(text: &str) -> Vec<String> {
 
 /// `grenache-host grape`.
 pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
+    let mut signals = Signals::catch();
     let GrapeNodeConfig {
         node,
         api_port,
@@ -90,7 +91,7 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         grape.own_ip(),
         dht_addr.port()
     );
-    shutdown_signal().await;
+    signals.next().await;
     tracing::info!("stopping the grape");
     http.abort();
     if let Some(task) = introducer {

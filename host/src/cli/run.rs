@@ -19,28 +19,40 @@ use crate::plugin::policy::Limits;
 use crate::plugin::signing::TrustedKey;
 use crate::plugin::Runtime;
 
-/// Resolves on Ctrl-C or SIGTERM, with the signal's number (`SIGINT`, 2,
-/// or `SIGTERM`, 15).
-pub(super) async fn shutdown_signal() -> i32 {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment this is made: a
+/// long-running command makes it first thing, so a signal during start-up
+/// stops it cleanly instead of killing it with the default action.
+pub(super) struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return libc::SIGINT;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => libc::SIGINT,
-            _ = term.recv() => libc::SIGTERM,
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    /// Starts catching both signals.
+    pub(super) fn catch() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = signal(SignalKind::interrupt())
+                .and_then(|int| Ok((int, signal(SignalKind::terminate())?)))
+                .ok();
+            Signals { streams }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// Resolves at the next signal (or one caught since the last call), with
+    /// its number (`SIGINT`, 2, or `SIGTERM`, 15).
+    pub(super) async fn next(&mut self) -> i32 {
+        #[cfg(unix)]
+        if let Some((int, term)) = self.streams.as_mut() {
+            return tokio::select! {
+                _ = int.recv() => libc::SIGINT,
+                _ = term.recv() => libc::SIGTERM,
+            };
+        }
+        let _ = tokio::signal::ctrl_c().await;
         2
     }
 }
@@ -87,6 +99,7 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// `grenache-host run`: serves until Ctrl-C or SIGTERM, then stops every
 /// task of the node.
 pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
+    let mut signals = Signals::catch();
     let RunOptions {
         trusted_keys,
         watch,
@@ -184,7 +197,7 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     // directory that is down must not keep the host from serving).
     let ready = tokio::select! {
         round = node.first_announce() => round,
-        _ = shutdown_signal() => return stop(node).await,
+        _ = signals.next() => return stop(node, signals).await,
     };
     let status = match ready {
         Some(round) if round.failed > 0 => format!(
@@ -199,15 +212,15 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status),
     ]);
-    shutdown_signal().await;
-    stop(node).await
+    signals.next().await;
+    stop(node, signals).await
 }
 
 /// Drains and stops `node`; exits 0. A second Ctrl-C or SIGTERM stops it at
 /// once, dropping the requests in flight, and exits 128 + the signal's
 /// number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process
 /// killed by it.
-async fn stop(node: Node) -> ExitCode {
+async fn stop(node: Node, mut signals: Signals) -> ExitCode {
     notify_service_manager(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("draining"),
@@ -216,7 +229,7 @@ async fn stop(node: Node) -> ExitCode {
     let limit = node.longest_time_limit() + crate::node::DRAIN_GRACE;
     tokio::select! {
         () = node.shutdown(limit) => ExitCode::SUCCESS,
-        signal = shutdown_signal() => {
+        signal = signals.next() => {
             tracing::warn!("second signal: stopping without draining; requests in flight are dropped");
             ExitCode::from(128 + signal as u8)
         }
@@ -246,6 +259,7 @@ pub struct DhtNodeConfig {
 /// `grenache-host dht`: a DHT node in server mode and, unless turned off,
 /// an introducer beside it.
 pub async fn dht(config: DhtNodeConfig) -> ExitCode {
+    let mut signals = Signals::catch();
     let DhtNodeConfig {
         listen,
         bootstrap,
@@ -267,7 +281,7 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
         Err(code) => return code,
     };
     print_line(format_args!("dht listening on {dht_addr}"));
-    shutdown_signal().await;
+    signals.next().await;
     tracing::info!("stopping the DHT node");
     if let Some(task) = introducer {
         task.abort();
