@@ -163,6 +163,7 @@ impl Demux {
             Datagram::Utp => self.utp.handle_datagram(now, from, datagram),
             Datagram::Punch => {
                 self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
+                self.utp.note_punch(now, from);
                 let _ = self.punches.send(from);
             }
             Datagram::Introduction if n <= MAX_INTRODUCTION_DATAGRAM => {
@@ -403,6 +404,14 @@ impl Endpoint {
                 Some(Ok(())) => return Ok((attempt.into_stream(), peer)),
                 // Moved to the port the peer's punch came from.
                 None => {}
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    // An address that punched us and spent its SYN budget
+                    // unanswered: no more attempts until it answers.
+                    return Err(ConnectError::Failed {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                }
                 Some(Err(e)) => {
                     // Refused: the peer may just be starting; try again
                     // after a while if the deadline allows.

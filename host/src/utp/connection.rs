@@ -49,6 +49,19 @@
 //!   answer. Both sides send a keep-alive STATE after [`KEEPALIVE`] without
 //!   sending, and a connection that hears nothing at all for
 //!   [`IDLE_TIMEOUT`] is closed ([`ConnectionError::Idle`]).
+//!
+//! # An unverified peer gets no more bytes than it sent
+//!
+//! A SYN's source address may be forged. Until the initiator shows that it
+//! receives what we send, by acknowledging our STATE's random sequence
+//! number (its first DATA carries `ack_nr = x − 1`), the responder is
+//! *unverified* and sends exactly one STATE per SYN received: no
+//! keep-alive, no RESET when it gives up, and packets whose ACK does not
+//! match are dropped unanswered (they could only come from someone who
+//! never saw our STATE). An unverified responder that hears nothing valid
+//! for [`HANDSHAKE_TIMEOUT`] closes silently ([`ConnectionError::Unverified`]).
+//! So a spoofed SYN costs the forged address one 20-byte STATE for each
+//! 20-byte SYN, ×1.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -80,6 +93,11 @@ pub const KEEPALIVE: Duration = Duration::from_secs(29);
 /// A connection that hears nothing at all for this long is closed: four
 /// keep-alive intervals of a live peer.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 29);
+/// An incoming connection whose initiator has not acknowledged our STATE
+/// after this long is dropped without a word (see the module
+/// documentation): a real initiator sends its first DATA within a round
+/// trip, or repeats its SYN every few hundred ms if our STATE was lost.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A finished connection still answers a retransmitted FIN for this long.
 pub const LINGER: Duration = Duration::from_secs(1);
 /// Packets sent after an unacknowledged one that must be acknowledged
@@ -126,6 +144,14 @@ pub enum ConnectionError {
     /// Closed on our side (too many connections, or the socket stopped).
     #[error("the uTP connection was closed on this side")]
     Aborted,
+    /// An incoming connection whose initiator never acknowledged our STATE
+    /// within [`HANDSHAKE_TIMEOUT`] (its SYN was likely spoofed).
+    #[error("the peer never acknowledged the handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    Unverified,
+    /// Our SYNs went unanswered to an address that punched us and that
+    /// used up its SYN budget (see [`super::socket::PUNCHER_SYN_BUDGET`]).
+    #[error("the peer punched this host but never answered its SYNs")]
+    Unanswered,
 }
 
 /// Why a [`Connection::send`] took nothing.
@@ -228,9 +254,13 @@ pub struct Connection {
     /// Our clock minus the peer's timestamp at its last packet, in µs.
     reply_micro: u32,
     last_received: Instant,
-    /// A responder that has heard nothing but the SYN (a repeated SYN is
-    /// then answered again).
-    heard_after_syn: bool,
+    /// The peer showed it receives what we send: an initiator got the
+    /// STATE answering its SYN, a responder a packet acknowledging its
+    /// STATE. Until then a responder sends one STATE per SYN and nothing
+    /// else (module documentation); a repeated SYN is answered again.
+    verified: bool,
+    /// SYNs this initiator may still send (`None`: no limit).
+    syn_budget: Option<u32>,
 
     // Sending.
     /// The sequence number of the next new packet.
@@ -293,7 +323,8 @@ impl Connection {
             advertised: RECV_WINDOW,
             reply_micro: 0,
             last_received: now,
-            heard_after_syn: false,
+            verified: false,
+            syn_budget: None,
             next_seq: 0,
             last_ack: 0,
             unsent: VecDeque::new(),
@@ -385,7 +416,23 @@ impl Connection {
     /// A responder that has heard nothing since the SYN (a half-open
     /// connection, the first to go when the socket is full).
     pub fn is_half_open(&self) -> bool {
-        !self.initiator && !self.heard_after_syn && matches!(self.state, State::Connected)
+        !self.initiator && !self.verified && matches!(self.state, State::Connected)
+    }
+
+    /// Whether the peer showed that it receives what we send (an answered
+    /// SYN, an acknowledged STATE).
+    pub fn is_verified(&self) -> bool {
+        self.verified
+    }
+
+    /// Limits the SYNs this connecting initiator sends to `budget` more
+    /// (first one included); once they are spent unanswered, the next
+    /// retry closes it with [`ConnectionError::Unanswered`].
+    pub fn limit_syns(&mut self, budget: u32) {
+        self.syn_budget = Some(budget);
+        if budget == 0 && self.state == State::SynSent {
+            self.close(Some(ConnectionError::Unanswered));
+        }
     }
 
     /// How long since the peer last sent anything.
@@ -396,7 +443,7 @@ impl Connection {
     /// Whether `syn` repeats the one that opened this connection (its
     /// STATE was lost): it is then answered again.
     pub fn is_repeated_syn(&self, syn: &Header) -> bool {
-        !self.initiator && !self.heard_after_syn && syn.seq_nr == self.ack_nr
+        !self.initiator && !self.verified && syn.seq_nr == self.ack_nr
     }
 
     /// Whether the connection has nothing left to do: closed, or both
@@ -411,7 +458,7 @@ impl Connection {
     /// Sends the SYN again at the next transmit (the peer's NAT just
     /// opened: its punch arrived).
     pub fn resend_syn(&mut self) {
-        if self.state == State::SynSent {
+        if self.state == State::SynSent && self.syn_budget != Some(0) {
             self.syn_due = true;
         }
     }
@@ -530,7 +577,9 @@ impl Connection {
     /// handshake never finished.
     pub fn abort(&mut self, why: ConnectionError) {
         if !matches!(self.state, State::Closed(_)) {
-            self.reset_due = self.state == State::Connected;
+            // A peer that never showed it receives gets no RESET: its
+            // address may be forged.
+            self.reset_due = self.state == State::Connected && self.verified;
             self.close(Some(why));
         }
     }
@@ -563,6 +612,21 @@ impl Connection {
         if matches!(self.state, State::Closed(_)) {
             return;
         }
+        if !self.initiator
+            && !self.verified
+            && !matches!(h.packet_type, PacketType::Syn | PacketType::Reset)
+        {
+            // Only a packet acknowledging our STATE (its ACK lies in
+            // `[last_ack, next_seq − 1]`, our random initial sequence
+            // number − 1 while nothing else left) verifies the peer;
+            // anything else is from someone who never saw it, and is
+            // neither answered nor keeps the connection.
+            let newest = self.next_seq.wrapping_sub(1);
+            if seq_less(h.ack_nr, self.last_ack) || seq_less(newest, h.ack_nr) {
+                return;
+            }
+            self.verified = true;
+        }
         self.last_received = now;
         self.reply_micro = self.micros(now).wrapping_sub(h.timestamp_us);
         if h.packet_type == PacketType::Reset {
@@ -583,6 +647,7 @@ impl Connection {
                 return;
             }
             self.state = State::Connected;
+            self.verified = true;
             self.ack_nr = h.seq_nr.wrapping_sub(1);
             self.syn_due = false;
             if let (1, Some(at)) = (self.syn_count, self.syn_sent_at) {
@@ -596,7 +661,6 @@ impl Connection {
             }
             return;
         }
-        self.heard_after_syn = true;
         self.on_ack(now, packet);
         match h.packet_type {
             PacketType::Data => self.on_data(h.seq_nr, packet.payload),
@@ -865,6 +929,9 @@ impl Connection {
             // A due SYN is the socket's to send, not a timer.
             State::SynSent if self.syn_due => return None,
             State::SynSent => return self.syn_sent_at.map(|at| at + SYN_RETRY),
+            State::Connected if !self.verified => {
+                return Some(self.last_received + HANDSHAKE_TIMEOUT);
+            }
             State::Connected => self.linger_until,
         };
         let silence = self
@@ -888,7 +955,16 @@ impl Connection {
             State::Closed(_) => {}
             State::SynSent => {
                 if self.syn_sent_at.is_some_and(|at| now >= at + SYN_RETRY) {
-                    self.syn_due = true;
+                    if self.syn_budget == Some(0) {
+                        self.close(Some(ConnectionError::Unanswered));
+                    } else {
+                        self.syn_due = true;
+                    }
+                }
+            }
+            State::Connected if !self.verified => {
+                if now >= self.last_received + HANDSHAKE_TIMEOUT {
+                    self.abort(ConnectionError::Unverified);
                 }
             }
             State::Connected => {
@@ -953,6 +1029,9 @@ impl Connection {
                 }
                 self.syn_due = false;
                 self.syn_count += 1;
+                if let Some(budget) = &mut self.syn_budget {
+                    *budget = budget.saturating_sub(1);
+                }
                 self.syn_sent_at = Some(now);
                 let mut header = self.header(now, PacketType::Syn, self.syn_seq);
                 header.connection_id = self.recv_id;
@@ -960,6 +1039,11 @@ impl Connection {
                 Packet::without_payload(header).encode(out);
                 self.last_sent = now;
                 return true;
+            }
+            // Data waits until the peer shows it receives: a forged
+            // source gets nothing but the STATE.
+            State::Connected if !self.initiator && !self.verified => {
+                return self.write_ack(now, out);
             }
             State::Connected => {}
         }
@@ -1047,7 +1131,9 @@ impl Connection {
 
     /// A STATE, if an ACK or a keep-alive is due.
     fn write_ack(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
-        if !self.ack_due && now < self.last_sent + KEEPALIVE {
+        // No keep-alive to a peer that never showed it receives.
+        let keepalive = self.verified && now >= self.last_sent + KEEPALIVE;
+        if !self.ack_due && !keepalive {
             return false;
         }
         self.ack_due = false;

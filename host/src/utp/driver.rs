@@ -62,7 +62,10 @@ fn io_error(e: ConnectionError) -> io::Error {
     let kind = match e {
         ConnectionError::Reset => io::ErrorKind::ConnectionReset,
         ConnectionError::Refused => io::ErrorKind::ConnectionRefused,
-        ConnectionError::PeerSilent | ConnectionError::Idle => io::ErrorKind::TimedOut,
+        ConnectionError::PeerSilent
+        | ConnectionError::Idle
+        | ConnectionError::Unverified
+        | ConnectionError::Unanswered => io::ErrorKind::TimedOut,
         ConnectionError::Aborted => io::ErrorKind::ConnectionAborted,
     };
     io::Error::new(kind, e)
@@ -121,6 +124,12 @@ impl Utp {
     /// Handles one received uTP datagram.
     pub fn handle_datagram(&self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.lock().socket.handle_datagram(now, from, datagram);
+    }
+
+    /// `from` punched us: connects to it are on a SYN budget until it
+    /// answers (see [`Socket::note_punch`]).
+    pub fn note_punch(&self, now: Instant, from: SocketAddr) {
+        self.lock().socket.note_punch(now, from);
     }
 
     /// Runs due timers, moves every datagram to send into `out`, wakes the

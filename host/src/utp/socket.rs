@@ -4,6 +4,24 @@
 //! answered with a RESET. The driver feeds it datagrams and the time and
 //! sends what [`Socket::poll_transmit`] hands back.
 //!
+//! # Bounds
+//!
+//! Incoming and outgoing connections have separate budgets, so junk from
+//! the network can never take the slots this host's own calls need:
+//! [`MAX_INCOMING_CONNECTIONS`] and [`MAX_OUTGOING_CONNECTIONS`] in total,
+//! [`MAX_CONNECTIONS_PER_IP`] with one remote IP address in each
+//! direction. A full incoming budget makes room by dropping the oldest
+//! unverified (half-open) connection, or else one silent for
+//! [`EVICTABLE_SILENCE`]. An unverified connection sends no more than it
+//! received and is gone after [`super::connection::HANDSHAKE_TIMEOUT`]
+//! (see [`super::connection`]).
+//!
+//! A punch costs its sender 2 bytes and makes a host call back (a plugin's
+//! `on-punch` may connect to the puncher). An address that punched us and
+//! has not yet answered anything ([`note_punch`](Socket::note_punch)) gets
+//! at most [`PUNCHER_SYN_BUDGET`] SYNs until it answers, however many
+//! connects are made to it; it is forgotten after [`PUNCHER_MEMORY`].
+//!
 //! Applications name a connection by its [`ConnectionHandle`]. A handle
 //! stays valid until the application [releases](Socket::release) it; the
 //! connection stops receiving (is unrouted) when it is done, and its memory
@@ -19,11 +37,28 @@ use rand::{Rng, SeedableRng};
 use super::connection::{Connection, ConnectionError, RecvError, SendError, State};
 use super::packet::{Header, Packet, PacketType};
 
-/// Connections at most on one socket (both directions).
-pub const MAX_CONNECTIONS: usize = 4096;
-/// Connections at most with one remote IP address (a NAT may hide many
-/// hosts behind one; Node opens at most 3 per peer, docs/wire.md §3).
+/// Connections peers opened, at most, on one socket (open, half-open or
+/// lingering).
+pub const MAX_INCOMING_CONNECTIONS: usize = 3072;
+/// Connections this host opened, at most, on one socket: a budget of their
+/// own, which incoming connections cannot use up.
+pub const MAX_OUTGOING_CONNECTIONS: usize = 1024;
+/// Connections at most on one socket, both directions.
+pub const MAX_CONNECTIONS: usize = MAX_INCOMING_CONNECTIONS + MAX_OUTGOING_CONNECTIONS;
+/// Connections at most with one remote IP address in each direction (a
+/// NAT may hide many hosts behind one; Node opens at most 3 per peer,
+/// docs/wire.md §3).
 pub const MAX_CONNECTIONS_PER_IP: usize = 256;
+/// SYNs at most toward an address that punched us and has not answered
+/// anything yet, over all connects to it: one reply burst, not a SYN every
+/// [`super::connection::SYN_RETRY`] until a caller's deadline.
+pub const PUNCHER_SYN_BUDGET: u32 = 3;
+/// Addresses that punched us remembered at most (the oldest is forgotten
+/// first).
+pub const MAX_PUNCHERS: usize = 4096;
+/// How long a punch from an address that never answered limits our SYNs to
+/// it; a later punch then grants a new [`PUNCHER_SYN_BUDGET`].
+pub const PUNCHER_MEMORY: Duration = Duration::from_secs(120);
 /// Accepted connections the application has not taken yet; further SYNs
 /// are refused with a RESET.
 pub const ACCEPT_BACKLOG: usize = 256;
@@ -47,11 +82,12 @@ pub struct Transmit {
     pub contents: Vec<u8>,
 }
 
-/// Why [`Socket::connect`] opened nothing.
+/// Why [`Socket::connect`] opened nothing (or a SYN was refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectLimit {
-    /// [`MAX_CONNECTIONS`] are open.
-    #[error("too many uTP connections ({MAX_CONNECTIONS})")]
+    /// The direction's budget ([`MAX_OUTGOING_CONNECTIONS`] or
+    /// [`MAX_INCOMING_CONNECTIONS`]) is used up.
+    #[error("too many uTP connections open ({MAX_OUTGOING_CONNECTIONS} outgoing, {MAX_INCOMING_CONNECTIONS} incoming at most)")]
     Total,
     /// [`MAX_CONNECTIONS_PER_IP`] are open with that address.
     #[error("too many uTP connections with this address ({MAX_CONNECTIONS_PER_IP})")]
@@ -73,6 +109,9 @@ pub struct SocketStats {
     pub connected: u64,
     /// Connections peers opened (a SYN admitted to the accept queue).
     pub accepted: u64,
+    /// SYNs not sent to an address that punched us: its
+    /// [`PUNCHER_SYN_BUDGET`] was spent.
+    pub syns_withheld: u64,
 }
 
 /// One connection and the socket's book-keeping about it.
@@ -82,6 +121,8 @@ struct Slot {
     remote: SocketAddr,
     /// In the routing table (and counted against the bounds).
     routed: bool,
+    /// The peer opened it (counted against the incoming budget).
+    incoming: bool,
     /// The application let go of its handle.
     released: bool,
     /// Waiting in the accept queue.
@@ -104,7 +145,16 @@ pub struct Socket {
     slots: HashMap<ConnectionHandle, Slot>,
     /// (remote, our receive id) → connection.
     routes: HashMap<(SocketAddr, u16), ConnectionHandle>,
-    per_ip: HashMap<IpAddr, usize>,
+    /// Routed connections per (remote IP, incoming).
+    per_ip: HashMap<(IpAddr, bool), usize>,
+    /// Routed connections: [outgoing, incoming].
+    per_direction: [usize; 2],
+    /// Addresses that punched us and have not answered since: SYNs they
+    /// may still get, and when the entry goes.
+    punchers: HashMap<SocketAddr, (u32, Instant)>,
+    /// `punchers` in the order they came, oldest first (with the instant,
+    /// so a re-added address is not dropped by its old entry).
+    puncher_order: VecDeque<(Instant, SocketAddr)>,
     backlog: VecDeque<ConnectionHandle>,
     timers: BTreeSet<(Instant, ConnectionHandle)>,
     /// Connections that may have something to send, served in turn.
@@ -127,6 +177,9 @@ impl Socket {
             slots: HashMap::new(),
             routes: HashMap::new(),
             per_ip: HashMap::new(),
+            per_direction: [0; 2],
+            punchers: HashMap::new(),
+            puncher_order: VecDeque::new(),
             backlog: VecDeque::new(),
             timers: BTreeSet::new(),
             transmit_queue: VecDeque::new(),
@@ -164,7 +217,7 @@ impl Socket {
         now: Instant,
         remote: SocketAddr,
     ) -> Result<ConnectionHandle, ConnectLimit> {
-        self.check_limits(remote)?;
+        self.check_limits(remote, false)?;
         // A receive id no connection with `remote` uses (the responder
         // side of an incoming SYN uses the SYN's id + 1).
         let recv_id = loop {
@@ -174,11 +227,55 @@ impl Socket {
             }
         };
         let syn_seq = self.rng.random();
-        let connection = Connection::connect(now, self.epoch, recv_id, syn_seq);
-        let handle = self.insert(now, remote, connection, false);
+        let mut connection = Connection::connect(now, self.epoch, recv_id, syn_seq);
+        if let Some((left, _)) = self.punchers.get_mut(&remote) {
+            // The whole budget goes to this attempt: a parallel or later
+            // one sends nothing until the address answers.
+            if *left == 0 {
+                self.stats.syns_withheld += 1;
+            }
+            connection.limit_syns(*left);
+            *left = 0;
+        }
+        let handle = self.insert(now, remote, connection, false, false);
         self.stats.connected += 1;
         tracing::debug!(%remote, id = recv_id, ?handle, "uTP: connecting");
         Ok(handle)
+    }
+
+    /// `from` punched us. Until it answers (a packet on a verified
+    /// connection), connects to it send at most [`PUNCHER_SYN_BUDGET`]
+    /// SYNs in all; the entry is forgotten after [`PUNCHER_MEMORY`].
+    pub fn note_punch(&mut self, now: Instant, from: SocketAddr) {
+        while let Some(&(at, addr)) = self.puncher_order.front() {
+            let full = self.punchers.len() >= MAX_PUNCHERS;
+            if !full && now.saturating_duration_since(at) < PUNCHER_MEMORY {
+                break;
+            }
+            self.puncher_order.pop_front();
+            if self
+                .punchers
+                .get(&addr)
+                .is_some_and(|&(_, since)| since == at)
+            {
+                self.punchers.remove(&addr);
+            }
+        }
+        if self.punchers.contains_key(&from) || self.has_verified_connection(from) {
+            return;
+        }
+        self.punchers.insert(from, (PUNCHER_SYN_BUDGET, now));
+        self.puncher_order.push_back((now, from));
+    }
+
+    /// Whether `remote` is a peer of a routed, verified connection.
+    fn has_verified_connection(&self, remote: SocketAddr) -> bool {
+        let ip = remote.ip();
+        (self.per_ip.contains_key(&(ip, false)) || self.per_ip.contains_key(&(ip, true)))
+            && self
+                .slots
+                .values()
+                .any(|s| s.routed && s.remote == remote && s.connection.is_verified())
     }
 
     /// Sends the SYN again at once (the peer's punch arrived).
@@ -340,6 +437,10 @@ impl Socket {
         if let Some(slot) = self.slots.get_mut(&handle) {
             let before = slot.connection.state();
             slot.connection.handle_packet(now, &packet);
+            if slot.connection.is_verified() && !self.punchers.is_empty() {
+                // It answered: no longer a puncher on a budget.
+                self.punchers.remove(&from);
+            }
             let after = slot.connection.state();
             if after != before {
                 tracing::debug!(%from, ?handle, "uTP: {before:?} → {after:?} on a {:?}", h.packet_type);
@@ -388,11 +489,11 @@ impl Socket {
             self.unroute(handle);
             self.collect(now, handle);
         }
-        let mut limits = self.check_limits(from);
+        let mut limits = self.check_limits(from, true);
         if let Err(limit) = limits {
             let only = (limit == ConnectLimit::PerAddress).then(|| from.ip());
             if self.evict(now, only) {
-                limits = self.check_limits(from);
+                limits = self.check_limits(from, true);
             }
         }
         let refused = limits.is_err();
@@ -404,22 +505,23 @@ impl Socket {
         }
         let initial_seq = self.rng.random();
         let connection = Connection::accept(now, self.epoch, syn, initial_seq);
-        let handle = self.insert(now, from, connection, true);
+        let handle = self.insert(now, from, connection, true, true);
         self.stats.accepted += 1;
         tracing::debug!(%from, id = syn.connection_id, ?handle, "uTP: connection from a SYN");
         self.backlog.push_back(handle);
     }
 
-    /// Makes room for a new connection (with `only` that address): closes
-    /// the oldest half-open one (a SYN and nothing since), or else the one
+    /// Makes room for a new incoming connection (with `only` that address;
+    /// outgoing connections are never dropped for it): closes the oldest
+    /// half-open one (a SYN and nothing since), or else the one
     /// silent longest if it has been silent for [`EVICTABLE_SILENCE`] (its
     /// peer is most likely gone: a `call` process that exited, a host that
     /// died). `false` if there is none.
     fn evict(&mut self, now: Instant, only: Option<IpAddr>) -> bool {
         let candidates = || {
-            self.slots
-                .iter()
-                .filter(move |(_, s)| s.routed && only.is_none_or(|ip| s.remote.ip() == ip))
+            self.slots.iter().filter(move |(_, s)| {
+                s.routed && s.incoming && only.is_none_or(|ip| s.remote.ip() == ip)
+            })
         };
         let victim = candidates()
             .filter(|(_, s)| s.connection.is_half_open())
@@ -444,11 +546,19 @@ impl Socket {
         true
     }
 
-    fn check_limits(&self, remote: SocketAddr) -> Result<(), ConnectLimit> {
-        if self.routes.len() >= MAX_CONNECTIONS {
+    /// Whether one more connection with `remote` fits the budget of its
+    /// direction.
+    fn check_limits(&self, remote: SocketAddr, incoming: bool) -> Result<(), ConnectLimit> {
+        let total = if incoming {
+            MAX_INCOMING_CONNECTIONS
+        } else {
+            MAX_OUTGOING_CONNECTIONS
+        };
+        if self.per_direction[usize::from(incoming)] >= total {
             return Err(ConnectLimit::Total);
         }
-        if self.per_ip.get(&remote.ip()).copied().unwrap_or(0) >= MAX_CONNECTIONS_PER_IP {
+        let per_ip = self.per_ip.get(&(remote.ip(), incoming)).copied();
+        if per_ip.unwrap_or(0) >= MAX_CONNECTIONS_PER_IP {
             return Err(ConnectLimit::PerAddress);
         }
         Ok(())
@@ -482,18 +592,21 @@ impl Socket {
         now: Instant,
         remote: SocketAddr,
         connection: Connection,
+        incoming: bool,
         in_backlog: bool,
     ) -> ConnectionHandle {
         let handle = ConnectionHandle(self.next_handle);
         self.next_handle += 1;
         self.routes.insert((remote, connection.recv_id()), handle);
-        *self.per_ip.entry(remote.ip()).or_default() += 1;
+        *self.per_ip.entry((remote.ip(), incoming)).or_default() += 1;
+        self.per_direction[usize::from(incoming)] += 1;
         self.slots.insert(
             handle,
             Slot {
                 connection,
                 remote,
                 routed: true,
+                incoming,
                 released: false,
                 in_backlog,
                 timer: None,
@@ -518,11 +631,12 @@ impl Socket {
         if self.routes.get(&key) == Some(&handle) {
             self.routes.remove(&key);
         }
-        let ip = slot.remote.ip();
-        if let Some(count) = self.per_ip.get_mut(&ip) {
+        let key = (slot.remote.ip(), slot.incoming);
+        self.per_direction[usize::from(slot.incoming)] -= 1;
+        if let Some(count) = self.per_ip.get_mut(&key) {
             *count -= 1;
             if *count == 0 {
-                self.per_ip.remove(&ip);
+                self.per_ip.remove(&key);
             }
         }
     }

@@ -17,6 +17,7 @@ use super::connection::{
 use super::packet::{Header, Packet, PacketType};
 use super::socket::{
     ConnectionHandle, Socket, ACCEPT_BACKLOG, EVICTABLE_SILENCE, MAX_CONNECTIONS_PER_IP,
+    MAX_INCOMING_CONNECTIONS, PUNCHER_SYN_BUDGET,
 };
 
 const LATENCY: Duration = Duration::from_millis(5);
@@ -885,6 +886,10 @@ fn a_slow_answer_needs_no_keepalive_bytes() {
 fn an_idle_connection_lives_on_keepalives_and_dies_when_the_path_does() {
     let mut net = Net::new();
     let (client, server) = net.connect();
+    // The client's first message verifies it to the server (an initiator
+    // that says nothing is dropped after HANDSHAKE_TIMEOUT).
+    net.node(A).send(client, b"[]").unwrap();
+    assert_eq!(net.read_exactly(B, server, 2), b"[]");
     net.run_for(3 * IDLE_TIMEOUT);
     assert_eq!(net.node(A).state(client), Some(State::Connected));
     assert_eq!(net.node(B).state(server), Some(State::Connected));
@@ -986,7 +991,7 @@ fn a_full_table_drops_half_open_connections_first() {
     let mut socket = Socket::new(now, 5);
     // Half-open connections from many addresses: SYNs and nothing since.
     let mut opened = 0;
-    for i in 0..super::socket::MAX_CONNECTIONS {
+    for i in 0..MAX_INCOMING_CONNECTIONS {
         let from: SocketAddr = format!("10.{}.{}.1:9", i / 250, i % 250).parse().unwrap();
         socket.handle_datagram(
             now,
@@ -998,8 +1003,8 @@ fn a_full_table_drops_half_open_connections_first() {
             opened += 1;
         }
     }
-    assert_eq!(opened, super::socket::MAX_CONNECTIONS);
-    assert_eq!(socket.open_connections(), super::socket::MAX_CONNECTIONS);
+    assert_eq!(opened, MAX_INCOMING_CONNECTIONS);
+    assert_eq!(socket.open_connections(), MAX_INCOMING_CONNECTIONS);
     let from = addr("192.0.2.1:9");
     socket.handle_datagram(
         now,
@@ -1008,7 +1013,152 @@ fn a_full_table_drops_half_open_connections_first() {
     );
     assert!(socket.accept().is_some(), "the new SYN is accepted");
     assert_eq!(socket.stats().evicted, 1);
-    assert_eq!(socket.open_connections(), super::socket::MAX_CONNECTIONS);
+    assert_eq!(socket.open_connections(), MAX_INCOMING_CONNECTIONS);
+    // The incoming junk took none of the outgoing budget.
+    assert!(socket.connect(now, addr("192.0.2.2:9")).is_ok());
+}
+
+// ---- What a forged source address gets back. ----
+
+/// Every datagram `socket` sends to `to` while `span` of simulated time
+/// passes (its timers run every 100 ms).
+fn sent_to_over(
+    socket: &mut Socket,
+    to: SocketAddr,
+    from: Instant,
+    span: Duration,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut now = from;
+    while now <= from + span {
+        socket.handle_timeout(now);
+        while let Some(t) = socket.poll_transmit(now) {
+            if t.destination == to {
+                out.push(t.contents);
+            }
+        }
+        now += Duration::from_millis(100);
+    }
+    out
+}
+
+#[test]
+fn a_spoofed_syn_is_answered_by_one_state_and_nothing_after() {
+    let now = Instant::now();
+    let mut socket = Socket::new(now, 21);
+    let victim = addr("192.0.2.7:4000");
+    let syn = Packet::without_payload(syn_header(300, 3000)).to_vec();
+    socket.handle_datagram(now, victim, &syn);
+    // The application even accepts it and writes (a server that speaks
+    // first): nothing but the one STATE leaves, no keep-alive, no RESET.
+    let server = socket.accept().unwrap();
+    socket.send(server, b"[1]").unwrap();
+    let out = sent_to_over(&mut socket, victim, now, 3 * IDLE_TIMEOUT);
+    assert_eq!(out.len(), 1, "{out:02x?}");
+    assert_eq!(out[0].len(), syn.len(), "×1 in bytes");
+    assert_eq!(
+        Packet::decode(&out[0]).unwrap().header.packet_type,
+        PacketType::State
+    );
+    assert_eq!(
+        socket.state(server),
+        Some(State::Closed(Some(ConnectionError::Unverified)))
+    );
+    assert_eq!(socket.open_connections(), 0);
+}
+
+#[test]
+fn before_the_state_is_acknowledged_packets_with_a_wrong_ack_are_dropped_unanswered() {
+    let now = Instant::now();
+    let mut socket = Socket::new(now, 22);
+    let victim = addr("192.0.2.8:4000");
+    socket.handle_datagram(
+        now,
+        victim,
+        &Packet::without_payload(syn_header(400, 4000)).to_vec(),
+    );
+    let x = Packet::decode(&drain(&mut socket, now)[0])
+        .unwrap()
+        .header
+        .seq_nr;
+    let server = socket.accept().unwrap();
+    // A blind attacker's request: the right ids, a guessed ACK.
+    let data = |ack_nr: u16| {
+        Packet {
+            header: Header {
+                packet_type: PacketType::Data,
+                connection_id: 401,
+                seq_nr: 4001,
+                ack_nr,
+                ..syn_header(0, 0)
+            },
+            selective_ack: None,
+            payload: TV2,
+        }
+        .to_vec()
+    };
+    socket.handle_datagram(now, victim, &data(x.wrapping_add(100)));
+    assert!(drain(&mut socket, now).is_empty(), "no ACK, no RESET");
+    let mut buf = [0u8; 256];
+    assert_eq!(socket.recv(server, &mut buf), Err(RecvError::WouldBlock));
+    // The initiator's real first DATA acknowledges the STATE: delivered.
+    socket.handle_datagram(now, victim, &data(x.wrapping_sub(1)));
+    let n = socket.recv(server, &mut buf).unwrap();
+    assert_eq!(&buf[..n], TV2);
+}
+
+#[test]
+fn an_address_that_punched_and_never_answers_gets_a_bounded_number_of_syns() {
+    let now = Instant::now();
+    let mut socket = Socket::new(now, 23);
+    let puncher = addr("192.0.2.9:5000");
+    socket.note_punch(now, puncher);
+    // A plugin's `on-punch` calls back, twice, and keeps retrying.
+    let first = socket.connect(now, puncher).unwrap();
+    let out = sent_to_over(&mut socket, puncher, now, Duration::from_secs(10));
+    assert_eq!(out.len(), PUNCHER_SYN_BUDGET as usize);
+    assert_eq!(
+        socket.state(first),
+        Some(State::Closed(Some(ConnectionError::Unanswered)))
+    );
+    let later = now + Duration::from_secs(10);
+    socket.note_punch(later, puncher);
+    let second = socket.connect(later, puncher).unwrap();
+    assert!(sent_to_over(&mut socket, puncher, later, Duration::from_secs(10)).is_empty());
+    assert_eq!(
+        socket.state(second),
+        Some(State::Closed(Some(ConnectionError::Unanswered)))
+    );
+    assert_eq!(socket.stats().syns_withheld, 1);
+    // Other addresses are not limited.
+    let other = addr("192.0.2.10:5000");
+    socket.connect(later, other).unwrap();
+    let out = sent_to_over(&mut socket, other, later, Duration::from_secs(10));
+    assert!(out.len() > PUNCHER_SYN_BUDGET as usize);
+}
+
+#[test]
+fn a_puncher_that_answers_is_connected_to_as_usual() {
+    let mut net = Net::new();
+    let now = net.now;
+    net.node(A).note_punch(now, addr(B));
+    let (client, server) = net.connect();
+    net.node(A).send(client, b"[]").unwrap();
+    assert_eq!(net.read_exactly(B, server, 2), b"[]");
+    // It answered: later connects are not limited, however many SYNs
+    // they need.
+    let now = net.now;
+    net.node(A).note_punch(now, addr(B));
+    net.set_filter(|w| {
+        if is_type(w, PacketType::Syn) {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    let second = net.node(A).connect(now, addr(B)).unwrap();
+    net.run_for(Duration::from_secs(3));
+    assert!(net.node(A).syn_count(second) > PUNCHER_SYN_BUDGET);
 }
 
 #[test]
