@@ -5,7 +5,11 @@
 //! docs/wire.md#heartbeat).
 //!
 //! A connection that sends something that is not a Grenache request is
-//! closed and counted; everyone else keeps being served. The server owns the
+//! closed and counted; everyone else keeps being served. A connection must
+//! deliver its first whole request within [`FIRST_REQUEST_TIMEOUT`], and
+//! one with no request in flight is closed after [`IDLE_CONNECTION_TIMEOUT`]
+//! without a whole new request: bytes trickled in (slowloris) hold no slot
+//! for long. The server owns the
 //! tasks of its connections and their requests: stopping it stops them all.
 //!
 //! Stopping gracefully goes through its [`Drain`]: once draining, every new
@@ -17,6 +21,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
@@ -49,6 +54,9 @@ pub struct ServerStats {
     /// Connections closed because they did not speak Grenache or sent a
     /// message over the size limit.
     pub bad_connections: AtomicU64,
+    /// Connections closed for sending no whole request in time
+    /// ([`FIRST_REQUEST_TIMEOUT`], [`IDLE_CONNECTION_TIMEOUT`]).
+    pub timed_out_connections: AtomicU64,
 }
 
 /// The error string of a request the host will not answer because it is
@@ -144,6 +152,17 @@ impl Drop for InFlight {
 /// a plugin's default `max_concurrent`.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 
+/// A new connection whose first whole request has not arrived after this
+/// long is closed. A Grenache client sends its request as soon as it is
+/// connected; a peer trickling bytes (slowloris) loses its slot.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection with no request in flight that sends no whole request for
+/// this long is closed (bytes of an unfinished request do not count). A
+/// caller's pooled connection is then closed with a FIN and opened again on
+/// its next request.
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Accepts connections until dropped; dropping the future stops every
 /// connection it accepted. `drain` stops it gracefully (see [`Drain`]).
 pub async fn serve(
@@ -187,16 +206,40 @@ async fn serve_connection(
     // Requests in flight on this connection; they finish even after the
     // peer stops sending.
     let mut requests = tokio::task::JoinSet::new();
+    // When the connection last had something to do: opened, a request
+    // read or answered. With nothing in flight it must bring a whole
+    // request within the timeout from then.
+    let mut active_since = tokio::time::Instant::now();
+    let mut limit = FIRST_REQUEST_TIMEOUT;
     let problem = loop {
-        while requests.try_join_next().is_some() {}
+        while requests.try_join_next().is_some() {
+            active_since = tokio::time::Instant::now();
+        }
         // A peer that pipelines requests faster than they are answered (or
         // never reads its replies, so that each waits for the writer) is
         // not read further until one finishes: its bytes wait in uTP's
         // window instead of as tasks in our memory.
         while requests.len() >= MAX_IN_FLIGHT_PER_CONNECTION {
             requests.join_next().await;
+            active_since = tokio::time::Instant::now();
         }
-        let request = match reader.next().await {
+        let deadline = requests.is_empty().then(|| active_since + limit);
+        let next = tokio::select! {
+            // Cancel-safe: nothing received is lost (MessageReader::next).
+            next = reader.next() => next,
+            Some(_) = requests.join_next(), if !requests.is_empty() => {
+                active_since = tokio::time::Instant::now();
+                continue;
+            }
+            () = sleep_until_some(deadline) => {
+                stats.timed_out_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "closing a connection that sent no whole request for {limit:?}");
+                return;
+            }
+        };
+        limit = IDLE_CONNECTION_TIMEOUT;
+        active_since = tokio::time::Instant::now();
+        let request = match next {
             Ok(Some(value)) => match codec::parse_request(&value) {
                 Ok(request) => request,
                 Err(e) => break e,
@@ -255,6 +298,14 @@ async fn serve_connection(
     requests.join_all().await;
 }
 
+/// Sleeps until `deadline`, forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The error string of a request refused or cut short by stopping.
 fn shutting_down(what: &str) -> String {
     format!("{ERR_SHUTTING_DOWN}: this host is stopping and {what}; ask another peer")
@@ -287,8 +338,6 @@ async fn answer(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::rpc::client::RpcClient;
     use crate::rpc::RpcError;
