@@ -52,7 +52,7 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 /// SYNs at most toward an address that punched us and has not answered
 /// anything yet, over all connects to it: one reply burst, not a SYN every
 /// [`super::connection::SYN_RETRY`] until a caller's deadline.
-pub const PUNCHER_SYN_BUDGET: u32 = 3;
+pub const PUNCHER_SYN_BUDGET: u32 = 2;
 /// Addresses that punched us remembered at most (the oldest is forgotten
 /// first).
 pub const MAX_PUNCHERS: usize = 4096;
