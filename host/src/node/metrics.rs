@@ -382,6 +382,12 @@ impl Collector for PartsCollector {
         )?;
         counters(
             e,
+            "grenache_host_rpc_connections_timed_out",
+            "Connections closed for bringing no whole request in time: the first within 10 s, or a new one within 60 s with nothing in flight (slowloris).",
+            [(NoLabels::default(), load(&self.server.timed_out_connections))],
+        )?;
+        counters(
+            e,
             "grenache_host_introductions",
             "Introductions this host asked for, by outcome.",
             self.introductions
@@ -426,6 +432,18 @@ impl Collector for PartsCollector {
             "grenache_host_utp_connections_evicted",
             "uTP connections closed to make room for a new one (half-open, or silent for long).",
             [(NoLabels::default(), utp.evicted)],
+        )?;
+        counters(
+            e,
+            "grenache_host_utp_connections_unverified",
+            "Incoming uTP connections dropped because the peer never acknowledged our STATE within 5 s (most likely a spoofed SYN).",
+            [(NoLabels::default(), utp.unverified)],
+        )?;
+        counters(
+            e,
+            "grenache_host_utp_syns_withheld",
+            "Connects not sent to an address that punched this host and never answered its SYNs (its SYN budget was spent).",
+            [(NoLabels::default(), utp.syns_withheld)],
         )?;
         counters(
             e,

@@ -109,9 +109,12 @@ pub struct SocketStats {
     pub connected: u64,
     /// Connections peers opened (a SYN admitted to the accept queue).
     pub accepted: u64,
-    /// SYNs not sent to an address that punched us: its
+    /// Connects to an address that punched us that sent no SYN: its
     /// [`PUNCHER_SYN_BUDGET`] was spent.
     pub syns_withheld: u64,
+    /// Incoming connections dropped because the peer never acknowledged
+    /// our STATE ([`super::connection::HANDSHAKE_TIMEOUT`]).
+    pub unverified: u64,
 }
 
 /// One connection and the socket's book-keeping about it.
@@ -706,6 +709,9 @@ impl Socket {
                 let after = slot.connection.state();
                 if after != before {
                     tracing::debug!(remote = %slot.remote, ?handle, "uTP: {before:?} → {after:?} on a timer");
+                    if after == State::Closed(Some(ConnectionError::Unverified)) {
+                        self.stats.unverified += 1;
+                    }
                     self.wake(handle);
                 }
                 self.touch(handle);

@@ -1065,6 +1065,7 @@ fn a_spoofed_syn_is_answered_by_one_state_and_nothing_after() {
         Some(State::Closed(Some(ConnectionError::Unverified)))
     );
     assert_eq!(socket.open_connections(), 0);
+    assert_eq!(socket.stats().unverified, 1);
 }
 
 #[test]
