@@ -60,6 +60,9 @@
 //! match are dropped unanswered (they could only come from someone who
 //! never saw our STATE). An unverified responder that hears nothing valid
 //! for [`HANDSHAKE_TIMEOUT`] closes silently ([`ConnectionError::Unverified`]).
+//! Our initiator acknowledges the STATE at once (with its first DATA, or a
+//! STATE of its own), so a connection opened ahead of its first request
+//! stays; libutp's initiator sends its first DATA at once.
 //! So a spoofed SYN costs the forged address one 20-byte STATE for each
 //! 20-byte SYN, ×1.
 
@@ -650,6 +653,12 @@ impl Connection {
             self.verified = true;
             self.ack_nr = h.seq_nr.wrapping_sub(1);
             self.syn_due = false;
+            // Acknowledge the STATE at once (TCP's third handshake packet):
+            // it verifies us to the responder even if we send nothing for
+            // a while (a connection opened ahead of its first request).
+            // Our first DATA, if it leaves at the same transmit, carries
+            // the ACK instead.
+            self.ack_due = true;
             if let (1, Some(at)) = (self.syn_count, self.syn_sent_at) {
                 self.rtt_sample(now.saturating_duration_since(at));
             }
