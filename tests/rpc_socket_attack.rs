@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{plugin, start_dht, start_host, HostProcess, SOON};
-use grenache_host::rpc::server::FIRST_REQUEST_TIMEOUT;
+use grenache_host::rpc::server::REQUEST_TIMEOUT;
 use grenache_host::transport::Endpoint;
 use grenache_host::utp::connection::HANDSHAKE_TIMEOUT;
 use grenache_host::utp::socket::PUNCHER_SYN_BUDGET;
@@ -189,7 +189,7 @@ fn legitimate_calls_are_served_through_a_syn_flood_and_slowloris_connections() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let connected = Arc::new(AtomicU64::new(0));
-    let lifetime_limit = FIRST_REQUEST_TIMEOUT + Duration::from_secs(10);
+    let lifetime_limit = REQUEST_TIMEOUT + Duration::from_secs(10);
     let loris = rt.spawn(slowloris(target, lifetime_limit, connected.clone()));
     let deadline = Instant::now() + SOON;
     while connected.load(Ordering::Relaxed) < SLOWLORIS as u64 {
@@ -284,8 +284,8 @@ fn legitimate_calls_are_served_through_a_syn_flood_and_slowloris_connections() {
     assert!(
         lifetimes
             .iter()
-            .all(|l| l.is_some_and(|d| d <= FIRST_REQUEST_TIMEOUT + Duration::from_secs(3))),
-        "every slowloris connection is closed soon after {FIRST_REQUEST_TIMEOUT:?}: {held:?}"
+            .all(|l| l.is_some_and(|d| d <= REQUEST_TIMEOUT + Duration::from_secs(3))),
+        "every slowloris connection is closed soon after {REQUEST_TIMEOUT:?}: {held:?}"
     );
 }
 
@@ -355,4 +355,45 @@ fn one_punch_from_an_address_that_never_answers_draws_one_bounded_burst() {
         datagrams <= 2 + PUNCHER_SYN_BUDGET as u64,
         "{datagrams} datagrams"
     );
+}
+
+#[test]
+fn a_connection_opened_ahead_of_its_first_request_is_still_served() {
+    // Callers open connections before they need them (the client warms up
+    // untried peers): ours acknowledges the handshake, so the host keeps
+    // the connection past HANDSHAKE_TIMEOUT though nothing else was sent.
+    let (_dht, bootstrap) = start_dht();
+    let (_worker, port) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (endpoint, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut stream = endpoint.connect(target, deadline).await.unwrap();
+        // Idle for longer than an unverified connection may live.
+        tokio::time::sleep(HANDSHAKE_TIMEOUT + Duration::from_secs(2)).await;
+        stream
+            .write_all(
+                br#"["a1000000-0000-4000-8000-000000000002","fibonacci_worker",{"length":3}]"#,
+            )
+            .await
+            .unwrap();
+        let mut got = String::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(']') || !got.contains("[1,1,2]") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("a reply in time")
+                .unwrap();
+            assert!(n > 0, "closed instead of answered: {got}");
+            got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        }
+        assert_eq!(
+            got,
+            r#"["a1000000-0000-4000-8000-000000000002",null,[1,1,2]]"#
+        );
+    });
 }

@@ -383,7 +383,7 @@ impl Collector for PartsCollector {
         counters(
             e,
             "grenache_host_rpc_connections_timed_out",
-            "Connections closed for bringing no whole request in time: the first within 10 s, or a new one within 60 s with nothing in flight (slowloris).",
+            "Connections closed for bringing no whole request in time: a request not whole 10 s after its first bytes (plus 1 s per 16 KiB), or no request for 60 s with nothing in flight (slowloris).",
             [(NoLabels::default(), load(&self.server.timed_out_connections))],
         )?;
         counters(

@@ -86,13 +86,24 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
             if let Some(message) = self.next_buffered()? {
                 return Ok(Some(message));
             }
-            let n = self.stream.read(&mut self.buffer).await?;
-            if n == 0 {
+            if self.read_more().await? == 0 {
                 return Ok(None);
             }
+        }
+    }
+
+    /// Reads once from the stream into the decoder and returns how many
+    /// bytes came: 0 when the peer closed the stream. Cancel-safe, as
+    /// [`next`](Self::next) is; for a caller that watches when bytes
+    /// arrive (the server's deadlines), with
+    /// [`next_buffered`](Self::next_buffered) between reads.
+    pub async fn read_more(&mut self) -> Result<usize, std::io::Error> {
+        let n = self.stream.read(&mut self.buffer).await?;
+        if n > 0 {
             self.reads.0.fetch_add(1, Ordering::Relaxed);
             self.decoder.push(&self.buffer[..n]);
         }
+        Ok(n)
     }
 
     /// The next whole message among the bytes already received, without

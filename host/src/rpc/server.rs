@@ -5,11 +5,12 @@
 //! docs/wire.md#heartbeat).
 //!
 //! A connection that sends something that is not a Grenache request is
-//! closed and counted; everyone else keeps being served. A connection must
-//! deliver its first whole request within [`FIRST_REQUEST_TIMEOUT`], and
-//! one with no request in flight is closed after [`IDLE_CONNECTION_TIMEOUT`]
-//! without a whole new request: bytes trickled in (slowloris) hold no slot
-//! for long. The server owns the
+//! closed and counted; everyone else keeps being served. A request must
+//! arrive whole within [`REQUEST_TIMEOUT`] of its first bytes (plus time
+//! for its size at [`MIN_REQUEST_RATE`]), and a
+//! connection with nothing in flight that brings no new request for
+//! [`IDLE_CONNECTION_TIMEOUT`] (its first one included) is closed: bytes
+//! trickled in (slowloris) hold no slot for long. The server owns the
 //! tasks of its connections and their requests: stopping it stops them all.
 //!
 //! Stopping gracefully goes through its [`Drain`]: once draining, every new
@@ -55,7 +56,7 @@ pub struct ServerStats {
     /// message over the size limit.
     pub bad_connections: AtomicU64,
     /// Connections closed for sending no whole request in time
-    /// ([`FIRST_REQUEST_TIMEOUT`], [`IDLE_CONNECTION_TIMEOUT`]).
+    /// ([`REQUEST_TIMEOUT`], [`IDLE_CONNECTION_TIMEOUT`]).
     pub timed_out_connections: AtomicU64,
 }
 
@@ -152,15 +153,23 @@ impl Drop for InFlight {
 /// a plugin's default `max_concurrent`.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 
-/// A new connection whose first whole request has not arrived after this
-/// long is closed. A Grenache client sends its request as soon as it is
-/// connected; a peer trickling bytes (slowloris) loses its slot.
-pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request must arrive whole within this long of its first bytes (the
+/// first read after the previous request, whitespace included), plus the
+/// time its bytes so far take at [`MIN_REQUEST_RATE`], or the connection
+/// is closed: a peer trickling bytes (slowloris) loses its slot. A
+/// Grenache client writes each request at once, in one message.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection with no request in flight that sends no whole request for
-/// this long is closed (bytes of an unfinished request do not count). A
-/// caller's pooled connection is then closed with a FIN and opened again on
-/// its next request.
+/// Bytes per second a large request is given on top of
+/// [`REQUEST_TIMEOUT`]: a 1 MiB request may take 10 s + 64 s.
+pub const MIN_REQUEST_RATE: u64 = 16 * 1024;
+
+/// A connection with no request in flight and no bytes of a new one is
+/// closed after this long, counted from its opening or its last request.
+/// Longer than [`REQUEST_TIMEOUT`] because callers open connections ahead
+/// of their first request (`rpc::client` warms up untried peers) and keep
+/// them for the next; such a connection is closed with a FIN, and the
+/// caller opens a new one on its next request.
 pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Accepts connections until dropped; dropping the future stops every
@@ -207,10 +216,13 @@ async fn serve_connection(
     // peer stops sending.
     let mut requests = tokio::task::JoinSet::new();
     // When the connection last had something to do: opened, a request
-    // read or answered. With nothing in flight it must bring a whole
-    // request within the timeout from then.
+    // read or answered. With nothing in flight and no bytes of a new
+    // request it must bring one within IDLE_CONNECTION_TIMEOUT from then.
     let mut active_since = tokio::time::Instant::now();
-    let mut limit = FIRST_REQUEST_TIMEOUT;
+    // When the first bytes after the last whole request arrived, and how
+    // many have arrived since.
+    let mut partial_since: Option<tokio::time::Instant> = None;
+    let mut partial_bytes: u64 = 0;
     let problem = loop {
         while requests.try_join_next().is_some() {
             active_since = tokio::time::Instant::now();
@@ -223,22 +235,52 @@ async fn serve_connection(
             requests.join_next().await;
             active_since = tokio::time::Instant::now();
         }
-        let deadline = requests.is_empty().then(|| active_since + limit);
-        let next = tokio::select! {
-            // Cancel-safe: nothing received is lost (MessageReader::next).
-            next = reader.next() => next,
-            Some(_) = requests.join_next(), if !requests.is_empty() => {
-                active_since = tokio::time::Instant::now();
-                continue;
-            }
-            () = sleep_until_some(deadline) => {
-                stats.timed_out_connections.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, "closing a connection that sent no whole request for {limit:?}");
-                return;
+        let next = match reader.next_buffered() {
+            Ok(Some(message)) => Ok(Some(message)),
+            Err(e) => Err(ReadError::Decode(e)),
+            Ok(None) => {
+                let (deadline, limit) = match partial_since {
+                    Some(since) => {
+                        let limit = REQUEST_TIMEOUT
+                            + Duration::from_secs_f64(
+                                partial_bytes as f64 / MIN_REQUEST_RATE as f64,
+                            );
+                        (Some(since + limit), limit)
+                    }
+                    None => (
+                        requests
+                            .is_empty()
+                            .then(|| active_since + IDLE_CONNECTION_TIMEOUT),
+                        IDLE_CONNECTION_TIMEOUT,
+                    ),
+                };
+                tokio::select! {
+                    // Cancel-safe: one read, whose bytes reach the decoder.
+                    more = reader.read_more() => match more {
+                        Ok(0) => Ok(None),
+                        Ok(n) => {
+                            partial_since.get_or_insert_with(tokio::time::Instant::now);
+                            partial_bytes += n as u64;
+                            continue;
+                        }
+                        Err(e) => Err(ReadError::Io(e)),
+                    },
+                    Some(_) = requests.join_next(), if !requests.is_empty() => {
+                        active_since = tokio::time::Instant::now();
+                        continue;
+                    }
+                    () = sleep_until_some(deadline) => {
+                        stats.timed_out_connections.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "closing a connection that brought no whole request for {limit:?}");
+                        requests.join_all().await;
+                        return;
+                    }
+                }
             }
         };
-        limit = IDLE_CONNECTION_TIMEOUT;
         active_since = tokio::time::Instant::now();
+        partial_since = None;
+        partial_bytes = 0;
         let request = match next {
             Ok(Some(value)) => match codec::parse_request(&value) {
                 Ok(request) => request,
