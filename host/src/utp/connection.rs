@@ -60,11 +60,12 @@
 //! match are dropped unanswered (they could only come from someone who
 //! never saw our STATE). An unverified responder that hears nothing valid
 //! for [`HANDSHAKE_TIMEOUT`] closes silently ([`ConnectionError::Unverified`]).
+//! So a spoofed SYN costs the forged address one 20-byte STATE for each
+//! 20-byte SYN, ×1.
+//!
 //! Our initiator acknowledges the STATE at once (with its first DATA, or a
 //! STATE of its own), so a connection opened ahead of its first request
 //! stays; libutp's initiator sends its first DATA at once.
-//! So a spoofed SYN costs the forged address one 20-byte STATE for each
-//! 20-byte SYN, ×1.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

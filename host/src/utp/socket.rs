@@ -267,6 +267,13 @@ impl Socket {
         if self.punchers.contains_key(&from) || self.has_verified_connection(from) {
             return;
         }
+        if self.puncher_order.len() >= 2 * MAX_PUNCHERS {
+            // Entries of addresses that answered since are left behind;
+            // drop them so the order stays as bounded as the table.
+            let punchers = &self.punchers;
+            self.puncher_order
+                .retain(|(at, addr)| punchers.get(addr).is_some_and(|&(_, since)| since == *at));
+        }
         self.punchers.insert(from, (PUNCHER_SYN_BUDGET, now));
         self.puncher_order.push_back((now, from));
     }
