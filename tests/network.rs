@@ -386,6 +386,33 @@ fn a_second_dht_node_on_a_taken_port_is_refused_cleanly_every_time() {
 }
 
 #[test]
+fn a_request_to_a_closed_port_fails_without_waiting_for_its_deadline() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use grenache_host::rpc::client::RpcClient;
+        use grenache_host::rpc::RpcError;
+        use grenache_host::transport::Endpoint;
+        let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let client = RpcClient::new(ep.clone(), None, 1 << 20);
+        // A port nothing listens on: the kernel answers our SYN with ICMP
+        // port unreachable, which the socket's error queue hands to uTP.
+        let closed = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = client
+            .request_peer(closed, "fibonacci_worker", "{}", Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::Transport(_)), "{err:?}");
+        assert!(err.to_string().contains("nothing listens there"), "{err}");
+        assert_eq!(ep.utp_stats().unreachable, 1);
+    });
+}
+
+#[test]
 fn a_request_to_a_dead_address_times_out_with_a_clear_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
 
@@ -121,9 +122,14 @@ impl Demux {
                 }
             };
             tokio::select! {
-                ready = self.socket.readable() => {
-                    if ready.is_ok() {
-                        self.receive_batch(&mut buf);
+                ready = self.socket.ready(Interest::READABLE | Interest::ERROR) => {
+                    if let Ok(ready) = ready {
+                        if ready.is_error() {
+                            self.receive_errors();
+                        }
+                        if ready.is_readable() {
+                            self.receive_batch(&mut buf);
+                        }
                     }
                 }
                 _ = self.utp.wakeup() => {}
@@ -138,6 +144,27 @@ impl Demux {
                 {
                     tracing::debug!(to = %transmit.destination, "uTP packet not sent: {e}");
                 }
+            }
+        }
+    }
+
+    /// Reads the socket's error queue (`IP_RECVERR`, set at bind), up to
+    /// [`RECV_BATCH`] entries: an ICMP destination unreachable for a
+    /// datagram we sent fails the connects waiting on that peer
+    /// ([`Utp::peer_unreachable`]); anything else is only logged.
+    fn receive_errors(&self) {
+        let drained = self.socket.try_io(Interest::ERROR, || {
+            for _ in 0..RECV_BATCH {
+                if let Some(icmp::Unreachable(peer)) = icmp::next_error(&self.socket)? {
+                    tracing::debug!(%peer, "ICMP: destination unreachable");
+                    self.utp.peer_unreachable(peer);
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = drained {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                tracing::debug!("reading the RPC socket's error queue failed: {e}");
             }
         }
     }
@@ -244,6 +271,11 @@ impl Endpoint {
             )
         })?;
         std_socket.set_nonblocking(true)?;
+        // ICMP errors for what we send (a closed port) reach us through the
+        // error queue; an unconnected socket hears of none without it.
+        if let Err(e) = icmp::enable(&std_socket) {
+            tracing::debug!("cannot enable IP_RECVERR: {e}");
+        }
         if let Err(e) = socket2::SockRef::from(&std_socket).set_recv_buffer_size(RECV_BUFFER) {
             tracing::debug!("cannot raise SO_RCVBUF: {e}");
         }
@@ -407,6 +439,14 @@ impl Endpoint {
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
                     // An address that punched us and spent its SYN budget
                     // unanswered: no more attempts until it answers.
+                    return Err(ConnectError::Failed {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                }
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::HostUnreachable => {
+                    // Nothing listens there (ICMP): the caller has other
+                    // candidates to try, or none worth waiting for.
                     return Err(ConnectError::Failed {
                         peer,
                         reason: e.to_string(),
@@ -590,5 +630,125 @@ mod tests {
         let mut bad_type = [0u8; 20];
         bad_type[0] = 0x51;
         assert_eq!(classify(&bad_type), Datagram::Garbage);
+    }
+}
+
+/// The socket's ICMP error queue (Linux `IP_RECVERR`, ip(7)).
+mod icmp {
+    use std::net::SocketAddr;
+    use std::os::fd::AsRawFd;
+
+    /// A datagram we sent to this address came back as ICMP destination
+    /// unreachable (port, host, network or protocol).
+    pub struct Unreachable(pub SocketAddr);
+
+    /// Asks the kernel to queue ICMP errors for what `socket` sends.
+    pub fn enable(socket: &std::net::UdpSocket) -> std::io::Result<()> {
+        let (level, option) = match socket.local_addr()? {
+            SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_RECVERR),
+            SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVERR),
+        };
+        let on: libc::c_int = 1;
+        // SAFETY: a valid descriptor, and a pointer to an int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                option,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// The address in `name`, if it is IPv4 or IPv6.
+    fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
+        match libc::c_int::from(name.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says it is a sockaddr_in, which fits.
+                let v4: libc::sockaddr_in = unsafe {
+                    std::ptr::read_unaligned((name as *const libc::sockaddr_storage).cast())
+                };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+                Some(SocketAddr::from((ip, u16::from_be(v4.sin_port))))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says it is a sockaddr_in6, which fits.
+                let v6: libc::sockaddr_in6 = unsafe {
+                    std::ptr::read_unaligned((name as *const libc::sockaddr_storage).cast())
+                };
+                let ip = std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr);
+                Some(SocketAddr::from((ip, u16::from_be(v6.sin6_port))))
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes one entry off the error queue: `Some` for a destination
+    /// unreachable, `None` for another error; `WouldBlock` when empty.
+    pub fn next_error(socket: &impl AsRawFd) -> std::io::Result<Option<Unreachable>> {
+        // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
+        let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut data = [0u8; 64];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // u64s: aligned for cmsghdr.
+        let mut control = [0u64; 64];
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: every pointer in msg points at a live buffer of the size
+        // it states.
+        let n = unsafe {
+            libc::recvmsg(
+                socket.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: msg was filled by recvmsg; the CMSG_* walk stays within
+        // msg_controllen.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: non-null and within the control buffer.
+            let header = unsafe { &*cmsg };
+            let ours = (header.cmsg_level == libc::IPPROTO_IP
+                && header.cmsg_type == libc::IP_RECVERR)
+                || (header.cmsg_level == libc::IPPROTO_IPV6
+                    && header.cmsg_type == libc::IPV6_RECVERR);
+            if ours {
+                // SAFETY: an IP_RECVERR message carries a sock_extended_err.
+                let error: libc::sock_extended_err =
+                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+                let unreachable = match error.ee_origin {
+                    libc::SO_EE_ORIGIN_ICMP => error.ee_type == 3, // RFC 792
+                    libc::SO_EE_ORIGIN_ICMP6 => error.ee_type == 1, // RFC 4443
+                    _ => false,
+                };
+                if !unreachable {
+                    return Ok(None);
+                }
+                // The original destination is in msg_name (ip(7)).
+                return Ok(socket_addr(&name).map(Unreachable));
+            }
+            // SAFETY: as above.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
+        Ok(None)
     }
 }

@@ -156,6 +156,10 @@ pub enum ConnectionError {
     /// used up its SYN budget (see [`super::socket::PUNCHER_SYN_BUDGET`]).
     #[error("the peer punched this host but never answered its SYNs")]
     Unanswered,
+    /// The kernel reported the peer unreachable (ICMP port or host
+    /// unreachable) while our SYN waited: nothing listens there.
+    #[error("nothing listens there (ICMP destination unreachable)")]
+    Unreachable,
 }
 
 /// Why a [`Connection::send`] took nothing.

@@ -67,6 +67,7 @@ fn io_error(e: ConnectionError) -> io::Error {
         | ConnectionError::Unverified
         | ConnectionError::Unanswered => io::ErrorKind::TimedOut,
         ConnectionError::Aborted => io::ErrorKind::ConnectionAborted,
+        ConnectionError::Unreachable => io::ErrorKind::HostUnreachable,
     };
     io::Error::new(kind, e)
 }
@@ -124,6 +125,15 @@ impl Utp {
     /// Handles one received uTP datagram.
     pub fn handle_datagram(&self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.lock().socket.handle_datagram(now, from, datagram);
+    }
+
+    /// The kernel reported `peer` unreachable: see
+    /// [`Socket::peer_unreachable`].
+    pub fn peer_unreachable(&self, peer: SocketAddr) {
+        let failed = self.lock().socket.peer_unreachable(peer);
+        if failed > 0 {
+            self.wakeup.notify_one();
+        }
     }
 
     /// `from` punched us: connects to it are on a SYN budget until it

@@ -109,6 +109,9 @@ pub struct SocketStats {
     pub connected: u64,
     /// Connections peers opened (a SYN admitted to the accept queue).
     pub accepted: u64,
+    /// Connects failed at once because the kernel reported the peer
+    /// unreachable (ICMP).
+    pub unreachable: u64,
     /// Connects to an address that punched us that sent no SYN: its
     /// [`PUNCHER_SYN_BUDGET`] was spent.
     pub syns_withheld: u64,
@@ -244,6 +247,32 @@ impl Socket {
         self.stats.connected += 1;
         tracing::debug!(%remote, id = recv_id, ?handle, "uTP: connecting");
         Ok(handle)
+    }
+
+    /// The kernel reported `peer` unreachable (an ICMP port or host
+    /// unreachable for a datagram sent there): connections to it still
+    /// waiting for the answer to their SYN fail at once with
+    /// [`ConnectionError::Unreachable`], so a caller moves on to the next
+    /// candidate instead of re-sending SYNs until its deadline. Established
+    /// connections are left alone: for them it is a soft error (RFC 1122
+    /// §4.2.3.9), and it can be forged. Returns how many failed.
+    pub fn peer_unreachable(&mut self, peer: SocketAddr) -> usize {
+        let connecting: Vec<ConnectionHandle> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| {
+                s.remote == peer && !s.incoming && s.connection.state() == State::SynSent
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        for &handle in &connecting {
+            if let Some(slot) = self.slots.get_mut(&handle) {
+                slot.connection.abort(ConnectionError::Unreachable);
+            }
+            self.wake(handle);
+        }
+        self.stats.unreachable += connecting.len() as u64;
+        connecting.len()
     }
 
     /// `from` punched us. Until it answers (a packet on a verified
