@@ -3,7 +3,7 @@
 //! panic, and every message must parse as a request or reply or be refused.
 #![no_main]
 
-use grenache_host_fuzz::codec::{self, MessageDecoder};
+use grenache_host_fuzz::rpc::codec::{self, MessageDecoder};
 use libfuzzer_sys::fuzz_target;
 
 /// Small enough that the fuzzer reaches the size limit.

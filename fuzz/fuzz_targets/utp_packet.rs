@@ -4,7 +4,7 @@
 //! byte is written from the selective ACK; a mask over 252 bytes is cut).
 #![no_main]
 
-use grenache_host_fuzz::packet::Packet;
+use grenache_host_fuzz::utp::packet::Packet;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,8 @@
 //! The host's network-facing decoders, compiled from the host's own source
-//! files (`#[path]`), so the fuzz targets exercise exactly the code the
-//! host runs, without building the host (and wasmtime) instrumented.
+//! files (`#[path]`), so the fuzz targets exercise exactly the code the host
+//! runs, without building the host (and wasmtime) instrumented. The
+//! modules below give them the paths they use inside the host (`crate::utp`,
+//! `crate::transport`, `super::kind`).
 
 #![allow(dead_code)]
 
@@ -11,3 +13,31 @@ pub mod codec;
 /// `host/src/utp/packet.rs`: uTP packets (BEP 29) and their extensions.
 #[path = "../../host/src/utp/packet.rs"]
 pub mod packet;
+
+/// `host/src/transport/datagram.rs`: the shared socket's demultiplexer.
+#[path = "../../host/src/transport/datagram.rs"]
+pub mod datagram;
+
+/// `host/src/nat/kind.rs`: NAT kinds (RFC 4787), in introduction messages.
+#[path = "../../host/src/nat/kind.rs"]
+pub mod kind;
+
+/// `host/src/nat/wire.rs`: the introduction messages (docs/wire.md §5).
+#[path = "../../host/src/nat/wire.rs"]
+pub mod wire;
+
+pub mod rpc {
+    pub use crate::codec;
+}
+
+pub mod utp {
+    pub use crate::packet;
+}
+
+pub mod transport {
+    pub use crate::datagram::*;
+}
+
+pub mod nat {
+    pub use crate::{kind, wire};
+}

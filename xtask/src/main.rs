@@ -82,7 +82,7 @@ enum Task {
 }
 
 /// The fuzz targets (fuzz/fuzz_targets/<name>.rs).
-const FUZZ_TARGETS: [&str; 2] = ["rpc_stream", "utp_packet"];
+const FUZZ_TARGETS: [&str; 3] = ["rpc_stream", "utp_packet", "datagram"];
 /// How long `cargo xtask fuzz` runs each target by default.
 const FUZZ_SECONDS: u64 = 60;
 
@@ -487,12 +487,18 @@ fn fuzz(target: Option<&str>, seconds: u64) -> Result<()> {
     };
     for target in targets {
         eprintln!("xtask: fuzzing {target} for {seconds} s");
+        // The corpus it grows first, then the committed seeds (read only).
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(target);
         run(cargo().current_dir(&fuzz_dir).args([
             "fuzz",
             "run",
             "-s",
             "none",
             target,
+            corpus.to_str().context("paths are UTF-8")?,
+            seeds.to_str().context("paths are UTF-8")?,
             "--",
             &format!("-max_total_time={seconds}"),
             "-max_len=16384",

@@ -24,15 +24,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::utp::{Utp, UtpStream};
 
-/// The punch datagram: `ÿ` in UTF-8, exactly the two bytes Grenache's
-/// boxgloves sends (docs/wire.md §1).
-pub const PUNCH: [u8; 2] = [0xC3, 0xBF];
-/// Every introduction datagram starts with these bytes (never a uTP header:
-/// `G` is not a uTP version-1 type byte, and never the 2-byte punch). What
-/// follows is the introduction protocol's business ([`crate::nat`]).
-pub const INTRODUCTION_MAGIC: [u8; 4] = *b"GRI1";
-/// Larger introduction datagrams are dropped unread and counted.
-pub const MAX_INTRODUCTION_DATAGRAM: usize = 1024;
+mod datagram;
+pub use datagram::{classify, Datagram, INTRODUCTION_MAGIC, MAX_INTRODUCTION_DATAGRAM, PUNCH};
 
 /// Receive buffer for the shared socket; uTP throughput suffers badly with
 /// the kernel default.
@@ -43,8 +36,6 @@ pub const CONNECT_RETRY: Duration = crate::utp::SYN_RETRY;
 /// A connection whose peer stops acknowledging data for this long is closed,
 /// so requests sent to a host that died fail fast instead of at their deadline.
 pub const PEER_SILENCE_LIMIT: Duration = crate::utp::PEER_SILENCE_LIMIT;
-/// The uTP header is 20 bytes.
-const UTP_HEADER: usize = crate::utp::packet::HEADER_LEN;
 /// The largest datagram the socket reads (a UDP payload can be no longer).
 const MAX_DATAGRAM: usize = 65_536;
 /// Datagrams read in a row before uTP's ACKs and timers get a turn.
@@ -57,35 +48,6 @@ const INTRODUCTION_BACKLOG: usize = 256;
 /// Introduction datagrams received (magic included, at most
 /// [`MAX_INTRODUCTION_DATAGRAM`] bytes), with their sender.
 pub type Introductions = mpsc::Receiver<(SocketAddr, Vec<u8>)>;
-
-/// What one received datagram is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Datagram {
-    /// Exactly `C3 BF`.
-    Punch,
-    /// Starts with [`INTRODUCTION_MAGIC`].
-    Introduction,
-    /// Long enough, version 1, a known packet type: hand it to uTP.
-    Utp,
-    /// Neither: drop it.
-    Garbage,
-}
-
-/// Sorts a datagram (docs/wire.md §1, TV-1: only the exact two bytes are a
-/// punch; nothing shorter than a uTP header reaches uTP).
-pub fn classify(bytes: &[u8]) -> Datagram {
-    if bytes == PUNCH {
-        return Datagram::Punch;
-    }
-    if bytes.starts_with(&INTRODUCTION_MAGIC) {
-        return Datagram::Introduction;
-    }
-    // First byte: packet type (0..=4) in the high nibble, version 1 in the low.
-    match bytes.first() {
-        Some(&b) if bytes.len() >= UTP_HEADER && b & 0x0F == 1 && b >> 4 <= 4 => Datagram::Utp,
-        _ => Datagram::Garbage,
-    }
-}
 
 /// Counters a host reports about its socket.
 #[derive(Debug, Default)]

@@ -1,0 +1,27 @@
+//! Any datagram on the shared socket, as the demultiplexer sorts it: what
+//! it calls uTP decodes as a uTP header (it checked length, version and
+//! type), what it calls an introduction decodes or is refused without a
+//! panic, and what the host sends encodes and decodes back.
+#![no_main]
+
+use grenache_host_fuzz::nat::wire;
+use grenache_host_fuzz::transport::{classify, Datagram};
+use grenache_host_fuzz::utp::packet::{DecodeError, Packet};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    match classify(data) {
+        Datagram::Utp => match Packet::decode(data) {
+            Ok(_) | Err(DecodeError::Extension) => {}
+            Err(e) => panic!("classified as uTP, yet {e}"),
+        },
+        Datagram::Introduction => {
+            if let Ok(message) = wire::decode(data) {
+                let again = wire::encode_padded(&message, wire::HOST_DATAGRAM_MIN);
+                assert_eq!(wire::decode(&again), Ok(message));
+            }
+        }
+        Datagram::Punch => assert_eq!(data, [0xC3, 0xBF]),
+        Datagram::Garbage => {}
+    }
+});
