@@ -76,8 +76,17 @@ impl Guest for Faulty {
             },
             "slow_host_call" => {
                 // A host call that would outlast the request's time limit: a
-                // peer that never answers, asked with a one-minute timeout.
-                let _ = request_peer("127.0.0.1:9", "anything", "{}", 60_000);
+                // peer that never answers (the payload names one, as
+                // "ip:port": a socket the caller bound and never reads;
+                // a closed port would fail at once), asked with a
+                // one-minute timeout.
+                let peer = payload.trim().trim_matches('"');
+                let peer = if peer.contains(':') {
+                    peer
+                } else {
+                    "127.0.0.1:9"
+                };
+                let _ = request_peer(peer, "anything", "{}", 60_000);
                 // The time limit expired inside the host call: stopped here.
                 Ok("\"the host call returned and the plugin went on\"".to_string())
             }
