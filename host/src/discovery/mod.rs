@@ -16,6 +16,7 @@
 
 pub mod dht;
 pub mod grape;
+pub mod server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

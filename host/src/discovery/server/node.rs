@@ -1,0 +1,738 @@
+//! The server node's protocol logic without I/O: datagrams and the time come
+//! in, datagrams to send go out. [`super::DhtServer`] drives it with a UDP
+//! socket and tokio's clock; the unit tests drive it directly.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::krpc::{self, Body, DecodeError, Id, Message, Query};
+use super::peers::{PeerStore, Stored, MAX_VALUES};
+use super::ServerCounters;
+
+/// How often the token secret changes (BEP 5: "every five minutes"); a
+/// token stays good until the next change after that, 5-10 minutes.
+pub const TOKEN_ROTATION: Duration = Duration::from_secs(300);
+/// Most nodes in the routing table; beyond it the longest-silent goes.
+pub const MAX_NODES: usize = 256;
+/// A node silent (no query, no answer) this long leaves the table.
+pub const NODE_SILENCE: Duration = Duration::from_secs(15 * 60);
+/// Nodes given in a `find_node` / `get_peers` answer (BEP 5's K).
+pub const CLOSEST: usize = 8;
+/// Most of our own queries (pings, joins) awaiting an answer at once; a
+/// flood of new node ids cannot make us send more.
+pub const MAX_PENDING: usize = 256;
+/// How long we wait for an answer to one of our queries.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node started with bootstrap nodes asks them again
+/// (`find_node` of its own id), so nodes that restarted are found again.
+pub const REJOIN_INTERVAL: Duration = Duration::from_secs(60);
+/// Most expired entries looked at per tick (see [`PeerStore::sweep`]).
+pub const SWEEP_BUDGET: usize = 4096;
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub to: SocketAddrV4,
+    pub bytes: Vec<u8>,
+}
+
+/// BEP 5 tokens: SHA-1 of a random 16-byte secret followed by the querier's
+/// IPv4 address; the secret changes every [`TOKEN_ROTATION`] and the
+/// previous one is still accepted.
+#[derive(Debug)]
+struct Tokens {
+    current: [u8; 16],
+    previous: [u8; 16],
+    rotated: Instant,
+}
+
+impl Tokens {
+    fn new(now: Instant) -> Self {
+        Tokens {
+            current: rand::random(),
+            previous: rand::random(),
+            rotated: now,
+        }
+    }
+
+    fn make(secret: &[u8; 16], ip: Ipv4Addr) -> [u8; 20] {
+        let mut sha = sha1_smol::Sha1::new();
+        sha.update(secret);
+        sha.update(&ip.octets());
+        sha.digest().bytes()
+    }
+
+    fn issue(&self, ip: Ipv4Addr) -> [u8; 20] {
+        Self::make(&self.current, ip)
+    }
+
+    fn accepts(&self, ip: Ipv4Addr, token: &[u8]) -> bool {
+        token == Self::make(&self.current, ip) || token == Self::make(&self.previous, ip)
+    }
+
+    fn rotate_if_due(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.rotated) >= TOKEN_ROTATION {
+            self.previous = self.current;
+            self.current = rand::random();
+            self.rotated = now;
+        }
+    }
+}
+
+/// A query of ours awaiting its answer.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    to: SocketAddrV4,
+    sent: Instant,
+    /// `Some(id)`: a ping checking that node `id` really is at `to`;
+    /// `None`: a `find_node` joining through a bootstrap node.
+    verifies: Option<Id>,
+}
+
+/// The KRPC server node's state: identity, tokens, peer storage, routing
+/// table and our own queries in flight.
+pub struct KrpcNode {
+    id: Id,
+    tokens: Tokens,
+    peers: PeerStore,
+    /// Verified nodes: id → (address, last heard from).
+    table: HashMap<Id, (SocketAddrV4, Instant)>,
+    pending: HashMap<u16, Pending>,
+    next_tid: u16,
+    bootstrap: Vec<SocketAddrV4>,
+    last_join: Option<Instant>,
+    counters: Arc<ServerCounters>,
+}
+
+impl KrpcNode {
+    /// A node with id `id` whose stored peers live `peer_ttl`, joining
+    /// through `bootstrap` (none: a new DHT).
+    pub fn new(
+        id: Id,
+        peer_ttl: Duration,
+        bootstrap: Vec<SocketAddrV4>,
+        counters: Arc<ServerCounters>,
+        now: Instant,
+    ) -> Self {
+        KrpcNode {
+            id,
+            tokens: Tokens::new(now),
+            peers: PeerStore::new(peer_ttl),
+            table: HashMap::new(),
+            pending: HashMap::new(),
+            next_tid: rand::random(),
+            bootstrap,
+            last_join: None,
+            counters,
+        }
+    }
+
+    /// Nodes in the routing table.
+    pub fn nodes(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Handles one datagram from `from`, pushing what to send to `out`.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        from: SocketAddrV4,
+        bytes: &[u8],
+        out: &mut Vec<Outgoing>,
+    ) {
+        let c = &self.counters;
+        match krpc::decode(bytes) {
+            Err(DecodeError::Malformed) => {
+                c.malformed.fetch_add(1, Relaxed);
+            }
+            Err(DecodeError::Refused { t, code, message }) => {
+                if code == krpc::METHOD_UNKNOWN {
+                    c.unknown_method.fetch_add(1, Relaxed);
+                } else {
+                    c.malformed.fetch_add(1, Relaxed);
+                }
+                out.push(Outgoing {
+                    to: from,
+                    bytes: krpc::error(&t, code, &message),
+                });
+            }
+            Ok(Message::Query {
+                t,
+                id,
+                read_only,
+                query,
+            }) => {
+                if !read_only {
+                    self.heard_from(now, id, from, out);
+                }
+                if let Some(bytes) = self.answer(now, from, &t, query) {
+                    out.push(Outgoing { to: from, bytes });
+                }
+            }
+            Ok(Message::Response { t, id, nodes }) => {
+                self.answered(now, from, &t, Some((id, nodes)), out)
+            }
+            Ok(Message::Error { t }) => self.answered(now, from, &t, None, out),
+        }
+    }
+
+    /// The answer to `query` from `from`.
+    fn answer(
+        &mut self,
+        now: Instant,
+        from: SocketAddrV4,
+        t: &[u8],
+        query: Query,
+    ) -> Option<Vec<u8>> {
+        let c = self.counters.clone();
+        let body = Body {
+            id: self.id,
+            ..Body::default()
+        };
+        let body = match query {
+            Query::Ping => {
+                c.ping.fetch_add(1, Relaxed);
+                body
+            }
+            Query::FindNode { target } => {
+                c.find_node.fetch_add(1, Relaxed);
+                Body {
+                    nodes: Some(krpc::compact_nodes(&self.closest(&target))),
+                    ..body
+                }
+            }
+            Query::GetPeers { info_hash } => {
+                c.get_peers.fetch_add(1, Relaxed);
+                let values = self.peers.peers(now, &info_hash, MAX_VALUES);
+                Body {
+                    nodes: Some(krpc::compact_nodes(&self.closest(&info_hash))),
+                    values: (!values.is_empty()).then_some(values),
+                    token: Some(self.tokens.issue(*from.ip()).to_vec()),
+                    ..body
+                }
+            }
+            Query::AnnouncePeer {
+                info_hash,
+                port,
+                implied_port,
+                token,
+            } => {
+                c.announce_peer.fetch_add(1, Relaxed);
+                if !self.tokens.accepts(*from.ip(), &token) {
+                    c.refused_token.fetch_add(1, Relaxed);
+                    return Some(krpc::error(
+                        t,
+                        krpc::PROTOCOL_ERROR,
+                        "bad token; get a fresh one with get_peers",
+                    ));
+                }
+                let port = if implied_port { from.port() } else { port };
+                if port == 0 {
+                    c.refused_port.fetch_add(1, Relaxed);
+                    return Some(krpc::error(t, krpc::PROTOCOL_ERROR, "port 0"));
+                }
+                let (stored, expired) =
+                    self.peers
+                        .announce(now, info_hash, SocketAddrV4::new(*from.ip(), port));
+                c.expired.fetch_add(expired as u64, Relaxed);
+                c.stored.store(self.peers.len() as u64, Relaxed);
+                if stored == Stored::Full {
+                    c.refused_full.fetch_add(1, Relaxed);
+                    return Some(krpc::error(t, krpc::GENERIC_ERROR, "storage full"));
+                }
+                body
+            }
+        };
+        Some(krpc::response(t, from, body))
+    }
+
+    /// The [`CLOSEST`] table nodes closest to `target` (XOR distance).
+    fn closest(&self, target: &Id) -> Vec<(Id, SocketAddrV4)> {
+        let mut nodes: Vec<(Id, SocketAddrV4)> = self
+            .table
+            .iter()
+            .map(|(id, (addr, _))| (*id, *addr))
+            .collect();
+        nodes.sort_by_key(|(id, _)| xor(id, target));
+        nodes.truncate(CLOSEST);
+        nodes
+    }
+
+    /// A non-read-only query from node `id` at `from`: refresh it if the
+    /// table has it there, else ping it (spoofed sources never answer).
+    fn heard_from(&mut self, now: Instant, id: Id, from: SocketAddrV4, out: &mut Vec<Outgoing>) {
+        match self.table.get_mut(&id) {
+            Some(entry) if entry.0 == from => entry.1 = now,
+            _ => self.verify(now, id, from, out),
+        }
+    }
+
+    /// Pings `addr` to check that node `id` is there, unless already asked.
+    fn verify(&mut self, now: Instant, id: Id, addr: SocketAddrV4, out: &mut Vec<Outgoing>) {
+        if id == self.id || self.pending.values().any(|p| p.to == addr) {
+            return;
+        }
+        self.send_query(now, addr, Some(id), "ping", None, out);
+    }
+
+    fn send_query(
+        &mut self,
+        now: Instant,
+        to: SocketAddrV4,
+        verifies: Option<Id>,
+        method: &'static str,
+        target: Option<Id>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if self.pending.len() >= MAX_PENDING {
+            return;
+        }
+        let tid = self.next_tid;
+        self.next_tid = self.next_tid.wrapping_add(1);
+        self.pending.insert(
+            tid,
+            Pending {
+                to,
+                sent: now,
+                verifies,
+            },
+        );
+        let body = Body {
+            id: self.id,
+            target,
+            ..Body::default()
+        };
+        out.push(Outgoing {
+            to,
+            bytes: krpc::query(&tid.to_be_bytes(), method, body),
+        });
+    }
+
+    /// An answer (`Some((id, nodes))`) or error (`None`) to one of our
+    /// queries.
+    fn answered(
+        &mut self,
+        now: Instant,
+        from: SocketAddrV4,
+        t: &[u8],
+        answer: Option<(Id, Vec<(Id, SocketAddrV4)>)>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Ok(tid) = <[u8; 2]>::try_from(t).map(u16::from_be_bytes) else {
+            return;
+        };
+        match self.pending.get(&tid) {
+            Some(p) if p.to == from => {}
+            _ => return,
+        }
+        let Some(pending) = self.pending.remove(&tid) else {
+            return;
+        };
+        let Some((id, nodes)) = answer else {
+            return;
+        };
+        if id == self.id || pending.verifies.is_some_and(|claimed| claimed != id) {
+            return;
+        }
+        self.insert(now, id, from);
+        if pending.verifies.is_none() {
+            // A bootstrap node's find_node answer: check each node it names.
+            for (id, addr) in nodes {
+                if !self.table.contains_key(&id) {
+                    self.verify(now, id, addr, out);
+                }
+            }
+        }
+    }
+
+    /// Adds verified node `id` at `addr`: one id per address, the
+    /// longest-silent node evicted when full.
+    fn insert(&mut self, now: Instant, id: Id, addr: SocketAddrV4) {
+        self.table
+            .retain(|other, (a, _)| *a != addr || *other == id);
+        if !self.table.contains_key(&id) && self.table.len() >= MAX_NODES {
+            if let Some(silent) = self
+                .table
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(id, _)| *id)
+            {
+                self.table.remove(&silent);
+            }
+        }
+        self.table.insert(id, (addr, now));
+        self.counters.nodes.store(self.table.len() as u64, Relaxed);
+    }
+
+    /// Periodic work: token rotation, expiry, forgetting silent nodes and
+    /// unanswered queries, (re)joining through the bootstrap nodes.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        self.tokens.rotate_if_due(now);
+        let expired = self.peers.sweep(now, SWEEP_BUDGET);
+        self.counters.expired.fetch_add(expired as u64, Relaxed);
+        self.counters.stored.store(self.peers.len() as u64, Relaxed);
+        self.pending
+            .retain(|_, p| now.saturating_duration_since(p.sent) < QUERY_TIMEOUT);
+        self.table
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < NODE_SILENCE);
+        self.counters.nodes.store(self.table.len() as u64, Relaxed);
+        let join_due = self
+            .last_join
+            .is_none_or(|at| now.saturating_duration_since(at) >= REJOIN_INTERVAL);
+        if join_due && !self.bootstrap.is_empty() {
+            self.last_join = Some(now);
+            for addr in self.bootstrap.clone() {
+                self.send_query(now, addr, None, "find_node", Some(self.id), out);
+            }
+        }
+    }
+}
+
+fn xor(a: &Id, b: &Id) -> Id {
+    std::array::from_fn(|i| a[i] ^ b[i])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: Id = [9; 20];
+
+    fn node(now: Instant) -> KrpcNode {
+        KrpcNode::new(
+            [1; 20],
+            Duration::from_secs(75),
+            vec![],
+            Arc::default(),
+            now,
+        )
+    }
+
+    fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(ip.into(), port)
+    }
+
+    /// Sends `query` (method, arguments as bencoded dict content) from
+    /// `from` and returns the single datagram answered.
+    fn ask(
+        n: &mut KrpcNode,
+        now: Instant,
+        from: SocketAddrV4,
+        query: &str,
+        args: &[u8],
+        ro: bool,
+    ) -> (Vec<u8>, Vec<Outgoing>) {
+        let mut msg = format!("d1:ad2:id20:{}", "q".repeat(20)).into_bytes();
+        msg.extend_from_slice(args);
+        msg.extend_from_slice(format!("e1:q{}:{query}", query.len()).as_bytes());
+        if ro {
+            msg.extend_from_slice(b"2:roi1e");
+        }
+        msg.extend_from_slice(b"1:t2:tt1:y1:qe");
+        let mut out = Vec::new();
+        n.handle(now, from, &msg, &mut out);
+        let answer = out
+            .iter()
+            .position(|o| o.bytes.windows(8).any(|w| w == b"1:t2:tt1"))
+            .expect("an answer");
+        let answer = out.remove(answer);
+        assert_eq!(answer.to, from);
+        (answer.bytes, out)
+    }
+
+    fn token_of(answer: &[u8]) -> Vec<u8> {
+        let at = answer
+            .windows(9)
+            .position(|w| w == b"5:token20")
+            .expect("a token")
+            + 10;
+        answer[at..at + 20].to_vec()
+    }
+
+    fn announce_args(port: u16, token: &[u8]) -> Vec<u8> {
+        let mut a = format!(
+            "9:info_hash20:{}4:porti{port}e5:token{}:",
+            "\x09".repeat(20),
+            token.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(token);
+        a
+    }
+
+    #[test]
+    fn tokens_are_per_ip_and_outlive_one_rotation_only() {
+        let t0 = Instant::now();
+        let mut tokens = Tokens::new(t0);
+        let ip = Ipv4Addr::new(127, 0, 0, 1);
+        let token = tokens.issue(ip);
+        assert!(tokens.accepts(ip, &token));
+        assert!(!tokens.accepts(Ipv4Addr::new(127, 0, 0, 2), &token));
+        tokens.rotate_if_due(t0 + TOKEN_ROTATION - Duration::from_secs(1));
+        assert!(tokens.accepts(ip, &token));
+        tokens.rotate_if_due(t0 + TOKEN_ROTATION);
+        assert!(
+            tokens.accepts(ip, &token),
+            "the previous secret still counts"
+        );
+        tokens.rotate_if_due(t0 + 2 * TOKEN_ROTATION);
+        assert!(!tokens.accepts(ip, &token));
+    }
+
+    #[test]
+    fn announce_needs_a_token_for_its_ip_and_a_port() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let host = addr([127, 0, 0, 1], 40000);
+        let (answer, _) = ask(
+            &mut n,
+            now,
+            host,
+            "get_peers",
+            format!("9:info_hash20:{}", "\x09".repeat(20)).as_bytes(),
+            true,
+        );
+        let token = token_of(&answer);
+
+        let (refused, _) = ask(
+            &mut n,
+            now,
+            host,
+            "announce_peer",
+            &announce_args(5000, b"nope"),
+            true,
+        );
+        assert!(
+            refused.starts_with(b"d1:eli203e41:bad token"),
+            "{}",
+            String::from_utf8_lossy(&refused)
+        );
+        let other_ip = addr([127, 0, 0, 2], 40000);
+        let (refused, _) = ask(
+            &mut n,
+            now,
+            other_ip,
+            "announce_peer",
+            &announce_args(5000, &token),
+            true,
+        );
+        assert!(refused.starts_with(b"d1:eli203e"));
+        let (refused, _) = ask(
+            &mut n,
+            now,
+            host,
+            "announce_peer",
+            &announce_args(0, &token),
+            true,
+        );
+        assert!(refused.starts_with(b"d1:eli203e6:port 0"));
+        assert_eq!(n.counters.refused_token.load(Relaxed), 2);
+        assert_eq!(n.counters.refused_port.load(Relaxed), 1);
+        assert!(n.peers.is_empty());
+
+        let (ok, _) = ask(
+            &mut n,
+            now,
+            host,
+            "announce_peer",
+            &announce_args(5000, &token),
+            true,
+        );
+        assert!(
+            ok.starts_with(b"d2:ip6:"),
+            "{}",
+            String::from_utf8_lossy(&ok)
+        );
+        // implied_port: the source port.
+        let mut implied = announce_args(0, &token);
+        implied.extend_from_slice(b"12:implied_porti1e");
+        ask(
+            &mut n,
+            now + Duration::from_millis(1),
+            host,
+            "announce_peer",
+            &implied,
+            true,
+        );
+        assert_eq!(
+            n.peers.peers(now + Duration::from_millis(1), &KEY, 64),
+            vec![addr([127, 0, 0, 1], 40000), addr([127, 0, 0, 1], 5000)]
+        );
+        assert_eq!(n.counters.stored.load(Relaxed), 2);
+        assert_eq!(n.counters.announce_peer.load(Relaxed), 5);
+    }
+
+    #[test]
+    fn get_peers_answers_values_token_and_nodes() {
+        let now = Instant::now();
+        let mut n = node(now);
+        n.peers.announce(now, KEY, addr([10, 0, 0, 1], 7));
+        let (answer, _) = ask(
+            &mut n,
+            now,
+            addr([127, 0, 0, 1], 1),
+            "get_peers",
+            format!("9:info_hash20:{}", "\x09".repeat(20)).as_bytes(),
+            true,
+        );
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.windows(13).any(|w| w == b"6:valuesl6:\x0a\x00"),
+            "{text}"
+        );
+        assert!(text.contains("5:nodes0:"), "{text}");
+        assert!(text.contains("5:token20:"), "{text}");
+    }
+
+    #[test]
+    fn only_nodes_that_answer_our_ping_enter_the_table_and_ro_ones_never() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let reader = addr([127, 0, 0, 5], 5);
+        let (_, extra) = ask(&mut n, now, reader, "ping", b"", true);
+        assert!(extra.is_empty(), "read-only queriers are not pinged");
+
+        let server = addr([127, 0, 0, 6], 6);
+        let (_, extra) = ask(&mut n, now, server, "ping", b"", false);
+        assert_eq!(extra.len(), 1, "one verification ping");
+        let ping = &extra[0];
+        assert_eq!(ping.to, server);
+        let Ok(Message::Query {
+            t,
+            query: Query::Ping,
+            ..
+        }) = krpc::decode(&ping.bytes)
+        else {
+            panic!("{:?}", String::from_utf8_lossy(&ping.bytes));
+        };
+        assert_eq!(n.nodes(), 0);
+        // An answer from elsewhere does not count, nor one with another id.
+        let claimed = [b'q'; 20];
+        let answer = |t: &[u8], id: Id| {
+            krpc::response(
+                t,
+                server,
+                Body {
+                    id,
+                    ..Body::default()
+                },
+            )
+        };
+        let mut out = Vec::new();
+        n.handle(now, addr([127, 0, 0, 7], 6), &answer(&t, claimed), &mut out);
+        let (_, again) = ask(&mut n, now, server, "ping", b"", false);
+        assert!(again.is_empty(), "one ping in flight per address");
+        n.handle(now, server, &answer(&t, [3; 20]), &mut out);
+        assert_eq!(n.nodes(), 0);
+        // Asked again, it answers with the id it claimed.
+        let (_, extra) = ask(&mut n, now, server, "ping", b"", false);
+        let Ok(Message::Query { t, .. }) = krpc::decode(&extra[0].bytes) else {
+            panic!()
+        };
+        n.handle(now, server, &answer(&t, claimed), &mut out);
+        assert_eq!(n.nodes(), 1);
+        assert!(out.is_empty());
+        let (answer, _) = ask(
+            &mut n,
+            now,
+            reader,
+            "find_node",
+            format!("6:target20:{}", "q".repeat(20)).as_bytes(),
+            true,
+        );
+        let mut compact = claimed.to_vec();
+        compact.extend_from_slice(&krpc::compact_peer(server));
+        assert!(
+            answer.windows(26).any(|w| w == compact),
+            "find_node names the verified node"
+        );
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_forgets_silent_nodes() {
+        let t0 = Instant::now();
+        let mut n = node(t0);
+        for i in 0..(MAX_NODES as u32 + 10) {
+            let mut id = [0u8; 20];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let b = i.to_be_bytes();
+            n.insert(
+                t0 + Duration::from_millis(i.into()),
+                id,
+                addr([10, b[1], b[2], b[3]], 1),
+            );
+        }
+        assert_eq!(n.nodes(), MAX_NODES);
+        assert!(!n.table.contains_key(&[0; 20]), "the longest-silent went");
+        let mut out = Vec::new();
+        n.tick(t0 + NODE_SILENCE + Duration::from_secs(1), &mut out);
+        assert_eq!(n.nodes(), 0);
+        assert!(out.is_empty(), "no bootstrap: nothing to send");
+    }
+
+    #[test]
+    fn joining_asks_the_bootstrap_nodes_and_checks_the_nodes_they_name() {
+        let t0 = Instant::now();
+        let boot = addr([127, 0, 0, 9], 9);
+        let mut n = KrpcNode::new(
+            [1; 20],
+            Duration::from_secs(75),
+            vec![boot],
+            Arc::default(),
+            t0,
+        );
+        let mut out = Vec::new();
+        n.tick(t0, &mut out);
+        assert_eq!(out.len(), 1);
+        let Ok(Message::Query {
+            t,
+            query: Query::FindNode { target },
+            ..
+        }) = krpc::decode(&out[0].bytes)
+        else {
+            panic!()
+        };
+        assert_eq!(target, [1; 20]);
+        let named = addr([127, 0, 0, 10], 10);
+        let nodes = krpc::compact_nodes(&[([5; 20], named), ([1; 20], addr([1, 1, 1, 1], 1))]);
+        out.clear();
+        n.handle(
+            t0,
+            boot,
+            &krpc::response(
+                &t,
+                boot,
+                Body {
+                    id: [4; 20],
+                    nodes: Some(nodes),
+                    ..Body::default()
+                },
+            ),
+            &mut out,
+        );
+        assert_eq!(n.nodes(), 1, "the bootstrap node answered");
+        assert_eq!(out.len(), 1, "the named node is pinged, our own id is not");
+        assert_eq!(out[0].to, named);
+        out.clear();
+        n.tick(t0 + Duration::from_secs(1), &mut out);
+        assert!(out.is_empty());
+        n.tick(t0 + REJOIN_INTERVAL, &mut out);
+        assert_eq!(out.len(), 1, "rejoined");
+    }
+
+    #[test]
+    fn noise_and_unknown_methods_are_counted() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let mut out = Vec::new();
+        n.handle(now, addr([127, 0, 0, 1], 1), b"not bencode", &mut out);
+        assert!(out.is_empty());
+        assert_eq!(n.counters.malformed.load(Relaxed), 1);
+        let (answer, _) = ask(&mut n, now, addr([127, 0, 0, 1], 1), "vote", b"", true);
+        assert!(answer.starts_with(b"d1:eli204e"));
+        assert_eq!(n.counters.unknown_method.load(Relaxed), 1);
+    }
+}

@@ -1,0 +1,364 @@
+//! The server node's peer storage: who announced which info hash
+//! (BEP 5 `announce_peer`), bounded, expiring, and answered in an order
+//! that puts a caller's best first tries first. No I/O; time is passed in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use super::krpc::Id;
+
+/// Most entries one source IP keeps under one info hash. A host announces
+/// one port per service; a handful of hosts behind one NAT share its IP.
+/// Beyond it the IP's least-recently-refreshed entry gives way (newest wins:
+/// a restarted host's new port replaces its dead one, and one IP planting
+/// hundreds of entries keeps only its last 16).
+pub const MAX_PEERS_PER_IP_PER_KEY: usize = 16;
+/// Most entries under one info hash; beyond it the least-recently-refreshed
+/// one gives way.
+pub const MAX_PEERS_PER_KEY: usize = 1024;
+/// Most info hashes stored; announces of new ones are refused when full.
+pub const MAX_KEYS: usize = 65_536;
+/// Most entries stored in all; announces of new entries are refused when
+/// full (refreshes of stored ones are always taken).
+pub const MAX_ENTRIES: usize = 262_144;
+/// Most values in one `get_peers` answer: 64 × 6 bytes, with the token and 8
+/// compact nodes (208 bytes) about 700 bytes, well under mainline's
+/// 2048-byte receive buffer and a 1500-byte MTU.
+pub const MAX_VALUES: usize = 64;
+
+/// What an announce did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// A new entry.
+    Added,
+    /// An entry already stored, refreshed.
+    Refreshed,
+    /// Refused: the store is full (new info hash or new entry).
+    Full,
+}
+
+/// Peers by info hash; each entry keyed by (info hash, IP, port), never by
+/// the announcer's node id, with the time it was last announced.
+#[derive(Debug)]
+pub struct PeerStore {
+    swarms: BTreeMap<Id, Vec<(SocketAddrV4, Instant)>>,
+    entries: usize,
+    ttl: Duration,
+    /// Where the next [`PeerStore::sweep`] starts (after this key).
+    cursor: Option<Id>,
+}
+
+impl PeerStore {
+    /// An empty store whose entries live `ttl` after their last announce.
+    pub fn new(ttl: Duration) -> Self {
+        PeerStore {
+            swarms: BTreeMap::new(),
+            entries: 0,
+            ttl,
+            cursor: None,
+        }
+    }
+
+    /// Entries stored (expired ones count until swept).
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Info hashes stored.
+    pub fn keys(&self) -> usize {
+        self.swarms.len()
+    }
+
+    fn live(&self, now: Instant, refreshed: Instant) -> bool {
+        now.saturating_duration_since(refreshed) < self.ttl
+    }
+
+    /// Stores or refreshes `peer` under `info_hash` at `now`, within the
+    /// bounds above. Returns what it did and how many expired entries it
+    /// dropped on the way.
+    pub fn announce(&mut self, now: Instant, info_hash: Id, peer: SocketAddrV4) -> (Stored, usize) {
+        let ttl = self.ttl;
+        let Some(swarm) = self.swarms.get_mut(&info_hash) else {
+            if self.swarms.len() >= MAX_KEYS || self.entries >= MAX_ENTRIES {
+                return (Stored::Full, 0);
+            }
+            self.swarms.insert(info_hash, vec![(peer, now)]);
+            self.entries += 1;
+            return (Stored::Added, 0);
+        };
+        let before = swarm.len();
+        swarm.retain(|(_, at)| now.saturating_duration_since(*at) < ttl);
+        let expired = before - swarm.len();
+        self.entries -= expired;
+        if let Some(entry) = swarm.iter_mut().find(|(p, _)| *p == peer) {
+            entry.1 = now;
+            return (Stored::Refreshed, expired);
+        }
+        let same_ip = swarm.iter().filter(|(p, _)| p.ip() == peer.ip()).count();
+        let evict = if same_ip >= MAX_PEERS_PER_IP_PER_KEY {
+            oldest(swarm, |p| p.ip() == peer.ip())
+        } else if swarm.len() >= MAX_PEERS_PER_KEY {
+            oldest(swarm, |_| true)
+        } else {
+            None
+        };
+        match evict {
+            Some(i) => swarm[i] = (peer, now),
+            None if self.entries >= MAX_ENTRIES => return (Stored::Full, expired),
+            None => {
+                swarm.push((peer, now));
+                self.entries += 1;
+            }
+        }
+        (Stored::Added, expired)
+    }
+
+    /// The live peers of `info_hash`, at most `max`, best first tries
+    /// first:
+    ///
+    /// - source IPs take turns (round-robin), so one IP with many entries
+    ///   takes at most every other slot while another IP has entries left;
+    /// - IPs with fewer entries go first (a planted crowd goes last), ties
+    ///   broken by the most recent announce;
+    /// - within one IP, the most recently refreshed first, so a restarted
+    ///   host's new port comes before its dead predecessor on the same IP.
+    ///
+    /// The RPC client tries peers in this order (after its own health
+    /// memory), so this order is a contract.
+    pub fn peers(&self, now: Instant, info_hash: &Id, max: usize) -> Vec<SocketAddrV4> {
+        let Some(swarm) = self.swarms.get(info_hash) else {
+            return vec![];
+        };
+        let mut by_ip: HashMap<Ipv4Addr, Vec<(SocketAddrV4, Instant)>> = HashMap::new();
+        for &(peer, at) in swarm.iter().filter(|(_, at)| self.live(now, *at)) {
+            by_ip.entry(*peer.ip()).or_default().push((peer, at));
+        }
+        let mut groups: Vec<Vec<(SocketAddrV4, Instant)>> = by_ip.into_values().collect();
+        for group in &mut groups {
+            group.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.port().cmp(&b.0.port())));
+        }
+        groups.sort_by(|a, b| {
+            a.len()
+                .cmp(&b.len())
+                .then(b[0].1.cmp(&a[0].1))
+                .then(a[0].0.ip().cmp(b[0].0.ip()))
+        });
+        let mut out = Vec::with_capacity(max.min(swarm.len()));
+        for round in 0.. {
+            let mut took = false;
+            for group in &groups {
+                if let Some((peer, _)) = group.get(round) {
+                    if out.len() == max {
+                        return out;
+                    }
+                    out.push(*peer);
+                    took = true;
+                }
+            }
+            if !took {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Drops expired entries, looking at about `budget` entries at most
+    /// (whole info hashes), from where the last sweep stopped; returns how
+    /// many it dropped. Called every tick, it goes round the whole store.
+    pub fn sweep(&mut self, now: Instant, budget: usize) -> usize {
+        let ttl = self.ttl;
+        let start = match self.cursor {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Unbounded,
+        };
+        let mut examined = 0;
+        let mut dropped = 0;
+        let mut emptied = Vec::new();
+        let mut last = None;
+        for (key, swarm) in self.swarms.range_mut((start, Bound::Unbounded)) {
+            if examined >= budget {
+                break;
+            }
+            examined += swarm.len();
+            let before = swarm.len();
+            swarm.retain(|(_, at)| now.saturating_duration_since(*at) < ttl);
+            dropped += before - swarm.len();
+            if swarm.is_empty() {
+                emptied.push(*key);
+            }
+            last = Some(*key);
+        }
+        // Reached the end: start over next time.
+        self.cursor = match last {
+            Some(key) if examined >= budget => Some(key),
+            _ => None,
+        };
+        for key in emptied {
+            self.swarms.remove(&key);
+        }
+        self.entries -= dropped;
+        dropped
+    }
+}
+
+/// The index of the least-recently-refreshed entry among those that `pick`.
+fn oldest(
+    swarm: &[(SocketAddrV4, Instant)],
+    pick: impl Fn(&SocketAddrV4) -> bool,
+) -> Option<usize> {
+    swarm
+        .iter()
+        .enumerate()
+        .filter(|(_, (p, _))| pick(p))
+        .min_by_key(|(_, (_, at))| *at)
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(75);
+    const KEY: Id = [7; 20];
+
+    fn peer(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(ip.into(), port)
+    }
+
+    #[test]
+    fn a_re_announce_refreshes_its_one_entry_and_entries_expire_after_the_ttl() {
+        let t0 = Instant::now();
+        let mut store = PeerStore::new(TTL);
+        let host = peer([127, 0, 0, 1], 5000);
+        assert_eq!(store.announce(t0, KEY, host), (Stored::Added, 0));
+        for i in 1..100 {
+            let at = t0 + Duration::from_secs(i * 30);
+            assert_eq!(store.announce(at, KEY, host), (Stored::Refreshed, 0));
+        }
+        assert_eq!(store.len(), 1);
+        let last = t0 + Duration::from_secs(99 * 30);
+        assert_eq!(
+            store.peers(last + TTL - Duration::from_millis(1), &KEY, 64),
+            vec![host]
+        );
+        assert_eq!(store.peers(last + TTL, &KEY, 64), vec![]);
+        assert_eq!(store.sweep(last + TTL, 1000), 1);
+        assert!(store.is_empty());
+        assert_eq!(store.keys(), 0);
+    }
+
+    #[test]
+    fn one_ip_keeps_its_newest_16_entries_per_key() {
+        let t0 = Instant::now();
+        let mut store = PeerStore::new(TTL);
+        for port in 1..=500u16 {
+            let at = t0 + Duration::from_millis(port.into());
+            store.announce(at, KEY, peer([127, 0, 0, 66], port));
+        }
+        assert_eq!(store.len(), MAX_PEERS_PER_IP_PER_KEY);
+        let now = t0 + Duration::from_secs(1);
+        let got = store.peers(now, &KEY, 64);
+        let want: Vec<_> = (485..=500)
+            .rev()
+            .map(|p| peer([127, 0, 0, 66], p))
+            .collect();
+        assert_eq!(got, want, "newest first");
+    }
+
+    #[test]
+    fn ips_take_turns_the_smallest_group_first_and_newest_first_within_an_ip() {
+        let t0 = Instant::now();
+        let mut store = PeerStore::new(TTL);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        for port in 1..=5u16 {
+            store.announce(at(port.into()), KEY, peer([127, 0, 0, 66], port));
+        }
+        // A host restarted on a new port: the dead one is older.
+        store.announce(at(10), KEY, peer([127, 0, 0, 1], 4000));
+        store.announce(at(20), KEY, peer([127, 0, 0, 1], 4001));
+        store.announce(at(30), KEY, peer([10, 0, 0, 9], 80));
+        let got = store.peers(at(40), &KEY, 64);
+        assert_eq!(
+            got,
+            vec![
+                peer([10, 0, 0, 9], 80),
+                peer([127, 0, 0, 1], 4001),
+                peer([127, 0, 0, 66], 5),
+                peer([127, 0, 0, 1], 4000),
+                peer([127, 0, 0, 66], 4),
+                peer([127, 0, 0, 66], 3),
+                peer([127, 0, 0, 66], 2),
+                peer([127, 0, 0, 66], 1),
+            ]
+        );
+        assert_eq!(store.peers(at(40), &KEY, 3).len(), 3);
+    }
+
+    #[test]
+    fn a_key_keeps_its_newest_1024_and_the_store_refuses_new_keys_when_full() {
+        let t0 = Instant::now();
+        let mut store = PeerStore::new(TTL);
+        for i in 0..(MAX_PEERS_PER_KEY as u32 + 10) {
+            let b = i.to_be_bytes();
+            store.announce(
+                t0 + Duration::from_micros(i.into()),
+                KEY,
+                peer([10, b[1], b[2], b[3]], 1),
+            );
+        }
+        assert_eq!(store.len(), MAX_PEERS_PER_KEY);
+        let live = store.peers(t0 + Duration::from_secs(1), &KEY, usize::MAX);
+        assert!(!live.contains(&peer([10, 0, 0, 0], 1)), "the oldest went");
+        assert!(live.contains(&peer([10, 0, 4, 9], 1)), "the newest stayed");
+
+        let mut store = PeerStore::new(TTL);
+        for k in 0..MAX_KEYS as u32 {
+            let mut key = [0u8; 20];
+            key[..4].copy_from_slice(&k.to_be_bytes());
+            assert_eq!(
+                store.announce(t0, key, peer([10, 0, 0, 1], 1)).0,
+                Stored::Added
+            );
+        }
+        assert_eq!(
+            store.announce(t0, [0xff; 20], peer([10, 0, 0, 1], 1)).0,
+            Stored::Full
+        );
+        // Stored keys still take refreshes.
+        assert_eq!(
+            store.announce(t0, [0; 20], peer([10, 0, 0, 1], 1)).0,
+            Stored::Refreshed
+        );
+    }
+
+    #[test]
+    fn the_sweep_is_bounded_per_call_and_goes_round_the_whole_store() {
+        let t0 = Instant::now();
+        let mut store = PeerStore::new(TTL);
+        for k in 0..100u8 {
+            for port in 1..=10 {
+                store.announce(t0, [k; 20], peer([10, 0, 0, 1], port));
+            }
+        }
+        let later = t0 + TTL;
+        let first = store.sweep(later, 95);
+        assert_eq!(
+            first, 100,
+            "ten keys of ten entries: the budget stops at a whole key"
+        );
+        let mut total = first;
+        for _ in 0..20 {
+            total += store.sweep(later, 95);
+        }
+        assert_eq!(total, 1000);
+        assert!(store.is_empty());
+        assert_eq!(store.keys(), 0);
+    }
+}
