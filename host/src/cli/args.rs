@@ -269,11 +269,13 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
     },
-    /// Run a DHT node that hosts bootstrap from (server mode), with an
-    /// introducer beside it for hosts behind NATs.
+    /// Run a DHT node that hosts bootstrap from and announce to (a BEP 5
+    /// server node), with an introducer beside it for hosts behind NATs.
     ///
     /// Prints `dht listening on <ip:port>` and runs until Ctrl-C. The
     /// introducer uses the next two UDP ports (e.g. 20002 and 20003).
+    /// Announced peers are kept per (service, IP, port), --peer-ttl seconds
+    /// after their last announce (hosts re-announce every 30 s).
     ///
     /// Example: grenache-host dht --listen 127.0.0.1:20001
     Dht {
@@ -287,6 +289,10 @@ pub enum Command {
         /// Default: the DHT port + 1.
         #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
         introducer_port: Option<IntroducerPort>,
+        /// How long an announced peer is kept after its last announce, in
+        /// seconds. Default: 75 (two lost 30 s re-announces and 15 s to spare).
+        #[arg(long, value_name = "SECONDS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        peer_ttl: u64,
     },
     /// Run a Grape-compatible node: grenache-grape's HTTP API (`/announce`,
     /// `/lookup`, `/put`, `/get`) for Node services' links, on our DHT, with an

@@ -236,11 +236,13 @@ async fn dispatch(command: Command) -> ExitCode {
             listen,
             bootstrap,
             introducer_port,
+            peer_ttl,
         } => {
             let config = run::DhtNodeConfig {
                 listen,
                 bootstrap,
                 introducer_port,
+                peer_ttl: std::time::Duration::from_secs(peer_ttl),
             };
             run::dht(config).await
         }

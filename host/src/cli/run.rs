@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::output::{print_line, usage_error};
-use crate::discovery::dht::{DhtConfig, DhtDiscovery};
+use crate::discovery::server::{DhtServer, ServerConfig};
 use crate::discovery::DiscoveryConfig;
 use crate::nat::IntroducerAddr;
 use crate::node::control::BindError;
@@ -254,27 +254,31 @@ pub struct DhtNodeConfig {
     pub bootstrap: Vec<String>,
     /// `None`: the introducer goes beside the DHT node's port.
     pub introducer_port: Option<IntroducerPort>,
+    /// How long announced peers are kept after their last announce.
+    pub peer_ttl: Duration,
 }
 
-/// `grenache-host dht`: a DHT node in server mode and, unless turned off,
-/// an introducer beside it.
+/// `grenache-host dht`: our BEP 5 server node ([`crate::discovery::server`])
+/// and, unless turned off, an introducer beside it. Logs what the node did
+/// on exit.
 pub async fn dht(config: DhtNodeConfig) -> ExitCode {
     let mut signals = Signals::catch();
     let DhtNodeConfig {
         listen,
         bootstrap,
         introducer_port,
+        peer_ttl,
     } = config;
-    let config = DhtConfig {
-        listen: Some(listen),
+    let config = ServerConfig {
+        listen,
         bootstrap,
-        server_mode: true,
+        peer_ttl,
     };
-    let discovery = match DhtDiscovery::start(&config) {
-        Ok(d) => d,
+    let server = match DhtServer::start(config).await {
+        Ok(s) => s,
         Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
     };
-    let dht_addr = discovery.local_addr().await;
+    let dht_addr = server.local_addr();
     let introducer = match start_introducer((*listen.ip()).into(), dht_addr, introducer_port).await
     {
         Ok(task) => task,
@@ -282,7 +286,7 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
     };
     print_line(format_args!("dht listening on {dht_addr}"));
     signals.next().await;
-    tracing::info!("stopping the DHT node");
+    tracing::info!("stopping the DHT node: {}", server.counters().summary());
     if let Some(task) = introducer {
         task.abort();
     }

@@ -4,9 +4,12 @@
 //! A service's DHT key is the SHA-1 of its name (`fibonacci_worker` →
 //! `9fb29a11…`). A host announces each service with the port of its RPC
 //! socket (never the DHT socket's, which is a different mapping behind a
-//! NAT) and re-announces periodically. mainline never expires peers, so a
-//! lookup can return hosts that are gone: callers try peers that failed
-//! recently last (`rpc::health`).
+//! NAT) and re-announces periodically. This node starts as a read-only
+//! client (BEP 43): the storage is on the `grenache-host dht` nodes
+//! ([`super::server`]), which keep an announce [`super::server::PEER_TTL`]
+//! and answer the newest first; a lookup can still return a host that went
+//! within that time, so callers try peers that failed recently last
+//! (`rpc::health`).
 //!
 //! The embedded node never contacts the public BitTorrent network: it joins
 //! only the bootstrap nodes it is given, or stays alone.
@@ -36,8 +39,6 @@ pub struct DhtConfig {
     pub listen: Option<SocketAddrV4>,
     /// Nodes to join through (`ip:port` or `host:port`). Empty: a lone node.
     pub bootstrap: Vec<String>,
-    /// Answer other nodes' queries (bootstrap / introducer nodes must).
-    pub server_mode: bool,
 }
 
 /// Resolves each `--bootstrap` node (`ip:port` or `host:port`) to the IPv4
@@ -109,9 +110,6 @@ impl DhtDiscovery {
             // mainline resolves names itself and silently drops those that
             // fail: resolve here so a wrong name is named in an error.
             builder.bootstrap(&resolve_bootstrap(&config.bootstrap)?);
-        }
-        if config.server_mode {
-            builder.server_mode();
         }
         let failed = |reason: String| DiscoveryError::Start(format!("{reason} (binding {listen})"));
         // mainline binds on its actor thread and, when that fails, reports it

@@ -5,7 +5,9 @@
 //! two backends, chosen by [`DiscoveryConfig`]:
 //!
 //! - [`dht`]: an embedded BitTorrent DHT node (the service key is the SHA-1
-//!   of the service name); our hosts find each other this way;
+//!   of the service name); our hosts find each other this way, through the
+//!   BEP 5 server nodes of [`server`] (`grenache-host dht`) that store the
+//!   announces;
 //! - [`grape`]: a link to Grapes, the DHT nodes of Bitfinex's Grenache, over
 //!   their HTTP API as grenache-nodejs-link uses it (the key is the raw
 //!   name); this is how a host joins an existing Grenache network.
@@ -90,7 +92,6 @@ impl DiscoveryConfig {
                 let config = dht::DhtConfig {
                     listen: Some(std::net::SocketAddrV4::new(ip, 0)),
                     bootstrap: bootstrap.clone(),
-                    server_mode: false,
                 };
                 Ok(Arc::new(dht::DhtDiscovery::start(&config)?))
             }

@@ -44,6 +44,12 @@ pub enum Query {
     GetPeers {
         info_hash: Id,
     },
+    /// BEP 44 `get`: we store no BEP 44 items, so it is answered with a
+    /// token and the closest nodes only. mainline's client sends it to find
+    /// where to `announce_peer` (and takes the token from its answer).
+    Get {
+        target: Id,
+    },
     AnnouncePeer {
         info_hash: Id,
         /// The `port` argument (0 when absent).
@@ -61,6 +67,7 @@ impl Query {
             Query::Ping => "ping",
             Query::FindNode { .. } => "find_node",
             Query::GetPeers { .. } => "get_peers",
+            Query::Get { .. } => "get",
             Query::AnnouncePeer { .. } => "announce_peer",
         }
     }
@@ -179,6 +186,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 b"get_peers" => Query::GetPeers {
                     info_hash: id20(args.info_hash.as_ref())
                         .ok_or_else(|| bad("info_hash is not 20 bytes"))?,
+                },
+                b"get" => Query::Get {
+                    target: id20(args.target.as_ref())
+                        .ok_or_else(|| bad("target is not 20 bytes"))?,
                 },
                 b"announce_peer" => Query::AnnouncePeer {
                     info_hash: id20(args.info_hash.as_ref())

@@ -3,7 +3,9 @@
 //! mainline's client ([`super::dht`]); any BEP 5 client works.
 //!
 //! One UDP socket, IPv4. It answers `ping`, `find_node`, `get_peers` and
-//! `announce_peer` (with `implied_port`); bad queries get BEP 5 errors (203
+//! `announce_peer` (with `implied_port`), and BEP 44's `get` with a token and
+//! nodes only (it stores no BEP 44 items; mainline's client uses `get` to
+//! find where to announce); bad queries get BEP 5 errors (203
 //! protocol error, 204 method unknown, 201 storage full); datagrams over
 //! 1500 bytes or that are not KRPC are counted and dropped. Any transaction
 //! id of 1..=16 bytes is echoed as-is (mainline sends 4, Node's
@@ -66,6 +68,8 @@ pub struct ServerCounters {
     pub find_node: AtomicU64,
     pub get_peers: AtomicU64,
     pub announce_peer: AtomicU64,
+    /// BEP 44 `get` (answered with a token and nodes only).
+    pub get: AtomicU64,
     /// Queries of a method we do not know (answered 204).
     pub unknown_method: AtomicU64,
     /// Datagrams that were not KRPC or were oversized, and queries with bad
@@ -87,16 +91,17 @@ pub struct ServerCounters {
 
 impl ServerCounters {
     /// One line for the log, e.g. `queries: 3 ping, 0 find_node, 10
-    /// get_peers, 10 announce_peer, 0 unknown; 0 malformed; refused: 1 bad
+    /// get_peers, 10 get, 10 announce_peer, 0 unknown; 0 malformed; refused: 1 bad
     /// token, 0 port 0, 0 full; 1 stored, 0 expired; 0 nodes`.
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
         format!(
-            "queries: {} ping, {} find_node, {} get_peers, {} announce_peer, {} unknown; {} malformed; \
+            "queries: {} ping, {} find_node, {} get_peers, {} get, {} announce_peer, {} unknown; {} malformed; \
              refused: {} bad token, {} port 0, {} full; {} stored, {} expired; {} nodes",
             g(&self.ping),
             g(&self.find_node),
             g(&self.get_peers),
+            g(&self.get),
             g(&self.announce_peer),
             g(&self.unknown_method),
             g(&self.malformed),

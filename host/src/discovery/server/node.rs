@@ -214,6 +214,14 @@ impl KrpcNode {
                     ..body
                 }
             }
+            Query::Get { target } => {
+                c.get.fetch_add(1, Relaxed);
+                Body {
+                    nodes: Some(krpc::compact_nodes(&self.closest(&target))),
+                    token: Some(self.tokens.issue(*from.ip()).to_vec()),
+                    ..body
+                }
+            }
             Query::AnnouncePeer {
                 info_hash,
                 port,
@@ -585,6 +593,40 @@ mod tests {
         );
         assert!(text.contains("5:nodes0:"), "{text}");
         assert!(text.contains("5:token20:"), "{text}");
+    }
+
+    #[test]
+    fn bep44_get_answers_a_token_that_announce_peer_takes() {
+        // mainline's client finds where to announce with `get`, then
+        // announces with the token of its answer.
+        let now = Instant::now();
+        let mut n = node(now);
+        let host = addr([127, 0, 0, 1], 40000);
+        let target = format!("6:target20:{}", "\x09".repeat(20));
+        let (answer, _) = ask(&mut n, now, host, "get", target.as_bytes(), true);
+        assert!(
+            !answer.windows(2).any(|w| w == b"1:v"),
+            "no value stored here"
+        );
+        let token = token_of(&answer);
+        let (ok, _) = ask(
+            &mut n,
+            now,
+            host,
+            "announce_peer",
+            &announce_args(5000, &token),
+            true,
+        );
+        assert!(
+            ok.starts_with(b"d2:ip6:"),
+            "{}",
+            String::from_utf8_lossy(&ok)
+        );
+        assert_eq!(n.counters.get.load(Relaxed), 1);
+        assert_eq!(
+            n.peers.peers(now, &KEY, 64),
+            vec![addr([127, 0, 0, 1], 5000)]
+        );
     }
 
     #[test]
