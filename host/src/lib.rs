@@ -25,7 +25,8 @@
 //! - [`discovery`]: finding services behind one trait; the embedded DHT
 //!   backend (service key = SHA-1 of its name) and the Grape link (Grenache
 //!   Grapes' HTTP API, key = the raw name), with the lookup cache they
-//!   share.
+//!   share; and `dht`'s own BEP 5 storage node (`discovery::server`, a
+//!   sans-IO state machine and its tokio driver).
 //! - [`plugin`]: the wasm runtime (one engine, a fresh sandboxed instance per
 //!   request, every contract version bound), the plugin set and its router with swap, rollback
 //!   and ticks, each plugin's key-value state on disk, the operator's policy and limits, and

@@ -471,6 +471,23 @@ mod tests {
         a
     }
 
+    /// Announces `port` from `from` with `token` and checks it was taken.
+    fn announce_ok(n: &mut KrpcNode, now: Instant, from: SocketAddrV4, port: u16, token: &[u8]) {
+        let (ok, _) = ask(
+            n,
+            now,
+            from,
+            "announce_peer",
+            &announce_args(port, token),
+            true,
+        );
+        assert!(
+            ok.starts_with(b"d2:ip6:"),
+            "{}",
+            String::from_utf8_lossy(&ok)
+        );
+    }
+
     #[test]
     fn tokens_are_per_ip_and_outlive_one_rotation_only() {
         let t0 = Instant::now();
@@ -541,19 +558,7 @@ mod tests {
         assert_eq!(n.counters.refused_port.load(Relaxed), 1);
         assert!(n.peers.is_empty());
 
-        let (ok, _) = ask(
-            &mut n,
-            now,
-            host,
-            "announce_peer",
-            &announce_args(5000, &token),
-            true,
-        );
-        assert!(
-            ok.starts_with(b"d2:ip6:"),
-            "{}",
-            String::from_utf8_lossy(&ok)
-        );
+        announce_ok(&mut n, now, host, 5000, &token);
         // implied_port: the source port.
         let mut implied = announce_args(0, &token);
         implied.extend_from_slice(b"12:implied_porti1e");
@@ -609,19 +614,7 @@ mod tests {
             "no value stored here"
         );
         let token = token_of(&answer);
-        let (ok, _) = ask(
-            &mut n,
-            now,
-            host,
-            "announce_peer",
-            &announce_args(5000, &token),
-            true,
-        );
-        assert!(
-            ok.starts_with(b"d2:ip6:"),
-            "{}",
-            String::from_utf8_lossy(&ok)
-        );
+        announce_ok(&mut n, now, host, 5000, &token);
         assert_eq!(n.counters.get.load(Relaxed), 1);
         assert_eq!(
             n.peers.peers(now, &KEY, 64),

@@ -130,8 +130,10 @@ impl PeerStore {
     /// - within one IP, the most recently refreshed first, so a restarted
     ///   host's new port comes before its dead predecessor on the same IP.
     ///
-    /// The RPC client tries peers in this order (after its own health
-    /// memory), so this order is a contract.
+    /// Callers rely on this order: a lookup that takes the first batch or
+    /// the first few values (mainline's client, Node's bittorrent-dht) gets
+    /// the best first; our RPC client takes turns by IP the same way
+    /// (`rpc::health::interleave_by_ip`) for directories that do not.
     pub fn peers(&self, now: Instant, info_hash: &Id, max: usize) -> Vec<SocketAddrV4> {
         let Some(swarm) = self.swarms.get(info_hash) else {
             return vec![];
