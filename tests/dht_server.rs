@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
+use common::grape_node::{node_link, start_node_grape};
 use common::{call, plugin, start_dht, start_host, HostProcess, SOON};
 use serde_bencode::value::Value;
 
@@ -362,4 +363,33 @@ fn two_dht_nodes_form_one_dht() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_node_grape_announces_through_our_dht_node_with_2_byte_transaction_ids() {
+    // grenache-grape 1.0.0's bittorrent-dht (k-rpc, 2-byte `t`) joins our
+    // node and announces there what a Node service announces to the grape.
+    let (_dht, bootstrap) = start_dht();
+    let (_grape, url) = start_node_grape("grenache-grape", &["--bn", &bootstrap]);
+    // The grape's DHT key is the name's bytes, so a 20-byte name.
+    let name = "svc_via_our_dht_node";
+    let service = node_link("node service", "1.0.2", &url, &["announce", name, "4444"]);
+    let client = Krpc::new(Ipv4Addr::LOCALHOST, &bootstrap);
+    let key: [u8; 20] = name.as_bytes().try_into().unwrap();
+    let deadline = Instant::now() + SOON;
+    while client.get_peers(key).0.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the grape never announced on our node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The link re-announces every second (each answered once the grape's
+    // DHT announce is done): still one entry.
+    let deadline = Instant::now() + SOON;
+    while service.count("announce ") < 4 {
+        assert!(Instant::now() < deadline, "{}", service.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(client.get_peers(key).0, vec![loopback(4444)]);
 }

@@ -72,7 +72,8 @@ pub fn free_port() -> u16 {
 }
 
 /// Starts a real grenache-grape 1.0.0 (its own command line) with `args`
-/// after `--dp --aph --bn ''`; returns it and its API's URL once it answers.
+/// after `--dp --aph` (and `--bn ''`, a new DHT, unless `args` give `--bn`);
+/// returns it and its API's URL once it answers.
 /// Ports are picked free, and another test may take one first: then it
 /// starts again on new ones.
 pub fn start_node_grape(name: &str, args: &[&str]) -> (HostProcess, String) {
@@ -81,7 +82,12 @@ pub fn start_node_grape(name: &str, args: &[&str]) -> (HostProcess, String) {
         let (dp, aph) = (free_port().to_string(), free_port().to_string());
         let mut command = Command::new(dir.join("node_modules/.bin/grape"));
         command
-            .args(["--dp", &dp, "--aph", &aph, "--bn", ""])
+            .args(["--dp", &dp, "--aph", &aph])
+            .args(if args.contains(&"--bn") {
+                &[][..]
+            } else {
+                &["--bn", ""][..]
+            })
             .args(args)
             .current_dir(&dir);
         let mut grape = HostProcess::spawn_command(name, command);
