@@ -60,19 +60,6 @@ pub enum Query {
     },
 }
 
-impl Query {
-    /// The method's name, as on the wire.
-    pub fn method(&self) -> &'static str {
-        match self {
-            Query::Ping => "ping",
-            Query::FindNode { .. } => "find_node",
-            Query::GetPeers { .. } => "get_peers",
-            Query::Get { .. } => "get",
-            Query::AnnouncePeer { .. } => "announce_peer",
-        }
-    }
-}
-
 /// A decoded datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {

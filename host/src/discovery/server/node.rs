@@ -168,9 +168,8 @@ impl KrpcNode {
                 if !read_only {
                     self.heard_from(now, id, from, out);
                 }
-                if let Some(bytes) = self.answer(now, from, &t, query) {
-                    out.push(Outgoing { to: from, bytes });
-                }
+                let bytes = self.answer(now, from, &t, query);
+                out.push(Outgoing { to: from, bytes });
             }
             Ok(Message::Response { t, id, nodes }) => {
                 self.answered(now, from, &t, Some((id, nodes)), out)
@@ -180,13 +179,7 @@ impl KrpcNode {
     }
 
     /// The answer to `query` from `from`.
-    fn answer(
-        &mut self,
-        now: Instant,
-        from: SocketAddrV4,
-        t: &[u8],
-        query: Query,
-    ) -> Option<Vec<u8>> {
+    fn answer(&mut self, now: Instant, from: SocketAddrV4, t: &[u8], query: Query) -> Vec<u8> {
         let c = self.counters.clone();
         let body = Body {
             id: self.id,
@@ -231,16 +224,16 @@ impl KrpcNode {
                 c.announce_peer.fetch_add(1, Relaxed);
                 if !self.tokens.accepts(*from.ip(), &token) {
                     c.refused_token.fetch_add(1, Relaxed);
-                    return Some(krpc::error(
+                    return krpc::error(
                         t,
                         krpc::PROTOCOL_ERROR,
                         "bad token; get a fresh one with get_peers",
-                    ));
+                    );
                 }
                 let port = if implied_port { from.port() } else { port };
                 if port == 0 {
                     c.refused_port.fetch_add(1, Relaxed);
-                    return Some(krpc::error(t, krpc::PROTOCOL_ERROR, "port 0"));
+                    return krpc::error(t, krpc::PROTOCOL_ERROR, "port 0");
                 }
                 let (stored, expired) =
                     self.peers
@@ -249,12 +242,12 @@ impl KrpcNode {
                 c.stored.store(self.peers.len() as u64, Relaxed);
                 if stored == Stored::Full {
                     c.refused_full.fetch_add(1, Relaxed);
-                    return Some(krpc::error(t, krpc::GENERIC_ERROR, "storage full"));
+                    return krpc::error(t, krpc::GENERIC_ERROR, "storage full");
                 }
                 body
             }
         };
-        Some(krpc::response(t, from, body))
+        krpc::response(t, from, body)
     }
 
     /// The [`CLOSEST`] table nodes closest to `target` (XOR distance).
@@ -332,9 +325,9 @@ impl KrpcNode {
         let Ok(tid) = <[u8; 2]>::try_from(t).map(u16::from_be_bytes) else {
             return;
         };
-        match self.pending.get(&tid) {
-            Some(p) if p.to == from => {}
-            _ => return,
+        // Only from the address asked: anyone can guess a 2-byte id.
+        if self.pending.get(&tid).is_none_or(|p| p.to != from) {
+            return;
         }
         let Some(pending) = self.pending.remove(&tid) else {
             return;
@@ -576,6 +569,40 @@ mod tests {
         );
         assert_eq!(n.counters.stored.load(Relaxed), 2);
         assert_eq!(n.counters.announce_peer.load(Relaxed), 5);
+    }
+
+    #[test]
+    fn a_full_store_refuses_new_keys_with_201_and_counts_them() {
+        let now = Instant::now();
+        let mut n = node(now);
+        for k in 0..super::super::peers::MAX_KEYS as u32 {
+            let mut key = [0xee; 20];
+            key[..4].copy_from_slice(&k.to_be_bytes());
+            n.peers.announce(now, key, addr([10, 0, 0, 1], 1));
+        }
+        let host = addr([127, 0, 0, 1], 40000);
+        let (answer, _) = ask(
+            &mut n,
+            now,
+            host,
+            "get",
+            format!("6:target20:{}", "\x09".repeat(20)).as_bytes(),
+            true,
+        );
+        let (refused, _) = ask(
+            &mut n,
+            now,
+            host,
+            "announce_peer",
+            &announce_args(5000, &token_of(&answer)),
+            true,
+        );
+        assert!(
+            refused.starts_with(b"d1:eli201e12:storage full"),
+            "{}",
+            String::from_utf8_lossy(&refused)
+        );
+        assert_eq!(n.counters.refused_full.load(Relaxed), 1);
     }
 
     #[test]
