@@ -290,8 +290,9 @@ pub enum Command {
         #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
         introducer_port: Option<IntroducerPort>,
         /// How long an announced peer is kept after its last announce, in
-        /// seconds. Default: 75 (two lost 30 s re-announces and 15 s to spare).
-        #[arg(long, value_name = "SECONDS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        /// seconds (1 to 86400). The default keeps a host through two lost
+        /// 30 s re-announces, with 15 s to spare.
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::discovery::server::PEER_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
         peer_ttl: u64,
     },
     /// Run a Grape-compatible node: grenache-grape's HTTP API (`/announce`,
