@@ -786,6 +786,45 @@ mod tests {
     }
 
     #[test]
+    fn mutated_and_random_datagrams_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let now = Instant::now();
+        let mut n = node(now);
+        let valid: [&[u8]; 3] = [
+            b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping1:t2:aa1:y1:qe",
+            b"d1:ad2:id20:abcdefghij01234567899:info_hash20:mnopqrstuvwxyz1234564:porti6881e5:token2:zze1:q13:announce_peer1:t2:bb1:y1:qe",
+            b"d1:rd2:id20:abcdefghij01234567895:nodes26:abcdefghij0123456789\x7f\x00\x00\x01\x00\x01e1:t2:cc1:y1:re",
+        ];
+        let mut out = Vec::new();
+        for round in 0..20_000u32 {
+            let mut bytes = valid[round as usize % valid.len()].to_vec();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes[at] = rng.random(),
+                    1 => drop(bytes.remove(at)),
+                    _ => bytes.insert(at, rng.random()),
+                }
+            }
+            if round % 10 == 0 {
+                let len = rng.random_range(0..200);
+                bytes = (0..len).map(|_| rng.random()).collect();
+            }
+            n.handle(now, addr([127, 0, 0, 1], 1), &bytes, &mut out);
+            out.clear();
+        }
+        let c = &n.counters;
+        let answered = c.ping.load(Relaxed)
+            + c.announce_peer.load(Relaxed)
+            + c.find_node.load(Relaxed)
+            + c.get_peers.load(Relaxed)
+            + c.get.load(Relaxed);
+        assert!(c.malformed.load(Relaxed) > 10_000, "{}", c.summary());
+        assert!(answered > 0, "some mutations stay valid: {}", c.summary());
+    }
+
+    #[test]
     fn noise_and_unknown_methods_are_counted() {
         let now = Instant::now();
         let mut n = node(now);
