@@ -41,3 +41,8 @@ pub mod transport {
 pub mod nat {
     pub use crate::{kind, wire};
 }
+
+/// `host/src/discovery/server/krpc.rs`: KRPC (BEP 5) messages as the `dht`
+/// node reads them.
+#[path = "../../host/src/discovery/server/krpc.rs"]
+pub mod krpc;

@@ -82,7 +82,7 @@ enum Task {
 }
 
 /// The fuzz targets (fuzz/fuzz_targets/<name>.rs).
-const FUZZ_TARGETS: [&str; 3] = ["rpc_stream", "utp_packet", "datagram"];
+const FUZZ_TARGETS: [&str; 4] = ["rpc_stream", "utp_packet", "datagram", "krpc_message"];
 /// How long `cargo xtask fuzz` runs each target by default.
 const FUZZ_SECONDS: u64 = 60;
 
