@@ -280,11 +280,35 @@ pub const LOG_REQUESTS: [&str; 2] = ["--log-level", "info,requests=debug"];
 pub const SOON: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Starts a DHT node on a free loopback port; returns it and its address.
+/// Its introducer takes the two ports after the one the kernel picked, and
+/// another test's socket may hold one of them: then it starts again.
 pub fn start_dht() -> (HostProcess, String) {
-    let dht = HostProcess::spawn("dht", &["dht", "--listen", "127.0.0.1:0"]);
-    let line = dht.wait_for("dht listening on ", SOON);
-    let addr = line.rsplit(' ').next().unwrap().to_string();
-    (dht, addr)
+    for _ in 0..3 {
+        let mut dht = HostProcess::spawn("dht", &["dht", "--listen", "127.0.0.1:0"]);
+        let deadline = std::time::Instant::now() + SOON;
+        while dht.is_running() {
+            let listening = dht
+                .output()
+                .lines()
+                .find_map(|l| l.strip_prefix("dht listening on ").map(str::to_string));
+            if let Some(addr) = listening {
+                return (dht, addr);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dht: no \"dht listening on\" within {SOON:?}; output:\n{}",
+                dht.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let output = dht.output();
+        assert!(
+            output.contains("cannot bind the introducer"),
+            "dht exited: {output}"
+        );
+        eprintln!("dht: the introducer's port was taken; starting again:\n{output}");
+    }
+    panic!("dht: could not start on free ports (see above)");
 }
 
 /// Starts `grenache-host <args>` (a `run`) and waits until it prints
