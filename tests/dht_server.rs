@@ -3,192 +3,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use common::grape_node::{node_link, start_node_grape};
+use common::krpc::*;
 use common::{call, plugin, start_dht, start_host, HostProcess, SOON};
-use serde_bencode::value::Value;
 
 /// `MAX_PEERS_PER_IP_PER_KEY` of the server's storage.
 const MAX_PEERS_PER_IP_PER_KEY: usize = 16;
-
-/// A raw KRPC client on one UDP socket.
-struct Krpc {
-    socket: UdpSocket,
-    dht: SocketAddr,
-    id: [u8; 20],
-}
-
-type Dict = HashMap<Vec<u8>, Value>;
-
-impl Krpc {
-    /// A client bound on `ip` (any port), asking the node at `dht`.
-    fn new(ip: Ipv4Addr, dht: &str) -> Krpc {
-        let socket = UdpSocket::bind((ip, 0)).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        Krpc {
-            socket,
-            dht: dht.parse().unwrap(),
-            id: rand_id(),
-        }
-    }
-
-    fn send(&self, bytes: &[u8]) {
-        self.socket.send_to(bytes, self.dht).unwrap();
-    }
-
-    /// Sends query `q` with `args` (plus our `id`) and transaction id `t`;
-    /// the answer's whole dictionary, or `None` if none came within 5 s.
-    fn ask(&self, t: &[u8], q: &str, args: Vec<(&str, Value)>) -> Option<Dict> {
-        let mut a: Dict = args
-            .into_iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v))
-            .collect();
-        a.insert(b"id".to_vec(), Value::Bytes(self.id.to_vec()));
-        let message = dict(vec![
-            ("t", Value::Bytes(t.to_vec())),
-            ("y", bytes("q")),
-            ("q", bytes(q)),
-            ("a", Value::Dict(a)),
-            ("ro", Value::Int(1)),
-        ]);
-        self.send(&serde_bencode::to_bytes(&message).unwrap());
-        self.answer(t)
-    }
-
-    /// The next datagram from the node with transaction id `t`, within 5 s.
-    fn answer(&self, t: &[u8]) -> Option<Dict> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = [0u8; 2048];
-        while Instant::now() < deadline {
-            let Ok((len, from)) = self.socket.recv_from(&mut buf) else {
-                continue;
-            };
-            if from != self.dht {
-                continue;
-            }
-            if let Ok(Value::Dict(d)) = serde_bencode::from_bytes::<Value>(&buf[..len]) {
-                if d.get(&b"t"[..]) == Some(&Value::Bytes(t.to_vec())) {
-                    return Some(d);
-                }
-            }
-        }
-        None
-    }
-
-    /// `get_peers` of `key`: the values (in order) and the token.
-    fn get_peers(&self, key: [u8; 20]) -> (Vec<SocketAddrV4>, Vec<u8>) {
-        let answer = self
-            .ask(
-                b"gp",
-                "get_peers",
-                vec![("info_hash", Value::Bytes(key.to_vec()))],
-            )
-            .expect("get_peers answered");
-        let r = sub(&answer, "r");
-        let values = match r.get(&b"values"[..]) {
-            Some(Value::List(list)) => list
-                .iter()
-                .map(|v| match v {
-                    Value::Bytes(b) if b.len() == 6 => SocketAddrV4::new(
-                        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
-                        u16::from_be_bytes([b[4], b[5]]),
-                    ),
-                    other => panic!("a value that is not compact peer info: {other:?}"),
-                })
-                .collect(),
-            _ => vec![],
-        };
-        (values, bytes_of(r, "token"))
-    }
-
-    /// `find_node` of `target`: the compact node infos answered.
-    fn find_node(&self, target: [u8; 20]) -> Vec<u8> {
-        let found = self
-            .ask(
-                b"fn",
-                "find_node",
-                vec![("target", Value::Bytes(target.to_vec()))],
-            )
-            .expect("find_node answered");
-        bytes_of(sub(&found, "r"), "nodes")
-    }
-
-    /// `announce_peer` of `key` on `port` with `token`; the answer.
-    fn announce(&self, key: [u8; 20], port: i64, token: &[u8]) -> Dict {
-        self.ask(
-            b"ap",
-            "announce_peer",
-            vec![
-                ("info_hash", Value::Bytes(key.to_vec())),
-                ("port", Value::Int(port)),
-                ("token", Value::Bytes(token.to_vec())),
-            ],
-        )
-        .expect("announce_peer answered")
-    }
-}
-
-fn rand_id() -> [u8; 20] {
-    // Distinct per call, like mainline's client's fresh id per announce.
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    sha1_smol::Sha1::from(format!("{}-{n}", std::process::id()))
-        .digest()
-        .bytes()
-}
-
-fn bytes(s: &str) -> Value {
-    Value::Bytes(s.as_bytes().to_vec())
-}
-
-fn dict(entries: Vec<(&str, Value)>) -> Value {
-    Value::Dict(
-        entries
-            .into_iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v))
-            .collect(),
-    )
-}
-
-fn sub<'a>(d: &'a Dict, key: &str) -> &'a Dict {
-    match d.get(key.as_bytes()) {
-        Some(Value::Dict(inner)) => inner,
-        other => panic!("no dictionary {key:?} in the answer ({other:?}); answer: {d:?}"),
-    }
-}
-
-fn bytes_of(d: &Dict, key: &str) -> Vec<u8> {
-    match d.get(key.as_bytes()) {
-        Some(Value::Bytes(b)) => b.clone(),
-        other => panic!("no byte string {key:?} in {d:?} ({other:?})"),
-    }
-}
-
-/// The KRPC error code of an `e` answer, `None` for any other answer.
-fn error_code(d: &Dict) -> Option<i64> {
-    match d.get(&b"e"[..]) {
-        Some(Value::List(list)) => match list.first() {
-            Some(Value::Int(code)) => Some(*code),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// The DHT key of a service: SHA-1 of its name.
-fn key(service: &str) -> [u8; 20] {
-    sha1_smol::Sha1::from(service).digest().bytes()
-}
-
-fn loopback(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
-}
 
 #[test]
 fn a_host_re_announcing_under_fresh_node_ids_keeps_one_entry() {
@@ -392,4 +215,177 @@ fn a_node_grape_announces_through_our_dht_node_with_2_byte_transaction_ids() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(client.get_peers(key).0, vec![loopback(4444)]);
+}
+
+/// Plants `count` entries for `service` on the DHT node at `bootstrap`,
+/// announced from `ip` with the ports `ports` gives (real KRPC announces,
+/// each with the token the node gave `ip`).
+fn plant(bootstrap: &str, ip: Ipv4Addr, service: &str, ports: impl Iterator<Item = u16>) {
+    let mut planter = Krpc::new(ip, bootstrap);
+    let (_, token) = planter.get_peers(key(service));
+    for port in ports {
+        // A fresh node id each, as mainline's client announces: a node that
+        // keys peers by node id keeps every one.
+        planter.id = rand_id();
+        let answer = planter.announce(key(service), i64::from(port), &token);
+        assert_eq!(error_code(&answer), None, "{answer:?}");
+    }
+}
+
+/// Runs `n` fresh `call` processes to fibonacci_worker; their wall times,
+/// sorted, and the errors of those that failed.
+fn fresh_calls(bootstrap: &str, n: usize) -> (Vec<Duration>, Vec<String>) {
+    fresh_calls_with(&common::host_bin(), bootstrap, n)
+}
+
+/// [`fresh_calls`] with the `grenache-host` binary at `bin`.
+fn fresh_calls_with(
+    bin: &std::path::Path,
+    bootstrap: &str,
+    n: usize,
+) -> (Vec<Duration>, Vec<String>) {
+    let mut took = Vec::new();
+    let mut failed = Vec::new();
+    for _ in 0..n {
+        let started = Instant::now();
+        let out = std::process::Command::new(bin)
+            .args(["call", "fibonacci_worker", r#"{"length":3}"#])
+            .args(["--bootstrap", bootstrap, "--timeout-ms", "5000"])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let r = common::shown(out);
+        took.push(started.elapsed());
+        if (r.code, r.stdout.as_str()) != (0, "[1,1,2]\n") {
+            failed.push(r.stderr);
+        }
+    }
+    took.sort();
+    (took, failed)
+}
+
+/// The `q` quantile (0..=1) of sorted `took`.
+fn quantile(took: &[Duration], q: f64) -> Duration {
+    took[((took.len() - 1) as f64 * q).round() as usize]
+}
+
+#[test]
+fn a_poisoned_directory_still_leads_fresh_callers_to_the_live_host() {
+    // Issue 12: 500 planted entries, half at closed ports (ICMP answers
+    // them), half at sockets that take datagrams and never answer, all
+    // announced after the live host, so they are the newest.
+    let (_dht, bootstrap) = start_dht();
+    let (_worker, _) = start_host("worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    let closed_ip = Ipv4Addr::new(127, 0, 0, 66);
+    plant(&bootstrap, closed_ip, "fibonacci_worker", 20_001..=20_250);
+    let silent_ip = Ipv4Addr::new(127, 0, 0, 67);
+    let silent: Vec<std::net::UdpSocket> = (0..250)
+        .map(|_| std::net::UdpSocket::bind((silent_ip, 0)).unwrap())
+        .collect();
+    let silent_ports = silent.iter().map(|s| s.local_addr().unwrap().port());
+    plant(&bootstrap, silent_ip, "fibonacci_worker", silent_ports);
+    // Fresh `call` processes: no memory of which peers answered before.
+    let (took, failed) = fresh_calls(&bootstrap, 100);
+    let (p50, p99) = (quantile(&took, 0.5), quantile(&took, 0.99));
+    eprintln!(
+        "100 fresh calls through 500 planted entries: p50 {p50:?}, p99 {p99:?}, {} failed",
+        failed.len()
+    );
+    assert!(failed.len() <= 1, "{failed:?}");
+    assert!(p99 <= Duration::from_secs(1), "p99 {p99:?}, p50 {p50:?}");
+}
+
+/// Issue 12's figures, side by side: fresh `call`s after a host restarted
+/// (its successor on another port; 0, 20 or 200 stale entries of dead
+/// hosts on the same IP) and through 500 planted entries, for this build
+/// and, with `GRENACHE_BASELINE_HOST=<path to another grenache-host>`, for
+/// that one too (its own `dht` node and `call`), taking turns. Run it with
+/// `cargo xtask bench-discovery [--baseline PATH]`.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench-discovery"]
+fn bench_calls_after_a_restart_and_through_a_poisoned_directory() {
+    let mut builds = vec![("this build", common::host_bin())];
+    if let Some(baseline) = std::env::var_os("GRENACHE_BASELINE_HOST") {
+        builds.push(("baseline", baseline.into()));
+    }
+    let calls: usize = std::env::var("GRENACHE_BENCH_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(30);
+    let scenarios: [(&str, usize, bool); 4] = [
+        ("restart, 0 stale", 0, false),
+        ("restart, 20 stale", 20, false),
+        ("restart, 200 stale", 200, false),
+        ("500 planted", 0, true),
+    ];
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "fresh `call`s, {calls} per row, load average {}",
+        load.trim()
+    );
+    println!("| scenario | build | ok | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (name, stale, poisoned) in scenarios {
+        for (build, bin) in &builds {
+            let spawn = |what: &str, args: &[&str]| {
+                let mut command = std::process::Command::new(bin);
+                command.args(args).env_remove("RUST_LOG");
+                HostProcess::spawn_command(what, command)
+            };
+            let dht = spawn("dht", &["dht", "--listen", "127.0.0.1:0"]);
+            let line = dht.wait_for("dht listening on ", SOON);
+            let bootstrap = line.rsplit(' ').next().unwrap().to_string();
+            // The dead predecessors announced first, from the live host's IP,
+            // at ports where nothing listens any more.
+            plant(
+                &bootstrap,
+                Ipv4Addr::LOCALHOST,
+                "fibonacci_worker",
+                (0..stale as u16).map(|i| 30_001 + i),
+            );
+            let fibonacci = plugin("fibonacci");
+            let worker = spawn(
+                "worker",
+                &[
+                    "run",
+                    fibonacci.to_str().unwrap(),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--bootstrap",
+                    &bootstrap,
+                    "--control",
+                    "off",
+                ],
+            );
+            worker.wait_for("announced fibonacci_worker", SOON);
+            let silent: Vec<std::net::UdpSocket> = match poisoned {
+                true => (0..250)
+                    .map(|_| std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 67), 0)).unwrap())
+                    .collect(),
+                false => vec![],
+            };
+            if poisoned {
+                plant(
+                    &bootstrap,
+                    Ipv4Addr::new(127, 0, 0, 66),
+                    "fibonacci_worker",
+                    20_001..=20_250,
+                );
+                let ports = silent.iter().map(|s| s.local_addr().unwrap().port());
+                plant(
+                    &bootstrap,
+                    Ipv4Addr::new(127, 0, 0, 67),
+                    "fibonacci_worker",
+                    ports,
+                );
+            }
+            let (took, failed) = fresh_calls_with(bin, &bootstrap, calls);
+            println!(
+                "| {name} | {build} | {}/{calls} | {:.0} ms | {:.0} ms |",
+                calls - failed.len(),
+                quantile(&took, 0.5).as_secs_f64() * 1e3,
+                quantile(&took, 0.99).as_secs_f64() * 1e3,
+            );
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod grape;
 pub mod grape_node;
+pub mod krpc;
 pub mod lab;
 
 use std::path::PathBuf;

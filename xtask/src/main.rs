@@ -53,6 +53,10 @@ tasks:
   fuzz      run the fuzz targets (fuzz/: the decoders that face the network) with
             cargo-fuzz, installing it if missing; `fuzz [TARGET] [--seconds N]`, default
             every target for 60 s each; a crash stops it and names the input saved
+  bench-discovery
+            fresh `call`s after a host restarted (0, 20, 200 stale DHT entries) and through
+            500 planted ones: p50/p99 per case; --baseline PATH runs another grenache-host
+            binary the same way, taking turns (figures in BENCHMARKS.md)
   help      print this text (so does --help after any task)
 
 `test` also cross-compiles the gateway host for aarch64 and runs it under qemu-aarch64
@@ -73,6 +77,10 @@ enum Task {
     /// The gateway build, for this machine or the given target triple.
     Gateway {
         target: Option<String>,
+    },
+    /// The discovery benchmark, against another binary too if given.
+    BenchDiscovery {
+        baseline: Option<String>,
     },
     /// Fuzz one target (or every one) for this many seconds each.
     Fuzz {
@@ -125,6 +133,14 @@ fn parse_args(args: &[String]) -> std::result::Result<Task, String> {
             [arg, ..] if is_help(arg) => Ok(Task::Help),
             [arg, ..] => unknown(arg),
         },
+        "bench-discovery" => match options {
+            [] => Ok(Task::BenchDiscovery { baseline: None }),
+            [flag, path] if flag == "--baseline" => Ok(Task::BenchDiscovery {
+                baseline: Some(path.clone()),
+            }),
+            [arg, ..] if is_help(arg) => Ok(Task::Help),
+            [arg, ..] => unknown(arg),
+        },
         "fuzz" => {
             let (mut target, mut seconds) = (None, FUZZ_SECONDS);
             let mut options = options.iter();
@@ -167,6 +183,7 @@ fn main() -> ExitCode {
         Ok(Task::Demo { keep_running }) => demo(keep_running),
         Ok(Task::Gateway { target }) => gateway(target.as_deref()),
         Ok(Task::Fuzz { target, seconds }) => fuzz(target.as_deref(), seconds),
+        Ok(Task::BenchDiscovery { baseline }) => bench_discovery(baseline.as_deref()),
         Err(e) => {
             eprintln!("xtask: {e}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -458,6 +475,29 @@ fn gateway(target: Option<&str>) -> Result<()> {
         size as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// Runs the discovery benchmark (an ignored test of tests/dht_server.rs,
+/// which prints its table), against `baseline` too if given.
+fn bench_discovery(baseline: Option<&str>) -> Result<()> {
+    build_plugins()?;
+    let mut bench = cargo();
+    if let Some(path) = baseline {
+        let path = std::fs::canonicalize(path)
+            .with_context(|| format!("--baseline {path}: no such binary"))?;
+        bench.env("GRENACHE_BASELINE_HOST", path);
+    }
+    run(bench.args([
+        "test",
+        "-p",
+        "grenache-host",
+        "--test",
+        "dht_server",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "bench_calls_after_a_restart",
+    ]))
 }
 
 /// Installs cargo-fuzz if `cargo fuzz` is missing (from crates.io).
