@@ -5,8 +5,8 @@
 //! request and expires the requests whose deadline passed. A request
 //! by service name looks the service up and races connects to its peers,
 //! staggered as happy eyeballs does (RFC 8305): those that answered before
-//! first, then the others in random order with IPs taking turns, those that
-//! failed recently last ([`super::health`]); a dead entry costs
+//! first, then the others with IPs taking turns in a random order (each
+//! IP's in the directory's order), those that failed recently last ([`super::health`]); a dead entry costs
 //! [`ATTEMPT_DELAY`], not a timeout. All within the request's deadline.
 //!
 //! With an introducer (see [`crate::nat`]), every new connection
@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 
 use super::codec::{self, Reply};
 use super::connection::{MessageReader, ReadCount, ReadError};
-use super::health::{interleave_by_ip, PeerHealth};
+use super::health::{spread_by_ip, PeerHealth};
 use super::pending::Pending;
 use super::RpcError;
 use crate::discovery::Discovery;
@@ -203,12 +203,15 @@ impl RpcClient {
         if peers.is_empty() {
             return Err(RpcError::NoPeers(discovery.nobody_announces(service)));
         }
-        // Spread load at random, let no one IP take every early slot, then
-        // put the peers that answered recently first and those that failed
-        // recently last (still tried: a glitch is not an outage).
-        peers.shuffle(&mut rand::rng());
-        interleave_by_ip(&mut peers);
-        self.health.order(&mut peers);
+        // IPs take turns in a random order (no one IP takes every early
+        // slot; load spreads over machines), each IP's peers in the
+        // directory's order (newest first from our DHT nodes); then the
+        // peers that answered recently go first, in a random order (the
+        // load spreads over every live one), those that failed recently
+        // last (still tried: a glitch is not an outage).
+        spread_by_ip(&mut peers, |ips| ips.shuffle(&mut rand::rng()));
+        let answered = self.health.order(&mut peers);
+        peers[..answered].shuffle(&mut rand::rng());
         let (peer, opened) = self.connect_any(service, &peers, deadline).await?;
         self.warm_up(&peers, peer);
         match self

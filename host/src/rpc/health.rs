@@ -6,8 +6,8 @@
 //! and peers that failed recently. A failed peer is tried last, never
 //! dropped, so a glitch towards the only peer of a service costs one retry
 //! instead of an outage. Within a class the given order is kept: the caller
-//! shuffles first to spread load, and [`interleave_by_ip`] keeps one
-//! address from taking every early slot.
+//! first orders the directory's answer with [`spread_by_ip`], which keeps
+//! one address from taking every early slot and spreads load over machines.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -70,8 +70,9 @@ impl PeerHealth {
 
     /// Reorders `peers` in place, keeping the given order within a class:
     /// those that answered recently, then those not seen recently, then those
-    /// that failed recently, least recently failed first.
-    pub fn order(&self, peers: &mut [SocketAddr]) {
+    /// that failed recently, least recently failed first. Returns how many
+    /// answered recently (they lead).
+    pub fn order(&self, peers: &mut [SocketAddr]) -> usize {
         let memory = self.lock();
         let class = |p: &SocketAddr| match memory.get(p) {
             Some((seen, at)) if at.elapsed() < memory_of(*seen) => match seen {
@@ -82,6 +83,7 @@ impl PeerHealth {
         };
         // The sort is stable.
         peers.sort_by_key(class);
+        peers.iter().take_while(|p| class(p).0 == 0).count()
     }
 }
 
@@ -92,16 +94,18 @@ fn memory_of(seen: Seen) -> Duration {
     }
 }
 
-/// Reorders `peers` so that the IP addresses take turns: the first peer of
-/// each IP (in order of first appearance), then the second of each, and so
-/// on; within one IP the given order is kept.
+/// Reorders `peers` so that the IP addresses take turns, in an order that
+/// `shuffle` picks: the first peer of each IP, then the second of each, and
+/// so on; within one IP the given order is kept.
 ///
 /// One machine that announces hundreds of addresses (a host that restarted
 /// on many ports, or someone planting dead entries) then takes at most
 /// every other early slot, and a live host on another machine is among the
-/// first tries. Our DHT nodes answer in this order already; doing it here
-/// too covers other directories (Grapes, mainline nodes).
-pub fn interleave_by_ip(peers: &mut Vec<SocketAddr>) {
+/// first tries. Within an IP, the directory's order stands: our DHT nodes
+/// answer newest first, so a restarted host's successor comes before its
+/// dead predecessors. Shuffling the IPs spreads one-shot callers' load over
+/// machines.
+pub fn spread_by_ip(peers: &mut Vec<SocketAddr>, shuffle: impl FnOnce(&mut [IpAddr])) {
     let mut by_ip: Vec<(IpAddr, std::collections::VecDeque<SocketAddr>)> = Vec::new();
     for peer in peers.drain(..) {
         match by_ip.iter_mut().find(|(ip, _)| *ip == peer.ip()) {
@@ -109,6 +113,9 @@ pub fn interleave_by_ip(peers: &mut Vec<SocketAddr>) {
             None => by_ip.push((peer.ip(), [peer].into())),
         }
     }
+    let mut order: Vec<IpAddr> = by_ip.iter().map(|(ip, _)| *ip).collect();
+    shuffle(&mut order);
+    by_ip.sort_by_key(|(ip, _)| order.iter().position(|o| o == ip));
     while !by_ip.is_empty() {
         by_ip.retain_mut(|(_, queue)| match queue.pop_front() {
             Some(peer) => {
@@ -158,9 +165,9 @@ mod tests {
     }
 
     #[test]
-    fn addresses_take_turns() {
+    fn addresses_take_turns_in_the_shuffled_order_each_in_its_own() {
         let on = |ip: u8, port: u16| SocketAddr::from(([127, 0, 0, ip], port));
-        let mut peers = vec![
+        let given = vec![
             on(66, 1),
             on(66, 2),
             on(66, 3),
@@ -168,9 +175,10 @@ mod tests {
             on(2, 7),
             on(1, 8),
         ];
-        interleave_by_ip(&mut peers);
+        let mut unshuffled = given.clone();
+        spread_by_ip(&mut unshuffled, |_| {});
         assert_eq!(
-            peers,
+            unshuffled,
             vec![
                 on(66, 1),
                 on(1, 9),
@@ -180,8 +188,21 @@ mod tests {
                 on(66, 3)
             ]
         );
+        let mut reversed = given;
+        spread_by_ip(&mut reversed, |ips| ips.reverse());
+        assert_eq!(
+            reversed,
+            vec![
+                on(2, 7),
+                on(1, 9),
+                on(66, 1),
+                on(1, 8),
+                on(66, 2),
+                on(66, 3)
+            ]
+        );
         let mut none: Vec<SocketAddr> = vec![];
-        interleave_by_ip(&mut none);
+        spread_by_ip(&mut none, |_| {});
         assert!(none.is_empty());
     }
 }

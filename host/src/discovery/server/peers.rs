@@ -133,7 +133,7 @@ impl PeerStore {
     /// Callers rely on this order: a lookup that takes the first batch or
     /// the first few values (mainline's client, Node's bittorrent-dht) gets
     /// the best first; our RPC client takes turns by IP the same way
-    /// (`rpc::health::interleave_by_ip`) for directories that do not.
+    /// (`rpc::health::spread_by_ip`) for directories that do not.
     pub fn peers(&self, now: Instant, info_hash: &Id, max: usize) -> Vec<SocketAddrV4> {
         let Some(swarm) = self.swarms.get(info_hash) else {
             return vec![];
