@@ -17,8 +17,12 @@ fuzz_target!(|data: &[u8]| {
         },
         Datagram::Introduction => {
             if let Ok(message) = wire::decode(data) {
+                // Re-encoding can grow a message (escapes written out), past
+                // the size limit: only what fits must come back the same.
                 let again = wire::encode_padded(&message, wire::HOST_DATAGRAM_MIN);
-                assert_eq!(wire::decode(&again), Ok(message));
+                if again.len() <= wire::MAX_DATAGRAM {
+                    assert_eq!(wire::decode(&again), Ok(message));
+                }
             }
         }
         Datagram::Punch => assert_eq!(data, [0xC3, 0xBF]),

@@ -75,6 +75,8 @@ pub const PUNCH_REQUEST_PER_CALLER_BURST: u32 = 5;
 /// recently used is forgotten first.
 const MAX_BUCKETS: usize = 4_096;
 
+/// The longest registration key kept (our hosts send 32 hex digits).
+const MAX_KEY_LEN: usize = 64;
 /// Bytes of a cookie (128 bits of HMAC-SHA-256).
 const COOKIE_BYTES: usize = 16;
 
@@ -348,7 +350,9 @@ impl Introducer {
     /// and takes it from a sender that merely declared it (a squatter on
     /// the same IP that registered first, or during a restart).
     fn may_register(&mut self, from: SocketAddr, port: u16, key: &str) -> bool {
-        if key.is_empty() {
+        // Our hosts send 32 hex digits; the key is stored and sent back in
+        // every punch request, so it is bounded.
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
             return false;
         }
         if self.hosts.get(&from).is_some_and(|r| r.key != key) {
