@@ -546,3 +546,39 @@ fn the_tools_refuse_a_control_socket_served_by_another_user() {
     assert!(r.stderr.contains("served by uid 65534"), "{}", r.stderr);
     assert!(!r.stdout.contains("swapped"), "{}", r.stdout);
 }
+
+#[test]
+fn a_swap_changes_whom_the_host_punches() {
+    let (_dht, bootstrap) = start_dht();
+    let (consumer, _) = common::start_host(
+        "consumer host",
+        &[&common::plugin("consumer")],
+        &bootstrap,
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("worker.sock");
+    let (_worker, _) = common::start_host(
+        "worker host",
+        &[&common::plugin("fibonacci")],
+        &bootstrap,
+        &["--behind-nat", "--control", sock.to_str().unwrap()],
+    );
+    consumer.wait_for("[consumer] punch from ", SOON);
+    // version-1 serves `versioned` and punches nothing.
+    let version_1 = test_plugin("version-1");
+    let r = control(&["swap", "fibonacci", version_1.to_str().unwrap()], &sock);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    // A punch already on its way may still land; after that, none. The
+    // worker punched every second before the swap: a silent 3 s says
+    // it stopped.
+    std::thread::sleep(Duration::from_secs(2));
+    let settled = consumer.count("[consumer] punch from ");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        consumer.count("[consumer] punch from "),
+        settled,
+        "{}",
+        consumer.output()
+    );
+}

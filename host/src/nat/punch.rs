@@ -71,6 +71,12 @@ impl PunchState {
         }
     }
 
+    /// Replaces the services punched each round (a swap changed the
+    /// plugins' manifests).
+    pub fn set_targets(&mut self, targets: Vec<String>) {
+        self.targets = targets;
+    }
+
     /// When the driver should call [`poll`](Self::poll) next.
     pub fn next_wakeup(&self) -> Option<Instant> {
         (self.behind_nat && !self.targets.is_empty()).then_some(self.next_round)

@@ -26,8 +26,9 @@ use crate::transport::Endpoint;
 /// without the peers it did not find in time.
 const LOOKUP_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long the driver sleeps when the state machine has nothing scheduled
-/// (a public host starts no rounds): only a punch received wakes it.
-const IDLE: Duration = Duration::from_secs(3600);
+/// (a public host, or no plugin wants anything punched): then it looks at
+/// the plugins' targets again (a swap may have added some).
+const IDLE: Duration = Duration::from_secs(1);
 
 /// Drives `state` with the real clock: lookups through `discovery`, punches
 /// from `endpoint`'s socket, and the punches it received from `punches` (a
@@ -36,14 +37,16 @@ const IDLE: Duration = Duration::from_secs(3600);
 /// are to hear of it, `notify(peer)` returns one future per plugin to tell;
 /// they run in the driver's own task set. Returns when the socket's punch
 /// channel closes; dropping the future stops it and those notifications.
-pub async fn drive<F>(
+pub async fn drive<F, T>(
     mut state: PunchState,
     mut punches: broadcast::Receiver<SocketAddr>,
     endpoint: Endpoint,
     discovery: Arc<dyn Discovery>,
     notify: F,
+    targets: T,
 ) where
     F: Fn(SocketAddr) -> Vec<BoxFuture<'static, ()>> + Send + 'static,
+    T: Fn() -> Vec<String> + Send + 'static,
 {
     let local = endpoint.local_addr();
     let own = [local, SocketAddr::from((Ipv4Addr::LOCALHOST, local.port()))];
@@ -52,6 +55,8 @@ pub async fn drive<F>(
     let mut notifications = JoinSet::new();
     loop {
         while notifications.try_join_next().is_some() {}
+        // What the plugins want punched now: a swap may have changed it.
+        state.set_targets(targets());
         actions.extend(state.poll(Instant::now()));
         while let Some(action) = actions.pop() {
             match action {

@@ -257,15 +257,18 @@ impl Node {
             first_round,
         ));
 
-        // Punch targets are read at start; a swap changes what plugins answer,
-        // not whom the host punches.
-        let targets: Vec<String> = plugins
-            .current()
-            .iter()
-            .filter(|p| p.policy().may_be_punched_for)
-            .flat_map(|p| p.punch_targets().iter().cloned())
-            .collect();
-        let punch = PunchState::new(Instant::now(), targets, &config.nat, DEFAULT_PUNCH_INTERVAL);
+        // The services the plugins serving now want punched: read at every
+        // round, so a swap changes whom the host punches.
+        let punched_by = plugins.clone();
+        let targets = move || -> Vec<String> {
+            punched_by
+                .current()
+                .iter()
+                .filter(|p| p.policy().may_be_punched_for)
+                .flat_map(|p| p.punch_targets().iter().cloned())
+                .collect()
+        };
+        let punch = PunchState::new(Instant::now(), targets(), &config.nat, DEFAULT_PUNCH_INTERVAL);
         // A peer punched us: each plugin that may be punched for hears of it
         // through its `on-punch`, in the punch driver's own task set.
         let (told, counted) = (plugins.clone(), metrics.clone());
@@ -290,6 +293,7 @@ impl Node {
             endpoint.clone(),
             discovery.clone(),
             notify_plugins,
+            targets,
         ));
 
         Ok(Node {
