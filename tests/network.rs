@@ -556,3 +556,33 @@ fn a_request_whose_id_is_not_a_string_gets_it_echoed() {
         }
     });
 }
+
+#[test]
+fn a_call_made_as_a_worker_restarts_on_another_port_finds_the_new_one() {
+    let (_dht, bootstrap) = start_dht();
+    let (mut old, _) = start_host("old worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    old.kill();
+    // The successor starts on another port; the call starts at once, while
+    // the DHT still names only the dead predecessor.
+    let fibonacci = plugin("fibonacci");
+    let _new = HostProcess::spawn(
+        "new worker",
+        &[
+            "run",
+            fibonacci.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap",
+            &bootstrap,
+            "--control",
+            "off",
+        ],
+    );
+    let r = call(&bootstrap, "fibonacci_worker", r#"{"length":3}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+}

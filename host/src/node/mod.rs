@@ -268,7 +268,12 @@ impl Node {
                 .flat_map(|p| p.punch_targets().iter().cloned())
                 .collect()
         };
-        let punch = PunchState::new(Instant::now(), targets(), &config.nat, DEFAULT_PUNCH_INTERVAL);
+        let punch = PunchState::new(
+            Instant::now(),
+            targets(),
+            &config.nat,
+            DEFAULT_PUNCH_INTERVAL,
+        );
         // A peer punched us: each plugin that may be punched for hears of it
         // through its `on-punch`, in the punch driver's own task set.
         let (told, counted) = (plugins.clone(), metrics.clone());

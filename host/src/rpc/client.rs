@@ -48,6 +48,12 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(100);
 /// full of dead entries can make one request send (a SYN each, re-sent on
 /// uTP's schedule).
 const MAX_ATTEMPTS_AT_ONCE: usize = 8;
+/// When every peer of a service failed and time is left, the lookup is
+/// made again after this long, doubling up to [`MAX_RELOOKUP_WAIT`]: a
+/// restarted host announces its new address within a second or two.
+const RELOOKUP_WAIT: Duration = Duration::from_millis(250);
+/// See [`RELOOKUP_WAIT`].
+const MAX_RELOOKUP_WAIT: Duration = Duration::from_secs(1);
 /// Most background connects to untried peers one client runs at once.
 const MAX_WARMING: u64 = 2;
 /// How long a lookup may take out of a request's deadline.
@@ -196,23 +202,46 @@ impl RpcClient {
             .discovery
             .as_ref()
             .ok_or_else(|| RpcError::Transport("no discovery configured".into()))?;
-        let mut peers = discovery
-            .lookup(service, LOOKUP_TIMEOUT.min(timeout))
-            .await
-            .map_err(|e| RpcError::NoPeers(e.to_string()))?;
-        if peers.is_empty() {
-            return Err(RpcError::NoPeers(discovery.nobody_announces(service)));
-        }
-        // IPs take turns in a random order (no one IP takes every early
-        // slot; load spreads over machines), each IP's peers in the
-        // directory's order (newest first from our DHT nodes); then the
-        // peers that answered recently go first, in a random order (the
-        // load spreads over every live one), those that failed recently
-        // last (still tried: a glitch is not an outage).
-        spread_by_ip(&mut peers, |ips| ips.shuffle(&mut rand::rng()));
-        let answered = self.health.order(&mut peers);
-        peers[..answered].shuffle(&mut rand::rng());
-        let (peer, opened) = self.connect_any(service, &peers, deadline).await?;
+        let mut wait = RELOOKUP_WAIT;
+        let (peer, opened, peers) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut peers = discovery
+                .lookup(service, LOOKUP_TIMEOUT.min(left))
+                .await
+                .map_err(|e| RpcError::NoPeers(e.to_string()))?;
+            if peers.is_empty() {
+                return Err(RpcError::NoPeers(discovery.nobody_announces(service)));
+            }
+            // IPs take turns in a random order (no one IP takes every early
+            // slot; load spreads over machines), each IP's peers in the
+            // directory's order (newest first from our DHT nodes); then the
+            // peers that answered recently go first, in a random order (the
+            // load spreads over every live one), those that failed recently
+            // last (still tried: a glitch is not an outage).
+            spread_by_ip(&mut peers, |ips| ips.shuffle(&mut rand::rng()));
+            let answered = self.health.order(&mut peers);
+            peers[..answered].shuffle(&mut rand::rng());
+            match self.connect_any(service, &peers, deadline).await {
+                Ok((peer, opened)) => break (peer, opened, peers),
+                // Every peer the directory named failed before the deadline
+                // (a restarted host's successor may not have announced yet):
+                // look up again after a pause, while time is left.
+                Err(e) if Instant::now() + wait < deadline => {
+                    tracing::debug!(
+                        "all {} peers of {service} failed ({e}); looking it up again in {wait:?}",
+                        peers.len()
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(MAX_RELOOKUP_WAIT);
+                }
+                Err(e) => {
+                    return Err(match peers.len() {
+                        1 => e,
+                        n => e.context(&format!("all {n} peers of {service} failed; the last")),
+                    })
+                }
+            }
+        };
         self.warm_up(&peers, peer);
         match self
             .send(peer, service, payload, deadline, deadline, Some(opened))

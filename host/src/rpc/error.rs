@@ -19,3 +19,15 @@ pub enum RpcError {
     #[error("transport: {0}")]
     Transport(String),
 }
+
+impl RpcError {
+    /// The same error with `context` before its text (`"<context>: <text>"`).
+    pub fn context(self, context: &str) -> RpcError {
+        match self {
+            RpcError::NoPeers(m) => RpcError::NoPeers(format!("{context}: {m}")),
+            RpcError::Timeout(m) => RpcError::Timeout(format!("{context}: {m}")),
+            RpcError::Remote(m) => RpcError::Remote(m),
+            RpcError::Transport(m) => RpcError::Transport(format!("{context}: {m}")),
+        }
+    }
+}
