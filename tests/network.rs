@@ -586,3 +586,19 @@ fn a_call_made_as_a_worker_restarts_on_another_port_finds_the_new_one() {
         r.stderr
     );
 }
+
+#[test]
+fn a_call_through_a_dht_node_that_is_down_says_so() {
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let r = call(&closed.to_string(), "fibonacci_worker", "{}", &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("no DHT node answered at {closed}")),
+        "{}",
+        r.stderr
+    );
+}

@@ -90,6 +90,8 @@ pub fn resolve_bootstrap(nodes: &[String]) -> Result<Vec<String>, DiscoveryError
 pub struct DhtDiscovery {
     dht: mainline::async_dht::AsyncDht,
     cache: LookupCache,
+    /// The `--bootstrap` nodes as given, for errors.
+    bootstrap: Vec<String>,
 }
 
 impl DhtDiscovery {
@@ -132,6 +134,7 @@ impl DhtDiscovery {
         Ok(DhtDiscovery {
             dht: dht.as_async(),
             cache: LookupCache::default(),
+            bootstrap: config.bootstrap.clone(),
         })
     }
 
@@ -159,7 +162,14 @@ impl DhtDiscovery {
     /// Takes the first batch the DHT returns rather than waiting for the
     /// whole query to finish. A node that has not finished joining the DHT
     /// asks again once it has, if the first query found nothing.
-    async fn lookup_peers(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
+    ///
+    /// Errors: nothing found and no `--bootstrap` node answered (the DHT is
+    /// unreachable, which "nobody announces it" would hide).
+    async fn lookup_peers(
+        &self,
+        service: &str,
+        timeout: Duration,
+    ) -> Result<Vec<SocketAddr>, DiscoveryError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut peers = self.lookup_once(service, timeout).await;
         if peers.is_empty() {
@@ -168,8 +178,19 @@ impl DhtDiscovery {
             if joined == Ok(true) && !left.is_zero() {
                 peers = self.lookup_once(service, left).await;
             }
+            // Nobody in the routing table: no node ever answered.
+            let alone = joined == Ok(false) || self.dht.info().await.dht_size_estimate().0 == 0;
+            if alone && !self.bootstrap.is_empty() {
+                return Err(DiscoveryError::Lookup {
+                    service: service.to_string(),
+                    reason: format!(
+                        "no DHT node answered at {}; is `grenache-host dht` running there?",
+                        self.bootstrap.join(", ")
+                    ),
+                });
+            }
         }
-        peers
+        Ok(peers)
     }
 
     async fn lookup_once(&self, service: &str, timeout: Duration) -> Vec<SocketAddr> {
@@ -200,7 +221,7 @@ impl Discovery for DhtDiscovery {
         service: &'a str,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Vec<SocketAddr>, DiscoveryError>> {
-        Box::pin(async move { Ok(self.lookup_peers(service, timeout).await) })
+        Box::pin(self.lookup_peers(service, timeout))
     }
 
     fn describe(&self) -> BoxFuture<'_, String> {
