@@ -372,7 +372,8 @@ pub enum Command {
     /// Load-test a service: N requests, C in flight, then one line of figures.
     ///
     /// Prints requests ok, failed, requests/s and p50/p90/p99 latency after a
-    /// warm-up. Exits 1 if any request failed.
+    /// warm-up. Exits 1 if any request of the run failed, 2 if the warm-up
+    /// failed (nothing to measure).
     ///
     /// Example: grenache-host bench fibonacci_worker '{"length":10}' --bootstrap 127.0.0.1:20001 --requests 10000 --concurrency 32
     Bench {
@@ -425,8 +426,8 @@ pub struct BootstrapArgs {
     /// 30001` (repeatable): announce and look up through Grapes as
     /// Grenache's Node services do (grenache-nodejs-link), instead of the
     /// embedded DHT, so this host and Node services find each other.
-    /// Announces go to every Grape; a lookup takes the first Grape's answer
-    /// with peers. Use a Grape on this host's machine: a Grape records its
+    /// `run` announces to every Grape; a lookup takes the first Grape's
+    /// answer with peers. Use a Grape on this host's machine: a Grape records its
     /// own IP with the announced port. Not with --bootstrap; introductions
     /// then need --introducer.
     #[arg(long, value_name = "URL", conflicts_with = "bootstrap")]
