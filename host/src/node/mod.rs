@@ -398,7 +398,7 @@ impl Node {
                 "{left} requests still running after {limit:?}; answering them with {}",
                 server::ERR_SHUTTING_DOWN
             );
-        } else if in_flight > 0 {
+        } else {
             tracing::info!("drained in {:?}", started.elapsed());
         }
         self.drain.enter(Phase::Closed);
