@@ -153,10 +153,17 @@ impl TokenBucket {
 
     /// Takes a token at `now`; `false` (and nothing taken) when empty.
     pub fn take(&mut self, now: std::time::Instant) -> bool {
-        if !self.has(now) {
+        self.take_many(now, 1)
+    }
+
+    /// Takes `n` tokens at `now` (a bucket counting bytes, say); `false`
+    /// (and nothing taken) when fewer are there.
+    pub fn take_many(&mut self, now: std::time::Instant, n: u32) -> bool {
+        self.refill(now);
+        if self.tokens < f64::from(n) {
             return false;
         }
-        self.tokens -= 1.0;
+        self.tokens -= f64::from(n);
         true
     }
 

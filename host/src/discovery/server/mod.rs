@@ -87,7 +87,22 @@ pub struct ServerCounters {
     pub expired: AtomicU64,
     /// Nodes in the routing table now.
     pub nodes: AtomicU64,
+    /// Answers not sent: their destination IP was over
+    /// [`BYTES_PER_SECOND_PER_IP`].
+    pub rate_limited: AtomicU64,
 }
+
+/// Bytes the node sends one IP per second, and at once. KRPC answers are
+/// larger than the queries (a `get_peers` with 64 values: about 8×) and a
+/// query's source address can be forged, so this bounds what the node can
+/// be made to send any one address, whoever asks. A host re-announcing its
+/// services, or a test planting 500 entries, stays well within it.
+pub const BYTES_PER_SECOND_PER_IP: u32 = 20_000;
+/// See [`BYTES_PER_SECOND_PER_IP`].
+pub const BYTE_BURST_PER_IP: u32 = 64_000;
+/// Most destination IPs whose rate is tracked; the least recently used is
+/// forgotten first.
+const MAX_RATED_IPS: usize = 4096;
 
 impl ServerCounters {
     /// One line for the log, e.g. `queries: 3 ping, 0 find_node, 10
@@ -97,7 +112,7 @@ impl ServerCounters {
         let g = |c: &AtomicU64| c.load(Relaxed);
         format!(
             "queries: {} ping, {} find_node, {} get_peers, {} get, {} announce_peer, {} unknown; {} malformed; \
-             refused: {} bad token, {} port 0, {} full; {} stored, {} expired; {} nodes",
+             refused: {} bad token, {} port 0, {} full; {} rate-limited; {} stored, {} expired; {} nodes",
             g(&self.ping),
             g(&self.find_node),
             g(&self.get_peers),
@@ -108,6 +123,7 @@ impl ServerCounters {
             g(&self.refused_token),
             g(&self.refused_port),
             g(&self.refused_full),
+            g(&self.rate_limited),
             g(&self.stored),
             g(&self.expired),
             g(&self.nodes),
@@ -159,7 +175,7 @@ impl DhtServer {
             counters.clone(),
             std::time::Instant::now(),
         );
-        let task = tokio::spawn(serve(socket, node));
+        let task = tokio::spawn(serve(socket, node, counters.clone()));
         Ok(DhtServer {
             local_addr,
             counters,
@@ -185,7 +201,13 @@ impl Drop for DhtServer {
 }
 
 /// Reads datagrams and ticks the node until aborted.
-async fn serve(socket: tokio::net::UdpSocket, mut node: node::KrpcNode) {
+async fn serve(
+    socket: tokio::net::UdpSocket,
+    mut node: node::KrpcNode,
+    counters: Arc<ServerCounters>,
+) {
+    let mut rates: std::collections::HashMap<std::net::Ipv4Addr, crate::units::TokenBucket> =
+        std::collections::HashMap::new();
     // One byte more than the largest datagram, so an oversized one shows.
     let mut buf = vec![0u8; krpc::MAX_DATAGRAM + 1];
     let mut tick = tokio::time::interval(TICK);
@@ -204,7 +226,19 @@ async fn serve(socket: tokio::net::UdpSocket, mut node: node::KrpcNode) {
             },
             _ = tick.tick() => node.tick(std::time::Instant::now(), &mut out),
         }
+        let now = std::time::Instant::now();
         for datagram in out.drain(..) {
+            let ip = *datagram.to.ip();
+            if !rates.contains_key(&ip) {
+                super::evict_oldest(&mut rates, MAX_RATED_IPS, |b| b.last_used());
+            }
+            let bucket = rates.entry(ip).or_insert_with(|| {
+                crate::units::TokenBucket::new(now, BYTES_PER_SECOND_PER_IP, BYTE_BURST_PER_IP)
+            });
+            if !bucket.take_many(now, datagram.bytes.len() as u32) {
+                counters.rate_limited.fetch_add(1, Relaxed);
+                continue;
+            }
             if let Err(e) = socket.send_to(&datagram.bytes, datagram.to).await {
                 tracing::debug!("DHT server: cannot send to {}: {e}", datagram.to);
             }

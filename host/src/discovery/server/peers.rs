@@ -43,7 +43,9 @@ pub enum Stored {
 /// the announcer's node id, with the time it was last announced.
 #[derive(Debug)]
 pub struct PeerStore {
-    swarms: BTreeMap<Id, Vec<(SocketAddrV4, Instant)>>,
+    /// Per info hash: each peer, when it was last announced and when it
+    /// was first (kept while it is refreshed).
+    swarms: BTreeMap<Id, Vec<(SocketAddrV4, Instant, Instant)>>,
     entries: usize,
     ttl: Duration,
     /// Where the next [`PeerStore::sweep`] starts (after this key).
@@ -89,19 +91,19 @@ impl PeerStore {
             if self.swarms.len() >= MAX_KEYS || self.entries >= MAX_ENTRIES {
                 return (Stored::Full, 0);
             }
-            self.swarms.insert(info_hash, vec![(peer, now)]);
+            self.swarms.insert(info_hash, vec![(peer, now, now)]);
             self.entries += 1;
             return (Stored::Added, 0);
         };
         let before = swarm.len();
-        swarm.retain(|(_, at)| now.saturating_duration_since(*at) < ttl);
+        swarm.retain(|(_, at, _)| now.saturating_duration_since(*at) < ttl);
         let expired = before - swarm.len();
         self.entries -= expired;
-        if let Some(entry) = swarm.iter_mut().find(|(p, _)| *p == peer) {
+        if let Some(entry) = swarm.iter_mut().find(|(p, _, _)| *p == peer) {
             entry.1 = now;
             return (Stored::Refreshed, expired);
         }
-        let same_ip = swarm.iter().filter(|(p, _)| p.ip() == peer.ip()).count();
+        let same_ip = swarm.iter().filter(|(p, _, _)| p.ip() == peer.ip()).count();
         let evict = if same_ip >= MAX_PEERS_PER_IP_PER_KEY {
             oldest(swarm, |p| p.ip() == peer.ip())
         } else if swarm.len() >= MAX_PEERS_PER_KEY {
@@ -110,10 +112,10 @@ impl PeerStore {
             None
         };
         match evict {
-            Some(i) => swarm[i] = (peer, now),
+            Some(i) => swarm[i] = (peer, now, now),
             None if self.entries >= MAX_ENTRIES => return (Stored::Full, expired),
             None => {
-                swarm.push((peer, now));
+                swarm.push((peer, now, now));
                 self.entries += 1;
             }
         }
@@ -126,37 +128,41 @@ impl PeerStore {
     /// - source IPs take turns (round-robin), so one IP with many entries
     ///   takes at most every other slot while another IP has entries left;
     /// - IPs with fewer entries go first (a planted crowd goes last), ties
-    ///   broken by the most recent announce;
+    ///   broken by the longest-lived: the IP whose oldest live entry was
+    ///   first announced earliest (a host that has kept re-announcing comes
+    ///   before addresses planted since, however often those re-announce);
     /// - within one IP, the most recently refreshed first, so a restarted
     ///   host's new port comes before its dead predecessor on the same IP.
     ///
     /// Callers rely on this order: a lookup that takes the first batch or
     /// the first few values (mainline's client, Node's bittorrent-dht) gets
-    /// the best first; our RPC client takes turns by IP the same way
-    /// (`rpc::health::spread_by_ip`) for directories that do not.
+    /// the best first; our RPC client keeps each IP's order and takes turns
+    /// by IP the same way (`rpc::health::spread_by_ip`).
     pub fn peers(&self, now: Instant, info_hash: &Id, max: usize) -> Vec<SocketAddrV4> {
         let Some(swarm) = self.swarms.get(info_hash) else {
             return vec![];
         };
-        let mut by_ip: HashMap<Ipv4Addr, Vec<(SocketAddrV4, Instant)>> = HashMap::new();
-        for &(peer, at) in swarm.iter().filter(|(_, at)| self.live(now, *at)) {
-            by_ip.entry(*peer.ip()).or_default().push((peer, at));
+        type Entry = (SocketAddrV4, Instant, Instant);
+        let mut by_ip: HashMap<Ipv4Addr, Vec<Entry>> = HashMap::new();
+        for &entry in swarm.iter().filter(|(_, at, _)| self.live(now, *at)) {
+            by_ip.entry(*entry.0.ip()).or_default().push(entry);
         }
-        let mut groups: Vec<Vec<(SocketAddrV4, Instant)>> = by_ip.into_values().collect();
+        let mut groups: Vec<Vec<Entry>> = by_ip.into_values().collect();
         for group in &mut groups {
             group.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.port().cmp(&b.0.port())));
         }
+        let since = |group: &[Entry]| group.iter().map(|e| e.2).min();
         groups.sort_by(|a, b| {
             a.len()
                 .cmp(&b.len())
-                .then(b[0].1.cmp(&a[0].1))
+                .then(since(a).cmp(&since(b)))
                 .then(a[0].0.ip().cmp(b[0].0.ip()))
         });
         let mut out = Vec::with_capacity(max.min(swarm.len()));
         for round in 0.. {
             let mut took = false;
             for group in &groups {
-                if let Some((peer, _)) = group.get(round) {
+                if let Some((peer, _, _)) = group.get(round) {
                     if out.len() == max {
                         return out;
                     }
@@ -190,7 +196,7 @@ impl PeerStore {
             }
             examined += swarm.len();
             let before = swarm.len();
-            swarm.retain(|(_, at)| now.saturating_duration_since(*at) < ttl);
+            swarm.retain(|(_, at, _)| now.saturating_duration_since(*at) < ttl);
             dropped += before - swarm.len();
             if swarm.is_empty() {
                 emptied.push(*key);
@@ -212,14 +218,14 @@ impl PeerStore {
 
 /// The index of the least-recently-refreshed entry among those that `pick`.
 fn oldest(
-    swarm: &[(SocketAddrV4, Instant)],
+    swarm: &[(SocketAddrV4, Instant, Instant)],
     pick: impl Fn(&SocketAddrV4) -> bool,
 ) -> Option<usize> {
     swarm
         .iter()
         .enumerate()
-        .filter(|(_, (p, _))| pick(p))
-        .min_by_key(|(_, (_, at))| *at)
+        .filter(|(_, (p, _, _))| pick(p))
+        .min_by_key(|(_, (_, at, _))| *at)
         .map(|(i, _)| i)
 }
 
@@ -301,6 +307,26 @@ mod tests {
             ]
         );
         assert_eq!(store.peers(at(40), &KEY, 3).len(), 3);
+    }
+
+    #[test]
+    fn a_long_lived_host_comes_before_ips_planted_since_however_often_they_re_announce() {
+        let t0 = Instant::now();
+        let mut store = PeerStore::new(TTL);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // The host has announced every 30 s for a while.
+        for s in [0, 30, 60] {
+            store.announce(at(s), KEY, peer([10, 0, 0, 9], 80));
+        }
+        // 100 IPs, one entry each (as many as the host), planted later and
+        // re-announced every second, so each is fresher than the host.
+        for s in 61..=70 {
+            for i in 0..100u8 {
+                store.announce(at(s), KEY, peer([127, 0, 1, i], 9));
+            }
+        }
+        let got = store.peers(at(70), &KEY, 64);
+        assert_eq!(got[0], peer([10, 0, 0, 9], 80), "{got:?}");
     }
 
     #[test]
