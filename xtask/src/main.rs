@@ -531,19 +531,48 @@ fn fuzz(target: Option<&str>, seconds: u64) -> Result<()> {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let seeds = fuzz_dir.join("seeds").join(target);
-        run(cargo().current_dir(&fuzz_dir).args([
-            "fuzz",
-            "run",
-            "-s",
-            "none",
-            target,
-            corpus.to_str().context("paths are UTF-8")?,
-            seeds.to_str().context("paths are UTF-8")?,
-            "--",
-            &format!("-max_total_time={seconds}"),
-            "-max_len=16384",
-            "-print_final_stats=1",
-        ]))?;
+        // libFuzzer prints a line per new input: into a log file, of which
+        // the summary (or, on a crash, the end) is shown.
+        let log_path = fuzz_dir.join("logs").join(format!("{target}.log"));
+        std::fs::create_dir_all(fuzz_dir.join("logs"))?;
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot write {}", log_path.display()))?;
+        let status = cargo()
+            .current_dir(&fuzz_dir)
+            .args([
+                "fuzz",
+                "run",
+                "-s",
+                "none",
+                target,
+                corpus.to_str().context("paths are UTF-8")?,
+                seeds.to_str().context("paths are UTF-8")?,
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-max_len=16384",
+                "-print_final_stats=1",
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .context("cannot run cargo fuzz")?;
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if !status.success() {
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{line}");
+            }
+            bail!(
+                "fuzz target {target} failed ({status}); the input is saved under fuzz/artifacts/{target}/, the whole log in {}",
+                log_path.display()
+            );
+        }
+        for line in lines
+            .iter()
+            .filter(|l| l.starts_with("Done ") || l.starts_with("stat::number_of_executed_units"))
+        {
+            eprintln!("xtask: {target}: {line}");
+        }
     }
     Ok(())
 }
