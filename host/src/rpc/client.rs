@@ -226,7 +226,7 @@ impl RpcClient {
                 // Every peer the directory named failed before the deadline
                 // (a restarted host's successor may not have announced yet):
                 // look up again after a pause, while time is left.
-                Err(e) if Instant::now() + wait < deadline => {
+                Err((e, Final(false))) if Instant::now() + wait < deadline => {
                     tracing::debug!(
                         "all {} peers of {service} failed ({e}); looking it up again in {wait:?}",
                         peers.len()
@@ -234,7 +234,7 @@ impl RpcClient {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(MAX_RELOOKUP_WAIT);
                 }
-                Err(e) => {
+                Err((e, _)) => {
                     return Err(match peers.len() {
                         1 => e,
                         n => e.context(&format!("all {n} peers of {service} failed; the last")),
@@ -293,18 +293,22 @@ impl RpcClient {
     /// An attempt may take [`CONNECT_BUDGET_PER_PEER`]; the last candidate
     /// all the time left. Failed attempts mark their peer failed.
     ///
-    /// Returns the winner and its connection; the last connect error, or a
-    /// timeout when attempts were still running at `deadline`.
+    /// Returns the winner and its connection; or the last connect error (a
+    /// timeout when attempts were still running at `deadline`), with
+    /// whether looking the service up again could help.
     async fn connect_any(
         &self,
         service: &str,
         peers: &[SocketAddr],
         deadline: Instant,
-    ) -> Result<(SocketAddr, Opened), RpcError> {
+    ) -> Result<(SocketAddr, Opened), (RpcError, Final)> {
         let mut attempts = futures::stream::FuturesUnordered::new();
         let mut untried = peers.iter().copied().enumerate().peekable();
         let mut next_start = Instant::now();
         let mut last_error = None;
+        // Whether every failure was one that looking again cannot change
+        // (no direct path can exist between the two NATs).
+        let mut all_final = true;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -339,6 +343,7 @@ impl RpcClient {
                     Ok(opened) => return Ok((peer, opened)),
                     Err(e) => {
                         self.health.failed(peer);
+                        all_final &= matches!(e, ConnectError::Impossible(_));
                         last_error = Some(connect_error(e));
                         // Every running attempt failed: start the next now.
                         next_start = Instant::now();
@@ -349,12 +354,16 @@ impl RpcClient {
                 _ = next_attempt => {}
             }
         }
-        Err(last_error.unwrap_or_else(|| {
-            RpcError::Timeout(format!(
-                "no peer of {service} accepted a connection in time ({} tried)",
-                peers.len() - untried.count()
-            ))
-        }))
+        match last_error {
+            Some(e) => Err((e, Final(all_final))),
+            None => Err((
+                RpcError::Timeout(format!(
+                    "no peer of {service} accepted a connection in time ({} tried)",
+                    peers.len() - untried.count()
+                )),
+                Final(true),
+            )),
+        }
     }
 
     /// Sends `payload` as a request with `key` to `peer` directly.
@@ -628,6 +637,11 @@ enum SendError {
     /// sent: the NATs forgot the path, so it is sent once more.
     Silent(RpcError),
 }
+
+/// Whether a failed connect race is final: looking the service up again
+/// cannot help (every peer is one no direct path can reach), or the
+/// deadline has passed.
+struct Final(bool);
 
 /// The request error for a connection that could not be opened.
 fn connect_error(e: ConnectError) -> RpcError {
