@@ -78,7 +78,7 @@ const MAX_BUCKETS: usize = 4_096;
 /// The longest registration key kept (our hosts send 32 hex digits).
 const MAX_KEY_LEN: usize = 64;
 /// Bytes of a cookie (128 bits of HMAC-SHA-256).
-const COOKIE_BYTES: usize = 16;
+pub const COOKIE_BYTES: usize = 16;
 
 /// What the introducer refused or dropped, by reason.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -296,7 +296,7 @@ async fn serve_one(
 }
 
 /// Largest reply line read from a host (a `status` of many plugins fits).
-const MAX_REPLY: u64 = 4 << 20;
+pub const MAX_REPLY: u64 = 4 << 20;
 
 /// Sends one request to the host listening on `path` and returns its reply.
 ///

@@ -43,7 +43,7 @@ const CONNECT_BUDGET_PER_PEER: Duration = Duration::from_millis(1500);
 /// recommended minimum "Connection Attempt Delay" (§5). A round trip on a
 /// LAN, or an introduction and punch between two NATs in one region, fits;
 /// a slower peer still wins if it connects first.
-const ATTEMPT_DELAY: Duration = Duration::from_millis(100);
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(100);
 /// Most connect attempts of one request running at once: what a directory
 /// full of dead entries can make one request send (a SYN each, re-sent on
 /// uTP's schedule).
@@ -184,8 +184,9 @@ impl RpcClient {
     }
 
     /// Looks `service` up and sends `payload` to the first of its peers to
-    /// accept a connection (see [`Self::connect_any`] for the order and the
-    /// race).
+    /// accept a connection: peers that answered recently first, then the
+    /// others with IPs taking turns, failed ones last, connects staggered
+    /// by [`ATTEMPT_DELAY`] (see the module documentation).
     ///
     /// Errors: [`RpcError::NoPeers`] when the lookup fails or finds nobody;
     /// the last connect error (or a timeout) when no peer accepts before the
