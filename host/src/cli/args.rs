@@ -25,9 +25,10 @@ use crate::units::{parse_duration, parse_size};
 pub struct Cli {
     /// Log level: error, warn, info, debug or trace, or per target as in
     /// RUST_LOG, e.g. info,requests=debug (one line per request served).
-    /// RUST_LOG, when set, wins.
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
-    pub log_level: String,
+    /// Default: warn for call and bench (their output is the answer), info
+    /// for the rest. RUST_LOG, when set, wins.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,

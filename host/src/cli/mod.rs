@@ -60,7 +60,15 @@ pub fn init_logging(level: &str) -> Result<(), String> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.log_level) {
+    let level = cli.log_level.clone().unwrap_or_else(|| {
+        match cli.command {
+            // A one-shot client's output is its answer.
+            Command::Call { .. } | Command::Bench { .. } => "warn",
+            _ => "info",
+        }
+        .to_string()
+    });
+    if let Err(e) = init_logging(&level) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
