@@ -188,3 +188,64 @@ pub fn from_hex(text: &str) -> Option<Vec<u8>> {
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
 }
+
+/// Removes the entry with the oldest time while `map` has `limit` entries
+/// or more, so one more fits. Shared by the bounded tables of discovery,
+/// the RPC client's peer health and [`TokenBuckets`].
+pub fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
+    map: &mut std::collections::HashMap<K, V>,
+    limit: usize,
+    time: impl Fn(&V) -> std::time::Instant,
+) {
+    while map.len() >= limit {
+        let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, v)| time(v))
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        map.remove(&oldest);
+    }
+}
+
+/// A [`TokenBucket`] per key (a source IP, a target), all with one rate and
+/// burst, at most `max` keys: the least recently used is forgotten first.
+/// Shared by the introducer's and the DHT node's rate limits.
+#[derive(Debug)]
+pub struct TokenBuckets<K> {
+    buckets: std::collections::HashMap<K, TokenBucket>,
+    rate: u32,
+    burst: u32,
+    max: usize,
+}
+
+impl<K: Clone + Eq + std::hash::Hash> TokenBuckets<K> {
+    /// No buckets yet; each new key's starts full.
+    pub fn new(rate: u32, burst: u32, max: usize) -> Self {
+        TokenBuckets {
+            buckets: std::collections::HashMap::new(),
+            rate,
+            burst,
+            max,
+        }
+    }
+
+    /// Takes `n` tokens from `key`'s bucket at `now` (see
+    /// [`TokenBucket::take_many`]).
+    pub fn take_many(&mut self, key: K, now: std::time::Instant, n: u32) -> bool {
+        if !self.buckets.contains_key(&key) {
+            evict_oldest(&mut self.buckets, self.max, |b| b.last_used());
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(now, rate, burst))
+            .take_many(now, n)
+    }
+
+    /// Takes one token from `key`'s bucket at `now`.
+    pub fn take(&mut self, key: K, now: std::time::Instant) -> bool {
+        self.take_many(key, now, 1)
+    }
+}

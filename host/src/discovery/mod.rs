@@ -143,7 +143,7 @@ impl LookupCache {
         let mut answers = self.lock();
         if answers.len() >= MAX_CACHED_LOOKUPS && !answers.contains_key(service) {
             answers.retain(|_, (at, _)| at.elapsed() < LOOKUP_CACHE_TTL);
-            evict_oldest(&mut answers, MAX_CACHED_LOOKUPS, |(at, _)| *at);
+            crate::units::evict_oldest(&mut answers, MAX_CACHED_LOOKUPS, |(at, _)| *at);
         }
         answers.insert(service.to_string(), (Instant::now(), peers.to_vec()));
     }
@@ -178,26 +178,6 @@ pub fn is_usable_peer(peer: &SocketAddr) -> bool {
 /// in order: what both backends hand on from a directory's answer.
 pub fn usable_peers(peers: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
     without_repeats(peers.into_iter().filter(is_usable_peer).collect())
-}
-
-/// Removes the entry with the oldest time while `map` has `limit` entries
-/// or more, so one more fits. Shared by the bounded tables of discovery and
-/// the RPC client's peer health.
-pub(crate) fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
-    map: &mut HashMap<K, V>,
-    limit: usize,
-    time: impl Fn(&V) -> Instant,
-) {
-    while map.len() >= limit {
-        let Some(oldest) = map
-            .iter()
-            .min_by_key(|(_, v)| time(v))
-            .map(|(k, _)| k.clone())
-        else {
-            return;
-        };
-        map.remove(&oldest);
-    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use super::kind::{direct_path_possible, NatKind};
 use super::wire::{Message, Outcome};
-use crate::units::TokenBucket;
+use crate::units::TokenBuckets;
 
 /// A registration not refreshed for this long is forgotten: three of a
 /// host's registration intervals ([`super::host::REGISTER_INTERVAL`]), so one
@@ -240,11 +240,11 @@ pub struct Introducer {
     /// When the current secret is replaced; `None` before the first message.
     rotate_at: Option<Instant>,
     /// Introductions asked for, per source IP.
-    introductions: HashMap<std::net::IpAddr, TokenBucket>,
+    introductions: TokenBuckets<std::net::IpAddr>,
     /// Punch requests sent, per registered host.
-    punch_requests: HashMap<SocketAddr, TokenBucket>,
+    punch_requests: TokenBuckets<SocketAddr>,
     /// Punch requests sent, per registered host and caller IP.
-    punch_requests_by_caller: HashMap<(SocketAddr, std::net::IpAddr), TokenBucket>,
+    punch_requests_by_caller: TokenBuckets<(SocketAddr, std::net::IpAddr)>,
     stats: IntroducerStats,
 }
 
@@ -263,9 +263,21 @@ impl Introducer {
             next_sweep: None,
             secrets: [rand::random(), rand::random()],
             rotate_at: None,
-            introductions: HashMap::new(),
-            punch_requests: HashMap::new(),
-            punch_requests_by_caller: HashMap::new(),
+            introductions: TokenBuckets::new(
+                INTRODUCTIONS_PER_SECOND,
+                INTRODUCTION_BURST,
+                MAX_BUCKETS,
+            ),
+            punch_requests: TokenBuckets::new(
+                PUNCH_REQUESTS_PER_SECOND,
+                PUNCH_REQUEST_BURST,
+                MAX_BUCKETS,
+            ),
+            punch_requests_by_caller: TokenBuckets::new(
+                PUNCH_REQUESTS_PER_CALLER_PER_SECOND,
+                PUNCH_REQUEST_PER_CALLER_BURST,
+                MAX_BUCKETS,
+            ),
             stats: IntroducerStats::default(),
         }
     }
@@ -320,22 +332,6 @@ impl Introducer {
             }
             Some(_) => {}
         }
-    }
-
-    /// Takes a token from `key`'s bucket in `buckets`, making one if needed.
-    fn spend<K: Clone + Eq + std::hash::Hash>(
-        buckets: &mut HashMap<K, TokenBucket>,
-        key: K,
-        now: Instant,
-        (rate, burst): (u32, u32),
-    ) -> bool {
-        if !buckets.contains_key(&key) {
-            crate::discovery::evict_oldest(buckets, MAX_BUCKETS, |b| b.last_used());
-        }
-        buckets
-            .entry(key)
-            .or_insert_with(|| TokenBucket::new(now, rate, burst))
-            .take(now)
     }
 
     /// Whether the verified sender `from` may register local port `port`
@@ -475,8 +471,7 @@ impl Introducer {
                 out
             }
             Message::Introduce { id, peer, nat, .. } => {
-                let limit = (INTRODUCTIONS_PER_SECOND, INTRODUCTION_BURST);
-                if !Self::spend(&mut self.introductions, from.ip(), now, limit) {
+                if !self.introductions.take(from.ip(), now) {
                     self.stats.rate_limited += 1;
                     return vec![];
                 }
@@ -499,16 +494,9 @@ impl Introducer {
                     _ => None,
                 };
                 let mut out = vec![reply(Message::Introduced { id, outcome })];
-                let limit = (PUNCH_REQUESTS_PER_SECOND, PUNCH_REQUEST_BURST);
-                let per_caller = (
-                    PUNCH_REQUESTS_PER_CALLER_PER_SECOND,
-                    PUNCH_REQUEST_PER_CALLER_BURST,
-                );
                 if let Some((addr, key)) = peer_addr {
-                    let pair = (addr, from.ip());
-                    let caller_may =
-                        Self::spend(&mut self.punch_requests_by_caller, pair, now, per_caller);
-                    if !caller_may || !Self::spend(&mut self.punch_requests, addr, now, limit) {
+                    let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
+                    if !caller_may || !self.punch_requests.take(addr, now) {
                         // The caller hears where the peer is; the peer is
                         // not bothered beyond its rate.
                         self.stats.rate_limited += 1;

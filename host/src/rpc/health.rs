@@ -44,7 +44,7 @@ impl PeerHealth {
         let mut memory = self.lock();
         if memory.len() >= MAX_REMEMBERED && !memory.contains_key(&peer) {
             memory.retain(|_, (seen, at)| at.elapsed() < memory_of(*seen));
-            crate::discovery::evict_oldest(&mut memory, MAX_REMEMBERED, |(_, at)| *at);
+            crate::units::evict_oldest(&mut memory, MAX_REMEMBERED, |(_, at)| *at);
         }
         memory.insert(peer, (seen, Instant::now()));
     }

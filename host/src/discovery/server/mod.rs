@@ -206,8 +206,8 @@ async fn serve(
     mut node: node::KrpcNode,
     counters: Arc<ServerCounters>,
 ) {
-    let mut rates: std::collections::HashMap<std::net::Ipv4Addr, crate::units::TokenBucket> =
-        std::collections::HashMap::new();
+    let mut rates =
+        crate::units::TokenBuckets::new(BYTES_PER_SECOND_PER_IP, BYTE_BURST_PER_IP, MAX_RATED_IPS);
     // One byte more than the largest datagram, so an oversized one shows.
     let mut buf = vec![0u8; krpc::MAX_DATAGRAM + 1];
     let mut tick = tokio::time::interval(TICK);
@@ -228,14 +228,7 @@ async fn serve(
         }
         let now = std::time::Instant::now();
         for datagram in out.drain(..) {
-            let ip = *datagram.to.ip();
-            if !rates.contains_key(&ip) {
-                super::evict_oldest(&mut rates, MAX_RATED_IPS, |b| b.last_used());
-            }
-            let bucket = rates.entry(ip).or_insert_with(|| {
-                crate::units::TokenBucket::new(now, BYTES_PER_SECOND_PER_IP, BYTE_BURST_PER_IP)
-            });
-            if !bucket.take_many(now, datagram.bytes.len() as u32) {
+            if !rates.take_many(*datagram.to.ip(), now, datagram.bytes.len() as u32) {
                 counters.rate_limited.fetch_add(1, Relaxed);
                 continue;
             }
