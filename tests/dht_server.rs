@@ -343,20 +343,9 @@ fn bench_calls_after_a_restart_and_through_a_poisoned_directory() {
                 "fibonacci_worker",
                 (0..stale as u16).map(|i| 30_001 + i),
             );
-            let fibonacci = plugin("fibonacci");
-            let worker = spawn(
-                "worker",
-                &[
-                    "run",
-                    fibonacci.to_str().unwrap(),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--bootstrap",
-                    &bootstrap,
-                    "--control",
-                    "off",
-                ],
-            );
+            let args = common::run_args(&plugin("fibonacci"), &bootstrap);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let worker = spawn("worker", &args);
             worker.wait_for("announced fibonacci_worker", SOON);
             let silent: Vec<std::net::UdpSocket> = match poisoned {
                 true => (0..250)

@@ -148,24 +148,13 @@ fn an_x86_host_and_the_aarch64_gateway_call_each_other_on_loopback() {
 
     // x86 → aarch64, found through a DHT node as on a real network.
     let (_dht, bootstrap) = start_dht();
-    let served = gateway.spawn(
-        "aarch64 host",
-        &[
-            "run",
-            path(&cwasm),
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap",
-            &bootstrap,
-            "--control",
-            "off",
-            // Debian 12's qemu-user (7.2) tracks every page of the guest's
-            // address space: the default pool's 2 TiB reservation would cost
-            // it a minute and 12 GB. A real gateway has no such cost.
-            "--max-instances",
-            "4",
-        ],
-    );
+    let mut args = common::run_args(&cwasm, &bootstrap);
+    // Debian 12's qemu-user (7.2) tracks every page of the guest's address
+    // space: the default pool's 2 TiB reservation would cost it a minute
+    // and 12 GB. A real gateway has no such cost.
+    args.extend(["--max-instances", "4"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let served = gateway.spawn("aarch64 host", &args);
     served.wait_for("announced fibonacci_worker", EMULATED);
     let r = call(
         &bootstrap,

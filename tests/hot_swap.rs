@@ -244,20 +244,10 @@ fn watch_swaps_in_a_cwasm_that_compile_writes_over_the_served_one() {
     let v1 = dir.path().join("versioned.wasm");
     std::fs::copy(test_plugin("version-1"), &v1).unwrap();
     let file = common::precompiled(&v1, dir.path(), &[]);
-    let watcher = HostProcess::spawn(
-        "precompiled host",
-        &[
-            "run",
-            file.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap",
-            &bootstrap,
-            "--control",
-            "off",
-            "--watch",
-        ],
-    );
+    let mut args = common::run_args(&file, &bootstrap);
+    args.push("--watch".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let watcher = HostProcess::spawn("precompiled host", &args);
     watcher.wait_for("announced versioned", SOON);
     assert_eq!(version(&bootstrap), r#"{"version":1}"#);
 

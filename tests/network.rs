@@ -385,17 +385,25 @@ fn a_second_dht_node_on_a_taken_port_is_refused_cleanly_every_time() {
     }
 }
 
+/// An RPC client on its own loopback socket, with no discovery (it calls
+/// peers by address), and its endpoint.
+async fn lone_client() -> (
+    grenache_host::transport::Endpoint,
+    grenache_host::rpc::client::RpcClient,
+) {
+    let (ep, _) = grenache_host::transport::Endpoint::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let client = grenache_host::rpc::client::RpcClient::new(ep.clone(), None, 1 << 20);
+    (ep, client)
+}
+
 #[test]
 fn a_request_to_a_closed_port_fails_without_waiting_for_its_deadline() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use grenache_host::rpc::client::RpcClient;
         use grenache_host::rpc::RpcError;
-        use grenache_host::transport::Endpoint;
-        let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let client = RpcClient::new(ep.clone(), None, 1 << 20);
+        let (ep, client) = lone_client().await;
         // A port nothing listens on: the kernel answers our SYN with ICMP
         // port unreachable, which the socket's error queue hands to uTP.
         let closed = UdpSocket::bind("127.0.0.1:0")
@@ -416,13 +424,8 @@ fn a_request_to_a_closed_port_fails_without_waiting_for_its_deadline() {
 fn a_request_to_a_dead_address_times_out_with_a_clear_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use grenache_host::rpc::client::RpcClient;
         use grenache_host::rpc::RpcError;
-        use grenache_host::transport::Endpoint;
-        let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let client = RpcClient::new(ep, None, 1 << 20);
+        let (_, client) = lone_client().await;
         // A bound socket that never answers.
         let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
         let started = Instant::now();
@@ -564,20 +567,9 @@ fn a_call_made_as_a_worker_restarts_on_another_port_finds_the_new_one() {
     old.kill();
     // The successor starts on another port; the call starts at once, while
     // the DHT still names only the dead predecessor.
-    let fibonacci = plugin("fibonacci");
-    let _new = HostProcess::spawn(
-        "new worker",
-        &[
-            "run",
-            fibonacci.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap",
-            &bootstrap,
-            "--control",
-            "off",
-        ],
-    );
+    let args = common::run_args(&plugin("fibonacci"), &bootstrap);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _new = HostProcess::spawn("new worker", &args);
     let r = call(&bootstrap, "fibonacci_worker", r#"{"length":3}"#, &[]);
     assert_eq!(
         (r.code, r.stdout.as_str()),

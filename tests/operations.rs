@@ -76,16 +76,7 @@ fn readiness_and_stopping_are_notified_on_notify_socket() {
         .unwrap();
     let mut command = Command::new(host_bin());
     command
-        .args([
-            "run",
-            test_plugin("faulty").to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap",
-            &bootstrap,
-            "--control",
-            "off",
-        ])
+        .args(common::run_args(&test_plugin("faulty"), &bootstrap))
         .env_remove("RUST_LOG")
         .env("NOTIFY_SOCKET", &socket_path);
     let mut host = HostProcess::spawn_command("notifying host", command);

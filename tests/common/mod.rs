@@ -321,6 +321,24 @@ pub fn spawn_listening(name: &str, args: &[&str]) -> (HostProcess, u16) {
     (host, port)
 }
 
+/// `run <plugin> --listen 127.0.0.1:0 --bootstrap <bootstrap> --control
+/// off`, for a launcher of its own (another binary, an emulator, an
+/// environment); more flags may follow.
+pub fn run_args(plugin: &std::path::Path, bootstrap: &str) -> Vec<String> {
+    [
+        "run",
+        plugin.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--bootstrap",
+        bootstrap,
+        "--control",
+        "off",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Starts `run` with `plugins` on loopback, joined through `bootstrap`;
 /// returns it and its RPC port once it has announced its services.
 pub fn start_host(
