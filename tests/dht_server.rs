@@ -146,7 +146,10 @@ fn an_entry_not_refreshed_within_the_peer_ttl_expires() {
     assert_eq!(client.get_peers(service).0, vec![loopback(4101)]);
     assert_eq!(dht.terminate(SOON), Some(0));
     let summary = dht.wait_for("stopping the DHT node", SOON);
-    assert!(summary.contains("; 1 stored, 1 expired"), "{summary}");
+    assert!(
+        summary.contains("; 1 stored, 0 items, 1 expired"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -215,6 +218,67 @@ fn a_node_grape_announces_through_our_dht_node_with_2_byte_transaction_ids() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(client.get_peers(key).0, vec![loopback(4444)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mainline_clients_put_and_get_bep_44_items_through_our_dht_node() {
+    use mainline::{MutableItem, SigningKey};
+    let (mut dht, bootstrap) = start_dht();
+    let client = || {
+        mainline::Dht::builder()
+            .bootstrap(std::slice::from_ref(&bootstrap))
+            .bind_address(Ipv4Addr::LOCALHOST)
+            .build()
+            .expect("a mainline client")
+            .as_async()
+    };
+    let (writer, reader) = (client(), client());
+
+    let target = writer
+        .put_immutable(b"hello world")
+        .await
+        .expect("our node takes an immutable put");
+    assert_eq!(
+        reader.get_immutable(target).await.as_deref(),
+        Some(&b"hello world"[..])
+    );
+
+    let signer = SigningKey::from_bytes(&[3; 32]);
+    let key = signer.verifying_key().to_bytes();
+    let salt = Some(&b"salt"[..]);
+    let put = |value: &'static [u8], seq: i64, cas: Option<i64>| {
+        let item = MutableItem::new(signer.clone(), value, seq, salt);
+        let writer = writer.clone();
+        async move { writer.put_mutable(item, cas).await }
+    };
+    put(b"v1", 1, None)
+        .await
+        .expect("our node takes a mutable put");
+    let got = reader
+        .get_mutable_most_recent(&key, salt)
+        .await
+        .expect("v1");
+    assert_eq!((got.value(), got.seq()), (&b"v1"[..], 1));
+    put(b"v2", 2, Some(1))
+        .await
+        .expect("a newer seq with the right cas");
+    assert!(
+        put(b"v0", 0, None).await.is_err(),
+        "an older seq is refused"
+    );
+    assert!(
+        put(b"v3", 3, Some(1)).await.is_err(),
+        "a stale cas is refused"
+    );
+    let got = reader
+        .get_mutable_most_recent(&key, salt)
+        .await
+        .expect("v2");
+    assert_eq!((got.value(), got.seq()), (&b"v2"[..], 2));
+
+    assert_eq!(dht.terminate(SOON), Some(0));
+    let summary = dht.wait_for("stopping the DHT node", SOON);
+    assert!(summary.contains(", 2 items,"), "{summary}");
 }
 
 /// Plants `count` entries for `service` on the DHT node at `bootstrap`,

@@ -6,11 +6,13 @@
 
 mod common;
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use common::grape_node::{
     link_once, node_link, post, request, start_grape, start_node_grape, wait_for_lookup, Answer,
 };
+use common::krpc::{bytes_of, error_code, key, loopback, sub, Krpc};
 use common::{call, node_peer, start_host, test_plugin, SOON};
 
 const LINKS: [&str; 2] = ["1.0.2", "0.7.13"];
@@ -258,9 +260,9 @@ fn an_announce_expires_after_the_peer_max_age() {
         "expired after {:?}, before the max age",
         announced.elapsed()
     );
-    // Another grape still finds it: the DHT keeps every announce (mainline's
-    // nodes have no peer age), and only the grape that received it knows it
-    // expired (docs/wire.md §6.1).
+    // Another grape still finds it: B's DHT node keeps it for B's own peer
+    // age (120 s), and only the grape that received it knows it expired
+    // (docs/wire.md §6.1).
     assert_eq!(lookup(&b.url), r#"["127.0.0.1:5555"]"#);
     // Announced again, it is back.
     assert_eq!(announce().body, "1");
@@ -268,32 +270,72 @@ fn an_announce_expires_after_the_peer_max_age() {
 }
 
 #[test]
-fn our_grapes_dht_node_ignores_two_byte_transaction_ids() {
-    // grenache-grape's k-rpc sends 2-byte `t`; mainline 8.0.1 decodes only
-    // 4-byte ones and drops the rest (docs/wire.md §6.1). If this starts
-    // failing because the short ping is answered, mainline learnt it: say so
-    // in the docs.
-    let grape = start_grape("grape", &[]);
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(1500)))
-        .unwrap();
-    let ping = |t: &str| {
-        let id = "abcdefghij0123456789";
-        format!("d1:ad2:id20:{id}e1:q4:ping1:t{}:{t}1:y1:qe", t.len())
-    };
-    let mut reply = [0u8; 1500];
-    socket.send_to(ping("aa").as_bytes(), &grape.dht).unwrap();
+fn our_grapes_dht_node_speaks_bep_5_with_2_byte_ids_and_forgets_announces() {
+    // The grape's DHT port is our own BEP 5 node: a raw client with a
+    // 2-byte transaction id (grenache-grape's k-rpc sends those) is
+    // answered; announces need this IP's token and a port, and live
+    // `--dpa` after the last one.
+    let max_age = Duration::from_millis(1500);
+    let grape = start_grape("grape", &["--dpa", "1500"]);
+    let client = Krpc::new(Ipv4Addr::LOCALHOST, &grape.dht);
+    let pong = client
+        .ask(b"aa", "ping", vec![])
+        .expect("a 2-byte ping is answered");
+    assert_eq!(bytes_of(sub(&pong, "r"), "id").len(), 20);
+    let service = key("krpc_short_lived");
+    let (_, token) = client.get_peers(service);
+    let forged = client.announce(service, 4100, b"a token of our own");
+    assert_eq!(error_code(&forged), Some(203), "{forged:?}");
+    let port0 = client.announce(service, 0, &token);
+    assert_eq!(error_code(&port0), Some(203), "{port0:?}");
+    let announced = Instant::now();
+    let taken = client.announce(service, 4100, &token);
+    assert_eq!(error_code(&taken), None, "{taken:?}");
+    assert_eq!(client.get_peers(service).0, vec![loopback(4100)]);
+    let deadline = announced + max_age + SOON;
+    while !client.get_peers(service).0.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still stored after {:?}",
+            announced.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
-        socket.recv_from(&mut reply).is_err(),
-        "a 2-byte transaction id was answered"
+        announced.elapsed() >= max_age,
+        "gone after {:?}",
+        announced.elapsed()
     );
-    socket.send_to(ping("aaaa").as_bytes(), &grape.dht).unwrap();
-    let (len, _) = socket
-        .recv_from(&mut reply)
-        .expect("a 4-byte ping is answered");
-    let reply = String::from_utf8_lossy(&reply[..len]);
-    assert!(reply.contains("1:t4:aaaa"), "{reply}");
+
+    // A real grenache-grape joins it and announces there what a Node
+    // service announces to it (its DHT key is the raw name: 20 bytes).
+    let (_node_grape, url) = start_node_grape("grenache-grape", &["--bn", &grape.dht]);
+    let name = "svc_via_our_grape_dp";
+    let _service = node_link("node service", "1.0.2", &url, &["announce", name, "4444"]);
+    let raw_key: [u8; 20] = name.as_bytes().try_into().unwrap();
+    let deadline = Instant::now() + SOON;
+    while client.get_peers(raw_key).0 != vec![loopback(4444)] {
+        assert!(
+            Instant::now() < deadline,
+            "the Node grape never announced on our grape's DHT port"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_value_put_through_one_grape_is_got_through_another() {
+    // Immutable values travel through the DHT: B's query node gets it from
+    // A's DHT node, which keeps what A's HTTP clients put.
+    let a = start_grape("grape A", &[]);
+    let b = start_grape("grape B", &["--bn", &a.dht]);
+    let put = post(&a.url, "/put", r#"{"data":{"v":"shared value"}}"#).unwrap();
+    let hash = put.body.trim_matches('"').to_string();
+    assert_eq!(hash, sha1_hex("12:shared value"));
+    let got = post(&b.url, "/get", &format!(r#"{{"data":"{hash}"}}"#)).unwrap();
+    let got: serde_json::Value =
+        serde_json::from_str(&got.body).unwrap_or_else(|e| panic!("{}: {e}", got.body));
+    assert_eq!(got["v"], "shared value");
 }
 
 #[test]

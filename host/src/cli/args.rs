@@ -306,7 +306,8 @@ pub enum Command {
     ///
     /// Example: grenache-host grape --dp 20001 --aph 30001 --bn 127.0.0.1:20002
     Grape {
-        /// The DHT node's UDP port (0: any free port).
+        /// The DHT node's UDP port (0: any free port), on all interfaces: our BEP 5 /
+        /// BEP 44 node, as `dht` runs (any BEP 5 client, Node grapes included, may join).
         #[arg(long = "dp", visible_alias = "dht_port", value_name = "PORT")]
         dht_port: u16,
         /// The HTTP API's TCP port (0: any free port).
@@ -327,9 +328,9 @@ pub enum Command {
         /// its HTTP client's address.
         #[arg(short = 'b', long = "bind", value_name = "IP")]
         bind: Option<std::net::Ipv4Addr>,
-        /// How long an announce lives after the last one, in milliseconds (the
-        /// default is grape's library default); 0: until the bounded table needs
-        /// the room.
+        /// How long an announce lives after the last one, in milliseconds, in this
+        /// grape's answers and on its DHT node (the default is grape's library
+        /// default); 0: until the bounded stores need the room.
         #[arg(
             long = "dpa",
             visible_alias = "dht_peer_maxAge",

@@ -72,7 +72,7 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
     let http_addr = listener
         .local_addr()
         .unwrap_or(SocketAddr::from((http_ip, api_port)));
-    let dht_addr = grape.dht_addr().await;
+    let dht_addr = grape.dht_addr();
     let introducer =
         match start_introducer(Ipv4Addr::UNSPECIFIED.into(), dht_addr, introducer_port).await {
             Ok(task) => task,
@@ -92,7 +92,10 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         dht_addr.port()
     );
     signals.next().await;
-    tracing::info!("stopping the grape");
+    tracing::info!(
+        "stopping the grape; its DHT node: {}",
+        grape.counters().summary()
+    );
     http.abort();
     if let Some(task) = introducer {
         task.abort();

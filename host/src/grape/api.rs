@@ -39,8 +39,8 @@ use std::net::{IpAddr, SocketAddrV4};
 use rand::seq::SliceRandom;
 use serde_json::Value;
 
-use super::bep44::{self, MAX_SALT_BYTES, MAX_VALUE_BYTES};
-use super::values::{Signed, StoredValue};
+use crate::discovery::server::bep44::{self, MAX_SALT_BYTES, MAX_VALUE_BYTES};
+use crate::discovery::server::items::{Signed, StoredValue};
 use futures::future::BoxFuture;
 
 /// Unknown route (`200` + JSON string).

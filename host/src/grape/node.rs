@@ -1,19 +1,17 @@
 //! The grape's DHT side: the [`GrapeBackend`] behind the HTTP API, on two
-//! embedded mainline nodes.
+//! DHT nodes.
 //!
-//! - The **server node** listens on the grape's DHT port (`--dp`), in
-//!   server mode: other grapes and our hosts bootstrap from it, and it
-//!   stores what they announce and put.
-//! - The **query node** (a free port) makes this grape's own queries:
-//!   announces, lookups, puts and gets. It joins through the server node
-//!   and the `--bn` nodes. A separate node is needed because a mainline node
-//!   never asks itself: what a grape's HTTP clients announce must land on
-//!   its own server node too, so that every grape (this one included) finds
-//!   it, as with one Node grape per machine. It runs in server mode too:
-//!   a mainline node started without bootstrap nodes (the first grape) adds
-//!   every node that asks it for nodes to its routing table, read-only ones
-//!   included, so the query node hears of itself and must answer itself, or
-//!   each of its queries would wait out the 2 s timeout.
+//! - The **server node** listens on the grape's DHT port (`--dp`): our own
+//!   BEP 5 / BEP 44 node ([`crate::discovery::server`], what `dht` runs).
+//!   Other grapes, our hosts and any BEP 5 client (2- or 4-byte transaction
+//!   ids) bootstrap from it; it stores what they announce (for `--dpa`
+//!   after the last announce) and put, with keyed tokens.
+//! - The **query node** (a free port, mainline's client, read-only) makes
+//!   this grape's own queries: announces, lookups, puts and gets. It joins
+//!   through the server node and the `--bn` nodes. A separate node is
+//!   needed because a DHT node never asks itself: what a grape's HTTP
+//!   clients announce must land on its own server node too, so that every
+//!   grape (this one included) finds it, as with one Node grape per machine.
 //!
 //! A service's DHT key is the SHA-1 of its name, as our hosts use
 //! ([`service_key`]), so Node links and our hosts share one namespace.
@@ -24,17 +22,21 @@
 //!   caller's machine, usually this one;
 //! - on the DHT nodes, under this grape's IP as each node sees the query
 //!   node (mainline's `announce_peer`), like grenache-grape, which stores
-//!   the announcing grape's IP. They keep it for good ([`super::table`]
-//!   says why, and how this grape's lookups still forget it).
+//!   the announcing grape's IP. Each keeps it for its own peer age (ours:
+//!   their `--dpa` or `--peer-ttl`); [`super::table`] forgets it here
+//!   at this grape's age whatever other nodes keep.
+//!
+//! A `/put` is checked and kept in the server node's BEP 44 store first
+//! (so `/get` finds it at once, mutable ones included), then put on the
+//! DHT; a `/get` reads that store before asking the DHT.
 //!
 //! An `/announce` waits at most [`ANNOUNCE_WAIT`] for the DHT (a Link gives
 //! up after 2.5 s): an announce still running then answers `1` and finishes
 //! in the background (a failure is logged, and the next announce tries
 //! again). A node in a routing table that does not answer makes every
-//! query that visits it wait for the query timeout: one that stopped, or a
-//! read-only one (our hosts' and one-shot clients' DHT nodes), which the
-//! first grape's server node, like any mainline node started without
-//! bootstrap nodes, adds when it asks for nodes.
+//! query that visits it wait for the query timeout (one that stopped);
+//! our server node lists only nodes that answered its ping, and never
+//! read-only ones.
 //!
 //! The query node reaches the server node at [`own_address`], so that what
 //! the server stores for this grape's announces is reachable from other
@@ -57,8 +59,10 @@ use tokio::sync::Semaphore;
 
 use super::api::{DhtFailure, FoundValue, GrapeBackend, PutRequest};
 use super::table::AnnounceTable;
-use super::values::ValueStore;
 use crate::discovery::dht::service_key;
+use crate::discovery::server::items::PutRefused;
+use crate::discovery::server::node::lock_items;
+use crate::discovery::server::{DhtServer, ServerConfig};
 use crate::discovery::DiscoveryError;
 use futures::future::BoxFuture;
 
@@ -100,21 +104,20 @@ pub struct GrapeConfig {
     pub bind: Option<Ipv4Addr>,
     /// Other DHT nodes to join (`host:port`); empty: a new DHT.
     pub bootstrap: Vec<String>,
-    /// How long an announce lives after the last one (`--dpa`); `None`:
-    /// until evicted from the bounded table.
+    /// How long an announce lives after the last one (`--dpa`), in this
+    /// grape's table and on its server node; `None`: until evicted from
+    /// the bounded stores.
     pub peer_max_age: Option<Duration>,
 }
 
-/// A grape's DHT side: two mainline nodes, the table of announces and the
-/// values put here.
+/// A grape's DHT side: the server and query nodes, the table of announces.
 pub struct GrapeNode {
-    server: mainline::async_dht::AsyncDht,
+    /// Our BEP 5 / BEP 44 node on `--dp`; its item store keeps the values
+    /// put here.
+    server: DhtServer,
     publisher: Publisher,
-    /// The server node's id, given as the answering node of `/get`.
-    id: [u8; 20],
     bind: Option<Ipv4Addr>,
     own_ip: Ipv4Addr,
-    values: Mutex<ValueStore>,
 }
 
 /// What publishes announces on the DHT, shared with the tasks
@@ -133,26 +136,17 @@ struct Publisher {
 }
 
 impl GrapeNode {
-    /// Starts both DHT nodes. Fails if the DHT port is taken.
+    /// Starts both DHT nodes. Fails if the DHT port is taken or a
+    /// bootstrap node does not resolve.
     pub async fn start(config: &GrapeConfig) -> Result<Arc<GrapeNode>, DiscoveryError> {
-        let mut builder = Dht::builder();
         // Like a Node grape, the DHT socket takes every interface whatever -b says.
-        builder
-            .port(config.dht_port)
-            .request_timeout(DHT_REQUEST_TIMEOUT)
-            .server_mode();
-        if config.bootstrap.is_empty() {
-            builder.no_bootstrap();
-        } else {
-            builder.bootstrap(&config.bootstrap);
-        }
-        let server = builder
-            .build()
-            .map_err(|e| {
-                DiscoveryError::Start(format!("{e} (binding UDP port {})", config.dht_port))
-            })?
-            .as_async();
-        let dht_port = server.info().await.local_addr().port();
+        let server = DhtServer::start(ServerConfig {
+            listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.dht_port),
+            bootstrap: config.bootstrap.clone(),
+            peer_ttl: config.peer_max_age.unwrap_or(Duration::MAX),
+        })
+        .await?;
+        let dht_port = server.local_addr().port();
         let own_ip = own_address(config.bind, &config.bootstrap);
         let mut joins = vec![SocketAddrV4::new(own_ip, dht_port).to_string()];
         joins.extend(config.bootstrap.iter().cloned());
@@ -161,11 +155,9 @@ impl GrapeNode {
             .port(0)
             .request_timeout(DHT_REQUEST_TIMEOUT)
             .bootstrap(&joins)
-            .server_mode()
             .build()
             .map_err(|e| DiscoveryError::Start(format!("{e} (binding the grape's query node)")))?
             .as_async();
-        let id = *server.info().await.id().as_bytes();
         Ok(Arc::new(GrapeNode {
             server,
             publisher: Publisher {
@@ -175,16 +167,19 @@ impl GrapeNode {
                 lookups: Arc::new(Semaphore::new(MAX_DHT_LOOKUPS)),
                 pending: Arc::new(Semaphore::new(MAX_PENDING_PUBLISHES)),
             },
-            id,
             bind: config.bind.filter(|ip| !ip.is_unspecified()),
             own_ip,
-            values: Mutex::new(ValueStore::default()),
         }))
     }
 
     /// The server node's address (the DHT port).
-    pub async fn dht_addr(&self) -> SocketAddrV4 {
-        self.server.info().await.local_addr()
+    pub fn dht_addr(&self) -> SocketAddrV4 {
+        self.server.local_addr()
+    }
+
+    /// What the server node did so far.
+    pub fn counters(&self) -> &crate::discovery::server::ServerCounters {
+        self.server.counters()
     }
 
     /// The address the client node reaches the server node at.
@@ -218,10 +213,6 @@ impl GrapeNode {
 
     fn lock_table(&self) -> std::sync::MutexGuard<'_, AnnounceTable> {
         self.publisher.lock_table()
-    }
-
-    fn lock_values(&self) -> std::sync::MutexGuard<'_, ValueStore> {
-        self.values.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn announce_service(
@@ -277,7 +268,8 @@ impl GrapeNode {
         table.lookup(now, name, found)
     }
 
-    /// Keeps a put here, then puts it on the DHT within [`PUT_WAIT`] from
+    /// Keeps a put in the server node's store, then puts it on the DHT
+    /// within [`PUT_WAIT`] from
     /// the request: no free slot by then is `All queries failed`; a put
     /// still running then is answered as done (it is kept here, and goes on
     /// in the background in its slot, as an announce does).
@@ -288,10 +280,22 @@ impl GrapeNode {
             PutRequest::Mutable(put) => put.cas,
             PutRequest::Immutable(_) => None,
         };
-        if let Err(refused) = self.lock_values().insert(target, request.stored(), cas) {
+        let kept = lock_items(self.server.items()).put(
+            Instant::now(),
+            target,
+            request.stored(),
+            cas,
+            self.own_ip,
+        );
+        match kept {
+            Ok(()) => {}
             // Kept as it was; the DHT's nodes would refuse it too.
-            tracing::debug!("mutable put refused: {refused}");
-            return Err(DhtFailure::AllFailed);
+            Err(refused @ (PutRefused::CasMismatch | PutRefused::SeqTooLow)) => {
+                tracing::debug!("mutable put refused: {refused}");
+                return Err(DhtFailure::AllFailed);
+            }
+            // Not here, but other nodes may take it.
+            Err(PutRefused::Full) => tracing::debug!("this grape's item store is full"),
         }
         let slot = self.publisher.operations.clone().acquire_owned();
         let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slot).await else {
@@ -313,9 +317,12 @@ impl GrapeNode {
     }
 
     async fn get_value(&self, target: [u8; 20]) -> Option<FoundValue> {
-        let local = self.lock_values().get(&target).cloned();
+        let id = self.server.id();
+        let local = lock_items(self.server.items())
+            .get(Instant::now(), &target)
+            .cloned();
         if let Some(value) = local {
-            return Some(FoundValue { id: self.id, value });
+            return Some(FoundValue { id, value });
         }
         let target = Id::from_bytes(target).ok()?;
         let get = async {
@@ -324,8 +331,8 @@ impl GrapeNode {
         };
         let value = tokio::time::timeout(GET_WAIT, get).await.ok()??;
         Some(FoundValue {
-            id: self.id,
-            value: super::values::StoredValue {
+            id,
+            value: crate::discovery::server::items::StoredValue {
                 value: value.to_vec(),
                 signed: None,
             },

@@ -5,14 +5,14 @@
 //!
 //! Why the grape keeps its own table: grenache-grape forgets an announce
 //! `dht_peer_maxAge` (library default 120 s) after the last one
-//! (grenache-wire.md §1.7), while mainline's nodes never forget one: they
-//! keep each announce under a fresh random id (mainline 8.0.1
-//! `rpc/put_query.rs` sends every put with `requester_id: Id::random()`),
-//! with no age, until 500 newer announces of the same key push it out. So
-//! nothing published can be taken back. The table is the truth for what this
-//! grape received: a lookup answers its live announces, plus the DHT's
-//! addresses minus those this grape published and saw expire (unless
-//! announced again). Another grape still finds them through the DHT.
+//! (grenache-wire.md §1.7), and so must this grape, whatever the DHT's
+//! nodes keep: ours keep an announce for their own peer age (each grape's
+//! `--dpa`, each `dht` node's `--peer-ttl`), other BEP 5 nodes by their own
+//! rules (mainline's kept announces for good). Nothing published can be
+//! taken back. The table is the truth for what this grape received: a
+//! lookup answers its live announces, plus the DHT's addresses minus those
+//! this grape published and saw expire (unless announced again). Another
+//! grape still finds them through the DHT until its nodes forget them.
 //!
 //! Bounds: [`MAX_NAMES`] names, each with [`MAX_ADDRS_PER_NAME`] live and as
 //! many expired addresses; the newest announce wins, evicting the least
@@ -36,9 +36,9 @@ pub const MAX_NAMES: usize = 4096;
 /// expired ones remembered.
 pub const MAX_ADDRS_PER_NAME: usize = 100;
 /// How long a port stays published before a new announce of it publishes
-/// it again (our hosts' re-announce interval). Links announce every second;
-/// each publish is one more entry on every DHT node (at most 500 per name),
-/// so the DHT hears a port at most this often.
+/// it again (our hosts' re-announce interval; half the peer max age when
+/// that is shorter, so that DHT nodes with the same age keep it). Links
+/// announce every second; the DHT hears a port at most this often.
 pub const DHT_REFRESH: Duration = Duration::from_secs(30);
 /// Most retractions of evicted names remembered; past that, the oldest go.
 pub const MAX_RETRACTIONS: usize = 65_536;
@@ -164,13 +164,21 @@ impl AnnounceTable {
         }
     }
 
+    /// How long a published port stays published: [`DHT_REFRESH`], or
+    /// half the peer max age when that is shorter.
+    fn refresh(&self) -> Duration {
+        self.max_age
+            .map_or(DHT_REFRESH, |age| DHT_REFRESH.min(age / 2))
+    }
+
     /// Records an announce of `name` at `addr`; returns the port to publish
-    /// on the DHT, or `None` if it was published less than [`DHT_REFRESH`]
+    /// on the DHT, or `None` if it was published less than the refresh interval
     /// ago.
     pub fn announce(&mut self, now: Instant, name: &str, addr: SocketAddrV4) -> Option<u16> {
         if !self.names.contains_key(name) && self.names.len() >= MAX_NAMES {
             self.evict_oldest_name(now);
         }
+        let refresh = self.refresh();
         let published_as = SocketAddrV4::new(self.published_ip, addr.port());
         self.retractions.forget(name, addr);
         self.retractions.forget(name, published_as);
@@ -191,7 +199,7 @@ impl AnnounceTable {
         entry.live.push((addr, now));
         self.live_count = self.live_count + entry.live.len() - before;
         let publish = match entry.published {
-            Some((port, at)) if port == addr.port() && now.duration_since(at) < DHT_REFRESH => None,
+            Some((port, at)) if port == addr.port() && now.duration_since(at) < refresh => None,
             _ => {
                 entry.published = Some((addr.port(), now));
                 Some(addr.port())

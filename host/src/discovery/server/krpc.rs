@@ -44,12 +44,17 @@ pub enum Query {
     GetPeers {
         info_hash: Id,
     },
-    /// BEP 44 `get`: we store no BEP 44 items, so it is answered with a
-    /// token and the closest nodes only. mainline's client sends it to find
-    /// where to `announce_peer` (and takes the token from its answer).
+    /// BEP 44 `get`: the item under `target`, if stored, with a token and
+    /// the closest nodes. mainline's client also sends it to find where to
+    /// `announce_peer` (and takes the token from its answer).
     Get {
         target: Id,
+        /// `seq`: the asker has this version of a mutable item; a stored
+        /// one no newer is answered with its `seq` only.
+        seq: Option<i64>,
     },
+    /// BEP 44 `put`.
+    Put(Put),
     AnnouncePeer {
         info_hash: Id,
         /// The `port` argument (0 when absent).
@@ -58,6 +63,28 @@ pub enum Query {
         implied_port: bool,
         token: Vec<u8>,
     },
+}
+
+/// A BEP 44 `put`'s arguments, as sent; [`super::node`] checks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub token: Vec<u8>,
+    /// `v`: a byte string (what mainline and bittorrent-dht put; any other
+    /// bencoded type is refused as malformed).
+    pub v: Vec<u8>,
+    /// `k`, `sig` and `seq` of a mutable item; `None` for an immutable one.
+    pub mutable: Option<MutableArgs>,
+    /// `cas`: replace only the stored item of this `seq`.
+    pub cas: Option<i64>,
+    pub salt: Option<Vec<u8>>,
+}
+
+/// A mutable `put`'s key, signature and sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MutableArgs {
+    pub k: [u8; 32],
+    pub sig: [u8; 64],
+    pub seq: i64,
 }
 
 /// A decoded datagram.
@@ -129,6 +156,18 @@ struct RawBody {
     nodes: Option<ByteBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     values: Option<Vec<ByteBuf>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v: Option<ByteBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    k: Option<ByteBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<ByteBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cas: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    salt: Option<ByteBuf>,
 }
 
 /// Decodes one datagram.
@@ -177,7 +216,9 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 b"get" => Query::Get {
                     target: id20(args.target.as_ref())
                         .ok_or_else(|| bad("target is not 20 bytes"))?,
+                    seq: args.seq,
                 },
+                b"put" => Query::Put(put_args(args).map_err(bad)?),
                 b"announce_peer" => Query::AnnouncePeer {
                     info_hash: id20(args.info_hash.as_ref())
                         .ok_or_else(|| bad("info_hash is not 20 bytes"))?,
@@ -207,6 +248,32 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         b"e" => Ok(Message::Error { t }),
         _ => Err(DecodeError::Malformed),
     }
+}
+
+/// A `put`'s arguments: a `v` byte string and a token; `k` (32 bytes),
+/// `sig` (64 bytes) and `seq` all or none.
+fn put_args(args: RawBody) -> Result<Put, &'static str> {
+    let token = args.token.ok_or("no token")?.into_vec();
+    let v = args.v.ok_or("no v")?.into_vec();
+    let mutable = match (args.k, args.sig, args.seq) {
+        (None, None, None) => None,
+        (Some(k), Some(sig), Some(seq)) => Some(MutableArgs {
+            k: k.as_slice().try_into().map_err(|_| "k is not 32 bytes")?,
+            sig: sig
+                .as_slice()
+                .try_into()
+                .map_err(|_| "sig is not 64 bytes")?,
+            seq,
+        }),
+        _ => return Err("a mutable put needs k, sig and seq"),
+    };
+    Ok(Put {
+        token,
+        v,
+        mutable,
+        cas: args.cas,
+        salt: args.salt.map(ByteBuf::into_vec),
+    })
 }
 
 fn refused(t: Vec<u8>, code: i64, message: &str) -> DecodeError {
@@ -327,6 +394,12 @@ pub struct Body {
     pub nodes: Option<Vec<u8>>,
     pub values: Option<Vec<SocketAddrV4>>,
     pub token: Option<Vec<u8>>,
+    /// A BEP 44 item's value (`v`), key (`k`) and signature (`sig`).
+    pub v: Option<Vec<u8>>,
+    pub k: Option<[u8; 32]>,
+    pub sig: Option<[u8; 64]>,
+    /// A mutable item's `seq` (also alone: the asker has the newest).
+    pub seq: Option<i64>,
 }
 
 impl Body {
@@ -342,6 +415,10 @@ impl Body {
                     .collect()
             }),
             token: self.token.map(ByteBuf::from),
+            v: self.v.map(ByteBuf::from),
+            k: self.k.map(|k| ByteBuf::from(k.to_vec())),
+            sig: self.sig.map(|sig| ByteBuf::from(sig.to_vec())),
+            seq: self.seq,
             ..RawBody::default()
         }
     }

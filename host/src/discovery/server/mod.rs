@@ -3,10 +3,12 @@
 //! mainline's client ([`super::dht`]); any BEP 5 client works.
 //!
 //! One UDP socket, IPv4. It answers `ping`, `find_node`, `get_peers` and
-//! `announce_peer` (with `implied_port`), and BEP 44's `get` with a token and
-//! nodes only (it stores no BEP 44 items; mainline's client uses `get` to
-//! find where to announce); bad queries get BEP 5 errors (203
-//! protocol error, 204 method unknown, 201 storage full); datagrams over
+//! `announce_peer` (with `implied_port`), and BEP 44's `get` and `put`
+//! (mainline's client also uses `get` to find where to announce); bad
+//! queries get BEP 5 errors (203 protocol error, 204 method unknown, 201
+//! storage full) and BEP 44's (205 value too big, 206 invalid signature,
+//! 207 salt too big, 301 CAS mismatch, 302 sequence number too low);
+//! datagrams over
 //! 1500 bytes or that are not KRPC are counted and dropped. Any transaction
 //! id of 1..=16 bytes is echoed as-is (mainline sends 4, Node's
 //! bittorrent-dht 2). Answers carry BEP 42's `ip` (the querier's address as
@@ -21,6 +23,13 @@
 //! 1024 per info hash, likewise; 65,536 info hashes and 262,144 entries in
 //! all, new ones refused when full. Expired entries are swept a bounded
 //! amount per tick.
+//!
+//! **BEP 44 items** ([`items`]): immutable and mutable items whose `v` is a
+//! byte string of at most 999 bytes (what mainline and a Grape put), salts
+//! of at most 64 bytes, signatures checked (ed25519, strict); kept 2 hours
+//! after their last put, at most 1,024 per putting IP (its oldest giving
+//! way) and 16,384 in all (new ones refused when full). The same store
+//! answers a grape's `/get`.
 //!
 //! **Order.** `get_peers` answers at most 64 `values`: source IPs take turns
 //! (the IP with fewer entries first), newest first within an IP; see
@@ -40,6 +49,8 @@
 //! The protocol logic is [`node::KrpcNode`] (no I/O); [`DhtServer`] drives
 //! it with a tokio UDP socket.
 
+pub mod bep44;
+pub mod items;
 pub mod krpc;
 pub mod node;
 pub mod peers;
@@ -68,14 +79,21 @@ pub struct ServerCounters {
     pub find_node: AtomicU64,
     pub get_peers: AtomicU64,
     pub announce_peer: AtomicU64,
-    /// BEP 44 `get` (answered with a token and nodes only).
+    /// BEP 44 `get`.
     pub get: AtomicU64,
+    /// BEP 44 `put`.
+    pub put: AtomicU64,
     /// Queries of a method we do not know (answered 204).
     pub unknown_method: AtomicU64,
     /// Datagrams that were not KRPC or were oversized, and queries with bad
     /// arguments (answered 203).
     pub malformed: AtomicU64,
-    /// Announces refused for a token that is not this IP's.
+    /// Puts refused for their item (too big, bad signature, old `seq`, CAS
+    /// mismatch, storage full).
+    pub refused_item: AtomicU64,
+    /// BEP 44 items stored now.
+    pub items: AtomicU64,
+    /// Announces and puts refused for a token that is not this IP's.
     pub refused_token: AtomicU64,
     /// Announces refused for port 0.
     pub refused_port: AtomicU64,
@@ -83,7 +101,7 @@ pub struct ServerCounters {
     pub refused_full: AtomicU64,
     /// Entries stored now.
     pub stored: AtomicU64,
-    /// Entries dropped because they were not refreshed in time.
+    /// Entries and items dropped because they were not refreshed in time.
     pub expired: AtomicU64,
     /// Nodes in the routing table now.
     pub nodes: AtomicU64,
@@ -106,25 +124,30 @@ const MAX_RATED_IPS: usize = 4096;
 
 impl ServerCounters {
     /// One line for the log, e.g. `queries: 3 ping, 0 find_node, 10
-    /// get_peers, 10 get, 10 announce_peer, 0 unknown; 0 malformed; refused: 1 bad
-    /// token, 0 port 0, 0 full; 1 stored, 0 expired; 0 nodes`.
+    /// get_peers, 10 get, 2 put, 10 announce_peer, 0 unknown; 0 malformed;
+    /// refused: 1 bad token, 0 port 0, 0 full, 0 items; 0 rate-limited; 1
+    /// stored, 2 items, 0 expired; 0 nodes`.
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Relaxed);
         format!(
-            "queries: {} ping, {} find_node, {} get_peers, {} get, {} announce_peer, {} unknown; {} malformed; \
-             refused: {} bad token, {} port 0, {} full; {} rate-limited; {} stored, {} expired; {} nodes",
+            "queries: {} ping, {} find_node, {} get_peers, {} get, {} put, {} announce_peer, {} unknown; \
+             {} malformed; refused: {} bad token, {} port 0, {} full, {} items; {} rate-limited; \
+             {} stored, {} items, {} expired; {} nodes",
             g(&self.ping),
             g(&self.find_node),
             g(&self.get_peers),
             g(&self.get),
+            g(&self.put),
             g(&self.announce_peer),
             g(&self.unknown_method),
             g(&self.malformed),
             g(&self.refused_token),
             g(&self.refused_port),
             g(&self.refused_full),
+            g(&self.refused_item),
             g(&self.rate_limited),
             g(&self.stored),
+            g(&self.items),
             g(&self.expired),
             g(&self.nodes),
         )
@@ -138,13 +161,16 @@ pub struct ServerConfig {
     pub listen: SocketAddrV4,
     /// Nodes to join (`ip:port` or `host:port`); empty: a new DHT.
     pub bootstrap: Vec<String>,
-    /// How long announced peers are kept ([`PEER_TTL`] by default).
+    /// How long announced peers are kept ([`PEER_TTL`] by default;
+    /// `Duration::MAX`: until the store needs the room).
     pub peer_ttl: Duration,
 }
 
 /// A running server node; stops when dropped.
 pub struct DhtServer {
     local_addr: SocketAddrV4,
+    id: krpc::Id,
+    items: node::SharedItems,
     counters: Arc<ServerCounters>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -168,9 +194,12 @@ impl DhtServer {
             Err(e) => return Err(DiscoveryError::Start(e.to_string())),
         };
         let counters = Arc::new(ServerCounters::default());
+        let id = rand::random();
+        let items = node::SharedItems::default();
         let node = node::KrpcNode::new(
-            rand::random(),
+            id,
             config.peer_ttl,
+            items.clone(),
             bootstrap,
             counters.clone(),
             std::time::Instant::now(),
@@ -178,6 +207,8 @@ impl DhtServer {
         let task = tokio::spawn(serve(socket, node, counters.clone()));
         Ok(DhtServer {
             local_addr,
+            id,
+            items,
             counters,
             task,
         })
@@ -186,6 +217,16 @@ impl DhtServer {
     /// The address the node listens on.
     pub fn local_addr(&self) -> SocketAddrV4 {
         self.local_addr
+    }
+
+    /// The node's id.
+    pub fn id(&self) -> krpc::Id {
+        self.id
+    }
+
+    /// The node's BEP 44 store: what its `get` answers.
+    pub fn items(&self) -> &node::SharedItems {
+        &self.items
     }
 
     /// What the node did so far.

@@ -5,12 +5,24 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::krpc::{self, Body, DecodeError, Id, Message, Query};
+use super::bep44;
+use super::items::{ItemStore, Signed, StoredValue};
+use super::krpc::{self, Body, DecodeError, Id, Message, Put, Query};
 use super::peers::{PeerStore, Stored, MAX_VALUES};
 use super::ServerCounters;
+
+/// The BEP 44 store, shared with whoever else reads or puts values locally
+/// (a grape's HTTP API).
+pub type SharedItems = Arc<Mutex<ItemStore>>;
+
+/// Locks the item store, whatever a panicking holder left (each of its
+/// operations leaves it consistent).
+pub fn lock_items(items: &SharedItems) -> std::sync::MutexGuard<'_, ItemStore> {
+    items.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// How often the token secret changes (BEP 5: "every five minutes"); a
 /// token stays good until the next change after that, 5-10 minutes.
@@ -98,6 +110,7 @@ pub struct KrpcNode {
     id: Id,
     tokens: Tokens,
     peers: PeerStore,
+    items: SharedItems,
     /// Verified nodes: id → (address, last heard from).
     table: HashMap<Id, (SocketAddrV4, Instant)>,
     pending: HashMap<u16, Pending>,
@@ -108,11 +121,13 @@ pub struct KrpcNode {
 }
 
 impl KrpcNode {
-    /// A node with id `id` whose stored peers live `peer_ttl`, joining
-    /// through `bootstrap` (none: a new DHT).
+    /// A node with id `id` whose stored peers live `peer_ttl`, keeping
+    /// BEP 44 items in `items`, joining through `bootstrap` (none: a new
+    /// DHT).
     pub fn new(
         id: Id,
         peer_ttl: Duration,
+        items: SharedItems,
         bootstrap: Vec<SocketAddrV4>,
         counters: Arc<ServerCounters>,
         now: Instant,
@@ -121,6 +136,7 @@ impl KrpcNode {
             id,
             tokens: Tokens::new(now),
             peers: PeerStore::new(peer_ttl),
+            items,
             table: HashMap::new(),
             pending: HashMap::new(),
             next_tid: rand::random(),
@@ -207,13 +223,57 @@ impl KrpcNode {
                     ..body
                 }
             }
-            Query::Get { target } => {
+            Query::Get { target, seq } => {
                 c.get.fetch_add(1, Relaxed);
-                Body {
+                let body = Body {
                     nodes: Some(krpc::compact_nodes(&self.closest(&target))),
                     token: Some(self.tokens.issue(*from.ip()).to_vec()),
                     ..body
+                };
+                match lock_items(&self.items).get(now, &target) {
+                    None => body,
+                    Some(StoredValue {
+                        value,
+                        signed: None,
+                    }) => Body {
+                        v: Some(value.clone()),
+                        ..body
+                    },
+                    // BEP 44: no newer than the asker's: its seq only.
+                    Some(StoredValue {
+                        signed: Some(signed),
+                        ..
+                    }) if seq.is_some_and(|seq| signed.seq <= seq) => Body {
+                        seq: Some(signed.seq),
+                        ..body
+                    },
+                    Some(StoredValue {
+                        value,
+                        signed: Some(signed),
+                    }) => Body {
+                        v: Some(value.clone()),
+                        k: Some(signed.key),
+                        sig: Some(signed.signature),
+                        seq: Some(signed.seq),
+                        ..body
+                    },
                 }
+            }
+            Query::Put(put) => {
+                c.put.fetch_add(1, Relaxed);
+                if !self.tokens.accepts(*from.ip(), &put.token) {
+                    c.refused_token.fetch_add(1, Relaxed);
+                    return krpc::error(
+                        t,
+                        krpc::PROTOCOL_ERROR,
+                        "bad token; get a fresh one with get",
+                    );
+                }
+                if let Err((code, message)) = self.store(now, *from.ip(), put) {
+                    c.refused_item.fetch_add(1, Relaxed);
+                    return krpc::error(t, code, &message);
+                }
+                body
             }
             Query::AnnouncePeer {
                 info_hash,
@@ -248,6 +308,60 @@ impl KrpcNode {
             }
         };
         krpc::response(t, from, body)
+    }
+
+    /// Checks a `put` (BEP 44: sizes, signature, `seq` and `cas`) and keeps
+    /// its item; the KRPC error code and message when refused.
+    fn store(&mut self, now: Instant, from: Ipv4Addr, put: Put) -> Result<(), (i64, String)> {
+        let Put {
+            v,
+            mutable,
+            cas,
+            salt,
+            ..
+        } = put;
+        if v.len() > bep44::MAX_VALUE_BYTES {
+            return Err((205, "message (v field) too big".into()));
+        }
+        if salt
+            .as_ref()
+            .is_some_and(|s| s.len() > bep44::MAX_SALT_BYTES)
+        {
+            return Err((207, "salt (salt field) too big".into()));
+        }
+        let (target, value) = match mutable {
+            None => (
+                bep44::immutable_key(&v),
+                StoredValue {
+                    value: v,
+                    signed: None,
+                },
+            ),
+            Some(m) => {
+                // BEP 44 puts salt into the target and signature only when
+                // it is not empty.
+                let salt = salt.filter(|s| !s.is_empty());
+                if !bep44::signature_holds(&m.k, &m.sig, m.seq, &v, salt.as_deref()) {
+                    return Err((206, "invalid signature".into()));
+                }
+                (
+                    bep44::mutable_target(&m.k, salt.as_deref()),
+                    StoredValue {
+                        value: v,
+                        signed: Some(Signed {
+                            key: m.k,
+                            signature: m.sig,
+                            seq: m.seq,
+                            salt,
+                        }),
+                    },
+                )
+            }
+        };
+        let mut items = lock_items(&self.items);
+        let stored = items.put(now, target, value, cas, from);
+        self.counters.items.store(items.len() as u64, Relaxed);
+        stored.map_err(|refused| (refused.code(), refused.to_string()))
     }
 
     /// The [`CLOSEST`] table nodes closest to `target` (XOR distance).
@@ -375,6 +489,11 @@ impl KrpcNode {
         let expired = self.peers.sweep(now, SWEEP_BUDGET);
         self.counters.expired.fetch_add(expired as u64, Relaxed);
         self.counters.stored.store(self.peers.len() as u64, Relaxed);
+        let mut items = lock_items(&self.items);
+        let expired = items.sweep(now, SWEEP_BUDGET);
+        self.counters.expired.fetch_add(expired as u64, Relaxed);
+        self.counters.items.store(items.len() as u64, Relaxed);
+        drop(items);
         self.pending
             .retain(|_, p| now.saturating_duration_since(p.sent) < QUERY_TIMEOUT);
         self.table
@@ -406,6 +525,7 @@ mod tests {
         KrpcNode::new(
             [1; 20],
             Duration::from_secs(75),
+            SharedItems::default(),
             vec![],
             Arc::default(),
             now,
@@ -498,6 +618,141 @@ mod tests {
         );
         tokens.rotate_if_due(t0 + 2 * TOKEN_ROTATION);
         assert!(!tokens.accepts(ip, &token));
+    }
+
+    /// Bencoded `key` + byte string `value`.
+    fn bstr(key: &str, value: &[u8]) -> Vec<u8> {
+        let mut out = format!("{}:{key}{}:", key.len(), value.len()).into_bytes();
+        out.extend_from_slice(value);
+        out
+    }
+
+    /// The decoded answer's `r` dictionary.
+    fn answer_body(answer: &[u8]) -> serde_bencode::value::Value {
+        use serde_bencode::value::Value;
+        let Ok(Value::Dict(top)) = serde_bencode::from_bytes::<Value>(answer) else {
+            panic!("not a dictionary: {}", String::from_utf8_lossy(answer));
+        };
+        top.get(&b"r"[..])
+            .cloned()
+            .unwrap_or_else(|| panic!("no r: {}", String::from_utf8_lossy(answer)))
+    }
+
+    fn field<'a>(
+        body: &'a serde_bencode::value::Value,
+        key: &str,
+    ) -> Option<&'a serde_bencode::value::Value> {
+        match body {
+            serde_bencode::value::Value::Dict(d) => d.get(key.as_bytes()),
+            _ => None,
+        }
+    }
+
+    fn bytes_field(body: &serde_bencode::value::Value, key: &str) -> Option<Vec<u8>> {
+        match field(body, key) {
+            Some(serde_bencode::value::Value::Bytes(b)) => Some(b.clone()),
+            _ => None,
+        }
+    }
+
+    fn get_token(n: &mut KrpcNode, now: Instant, from: SocketAddrV4, target: &Id) -> Vec<u8> {
+        let (answer, _) = ask(n, now, from, "get", &bstr("target", target), true);
+        token_of(&answer)
+    }
+
+    #[test]
+    fn an_immutable_item_is_put_with_a_token_and_got_back_by_its_hash() {
+        let now = Instant::now();
+        let mut n = node(now);
+        let host = addr([127, 0, 0, 1], 40000);
+        let target = bep44::immutable_key(b"hello world");
+        let token = get_token(&mut n, now, host, &target);
+        let put = |n: &mut KrpcNode, token: &[u8], v: &[u8]| {
+            let args = [bstr("token", token), bstr("v", v)].concat();
+            ask(n, now, host, "put", &args, true).0
+        };
+        let refused = put(&mut n, b"nope", b"hello world");
+        assert!(refused.starts_with(b"d1:eli203e"), "{refused:?}");
+        let too_big = put(&mut n, &token, &[b'x'; bep44::MAX_VALUE_BYTES + 1]);
+        assert!(too_big.starts_with(b"d1:eli205e"), "{too_big:?}");
+        let ok = put(&mut n, &token, b"hello world");
+        assert!(
+            ok.starts_with(b"d2:ip6:"),
+            "{}",
+            String::from_utf8_lossy(&ok)
+        );
+
+        let (answer, _) = ask(&mut n, now, host, "get", &bstr("target", &target), true);
+        let body = answer_body(&answer);
+        assert_eq!(
+            bytes_field(&body, "v").as_deref(),
+            Some(&b"hello world"[..])
+        );
+        assert!(bytes_field(&body, "k").is_none());
+        // Another target: token and nodes, no value.
+        let (answer, _) = ask(&mut n, now, host, "get", &bstr("target", &[3; 20]), true);
+        let body = answer_body(&answer);
+        assert!(bytes_field(&body, "v").is_none());
+        assert!(bytes_field(&body, "token").is_some());
+    }
+
+    #[test]
+    fn a_mutable_item_needs_its_signature_and_a_newer_seq() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let now = Instant::now();
+        let mut n = node(now);
+        let host = addr([127, 0, 0, 1], 40000);
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let k = key.verifying_key().to_bytes();
+        let target = bep44::mutable_target(&k, Some(b"salt"));
+        let token = get_token(&mut n, now, host, &target);
+        let put = |n: &mut KrpcNode, v: &[u8], seq: i64, sig: [u8; 64], cas: Option<i64>| {
+            let mut args = cas
+                .map(|cas| format!("3:casi{cas}e").into_bytes())
+                .unwrap_or_default();
+            args.extend([bstr("k", &k), bstr("salt", b"salt")].concat());
+            args.extend(format!("3:seqi{seq}e").into_bytes());
+            args.extend([bstr("sig", &sig), bstr("token", &token), bstr("v", v)].concat());
+            let (answer, _) = ask(n, now, host, "put", &args, true);
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        let sign = |v: &[u8], seq| {
+            key.sign(&bep44::signed_bytes(seq, v, Some(b"salt")))
+                .to_bytes()
+        };
+
+        let mut forged = sign(b"v2", 2);
+        forged[0] ^= 1;
+        assert!(put(&mut n, b"v2", 2, forged, None).starts_with("d1:eli206e"));
+        assert!(put(&mut n, b"v2", 2, sign(b"v2", 2), None).starts_with("d2:ip"));
+        let older = put(&mut n, b"v1", 1, sign(b"v1", 1), None);
+        assert!(older.starts_with("d1:eli302e"), "{older}");
+        let cas = put(&mut n, b"v3", 3, sign(b"v3", 3), Some(1));
+        assert!(cas.starts_with("d1:eli301e"), "{cas}");
+
+        let (answer, _) = ask(&mut n, now, host, "get", &bstr("target", &target), true);
+        let body = answer_body(&answer);
+        assert_eq!(bytes_field(&body, "v").as_deref(), Some(&b"v2"[..]));
+        assert_eq!(bytes_field(&body, "k").as_deref(), Some(&k[..]));
+        assert_eq!(
+            bytes_field(&body, "sig").as_deref(),
+            Some(&sign(b"v2", 2)[..])
+        );
+        assert_eq!(
+            field(&body, "seq"),
+            Some(&serde_bencode::value::Value::Int(2))
+        );
+        // The asker already has seq 2: the seq only.
+        let args = [b"3:seqi2e".to_vec(), bstr("target", &target)].concat();
+        let (answer, _) = ask(&mut n, now, host, "get", &args, true);
+        let body = answer_body(&answer);
+        assert!(bytes_field(&body, "v").is_none());
+        assert_eq!(
+            field(&body, "seq"),
+            Some(&serde_bencode::value::Value::Int(2))
+        );
+        assert_eq!(n.counters.refused_item.load(Relaxed), 3);
+        assert_eq!(n.counters.items.load(Relaxed), 1);
     }
 
     #[test]
@@ -742,6 +997,7 @@ mod tests {
         let mut n = KrpcNode::new(
             [1; 20],
             Duration::from_secs(75),
+            SharedItems::default(),
             vec![boot],
             Arc::default(),
             t0,

@@ -1,6 +1,7 @@
-//! BEP 44 values as a Grape puts them: the key of an immutable value, the
-//! target of a mutable one, and the check of a mutable value's signature.
-//! Pure functions; the DHT side is mainline's.
+//! BEP 44 values as a Grape puts them and our DHT nodes store them: the key
+//! of an immutable value, the target of a mutable one, and the check of a
+//! mutable value's signature. Pure functions, used by the server node's
+//! `put` ([`super::node`]) and the grape's HTTP API (`crate::grape::api`).
 //!
 //! Facts from BEP 44 and grenache-grape 1.0.0 (`lib/Grape.js` `put`, via
 //! bittorrent-dht 10.0.0 `client.js` `_put`): a Grape's values are strings,
@@ -9,8 +10,9 @@
 //! target is `sha1(k ‖ salt)`, and its ed25519 signature covers the bencoded
 //! `salt`, `seq` and `v` entries without the dictionary's `d`…`e`.
 
-/// Largest value a Grape accepts: bittorrent-dht refuses `v.length >= 1000`
-/// and mainline's nodes refuse values over 1000 bytes; we count UTF-8 bytes.
+/// Largest value (bytes of `v`'s string) a Grape and our DHT nodes accept:
+/// bittorrent-dht refuses `v.length >= 1000` and mainline's nodes refuse
+/// values over 1000 bytes; a Grape's values count as UTF-8 bytes.
 pub const MAX_VALUE_BYTES: usize = 999;
 /// Longest salt, in bytes (BEP 44).
 pub const MAX_SALT_BYTES: usize = 64;
