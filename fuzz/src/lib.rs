@@ -46,3 +46,26 @@ pub mod nat {
 /// node reads them.
 #[path = "../../host/src/discovery/server/krpc.rs"]
 pub mod krpc;
+
+/// `host/src/units.rs`: hex and the other small units the modules below use.
+#[path = "../../host/src/units.rs"]
+pub mod units;
+
+/// `host/src/discovery/server/bep44.rs`: BEP 44 keys, targets, signatures.
+#[path = "../../host/src/discovery/server/bep44.rs"]
+pub mod bep44;
+
+/// `host/src/discovery/server/items.rs`: BEP 44 items as stored.
+#[path = "../../host/src/discovery/server/items.rs"]
+pub mod items;
+
+pub mod discovery {
+    pub mod server {
+        pub use crate::{bep44, items, krpc};
+    }
+}
+
+/// `host/src/grape/api.rs`: the Grape HTTP API's request bodies and
+/// replies, as `grenache-host grape` reads and writes them.
+#[path = "../../host/src/grape/api.rs"]
+pub mod grape_api;

@@ -90,7 +90,13 @@ enum Task {
 }
 
 /// The fuzz targets (fuzz/fuzz_targets/<name>.rs).
-const FUZZ_TARGETS: [&str; 4] = ["rpc_stream", "utp_packet", "datagram", "krpc_message"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "rpc_stream",
+    "utp_packet",
+    "datagram",
+    "krpc_message",
+    "grape_body",
+];
 /// How long `cargo xtask fuzz` runs each target by default.
 const FUZZ_SECONDS: u64 = 60;
 
