@@ -427,3 +427,93 @@ fn ipv6_addresses_and_unresolvable_bootstrap_names_are_refused_with_the_reason()
         r.stderr
     );
 }
+
+#[test]
+fn a_host_keeps_one_identity_and_shows_it_in_its_log_status_and_id() {
+    use std::os::unix::fs::PermissionsExt;
+    let fib = plugin("fibonacci");
+    let fib = fib.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let control = dir.path().join("control.sock");
+    let control = control.to_str().unwrap();
+
+    // `id` creates the identity, owner-only, and prints its public key.
+    let id = shown(host(&["id", "--state-dir", state]));
+    assert_eq!(id.code, 0, "{}", id.stderr);
+    let key = id.stdout.trim().to_string();
+    assert_eq!(key.len(), 64, "{key}");
+    assert!(
+        id.stderr.contains("created a new identity"),
+        "{}",
+        id.stderr
+    );
+    let file = dir.path().join("state/identity.key");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // `run` on the same state directory is that host, twice.
+    let run = |name| {
+        let args = [
+            "run",
+            fib,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state,
+            "--control",
+            control,
+        ];
+        let serving = HostProcess::spawn(name, &args);
+        serving.wait_for(&format!("identity {key}"), SOON);
+        serving.wait_for("control socket", SOON);
+        serving
+    };
+    let mut first = run("host");
+    let status = shown(host(&["status", "--control", control]));
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["host"]["identity"], key.as_str(), "{status}");
+    assert_eq!(first.terminate(SOON), Some(0));
+    let mut again = run("restarted host");
+    assert_eq!(again.terminate(SOON), Some(0));
+    assert_eq!(
+        shown(host(&["id", "--state-dir", state])).stdout.trim(),
+        key
+    );
+
+    // --identity takes a key from `keygen`: its public key names the host.
+    let prefix = dir.path().join("ops");
+    assert_eq!(
+        host(&["keygen", "--out", prefix.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let secret = dir.path().join("ops.secret");
+    let public = std::fs::read_to_string(dir.path().join("ops.pub")).unwrap();
+    let shown_key = shown(host(&["id", "--identity", secret.to_str().unwrap()]));
+    assert_eq!(
+        public.trim().strip_prefix("ed25519-public ").unwrap(),
+        shown_key.stdout.trim()
+    );
+
+    // A key file others can read is refused, naming the fix, never the key.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = shown(host(&[
+        "run",
+        fib,
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "off",
+        "--identity",
+        secret.to_str().unwrap(),
+    ]));
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("chmod 600"), "{}", refused.stderr);
+    let seed = std::fs::read_to_string(&secret).unwrap();
+    let seed = seed.trim().rsplit(' ').next().unwrap();
+    assert!(!refused.stderr.contains(seed), "{}", refused.stderr);
+}

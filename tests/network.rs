@@ -498,6 +498,9 @@ fn a_node_that_shuts_down_stops_serving() {
             max_message: 1 << 20,
             nat: NatConfig::default(),
             policies: Default::default(),
+            identity: std::sync::Arc::new(grenache_host::node::identity::Identity::from_key(
+                ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+            )),
         };
         let node = Node::start(config, Runtime::new(Limits::default()).unwrap())
             .await

@@ -35,6 +35,30 @@ pub async fn control(socket: Option<PathBuf>, request: ControlRequest) -> ExitCo
     }
 }
 
+/// `grenache-host id`: prints the host's public key, creating the identity
+/// (and saying so on stderr) if there is none.
+pub fn id(identity: Option<&Path>, state_dir: Option<&Path>) -> ExitCode {
+    let state_dir = state_dir
+        .map(Path::to_path_buf)
+        .or_else(crate::node::default_state_dir);
+    let Some(path) = identity
+        .map(Path::to_path_buf)
+        .or_else(|| state_dir.map(|d| d.join(crate::node::identity::FILE_NAME)))
+    else {
+        return usage_error(crate::node::identity::IdentityError::NoPlace.to_string());
+    };
+    match crate::node::identity::Identity::load_or_create(&path) {
+        Ok((identity, created)) => {
+            if created {
+                eprintln!("created a new identity in {}", path.display());
+            }
+            print_line(format_args!("{}", identity.public_hex()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => usage_error(format!("cannot use the host's identity: {e}")),
+    }
+}
+
 /// `grenache-host keygen`.
 pub fn keygen(out: &Path) -> ExitCode {
     let (secret, public) = signing::generate();

@@ -170,6 +170,12 @@ pub enum Command {
         /// Created (owner-only) when a plugin that uses state loads.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// The host's identity: an Ed25519 secret key file (owner-only, as
+        /// `keygen` writes them). Its public key names the host in the log,
+        /// `status` and `grenache-host id`. Default: identity.key in the
+        /// state directory, created at the first start.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
         /// Plugin instances alive at once across all plugins: each request
         /// runs in one, and a request beyond them fails. The host reserves
         /// about 8 GiB of address space (not memory) per instance when it
@@ -258,6 +264,20 @@ pub enum Command {
         /// Path prefix of the two key files.
         #[arg(long, default_value = "grenache-plugin-key", value_name = "PREFIX")]
         out: PathBuf,
+    },
+    /// Print the host's identity: the public key (64 hex digits) that names
+    /// it in `run`'s log and `status`. Creates the identity if there is none
+    /// yet, as `run` would.
+    ///
+    /// Example: grenache-host id
+    Id {
+        /// The identity file, as `run --identity` takes it.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// The state directory, as `run --state-dir` takes it (the identity
+        /// is identity.key there).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Sign a plugin: writes the detached signature PLUGIN.sig next to it,
     /// which `run --trusted-key` checks at load.

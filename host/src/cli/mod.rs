@@ -158,9 +158,15 @@ async fn dispatch(command: Command) -> ExitCode {
             metrics,
             config,
             state_dir,
+            identity,
             max_instances,
             limits,
         } => {
+            let state_dir = state_dir.or_else(crate::node::default_state_dir);
+            let identity = match run::load_identity(identity.as_deref(), state_dir.as_deref()) {
+                Ok(identity) => Arc::new(identity),
+                Err(code) => return code,
+            };
             let names: Vec<String> = plugins
                 .iter()
                 .map(|p| crate::plugin::plugin_name(p))
@@ -185,6 +191,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 nat,
                 max_message: usize::try_from(max_payload).unwrap_or(usize::MAX),
                 policies: Arc::new(policies),
+                identity,
             };
             let options = run::RunOptions {
                 trusted_keys: trusted_key,
@@ -195,7 +202,7 @@ async fn dispatch(command: Command) -> ExitCode {
                     Some(path) => run::ControlSocket::At(path.into()),
                 },
                 metrics,
-                state_dir: state_dir.or_else(crate::node::default_state_dir),
+                state_dir,
                 max_instances,
             };
             run::run(config, options).await
@@ -239,6 +246,10 @@ async fn dispatch(command: Command) -> ExitCode {
             local::compile(&plugin, &out, target.as_deref(), limits.limits()).await
         }
         Command::Keygen { out } => admin::keygen(&out),
+        Command::Id {
+            identity,
+            state_dir,
+        } => admin::id(identity.as_deref(), state_dir.as_deref()),
         Command::Sign { plugin, key } => admin::sign(&plugin, &key),
         Command::Dht {
             listen,

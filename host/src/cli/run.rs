@@ -14,6 +14,7 @@ use crate::discovery::server::{DhtServer, ServerConfig};
 use crate::discovery::DiscoveryConfig;
 use crate::nat::IntroducerAddr;
 use crate::node::control::BindError;
+use crate::node::identity::{Identity, IdentityError};
 use crate::node::{Node, NodeConfig};
 use crate::plugin::policy::Limits;
 use crate::plugin::signing::TrustedKey;
@@ -81,6 +82,41 @@ pub struct RunOptions {
     pub max_instances: u32,
 }
 
+/// The host's identity: `--identity FILE`, else `identity.key` in the
+/// state directory, created if missing (see [`Identity`]); without either,
+/// a new one for this run only, with a warning. An unusable file stops the
+/// host (exit 2) with what to do.
+pub fn load_identity(
+    explicit: Option<&std::path::Path>,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Identity, ExitCode> {
+    let for_this_run = |why: &str| {
+        tracing::warn!(
+            "{why}: the host uses a new identity for this run only; pass --identity FILE or --state-dir DIR to keep one"
+        );
+        Identity::from_key(ed25519_dalek::SigningKey::from_bytes(&rand::random()))
+    };
+    let path = match (explicit, state_dir) {
+        (Some(path), _) => path.to_path_buf(),
+        (None, Some(dir)) => dir.join(crate::node::identity::FILE_NAME),
+        (None, None) => return Ok(for_this_run("no state directory")),
+    };
+    match Identity::load_or_create(&path) {
+        Ok((identity, created)) => {
+            if created {
+                tracing::info!("created the host's identity in {}", path.display());
+            }
+            Ok(identity)
+        }
+        // The default place cannot be written (a read-only home, say):
+        // serving matters more than a lasting identity.
+        Err(e @ IdentityError::Unusable { .. }) if explicit.is_none() && !path.exists() => Ok(
+            for_this_run(&format!("cannot keep the host's identity: {e}")),
+        ),
+        Err(e) => Err(usage_error(format!("cannot use the host's identity: {e}"))),
+    }
+}
+
 /// Where `run` serves its control socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlSocket {
@@ -98,8 +134,11 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// `grenache-host run`: serves until Ctrl-C or SIGTERM, then stops every
 /// task of the node.
+///
+/// Logs the host's identity (its public key) first.
 pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
     let mut signals = Signals::catch();
+    tracing::info!("identity {}", config.identity.public_hex());
     let RunOptions {
         trusted_keys,
         watch,

@@ -14,6 +14,7 @@
 //! - [`metrics`]: the Prometheus endpoint of `run --metrics`.
 
 pub mod control;
+pub mod identity;
 pub mod metrics;
 mod network;
 
@@ -55,6 +56,8 @@ pub struct NodeConfig {
     pub nat: NatConfig,
     /// Per-plugin policy (`--config` and command-line overrides).
     pub policies: Arc<crate::plugin::policy::Policies>,
+    /// The host's long-lived key pair ([`identity`]).
+    pub identity: Arc<identity::Identity>,
 }
 
 /// The client side shared by `run`, `call` and `bench`: the socket,
@@ -178,6 +181,8 @@ pub struct Node {
     first_announce: Option<tokio::sync::oneshot::Receiver<AnnounceRound>>,
     /// The control socket's file, removed when the node stops.
     control_file: Option<control::SocketFile>,
+    /// The host's key pair.
+    pub identity: Arc<identity::Identity>,
 }
 
 /// How a round of announces went.
@@ -202,6 +207,7 @@ impl Node {
     /// Starts everything; returns once the socket is bound and the plugins
     /// are loaded (announcing and punching carry on in the background).
     pub async fn start(config: NodeConfig, runtime: Runtime) -> anyhow::Result<Node> {
+        let identity = config.identity.clone();
         let ClientParts {
             endpoint,
             discovery,
@@ -313,6 +319,7 @@ impl Node {
             announcing,
             first_announce: Some(first_announce),
             control_file: None,
+            identity,
         })
     }
 
@@ -332,6 +339,7 @@ impl Node {
         let host = serde_json::json!({
             "pid": std::process::id(),
             "rpc": self.endpoint.local_addr().to_string(),
+            "identity": self.identity.public_hex(),
             "version": env!("CARGO_PKG_VERSION"),
         });
         self.tasks

@@ -190,18 +190,25 @@ pub fn parse_trusted_key(text: &str) -> Result<TrustedKey, String> {
         .map_err(|e| format!("{shown} is not a valid Ed25519 public key: {e}"))
 }
 
-/// The signature file's text for `content`, signed with the secret key whose
-/// file text is `secret` (`name` is that file's name, for unlabelled keys).
-/// A public key is refused; errors never contain the key's text.
-pub fn sign(content: &[u8], secret: &str, name: &str) -> Result<String, String> {
+/// The key in a secret key file's text (`name` is the file's name, for
+/// unlabelled keys). A public key is refused; errors never contain the
+/// key's text.
+pub fn parse_secret_key(secret: &str, name: &str) -> Result<SigningKey, String> {
     let (kind, hex) = read_key_text(secret, name);
     if kind == Some(KeyKind::Public) {
-        return Err("is a public key: sign with the secret key (the .secret file `grenache-host keygen` wrote)".into());
+        return Err("is a public key; a secret key is needed here (the .secret file `grenache-host keygen` wrote)".into());
     }
     let seed = from_hex::<32>(hex).map_err(|e| {
         format!("not a secret key ({e}); pass the .secret file `grenache-host keygen` wrote")
     })?;
-    let key = SigningKey::from_bytes(&seed);
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// The signature file's text for `content`, signed with the secret key whose
+/// file text is `secret` (`name` is that file's name, for unlabelled keys).
+/// A public key is refused; errors never contain the key's text.
+pub fn sign(content: &[u8], secret: &str, name: &str) -> Result<String, String> {
+    let key = parse_secret_key(secret, name)?;
     let signature = key.sign(content);
     Ok(format!(
         "ed25519 {} {}\n",
