@@ -89,9 +89,12 @@ fn an_impostor_on_the_same_machine_cannot_take_a_hosts_introductions() {
         &["--behind-nat", LOG_REQUESTS[0], LOG_REQUESTS[1]],
     );
     worker.wait_for("the introducer sees this host at", SOON);
+    let worker_key = worker.wait_for("identity ", SOON);
+    let worker_key = worker_key.rsplit(' ').next().unwrap().to_string();
     // The impostor, on the same IP, proves its own address and then claims
     // the worker's RPC port, which the DHT announces and introductions
-    // match on.
+    // match on: under a key of its own, and under the worker's key, which
+    // it cannot sign for.
     let impostor = UdpSocket::bind("127.0.0.1:0").unwrap();
     impostor.connect(introducer).unwrap();
     impostor
@@ -105,10 +108,12 @@ fn an_impostor_on_the_same_machine_cannot_take_a_hosts_introductions() {
         .find(|(_, j)| j["type"] == "observed")
         .map(|(_, j)| j["cookie"].as_str().unwrap().to_string())
         .expect("the probe is answered with a cookie");
+    let own_key = "ab".repeat(32);
     let claim = |id: u64| {
+        let key = if id % 2 == 0 { &own_key } else { &worker_key };
         let register = serde_json::json!({
             "type": "register", "id": id, "port": worker_port,
-            "nat": "open", "cookie": cookie, "key": "impostor"
+            "nat": "open", "cookie": cookie, "key": key, "sig": "cd".repeat(64)
         });
         impostor.send(&datagram(&register, 320)).unwrap();
     };

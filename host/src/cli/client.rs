@@ -74,9 +74,15 @@ async fn client(config: &ClientConfig) -> Result<ClientParts, ExitCode> {
         introducer: config.introducer,
         ..NatConfig::default()
     };
-    let parts = ClientParts::start(config.listen, &config.discovery, DEFAULT_MAX_MESSAGE, &nat)
-        .await
-        .map_err(|e| usage_error(format!("{e:#}")))?;
+    let parts = ClientParts::start(
+        config.listen,
+        &config.discovery,
+        DEFAULT_MAX_MESSAGE,
+        &nat,
+        None,
+    )
+    .await
+    .map_err(|e| usage_error(format!("{e:#}")))?;
     // No waiting for the join to finish (it lasts until every node found has
     // answered or timed out): a lookup starts from the bootstrap nodes, and
     // waits for the join only if that finds nothing.

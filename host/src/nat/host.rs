@@ -190,9 +190,13 @@ pub struct HostIntroductions {
     cookie: String,
     /// The cookie the last registration carried, and its id.
     registered_with: (u64, String),
-    /// This run's secret: binds our registration to us; punch requests
-    /// must carry it back.
-    key: String,
+    /// The cookies our last two registrations carried (the latest first):
+    /// a punch request must carry one back, and only the introducer and we
+    /// know them.
+    registered_cookies: [String; 2],
+    /// The key our registrations are signed with (the host's identity;
+    /// one for this run only unless [`HostIntroductions::with_identity`]).
+    identity: ed25519_dalek::SigningKey,
     /// The punch requests acted on ([`PUNCH_REQUESTS_PER_SECOND`]).
     punch_requests: crate::units::TokenBucket,
     intros: HashMap<u64, PendingIntro>,
@@ -227,7 +231,8 @@ impl HostIntroductions {
             next_register: now,
             cookie: String::new(),
             registered_with: (0, String::new()),
-            key: crate::units::hex(&rand::random::<[u8; 16]>()),
+            registered_cookies: Default::default(),
+            identity: ed25519_dalek::SigningKey::from_bytes(&rand::random()),
             punch_requests: crate::units::TokenBucket::new(
                 now,
                 PUNCH_REQUESTS_PER_SECOND,
@@ -238,6 +243,13 @@ impl HostIntroductions {
             paths: HashMap::new(),
             next_id: probe_id + 1,
         }
+    }
+
+    /// Registers under `identity` (the host's long-lived key) instead of a
+    /// key made for this run.
+    pub fn with_identity(mut self, identity: ed25519_dalek::SigningKey) -> Self {
+        self.identity = identity;
+        self
     }
 
     /// Whether this host registers with the introducer (serves behind a NAT).
@@ -350,12 +362,19 @@ impl HostIntroductions {
             self.next_register = now + REGISTER_INTERVAL;
             let id = self.id();
             self.registered_with = (id, self.cookie.clone());
+            if self.registered_cookies[0] != self.cookie {
+                self.registered_cookies[1] =
+                    std::mem::replace(&mut self.registered_cookies[0], self.cookie.clone());
+            }
+            use ed25519_dalek::Signer;
+            let signed = super::wire::registration_signed_bytes(&self.cookie, self.port);
             let message = Message::Register {
                 id,
                 port: self.port,
                 nat: self.nat,
                 cookie: self.cookie.clone(),
-                key: self.key.clone(),
+                key: crate::units::hex(self.identity.verifying_key().as_bytes()),
+                sig: crate::units::hex(&self.identity.sign(&signed).to_bytes()),
             };
             out.push(Action::Send {
                 to: introducer.main,
@@ -562,8 +581,13 @@ impl HostIntroductions {
                 out.extend(self.poll(now));
                 out
             }
-            // Only the introducer knows our key: anything else is forged.
-            Message::PunchRequest { key, .. } if key != self.key => vec![],
+            // Only the introducer and we know our registration's cookie:
+            // anything else is forged.
+            Message::PunchRequest { cookie, .. }
+                if cookie.is_empty() || !self.registered_cookies.contains(&cookie) =>
+            {
+                vec![]
+            }
             // Over the rate: dropped unacknowledged (the introducer re-sends
             // a real one at our next registration, for a while).
             Message::PunchRequest { .. } if !self.punch_requests.take(now) => vec![],

@@ -18,10 +18,14 @@
 //!   secret) of the address it went to. `register` and `introduce` must echo
 //!   a valid cookie for their source, which proves the sender receives
 //!   there; without one they get only a fresh cookie (if padded enough).
-//! - A registration is bound to its host's per-run `key`: another sender
-//!   (the same NAT, a carrier-grade NAT, the same machine) cannot take over
-//!   the public IP and port it claims while it is alive, and punch requests
-//!   carry the key so the host can tell them from forgeries.
+//! - A registration is bound to its host's identity: `key` is its Ed25519
+//!   public key and `sig` its signature over the cookie and port
+//!   ([`super::wire::registration_signed_bytes`]), checked (strict
+//!   verification, at most [`SIGNATURE_CHECKS_PER_SECOND`] per source IP).
+//!   Another sender (the same NAT, a carrier-grade NAT, the same machine)
+//!   can neither register under that key nor take over the public IP and
+//!   port a live host claims, and punch requests carry the cookie of the
+//!   host's registration so the host can tell them from forgeries.
 //! - Introductions are rate-limited per source IP and punch requests per
 //!   target; the registration table is bounded per IP and in all, and when
 //!   full evicts the registration that would expire first.
@@ -75,8 +79,12 @@ pub const PUNCH_REQUEST_PER_CALLER_BURST: u32 = 5;
 /// recently used is forgotten first.
 const MAX_BUCKETS: usize = 4_096;
 
-/// The longest registration key kept (our hosts send 32 hex digits).
-const MAX_KEY_LEN: usize = 64;
+/// Registration signatures checked per second per source IP, and at once:
+/// a host registers every 4 s, many hosts may share a carrier-grade NAT's
+/// IP, and a check costs tens of microseconds.
+pub const SIGNATURE_CHECKS_PER_SECOND: u32 = 100;
+/// See [`SIGNATURE_CHECKS_PER_SECOND`].
+pub const SIGNATURE_CHECK_BURST: u32 = 200;
 /// Bytes of a cookie (128 bits of HMAC-SHA-256).
 pub const COOKIE_BYTES: usize = 16;
 
@@ -92,6 +100,8 @@ pub struct IntroducerStats {
     /// Registrations refused: the address is claimed by another live host,
     /// or the table (or the sender's IP's share) is full.
     pub refused_registrations: u64,
+    /// Registrations whose key or signature did not hold.
+    pub bad_signatures: u64,
     /// Introductions and punch requests over their rate.
     pub rate_limited: u64,
 }
@@ -126,8 +136,13 @@ struct Registration {
     port: u16,
     nat: NatKind,
     expires: Instant,
-    /// The host's per-run secret, sent back in punch requests.
+    /// The host's identity (Ed25519 public key, hex).
     key: String,
+    /// The cookie and signature of its accepted registration: the cookie
+    /// goes back in punch requests; a registration repeating both needs no
+    /// new check.
+    cookie: String,
+    sig: String,
 }
 
 /// The registered hosts, indexed so that every operation is O(log n): by
@@ -245,6 +260,8 @@ pub struct Introducer {
     punch_requests: TokenBuckets<SocketAddr>,
     /// Punch requests sent, per registered host and caller IP.
     punch_requests_by_caller: TokenBuckets<(SocketAddr, std::net::IpAddr)>,
+    /// Registration signatures checked, per source IP.
+    signature_checks: TokenBuckets<std::net::IpAddr>,
     stats: IntroducerStats,
 }
 
@@ -276,6 +293,11 @@ impl Introducer {
             punch_requests_by_caller: TokenBuckets::new(
                 PUNCH_REQUESTS_PER_CALLER_PER_SECOND,
                 PUNCH_REQUEST_PER_CALLER_BURST,
+                MAX_BUCKETS,
+            ),
+            signature_checks: TokenBuckets::new(
+                SIGNATURE_CHECKS_PER_SECOND,
+                SIGNATURE_CHECK_BURST,
                 MAX_BUCKETS,
             ),
             stats: IntroducerStats::default(),
@@ -346,11 +368,6 @@ impl Introducer {
     /// and takes it from a sender that merely declared it (a squatter on
     /// the same IP that registered first, or during a restart).
     fn may_register(&mut self, from: SocketAddr, port: u16, key: &str) -> bool {
-        // Our hosts send 32 hex digits; the key is stored and sent back in
-        // every punch request, so it is bounded.
-        if key.is_empty() || key.len() > MAX_KEY_LEN {
-            return false;
-        }
         if self.hosts.get(&from).is_some_and(|r| r.key != key) {
             return false;
         }
@@ -440,8 +457,26 @@ impl Introducer {
                 within(vec![reply(observed(id))], &mut self.stats)
             }
             Message::Register {
-                id, port, nat, key, ..
+                id,
+                port,
+                nat,
+                key,
+                cookie,
+                sig,
             } => {
+                let repeated = self.hosts.get(&from).is_some_and(|r| {
+                    r.key == key && r.cookie == cookie && r.sig == sig && r.port == port
+                });
+                if !repeated {
+                    if !self.signature_checks.take(from.ip(), now) {
+                        self.stats.rate_limited += 1;
+                        return vec![];
+                    }
+                    if !signature_holds(&key, &sig, &cookie, port) {
+                        self.stats.bad_signatures += 1;
+                        return vec![];
+                    }
+                }
                 if !self.may_register(from, port, &key) {
                     self.stats.refused_registrations += 1;
                     return vec![]; // The host retries at its next registration.
@@ -455,6 +490,8 @@ impl Introducer {
                         nat,
                         expires: now + REGISTRATION_TTL,
                         key,
+                        cookie,
+                        sig,
                     },
                 );
                 let mut out = vec![reply(observed(id))];
@@ -490,11 +527,11 @@ impl Introducer {
                     Some((addr, r)) => Outcome::Peer { addr, nat: r.nat },
                 };
                 let peer_addr = match (&outcome, found) {
-                    (Outcome::Peer { addr, .. }, Some((_, r))) => Some((*addr, r.key.clone())),
+                    (Outcome::Peer { addr, .. }, Some((_, r))) => Some((*addr, r.cookie.clone())),
                     _ => None,
                 };
                 let mut out = vec![reply(Message::Introduced { id, outcome })];
-                if let Some((addr, key)) = peer_addr {
+                if let Some((addr, cookie)) = peer_addr {
                     let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
                     if !caller_may || !self.punch_requests.take(addr, now) {
                         // The caller hears where the peer is; the peer is
@@ -505,7 +542,7 @@ impl Introducer {
                     let ask = Message::PunchRequest {
                         peer: from,
                         nat,
-                        key,
+                        cookie,
                     };
                     self.pending
                         .retain(|(to, _, m)| !(*to == addr && *m == ask));
@@ -542,6 +579,23 @@ impl Introducer {
             | Message::PunchRequest { .. } => vec![],
         }
     }
+}
+
+/// Whether `sig` (128 hex digits) is `key`'s (64 hex digits, an Ed25519
+/// public key) signature over the registration of `port` with `cookie`
+/// (strict verification: no small-order keys, no malleable signatures).
+fn signature_holds(key: &str, sig: &str, cookie: &str, port: u16) -> bool {
+    let key = crate::units::from_hex(key).and_then(|k| <[u8; 32]>::try_from(k).ok());
+    let sig = crate::units::from_hex(sig).and_then(|s| <[u8; 64]>::try_from(s).ok());
+    let (Some(key), Some(sig)) = (key, sig) else {
+        return false;
+    };
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
+        return false;
+    };
+    let signed = super::wire::registration_signed_bytes(cookie, port);
+    key.verify_strict(&signed, &ed25519_dalek::Signature::from_bytes(&sig))
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -583,13 +637,27 @@ mod tests {
         send(introducer, now, from, make(cookie))
     }
 
-    fn register(cookie: String, key: &str, port: u16) -> Message {
+    /// The key pair of the host called `name` in a test.
+    fn signer(name: &str) -> ed25519_dalek::SigningKey {
+        let mut seed = [0u8; 32];
+        for (i, b) in name.bytes().enumerate() {
+            seed[i % 32] ^= b;
+        }
+        ed25519_dalek::SigningKey::from_bytes(&seed)
+    }
+
+    /// A registration of `port` by the host called `name`, signed by it.
+    fn register(cookie: String, name: &str, port: u16) -> Message {
+        use ed25519_dalek::Signer;
+        let key = signer(name);
+        let signed = super::super::wire::registration_signed_bytes(&cookie, port);
         Message::Register {
             id: 1,
             port,
             nat: NatKind::PortRestricted,
+            key: crate::units::hex(key.verifying_key().as_bytes()),
+            sig: crate::units::hex(&key.sign(&signed).to_bytes()),
             cookie,
-            key: key.into(),
         }
     }
 
@@ -647,12 +715,12 @@ mod tests {
         assert_eq!(introducer.registered(), 0);
         assert_eq!(introducer.stats().challenged, 2);
         // The real host registers with its own cookie.
-        let cookie = introducer.cookie(host);
+        let host_cookie = introducer.cookie(host);
         send(
             &mut introducer,
             now,
             host,
-            register(cookie, "hostkey", 5000),
+            register(host_cookie.clone(), "hostkey", 5000),
         );
         assert_eq!(introducer.registered(), 1);
         // A spoofed introduction (from the victim) makes nobody punch.
@@ -663,7 +731,8 @@ mod tests {
                 .all(|o| !matches!(o.message, Message::PunchRequest { .. })),
             "{out:?}"
         );
-        // A verified caller gets its punch request, carrying the host's key.
+        // A verified caller gets its punch request, carrying the cookie of
+        // the host's registration.
         let caller = SocketAddr::new(ip(203, 0, 113, 7), 6000);
         let cookie = introducer.cookie(caller);
         let out = send(&mut introducer, now, caller, introduce(cookie, peer));
@@ -672,7 +741,7 @@ mod tests {
                 == Message::PunchRequest {
                     peer: caller,
                     nat: NatKind::PortRestricted,
-                    key: "hostkey".into()
+                    cookie: host_cookie.clone()
                 }));
     }
 
@@ -697,11 +766,69 @@ mod tests {
                 !out.is_empty() && bytes <= size,
                 "{bytes} > {size}: {out:?}"
             );
-            // Unpadded: nothing at all.
+            // Unpadded: nothing, unless the datagram is as long as the
+            // answer anyway (a signed registration is).
             let bare = super::super::wire::encode(&message).len();
             let out = introducer.on_message(now, Port::Main, from, message, bare);
-            assert!(out.is_empty(), "{out:?}");
+            let bytes: usize = out
+                .iter()
+                .map(|o| super::super::wire::encode(&o.message).len())
+                .sum();
+            assert!(bytes <= bare, "{bytes} > {bare}: {out:?}");
         }
+    }
+
+    #[test]
+    fn only_the_holder_of_a_key_registers_under_it_and_only_from_its_address() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        let host = SocketAddr::new(ip(198, 51, 100, 2), 40001);
+        let thief = SocketAddr::new(ip(203, 0, 113, 9), 40009);
+        // The host's registration, as sent: replayed from the thief's
+        // address (with the thief's own cookie it no longer matches).
+        let theirs = register(introducer.cookie(host), "victim", 5000);
+        let Message::Register { key, sig, .. } = theirs.clone() else {
+            unreachable!()
+        };
+        let replay = Message::Register {
+            id: 7,
+            port: 5000,
+            nat: NatKind::Open,
+            cookie: introducer.cookie(thief),
+            key: key.clone(),
+            sig: sig.clone(),
+        };
+        send(&mut introducer, now, thief, replay);
+        // The victim's key with the thief's own signature.
+        let Message::Register { sig: own, .. } = register(introducer.cookie(thief), "thief", 5000)
+        else {
+            unreachable!()
+        };
+        let forged = Message::Register {
+            id: 8,
+            port: 5000,
+            nat: NatKind::Open,
+            cookie: introducer.cookie(thief),
+            key: key.clone(),
+            sig: own,
+        };
+        send(&mut introducer, now, thief, forged);
+        // Not hex, or too short.
+        for (key, sig) in [("zz", "zz"), (&key[..10], &sig[..10])] {
+            let bad = Message::Register {
+                id: 9,
+                port: 5000,
+                nat: NatKind::Open,
+                cookie: introducer.cookie(thief),
+                key: key.into(),
+                sig: sig.into(),
+            };
+            send(&mut introducer, now, thief, bad);
+        }
+        assert_eq!(introducer.registered(), 0);
+        assert_eq!(introducer.stats().bad_signatures, 4);
+        send(&mut introducer, now, host, theirs);
+        assert_eq!(introducer.registered(), 1);
     }
 
     #[test]

@@ -527,17 +527,17 @@ fn an_unanswered_handshake_sends_only_a_handful_of_punches() {
 }
 
 #[test]
-fn a_punch_request_without_the_hosts_key_is_ignored() {
+fn a_punch_request_without_the_hosts_registration_cookie_is_ignored() {
     let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(500, &[]);
     let victim: SocketAddr = "192.0.2.9:80".parse().unwrap();
     let now = sim.now;
     // Spoofed from the introducer's address, as an off-path attacker can.
-    for key in ["", "00112233445566778899aabbccddeeff"] {
+    for cookie in ["", "00112233445566778899aabbccddeeff"] {
         let forged = Message::PunchRequest {
             peer: victim,
             nat: NatKind::PortRestricted,
-            key: key.into(),
+            cookie: cookie.into(),
         };
         let actions = sim.hosts[1]
             .state

@@ -37,10 +37,14 @@ pub enum Outcome {
 /// A `cookie` is the introducer's proof that a host receives at the address
 /// it sends from (return routability, as QUIC's Retry token or DTLS's
 /// cookie): a keyed hash of that address, handed out in `observed`, which
-/// `register` and `introduce` must echo. A `key` is the registering host's
-/// per-run random secret (32 hex digits): it binds a registration to that
-/// host, and the introducer's `punch-request`s carry it back so the host
-/// knows they are real.
+/// `register` and `introduce` must echo. A registration's `key` is the
+/// host's identity (its Ed25519 public key, 64 hex digits) and `sig` its
+/// signature over [`registration_signed_bytes`] (the cookie and the port):
+/// only that host can register under its key, and no one can replay a
+/// registration from another address (the cookie names the address). The
+/// introducer's `punch-request`s carry back the cookie of the host's
+/// registration, which only the host and the introducer know, so the host
+/// can tell them from forgeries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Message {
@@ -53,8 +57,12 @@ pub enum Message {
         nat: NatKind,
         #[serde(default)]
         cookie: String,
+        /// The host's Ed25519 public key, 64 hex digits.
         #[serde(default)]
         key: String,
+        /// Its signature over [`registration_signed_bytes`], 128 hex digits.
+        #[serde(default)]
+        sig: String,
     },
     /// Host → introducer: introduce me to `peer` (as announced on the DHT).
     Introduce {
@@ -81,8 +89,9 @@ pub enum Message {
     PunchRequest {
         peer: SocketAddr,
         nat: NatKind,
+        /// The cookie the host's registration carried.
         #[serde(default)]
-        key: String,
+        cookie: String,
     },
     /// Host → introducer: got the punch request for `peer`; do not re-send it.
     PunchAck { peer: SocketAddr },
@@ -103,6 +112,16 @@ impl Message {
             Message::PunchAck { .. } => "punch-ack",
         }
     }
+}
+
+/// What a registration's signature covers: a fixed context, the cookie
+/// (which names the host's observed address) and the local RPC port, big
+/// endian.
+pub fn registration_signed_bytes(cookie: &str, port: u16) -> Vec<u8> {
+    let mut bytes = b"grenache-host register v1\0".to_vec();
+    bytes.extend_from_slice(cookie.as_bytes());
+    bytes.extend_from_slice(&port.to_be_bytes());
+    bytes
 }
 
 /// What a host pads each of its datagrams to the introducer to: at least

@@ -77,12 +77,13 @@ impl ClientParts {
     /// Binds the socket at `listen`, starts discovery (a DHT node binds the
     /// same IP), and starts introductions as `nat` says (a host behind a NAT
     /// registers with the introducer so that callers can be introduced to
-    /// it).
+    /// it, under `identity` if given, else a key made for this run).
     pub async fn start(
         listen: SocketAddr,
         discovery: &DiscoveryConfig,
         max_message: usize,
         nat: &NatConfig,
+        identity: Option<&identity::Identity>,
     ) -> anyhow::Result<Self> {
         let (endpoint, introductions) = Endpoint::bind(listen).await?;
         let dht_ip = match listen.ip() {
@@ -90,7 +91,10 @@ impl ClientParts {
             IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         };
         let discovery = discovery.start(dht_ip)?;
-        let state = HostIntroductions::new(Instant::now(), nat, endpoint.local_addr().port());
+        let mut state = HostIntroductions::new(Instant::now(), nat, endpoint.local_addr().port());
+        if let Some(identity) = identity {
+            state = state.with_identity(identity.signing_key().clone());
+        }
         let mut tasks = JoinSet::new();
         let handle =
             crate::nat::host_driver::spawn(endpoint.clone(), introductions, state, &mut tasks);
@@ -218,6 +222,7 @@ impl Node {
             &config.discovery,
             config.max_message,
             &config.nat,
+            Some(&identity),
         )
         .await?;
         let punches = endpoint.punches();
