@@ -421,7 +421,7 @@ fn ipv6_addresses_and_unresolvable_bootstrap_names_are_refused_with_the_reason()
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
         r.stderr
-            .contains("--bootstrap nosuchhost.invalid:20001: cannot resolve it")
+            .contains("bootstrap node nosuchhost.invalid:20001: cannot resolve it")
             && r.stderr.contains("HOST:PORT"),
         "{}",
         r.stderr

@@ -372,3 +372,58 @@ fn a_signed_mutable_value_is_checked_and_got_back() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn a_grape_without_b_lists_an_announce_only_under_its_callers_address() {
+    // Without -b, the first grape reaches its own DHT node at the address
+    // that routes outwards (not loopback, on a machine with a network):
+    // what its query node announces there must not become a second,
+    // unreachable address of the service.
+    let first = common::HostProcess::spawn(
+        "grape without -b",
+        &[
+            "grape",
+            "--dp",
+            "0",
+            "--aph",
+            "0",
+            "--introducer-port",
+            "off",
+        ],
+    );
+    let last_word = |line: String| line.rsplit(' ').next().unwrap().to_string();
+    let dht_port = last_word(first.wait_for("grape dht listening on ", SOON))
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let http_port = last_word(first.wait_for("grape http listening on ", SOON))
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("http://127.0.0.1:{http_port}");
+    let second = start_grape("second grape", &["--bn", &format!("127.0.0.1:{dht_port}")]);
+    let announce = || post(&url, "/announce", r#"{"data":["one_address",5555]}"#).unwrap();
+    let lookup = |url: &str| {
+        post(url, "/lookup", r#"{"data":"one_address"}"#)
+            .unwrap()
+            .body
+    };
+    assert_eq!(announce().body, "1");
+    let deadline = Instant::now() + SOON;
+    while lookup(&second.url) != r#"["127.0.0.1:5555"]"# {
+        assert!(Instant::now() < deadline, "{}", lookup(&second.url));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Announced again (a Link does every second): still one address, on
+    // both grapes and on the first grape's own DHT node.
+    for _ in 0..3 {
+        assert_eq!(announce().body, "1");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(lookup(&url), r#"["127.0.0.1:5555"]"#);
+        assert_eq!(lookup(&second.url), r#"["127.0.0.1:5555"]"#);
+    }
+    let client = Krpc::new(Ipv4Addr::LOCALHOST, &format!("127.0.0.1:{dht_port}"));
+    assert_eq!(client.get_peers(key("one_address")).0, vec![loopback(5555)]);
+}

@@ -110,7 +110,11 @@ fn an_impostor_on_the_same_machine_cannot_take_a_hosts_introductions() {
         .expect("the probe is answered with a cookie");
     let own_key = "ab".repeat(32);
     let claim = |id: u64| {
-        let key = if id.is_multiple_of(2) { &own_key } else { &worker_key };
+        let key = if id.is_multiple_of(2) {
+            &own_key
+        } else {
+            &worker_key
+        };
         let register = serde_json::json!({
             "type": "register", "id": id, "port": worker_port,
             "nat": "open", "cookie": cookie, "key": key, "sig": "cd".repeat(64)

@@ -210,21 +210,26 @@ pub fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
 }
 
 /// A [`TokenBucket`] per key (a source IP, a target), all with one rate and
-/// burst, at most `max` keys: the least recently used is forgotten first.
-/// Shared by the introducer's and the DHT node's rate limits.
+/// burst, at most `max` keys: the least recently used is forgotten first
+/// (O(log n): the keys are also kept in order of last use). A new key's
+/// bucket starts full. Shared by the introducer's and the DHT node's rate
+/// limits.
 #[derive(Debug)]
 pub struct TokenBuckets<K> {
     buckets: std::collections::HashMap<K, TokenBucket>,
+    /// Every key by its bucket's last use, least recent first.
+    order: std::collections::BTreeSet<(std::time::Instant, K)>,
     rate: u32,
     burst: u32,
     max: usize,
 }
 
-impl<K: Clone + Eq + std::hash::Hash> TokenBuckets<K> {
-    /// No buckets yet; each new key's starts full.
+impl<K: Clone + Eq + Ord + std::hash::Hash> TokenBuckets<K> {
+    /// No buckets yet.
     pub fn new(rate: u32, burst: u32, max: usize) -> Self {
         TokenBuckets {
             buckets: std::collections::HashMap::new(),
+            order: std::collections::BTreeSet::new(),
             rate,
             burst,
             max,
@@ -234,18 +239,63 @@ impl<K: Clone + Eq + std::hash::Hash> TokenBuckets<K> {
     /// Takes `n` tokens from `key`'s bucket at `now` (see
     /// [`TokenBucket::take_many`]).
     pub fn take_many(&mut self, key: K, now: std::time::Instant, n: u32) -> bool {
-        if !self.buckets.contains_key(&key) {
-            evict_oldest(&mut self.buckets, self.max, |b| b.last_used());
-        }
-        let (rate, burst) = (self.rate, self.burst);
-        self.buckets
-            .entry(key)
-            .or_insert_with(|| TokenBucket::new(now, rate, burst))
-            .take_many(now, n)
+        let bucket = match self.buckets.get_mut(&key) {
+            Some(bucket) => {
+                self.order.remove(&(bucket.last_used(), key.clone()));
+                bucket
+            }
+            None => {
+                while self.buckets.len() >= self.max.max(1) {
+                    let Some((_, oldest)) = self.order.pop_first() else {
+                        break;
+                    };
+                    self.buckets.remove(&oldest);
+                }
+                let bucket = TokenBucket::new(now, self.rate, self.burst);
+                self.buckets.entry(key.clone()).or_insert(bucket)
+            }
+        };
+        let taken = bucket.take_many(now, n);
+        let used = bucket.last_used();
+        self.order.insert((used, key));
+        taken
     }
 
     /// Takes one token from `key`'s bucket at `now`.
     pub fn take(&mut self, key: K, now: std::time::Instant) -> bool {
         self.take_many(key, now, 1)
+    }
+
+    /// Keys tracked.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn buckets_forget_the_least_recently_used_first() {
+        let t0 = Instant::now();
+        let mut buckets = TokenBuckets::new(10, 40, 2);
+        assert!((0..40).all(|_| buckets.take(1u32, t0)));
+        assert!(!buckets.take(1, t0));
+        assert!(buckets.take(2, t0));
+        // Key 2 was used last: key 1 goes for key 3.
+        assert!(buckets.take(3, t0 + Duration::from_millis(1)));
+        assert_eq!(buckets.len(), 2);
+        // Key 1 was forgotten: it starts again.
+        let t1 = t0 + Duration::from_millis(2);
+        assert!(buckets.take(1, t1));
+        assert_eq!(buckets.len(), 2);
+        assert!(buckets.take(3, t1), "key 3 was kept");
     }
 }

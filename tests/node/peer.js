@@ -134,6 +134,9 @@ async function main () {
     socket.send(PUNCH, 0, PUNCH.length, Number(arg), '127.0.0.1')
   } else if (mode === 'serve') {
     socket.on('connection', (conn) => {
+      // A caller that went away (UTP_ETIMEDOUT, a reset): that connection
+      // ends, the server goes on, as Grenache's server does.
+      conn.on('error', (e) => console.log(`connection error: ${e.message}`))
       conn.on('data', (chunk) => {
         let rid, key, payload
         try { [rid, key, payload] = JSON.parse(chunk.toString()) } catch (e) {

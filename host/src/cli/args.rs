@@ -367,6 +367,26 @@ pub enum Command {
         /// Default: the DHT port + 1.
         #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
         introducer_port: Option<IntroducerPort>,
+        /// grenache-grape's DHT concurrency: accepted so its command lines
+        /// run as written; no effect here (a warning says so).
+        #[arg(long = "dc", visible_alias = "dht_concurrency", value_name = "N")]
+        dht_concurrency: Option<u64>,
+        /// grenache-grape's routing-table limit: accepted, no effect here (our
+        /// DHT node's bounds are fixed, see the README's Security section).
+        #[arg(long = "dht_maxTables", value_name = "N")]
+        dht_max_tables: Option<u64>,
+        /// grenache-grape's BEP 44 value limit: accepted, no effect here (our
+        /// DHT node keeps 16,384 items, 1,024 per putting IP).
+        #[arg(long = "dht_maxValues", value_name = "N")]
+        dht_max_values: Option<u64>,
+        /// grenache-grape's lookup cache age: accepted, no effect here (lookups
+        /// are answered fresh).
+        #[arg(long = "cache_maxAge", value_name = "MS")]
+        cache_max_age: Option<u64>,
+        /// grenache-grape's dead-node check interval: accepted, no effect here
+        /// (silent nodes leave our DHT node's table after 15 minutes).
+        #[arg(long = "dnl", visible_alias = "dht_nodeLiveness", value_name = "MS")]
+        dht_node_liveness: Option<u64>,
     },
     /// Call a service once, found through the DHT or Grapes (or at --peer),
     /// and print its reply.

@@ -22,6 +22,9 @@ pub struct GrapeNodeConfig {
     pub max_body: usize,
     /// `None`: the introducer goes beside the DHT port.
     pub introducer_port: Option<IntroducerPort>,
+    /// grenache-grape's flags taken and ignored (`--dc`, …), and whether
+    /// each was given: a warning names those given.
+    pub ignored: Vec<(&'static str, bool)>,
 }
 
 /// Splits grape's `--bn` (`host:port,host:port`), dropping empty entries
@@ -34,6 +37,13 @@ pub fn bootstrap_list(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// How long after start a grape or `dht` node warns that none of its
+/// bootstrap nodes answered.
+pub const BOOTSTRAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The shortest `--dpa` that keeps our hosts (re-announcing every 30 s)
+/// in lookups through a lost announce: `dht`'s default peer TTL.
+const MIN_HOST_FRIENDLY_AGE: std::time::Duration = std::time::Duration::from_secs(75);
+
 /// `grenache-host grape`.
 pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
     let mut signals = Signals::catch();
@@ -42,6 +52,7 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         api_port,
         max_body,
         introducer_port,
+        ignored,
     } = config;
     // The query node binds -b first; a failure there is -b's, not --dp's.
     if let Some(ip) = node.bind.filter(|ip| !ip.is_unspecified()) {
@@ -53,6 +64,9 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
     }
     let grape = match GrapeNode::start(&node).await {
         Ok(grape) => grape,
+        Err(e @ crate::discovery::DiscoveryError::Bootstrap(_)) => {
+            return usage_error(format!("--bn: {e}"))
+        }
         Err(e) => {
             return usage_error(format!(
                 "{e}; is another grape or DHT node using --dp {}?",
@@ -80,6 +94,21 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         };
     let backend: Arc<dyn GrapeBackend> = grape.clone();
     let http = tokio::spawn(crate::grape::http::serve(listener, backend, max_body));
+    grape
+        .server()
+        .warn_if_alone(&node.bootstrap, "--bn", BOOTSTRAP_WAIT);
+    if let Some(age) = node.peer_max_age.filter(|age| *age < MIN_HOST_FRIENDLY_AGE) {
+        tracing::warn!(
+            "--dpa {} ms is shorter than our hosts' re-announce interval (30 s) and its slack: hosts that announce on this grape's DHT port (run --bootstrap) drop out of lookups between their announces; use --dpa {} or more (Node services announcing through the HTTP API every second are not affected)",
+            age.as_millis(),
+            MIN_HOST_FRIENDLY_AGE.as_millis()
+        );
+    }
+    for (flag, given) in ignored {
+        if given {
+            tracing::warn!("{flag} is accepted for grenache-grape's command lines and has no effect here (see --help)");
+        }
+    }
     print_line(format_args!("grape dht listening on {dht_addr}"));
     print_line(format_args!("grape http listening on {http_addr}"));
     tracing::info!(

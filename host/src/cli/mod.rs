@@ -273,7 +273,19 @@ async fn dispatch(command: Command) -> ExitCode {
             peer_max_age_ms,
             max_payload,
             introducer_port,
+            dht_concurrency,
+            dht_max_tables,
+            dht_max_values,
+            cache_max_age,
+            dht_node_liveness,
         } => {
+            let ignored = vec![
+                ("--dc", dht_concurrency.is_some()),
+                ("--dht_maxTables", dht_max_tables.is_some()),
+                ("--dht_maxValues", dht_max_values.is_some()),
+                ("--cache_maxAge", cache_max_age.is_some()),
+                ("--dnl", dht_node_liveness.is_some()),
+            ];
             let config = grape::GrapeNodeConfig {
                 node: crate::grape::node::GrapeConfig {
                     dht_port,
@@ -285,6 +297,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 api_port,
                 max_body: usize::try_from(max_payload).unwrap_or(usize::MAX),
                 introducer_port,
+                ignored,
             };
             grape::grape(config).await
         }

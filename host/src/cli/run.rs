@@ -156,7 +156,7 @@ pub async fn run(config: NodeConfig, options: RunOptions) -> ExitCode {
         DiscoveryConfig::Grapes(_) if config.nat.introducer.is_none() => tracing::info!(
             "no introducer: with --grape there is no bootstrap node to find one beside, so peers \
              behind other NATs are reached only by punching; pass --introducer <ip:port> \
-             (e.g. a `grenache-host dht` node's port + 1) to use one"
+             (a `grenache-host dht` node's or `grenache-host grape`'s DHT port + 1) to use one"
         ),
         _ => {}
     }
@@ -310,14 +310,18 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
     } = config;
     let config = ServerConfig {
         listen,
-        bootstrap,
+        bootstrap: bootstrap.clone(),
         peer_ttl,
     };
     let server = match DhtServer::start(config).await {
         Ok(s) => s,
+        Err(e @ crate::discovery::DiscoveryError::Bootstrap(_)) => {
+            return usage_error(format!("--bootstrap: {e}"))
+        }
         Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
     };
     let dht_addr = server.local_addr();
+    server.warn_if_alone(&bootstrap, "--bootstrap", super::grape::BOOTSTRAP_WAIT);
     let introducer = match start_introducer((*listen.ip()).into(), dht_addr, introducer_port).await
     {
         Ok(task) => task,

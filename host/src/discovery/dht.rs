@@ -51,8 +51,8 @@ pub fn resolve_bootstrap(nodes: &[String]) -> Result<Vec<String>, DiscoveryError
     let mut resolved = Vec::new();
     for node in nodes {
         let bad = |why: String| {
-            DiscoveryError::Start(format!(
-                "--bootstrap {node}: {why}; give the DHT node as IP:PORT or HOST:PORT, e.g. 127.0.0.1:20001"
+            DiscoveryError::Bootstrap(format!(
+                "bootstrap node {node}: {why}; give the DHT node as IP:PORT or HOST:PORT, e.g. 127.0.0.1:20001"
             ))
         };
         if node
@@ -184,7 +184,7 @@ impl DhtDiscovery {
                 return Err(DiscoveryError::Lookup {
                     service: service.to_string(),
                     reason: format!(
-                        "no DHT node answered at {}; is `grenache-host dht` running there?",
+                        "no DHT node answered at {}; is `grenache-host dht` running there, or is it a grape's DHT port (--dp, not its HTTP port --aph)?",
                         self.bootstrap.join(", ")
                     ),
                 });

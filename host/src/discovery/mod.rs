@@ -34,6 +34,10 @@ pub enum DiscoveryError {
     /// The directory could not start (e.g. the DHT node's port is taken).
     #[error("cannot start the DHT node: {0}")]
     Start(String),
+    /// A bootstrap node is not `host:port`, does not resolve, or has no
+    /// IPv4 address; the message names it and the fix.
+    #[error("{0}")]
+    Bootstrap(String),
     /// No directory took the announce; `reason` says why and what to do.
     #[error("cannot announce {service}: {reason}")]
     Announce { service: String, reason: String },

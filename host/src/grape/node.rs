@@ -60,8 +60,6 @@ use tokio::sync::Semaphore;
 use super::api::{DhtFailure, FoundValue, GrapeBackend, PutRequest};
 use super::table::AnnounceTable;
 use crate::discovery::dht::service_key;
-use crate::discovery::server::items::PutRefused;
-use crate::discovery::server::node::lock_items;
 use crate::discovery::server::{DhtServer, ServerConfig};
 use crate::discovery::DiscoveryError;
 use futures::future::BoxFuture;
@@ -158,6 +156,16 @@ impl GrapeNode {
             .build()
             .map_err(|e| DiscoveryError::Start(format!("{e} (binding the grape's query node)")))?
             .as_async();
+        // What the query node announces to this grape's own DHT node would
+        // be stored under the address it is seen from there: the grape
+        // stores its announces there itself instead (`announce_service`).
+        let query_port = client.info().await.local_addr().port();
+        server
+            .stores()
+            .local_announcers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(SocketAddrV4::new(own_ip, query_port));
         Ok(Arc::new(GrapeNode {
             server,
             publisher: Publisher {
@@ -180,6 +188,11 @@ impl GrapeNode {
     /// What the server node did so far.
     pub fn counters(&self) -> &crate::discovery::server::ServerCounters {
         self.server.counters()
+    }
+
+    /// The server node (the DHT port).
+    pub fn server(&self) -> &DhtServer {
+        &self.server
     }
 
     /// The address the client node reaches the server node at.
@@ -232,6 +245,13 @@ impl GrapeNode {
             log_expired(table.expire(now));
             table.announce(now, name, SocketAddrV4::new(ip, port))
         };
+        // This grape's own DHT node keeps it under the address this grape
+        // answers lookups with; other nodes get it from the query node.
+        self.server.stores().peers().announce(
+            Instant::now(),
+            *service_key(name).as_bytes(),
+            SocketAddrV4::new(ip, port),
+        );
         let Some(port) = publish else {
             // Published moments ago; the DHT has it.
             return Ok(1);
@@ -280,22 +300,18 @@ impl GrapeNode {
             PutRequest::Mutable(put) => put.cas,
             PutRequest::Immutable(_) => None,
         };
-        let kept = lock_items(self.server.items()).put(
+        let kept = self.server.stores().items().put(
             Instant::now(),
             target,
             request.stored(),
             cas,
             self.own_ip,
         );
-        match kept {
-            Ok(()) => {}
-            // Kept as it was; the DHT's nodes would refuse it too.
-            Err(refused @ (PutRefused::CasMismatch | PutRefused::SeqTooLow)) => {
-                tracing::debug!("mutable put refused: {refused}");
-                return Err(DhtFailure::AllFailed);
-            }
-            // Not here, but other nodes may take it.
-            Err(PutRefused::Full) => tracing::debug!("this grape's item store is full"),
+        if let Err(refused) = kept {
+            // Kept as it was; the DHT's nodes would refuse it too. A Grape
+            // answers every failed put alike, so the reason is logged.
+            tracing::info!(target = %crate::units::hex(&target), "put refused: {refused}");
+            return Err(DhtFailure::AllFailed);
         }
         let slot = self.publisher.operations.clone().acquire_owned();
         let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slot).await else {
@@ -318,7 +334,10 @@ impl GrapeNode {
 
     async fn get_value(&self, target: [u8; 20]) -> Option<FoundValue> {
         let id = self.server.id();
-        let local = lock_items(self.server.items())
+        let local = self
+            .server
+            .stores()
+            .items()
             .get(Instant::now(), &target)
             .cloned();
         if let Some(value) = local {
@@ -398,7 +417,11 @@ async fn put_on_dht(
                 put.signed.seq,
                 put.signed.salt.as_deref(),
             );
-            match client.put_mutable(item, put.cas).await {
+            // No `cas` on the DHT: it was checked against this grape's own
+            // store, which now holds the new version, so this grape's DHT
+            // node would refuse it (301); the others still refuse an older
+            // `seq`.
+            match client.put_mutable(item, None).await {
                 Ok(_) => Ok(()),
                 Err(PutMutableError::Query(e)) => Err(query_failure(&e)),
                 Err(e) => {

@@ -11,13 +11,23 @@
 //! here ([`super::node`]).
 //!
 //! Bounds: items live [`ITEM_TTL`] after their last put (BEP 44:
-//! "Without re-announcement these items MAY expire in 2 hours"); at most
-//! [`MAX_ITEMS_PER_IP`] items last put from one IP, that IP's least recently
-//! put giving way (newest wins: an IP filling its share replaces its own
-//! items, no one else's), and [`MAX_ITEMS`] in all, new ones refused when
-//! full. Each item is at most 999 value bytes, 64 salt bytes and the key and
-//! signature: a full store holds about 18 MB. Puts need a token, so the IP
-//! an item is counted against has shown it receives there.
+//! "Without re-announcement these items MAY expire in 2 hours"). Each item
+//! counts against the IP that first put it (a refresh or a newer version
+//! from elsewhere keeps it there, so no one can move another's item into
+//! their own share and evict it): at most [`MAX_ITEMS_PER_IP`] per IP, that
+//! IP's least recently put giving way (newest wins: an IP filling its share
+//! replaces its own items, no one else's), and [`MAX_ITEMS`] in all; when
+//! full, the IP holding the most gives up its least recently put item, so
+//! IPs that flood share the room and newcomers still get in. Each item is
+//! at most 999 value bytes, 64 salt bytes and the key and signature: a full
+//! store holds about 18 MB. Puts need a token, so the IP an item is counted
+//! against has shown it receives there.
+//!
+//! A mutable item that leaves the store (expired or evicted) leaves its
+//! `seq` behind for [`ITEM_TTL`] ([`MAX_SEQ_MARKS`] at most): a put of an
+//! older version is refused meanwhile, so eviction cannot be used to roll a
+//! value back. An item keeps its kind: a mutable put never replaces an
+//! immutable item, nor the reverse.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -33,6 +43,8 @@ pub const MAX_ITEMS: usize = 16_384;
 /// its HTTP clients give it from its own IP, so one IP's share is large;
 /// bittorrent-dht 10.0.0 (a Node grape's DHT) keeps 1000 values in all.
 pub const MAX_ITEMS_PER_IP: usize = 1024;
+/// Most `seq` marks of mutable items that left the store.
+pub const MAX_SEQ_MARKS: usize = 65_536;
 
 /// The signature fields of a mutable item (BEP 44).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,23 +75,23 @@ pub enum PutRefused {
     /// `cas` is not the stored item's `seq` (301).
     #[error("CAS mismatch, re-read value and try again")]
     CasMismatch,
-    /// `seq` is lower than the stored one's, or the same with another
-    /// value (302).
+    /// `seq` is lower than the stored one's (or the last one seen for an
+    /// item that left the store), or the same with another value (302).
     #[error("sequence number less than current")]
     SeqTooLow,
-    /// [`MAX_ITEMS`] are stored (201, a generic error).
-    #[error("storage full")]
-    Full,
+    /// A mutable put over an immutable item or the reverse (203).
+    #[error("an item of the other kind is stored under this target")]
+    OtherKind,
 }
 
 impl PutRefused {
-    /// The KRPC error code (BEP 44; 201 for a full store, as BEP 5's
-    /// generic error).
+    /// The KRPC error code (BEP 44; 203, BEP 5's protocol error, for the
+    /// other kind).
     pub fn code(self) -> i64 {
         match self {
             PutRefused::CasMismatch => 301,
             PutRefused::SeqTooLow => 302,
-            PutRefused::Full => 201,
+            PutRefused::OtherKind => 203,
         }
     }
 }
@@ -100,6 +112,12 @@ pub struct ItemStore {
     by_time: BTreeSet<(Instant, Id)>,
     /// Per IP, its items by their last put, earliest first.
     by_ip: HashMap<Ipv4Addr, BTreeSet<(Instant, Id)>>,
+    /// IPs by how many items they hold (for the largest).
+    by_count: BTreeSet<(usize, Ipv4Addr)>,
+    /// The `seq` of mutable items that left the store, and when they left.
+    seq_marks: HashMap<Id, (i64, Instant)>,
+    /// The marks by when they were made, earliest first.
+    seq_mark_order: BTreeSet<(Instant, Id)>,
     ttl: Duration,
 }
 
@@ -116,6 +134,9 @@ impl ItemStore {
             items: HashMap::new(),
             by_time: BTreeSet::new(),
             by_ip: HashMap::new(),
+            by_count: BTreeSet::new(),
+            seq_marks: HashMap::new(),
+            seq_mark_order: BTreeSet::new(),
             ttl,
         }
     }
@@ -130,6 +151,42 @@ impl ItemStore {
         self.items.is_empty()
     }
 
+    /// Whether a put of `value` with `cas` under `target` would be taken,
+    /// without taking it: what can be known before checking a signature.
+    pub fn check(
+        &self,
+        now: Instant,
+        target: &Id,
+        value: &StoredValue,
+        cas: Option<i64>,
+    ) -> Result<(), PutRefused> {
+        if let Some(old) = self.live(now, target) {
+            return match (&old.signed, &value.signed) {
+                (None, None) => Ok(()),
+                (Some(old_signed), Some(new)) => {
+                    if cas.is_some_and(|cas| cas != old_signed.seq) {
+                        Err(PutRefused::CasMismatch)
+                    } else if new.seq < old_signed.seq
+                        || (new.seq == old_signed.seq && old.value != value.value)
+                    {
+                        Err(PutRefused::SeqTooLow)
+                    } else {
+                        Ok(())
+                    }
+                }
+                _ => Err(PutRefused::OtherKind),
+            };
+        }
+        match (&value.signed, self.seq_marks.get(target)) {
+            (Some(new), Some(&(seq, at)))
+                if new.seq < seq && now.saturating_duration_since(at) < self.ttl =>
+            {
+                Err(PutRefused::SeqTooLow)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Keeps `value` under `target`, put from `from` at `now`, by the rules
     /// in the module docs. A refused put changes nothing.
     pub fn put(
@@ -140,50 +197,26 @@ impl ItemStore {
         cas: Option<i64>,
         from: Ipv4Addr,
     ) -> Result<(), PutRefused> {
-        match self.live(now, &target) {
-            Some(old) => {
-                if let (Some(old_signed), Some(new)) = (&old.signed, &value.signed) {
-                    if cas.is_some_and(|cas| cas != old_signed.seq) {
-                        return Err(PutRefused::CasMismatch);
-                    }
-                    if new.seq < old_signed.seq
-                        || (new.seq == old_signed.seq && old.value != value.value)
-                    {
-                        return Err(PutRefused::SeqTooLow);
-                    }
-                }
-                self.remove(&target);
-            }
-            None => {
-                // An expired one, if any.
-                self.remove(&target);
-                let share_full = self
-                    .by_ip
-                    .get(&from)
-                    .is_some_and(|share| share.len() >= MAX_ITEMS_PER_IP);
-                if !share_full && self.items.len() >= MAX_ITEMS {
-                    return Err(PutRefused::Full);
+        self.check(now, &target, &value, cas)?;
+        // The IP it counts against: whoever put it first, while it lives.
+        let owner = match self.items.get(&target) {
+            Some(e) if now.saturating_duration_since(e.put_at) < self.ttl => e.from,
+            _ => from,
+        };
+        // An earlier version (or an expired one) makes way.
+        let replacing = self.items.contains_key(&target);
+        self.remove(now, &target, false);
+        if !replacing {
+            let share = self.by_ip.get(&owner).map_or(0, BTreeSet::len);
+            if share >= MAX_ITEMS_PER_IP {
+                self.evict_oldest_of(now, owner);
+            } else if self.items.len() >= MAX_ITEMS {
+                if let Some(&(_, largest)) = self.by_count.last() {
+                    self.evict_oldest_of(now, largest);
                 }
             }
         }
-        if let Some(&(_, oldest)) = self
-            .by_ip
-            .get(&from)
-            .filter(|share| share.len() >= MAX_ITEMS_PER_IP)
-            .and_then(|share| share.first())
-        {
-            self.remove(&oldest);
-        }
-        self.by_time.insert((now, target));
-        self.by_ip.entry(from).or_default().insert((now, target));
-        self.items.insert(
-            target,
-            Entry {
-                value,
-                from,
-                put_at: now,
-            },
-        );
+        self.insert(now, target, value, owner);
         Ok(())
     }
 
@@ -199,16 +232,63 @@ impl ItemStore {
             .map(|e| &e.value)
     }
 
-    fn remove(&mut self, target: &Id) {
+    fn insert(&mut self, now: Instant, target: Id, value: StoredValue, owner: Ipv4Addr) {
+        self.by_time.insert((now, target));
+        let share = self.by_ip.entry(owner).or_default();
+        let before = share.len();
+        share.insert((now, target));
+        self.by_count.remove(&(before, owner));
+        self.by_count.insert((before + 1, owner));
+        self.items.insert(
+            target,
+            Entry {
+                value,
+                from: owner,
+                put_at: now,
+            },
+        );
+    }
+
+    /// Takes `target` out; with `mark`, a mutable item leaves its `seq`
+    /// behind (see the module docs).
+    fn remove(&mut self, now: Instant, target: &Id, mark: bool) {
         let Some(entry) = self.items.remove(target) else {
             return;
         };
         self.by_time.remove(&(entry.put_at, *target));
         if let Some(share) = self.by_ip.get_mut(&entry.from) {
+            let before = share.len();
             share.remove(&(entry.put_at, *target));
+            self.by_count.remove(&(before, entry.from));
             if share.is_empty() {
                 self.by_ip.remove(&entry.from);
+            } else {
+                self.by_count.insert((share.len(), entry.from));
             }
+        }
+        if let (true, Some(signed)) = (mark, &entry.value.signed) {
+            self.mark_seq(now, *target, signed.seq);
+        }
+    }
+
+    fn mark_seq(&mut self, now: Instant, target: Id, seq: i64) {
+        if let Some((_, at)) = self.seq_marks.remove(&target) {
+            self.seq_mark_order.remove(&(at, target));
+        }
+        while self.seq_marks.len() >= MAX_SEQ_MARKS {
+            let Some((at, oldest)) = self.seq_mark_order.pop_first() else {
+                break;
+            };
+            self.seq_marks.remove(&oldest);
+            let _ = at;
+        }
+        self.seq_marks.insert(target, (seq, now));
+        self.seq_mark_order.insert((now, target));
+    }
+
+    fn evict_oldest_of(&mut self, now: Instant, ip: Ipv4Addr) {
+        if let Some(&(_, oldest)) = self.by_ip.get(&ip).and_then(|share| share.first()) {
+            self.remove(now, &oldest, true);
         }
     }
 
@@ -218,11 +298,19 @@ impl ItemStore {
         while dropped < budget {
             match self.by_time.first() {
                 Some(&(at, target)) if now.saturating_duration_since(at) >= self.ttl => {
-                    self.remove(&target);
+                    self.remove(now, &target, true);
                     dropped += 1;
                 }
                 _ => break,
             }
+        }
+        // Marks older than the TTL are of no use.
+        while let Some(&(at, target)) = self.seq_mark_order.first() {
+            if now.saturating_duration_since(at) < self.ttl {
+                break;
+            }
+            self.seq_mark_order.pop_first();
+            self.seq_marks.remove(&target);
         }
         dropped
     }
@@ -346,22 +434,112 @@ mod tests {
     }
 
     #[test]
-    fn a_full_store_refuses_new_items_and_keeps_refreshing_old_ones() {
+    fn a_full_store_takes_newcomers_from_the_largest_share() {
         let now = Instant::now();
         let mut store = ItemStore::default();
         for i in 0..MAX_ITEMS {
             let ip = Ipv4Addr::from((i / MAX_ITEMS_PER_IP) as u32 + 1);
-            store.put(now, target(i), immutable("x"), None, ip).unwrap();
+            let at = now + Duration::from_micros(i as u64);
+            store.put(at, target(i), immutable("x"), None, ip).unwrap();
         }
         let fresh = Ipv4Addr::new(10, 9, 9, 9);
+        let later = now + Duration::from_secs(1);
         assert_eq!(
-            store.put(now, target(MAX_ITEMS), immutable("x"), None, fresh),
-            Err(PutRefused::Full)
-        );
-        assert_eq!(
-            store.put(now, target(0), immutable("x"), None, fresh),
+            store.put(later, target(MAX_ITEMS), immutable("x"), None, fresh),
             Ok(())
         );
         assert_eq!(store.len(), MAX_ITEMS);
+        assert!(store.get(later, &target(MAX_ITEMS)).is_some());
+        // The shares are tied: the highest IP gave up its oldest item.
+        assert!(store
+            .get(later, &target(MAX_ITEMS - MAX_ITEMS_PER_IP))
+            .is_none());
+        assert!(store.get(later, &target(0)).is_some());
+    }
+
+    #[test]
+    fn a_refresh_from_elsewhere_does_not_move_an_item_into_that_ips_share() {
+        let now = Instant::now();
+        let mut store = ItemStore::default();
+        let victim = Ipv4Addr::new(10, 0, 0, 5);
+        let attacker = Ipv4Addr::new(10, 0, 0, 66);
+        store
+            .put(now, [1; 20], mutable("v2", 2), None, victim)
+            .unwrap();
+        store
+            .put(now, [2; 20], immutable("mine"), None, victim)
+            .unwrap();
+        // The attacker puts both again, unchanged, then fills its share.
+        let later = now + Duration::from_secs(1);
+        store
+            .put(later, [1; 20], mutable("v2", 2), None, attacker)
+            .unwrap();
+        store
+            .put(later, [2; 20], immutable("mine"), None, attacker)
+            .unwrap();
+        for i in 0..MAX_ITEMS_PER_IP + 5 {
+            let at = later + Duration::from_micros(i as u64 + 1);
+            store
+                .put(at, target(i), immutable("junk"), None, attacker)
+                .unwrap();
+        }
+        let after = later + Duration::from_secs(1);
+        assert_eq!(store.get(after, &[1; 20]).unwrap().value, b"v2");
+        assert!(store.get(after, &[2; 20]).is_some());
+    }
+
+    #[test]
+    fn an_evicted_or_expired_mutable_item_cannot_be_rolled_back() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let mut store = ItemStore::new(ttl);
+        let owner = Ipv4Addr::new(10, 0, 0, 5);
+        store
+            .put(now, [1; 20], mutable("v2", 2), None, owner)
+            .unwrap();
+        // Its owner's share overflows: the item is evicted.
+        for i in 0..MAX_ITEMS_PER_IP {
+            let at = now + Duration::from_micros(i as u64 + 1);
+            store
+                .put(at, target(i), immutable("x"), None, owner)
+                .unwrap();
+        }
+        assert!(store.get(now, &[1; 20]).is_none());
+        let replay = store.put(now, [1; 20], mutable("v1", 1), None, owner);
+        assert_eq!(replay, Err(PutRefused::SeqTooLow));
+        assert_eq!(
+            store.put(now, [1; 20], mutable("v3", 3), None, owner),
+            Ok(())
+        );
+        // Expired: the mark outlives it by the TTL.
+        let expired = now + ttl + Duration::from_secs(1);
+        store.sweep(expired, usize::MAX);
+        assert!(store.is_empty());
+        let replay = store.put(expired, [1; 20], mutable("v2", 2), None, owner);
+        assert_eq!(replay, Err(PutRefused::SeqTooLow));
+        let much_later = expired + ttl;
+        store.sweep(much_later, usize::MAX);
+        assert_eq!(
+            store.put(much_later, [1; 20], mutable("v2", 2), None, owner),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn an_item_keeps_its_kind() {
+        let now = Instant::now();
+        let mut store = ItemStore::default();
+        store.put(now, [1; 20], immutable("a"), None, HOME).unwrap();
+        assert_eq!(
+            store.put(now, [1; 20], mutable("a", 1), None, HOME),
+            Err(PutRefused::OtherKind)
+        );
+        store
+            .put(now, [2; 20], mutable("a", 1), None, HOME)
+            .unwrap();
+        assert_eq!(
+            store.put(now, [2; 20], immutable("a"), None, HOME),
+            Err(PutRefused::OtherKind)
+        );
     }
 }

@@ -106,7 +106,9 @@ pub struct ServerCounters {
     /// Nodes in the routing table now.
     pub nodes: AtomicU64,
     /// Answers not sent: their destination IP was over
-    /// [`BYTES_PER_SECOND_PER_IP`].
+    /// [`BYTES_PER_SECOND_PER_IP`], or the node over
+    /// [`BYTES_PER_SECOND_TOTAL`]; and puts over
+    /// [`node::PUTS_PER_SECOND_PER_IP`].
     pub rate_limited: AtomicU64,
 }
 
@@ -119,8 +121,18 @@ pub const BYTES_PER_SECOND_PER_IP: u32 = 20_000;
 /// See [`BYTES_PER_SECOND_PER_IP`].
 pub const BYTE_BURST_PER_IP: u32 = 64_000;
 /// Most destination IPs whose rate is tracked; the least recently used is
-/// forgotten first.
-const MAX_RATED_IPS: usize = 4096;
+/// forgotten first. A forgotten IP's budget starts full again, so there
+/// are many: to reset one victim's budget, a spoofer must first make the
+/// node answer this many other addresses (and [`BYTES_PER_SECOND_TOTAL`]
+/// bounds that).
+const MAX_RATED_IPS: usize = 65_536;
+/// Bytes the node sends per second in all, and at once: the per-IP budget
+/// bounds what one address receives; this bounds what many forged ones
+/// together can make the node send (about 3,000–6,000 answers a second,
+/// far beyond a private Grenache network's DHT traffic).
+pub const BYTES_PER_SECOND_TOTAL: u32 = 2_000_000;
+/// See [`BYTES_PER_SECOND_TOTAL`].
+pub const BYTE_BURST_TOTAL: u32 = 4_000_000;
 
 impl ServerCounters {
     /// One line for the log, e.g. `queries: 3 ping, 0 find_node, 10
@@ -170,7 +182,7 @@ pub struct ServerConfig {
 pub struct DhtServer {
     local_addr: SocketAddrV4,
     id: krpc::Id,
-    items: node::SharedItems,
+    stores: Arc<node::Stores>,
     counters: Arc<ServerCounters>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -195,11 +207,10 @@ impl DhtServer {
         };
         let counters = Arc::new(ServerCounters::default());
         let id = rand::random();
-        let items = node::SharedItems::default();
+        let stores = Arc::new(node::Stores::new(config.peer_ttl));
         let node = node::KrpcNode::new(
             id,
-            config.peer_ttl,
-            items.clone(),
+            stores.clone(),
             bootstrap,
             counters.clone(),
             std::time::Instant::now(),
@@ -208,7 +219,7 @@ impl DhtServer {
         Ok(DhtServer {
             local_addr,
             id,
-            items,
+            stores,
             counters,
             task,
         })
@@ -224,14 +235,35 @@ impl DhtServer {
         self.id
     }
 
-    /// The node's BEP 44 store: what its `get` answers.
-    pub fn items(&self) -> &node::SharedItems {
-        &self.items
+    /// What the node stores (announced peers, BEP 44 items): what its
+    /// `get_peers` and `get` answer.
+    pub fn stores(&self) -> &node::Stores {
+        &self.stores
     }
 
-    /// What the node did so far.
-    pub fn counters(&self) -> &ServerCounters {
+    /// What the node did so far (shared: it keeps counting).
+    pub fn counters(&self) -> &Arc<ServerCounters> {
         &self.counters
+    }
+
+    /// Waits `wait`, then warns if none of the `bootstrap` nodes (the
+    /// node's `flag`, e.g. `--bn`) has answered: the node is then on a DHT
+    /// of its own, which a mistyped address otherwise leaves unsaid.
+    pub fn warn_if_alone(&self, bootstrap: &[String], flag: &'static str, wait: Duration) {
+        if bootstrap.is_empty() {
+            return;
+        }
+        let counters = self.counters.clone();
+        let named = bootstrap.join(", ");
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if counters.nodes.load(Relaxed) == 0 {
+                tracing::warn!(
+                    "no DHT node answered at {flag} {named} within {wait:?}: this node is on a DHT of its own until one does; check the address (a grape's --dp port or a `grenache-host dht` node's --listen)"
+                );
+            }
+        });
+        drop(task);
     }
 }
 
@@ -249,6 +281,11 @@ async fn serve(
 ) {
     let mut rates =
         crate::units::TokenBuckets::new(BYTES_PER_SECOND_PER_IP, BYTE_BURST_PER_IP, MAX_RATED_IPS);
+    let mut total = crate::units::TokenBucket::new(
+        std::time::Instant::now(),
+        BYTES_PER_SECOND_TOTAL,
+        BYTE_BURST_TOTAL,
+    );
     // One byte more than the largest datagram, so an oversized one shows.
     let mut buf = vec![0u8; krpc::MAX_DATAGRAM + 1];
     let mut tick = tokio::time::interval(TICK);
@@ -269,7 +306,8 @@ async fn serve(
         }
         let now = std::time::Instant::now();
         for datagram in out.drain(..) {
-            if !rates.take_many(*datagram.to.ip(), now, datagram.bytes.len() as u32) {
+            let size = datagram.bytes.len() as u32;
+            if !rates.take_many(*datagram.to.ip(), now, size) || !total.take_many(now, size) {
                 counters.rate_limited.fetch_add(1, Relaxed);
                 continue;
             }

@@ -9,19 +9,52 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::bep44;
-use super::items::{ItemStore, Signed, StoredValue};
+use super::items::{ItemStore, PutRefused, Signed, StoredValue};
 use super::krpc::{self, Body, DecodeError, Id, Message, Put, Query};
 use super::peers::{PeerStore, Stored, MAX_VALUES};
 use super::ServerCounters;
 
-/// The BEP 44 store, shared with whoever else reads or puts values locally
-/// (a grape's HTTP API).
-pub type SharedItems = Arc<Mutex<ItemStore>>;
+/// What the node stores, shared with whoever else stores or reads locally
+/// (a grape's HTTP API announces, puts and gets through them).
+#[derive(Debug)]
+pub struct Stores {
+    /// Announced peers (BEP 5).
+    pub peers: Mutex<PeerStore>,
+    /// BEP 44 items.
+    pub items: Mutex<ItemStore>,
+    /// Addresses whose `announce_peer`s are answered but not stored: a
+    /// grape's own query node, whose announces the grape stores here
+    /// itself under the address it answers lookups with.
+    pub local_announcers: Mutex<std::collections::HashSet<SocketAddrV4>>,
+}
 
-/// Locks the item store, whatever a panicking holder left (each of its
-/// operations leaves it consistent).
-pub fn lock_items(items: &SharedItems) -> std::sync::MutexGuard<'_, ItemStore> {
-    items.lock().unwrap_or_else(|p| p.into_inner())
+impl Stores {
+    /// Empty stores whose announced peers live `peer_ttl`.
+    pub fn new(peer_ttl: Duration) -> Self {
+        Stores {
+            peers: Mutex::new(PeerStore::new(peer_ttl)),
+            items: Mutex::new(ItemStore::default()),
+            local_announcers: Mutex::default(),
+        }
+    }
+
+    /// The peer store, whatever a panicking holder left (each of its
+    /// operations leaves it consistent).
+    pub fn peers(&self) -> std::sync::MutexGuard<'_, PeerStore> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The item store (see [`Stores::peers`]).
+    pub fn items(&self) -> std::sync::MutexGuard<'_, ItemStore> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_local_announcer(&self, addr: SocketAddrV4) -> bool {
+        self.local_announcers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&addr)
+    }
 }
 
 /// How often the token secret changes (BEP 5: "every five minutes"); a
@@ -41,6 +74,12 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a node started with bootstrap nodes asks them again
 /// (`find_node` of its own id), so nodes that restarted are found again.
 pub const REJOIN_INTERVAL: Duration = Duration::from_secs(60);
+/// BEP 44 puts taken from one IP per second, and at once: a put may cost a
+/// signature verification (tens of microseconds); a grape re-puts only what
+/// its HTTP clients put.
+pub const PUTS_PER_SECOND_PER_IP: u32 = 50;
+/// See [`PUTS_PER_SECOND_PER_IP`].
+pub const PUT_BURST_PER_IP: u32 = 200;
 /// Most expired entries looked at per tick (see [`PeerStore::sweep`]).
 pub const SWEEP_BUDGET: usize = 4096;
 
@@ -109,8 +148,9 @@ struct Pending {
 pub struct KrpcNode {
     id: Id,
     tokens: Tokens,
-    peers: PeerStore,
-    items: SharedItems,
+    stores: Arc<Stores>,
+    /// Puts taken per source IP ([`PUTS_PER_SECOND_PER_IP`]).
+    puts: crate::units::TokenBuckets<Ipv4Addr>,
     /// Verified nodes: id → (address, last heard from).
     table: HashMap<Id, (SocketAddrV4, Instant)>,
     pending: HashMap<u16, Pending>,
@@ -121,13 +161,11 @@ pub struct KrpcNode {
 }
 
 impl KrpcNode {
-    /// A node with id `id` whose stored peers live `peer_ttl`, keeping
-    /// BEP 44 items in `items`, joining through `bootstrap` (none: a new
-    /// DHT).
+    /// A node with id `id` keeping what it is told in `stores`, joining
+    /// through `bootstrap` (none: a new DHT).
     pub fn new(
         id: Id,
-        peer_ttl: Duration,
-        items: SharedItems,
+        stores: Arc<Stores>,
         bootstrap: Vec<SocketAddrV4>,
         counters: Arc<ServerCounters>,
         now: Instant,
@@ -135,8 +173,8 @@ impl KrpcNode {
         KrpcNode {
             id,
             tokens: Tokens::new(now),
-            peers: PeerStore::new(peer_ttl),
-            items,
+            stores,
+            puts: crate::units::TokenBuckets::new(PUTS_PER_SECOND_PER_IP, PUT_BURST_PER_IP, 4096),
             table: HashMap::new(),
             pending: HashMap::new(),
             next_tid: rand::random(),
@@ -215,7 +253,7 @@ impl KrpcNode {
             }
             Query::GetPeers { info_hash } => {
                 c.get_peers.fetch_add(1, Relaxed);
-                let values = self.peers.peers(now, &info_hash, MAX_VALUES);
+                let values = self.stores.peers().peers(now, &info_hash, MAX_VALUES);
                 Body {
                     nodes: Some(krpc::compact_nodes(&self.closest(&info_hash))),
                     values: (!values.is_empty()).then_some(values),
@@ -230,7 +268,7 @@ impl KrpcNode {
                     token: Some(self.tokens.issue(*from.ip()).to_vec()),
                     ..body
                 };
-                match lock_items(&self.items).get(now, &target) {
+                match self.stores.items().get(now, &target) {
                     None => body,
                     Some(StoredValue {
                         value,
@@ -295,11 +333,15 @@ impl KrpcNode {
                     c.refused_port.fetch_add(1, Relaxed);
                     return krpc::error(t, krpc::PROTOCOL_ERROR, "port 0");
                 }
+                if self.stores.is_local_announcer(from) {
+                    return krpc::response(t, from, body);
+                }
+                let mut peers = self.stores.peers();
                 let (stored, expired) =
-                    self.peers
-                        .announce(now, info_hash, SocketAddrV4::new(*from.ip(), port));
+                    peers.announce(now, info_hash, SocketAddrV4::new(*from.ip(), port));
                 c.expired.fetch_add(expired as u64, Relaxed);
-                c.stored.store(self.peers.len() as u64, Relaxed);
+                c.stored.store(peers.len() as u64, Relaxed);
+                drop(peers);
                 if stored == Stored::Full {
                     c.refused_full.fetch_add(1, Relaxed);
                     return krpc::error(t, krpc::GENERIC_ERROR, "storage full");
@@ -329,6 +371,13 @@ impl KrpcNode {
         {
             return Err((207, "salt (salt field) too big".into()));
         }
+        if !self.puts.take(from, now) {
+            self.counters.rate_limited.fetch_add(1, Relaxed);
+            return Err((krpc::GENERIC_ERROR, "too many puts; slow down".into()));
+        }
+        // BEP 44 puts salt into the target and signature only when it is
+        // not empty.
+        let salt = salt.filter(|s| !s.is_empty());
         let (target, value) = match mutable {
             None => (
                 bep44::immutable_key(&v),
@@ -337,31 +386,43 @@ impl KrpcNode {
                     signed: None,
                 },
             ),
-            Some(m) => {
-                // BEP 44 puts salt into the target and signature only when
-                // it is not empty.
-                let salt = salt.filter(|s| !s.is_empty());
-                if !bep44::signature_holds(&m.k, &m.sig, m.seq, &v, salt.as_deref()) {
-                    return Err((206, "invalid signature".into()));
-                }
-                (
-                    bep44::mutable_target(&m.k, salt.as_deref()),
-                    StoredValue {
-                        value: v,
-                        signed: Some(Signed {
-                            key: m.k,
-                            signature: m.sig,
-                            seq: m.seq,
-                            salt,
-                        }),
-                    },
-                )
-            }
+            Some(m) => (
+                bep44::mutable_target(&m.k, salt.as_deref()),
+                StoredValue {
+                    value: v,
+                    signed: Some(Signed {
+                        key: m.k,
+                        signature: m.sig,
+                        seq: m.seq,
+                        salt,
+                    }),
+                },
+            ),
         };
-        let mut items = lock_items(&self.items);
+        // What the store would refuse anyway is refused before the
+        // signature costs a verification.
+        let refused = |r: PutRefused| (r.code(), r.to_string());
+        self.stores
+            .items()
+            .check(now, &target, &value, cas)
+            .map_err(refused)?;
+        if let Some(signed) = &value.signed {
+            let salt = signed.salt.as_deref();
+            let holds = bep44::signature_holds(
+                &signed.key,
+                &signed.signature,
+                signed.seq,
+                &value.value,
+                salt,
+            );
+            if !holds {
+                return Err((206, "invalid signature".into()));
+            }
+        }
+        let mut items = self.stores.items();
         let stored = items.put(now, target, value, cas, from);
         self.counters.items.store(items.len() as u64, Relaxed);
-        stored.map_err(|refused| (refused.code(), refused.to_string()))
+        stored.map_err(refused)
     }
 
     /// The [`CLOSEST`] table nodes closest to `target` (XOR distance).
@@ -486,10 +547,12 @@ impl KrpcNode {
     /// unanswered queries, (re)joining through the bootstrap nodes.
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
         self.tokens.rotate_if_due(now);
-        let expired = self.peers.sweep(now, SWEEP_BUDGET);
+        let mut peers = self.stores.peers();
+        let expired = peers.sweep(now, SWEEP_BUDGET);
         self.counters.expired.fetch_add(expired as u64, Relaxed);
-        self.counters.stored.store(self.peers.len() as u64, Relaxed);
-        let mut items = lock_items(&self.items);
+        self.counters.stored.store(peers.len() as u64, Relaxed);
+        drop(peers);
+        let mut items = self.stores.items();
         let expired = items.sweep(now, SWEEP_BUDGET);
         self.counters.expired.fetch_add(expired as u64, Relaxed);
         self.counters.items.store(items.len() as u64, Relaxed);
@@ -524,8 +587,7 @@ mod tests {
     fn node(now: Instant) -> KrpcNode {
         KrpcNode::new(
             [1; 20],
-            Duration::from_secs(75),
-            SharedItems::default(),
+            Arc::new(Stores::new(Duration::from_secs(75))),
             vec![],
             Arc::default(),
             now,
@@ -804,7 +866,7 @@ mod tests {
         assert!(refused.starts_with(b"d1:eli203e6:port 0"));
         assert_eq!(n.counters.refused_token.load(Relaxed), 2);
         assert_eq!(n.counters.refused_port.load(Relaxed), 1);
-        assert!(n.peers.is_empty());
+        assert!(n.stores.peers().is_empty());
 
         announce_ok(&mut n, now, host, 5000, &token);
         // implied_port: the source port.
@@ -819,7 +881,9 @@ mod tests {
             true,
         );
         assert_eq!(
-            n.peers.peers(now + Duration::from_millis(1), &KEY, 64),
+            n.stores
+                .peers()
+                .peers(now + Duration::from_millis(1), &KEY, 64),
             vec![addr([127, 0, 0, 1], 40000), addr([127, 0, 0, 1], 5000)]
         );
         assert_eq!(n.counters.stored.load(Relaxed), 2);
@@ -830,10 +894,19 @@ mod tests {
     fn a_full_store_refuses_new_keys_with_201_and_counts_them() {
         let now = Instant::now();
         let mut n = node(now);
-        for k in 0..super::super::peers::MAX_KEYS as u32 {
+        // Every info hash announced from two IPs: evicting one IP's oldest
+        // entry frees none, so a new info hash finds no room.
+        use super::super::peers::{MAX_ENTRIES_PER_IP, MAX_KEYS};
+        for k in 0..MAX_KEYS as u32 {
             let mut key = [0xee; 20];
             key[..4].copy_from_slice(&k.to_be_bytes());
-            n.peers.announce(now, key, addr([10, 0, 0, 1], 1));
+            let share = (k / MAX_ENTRIES_PER_IP as u32) as u8;
+            n.stores
+                .peers()
+                .announce(now, key, addr([10, 0, share, 1], 1));
+            n.stores
+                .peers()
+                .announce(now, key, addr([10, 1, share, 1], 1));
         }
         let host = addr([127, 0, 0, 1], 40000);
         let (answer, _) = ask(
@@ -864,7 +937,7 @@ mod tests {
     fn get_peers_answers_values_token_and_nodes() {
         let now = Instant::now();
         let mut n = node(now);
-        n.peers.announce(now, KEY, addr([10, 0, 0, 1], 7));
+        n.stores.peers().announce(now, KEY, addr([10, 0, 0, 1], 7));
         let (answer, _) = ask(
             &mut n,
             now,
@@ -899,7 +972,7 @@ mod tests {
         announce_ok(&mut n, now, host, 5000, &token);
         assert_eq!(n.counters.get.load(Relaxed), 1);
         assert_eq!(
-            n.peers.peers(now, &KEY, 64),
+            n.stores.peers().peers(now, &KEY, 64),
             vec![addr([127, 0, 0, 1], 5000)]
         );
     }
@@ -996,8 +1069,7 @@ mod tests {
         let boot = addr([127, 0, 0, 9], 9);
         let mut n = KrpcNode::new(
             [1; 20],
-            Duration::from_secs(75),
-            SharedItems::default(),
+            Arc::new(Stores::new(Duration::from_secs(75))),
             vec![boot],
             Arc::default(),
             t0,

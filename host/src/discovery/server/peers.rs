@@ -2,7 +2,7 @@
 //! (BEP 5 `announce_peer`), bounded, expiring, and answered in an order
 //! that puts a caller's best first tries first. No I/O; time is passed in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
@@ -18,10 +18,18 @@ pub const MAX_PEERS_PER_IP_PER_KEY: usize = 16;
 /// Most entries under one info hash; beyond it the least-recently-refreshed
 /// one gives way.
 pub const MAX_PEERS_PER_KEY: usize = 1024;
-/// Most info hashes stored; announces of new ones are refused when full.
+/// Most entries one source IP keeps over all info hashes (a NAT with 256
+/// hosts of 16 services each); beyond it the IP's least-recently-refreshed
+/// entry gives way, so one IP announcing ever new info hashes replaces its
+/// own entries and cannot fill the store.
+pub const MAX_ENTRIES_PER_IP: usize = 4096;
+/// Most info hashes stored. When full, a new one takes the place of the
+/// oldest entry of the IP holding the most entries (freeing its info hash
+/// if that was its last entry), else it is refused.
 pub const MAX_KEYS: usize = 65_536;
-/// Most entries stored in all; announces of new entries are refused when
-/// full (refreshes of stored ones are always taken).
+/// Most entries stored in all; when full, the IP holding the most entries
+/// gives up its oldest for a new one (refreshes are always taken), so IPs
+/// that flood share the room and newcomers still get in.
 pub const MAX_ENTRIES: usize = 262_144;
 /// Most values in one `get_peers` answer: 64 × 6 bytes, with the token and 8
 /// compact nodes (208 bytes) about 700 bytes, well under mainline's
@@ -35,9 +43,13 @@ pub enum Stored {
     Added,
     /// An entry already stored, refreshed.
     Refreshed,
-    /// Refused: the store is full (new info hash or new entry).
+    /// Refused: the store is full of info hashes, and the largest IP's
+    /// oldest entry did not free one.
     Full,
 }
+
+/// One stored peer: address, last announce, first announce.
+type Entry = (SocketAddrV4, Instant, Instant);
 
 /// Peers by info hash; each entry keyed by (info hash, IP, port), never by
 /// the announcer's node id, with the time it was last announced.
@@ -45,7 +57,11 @@ pub enum Stored {
 pub struct PeerStore {
     /// Per info hash: each peer, when it was last announced and when it
     /// was first (kept while it is refreshed).
-    swarms: BTreeMap<Id, Vec<(SocketAddrV4, Instant, Instant)>>,
+    swarms: BTreeMap<Id, Vec<Entry>>,
+    /// Per source IP: its entries by last announce, oldest first.
+    by_ip: HashMap<Ipv4Addr, BTreeSet<(Instant, Id, u16)>>,
+    /// Source IPs by how many entries they hold (for the largest).
+    by_count: BTreeSet<(usize, Ipv4Addr)>,
     entries: usize,
     ttl: Duration,
     /// Where the next [`PeerStore::sweep`] starts (after this key).
@@ -57,6 +73,8 @@ impl PeerStore {
     pub fn new(ttl: Duration) -> Self {
         PeerStore {
             swarms: BTreeMap::new(),
+            by_ip: HashMap::new(),
+            by_count: BTreeSet::new(),
             entries: 0,
             ttl,
             cursor: None,
@@ -82,43 +100,121 @@ impl PeerStore {
         now.saturating_duration_since(refreshed) < self.ttl
     }
 
+    /// Records entry (`key`, `peer`, last announced `at`) in the per-IP
+    /// index.
+    fn index(&mut self, key: Id, peer: SocketAddrV4, at: Instant) {
+        let set = self.by_ip.entry(*peer.ip()).or_default();
+        let before = set.len();
+        set.insert((at, key, peer.port()));
+        self.by_count.remove(&(before, *peer.ip()));
+        self.by_count.insert((before + 1, *peer.ip()));
+        self.entries += 1;
+    }
+
+    /// Forgets entry (`key`, `peer`, last announced `at`) in the per-IP
+    /// index.
+    fn unindex(&mut self, key: Id, peer: SocketAddrV4, at: Instant) {
+        let ip = *peer.ip();
+        let Some(set) = self.by_ip.get_mut(&ip) else {
+            return;
+        };
+        let before = set.len();
+        if !set.remove(&(at, key, peer.port())) {
+            return;
+        }
+        self.by_count.remove(&(before, ip));
+        if before > 1 {
+            self.by_count.insert((before - 1, ip));
+        } else {
+            self.by_ip.remove(&ip);
+        }
+        self.entries -= 1;
+    }
+
+    /// Removes the least-recently-refreshed entry of `ip` (and its info
+    /// hash if that was its last entry).
+    fn evict_oldest_of(&mut self, ip: Ipv4Addr) {
+        let Some(&(at, key, port)) = self.by_ip.get(&ip).and_then(|set| set.first()) else {
+            return;
+        };
+        let peer = SocketAddrV4::new(ip, port);
+        self.unindex(key, peer, at);
+        if let Some(swarm) = self.swarms.get_mut(&key) {
+            swarm.retain(|(p, a, _)| !(*p == peer && *a == at));
+            if swarm.is_empty() {
+                self.swarms.remove(&key);
+            }
+        }
+    }
+
+    /// The IP holding the most entries.
+    fn largest(&self) -> Option<Ipv4Addr> {
+        self.by_count.last().map(|&(_, ip)| ip)
+    }
+
     /// Stores or refreshes `peer` under `info_hash` at `now`, within the
     /// bounds above. Returns what it did and how many expired entries it
     /// dropped on the way.
     pub fn announce(&mut self, now: Instant, info_hash: Id, peer: SocketAddrV4) -> (Stored, usize) {
         let ttl = self.ttl;
-        let Some(swarm) = self.swarms.get_mut(&info_hash) else {
-            if self.swarms.len() >= MAX_KEYS || self.entries >= MAX_ENTRIES {
-                return (Stored::Full, 0);
+        let mut expired = 0;
+        if let Some(swarm) = self.swarms.get_mut(&info_hash) {
+            let (gone, kept): (Vec<Entry>, Vec<Entry>) = swarm
+                .drain(..)
+                .partition(|(_, at, _)| now.saturating_duration_since(*at) >= ttl);
+            *swarm = kept;
+            let position = swarm.iter().position(|(p, _, _)| *p == peer);
+            let refreshed = position.map(|i| {
+                let old = swarm[i].1;
+                swarm[i].1 = now;
+                old
+            });
+            let same_ip = swarm.iter().filter(|(p, _, _)| p.ip() == peer.ip()).count();
+            let evict = match refreshed {
+                Some(_) => None,
+                None if same_ip >= MAX_PEERS_PER_IP_PER_KEY => {
+                    oldest(swarm, |p| p.ip() == peer.ip())
+                }
+                None if swarm.len() >= MAX_PEERS_PER_KEY => oldest(swarm, |_| true),
+                None => None,
             }
-            self.swarms.insert(info_hash, vec![(peer, now, now)]);
-            self.entries += 1;
-            return (Stored::Added, 0);
-        };
-        let before = swarm.len();
-        swarm.retain(|(_, at, _)| now.saturating_duration_since(*at) < ttl);
-        let expired = before - swarm.len();
-        self.entries -= expired;
-        if let Some(entry) = swarm.iter_mut().find(|(p, _, _)| *p == peer) {
-            entry.1 = now;
-            return (Stored::Refreshed, expired);
-        }
-        let same_ip = swarm.iter().filter(|(p, _, _)| p.ip() == peer.ip()).count();
-        let evict = if same_ip >= MAX_PEERS_PER_IP_PER_KEY {
-            oldest(swarm, |p| p.ip() == peer.ip())
-        } else if swarm.len() >= MAX_PEERS_PER_KEY {
-            oldest(swarm, |_| true)
-        } else {
-            None
-        };
-        match evict {
-            Some(i) => swarm[i] = (peer, now, now),
-            None if self.entries >= MAX_ENTRIES => return (Stored::Full, expired),
-            None => {
-                swarm.push((peer, now, now));
-                self.entries += 1;
+            .map(|i| swarm.remove(i));
+            for (p, at, _) in gone {
+                expired += 1;
+                self.unindex(info_hash, p, at);
+            }
+            if let Some(old) = refreshed {
+                self.unindex(info_hash, peer, old);
+                self.index(info_hash, peer, now);
+                return (Stored::Refreshed, expired);
+            }
+            if let Some((p, at, _)) = evict {
+                self.unindex(info_hash, p, at);
             }
         }
+        // A new entry: make room by the bounds.
+        let own = self.by_ip.get(peer.ip()).map_or(0, BTreeSet::len);
+        if own >= MAX_ENTRIES_PER_IP {
+            self.evict_oldest_of(*peer.ip());
+        } else if self.entries >= MAX_ENTRIES {
+            if let Some(ip) = self.largest() {
+                self.evict_oldest_of(ip);
+            }
+        }
+        let new_key = !self.swarms.contains_key(&info_hash);
+        if new_key && self.swarms.len() >= MAX_KEYS {
+            if let Some(ip) = self.largest() {
+                self.evict_oldest_of(ip);
+            }
+            if self.swarms.len() >= MAX_KEYS {
+                return (Stored::Full, expired);
+            }
+        }
+        self.swarms
+            .entry(info_hash)
+            .or_default()
+            .push((peer, now, now));
+        self.index(info_hash, peer, now);
         (Stored::Added, expired)
     }
 
@@ -142,7 +238,6 @@ impl PeerStore {
         let Some(swarm) = self.swarms.get(info_hash) else {
             return vec![];
         };
-        type Entry = (SocketAddrV4, Instant, Instant);
         let mut by_ip: HashMap<Ipv4Addr, Vec<Entry>> = HashMap::new();
         for &entry in swarm.iter().filter(|(_, at, _)| self.live(now, *at)) {
             by_ip.entry(*entry.0.ip()).or_default().push(entry);
@@ -189,19 +284,28 @@ impl PeerStore {
         let mut examined = 0;
         let mut dropped = 0;
         let mut emptied = Vec::new();
+        let mut gone = Vec::new();
         let mut last = None;
         for (key, swarm) in self.swarms.range_mut((start, Bound::Unbounded)) {
             if examined >= budget {
                 break;
             }
             examined += swarm.len();
-            let before = swarm.len();
-            swarm.retain(|(_, at, _)| now.saturating_duration_since(*at) < ttl);
-            dropped += before - swarm.len();
+            swarm.retain(|&(p, at, _)| {
+                let keep = now.saturating_duration_since(at) < ttl;
+                if !keep {
+                    gone.push((*key, p, at));
+                }
+                keep
+            });
             if swarm.is_empty() {
                 emptied.push(*key);
             }
             last = Some(*key);
+        }
+        dropped += gone.len();
+        for (key, p, at) in gone {
+            self.unindex(key, p, at);
         }
         // Reached the end: start over next time.
         self.cursor = match last {
@@ -211,7 +315,6 @@ impl PeerStore {
         for key in emptied {
             self.swarms.remove(&key);
         }
-        self.entries -= dropped;
         dropped
     }
 }
@@ -330,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn a_key_keeps_its_newest_1024_and_the_store_refuses_new_keys_when_full() {
+    fn a_key_keeps_its_newest_1024_an_ip_its_newest_4096_and_newcomers_get_in_when_full() {
         let t0 = Instant::now();
         let mut store = PeerStore::new(TTL);
         for i in 0..(MAX_PEERS_PER_KEY as u32 + 10) {
@@ -346,24 +449,49 @@ mod tests {
         assert!(!live.contains(&peer([10, 0, 0, 0], 1)), "the oldest went");
         assert!(live.contains(&peer([10, 0, 4, 9], 1)), "the newest stayed");
 
-        let mut store = PeerStore::new(TTL);
-        for k in 0..MAX_KEYS as u32 {
+        let key = |k: u32| {
             let mut key = [0u8; 20];
             key[..4].copy_from_slice(&k.to_be_bytes());
+            key
+        };
+        // One IP announcing ever new info hashes keeps its newest ones.
+        let mut store = PeerStore::new(TTL);
+        let n = MAX_ENTRIES_PER_IP as u32 + 100;
+        for k in 0..n {
+            let at = t0 + Duration::from_micros(k.into());
             assert_eq!(
-                store.announce(t0, key, peer([10, 0, 0, 1], 1)).0,
+                store.announce(at, key(k), peer([10, 0, 0, 1], 1)).0,
                 Stored::Added
             );
         }
         assert_eq!(
-            store.announce(t0, [0xff; 20], peer([10, 0, 0, 1], 1)).0,
-            Stored::Full
+            (store.len(), store.keys()),
+            (MAX_ENTRIES_PER_IP, MAX_ENTRIES_PER_IP)
         );
-        // Stored keys still take refreshes.
+        let later = t0 + Duration::from_secs(1);
+        assert!(store.peers(later, &key(0), 1).is_empty(), "its oldest went");
         assert_eq!(
-            store.announce(t0, [0; 20], peer([10, 0, 0, 1], 1)).0,
-            Stored::Refreshed
+            store.peers(later, &key(n - 1), 1),
+            vec![peer([10, 0, 0, 1], 1)]
         );
+
+        // 16 IPs fill the table of info hashes: a newcomer still gets in,
+        // in the place of the oldest entry of an IP holding the most.
+        let mut store = PeerStore::new(TTL);
+        for k in 0..MAX_KEYS as u32 {
+            let ip = [10, 0, (k / MAX_ENTRIES_PER_IP as u32) as u8, 1];
+            let at = t0 + Duration::from_micros(k.into());
+            assert_eq!(store.announce(at, key(k), peer(ip, 1)).0, Stored::Added);
+        }
+        assert_eq!(store.keys(), MAX_KEYS);
+        let newcomer = peer([192, 0, 2, 1], 4000);
+        assert_eq!(store.announce(later, [0xff; 20], newcomer).0, Stored::Added);
+        assert_eq!(store.keys(), MAX_KEYS);
+        assert_eq!(store.peers(later, &[0xff; 20], 1), vec![newcomer]);
+        // The largest holders are tied: the highest IP gave up its oldest.
+        let first_of_last_ip = (MAX_KEYS - MAX_ENTRIES_PER_IP) as u32;
+        assert!(store.peers(later, &key(first_of_last_ip), 1).is_empty());
+        assert!(!store.peers(later, &key(0), 1).is_empty());
     }
 
     #[test]
