@@ -166,6 +166,9 @@ impl GrapeNode {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(SocketAddrV4::new(own_ip, query_port));
+        // Every value put through the HTTP API is kept as this grape's own:
+        // never given up for another IP's newcomers.
+        server.stores().items().protect(own_ip);
         Ok(Arc::new(GrapeNode {
             server,
             publisher: Publisher {

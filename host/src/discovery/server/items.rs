@@ -12,13 +12,15 @@
 //!
 //! Bounds: items live [`ITEM_TTL`] after their last put (BEP 44:
 //! "Without re-announcement these items MAY expire in 2 hours"). Each item
-//! counts against the IP that first put it (a refresh or a newer version
-//! from elsewhere keeps it there, so no one can move another's item into
-//! their own share and evict it): at most [`MAX_ITEMS_PER_IP`] per IP, that
+//! counts against the IP that first put it (a refresh from elsewhere keeps
+//! it there, so no one can move another's item into their own share and
+//! evict it); a newer signed version, which only the key's holder can
+//! make, moves it to its sender. At most [`MAX_ITEMS_PER_IP`] per IP, that
 //! IP's least recently put giving way (newest wins: an IP filling its share
 //! replaces its own items, no one else's), and [`MAX_ITEMS`] in all; when
-//! full, the IP holding the most gives up its least recently put item, so
-//! IPs that flood share the room and newcomers still get in. Each item is
+//! full, the IP holding the most gives up its least recently put item
+//! (except [protected](ItemStore::protect) IPs: a grape's own), so IPs
+//! that flood share the room and newcomers still get in. Each item is
 //! at most 999 value bytes, 64 salt bytes and the key and signature: a full
 //! store holds about 18 MB. Puts need a token, so the IP an item is counted
 //! against has shown it receives there.
@@ -26,7 +28,9 @@
 //! A mutable item that leaves the store (expired or evicted) leaves its
 //! `seq` behind for [`ITEM_TTL`] ([`MAX_SEQ_MARKS`] at most): a put of an
 //! older version is refused meanwhile, so eviction cannot be used to roll a
-//! value back. An item keeps its kind: a mutable put never replaces an
+//! value back. No mark is dropped early to make room for an eviction: with
+//! the marks full, a put that would evict a mutable item is refused
+//! ([`PutRefused::Full`]) instead. An item keeps its kind: a mutable put never replaces an
 //! immutable item, nor the reverse.
 
 use std::collections::{BTreeSet, HashMap};
@@ -82,6 +86,10 @@ pub enum PutRefused {
     /// A mutable put over an immutable item or the reverse (203).
     #[error("an item of the other kind is stored under this target")]
     OtherKind,
+    /// No room without forgetting a mutable item's seq mark before its
+    /// time (201, a generic error).
+    #[error("storage full")]
+    Full,
 }
 
 impl PutRefused {
@@ -92,6 +100,7 @@ impl PutRefused {
             PutRefused::CasMismatch => 301,
             PutRefused::SeqTooLow => 302,
             PutRefused::OtherKind => 203,
+            PutRefused::Full => 201,
         }
     }
 }
@@ -118,6 +127,8 @@ pub struct ItemStore {
     seq_marks: HashMap<Id, (i64, Instant)>,
     /// The marks by when they were made, earliest first.
     seq_mark_order: BTreeSet<(Instant, Id)>,
+    /// IPs whose items the largest-share rule never takes.
+    protected: std::collections::HashSet<Ipv4Addr>,
     ttl: Duration,
 }
 
@@ -137,6 +148,7 @@ impl ItemStore {
             by_count: BTreeSet::new(),
             seq_marks: HashMap::new(),
             seq_mark_order: BTreeSet::new(),
+            protected: Default::default(),
             ttl,
         }
     }
@@ -197,25 +209,40 @@ impl ItemStore {
         cas: Option<i64>,
         from: Ipv4Addr,
     ) -> Result<(), PutRefused> {
+        // An expired item not yet swept goes first, leaving its seq mark.
+        if self.items.contains_key(&target) && self.live(now, &target).is_none() {
+            self.remove(now, &target, true);
+        }
         self.check(now, &target, &value, cas)?;
-        // The IP it counts against: whoever put it first, while it lives.
+        // The IP it counts against: whoever put it first, while it lives;
+        // a newer signed version (only the key's holder can make one)
+        // moves it to its sender.
         let owner = match self.items.get(&target) {
-            Some(e) if now.saturating_duration_since(e.put_at) < self.ttl => e.from,
-            _ => from,
+            Some(e) => match (&e.value.signed, &value.signed) {
+                (Some(old), Some(new)) if new.seq > old.seq => from,
+                _ => e.from,
+            },
+            None => from,
         };
-        // An earlier version (or an expired one) makes way.
         let replacing = self.items.contains_key(&target);
-        self.remove(now, &target, false);
         if !replacing {
             let share = self.by_ip.get(&owner).map_or(0, BTreeSet::len);
-            if share >= MAX_ITEMS_PER_IP {
-                self.evict_oldest_of(now, owner);
+            let victim = if share >= MAX_ITEMS_PER_IP {
+                Some(owner)
             } else if self.items.len() >= MAX_ITEMS {
-                if let Some(&(_, largest)) = self.by_count.last() {
-                    self.evict_oldest_of(now, largest);
-                }
+                self.largest_evictable()
+            } else {
+                None
+            };
+            if let Some(ip) = victim {
+                self.evict_oldest_of(now, ip)?;
+            }
+            if self.items.len() >= MAX_ITEMS {
+                return Err(PutRefused::Full);
             }
         }
+        // An earlier version makes way.
+        self.remove(now, &target, false);
         self.insert(now, target, value, owner);
         Ok(())
     }
@@ -275,21 +302,62 @@ impl ItemStore {
         if let Some((_, at)) = self.seq_marks.remove(&target) {
             self.seq_mark_order.remove(&(at, target));
         }
+        // Only an expiry gets here with the marks full (an eviction checks
+        // for room first): the oldest mark goes.
         while self.seq_marks.len() >= MAX_SEQ_MARKS {
-            let Some((at, oldest)) = self.seq_mark_order.pop_first() else {
+            let Some((_, oldest)) = self.seq_mark_order.pop_first() else {
                 break;
             };
             self.seq_marks.remove(&oldest);
-            let _ = at;
         }
         self.seq_marks.insert(target, (seq, now));
         self.seq_mark_order.insert((now, target));
     }
 
-    fn evict_oldest_of(&mut self, now: Instant, ip: Ipv4Addr) {
-        if let Some(&(_, oldest)) = self.by_ip.get(&ip).and_then(|share| share.first()) {
-            self.remove(now, &oldest, true);
+    /// Evicts `ip`'s least recently put item. A mutable one must leave
+    /// its seq mark: when the marks are full of unexpired ones, nothing is
+    /// evicted and the put that asked is refused ([`PutRefused::Full`]).
+    fn evict_oldest_of(&mut self, now: Instant, ip: Ipv4Addr) -> Result<(), PutRefused> {
+        let Some(&(_, oldest)) = self.by_ip.get(&ip).and_then(|share| share.first()) else {
+            return Ok(());
+        };
+        let mutable = self
+            .items
+            .get(&oldest)
+            .is_some_and(|e| e.value.signed.is_some());
+        if mutable && !self.room_for_a_mark(now) {
+            return Err(PutRefused::Full);
         }
+        self.remove(now, &oldest, true);
+        Ok(())
+    }
+
+    /// Whether a seq mark can be made without dropping an unexpired one.
+    fn room_for_a_mark(&mut self, now: Instant) -> bool {
+        while let Some(&(at, target)) = self.seq_mark_order.first() {
+            if now.saturating_duration_since(at) < self.ttl {
+                break;
+            }
+            self.seq_mark_order.pop_first();
+            self.seq_marks.remove(&target);
+        }
+        self.seq_marks.len() < MAX_SEQ_MARKS
+    }
+
+    /// Marks `ip`'s items as never taken by the "largest share gives way"
+    /// rule (only by its own share's bound): a grape's own IP, under which
+    /// it keeps every value its HTTP clients put.
+    pub fn protect(&mut self, ip: Ipv4Addr) {
+        self.protected.insert(ip);
+    }
+
+    /// The IP holding the most items, protected ones left out.
+    fn largest_evictable(&self) -> Option<Ipv4Addr> {
+        self.by_count
+            .iter()
+            .rev()
+            .map(|&(_, ip)| ip)
+            .find(|ip| !self.protected.contains(ip))
     }
 
     /// Drops up to `budget` expired items, earliest first; how many.
@@ -403,12 +471,17 @@ mod tests {
         assert!(store.get(expired, &[2; 20]).is_some());
         assert_eq!(store.sweep(expired, 10), 1);
         assert_eq!(store.len(), 1);
-        // An expired mutable item does not hold back a lower seq.
+        // An expired mutable item, swept or not, still holds back a lower
+        // seq (its mark), but not a newer one.
         store
             .put(start, [3; 20], mutable("new", 9), None, HOME)
             .unwrap();
         assert_eq!(
             store.put(expired, [3; 20], mutable("old", 1), None, HOME),
+            Err(PutRefused::SeqTooLow)
+        );
+        assert_eq!(
+            store.put(expired, [3; 20], mutable("newer", 10), None, HOME),
             Ok(())
         );
     }
@@ -523,6 +596,91 @@ mod tests {
             store.put(much_later, [1; 20], mutable("v2", 2), None, owner),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_newer_signed_version_moves_the_item_to_its_sender() {
+        let now = Instant::now();
+        let mut store = ItemStore::default();
+        let squatter = Ipv4Addr::new(10, 0, 0, 66);
+        let holder = Ipv4Addr::new(10, 0, 0, 5);
+        // The squatter puts a copy first; the key's holder then puts seq 2.
+        store
+            .put(now, [1; 20], mutable("v1", 1), None, squatter)
+            .unwrap();
+        store
+            .put(now, [1; 20], mutable("v2", 2), None, holder)
+            .unwrap();
+        for i in 0..MAX_ITEMS_PER_IP + 5 {
+            let at = now + Duration::from_micros(i as u64 + 1);
+            store
+                .put(at, target(i), immutable("junk"), None, squatter)
+                .unwrap();
+        }
+        assert_eq!(store.get(now, &[1; 20]).unwrap().value, b"v2");
+    }
+
+    #[test]
+    fn no_seq_mark_is_dropped_early_to_make_room() {
+        let now = Instant::now();
+        let mut store = ItemStore::default();
+        let ip = |i: usize| Ipv4Addr::from((i / MAX_ITEMS_PER_IP) as u32 + 1);
+        // Fill the marks with evictions of mutable items.
+        let mut made = 0;
+        for i in 0.. {
+            if store.seq_marks.len() == MAX_SEQ_MARKS {
+                break;
+            }
+            let at = now + Duration::from_micros(i as u64);
+            store
+                .put(
+                    at,
+                    target(i),
+                    mutable("x", 1),
+                    None,
+                    ip(i % (MAX_ITEMS_PER_IP * 2)),
+                )
+                .unwrap();
+            made += 1;
+        }
+        assert!(made > MAX_SEQ_MARKS);
+        // Now a put that would evict a mutable item is refused, and every
+        // mark stays.
+        let full_share = ip(0);
+        let at = now + Duration::from_secs(1);
+        assert_eq!(
+            store.put(at, [0xfe; 20], immutable("y"), None, full_share),
+            Err(PutRefused::Full)
+        );
+        assert_eq!(store.seq_marks.len(), MAX_SEQ_MARKS);
+        // After the TTL, marks make way again.
+        let later = now + ITEM_TTL + Duration::from_secs(2);
+        assert_eq!(
+            store.put(later, [0xfe; 20], immutable("y"), None, full_share),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_protected_ip_is_never_the_largest_share_that_gives_way() {
+        let now = Instant::now();
+        let mut store = ItemStore::default();
+        let grape = Ipv4Addr::new(10, 0, 0, 1);
+        store.protect(grape);
+        for i in 0..MAX_ITEMS_PER_IP {
+            store
+                .put(now, target(i), immutable("mine"), None, grape)
+                .unwrap();
+        }
+        for i in MAX_ITEMS_PER_IP..MAX_ITEMS {
+            let ip = Ipv4Addr::new(10, 1, (i / 256) as u8, 1);
+            store.put(now, target(i), immutable("x"), None, ip).unwrap();
+        }
+        let newcomer = Ipv4Addr::new(10, 9, 9, 9);
+        store
+            .put(now, [0xfe; 20], immutable("new"), None, newcomer)
+            .unwrap();
+        assert!((0..MAX_ITEMS_PER_IP).all(|i| store.get(now, &target(i)).is_some()));
     }
 
     #[test]

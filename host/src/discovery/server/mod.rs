@@ -20,15 +20,17 @@
 //! re-announce refreshes its one entry. Entries live [`PEER_TTL`] after
 //! their last announce. Port 0 is refused. Bounds ([`peers`]): 16 entries
 //! per (info hash, source IP), the IP's least-recently-refreshed giving way;
-//! 1024 per info hash, likewise; 65,536 info hashes and 262,144 entries in
-//! all, new ones refused when full. Expired entries are swept a bounded
-//! amount per tick.
+//! 1024 per info hash, likewise; 4096 per source IP over all info hashes,
+//! likewise; 262,144 entries in all, the IP holding the most giving up its
+//! oldest when full. Expired entries are swept a bounded amount per tick.
 //!
 //! **BEP 44 items** ([`items`]): immutable and mutable items whose `v` is a
 //! byte string of at most 999 bytes (what mainline and a Grape put), salts
 //! of at most 64 bytes, signatures checked (ed25519, strict); kept 2 hours
 //! after their last put, at most 1,024 per putting IP (its oldest giving
-//! way) and 16,384 in all (new ones refused when full). The same store
+//! way) and 16,384 in all (the IP holding the most giving way), with the
+//! `seq` of mutable items that left remembered against roll-backs; at most
+//! [`node::PUTS_PER_SECOND_PER_IP`] puts per second per IP. The same store
 //! answers a grape's `/get`.
 //!
 //! **Order.** `get_peers` answers at most 64 `values`: source IPs take turns
@@ -97,7 +99,8 @@ pub struct ServerCounters {
     pub refused_token: AtomicU64,
     /// Announces refused for port 0.
     pub refused_port: AtomicU64,
-    /// Announces refused because the store is full.
+    /// Puts refused because the store is full (no room without forgetting
+    /// a mutable item's seq mark early).
     pub refused_full: AtomicU64,
     /// Entries stored now.
     pub stored: AtomicU64,

@@ -23,14 +23,13 @@ pub const MAX_PEERS_PER_KEY: usize = 1024;
 /// entry gives way, so one IP announcing ever new info hashes replaces its
 /// own entries and cannot fill the store.
 pub const MAX_ENTRIES_PER_IP: usize = 4096;
-/// Most info hashes stored. When full, a new one takes the place of the
-/// oldest entry of the IP holding the most entries (freeing its info hash
-/// if that was its last entry), else it is refused.
-pub const MAX_KEYS: usize = 65_536;
 /// Most entries stored in all; when full, the IP holding the most entries
 /// gives up its oldest for a new one (refreshes are always taken), so IPs
 /// that flood share the room and newcomers still get in.
 pub const MAX_ENTRIES: usize = 262_144;
+// Info hashes are bounded by the entries (each has one at least), not on
+// their own: a bound of their own could be filled by IPs announcing each
+// info hash in pairs, so that no eviction of one entry frees one.
 /// Most values in one `get_peers` answer: 64 × 6 bytes, with the token and 8
 /// compact nodes (208 bytes) about 700 bytes, well under mainline's
 /// 2048-byte receive buffer and a 1500-byte MTU.
@@ -43,9 +42,6 @@ pub enum Stored {
     Added,
     /// An entry already stored, refreshed.
     Refreshed,
-    /// Refused: the store is full of info hashes, and the largest IP's
-    /// oldest entry did not free one.
-    Full,
 }
 
 /// One stored peer: address, last announce, first announce.
@@ -199,15 +195,6 @@ impl PeerStore {
         } else if self.entries >= MAX_ENTRIES {
             if let Some(ip) = self.largest() {
                 self.evict_oldest_of(ip);
-            }
-        }
-        let new_key = !self.swarms.contains_key(&info_hash);
-        if new_key && self.swarms.len() >= MAX_KEYS {
-            if let Some(ip) = self.largest() {
-                self.evict_oldest_of(ip);
-            }
-            if self.swarms.len() >= MAX_KEYS {
-                return (Stored::Full, expired);
             }
         }
         self.swarms
@@ -475,21 +462,21 @@ mod tests {
             vec![peer([10, 0, 0, 1], 1)]
         );
 
-        // 16 IPs fill the table of info hashes: a newcomer still gets in,
+        // 64 IPs fill the store: a newcomer still gets in,
         // in the place of the oldest entry of an IP holding the most.
         let mut store = PeerStore::new(TTL);
-        for k in 0..MAX_KEYS as u32 {
+        for k in 0..MAX_ENTRIES as u32 {
             let ip = [10, 0, (k / MAX_ENTRIES_PER_IP as u32) as u8, 1];
             let at = t0 + Duration::from_micros(k.into());
             assert_eq!(store.announce(at, key(k), peer(ip, 1)).0, Stored::Added);
         }
-        assert_eq!(store.keys(), MAX_KEYS);
+        assert_eq!(store.keys(), MAX_ENTRIES);
         let newcomer = peer([192, 0, 2, 1], 4000);
         assert_eq!(store.announce(later, [0xff; 20], newcomer).0, Stored::Added);
-        assert_eq!(store.keys(), MAX_KEYS);
+        assert_eq!(store.keys(), MAX_ENTRIES);
         assert_eq!(store.peers(later, &[0xff; 20], 1), vec![newcomer]);
         // The largest holders are tied: the highest IP gave up its oldest.
-        let first_of_last_ip = (MAX_KEYS - MAX_ENTRIES_PER_IP) as u32;
+        let first_of_last_ip = (MAX_ENTRIES - MAX_ENTRIES_PER_IP) as u32;
         assert!(store.peers(later, &key(first_of_last_ip), 1).is_empty());
         assert!(!store.peers(later, &key(0), 1).is_empty());
     }
