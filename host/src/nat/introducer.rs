@@ -146,12 +146,15 @@ struct Registration {
 }
 
 /// The registered hosts, indexed so that every operation is O(log n): by
-/// observed address, by key, by the (IP, local port) they claim, by IP
-/// (a count), and by expiry.
+/// observed address, by (key, local port), by the (IP, local port) they
+/// claim, by IP (a count), and by expiry.
+///
+/// A host is its key and its local RPC port: hosts that share a state
+/// directory (on one machine) share an identity, each with its own port.
 #[derive(Debug, Default)]
 struct Registrations {
     hosts: HashMap<SocketAddr, Registration>,
-    by_key: HashMap<String, SocketAddr>,
+    by_key: HashMap<(String, u16), SocketAddr>,
     claims: HashMap<(std::net::IpAddr, u16), SocketAddr>,
     per_ip: HashMap<std::net::IpAddr, usize>,
     expiries: std::collections::BTreeSet<(Instant, SocketAddr)>,
@@ -184,8 +187,8 @@ impl Registrations {
         self.hosts.get(&addr).map(|r| (addr, r))
     }
 
-    fn has_key(&self, key: &str) -> bool {
-        self.by_key.contains_key(key)
+    fn has_host(&self, key: &str, port: u16) -> bool {
+        self.by_key.contains_key(&(key.to_string(), port))
     }
 
     fn on_ip(&self, ip: std::net::IpAddr) -> usize {
@@ -196,7 +199,9 @@ impl Registrations {
         let Some(r) = self.hosts.remove(&addr) else {
             return;
         };
-        self.by_key.remove(&r.key);
+        if self.by_key.get(&(r.key.clone(), r.port)) == Some(&addr) {
+            self.by_key.remove(&(r.key.clone(), r.port));
+        }
         if self.claims.get(&(addr.ip(), r.port)) == Some(&addr) {
             self.claims.remove(&(addr.ip(), r.port));
         }
@@ -209,14 +214,16 @@ impl Registrations {
         self.expiries.remove(&(r.expires, addr));
     }
 
-    /// Stores `r` at `addr`, replacing what was there and the same key's
-    /// registration elsewhere (its NAT rebound it to a new address).
+    /// Stores `r` at `addr`, replacing what was there and the same host's
+    /// (key and port) registration elsewhere (its NAT rebound it to a new
+    /// address).
     fn insert(&mut self, addr: SocketAddr, r: Registration) {
         self.remove(addr);
-        if let Some(&old) = self.by_key.get(&r.key) {
+        let host = (r.key.clone(), r.port);
+        if let Some(&old) = self.by_key.get(&host) {
             self.remove(old);
         }
-        self.by_key.insert(r.key.clone(), addr);
+        self.by_key.insert(host, addr);
         self.claims.insert((addr.ip(), r.port), addr);
         *self.per_ip.entry(addr.ip()).or_default() += 1;
         self.expiries.insert((r.expires, addr));
@@ -380,7 +387,7 @@ impl Introducer {
                 self.hosts.remove(holder);
             }
         }
-        if self.hosts.get(&from).is_some() || self.hosts.has_key(key) {
+        if self.hosts.get(&from).is_some() || self.hosts.has_host(key, port) {
             return true;
         }
         if self.hosts.on_ip(from.ip()) >= MAX_REGISTRATIONS_PER_IP {
@@ -829,6 +836,31 @@ mod tests {
         assert_eq!(introducer.stats().bad_signatures, 4);
         send(&mut introducer, now, host, theirs);
         assert_eq!(introducer.registered(), 1);
+    }
+
+    #[test]
+    fn hosts_sharing_an_identity_keep_a_registration_each() {
+        // Two hosts of one machine (one state directory, one key), each on
+        // its own RPC port, behind two NATs.
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        let worker = SocketAddr::new(ip(198, 51, 100, 2), 40001);
+        let consumer = SocketAddr::new(ip(198, 51, 100, 3), 40002);
+        for _ in 0..3 {
+            verified(&mut introducer, now, worker, |c| {
+                register(c, "machine", 5000)
+            });
+            verified(&mut introducer, now, consumer, |c| {
+                register(c, "machine", 5001)
+            });
+        }
+        assert_eq!(introducer.registered(), 2);
+        // The same host (key and port) from a new address still moves.
+        let moved = SocketAddr::new(ip(198, 51, 100, 2), 40009);
+        verified(&mut introducer, now, moved, |c| {
+            register(c, "machine", 5000)
+        });
+        assert_eq!(introducer.registered(), 2);
     }
 
     #[test]
