@@ -524,7 +524,8 @@ fn two_hosts_cannot_share_a_plugins_state_and_a_plugin_without_state_creates_non
     drop(first);
 
     // fibonacci (0.4.0) never calls the state interface, so it does not
-    // import it: no directory, no lock, and any number of such hosts.
+    // import it: no state file, no lock, and any number of such hosts (the
+    // directory holds the host's identity only).
     let unused = second.path().join("state");
     let (fib, _) = spawn_listening(
         "fibonacci host",
@@ -539,9 +540,15 @@ fn two_hosts_cannot_share_a_plugins_state_and_a_plugin_without_state_creates_non
             unused.to_str().unwrap(),
         ],
     );
+    let made: Vec<String> = std::fs::read_dir(&unused)
+        .map(|dir| {
+            dir.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     assert!(
-        !unused.exists(),
-        "a plugin without state created {unused:?}"
+        made.iter().all(|name| name == "identity.key"),
+        "a plugin without state created {made:?} in {unused:?}"
     );
     fib.wait_for("fibonacci: no state", common::SOON);
     assert!(!fib.output().contains("state in"), "{}", fib.output());

@@ -167,7 +167,9 @@ pub enum Command {
         /// on the same directory with the same plugin stops at start.
         /// Default: $STATE_DIRECTORY (systemd's StateDirectory=), else
         /// $XDG_STATE_HOME/grenache-host, else ~/.local/state/grenache-host.
-        /// Created (owner-only) when a plugin that uses state loads.
+        /// Created (owner-only) at start: it also keeps the host's identity
+        /// (identity.key, see --identity); state files only for plugins that
+        /// use state.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
         /// The host's identity: an Ed25519 secret key file (owner-only, as
