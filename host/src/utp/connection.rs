@@ -63,6 +63,16 @@
 //! So a spoofed SYN costs the forged address one 20-byte STATE for each
 //! 20-byte SYN, ×1.
 //!
+//! # Capability bits
+//!
+//! Every SYN we send, and the responder's STATEs until the peer is
+//! verified (if its SYN had extension bits: a STATE is never longer than
+//! its SYN), carry the extension bits (BEP 29 extension 2) with
+//! [`CAP_SECURE_SESSION_V1`] set. The peer's bits are recorded from its SYN
+//! (responder) or from the packet completing the handshake (initiator), so
+//! the RPC layer knows a peer is ours before it sends a byte
+//! ([`Connection::peer_extension_bits`]; docs/wire.md §10).
+//!
 //! Our initiator acknowledges the STATE at once (with its first DATA, or a
 //! STATE of its own), so a connection opened ahead of its first request
 //! stays; libutp's initiator sends its first DATA at once.
@@ -70,7 +80,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::packet::{seq_less, Header, Packet, PacketType, SelectiveAck, HEADER_LEN};
+use super::packet::{
+    seq_less, Header, Packet, PacketType, SelectiveAck, CAP_SECURE_SESSION_V1, EXTENSION_BITS_LEN,
+    HEADER_LEN,
+};
 
 /// The payload of one packet: libutp's `UDP_IPV4_MTU` (1402) − the 20-byte
 /// header, the most a Node peer sends or reads in one packet
@@ -269,6 +282,9 @@ pub struct Connection {
     verified: bool,
     /// SYNs this initiator may still send (`None`: no limit).
     syn_budget: Option<u32>,
+    /// The peer's extension bits (see the module documentation), `None`
+    /// until seen or when it sent none.
+    peer_bits: Option<[u8; EXTENSION_BITS_LEN]>,
 
     // Sending.
     /// The sequence number of the next new packet.
@@ -333,6 +349,7 @@ impl Connection {
             last_received: now,
             verified: false,
             syn_budget: None,
+            peer_bits: None,
             next_seq: 0,
             last_ack: 0,
             unsent: VecDeque::new(),
@@ -377,7 +394,9 @@ impl Connection {
     /// A connection the peer opened with `syn`; our first sequence number
     /// is `initial_seq`. The STATE answering the SYN goes out at the next
     /// transmit.
-    pub fn accept(now: Instant, epoch: Instant, syn: &Header, initial_seq: u16) -> Self {
+    pub fn accept(now: Instant, epoch: Instant, syn: &Packet<'_>, initial_seq: u16) -> Self {
+        let peer_bits = syn.extension_bits;
+        let syn = &syn.header;
         let mut c = Connection::new(
             now,
             epoch,
@@ -393,7 +412,24 @@ impl Connection {
         c.peer_window = syn.wnd_size as usize;
         c.reply_micro = c.micros(now).wrapping_sub(syn.timestamp_us);
         c.ack_due = true;
+        c.peer_bits = peer_bits;
         c
+    }
+
+    /// The peer's extension bits (BEP 29 extension 2): from its SYN, or
+    /// from the packet that completed our handshake; all zero when it sent
+    /// none (a Node peer) or before that.
+    pub fn peer_extension_bits(&self) -> [u8; EXTENSION_BITS_LEN] {
+        self.peer_bits.unwrap_or_default()
+    }
+
+    /// The peer set [`CAP_SECURE_SESSION_V1`]: it is a grenache-host and
+    /// speaks the Noise sessions of docs/wire.md §10.
+    pub fn peer_speaks_secure(&self) -> bool {
+        self.peer_extension_bits()
+            .iter()
+            .zip(CAP_SECURE_SESSION_V1)
+            .all(|(have, want)| have & want == want)
     }
 
     /// Where the handshake is.
@@ -656,6 +692,7 @@ impl Connection {
             }
             self.state = State::Connected;
             self.verified = true;
+            self.peer_bits = packet.extension_bits;
             self.ack_nr = h.seq_nr.wrapping_sub(1);
             self.syn_due = false;
             // Acknowledge the STATE at once (TCP's third handshake packet):
@@ -1050,7 +1087,11 @@ impl Connection {
                 let mut header = self.header(now, PacketType::Syn, self.syn_seq);
                 header.connection_id = self.recv_id;
                 header.ack_nr = 0;
-                Packet::without_payload(header).encode(out);
+                Packet {
+                    extension_bits: Some(CAP_SECURE_SESSION_V1),
+                    ..Packet::without_payload(header)
+                }
+                .encode(out);
                 self.last_sent = now;
                 return true;
             }
@@ -1130,6 +1171,7 @@ impl Connection {
         Packet {
             header,
             selective_ack: None,
+            extension_bits: None,
             payload: &self.in_flight[i].payload,
         }
         .encode(out);
@@ -1161,9 +1203,15 @@ impl Connection {
                     .map(|(i, _)| i),
             )
         });
+        // The responder's STATEs before the peer is verified answer its SYN:
+        // they carry our bits, if the SYN carried some (so a spoofed SYN
+        // still gets no more bytes than it had).
+        let extension_bits = (!self.initiator && !self.verified && self.peer_bits.is_some())
+            .then_some(CAP_SECURE_SESSION_V1);
         Packet {
             header,
             selective_ack,
+            extension_bits,
             payload: &[],
         }
         .encode(out);

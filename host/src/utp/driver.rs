@@ -287,6 +287,13 @@ impl Connecting {
         self.utp().lock().socket.syn_count(self.handle)
     }
 
+    /// The peer's STATE carried our capability bit: it is a grenache-host
+    /// and speaks the Noise sessions (docs/wire.md §10). Meaningful once
+    /// [established](Self::established).
+    pub fn peer_speaks_secure(&self) -> bool {
+        self.utp().lock().socket.peer_speaks_secure(self.handle)
+    }
+
     /// The stream of an [established](Self::established) connection.
     pub fn into_stream(mut self) -> UtpStream {
         let utp = self.utp.take().expect("present until taken");
@@ -392,6 +399,14 @@ impl UtpStream {
     /// The peer's address.
     pub fn remote_addr(&self) -> SocketAddr {
         self.shared.remote
+    }
+
+    /// The peer's SYN (or STATE, on a stream we opened) carried our
+    /// capability bit: it is a grenache-host and speaks the Noise sessions
+    /// (docs/wire.md §10); `false` for Node peers.
+    pub fn peer_speaks_secure(&self) -> bool {
+        let shared = &self.shared;
+        shared.utp.lock().socket.peer_speaks_secure(shared.handle)
     }
 
     /// The read and write halves, usable from different tasks. Dropping

@@ -17,8 +17,10 @@
 //! ```
 //!
 //! Each extension is `next extension type (1 byte), length (1 byte), length
-//! bytes`; the header's `extension` byte names the first. The only extension
-//! we read and write is the selective ACK (type 1); others are skipped.
+//! bytes`; the header's `extension` byte names the first. We read and write
+//! the selective ACK (type 1) and the extension bits (type 2, exactly 8
+//! bytes, as libutp parses them and stores without acting on them; we use
+//! one bit, [`CAP_SECURE_SESSION_V1`]); others are skipped.
 //! Decoding never panics on network input: anything malformed is an
 //! [`DecodeError`].
 
@@ -34,6 +36,16 @@ pub const EXT_SELECTIVE_ACK: u8 = 1;
 /// `ack_nr + 1`. BEP 29 asks for a multiple of 4 bytes; longer masks from a
 /// peer are read whole.
 pub const MAX_SELECTIVE_ACK_LEN: usize = 32;
+/// Extension type of the extension bits (BEP 29 names type 2; libutp reads
+/// it only when exactly [`EXTENSION_BITS_LEN`] bytes long and acts on none
+/// of the bits, utp_internal.cpp `UTP_ProcessIncoming`).
+pub const EXT_BITS: u8 = 2;
+/// The length of the extension bits, in bytes.
+pub const EXTENSION_BITS_LEN: usize = 8;
+/// Our capability bit in the extension bits (bit 0 of byte 0): "I am a
+/// grenache-host and speak the Noise sessions of docs/wire.md §10". Node
+/// (libutp) sends all bits zero, or no extension 2 at all.
+pub const CAP_SECURE_SESSION_V1: [u8; EXTENSION_BITS_LEN] = [1, 0, 0, 0, 0, 0, 0, 0];
 
 /// The packet types of BEP 29, as the high nibble of the first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +154,8 @@ pub struct Packet<'a> {
     pub header: Header,
     /// The selective ACK, if the packet carried one.
     pub selective_ack: Option<SelectiveAck>,
+    /// The extension bits (type 2), if the packet carried them.
+    pub extension_bits: Option<[u8; EXTENSION_BITS_LEN]>,
     /// Everything after the header and extensions.
     pub payload: &'a [u8],
 }
@@ -189,6 +203,7 @@ impl<'a> Packet<'a> {
             ack_nr: u16_at(18),
         };
         let mut selective_ack = None;
+        let mut extension_bits = None;
         let mut next = header.extension;
         let mut at = HEADER_LEN;
         while next != 0 {
@@ -204,26 +219,39 @@ impl<'a> Packet<'a> {
                     mask: body.to_vec(),
                 });
             }
+            if next == EXT_BITS {
+                // libutp takes type 2 only at exactly 8 bytes; so do we.
+                extension_bits = body.try_into().ok();
+            }
             next = kind;
             at += 2 + len;
         }
         Ok(Packet {
             header,
             selective_ack,
+            extension_bits,
             payload: &bytes[at..],
         })
     }
 
     /// Appends the packet's bytes to `out`. The header's `extension` byte
-    /// is written from `selective_ack`, whatever the field holds.
+    /// and the extension chain are written from `selective_ack` and
+    /// `extension_bits` (in that order), whatever the field holds.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let h = &self.header;
-        out.reserve(HEADER_LEN + self.payload.len() + 2 + MAX_SELECTIVE_ACK_LEN);
+        out.reserve(
+            HEADER_LEN + self.payload.len() + 4 + MAX_SELECTIVE_ACK_LEN + EXTENSION_BITS_LEN,
+        );
+        let bits_type = if self.extension_bits.is_some() {
+            EXT_BITS
+        } else {
+            0
+        };
         out.push((h.packet_type as u8) << 4 | VERSION);
         out.push(if self.selective_ack.is_some() {
             EXT_SELECTIVE_ACK
         } else {
-            0
+            bits_type
         });
         out.extend_from_slice(&h.connection_id.to_be_bytes());
         out.extend_from_slice(&h.timestamp_us.to_be_bytes());
@@ -235,9 +263,14 @@ impl<'a> Packet<'a> {
             // A longer mask than one byte of length can say is cut: it only
             // ever reports extra packets.
             let len = sack.mask.len().min(252);
-            out.push(0);
+            out.push(bits_type);
             out.push(len as u8);
             out.extend_from_slice(&sack.mask[..len]);
+        }
+        if let Some(bits) = &self.extension_bits {
+            out.push(0);
+            out.push(EXTENSION_BITS_LEN as u8);
+            out.extend_from_slice(bits);
         }
         out.extend_from_slice(self.payload);
     }
@@ -247,6 +280,7 @@ impl<'a> Packet<'a> {
         Packet {
             header,
             selective_ack: None,
+            extension_bits: None,
             payload: &[],
         }
     }
@@ -364,6 +398,7 @@ mod tests {
         let mut good = Packet {
             header: state(5),
             selective_ack: Some(SelectiveAck::from_offsets([0, 9])),
+            extension_bits: None,
             payload: b"abc",
         }
         .to_vec();
@@ -397,6 +432,7 @@ mod tests {
         let packet = Packet {
             header: state(100),
             selective_ack: Some(sack.clone()),
+            extension_bits: None,
             payload: &[],
         };
         let bytes = packet.to_vec();
@@ -406,6 +442,49 @@ mod tests {
         let decoded = Packet::decode(&bytes).unwrap();
         assert_eq!(decoded.selective_ack, Some(sack));
         assert_eq!(decoded.header.extension, EXT_SELECTIVE_ACK);
+    }
+
+    #[test]
+    fn extension_bits_chain_after_a_selective_ack_and_alone() {
+        let sack = SelectiveAck::from_offsets([3]);
+        let both = Packet {
+            header: state(9),
+            selective_ack: Some(sack.clone()),
+            extension_bits: Some(CAP_SECURE_SESSION_V1),
+            payload: b"x",
+        };
+        let bytes = both.to_vec();
+        assert_eq!(bytes[1], EXT_SELECTIVE_ACK);
+        assert_eq!(
+            &bytes[20..22],
+            &[EXT_BITS, 4],
+            "the SACK names the bits next"
+        );
+        assert_eq!(&bytes[26..28], &[0, 8], "the bits are last, 8 bytes");
+        assert_eq!(&bytes[28..36], &CAP_SECURE_SESSION_V1);
+        let decoded = Packet::decode(&bytes).unwrap();
+        assert_eq!(decoded.selective_ack, Some(sack));
+        assert_eq!(decoded.extension_bits, Some(CAP_SECURE_SESSION_V1));
+        assert_eq!(decoded.payload, b"x");
+
+        let alone = Packet {
+            selective_ack: None,
+            ..both
+        };
+        let bytes = alone.to_vec();
+        assert_eq!(bytes[1], EXT_BITS);
+        assert_eq!(bytes.len(), 20 + 2 + 8 + 1);
+        let decoded = Packet::decode(&bytes).unwrap();
+        assert_eq!(decoded.extension_bits, Some(CAP_SECURE_SESSION_V1));
+        assert_eq!((decoded.selective_ack, decoded.payload), (None, &b"x"[..]));
+
+        // libutp's rule: type 2 of any other length is skipped.
+        let mut short = alone.to_vec();
+        short[21] = 4;
+        short.truncate(26);
+        let decoded = Packet::decode(&short).unwrap();
+        assert_eq!(decoded.extension_bits, None);
+        assert!(decoded.payload.is_empty());
     }
 
     #[test]

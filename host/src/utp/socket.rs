@@ -358,6 +358,14 @@ impl Socket {
             .map_or(0, |s| s.connection.syn_count())
     }
 
+    /// The peer set our capability bit ([`super::packet::CAP_SECURE_SESSION_V1`]):
+    /// known once the handshake completed; `false` for an unknown handle.
+    pub fn peer_speaks_secure(&self, handle: ConnectionHandle) -> bool {
+        self.slots
+            .get(&handle)
+            .is_some_and(|s| s.connection.peer_speaks_secure())
+    }
+
     /// The smoothed round-trip time of a connection, once measured.
     pub fn rtt(&self, handle: ConnectionHandle) -> Option<Duration> {
         self.slots.get(&handle)?.connection.rtt()
@@ -461,7 +469,7 @@ impl Socket {
         };
         let h = packet.header;
         let handle = match h.packet_type {
-            PacketType::Syn => return self.handle_syn(now, from, &h),
+            PacketType::Syn => return self.handle_syn(now, from, &packet),
             PacketType::Reset => self.route_reset(from, h.connection_id),
             _ => self.routes.get(&(from, h.connection_id)).copied(),
         };
@@ -508,7 +516,8 @@ impl Socket {
             })
     }
 
-    fn handle_syn(&mut self, now: Instant, from: SocketAddr, syn: &Header) {
+    fn handle_syn(&mut self, now: Instant, from: SocketAddr, syn_packet: &Packet<'_>) {
+        let syn = &syn_packet.header;
         let recv_id = syn.connection_id.wrapping_add(1);
         if let Some(&handle) = self.routes.get(&(from, recv_id)) {
             let slot = self.slots.get_mut(&handle).expect("routed slots exist");
@@ -543,7 +552,7 @@ impl Socket {
             return;
         }
         let initial_seq = self.rng.random();
-        let connection = Connection::accept(now, self.epoch, syn, initial_seq);
+        let connection = Connection::accept(now, self.epoch, syn_packet, initial_seq);
         let handle = self.insert(now, from, connection, true, true);
         self.stats.accepted += 1;
         tracing::debug!(%from, id = syn.connection_id, ?handle, "uTP: connection from a SYN");

@@ -14,7 +14,7 @@ use super::connection::{
     ConnectionError, RecvError, SendError, State, IDLE_TIMEOUT, LINGER, MAX_PAYLOAD, MIN_RTO,
     PEER_SILENCE_LIMIT, RECV_WINDOW, REORDER_LIMIT, SEND_BUFFER, SYN_RETRY,
 };
-use super::packet::{Header, Packet, PacketType};
+use super::packet::{Header, Packet, PacketType, CAP_SECURE_SESSION_V1};
 use super::socket::{
     ConnectionHandle, Socket, ACCEPT_BACKLOG, EVICTABLE_SILENCE, MAX_CONNECTIONS_PER_IP,
     MAX_INCOMING_CONNECTIONS, PUNCHER_SYN_BUDGET,
@@ -315,6 +315,30 @@ fn handshake_opens_one_connection_on_each_side() {
 }
 
 #[test]
+fn our_hosts_see_each_others_capability_bit_in_the_handshake() {
+    let mut net = Net::new();
+    let (client, server) = net.connect();
+    net.run_for(Duration::from_millis(100));
+    assert!(net.node(A).peer_speaks_secure(client), "from the STATE");
+    assert!(net.node(B).peer_speaks_secure(server), "from the SYN");
+    // Only the SYN and the responder's STATE before the peer is verified
+    // carry the bits; the initiator's STATE and data carry none.
+    net.node(A).send(client, b"[1]").unwrap();
+    assert_eq!(net.read_exactly(B, server, 3), b"[1]");
+    let bits: Vec<_> = net
+        .log
+        .iter()
+        .map(|w| {
+            let p = w.packet();
+            (p.header.packet_type, p.extension_bits)
+        })
+        .collect();
+    assert_eq!(bits[0], (PacketType::Syn, Some(CAP_SECURE_SESSION_V1)));
+    assert_eq!(bits[1], (PacketType::State, Some(CAP_SECURE_SESSION_V1)));
+    assert!(bits[2..].iter().all(|(_, bits)| bits.is_none()), "{bits:?}");
+}
+
+#[test]
 fn a_lost_syn_is_sent_again() {
     let mut net = Net::new();
     let mut syns = 0;
@@ -438,12 +462,14 @@ fn tv9_a_node_initiator_is_answered_as_libutp_answers() {
     let packet = Packet {
         header: data,
         selective_ack: None,
+        extension_bits: None,
         payload: TV2,
     };
     ours.handle_datagram(now, node, &packet.to_vec());
     let mut buf = [0u8; 256];
     let n = ours.recv(server, &mut buf).unwrap();
     assert_eq!(&buf[..n], TV2);
+    assert!(!ours.peer_speaks_secure(server), "a Node SYN has no bits");
 
     // Our reply: one packet, seq = the STATE's, to the SYN's id.
     ours.send(server, TV3).unwrap();
@@ -486,6 +512,10 @@ fn tv9_our_initiator_takes_a_libutp_state_and_its_first_data() {
     };
     ours.handle_datagram(now, node, &Packet::without_payload(state).to_vec());
     assert_eq!(ours.state(client), Some(State::Connected));
+    assert!(
+        !ours.peer_speaks_secure(client),
+        "a libutp STATE has no bits"
+    );
     ours.send(client, TV2).unwrap();
     let out = drain(&mut ours, now);
     assert_eq!(out.len(), 1);
@@ -506,6 +536,7 @@ fn tv9_our_initiator_takes_a_libutp_state_and_its_first_data() {
             ..state
         },
         selective_ack: None,
+        extension_bits: None,
         payload: TV3,
     };
     ours.handle_datagram(now, node, &reply.to_vec());
@@ -537,6 +568,7 @@ fn a_data_packet_that_answers_our_syn_completes_the_handshake() {
             ..syn_header(0, 0)
         },
         selective_ack: None,
+        extension_bits: None,
         payload: b"[0]",
     };
     ours.handle_datagram(now, node, &data.to_vec());
@@ -1106,6 +1138,7 @@ fn before_the_state_is_acknowledged_packets_with_a_wrong_ack_are_dropped_unanswe
                 ..syn_header(0, 0)
             },
             selective_ack: None,
+            extension_bits: None,
             payload: TV2,
         }
         .to_vec()
@@ -1257,6 +1290,7 @@ fn packets_beyond_the_reorder_limit_are_dropped() {
                 ..syn_header(0, 0)
             },
             selective_ack: None,
+            extension_bits: None,
             payload: b"z",
         }
         .to_vec()
