@@ -11,6 +11,7 @@ mod error;
 pub mod health;
 pub mod pending;
 pub mod server;
+pub mod session;
 
 pub use error::RpcError;
 
