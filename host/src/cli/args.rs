@@ -538,6 +538,18 @@ pub struct ClientArgs {
     /// Address of the client's socket. IPv4 only.
     #[arg(long, default_value = "0.0.0.0:0", value_name = "IP:PORT", value_parser = ipv4_only)]
     pub listen: SocketAddr,
+    /// Only a host proving this identity may answer (repeatable: any of
+    /// them): 64 hex digits as `grenache-host id` prints them, or a .pub
+    /// file as `keygen` writes. Peers that are not grenache-hosts (plaintext
+    /// Grenache, e.g. Node) or prove another key are skipped, and the error
+    /// names the key they proved. Without it any peer may answer.
+    #[arg(long = "peer-key", value_name = "KEY", value_parser = TrustedKeyParser)]
+    pub peer_key: Vec<crate::plugin::signing::TrustedKey>,
+    /// Speak plaintext Grenache to every peer, as a Node client does, even
+    /// to grenache-hosts (which otherwise get an encrypted session); for
+    /// comparing figures. Not with --peer-key.
+    #[arg(long, conflicts_with = "peer_key")]
+    pub plaintext: bool,
 }
 
 /// Per-request sandbox limits.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,6 +16,7 @@ use crate::nat::{IntroducerAddr, NatConfig};
 use crate::node::ClientParts;
 use crate::rpc::client::RpcClient;
 use crate::rpc::codec::DEFAULT_MAX_MESSAGE;
+use crate::rpc::session::{PinnedKeys, SessionKeys};
 use crate::rpc::RpcError;
 use crate::transport::Endpoint;
 
@@ -29,6 +31,18 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Address of the client's socket.
     pub listen: SocketAddr,
+    /// The identities allowed to answer (`--peer-key`); empty: any.
+    pub pins: PinnedKeys,
+    /// No secure sessions (`--plaintext`).
+    pub plaintext: bool,
+}
+
+impl ClientConfig {
+    /// What the client proves itself with: a new identity for this run
+    /// (a one-shot client has no stored one); `None` with `--plaintext`.
+    fn session_keys(&self) -> Option<Arc<SessionKeys>> {
+        (!self.plaintext).then(|| Arc::new(SessionKeys::ephemeral()))
+    }
 }
 
 /// What `call` sends, and to whom.
@@ -74,12 +88,14 @@ async fn client(config: &ClientConfig) -> Result<ClientParts, ExitCode> {
         introducer: config.introducer,
         ..NatConfig::default()
     };
+    let keys = config.session_keys();
     let parts = ClientParts::start(
         config.listen,
         &config.discovery,
         DEFAULT_MAX_MESSAGE,
         &nat,
         None,
+        keys,
     )
     .await
     .map_err(|e| usage_error(format!("{e:#}")))?;
@@ -106,14 +122,24 @@ pub async fn call(config: CallConfig) -> ExitCode {
             Ok(e) => e,
             Err(e) => return usage_error(format!("{e:#}")),
         };
-        let client = RpcClient::new(endpoint, None, DEFAULT_MAX_MESSAGE);
-        client.request_peer(peer, &service, &payload, timeout).await
+        let mut client = RpcClient::new(endpoint, None, DEFAULT_MAX_MESSAGE);
+        if let Some(keys) = client_config.session_keys() {
+            client = client.with_session_keys(keys);
+        }
+        let pins = &client_config.pins;
+        client
+            .request_peer_pinned(peer, &service, &payload, timeout, pins)
+            .await
     } else {
         let parts = match client(&client_config).await {
             Ok(p) => p,
             Err(code) => return code,
         };
-        parts.client.request(&service, &payload, timeout).await
+        let pins = &client_config.pins;
+        parts
+            .client
+            .request_pinned(&service, &payload, timeout, pins)
+            .await
     };
     match reply {
         Ok(reply) => match print_compact(&reply) {
@@ -151,12 +177,16 @@ pub async fn bench(config: BenchConfig) -> ExitCode {
     let send_all = |count: u64| {
         let client = parts.client.clone();
         let (service, payload) = (service.clone(), payload.clone());
+        let pins = client_config.pins.clone();
         futures::stream::iter(0..count)
             .map(move |_| {
                 let (client, service, payload) = (client.clone(), service.clone(), payload.clone());
+                let pins = pins.clone();
                 async move {
                     let started = Instant::now();
-                    let result = client.request(&service, &payload, timeout).await;
+                    let result = client
+                        .request_pinned(&service, &payload, timeout, &pins)
+                        .await;
                     (result, started.elapsed())
                 }
             })

@@ -357,6 +357,10 @@ fn client_config(
         discovery: dht.discovery(),
         timeout: std::time::Duration::from_millis(client.timeout_ms),
         listen: client.listen,
+        pins: crate::rpc::session::PinnedKeys::only(
+            client.peer_key.iter().map(|k| k.key()).collect(),
+        ),
+        plaintext: client.plaintext,
     };
     Ok((
         config,

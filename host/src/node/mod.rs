@@ -35,6 +35,7 @@ use crate::plugin::set::{PluginSet, Route};
 use crate::plugin::{CallError, PluginNetwork, RequestContext, Runtime};
 use crate::rpc::client::{PathStats, RpcClient};
 use crate::rpc::server::{self, Drain, Phase, ServerStats, Services};
+use crate::rpc::session::{SessionKeys, SessionStats};
 use crate::transport::Endpoint;
 use metrics::{NodeMetrics, Outcome};
 
@@ -77,13 +78,16 @@ impl ClientParts {
     /// Binds the socket at `listen`, starts discovery (a DHT node binds the
     /// same IP), and starts introductions as `nat` says (a host behind a NAT
     /// registers with the introducer so that callers can be introduced to
-    /// it, under `identity` if given, else a key made for this run).
+    /// it, under `identity` if given, else a key made for this run). With
+    /// `keys`, the RPC client runs secure sessions toward our hosts (see
+    /// [`crate::rpc::session`]).
     pub async fn start(
         listen: SocketAddr,
         discovery: &DiscoveryConfig,
         max_message: usize,
         nat: &NatConfig,
         identity: Option<&identity::Identity>,
+        keys: Option<Arc<SessionKeys>>,
     ) -> anyhow::Result<Self> {
         let (endpoint, introductions) = Endpoint::bind(listen).await?;
         let dht_ip = match listen.ip() {
@@ -98,8 +102,11 @@ impl ClientParts {
         let mut tasks = JoinSet::new();
         let handle =
             crate::nat::host_driver::spawn(endpoint.clone(), introductions, state, &mut tasks);
-        let client = RpcClient::new(endpoint.clone(), Some(discovery.clone()), max_message)
+        let mut client = RpcClient::new(endpoint.clone(), Some(discovery.clone()), max_message)
             .with_introductions(handle);
+        if let Some(keys) = keys {
+            client = client.with_session_keys(keys);
+        }
         Ok(ClientParts {
             endpoint,
             discovery,
@@ -187,6 +194,9 @@ pub struct Node {
     control_file: Option<control::SocketFile>,
     /// The host's key pair.
     pub identity: Arc<identity::Identity>,
+    /// The node's RPC client's secure and plaintext sessions (the server's
+    /// are in `stats.sessions`).
+    pub client_sessions: Arc<SessionStats>,
 }
 
 /// How a round of announces went.
@@ -212,6 +222,8 @@ impl Node {
     /// are loaded (announcing and punching carry on in the background).
     pub async fn start(config: NodeConfig, runtime: Runtime) -> anyhow::Result<Node> {
         let identity = config.identity.clone();
+        // One Noise static key per process, signed by the identity.
+        let keys = Arc::new(SessionKeys::new(identity.signing_key()));
         let ClientParts {
             endpoint,
             discovery,
@@ -223,10 +235,12 @@ impl Node {
             config.max_message,
             &config.nat,
             Some(&identity),
+            Some(keys.clone()),
         )
         .await?;
         let punches = endpoint.punches();
         let client_stats = (client.introduction_stats(), client.paths());
+        let client_sessions = client.session_stats();
         let metrics = Arc::new(NodeMetrics::default());
         let network = Arc::new(network::NodeNetwork::new(
             client,
@@ -255,6 +269,7 @@ impl Node {
             config.max_message,
             stats.clone(),
             drain.clone(),
+            keys,
         ));
         let tick_failed = metrics.clone();
         tasks.spawn(plugins.clone().run_ticks(Arc::new(move |plugin, e| {
@@ -325,6 +340,7 @@ impl Node {
             first_announce: Some(first_announce),
             control_file: None,
             identity,
+            client_sessions,
         })
     }
 
@@ -432,9 +448,12 @@ impl Node {
             counter.load(std::sync::atomic::Ordering::Relaxed)
         };
         format!(
-            "served {} requests ({} errors), closed {} bad connections, received {} punches, dropped {} stray datagrams",
+            "served {} requests ({} errors), {} secure and {} plaintext connections, rejected {} frames, closed {} bad connections, received {} punches, dropped {} stray datagrams",
             load(&self.stats.requests),
             load(&self.stats.errors),
+            load(&self.stats.sessions.secure),
+            load(&self.stats.sessions.plaintext),
+            load(&self.stats.sessions.rejected_frames),
             load(&self.stats.bad_connections),
             load(&self.endpoint.stats.punches_received),
             load(&self.endpoint.stats.garbage_datagrams),

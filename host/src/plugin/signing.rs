@@ -38,6 +38,11 @@ pub const SIGNATURE_SUFFIX: &str = ".sig";
 pub struct TrustedKey(VerifyingKey);
 
 impl TrustedKey {
+    /// The Ed25519 public key.
+    pub fn key(&self) -> VerifyingKey {
+        self.0
+    }
+
     /// The key as hex, the form the files use.
     pub fn to_hex(&self) -> String {
         to_hex(self.0.as_bytes())

@@ -14,6 +14,14 @@
 //! sides and connected to at the address its NAT really uses. If such a path
 //! goes silent (the NAT forgot it) before a request got any answer, the
 //! request is sent once more over a freshly introduced path.
+//!
+//! With session keys ([`RpcClient::with_session_keys`]), a connection to a
+//! peer whose uTP handshake carried our capability bit runs a Noise session
+//! ([`super::session`]) within [`session::HANDSHAKE_TIMEOUT`]; toward other
+//! peers (Node) it stays plaintext. A request may pin the identities
+//! allowed to answer it ([`PinnedKeys`]): a peer that is not ours or proves
+//! another key is skipped as a dead one is, with an error naming the key it
+//! proved.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +38,7 @@ use super::codec::{self, Reply};
 use super::connection::{MessageReader, ReadCount, ReadError};
 use super::health::{spread_by_ip, PeerHealth};
 use super::pending::Pending;
+use super::session::{self, PinnedKeys, SessionKeys, SessionReader, SessionStats, SessionWriter};
 use super::RpcError;
 use crate::discovery::Discovery;
 use crate::nat::{IntroResult, IntroductionHandle, IntroductionStats, NatKind};
@@ -74,7 +83,10 @@ type PeerSlot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
 
 /// One open connection to a peer.
 struct Connection {
-    writer: tokio::sync::Mutex<crate::utp::UtpWriteHalf>,
+    writer: tokio::sync::Mutex<SessionWriter<crate::utp::UtpWriteHalf>>,
+    /// The identity the peer proved in a secure session; `None` for a
+    /// plaintext one.
+    peer_key: Option<ed25519_dalek::VerifyingKey>,
     pending: Mutex<Pending<Waiter>>,
     /// Wakes the connection task to re-arm its timer for a new request.
     deadline_added: tokio::sync::Notify,
@@ -130,6 +142,10 @@ pub struct RpcClient {
     paths: Arc<PathStats>,
     /// Background connects under way ([`Self::warm_up`]).
     warming: Arc<AtomicU64>,
+    /// What this client proves itself with; `None`: plaintext only.
+    keys: Option<Arc<SessionKeys>>,
+    /// Secure and plaintext connections, failed handshakes, rejected frames.
+    sessions: Arc<SessionStats>,
 }
 
 /// The connections a client opened, by the kind of path they took. Both
@@ -160,7 +176,21 @@ impl RpcClient {
             health: Arc::default(),
             paths: Arc::default(),
             warming: Arc::default(),
+            keys: None,
+            sessions: Arc::default(),
         }
+    }
+
+    /// Runs secure sessions toward our hosts, proving `keys` (see the
+    /// module documentation).
+    pub fn with_session_keys(mut self, keys: Arc<SessionKeys>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// This client's session counters.
+    pub fn session_stats(&self) -> Arc<SessionStats> {
+        self.sessions.clone()
     }
 
     /// How the introductions this client asked for ended; zeros without
@@ -198,6 +228,20 @@ impl RpcClient {
         payload: &str,
         timeout: Duration,
     ) -> Result<String, RpcError> {
+        self.request_pinned(service, payload, timeout, &PinnedKeys::any())
+            .await
+    }
+
+    /// [`request`](Self::request), answered only by a peer that proves one
+    /// of `pins` in a secure session (any peer when `pins` is empty); the
+    /// others are skipped as dead peers are.
+    pub async fn request_pinned(
+        &self,
+        service: &str,
+        payload: &str,
+        timeout: Duration,
+        pins: &PinnedKeys,
+    ) -> Result<String, RpcError> {
         let deadline = Instant::now() + timeout;
         let discovery = self
             .discovery
@@ -222,7 +266,7 @@ impl RpcClient {
             spread_by_ip(&mut peers, |ips| ips.shuffle(&mut rand::rng()));
             let answered = self.health.order(&mut peers);
             peers[..answered].shuffle(&mut rand::rng());
-            match self.connect_any(service, &peers, deadline).await {
+            match self.connect_any(service, &peers, deadline, pins).await {
                 Ok((peer, opened)) => break (peer, opened, peers),
                 // Every peer the directory named failed before the deadline
                 // (a restarted host's successor may not have announced yet):
@@ -245,7 +289,15 @@ impl RpcClient {
         };
         self.warm_up(&peers, peer);
         match self
-            .send(peer, service, payload, deadline, deadline, Some(opened))
+            .send(
+                peer,
+                service,
+                payload,
+                deadline,
+                deadline,
+                Some(opened),
+                pins,
+            )
             .await
         {
             Err(SendError::Unreachable(e) | SendError::Lost(e) | SendError::Silent(e)) => {
@@ -277,7 +329,7 @@ impl RpcClient {
         let client = self.clone();
         tokio::spawn(async move {
             let by = Instant::now() + CONNECT_BUDGET_PER_PEER;
-            match client.connection(peer, by).await {
+            match client.connection(peer, by, &PinnedKeys::any()).await {
                 Ok(_) => client.health.answered(peer),
                 Err(_) => client.health.failed(peer),
             }
@@ -302,6 +354,7 @@ impl RpcClient {
         service: &str,
         peers: &[SocketAddr],
         deadline: Instant,
+        pins: &PinnedKeys,
     ) -> Result<(SocketAddr, Opened), (RpcError, Final)> {
         let mut attempts = futures::stream::FuturesUnordered::new();
         let mut untried = peers.iter().copied().enumerate().peekable();
@@ -326,7 +379,7 @@ impl RpcClient {
                 } else {
                     deadline.min(now + CONNECT_BUDGET_PER_PEER)
                 };
-                attempts.push(async move { (peer, self.connection(peer, connect_by).await) });
+                attempts.push(async move { (peer, self.connection(peer, connect_by, pins).await) });
                 next_start = now + ATTEMPT_DELAY;
             }
             if attempts.is_empty() {
@@ -344,7 +397,10 @@ impl RpcClient {
                     Ok(opened) => return Ok((peer, opened)),
                     Err(e) => {
                         self.health.failed(peer);
-                        all_final &= matches!(e, ConnectError::Impossible(_));
+                        all_final &= matches!(
+                            e,
+                            OpenError::Connect(ConnectError::Impossible(_)) | OpenError::NotPinned(_)
+                        );
                         last_error = Some(connect_error(e));
                         // Every running attempt failed: start the next now.
                         next_start = Instant::now();
@@ -375,9 +431,23 @@ impl RpcClient {
         payload: &str,
         timeout: Duration,
     ) -> Result<String, RpcError> {
+        self.request_peer_pinned(peer, key, payload, timeout, &PinnedKeys::any())
+            .await
+    }
+
+    /// [`request_peer`](Self::request_peer), sent only if `peer` proves one
+    /// of `pins` (any peer when `pins` is empty).
+    pub async fn request_peer_pinned(
+        &self,
+        peer: SocketAddr,
+        key: &str,
+        payload: &str,
+        timeout: Duration,
+        pins: &PinnedKeys,
+    ) -> Result<String, RpcError> {
         let deadline = Instant::now() + timeout;
         match self
-            .send(peer, key, payload, deadline, deadline, None)
+            .send(peer, key, payload, deadline, deadline, None, pins)
             .await
         {
             Ok(reply) => reply_result(reply),
@@ -396,18 +466,22 @@ impl RpcClient {
         connect_by: Instant,
         deadline: Instant,
         opened: Option<Opened>,
+        pins: &PinnedKeys,
     ) -> Result<Reply, SendError> {
         let first = match opened {
             Some(opened) => self.send_on(peer, opened, key, payload, deadline).await,
             None => {
-                self.send_once(peer, key, payload, connect_by, deadline)
+                self.send_once(peer, key, payload, connect_by, deadline, pins)
                     .await
             }
         };
         match first {
             Err(SendError::Silent(e)) if Instant::now() < deadline => {
                 tracing::info!(%peer, "the introduced path went silent ({e}); introducing again and resending");
-                match self.send_once(peer, key, payload, deadline, deadline).await {
+                match self
+                    .send_once(peer, key, payload, deadline, deadline, pins)
+                    .await
+                {
                     Err(SendError::Silent(e)) => Err(SendError::Lost(e)),
                     other => other,
                 }
@@ -424,9 +498,10 @@ impl RpcClient {
         payload: &str,
         connect_by: Instant,
         deadline: Instant,
+        pins: &PinnedKeys,
     ) -> Result<Reply, SendError> {
         let opened = self
-            .connection(peer, connect_by)
+            .connection(peer, connect_by, pins)
             .await
             .map_err(|e| SendError::Unreachable(connect_error(e)))?;
         self.send_on(peer, opened, key, payload, deadline).await
@@ -538,14 +613,27 @@ impl RpcClient {
         }
     }
 
-    /// The open connection to `peer`, connecting if there is none; when this
-    /// call opened it through an introduction, also when the introducer
-    /// answered.
+    /// The open connection to `peer`, connecting if there is none, if it
+    /// proved one of `pins`; when this call opened it through an
+    /// introduction, also when the introducer answered.
     async fn connection(
         &self,
         peer: SocketAddr,
         connect_by: Instant,
-    ) -> Result<Opened, ConnectError> {
+        pins: &PinnedKeys,
+    ) -> Result<Opened, OpenError> {
+        let opened = self.connection_to(peer, connect_by).await?;
+        pins.check(peer, opened.0.peer_key.as_ref())
+            .map_err(OpenError::NotPinned)?;
+        Ok(opened)
+    }
+
+    /// The open connection to `peer`, secure when it speaks our sessions.
+    async fn connection_to(
+        &self,
+        peer: SocketAddr,
+        connect_by: Instant,
+    ) -> Result<Opened, OpenError> {
         let slot = self
             .connections
             .lock()
@@ -563,10 +651,11 @@ impl RpcClient {
             None => &self.paths.direct,
         };
         kind.fetch_add(1, Ordering::Relaxed);
-        let (reader, writer) = stream.split();
+        let (reader, writer, peer_key) = self.start_session(peer, stream).await?;
         let mut reader = MessageReader::new(reader, self.max_message);
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
+            peer_key,
             pending: Mutex::default(),
             deadline_added: tokio::sync::Notify::new(),
             introduced: introduced.map(|(addr, _)| addr),
@@ -627,6 +716,75 @@ impl RpcClient {
         *slot = Some(connection.clone());
         Ok((connection, introduced.map(|(_, at)| at)))
     }
+
+    /// The halves of a new connection: a secure session when the peer's
+    /// uTP handshake said it speaks ours (and we have keys), plaintext
+    /// otherwise.
+    async fn start_session(
+        &self,
+        peer: SocketAddr,
+        stream: crate::utp::UtpStream,
+    ) -> Result<SessionHalves, OpenError> {
+        let secure = stream.peer_speaks_secure();
+        let (reader, writer) = stream.split();
+        let Some(keys) = self.keys.as_ref().filter(|_| secure) else {
+            self.sessions.plaintext.fetch_add(1, Ordering::Relaxed);
+            return Ok((
+                SessionReader::Plain(reader),
+                SessionWriter::Plain(writer),
+                None,
+            ));
+        };
+        let handshake = session::initiate(reader, writer, keys, |_| Ok::<(), ()>(()));
+        let failed = |why: String| {
+            self.sessions
+                .failed_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            OpenError::Handshake(format!("secure handshake with {peer} failed: {why}"))
+        };
+        let s = match tokio::time::timeout(session::HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(Ok(s))) => s,
+            Ok(Ok(Err(()))) => unreachable!("every identity is accepted here"),
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Err(_) => return Err(failed(session::HandshakeError::Timeout.to_string())),
+        };
+        self.sessions.secure.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, peer_key = %session::hex(s.peer.as_bytes()), "secure session");
+        let mut writer = s.writer;
+        // Message 3 leaves at once, not with the first request: a
+        // connection opened ahead of its request (warm-up, a lost connect
+        // race) must not let the responder's handshake time out.
+        writer.flush().await.map_err(|e| failed(e.to_string()))?;
+        let reader = s.reader.counted_in(self.sessions.clone());
+        Ok((
+            SessionReader::Secure(reader),
+            SessionWriter::Secure(writer),
+            Some(s.peer),
+        ))
+    }
+}
+
+/// A connection's two halves and the identity its peer proved.
+type SessionHalves = (
+    SessionReader<crate::utp::UtpReadHalf>,
+    SessionWriter<crate::utp::UtpWriteHalf>,
+    Option<ed25519_dalek::VerifyingKey>,
+);
+
+/// Why no connection to a peer could be used.
+enum OpenError {
+    /// No uTP connection.
+    Connect(ConnectError),
+    /// The secure handshake failed.
+    Handshake(String),
+    /// The peer is not ours or proved a key the request did not pin.
+    NotPinned(String),
+}
+
+impl From<ConnectError> for OpenError {
+    fn from(e: ConnectError) -> Self {
+        OpenError::Connect(e)
+    }
 }
 
 enum SendError {
@@ -645,12 +803,11 @@ enum SendError {
 struct Final(bool);
 
 /// The request error for a connection that could not be opened.
-fn connect_error(e: ConnectError) -> RpcError {
+fn connect_error(e: OpenError) -> RpcError {
     match e {
-        ConnectError::Timeout { .. } => RpcError::Timeout(e.to_string()),
-        ConnectError::Failed { .. } | ConnectError::Impossible(_) => {
-            RpcError::Transport(e.to_string())
-        }
+        OpenError::Connect(e @ ConnectError::Timeout { .. }) => RpcError::Timeout(e.to_string()),
+        OpenError::Connect(e) => RpcError::Transport(e.to_string()),
+        OpenError::Handshake(why) | OpenError::NotPinned(why) => RpcError::Transport(why),
     }
 }
 

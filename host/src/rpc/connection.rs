@@ -106,6 +106,12 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         Ok(n)
     }
 
+    /// Hands the decoder bytes already read from the stream by someone
+    /// else (the server's first byte, read to tell the protocols apart).
+    pub fn push_received(&mut self, bytes: &[u8]) {
+        self.decoder.push(bytes);
+    }
+
     /// The next whole message among the bytes already received, without
     /// reading: `Ok(None)` when they hold none.
     pub fn next_buffered(&mut self) -> Result<Option<Box<RawValue>>, DecodeError> {

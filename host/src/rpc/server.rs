@@ -13,6 +13,13 @@
 //! trickled in (slowloris) hold no slot for long. The server owns the
 //! tasks of its connections and their requests: stopping it stops them all.
 //!
+//! The first byte of a connection tells a secure session (`0x00`, the
+//! magic of [`super::session`]) from a plaintext Grenache peer (a Node
+//! peer: JSON); the first is answered with the Noise handshake (within
+//! [`session::HANDSHAKE_TIMEOUT`]), the second read as before. A service
+//! whose policy requires encryption answers plaintext requests with
+//! [`ERR_ENCRYPTION_REQUIRED`].
+//!
 //! Stopping gracefully goes through its [`Drain`]: once draining, every new
 //! request is answered at once with [`ERR_SHUTTING_DOWN`] while the requests
 //! in flight run on; once closed, those still running are answered with the
@@ -25,11 +32,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::codec::{self, DecodeError, Request};
 use super::connection::{MessageReader, ReadError};
+use super::session::{self, SessionKeys, SessionReader, SessionStats, SessionWriter};
 use crate::transport::Endpoint;
 
 /// What answers the requests a server receives.
@@ -43,7 +51,19 @@ pub trait Services: Send + Sync + 'static {
         payload: &'a str,
         peer: SocketAddr,
     ) -> BoxFuture<'a, Result<String, String>>;
+
+    /// Whether `key`'s service takes requests only over a secure session
+    /// (the policy's `require_encryption`); plaintext requests for it are
+    /// answered with [`ERR_ENCRYPTION_REQUIRED`]. No service by default.
+    fn requires_encryption(&self, key: &str) -> bool {
+        let _ = key;
+        false
+    }
 }
+
+/// The error string of a plaintext request to a service whose policy
+/// requires encryption.
+pub const ERR_ENCRYPTION_REQUIRED: &str = "ERR_ENCRYPTION_REQUIRED";
 
 /// Server counters.
 #[derive(Debug, Default)]
@@ -58,6 +78,9 @@ pub struct ServerStats {
     /// Connections closed for sending no whole request in time
     /// ([`REQUEST_TIMEOUT`], [`IDLE_CONNECTION_TIMEOUT`]).
     pub timed_out_connections: AtomicU64,
+    /// Secure and plaintext connections, failed handshakes, rejected
+    /// frames.
+    pub sessions: Arc<SessionStats>,
 }
 
 /// The error string of a request the host will not answer because it is
@@ -174,12 +197,14 @@ pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Accepts connections until dropped; dropping the future stops every
 /// connection it accepted. `drain` stops it gracefully (see [`Drain`]).
+/// `keys` are what this host proves itself with in secure sessions.
 pub async fn serve(
     endpoint: Endpoint,
     services: Arc<dyn Services>,
     max_message: usize,
     stats: Arc<ServerStats>,
     drain: Arc<Drain>,
+    keys: Arc<SessionKeys>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -188,9 +213,9 @@ pub async fn serve(
         match endpoint.accept().await {
             Ok(stream) => {
                 let services = services.clone();
-                let (stats, drain) = (stats.clone(), drain.clone());
+                let (stats, drain, keys) = (stats.clone(), drain.clone(), keys.clone());
                 connections.spawn(async move {
-                    serve_connection(stream, services, max_message, stats, drain).await
+                    serve_connection(stream, services, max_message, stats, drain, &keys).await
                 });
             }
             Err(e) => {
@@ -207,11 +232,60 @@ async fn serve_connection(
     max_message: usize,
     stats: Arc<ServerStats>,
     drain: Arc<Drain>,
+    keys: &SessionKeys,
 ) {
     let peer = stream.remote_addr();
-    let (reader, writer) = stream.split();
+    let (mut reader, writer) = stream.split();
+    // The first byte says which protocol: a secure session's magic, or
+    // the JSON of a plaintext peer. It must come within the idle limit.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(IDLE_CONNECTION_TIMEOUT, reader.read(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(_) => return,
+        Err(_) => {
+            stats.timed_out_connections.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    let secure = first[0] == session::MAGIC[0];
+    let (reader, writer) = if secure {
+        let handshake = session::respond(reader, &first, writer, keys);
+        match tokio::time::timeout(session::HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(s)) => {
+                stats.sessions.secure.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, peer_key = %session::hex(s.peer.as_bytes()), "secure session");
+                let reader = s.reader.counted_in(stats.sessions.clone());
+                (
+                    SessionReader::Secure(reader),
+                    SessionWriter::Secure(s.writer),
+                )
+            }
+            Ok(Err(e)) => {
+                stats
+                    .sessions
+                    .failed_handshakes
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "secure handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                stats
+                    .sessions
+                    .failed_handshakes
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "{}", session::HandshakeError::Timeout);
+                return;
+            }
+        }
+    } else {
+        stats.sessions.plaintext.fetch_add(1, Ordering::Relaxed);
+        (SessionReader::Plain(reader), SessionWriter::Plain(writer))
+    };
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let mut reader = MessageReader::new(reader, max_message);
+    if !secure {
+        reader.push_received(&first);
+    }
     // Requests in flight on this connection; they finish even after the
     // peer stops sending.
     let mut requests = tokio::task::JoinSet::new();
@@ -293,6 +367,14 @@ async fn serve_connection(
             Err(ReadError::Decode(e)) => break e,
         };
         stats.requests.fetch_add(1, Ordering::Relaxed);
+        if !secure && services.requires_encryption(&request.key) {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            let reply = codec::encode_err(&request.rid, &encryption_required(&request.key));
+            if let Err(e) = writer.lock().await.write_all(&reply).await {
+                tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
+            }
+            continue;
+        }
         if drain.phase() != Phase::Serving {
             // Stopping: say so at once rather than leave the caller to time out.
             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -346,6 +428,15 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The error string of a plaintext request to a service that requires
+/// encryption.
+fn encryption_required(service: &str) -> String {
+    format!(
+        "{ERR_ENCRYPTION_REQUIRED}: {service} takes requests only over an encrypted session; \
+         call it from a grenache-host (which encrypts toward our hosts), not over plaintext Grenache"
+    )
 }
 
 /// The error string of a request refused or cut short by stopping.
@@ -425,6 +516,7 @@ mod tests {
                 1 << 20,
                 Arc::default(),
                 drain.clone(),
+                Arc::new(SessionKeys::ephemeral()),
             ));
             GatedServer {
                 addr,

@@ -175,6 +175,59 @@ pub fn verify_proof(
     Ok(key)
 }
 
+/// The identities allowed to answer a request (`call --peer-key`, a
+/// service's `keys` in the policy); empty: any peer, plaintext ones too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PinnedKeys(Vec<VerifyingKey>);
+
+impl PinnedKeys {
+    /// No pinning: any peer may answer.
+    pub fn any() -> PinnedKeys {
+        PinnedKeys(Vec::new())
+    }
+
+    /// Only peers proving one of `keys` may answer (any peer if empty).
+    pub fn only(keys: Vec<VerifyingKey>) -> PinnedKeys {
+        PinnedKeys(keys)
+    }
+
+    /// Whether nothing is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `peer`, which proved `proved` (`None`: a plaintext peer),
+    /// may answer; else the error saying why not, naming the key it proved.
+    pub fn check(
+        &self,
+        peer: std::net::SocketAddr,
+        proved: Option<&VerifyingKey>,
+    ) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let pinned = || {
+            self.0
+                .iter()
+                .map(|k| hex(k.as_bytes()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match proved {
+            Some(key) if self.0.contains(key) => Ok(()),
+            Some(key) => Err(format!(
+                "{peer} proved identity {}, which is not a pinned key ({}); skipped",
+                hex(key.as_bytes()),
+                pinned()
+            )),
+            None => Err(format!(
+                "{peer} speaks plaintext Grenache (not a grenache-host, or an old one) and cannot prove a pinned key ({}); skipped",
+                pinned()
+            )),
+        }
+    }
+}
+
 /// Lower-case hex of a key, as `grenache-host id` prints it.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -573,7 +573,8 @@ mod tests {
         silent.set_nonblocking(true).unwrap();
         let mut syns = 0;
         while let Ok((n, _)) = silent.recv_from(&mut buf) {
-            assert_eq!((n, buf[0]), (20, 0x41), "a bare SYN");
+            // The header and our capability bits (extension 2).
+            assert_eq!((n, buf[0], buf[1]), (30, 0x41, 2), "a SYN with our bits");
             syns += 1;
         }
         assert_eq!(syns, 3);
