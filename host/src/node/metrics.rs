@@ -386,6 +386,28 @@ impl Collector for PartsCollector {
             "Connections closed for bringing no whole request in time: a request not whole 10 s after its first bytes (plus 1 s per 16 KiB), or no request for 60 s with nothing in flight (slowloris).",
             [(NoLabels::default(), load(&self.server.timed_out_connections))],
         )?;
+        let sessions = &self.server.sessions;
+        counters(
+            e,
+            "grenache_host_rpc_sessions",
+            "Connections this host served, by kind: secure (a Noise session with a grenache-host, its identity checked) or plaintext (Grenache without encryption, e.g. a Node peer).",
+            [
+                ([("kind", "secure")], load(&sessions.secure)),
+                ([("kind", "plaintext")], load(&sessions.plaintext)),
+            ],
+        )?;
+        counters(
+            e,
+            "grenache_host_rpc_failed_handshakes",
+            "Secure handshakes this host's server refused: malformed, timed out (3 s) or an identity proof that does not check.",
+            [(NoLabels::default(), load(&sessions.failed_handshakes))],
+        )?;
+        counters(
+            e,
+            "grenache_host_rpc_rejected_frames",
+            "Secure-session frames that did not decrypt (tampered or corrupted); each closed its connection.",
+            [(NoLabels::default(), load(&sessions.rejected_frames))],
+        )?;
         counters(
             e,
             "grenache_host_introductions",

@@ -229,9 +229,7 @@ impl PinnedKeys {
 }
 
 /// Lower-case hex of a key, as `grenache-host id` prints it.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::units::hex;
 
 /// `u16 big-endian length ‖ message` appended to `out`.
 fn push_frame(out: &mut Vec<u8>, message: &[u8]) {
