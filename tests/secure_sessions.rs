@@ -351,3 +351,57 @@ fn pinned_calls_never_reach_an_impostor_and_a_key_nobody_has_is_a_clear_error() 
     );
     assert!(refused.stderr.contains(&nobody), "{}", refused.stderr);
 }
+
+#[test]
+fn a_service_that_requires_encryption_refuses_plaintext_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::policy_file(dir.path(), "[plugin.faulty]\nrequire_encryption = true\n");
+    let fib = plugin("fibonacci");
+    let faulty = test_plugin("faulty");
+    let args = [
+        "run",
+        fib.to_str().unwrap(),
+        faulty.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        &config,
+        "--control",
+        "off",
+    ];
+    let (_host, port) = spawn_listening("host", &args);
+    let peer = format!("127.0.0.1:{port}");
+
+    let plain = call_peer(&peer, "echo", r#"{"a":1}"#, &["--plaintext"]);
+    assert_eq!(plain.code, 1, "a service error: {}", plain.stderr);
+    assert!(
+        plain.stderr.contains("ERR_ENCRYPTION_REQUIRED"),
+        "{}",
+        plain.stderr
+    );
+    assert!(
+        plain.stderr.contains("encrypted session"),
+        "says what to do: {}",
+        plain.stderr
+    );
+    let secure = call_peer(&peer, "echo", r#"{"a":1}"#, &[]);
+    assert_eq!(
+        (secure.code, secure.stdout.trim()),
+        (0, r#"{"a":1}"#),
+        "{}",
+        secure.stderr
+    );
+    // Another plugin's services keep taking plaintext.
+    let other = call_peer(
+        &peer,
+        "fibonacci_worker",
+        r#"{"length":3}"#,
+        &["--plaintext"],
+    );
+    assert_eq!(
+        (other.code, other.stdout.trim()),
+        (0, "[1,1,2]"),
+        "{}",
+        other.stderr
+    );
+}

@@ -124,6 +124,10 @@ struct PluginServices {
 }
 
 impl Services for PluginServices {
+    fn requires_encryption(&self, key: &str) -> bool {
+        self.plugins.requires_encryption(key)
+    }
+
     fn answer<'a>(
         &'a self,
         key: &'a str,

@@ -18,6 +18,7 @@
 //! may_be_punched_for = true   # punch its targets, tell it about punches, let it host.punch
 //! state_quota = "1MiB"        # its key-value state: bytes of keys plus values
 //! tick_interval = "1s"        # calls its on-tick this often ("off": never); default: its manifest's
+//! require_encryption = false  # true: plaintext requests (Node peers) get ERR_ENCRYPTION_REQUIRED
 //!
 //! [plugin.consumer]           # by plugin name (file name without .wasm)
 //! may_call = ["fibonacci_worker"]
@@ -129,6 +130,9 @@ pub struct PluginPolicy {
     pub tick: TickPolicy,
     /// The values it reads through the WIT `config` interface.
     pub config: Arc<BTreeMap<String, String>>,
+    /// Its services answer only requests that came over a secure session
+    /// (docs/wire.md §8); plaintext ones get `ERR_ENCRYPTION_REQUIRED`.
+    pub require_encryption: bool,
 }
 
 impl PluginPolicy {
@@ -142,6 +146,7 @@ impl PluginPolicy {
             state_quota: super::state::DEFAULT_STATE_QUOTA,
             tick: TickPolicy::Manifest,
             config: Arc::default(),
+            require_encryption: false,
         }
     }
 }
@@ -169,6 +174,9 @@ pub struct PolicyEntry {
     /// How often its `on-tick` runs, as a duration of at least 100ms
     /// (`"1s"`), or `"off"`; overrides its manifest's `tick-interval-ms`.
     pub tick_interval: Option<String>,
+    /// Whether its services refuse plaintext requests (Node peers, or
+    /// `call --plaintext`) with `ERR_ENCRYPTION_REQUIRED`.
+    pub require_encryption: Option<bool>,
     /// `[....config]`: string values the plugin reads with `config.get`. A
     /// value that is not a string (`n = 5`) is refused with a message saying
     /// to quote it.
@@ -286,6 +294,9 @@ impl PluginPolicy {
         }
         if let Some(b) = entry.may_be_punched_for {
             self.may_be_punched_for = b;
+        }
+        if let Some(b) = entry.require_encryption {
+            self.require_encryption = b;
         }
         if let Some(v) = &entry.state_quota {
             let quota = parse_size(v).map_err(|e| field("state_quota", e))?;

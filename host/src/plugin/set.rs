@@ -157,6 +157,20 @@ struct Routes {
     primary: Option<String>,
 }
 
+impl Routes {
+    /// The service a request key names: itself if served, the primary one
+    /// for an `ip:port` key (a Node punch client's call).
+    fn service_for<'a>(&'a self, key: &'a str) -> Option<&'a str> {
+        if self.by_name.contains_key(key) {
+            Some(key)
+        } else if key.parse::<SocketAddr>().is_ok() {
+            self.primary.as_deref()
+        } else {
+            None
+        }
+    }
+}
+
 /// What a swap or rollback did, for logs and the control channel.
 #[derive(Debug, Clone)]
 pub struct SwapReport {
@@ -278,6 +292,16 @@ impl PluginSet {
         })
     }
 
+    /// Whether the plugin answering `key` (as [`route`](Self::route) finds
+    /// it) requires encryption: its policy's `require_encryption`.
+    pub fn requires_encryption(&self, key: &str) -> bool {
+        let routes = self.routes();
+        routes
+            .service_for(key)
+            .and_then(|service| routes.by_name.get(service))
+            .is_some_and(|(plugin, _)| plugin.policy().require_encryption)
+    }
+
     fn routes(&self) -> Arc<Routes> {
         self.routes
             .read()
@@ -289,13 +313,7 @@ impl PluginSet {
     /// asked for; counts the request.
     pub fn route(&self, key: &str) -> Option<Route> {
         let routes = self.routes();
-        let service = if routes.by_name.contains_key(key) {
-            key.to_string()
-        } else if key.parse::<SocketAddr>().is_ok() {
-            routes.primary.clone()?
-        } else {
-            return None;
-        };
+        let service = routes.service_for(key)?.to_string();
         let (plugin, stats) = routes.by_name.get(&service)?;
         stats.requests.fetch_add(1, Ordering::Relaxed);
         Some(Route {

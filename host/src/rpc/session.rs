@@ -1,5 +1,5 @@
 //! Authenticated, encrypted sessions between our hosts (issue 14,
-//! docs/wire.md §10): `Noise_XX_25519_ChaChaPoly_BLAKE2s` from the `snow`
+//! docs/wire.md §8): `Noise_XX_25519_ChaChaPoly_BLAKE2s` from the `snow`
 //! crate over the uTP byte stream, each side proving its long-lived Ed25519
 //! identity by signing the session's X25519 static key (the libp2p-noise
 //! idea).

@@ -71,7 +71,7 @@
 //! [`CAP_SECURE_SESSION_V1`] set. The peer's bits are recorded from its SYN
 //! (responder) or from the packet completing the handshake (initiator), so
 //! the RPC layer knows a peer is ours before it sends a byte
-//! ([`Connection::peer_extension_bits`]; docs/wire.md §10).
+//! ([`Connection::peer_extension_bits`]; docs/wire.md §8).
 //!
 //! Our initiator acknowledges the STATE at once (with its first DATA, or a
 //! STATE of its own), so a connection opened ahead of its first request
@@ -424,7 +424,7 @@ impl Connection {
     }
 
     /// The peer set [`CAP_SECURE_SESSION_V1`]: it is a grenache-host and
-    /// speaks the Noise sessions of docs/wire.md §10.
+    /// speaks the Noise sessions of docs/wire.md §8.
     pub fn peer_speaks_secure(&self) -> bool {
         self.peer_extension_bits()
             .iter()

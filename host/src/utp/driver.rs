@@ -288,7 +288,7 @@ impl Connecting {
     }
 
     /// The peer's STATE carried our capability bit: it is a grenache-host
-    /// and speaks the Noise sessions (docs/wire.md §10). Meaningful once
+    /// and speaks the Noise sessions (docs/wire.md §8). Meaningful once
     /// [established](Self::established).
     pub fn peer_speaks_secure(&self) -> bool {
         self.utp().lock().socket.peer_speaks_secure(self.handle)
@@ -403,7 +403,7 @@ impl UtpStream {
 
     /// The peer's SYN (or STATE, on a stream we opened) carried our
     /// capability bit: it is a grenache-host and speaks the Noise sessions
-    /// (docs/wire.md §10); `false` for Node peers.
+    /// (docs/wire.md §8); `false` for Node peers.
     pub fn peer_speaks_secure(&self) -> bool {
         let shared = &self.shared;
         shared.utp.lock().socket.peer_speaks_secure(shared.handle)

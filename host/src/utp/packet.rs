@@ -43,7 +43,7 @@ pub const EXT_BITS: u8 = 2;
 /// The length of the extension bits, in bytes.
 pub const EXTENSION_BITS_LEN: usize = 8;
 /// Our capability bit in the extension bits (bit 0 of byte 0): "I am a
-/// grenache-host and speak the Noise sessions of docs/wire.md §10". Node
+/// grenache-host and speak the Noise sessions of docs/wire.md §8". Node
 /// (libutp) sends all bits zero, or no extension 2 at all.
 pub const CAP_SECURE_SESSION_V1: [u8; EXTENSION_BITS_LEN] = [1, 0, 0, 0, 0, 0, 0, 0];
 
