@@ -350,6 +350,40 @@ fn pinned_calls_never_reach_an_impostor_and_a_key_nobody_has_is_a_clear_error() 
         refused.stderr
     );
     assert!(refused.stderr.contains(&nobody), "{}", refused.stderr);
+
+    // A plugin's `request` obeys `[service.NAME] keys` in the policy: the
+    // faulty plugin's `network` service asks fibonacci_worker.
+    let before = (served(&worker), served(&impostor));
+    let policy = common::policy_file(
+        dir.path(),
+        &format!("[service.fibonacci_worker]\nkeys = [\"{worker_id}\"]\n"),
+    );
+    let faulty = test_plugin("faulty");
+    let (_caller, _) = start_host(
+        "caller",
+        &[&faulty],
+        &bootstrap,
+        &["--config", &policy, "--control", "off"],
+    );
+    for i in 0..20 {
+        let shown = call(&bootstrap, "network", r#"{"length":4}"#, &[]);
+        assert_eq!(
+            (shown.code, shown.stdout.trim()),
+            (0, "[1,1,2,3]"),
+            "call {i}: {}",
+            shown.stderr
+        );
+    }
+    let deadline = Instant::now() + SOON;
+    while served(&worker) < before.0 + 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(served(&worker) - before.0, 20);
+    assert_eq!(
+        served(&impostor) - before.1,
+        0,
+        "the plugin's pinned requests never reached the impostor"
+    );
 }
 
 #[test]

@@ -250,6 +250,7 @@ impl Node {
             client,
             endpoint.clone(),
             metrics.clone(),
+            config.policies.clone(),
         ));
         let plugins = Arc::new(
             PluginSet::load(

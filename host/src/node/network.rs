@@ -8,9 +8,11 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::metrics::{outgoing_outcome, NodeMetrics, OTHER_SERVICE};
+use crate::plugin::policy::Policies;
 use crate::plugin::set::PluginSet;
 use crate::plugin::{OutboundCall, OutboundError, PluginNetwork, PunchCall};
 use crate::rpc::client::RpcClient;
+use crate::rpc::session::PinnedKeys;
 use crate::rpc::RpcError;
 use crate::transport::Endpoint;
 
@@ -20,6 +22,8 @@ pub(super) struct NodeNetwork {
     client: RpcClient,
     endpoint: Endpoint,
     metrics: Arc<NodeMetrics>,
+    /// Which identities may answer which service (`[service.NAME] keys`).
+    policies: Arc<Policies>,
     /// The plugins making the calls, once loaded (they hold this network,
     /// hence weak): a service their manifests' `calls` name is counted
     /// under its name, any other under [`OTHER_SERVICE`].
@@ -27,11 +31,17 @@ pub(super) struct NodeNetwork {
 }
 
 impl NodeNetwork {
-    pub(super) fn new(client: RpcClient, endpoint: Endpoint, metrics: Arc<NodeMetrics>) -> Self {
+    pub(super) fn new(
+        client: RpcClient,
+        endpoint: Endpoint,
+        metrics: Arc<NodeMetrics>,
+        policies: Arc<Policies>,
+    ) -> Self {
         NodeNetwork {
             client,
             endpoint,
             metrics,
+            policies,
             plugins: OnceLock::new(),
         }
     }
@@ -61,6 +71,11 @@ impl NodeNetwork {
                     .any(|p| p.calls().iter().any(|c| c == service))
             });
         if declared { service } else { OTHER_SERVICE }.to_string()
+    }
+
+    /// The identities the policy lets answer `service`.
+    fn pins(&self, service: &str) -> PinnedKeys {
+        PinnedKeys::only(self.policies.service_keys(service).to_vec())
     }
 
     /// Runs one outgoing call and counts it.
@@ -104,8 +119,9 @@ impl PluginNetwork for NodeNetwork {
             self.metrics.clone(),
             self.label(&service),
         );
+        let pins = self.pins(&service);
         Box::pin(async move {
-            let call = client.request(&service, &payload, timeout);
+            let call = client.request_pinned(&service, &payload, timeout, &pins);
             Self::counted(metrics, label, call).await
         })
     }
@@ -122,11 +138,12 @@ impl PluginNetwork for NodeNetwork {
             self.metrics.clone(),
             self.label(&service),
         );
+        let pins = self.pins(&service);
         Box::pin(async move {
             let addr: SocketAddr = peer.parse().map_err(|_| {
                 OutboundError::Transport(format!("{peer:?} is not an ip:port address"))
             })?;
-            let call = client.request_peer(addr, &service, &payload, timeout);
+            let call = client.request_peer_pinned(addr, &service, &payload, timeout, &pins);
             Self::counted(metrics, label, call).await
         })
     }

@@ -25,6 +25,9 @@
 //!
 //! [plugin.sensors.config]     # string values the plugin reads with config.get
 //! max_readings = "100"
+//!
+//! [service.fibonacci_worker]  # by service name: who may answer our plugins' requests
+//! keys = ["3b6a27bc…", "ops.pub"]  # host identities (hex or .pub files); others are skipped
 //! ```
 //!
 //! Precedence: built-in defaults, then `[defaults]`, then `[plugin.NAME]`,
@@ -218,6 +221,24 @@ pub struct PolicyFile {
     /// `[plugin.NAME]`: one plugin, by name (file name without `.wasm`).
     #[serde(default)]
     pub plugin: HashMap<String, PolicyEntry>,
+    /// `[service.NAME]`: the services our plugins call, by name.
+    #[serde(default)]
+    pub service: HashMap<String, ServicePolicy>,
+}
+
+/// A `[service.NAME]` table: what a plugin's `request` to that service
+/// accepts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePolicy {
+    /// The host identities allowed to answer (Ed25519 public keys, as hex or
+    /// the path of a `.pub` file `grenache-host keygen` wrote); a peer that
+    /// proves none of them in a secure session is skipped. Empty: any peer.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// `keys`, parsed when the file is loaded.
+    #[serde(skip)]
+    parsed: Vec<ed25519_dalek::VerifyingKey>,
 }
 
 impl PolicyFile {
@@ -234,6 +255,20 @@ impl PolicyFile {
             PluginPolicy::with_limits(Limits::default())
                 .apply(entry)
                 .map_err(|e| format!("the policy {} is not valid: [{name}] {e}", path.display()))?;
+        }
+        let mut file = file;
+        for (name, service) in &mut file.service {
+            service.parsed = service
+                .keys
+                .iter()
+                .map(|k| super::signing::parse_trusted_key(k).map(|k| k.key()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| {
+                    format!(
+                        "the policy {} is not valid: [service.{name}] keys: {e}",
+                        path.display()
+                    )
+                })?;
         }
         Ok(file)
     }
@@ -359,6 +394,15 @@ impl Policies {
     /// The policy of plugin `name`.
     pub fn for_plugin(&self, name: &str) -> Result<PluginPolicy, String> {
         self.file.for_plugin(name, &self.overrides)
+    }
+
+    /// The identities allowed to answer our plugins' requests to `service`
+    /// (`[service.NAME] keys`); empty: any peer.
+    pub fn service_keys(&self, service: &str) -> &[ed25519_dalek::VerifyingKey] {
+        self.file
+            .service
+            .get(service)
+            .map_or(&[], |s| s.parsed.as_slice())
     }
 }
 
@@ -533,6 +577,28 @@ mod tests {
         let e = PolicyFile::load(&path).unwrap_err();
         assert!(
             e.contains("unknown field") && e.contains("memroy_limit"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn service_keys_are_parsed_at_load_and_a_bad_one_names_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let hex = crate::units::hex(key.as_bytes());
+        std::fs::write(&path, format!("[service.fib]\nkeys = [\"{hex}\"]\n")).unwrap();
+        let policies = Policies {
+            file: PolicyFile::load(&path).unwrap(),
+            overrides: PolicyEntry::default(),
+        };
+        assert_eq!(policies.service_keys("fib"), &[key]);
+        assert!(policies.service_keys("other").is_empty(), "not pinned");
+
+        std::fs::write(&path, "[service.fib]\nkeys = [\"abc\"]\n").unwrap();
+        let e = PolicyFile::load(&path).unwrap_err();
+        assert!(
+            e.contains("[service.fib] keys") && e.contains("not a public key"),
             "{e}"
         );
     }
