@@ -439,3 +439,121 @@ fn a_service_that_requires_encryption_refuses_plaintext_with_the_fix() {
         other.stderr
     );
 }
+
+/// The first request on a new connection, `rounds` times, each from a new
+/// client (a new socket, so a new uTP connection): the sorted wall times,
+/// secure (a Noise handshake first) or plaintext. The clients live until
+/// the end: a client dropped at once leaves its last packets unacknowledged,
+/// and the host's retransmissions to its closed port (ICMP unreachable)
+/// made about half of the next first requests wait for a SYN retry
+/// (400 ms), on main too.
+fn first_request_times(host: SocketAddr, secure: bool, rounds: usize) -> Vec<Duration> {
+    use grenache_host::rpc::client::RpcClient;
+    use grenache_host::rpc::session::SessionKeys;
+    use grenache_host::transport::Endpoint;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let keys = Arc::new(SessionKeys::ephemeral());
+    let mut kept = Vec::new();
+    let mut times: Vec<Duration> = rt.block_on(async {
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let (ep, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            let mut client = RpcClient::new(ep, None, 1 << 20);
+            if secure {
+                client = client.with_session_keys(keys.clone());
+            }
+            let started = Instant::now();
+            let reply = client
+                .request_peer(host, "fibonacci_worker", r#"{"length":10}"#, SOON)
+                .await
+                .unwrap();
+            times.push(started.elapsed());
+            assert_eq!(reply, "[1,1,2,3,5,8,13,21,34,55]");
+            kept.push(client);
+        }
+        times
+    });
+    times.sort();
+    times
+}
+
+/// `p10 / p50 / p90` of sorted times, in ms.
+fn percentiles(times: &[Duration]) -> String {
+    let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    format!("{:.3} / {:.3} / {:.3} ms", at(0.1), at(0.5), at(0.9))
+}
+
+/// `bench` against the DHT's fibonacci host: (requests/s, p50 ms).
+fn bench_once(bootstrap: &str, concurrency: usize, plaintext: bool) -> (f64, f64) {
+    let concurrency = concurrency.to_string();
+    let mut args = vec![
+        "bench",
+        "fibonacci_worker",
+        r#"{"length":10}"#,
+        "--bootstrap",
+        bootstrap,
+        "--requests",
+        "3000",
+        "--warmup",
+        "200",
+        "--concurrency",
+        &concurrency,
+    ];
+    if plaintext {
+        args.push("--plaintext");
+    }
+    let shown = common::shown(host(&args));
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    let field = |name: &str| -> f64 {
+        shown
+            .stdout
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .map(|v| v.trim_end_matches("ms").parse().unwrap())
+            .unwrap_or_else(|| panic!("no {name} in {}", shown.stdout))
+    };
+    (field("rps="), field("p50="))
+}
+
+/// Issue 14 item 5: what a secure session costs. Prints the first request
+/// on a new connection (handshake included) and requests/s at 1 and 8 in
+/// flight, encrypted and plaintext side by side, rounds taking turns.
+/// `cargo xtask bench-sessions` runs it; figures in BENCHMARKS.md.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench-sessions"]
+fn bench_secure_sessions_against_plaintext() {
+    let (_dht, bootstrap) = start_dht();
+    let fib = plugin("fibonacci");
+    let (_host, port) = start_host("host", &[&fib], &bootstrap, &["--control", "off"]);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    let secure = first_request_times(addr, true, 200);
+    let plain = first_request_times(addr, false, 200);
+    println!("first request on a new connection (200, a new socket each), p10 / p50 / p90:");
+    println!("  secure    {}", percentiles(&secure));
+    println!("  plaintext {}", percentiles(&plain));
+    println!("| in flight | round | encrypted rps | plaintext rps | ratio | encrypted p50 | plaintext p50 |");
+    println!("|---|---|---|---|---|---|---|");
+    for concurrency in [1, 8] {
+        for round in 1..=3 {
+            // Taking turns: which goes first alternates.
+            let (enc, pla) = if round % 2 == 1 {
+                let e = bench_once(&bootstrap, concurrency, false);
+                (e, bench_once(&bootstrap, concurrency, true))
+            } else {
+                let p = bench_once(&bootstrap, concurrency, true);
+                (bench_once(&bootstrap, concurrency, false), p)
+            };
+            println!(
+                "| {concurrency} | {round} | {:.0} | {:.0} | {:.2} | {:.2} ms | {:.2} ms |",
+                enc.0,
+                pla.0,
+                enc.0 / pla.0,
+                enc.1,
+                pla.1
+            );
+        }
+    }
+}

@@ -425,7 +425,10 @@ pub struct SecureReader<R> {
     transport: Arc<StatelessTransportState>,
     nonce: u64,
     frame: Vec<u8>,
-    plain: Vec<u8>,
+    /// One frame's plaintext (allocated once): `plain[read..plain_len]`
+    /// is not yet read.
+    plain: Box<[u8]>,
+    plain_len: usize,
     read: usize,
     stats: Option<Arc<SessionStats>>,
     failed: bool,
@@ -438,7 +441,8 @@ impl<R> SecureReader<R> {
             transport,
             nonce: 0,
             frame: Vec::new(),
-            plain: Vec::new(),
+            plain: vec![0u8; MAX_FRAME].into_boxed_slice(),
+            plain_len: 0,
             read: 0,
             stats: None,
             failed: false,
@@ -463,8 +467,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for SecureReader<R> {
             if this.failed {
                 return Poll::Ready(Err(rejected()));
             }
-            if this.read < this.plain.len() {
-                let n = buf.remaining().min(this.plain.len() - this.read);
+            if this.read < this.plain_len {
+                let n = buf.remaining().min(this.plain_len - this.read);
                 buf.put_slice(&this.plain[this.read..this.read + n]);
                 this.read += n;
                 return Poll::Ready(Ok(()));
@@ -472,14 +476,13 @@ impl<R: AsyncRead + Unpin> AsyncRead for SecureReader<R> {
             if !ready!(this.frames.poll_frame(cx, &mut this.frame))? {
                 return Poll::Ready(Ok(()));
             }
-            this.plain.resize(MAX_FRAME, 0);
             match this
                 .transport
                 .read_message(this.nonce, &this.frame, &mut this.plain)
             {
                 Ok(n) => {
                     this.nonce += 1;
-                    this.plain.truncate(n);
+                    this.plain_len = n;
                     this.read = 0;
                 }
                 Err(_) => {
@@ -527,15 +530,19 @@ impl<W> SecureWriter<W> {
         }
     }
 
+    /// Encrypts `message` into frames appended to `pending`, in place.
     fn seal(&mut self, message: &[u8]) -> io::Result<()> {
-        let mut sealed = vec![0u8; MAX_FRAME];
         for chunk in message.chunks(MAX_FRAME_PLAINTEXT) {
+            let len = chunk.len() + TAG_LEN;
+            let at = self.pending.len();
+            self.pending.extend_from_slice(&(len as u16).to_be_bytes());
+            self.pending.resize(at + 2 + len, 0);
             let n = self
                 .transport
-                .write_message(self.nonce, chunk, &mut sealed)
+                .write_message(self.nonce, chunk, &mut self.pending[at + 2..])
                 .map_err(|e| io::Error::other(format!("encrypting a frame: {e}")))?;
+            debug_assert_eq!(n, len);
             self.nonce += 1;
-            push_frame(&mut self.pending, &sealed[..n]);
         }
         self.pending_plain = message.len();
         Ok(())
