@@ -57,6 +57,9 @@ tasks:
             fresh `call`s after a host restarted (0, 20, 200 stale DHT entries) and through
             500 planted ones: p50/p99 per case; --baseline PATH runs another grenache-host
             binary the same way, taking turns (figures in BENCHMARKS.md)
+  bench-sessions
+            what encrypted sessions cost: the first request on a new connection, and
+            requests/s at 1 and 8 in flight, encrypted and plaintext side by side
   help      print this text (so does --help after any task)
 
 `test` also cross-compiles the gateway host for aarch64 and runs it under qemu-aarch64
@@ -82,6 +85,8 @@ enum Task {
     BenchDiscovery {
         baseline: Option<String>,
     },
+    /// The secure-session benchmark.
+    BenchSessions,
     /// Fuzz one target (or every one) for this many seconds each.
     Fuzz {
         target: Option<String>,
@@ -147,6 +152,11 @@ fn parse_args(args: &[String]) -> std::result::Result<Task, String> {
             [arg, ..] if is_help(arg) => Ok(Task::Help),
             [arg, ..] => unknown(arg),
         },
+        "bench-sessions" => match options {
+            [] => Ok(Task::BenchSessions),
+            [arg, ..] if is_help(arg) => Ok(Task::Help),
+            [arg, ..] => unknown(arg),
+        },
         "fuzz" => {
             let (mut target, mut seconds) = (None, FUZZ_SECONDS);
             let mut options = options.iter();
@@ -190,6 +200,13 @@ fn main() -> ExitCode {
         Ok(Task::Gateway { target }) => gateway(target.as_deref()),
         Ok(Task::Fuzz { target, seconds }) => fuzz(target.as_deref(), seconds),
         Ok(Task::BenchDiscovery { baseline }) => bench_discovery(baseline.as_deref()),
+        Ok(Task::BenchSessions) => build_plugins().and_then(|_| {
+            ignored_bench(
+                &mut cargo(),
+                "secure_sessions",
+                "bench_secure_sessions_against_plaintext",
+            )
+        }),
         Err(e) => {
             eprintln!("xtask: {e}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -493,16 +510,21 @@ fn bench_discovery(baseline: Option<&str>) -> Result<()> {
             .with_context(|| format!("--baseline {path}: no such binary"))?;
         bench.env("GRENACHE_BASELINE_HOST", path);
     }
-    run(bench.args([
+    ignored_bench(&mut bench, "dht_server", "bench_calls_after_a_restart")
+}
+
+/// Runs `bench`, an ignored test of tests/<file>.rs that prints its figures.
+fn ignored_bench(cargo: &mut Command, file: &str, bench: &str) -> Result<()> {
+    run(cargo.args([
         "test",
         "-p",
         "grenache-host",
         "--test",
-        "dht_server",
+        file,
         "--",
         "--ignored",
         "--nocapture",
-        "bench_calls_after_a_restart",
+        bench,
     ]))
 }
 
@@ -932,5 +954,11 @@ mod tests {
             parse(&["demo", "--keep-running"]),
             Ok(Task::Demo { keep_running: true })
         );
+    }
+
+    #[test]
+    fn bench_sessions_takes_no_options() {
+        assert_eq!(parse(&["bench-sessions"]), Ok(Task::BenchSessions));
+        assert!(parse(&["bench-sessions", "--fast"]).is_err());
     }
 }
