@@ -390,6 +390,7 @@ fn pinned_calls_never_reach_an_impostor_and_a_key_nobody_has_is_a_clear_error() 
 fn a_service_that_requires_encryption_refuses_plaintext_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let config = common::policy_file(dir.path(), "[plugin.faulty]\nrequire_encryption = true\n");
+    let sock = dir.path().join("control.sock");
     let fib = plugin("fibonacci");
     let faulty = test_plugin("faulty");
     let args = [
@@ -401,7 +402,7 @@ fn a_service_that_requires_encryption_refuses_plaintext_with_the_fix() {
         "--config",
         &config,
         "--control",
-        "off",
+        sock.to_str().unwrap(),
     ];
     let (_host, port) = spawn_listening("host", &args);
     let peer = format!("127.0.0.1:{port}");
@@ -438,6 +439,17 @@ fn a_service_that_requires_encryption_refuses_plaintext_with_the_fix() {
         "{}",
         other.stderr
     );
+    // `status` counts the sessions the host served.
+    let status = common::shown(host(&["status", "--control", sock.to_str().unwrap()]));
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let served = &status["host"]["sessions"]["served"];
+    assert_eq!(
+        (served["secure"].as_u64(), served["plaintext"].as_u64()),
+        (Some(1), Some(2)),
+        "{status}"
+    );
+    assert_eq!(served["rejected_frames"].as_u64(), Some(0), "{status}");
 }
 
 /// The first request on a new connection, `rounds` times, each from a new

@@ -217,14 +217,14 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
 /// Serves the control channel until dropped; dropping it ends every
 /// connection it accepted.
 ///
-/// `host` (a JSON object: pid, RPC address, discovery) heads every
-/// `status` reply, so an operator sees which host answered.
+/// `host` makes the JSON object (pid, RPC address, identity, session
+/// counts) that heads every `status` reply, so an operator sees which host
+/// answered and what it has seen so far.
 ///
 /// At most [`MAX_CONTROL_CONNECTIONS`] at once, each closed after
 /// [`CONTROL_IDLE`] without a request; swaps run one at a time (each reads
 /// and compiles a whole plugin).
-pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>, host: serde_json::Value) {
-    let host = Arc::new(host);
+pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>, host: HostStatus) {
     let swaps = Arc::new(tokio::sync::Mutex::new(()));
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -254,7 +254,7 @@ pub async fn serve(listener: UnixListener, plugins: Arc<PluginSet>, host: serde_
 async fn serve_one(
     stream: UnixStream,
     plugins: &PluginSet,
-    host: &serde_json::Value,
+    host: &HostStatus,
     swaps: &tokio::sync::Mutex<()>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -274,7 +274,7 @@ async fn serve_one(
             Err(e) => ControlReply::result(Err(format!("not a control request ({e})"))),
             Ok(ControlRequest::Status) => {
                 let mut status = plugins.status();
-                status["host"] = host.clone();
+                status["host"] = host();
                 ControlReply {
                     ok: true,
                     status: Some(status),
@@ -294,6 +294,9 @@ async fn serve_one(
         write.write_all(text.as_bytes()).await?;
     }
 }
+
+/// Makes the `host` object of a `status` reply, at each request.
+pub type HostStatus = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Largest reply line read from a host (a `status` of many plugins fits).
 pub const MAX_REPLY: u64 = 4 << 20;

@@ -362,11 +362,16 @@ impl Node {
     /// Errors: see [`control::bind`].
     pub fn serve_control(&mut self, path: &Path) -> Result<(), control::BindError> {
         let (listener, file) = control::bind(path)?;
-        let host = serde_json::json!({
-            "pid": std::process::id(),
-            "rpc": self.endpoint.local_addr().to_string(),
-            "identity": self.identity.public_hex(),
-            "version": env!("CARGO_PKG_VERSION"),
+        let (rpc, identity) = (self.endpoint.local_addr(), self.identity.public_hex());
+        let (server, client) = (self.stats.sessions.clone(), self.client_sessions.clone());
+        let host: control::HostStatus = Arc::new(move || {
+            serde_json::json!({
+                "pid": std::process::id(),
+                "rpc": rpc.to_string(),
+                "identity": identity,
+                "version": env!("CARGO_PKG_VERSION"),
+                "sessions": {"served": session_counts(&server), "opened": session_counts(&client)},
+            })
         });
         self.tasks
             .spawn(control::serve(listener, self.plugins.clone(), host));
@@ -464,6 +469,18 @@ impl Node {
             load(&self.endpoint.stats.garbage_datagrams),
         )
     }
+}
+
+/// A status's session counters (docs/wire.md §8).
+fn session_counts(stats: &SessionStats) -> serde_json::Value {
+    let load =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    serde_json::json!({
+        "secure": load(&stats.secure),
+        "plaintext": load(&stats.plaintext),
+        "failed_handshakes": load(&stats.failed_handshakes),
+        "rejected_frames": load(&stats.rejected_frames),
+    })
 }
 
 /// Where `run` keeps plugin state without --state-dir: the first directory
