@@ -651,7 +651,7 @@ impl RpcClient {
             None => &self.paths.direct,
         };
         kind.fetch_add(1, Ordering::Relaxed);
-        let (reader, writer, peer_key) = self.start_session(peer, stream).await?;
+        let (reader, writer, peer_key) = self.start_session(peer, stream, connect_by).await?;
         let mut reader = MessageReader::new(reader, self.max_message);
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
@@ -719,11 +719,13 @@ impl RpcClient {
 
     /// The halves of a new connection: a secure session when the peer's
     /// uTP handshake said it speaks ours (and we have keys), plaintext
-    /// otherwise.
+    /// otherwise. The handshake gets [`session::HANDSHAKE_TIMEOUT`], and
+    /// never past `connect_by`.
     async fn start_session(
         &self,
         peer: SocketAddr,
         stream: crate::utp::UtpStream,
+        connect_by: Instant,
     ) -> Result<SessionHalves, OpenError> {
         let secure = stream.peer_speaks_secure();
         let (reader, writer) = stream.split();
@@ -742,7 +744,8 @@ impl RpcClient {
                 .fetch_add(1, Ordering::Relaxed);
             OpenError::Handshake(format!("secure handshake with {peer} failed: {why}"))
         };
-        let s = match tokio::time::timeout(session::HANDSHAKE_TIMEOUT, handshake).await {
+        let by = connect_by.min(Instant::now() + session::HANDSHAKE_TIMEOUT);
+        let s = match tokio::time::timeout_at(by.into(), handshake).await {
             Ok(Ok(Ok(s))) => s,
             Ok(Ok(Err(()))) => unreachable!("every identity is accepted here"),
             Ok(Err(e)) => return Err(failed(e.to_string())),
