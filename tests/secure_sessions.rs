@@ -26,13 +26,16 @@ enum Way {
     ToCaller,
 }
 
+/// Every datagram the forwarder passed, in order, and which way.
+type Capture = Arc<Mutex<Vec<(Way, Vec<u8>)>>>;
+
 /// A UDP forwarder on loopback: datagrams to `addr` go to the host from a
 /// socket of its own, the host's answers go back to the last caller. It
 /// records every datagram, and can flip one byte of the first
 /// caller-to-host uTP DATA packet longer than `tamper_over` bytes.
 struct Forwarder {
     addr: SocketAddr,
-    log: Arc<Mutex<Vec<(Way, Vec<u8>)>>>,
+    log: Capture,
     tamper_over: Arc<Mutex<Option<usize>>>,
     tampered: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -48,7 +51,7 @@ impl Forwarder {
             s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         }
         let addr = front.local_addr().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log: Capture = Arc::default();
         let tamper_over = Arc::new(Mutex::new(None));
         let tampered = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));

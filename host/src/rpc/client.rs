@@ -289,15 +289,7 @@ impl RpcClient {
         };
         self.warm_up(&peers, peer);
         match self
-            .send(
-                peer,
-                service,
-                payload,
-                deadline,
-                deadline,
-                Some(opened),
-                pins,
-            )
+            .send(peer, service, payload, deadline, Some(opened), pins)
             .await
         {
             Err(SendError::Unreachable(e) | SendError::Lost(e) | SendError::Silent(e)) => {
@@ -446,24 +438,21 @@ impl RpcClient {
         pins: &PinnedKeys,
     ) -> Result<String, RpcError> {
         let deadline = Instant::now() + timeout;
-        match self
-            .send(peer, key, payload, deadline, deadline, None, pins)
-            .await
-        {
+        match self.send(peer, key, payload, deadline, None, pins).await {
             Ok(reply) => reply_result(reply),
             Err(SendError::Unreachable(e) | SendError::Lost(e) | SendError::Silent(e)) => Err(e),
         }
     }
 
-    /// Sends one request to `peer`, on `opened` if given; once more over a
-    /// new introduction if the introduced path went silent before anything
-    /// came back.
+    /// Sends one request to `peer`, on `opened` if given (else on a
+    /// connection that proves one of `pins`); once more over a new
+    /// introduction if the introduced path went silent before anything came
+    /// back. Everything by `deadline`.
     async fn send(
         &self,
         peer: SocketAddr,
         key: &str,
         payload: &str,
-        connect_by: Instant,
         deadline: Instant,
         opened: Option<Opened>,
         pins: &PinnedKeys,
@@ -471,7 +460,7 @@ impl RpcClient {
         let first = match opened {
             Some(opened) => self.send_on(peer, opened, key, payload, deadline).await,
             None => {
-                self.send_once(peer, key, payload, connect_by, deadline, pins)
+                self.send_once(peer, key, payload, deadline, deadline, pins)
                     .await
             }
         };
