@@ -533,7 +533,7 @@ impl RpcClient {
             // One whole message per write: Node peers parse each packet alone
             // (docs/wire.md §3).
             let mut writer = connection.writer.lock().await;
-            if let Err(e) = writer.write_all(&message).await {
+            if let Err(e) = writer.write_message(&message).await {
                 connection.lock_pending().complete(&rid);
                 return Err(lost(&format!("failed while sending: {e}")));
             }

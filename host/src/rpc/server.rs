@@ -370,7 +370,7 @@ async fn serve_connection(
         if !secure && services.requires_encryption(&request.key) {
             stats.errors.fetch_add(1, Ordering::Relaxed);
             let reply = codec::encode_err(&request.rid, &encryption_required(&request.key));
-            if let Err(e) = writer.lock().await.write_all(&reply).await {
+            if let Err(e) = writer.lock().await.write_message(&reply).await {
                 tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
             }
             continue;
@@ -379,7 +379,7 @@ async fn serve_connection(
             // Stopping: say so at once rather than leave the caller to time out.
             stats.errors.fetch_add(1, Ordering::Relaxed);
             let reply = codec::encode_err(&request.rid, &shutting_down("takes no new requests"));
-            if let Err(e) = writer.lock().await.write_all(&reply).await {
+            if let Err(e) = writer.lock().await.write_message(&reply).await {
                 tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
             }
             continue;
@@ -400,7 +400,7 @@ async fn serve_connection(
                 }
             };
             // One whole message per write (docs/wire.md §3).
-            if let Err(e) = writer.lock().await.write_all(&reply).await {
+            if let Err(e) = writer.lock().await.write_message(&reply).await {
                 tracing::debug!(%peer, "reply to {} not sent: {e}", request.rid);
             }
             drop(in_flight);
@@ -416,7 +416,7 @@ async fn serve_connection(
             rid.as_str(),
             &format!("request too large: more than {limit} bytes"),
         );
-        let _ = writer.lock().await.write_all(&reply).await;
+        let _ = writer.lock().await.write_message(&reply).await;
     }
     tracing::warn!(%peer, "closing a connection that {problem}", problem = describe(&problem));
     requests.join_all().await;

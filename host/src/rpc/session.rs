@@ -86,6 +86,9 @@ pub enum HandshakeError {
     /// The peer's identity proof is not 96 bytes or does not verify.
     #[error("the peer's identity proof does not check ({0})")]
     BadProof(&'static str),
+    /// The stream starts with `0x00` but not with [`MAGIC`].
+    #[error("the stream starts with 0x00 but not with our magic 00 47 48 01")]
+    BadMagic,
     /// No handshake within [`HANDSHAKE_TIMEOUT`].
     #[error("no secure handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())]
     Timeout,
@@ -396,7 +399,7 @@ where
 {
     let mut frames = Frames::new(reader, already);
     if frames.take(MAGIC.len()).await? != MAGIC {
-        return Err(HandshakeError::BadProof("not our magic"));
+        return Err(HandshakeError::BadMagic);
     }
     let mut noise = keys.builder().build_responder()?;
     let mut frame = Vec::new();
@@ -505,17 +508,18 @@ fn rejected() -> io::Error {
 
 /// A session's outgoing side: each `poll_write` encrypts the whole buffer
 /// (one Grenache message) into frames and hands them to the stream in one
-/// write, so one message stays one uTP write as on a plaintext stream.
+/// write, so one message stays one uTP write as on a plaintext stream. A
+/// write is taken whole at once; if the stream cannot take it all yet, the
+/// rest goes at the next write or flush ([`SessionWriter::write_message`]
+/// does both).
 pub struct SecureWriter<W> {
     inner: W,
     transport: Arc<StatelessTransportState>,
     nonce: u64,
     /// Encrypted bytes not yet taken by `inner` (the handshake's message 3
-    /// before the first write).
+    /// before the first write), `pending[written..]`.
     pending: Vec<u8>,
     written: usize,
-    /// The plaintext length `pending` stands for, reported once written.
-    pending_plain: usize,
 }
 
 impl<W> SecureWriter<W> {
@@ -526,7 +530,6 @@ impl<W> SecureWriter<W> {
             nonce: 0,
             pending: prefix,
             written: 0,
-            pending_plain: 0,
         }
     }
 
@@ -544,7 +547,6 @@ impl<W> SecureWriter<W> {
             debug_assert_eq!(n, len);
             self.nonce += 1;
         }
-        self.pending_plain = message.len();
         Ok(())
     }
 }
@@ -572,14 +574,15 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for SecureWriter<W> {
         message: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        // A write that returned Pending is called again with the same
-        // message: its frames are already sealed in `pending`.
-        if this.pending_plain == 0 {
-            this.seal(message)?;
-        }
+        // What an earlier write left (the stream was full, or that write's
+        // flush was cancelled) goes first; then this message is sealed and
+        // taken whole, so a cancelled caller never leaves half a frame.
         ready!(this.poll_pending(cx))?;
-        let n = std::mem::take(&mut this.pending_plain);
-        Poll::Ready(Ok(n))
+        this.seal(message)?;
+        if let Poll::Ready(Err(e)) = this.poll_pending(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(message.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -624,6 +627,14 @@ pub enum SessionWriter<W> {
     Plain(W),
     /// A secure session.
     Secure(SecureWriter<W>),
+}
+
+impl<W: AsyncWrite + Unpin> SessionWriter<W> {
+    /// Writes one whole Grenache message and hands all of it to the stream.
+    pub async fn write_message(&mut self, message: &[u8]) -> io::Result<()> {
+        self.write_all(message).await?;
+        self.flush().await
+    }
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for SessionWriter<W> {
@@ -776,7 +787,6 @@ mod tests {
         writer.seal(b"[\"rid\",\"key\",{}]").unwrap();
         let at = writer.pending.len() - 3;
         writer.pending[at] ^= 1;
-        writer.pending_plain = 0;
         writer.flush().await.unwrap();
         let result = server.await.unwrap();
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
@@ -798,5 +808,35 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(1), respond(r, &[], w, &keys(1))).await;
             assert!(matches!(result, Ok(Err(_))), "{garbage:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_write_cut_short_by_its_caller_leaves_the_stream_whole() {
+        // A stream that takes 64 bytes until someone reads.
+        let (a, b) = tokio::io::duplex(64);
+        let ((ar, aw), (br, bw)) = (tokio::io::split(a), tokio::io::split(b));
+        let server_keys = keys(2);
+        let server = tokio::spawn(async move { respond(br, &[], bw, &server_keys).await });
+        let s = initiate(ar, aw, &keys(1), |_| Ok::<(), ()>(()))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut writer = SessionWriter::Secure(s.writer);
+        let first = vec![b'1'; 1000];
+        let cut = tokio::time::timeout(Duration::from_millis(20), writer.write_message(&first));
+        assert!(
+            cut.await.is_err(),
+            "nobody reads yet: the write waits and is dropped"
+        );
+        let mut reader = server.await.unwrap().unwrap().reader;
+        let reading = tokio::spawn(async move {
+            let mut got = vec![0u8; 1003];
+            reader.read_exact(&mut got).await.unwrap();
+            got
+        });
+        writer.write_message(b"two").await.unwrap();
+        let got = reading.await.unwrap();
+        assert_eq!(&got[..1000], &first[..]);
+        assert_eq!(&got[1000..], b"two");
     }
 }
