@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use super::codec::{self, DecodeError, Request};
@@ -474,6 +474,7 @@ mod tests {
     use super::*;
     use crate::rpc::client::RpcClient;
     use crate::rpc::RpcError;
+    use tokio::io::AsyncWriteExt;
 
     /// Answers `slow` only when told to, anything else at once.
     struct Gate(tokio::sync::Notify);
