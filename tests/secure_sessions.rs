@@ -572,3 +572,52 @@ fn bench_secure_sessions_against_plaintext() {
         }
     }
 }
+
+#[test]
+fn node_peers_call_and_are_called_in_plaintext() {
+    // Node (utp-native) calls our host: it sends no capability bit and no
+    // magic, so it is served in plaintext, and counted so.
+    let (_host, rpc, metrics) = metrics_host(&test_plugin("rpc-test"));
+    let node = common::node_peer("node client", &["vectors", &rpc.port().to_string()]);
+    let tv3 = node.wait_for("TV-2 reply ", SOON);
+    assert!(tv3.contains(r#"null,"world"]"#), "{tv3}");
+    assert!(
+        wait_metric(
+            &metrics,
+            "grenache_host_rpc_sessions_total{kind=\"plaintext\"}",
+            1.0
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "grenache_host_rpc_sessions_total{kind=\"secure\"}"
+        ),
+        0.0
+    );
+
+    // Our call to a Node server: its STATE carries no bit, so plaintext.
+    let server = common::node_peer("node server", &["serve"]);
+    let line = server.wait_for("listening on ", SOON);
+    let peer = format!("127.0.0.1:{}", line.rsplit(' ').next().unwrap());
+    let r = call_peer(&peer, "fibonacci_worker", r#"{"length":10}"#, &[]);
+    assert_eq!(
+        (r.code, r.stdout.trim()),
+        (0, "[1,1,2,3,5,8,13,21,34,55]"),
+        "{}",
+        r.stderr
+    );
+    // Pinned, the Node server is skipped: it cannot prove a key.
+    let pinned = call_peer(
+        &peer,
+        "fibonacci_worker",
+        r#"{"length":10}"#,
+        &["--peer-key", &"22".repeat(32)],
+    );
+    assert_eq!(pinned.code, 2, "{}", pinned.stdout);
+    assert!(
+        pinned.stderr.contains("speaks plaintext Grenache"),
+        "{}",
+        pinned.stderr
+    );
+}
