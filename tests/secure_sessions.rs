@@ -113,6 +113,14 @@ impl Forwarder {
         }
     }
 
+    /// How many uTP DATA packets (type 0, version 1) went `way` so far.
+    fn data_packets(&self, way: Way) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(w, d)| *w == way && d[0] == 0x01)
+            .count()
+    }
+
     /// How many recorded datagrams contain `needle`, and how many there
     /// were in all; the log is cleared.
     fn take_count(&self, needle: &[u8]) -> (usize, usize) {
@@ -199,6 +207,9 @@ fn a_request_and_its_reply_never_cross_the_network_in_clear() {
         "the echo came back: {}",
         secure.stdout
     );
+    // The caller's data: message 1, then message 3 with the request in one
+    // write (one packet: they fit).
+    assert_eq!(forwarder.data_packets(Way::ToHost), 2);
     let (hits, datagrams) = forwarder.take_count(SECRET.as_bytes());
     assert!(datagrams >= 6, "the capture saw the exchange ({datagrams})");
     assert_eq!(hits, 0, "the payload or reply crossed in clear");
@@ -241,8 +252,9 @@ fn a_tampered_datagram_is_rejected_counted_and_the_host_keeps_serving() {
     let (host, rpc, metrics) = metrics_host(&test_plugin("faulty"));
     let forwarder = Forwarder::start(rpc);
     let peer = forwarder.addr.to_string();
-    // The request's frame is the caller's only DATA packet over 300 bytes
-    // (message 1 and 3 of the handshake are 38 and 162 bytes of payload).
+    // Message 3 of the handshake (162 bytes) and the request's frame leave
+    // in one packet, the caller's only DATA over 300 bytes (message 1 is
+    // 38); its last byte is the request frame's.
     let payload = format!("{{\"note\":\"{}\"}}", "x".repeat(400));
     *forwarder.tamper_over.lock().unwrap() = Some(300);
     let tampered = call_peer(&peer, "echo", &payload, &["--timeout-ms", "3000"]);

@@ -68,6 +68,10 @@ const MAX_WARMING: u64 = 2;
 /// How long a lookup may take out of a request's deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a new secure connection holds message 3 of its handshake for
+/// a first request to carry; then it is sent alone.
+const MESSAGE_3_GRACE: Duration = Duration::from_millis(50);
+
 /// How often requests on an introduced path tell the introductions that it
 /// is in use (its keepalive lasts minutes after the last use; telling it at
 /// every request would wake its driver at every request).
@@ -653,6 +657,19 @@ impl RpcClient {
             opened: Instant::now(),
             use_reported: AtomicU64::new(0),
         });
+        if connection.peer_key.is_some() {
+            // Message 3 of the handshake waits to leave with the first
+            // request; a connection opened ahead of its request (warm-up, a
+            // lost connect race) sends it alone after MESSAGE_3_GRACE, well
+            // within the responder's handshake timeout.
+            let connection = connection.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(MESSAGE_3_GRACE).await;
+                if let Err(e) = connection.writer.lock().await.flush().await {
+                    tracing::debug!(%peer, "handshake message 3 not sent: {e}");
+                }
+            });
+        }
         let task_connection = connection.clone();
         tokio::spawn(async move {
             let connection = task_connection;
@@ -742,15 +759,10 @@ impl RpcClient {
         };
         self.sessions.secure.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%peer, peer_key = %session::hex(s.peer.as_bytes()), "secure session");
-        let mut writer = s.writer;
-        // Message 3 leaves at once, not with the first request: a
-        // connection opened ahead of its request (warm-up, a lost connect
-        // race) must not let the responder's handshake time out.
-        writer.flush().await.map_err(|e| failed(e.to_string()))?;
         let reader = s.reader.counted_in(self.sessions.clone());
         Ok((
             SessionReader::Secure(reader),
-            SessionWriter::Secure(writer),
+            SessionWriter::Secure(s.writer),
             Some(s.peer),
         ))
     }

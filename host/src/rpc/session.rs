@@ -55,6 +55,10 @@ const TAG_LEN: usize = 16;
 pub const MAX_FRAME_PLAINTEXT: usize = MAX_FRAME - TAG_LEN;
 /// The whole handshake (three messages) must be done within this long.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Encrypted bytes a [`SecureWriter`] still holding earlier data may add
+/// a new message to instead of waiting: message 3 of the handshake (162
+/// bytes) rides with the first request.
+const MAX_HELD: usize = 1024;
 /// Bytes one read from the stream may take.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -575,9 +579,13 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for SecureWriter<W> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         // What an earlier write left (the stream was full, or that write's
-        // flush was cancelled) goes first; then this message is sealed and
-        // taken whole, so a cancelled caller never leaves half a frame.
-        ready!(this.poll_pending(cx))?;
+        // flush was cancelled) goes first, unless it is small (message 3
+        // of the handshake): then it leaves in one write with this message.
+        // This message is sealed and taken whole, so a cancelled caller
+        // never leaves half a frame.
+        if this.pending.len() - this.written > MAX_HELD {
+            ready!(this.poll_pending(cx))?;
+        }
         this.seal(message)?;
         if let Poll::Ready(Err(e)) = this.poll_pending(cx) {
             return Poll::Ready(Err(e));
