@@ -14,7 +14,7 @@
 //!   Grenache byte stream (one message may span several frames)
 //! ```
 //!
-//! An [`IdentityProof`] is `Ed25519 public key (32) ‖ Ed25519 signature (64)`,
+//! An identity proof is `Ed25519 public key (32) ‖ Ed25519 signature (64)`,
 //! the signature (checked with `verify_strict`) over [`PROOF_CONTEXT`] ‖ the
 //! sender's Noise static public key; each side checks it against
 //! `get_remote_static()` before anything else. A frame that does not
@@ -45,7 +45,7 @@ pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
 pub const MAGIC: [u8; 4] = [0x00, b'G', b'H', 0x01];
 /// What an identity signs, before the session's static key.
 pub const PROOF_CONTEXT: &[u8] = b"grenache-host noise static key v1:";
-/// Length of an [`IdentityProof`] on the wire: key 32 ‖ signature 64.
+/// Length of an identity proof on the wire: key 32 ‖ signature 64.
 pub const PROOF_LEN: usize = 32 + 64;
 /// The longest Noise message, hence frame body (Noise spec §3).
 pub const MAX_FRAME: usize = 65535;
