@@ -289,3 +289,56 @@ fn a_router_that_forgets_the_path_costs_one_slow_request() {
         consumer.output()
     );
 }
+
+/// Not a test: a benchmark (`cargo test -p grenache-host --test nat_traversal
+/// bench_ -- --ignored --nocapture`, as root). Fresh `call` processes from
+/// behind one port-restricted NAT to a worker behind another, taking turns
+/// encrypted (the default: a Noise handshake after the introduced path
+/// opens) and `--plaintext`; prints each one's wall time (process start,
+/// lookup, introduction, punching, handshake and the request) and the
+/// medians: their difference is what the handshake costs on a punched path.
+#[test]
+#[ignore = "a benchmark: prints figures, asserts only that calls succeed"]
+fn bench_first_reply_through_the_nat_lab_encrypted_vs_plaintext() {
+    let Some((lab, _dht, _worker, bootstrap)) =
+        worker_across_nats("bench", NatType::PortRestricted, NatType::PortRestricted)
+    else {
+        return;
+    };
+    let a = &lab.homes[0];
+    let rounds = 10;
+    let (mut secure, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (plaintext, times) in [(false, &mut secure), (true, &mut plain)] {
+            let mut args = vec![
+                "call",
+                "fibonacci_worker",
+                r#"{"length":10}"#,
+                "--bootstrap",
+                &bootstrap,
+            ];
+            if plaintext {
+                args.push("--plaintext");
+            }
+            let started = Instant::now();
+            let r = lab.run_host(&a.host, &args);
+            let took = started.elapsed();
+            eprintln!("call {} (plaintext {plaintext}): {took:?}", times.len());
+            assert_eq!((r.code, r.stdout.as_str()), (0, SEQUENCE), "{}", r.stderr);
+            times.push(took);
+        }
+    }
+    let median = |times: &mut Vec<Duration>| {
+        times.sort();
+        times[times.len() / 2]
+    };
+    let (s, p) = (median(&mut secure), median(&mut plain));
+    println!("through two port-restricted NATs, {rounds} fresh calls each, taking turns:");
+    println!("  encrypted: p50 {s:?} (all: {secure:?})");
+    println!("  plaintext: p50 {p:?} (all: {plain:?})");
+    println!(
+        "  the handshake costs {:?} at p50 ({:.2}x)",
+        s.saturating_sub(p),
+        s.as_secs_f64() / p.as_secs_f64()
+    );
+}
