@@ -150,6 +150,10 @@ pub struct RpcClient {
     keys: Option<Arc<SessionKeys>>,
     /// Secure and plaintext connections, failed handshakes, rejected frames.
     sessions: Arc<SessionStats>,
+    /// Peers that completed a secure session lately ([`SECURE_MEMORY`]):
+    /// one of them offering plaintext is refused as a downgrade.
+    secure_peers:
+        Arc<std::sync::Mutex<HashMap<SocketAddr, (ed25519_dalek::VerifyingKey, Instant)>>>,
 }
 
 /// The connections a client opened, by the kind of path they took. Both
@@ -182,6 +186,7 @@ impl RpcClient {
             warming: Arc::default(),
             keys: None,
             sessions: Arc::default(),
+            secure_peers: Arc::default(),
         }
     }
 
@@ -734,6 +739,14 @@ impl RpcClient {
         connect_by: Instant,
     ) -> Result<SessionHalves, OpenError> {
         let secure = stream.peer_speaks_secure();
+        if !secure && self.keys.is_some() {
+            if let Some(refused) = self.downgrade(peer) {
+                self.sessions
+                    .failed_handshakes
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(OpenError::Handshake(refused));
+            }
+        }
         let (reader, writer) = stream.split();
         let Some(keys) = self.keys.as_ref().filter(|_| secure) else {
             self.sessions.plaintext.fetch_add(1, Ordering::Relaxed);
@@ -759,12 +772,44 @@ impl RpcClient {
         };
         self.sessions.secure.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%peer, peer_key = %session::hex(s.peer.as_bytes()), "secure session");
+        {
+            let mut known = self.secure_peers.lock().unwrap_or_else(|p| p.into_inner());
+            if !known.contains_key(&peer) {
+                crate::units::evict_oldest(&mut known, MAX_SECURE_PEERS, |(_, at)| *at);
+            }
+            known.insert(peer, (s.peer, Instant::now()));
+        }
         let reader = s.reader.counted_in(self.sessions.clone());
         Ok((
             SessionReader::Secure(reader),
             SessionWriter::Secure(s.writer),
             Some(s.peer),
         ))
+    }
+}
+
+/// How long a peer that completed a secure session is expected to speak
+/// ours: within it, the same address offering plaintext (no capability bit
+/// in its uTP handshake, which an on-path attacker can strip) is refused.
+pub const SECURE_MEMORY: Duration = Duration::from_secs(3600);
+/// Most peers remembered for [`SECURE_MEMORY`]; the least recently seen
+/// is forgotten first.
+const MAX_SECURE_PEERS: usize = 4096;
+
+impl RpcClient {
+    /// Why plaintext toward `peer` is refused: it completed a secure
+    /// session within [`SECURE_MEMORY`]. `None` otherwise.
+    fn downgrade(&self, peer: SocketAddr) -> Option<String> {
+        let known = self.secure_peers.lock().unwrap_or_else(|p| p.into_inner());
+        let (key, at) = known.get(&peer)?;
+        let ago = at.elapsed();
+        (ago < SECURE_MEMORY).then(|| {
+            format!(
+                "{peer} proved identity {} in an encrypted session {}s ago and now offers plaintext: refused as a possible downgrade (its capability bit can be stripped on the path); pin its key with --peer-key, or call with --plaintext if it really changed",
+                session::hex(key.as_bytes()),
+                ago.as_secs()
+            )
+        })
     }
 }
 
@@ -819,5 +864,41 @@ fn reply_result(reply: Reply) -> Result<String, RpcError> {
     match reply.err {
         None => Ok(reply.result),
         Some(message) => Err(RpcError::Remote(message)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_was_secure_is_not_taken_in_plaintext_for_an_hour() {
+        let (endpoint, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let client = RpcClient::new(endpoint, None, 1 << 20)
+            .with_session_keys(Arc::new(SessionKeys::ephemeral()));
+        let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert!(
+            client.downgrade(peer).is_none(),
+            "never seen: plaintext is fine"
+        );
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key();
+        client
+            .secure_peers
+            .lock()
+            .unwrap()
+            .insert(peer, (key, Instant::now()));
+        let refused = client.downgrade(peer).expect("refused");
+        assert!(refused.contains(&session::hex(key.as_bytes())), "{refused}");
+        assert!(refused.contains("--peer-key"), "{refused}");
+        // An hour later it may have changed for real.
+        let long_ago = Instant::now() - SECURE_MEMORY - Duration::from_secs(1);
+        client
+            .secure_peers
+            .lock()
+            .unwrap()
+            .insert(peer, (key, long_ago));
+        assert!(client.downgrade(peer).is_none());
     }
 }
