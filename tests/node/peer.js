@@ -9,6 +9,10 @@
 //   node peer.js serve [punchPort]   answer fibonacci requests (or, with "replyBytes" in the
 //                                    payload, a string making the reply that long); print each
 //                                    request with its packet's size; punch punchPort every second
+//       --quiet 1                      print nothing per request: one JSON parse and one stringify
+//                                      each, as Grenache's Node server does (cargo xtask bench)
+//   node peer.js echo                write every chunk received back unchanged (the transport
+//                                    floor of cargo xtask bench)
 //       --grape <url>                  and announce fibonacci_worker through that Grape every
 //                                      second, as the tutorial's servers do
 //       --punch <service>              and every second look <service> up through the Grape
@@ -95,7 +99,7 @@ function ask (socket, port, message, host = '127.0.0.1') {
 async function main () {
   const socket = utp()
   await new Promise((resolve) => socket.listen(0, resolve))
-  if (mode !== 'serve' && mode !== 'consume') setTimeout(() => fail(`timed out in mode ${mode}`), 20000).unref()
+  if (!['serve', 'consume', 'echo'].includes(mode)) setTimeout(() => fail(`timed out in mode ${mode}`), 20000).unref()
   if (mode === 'vectors') {
     for (const [name, message] of [['TV-2', TV2], ['TV-4', TV4]]) {
       console.log(`${name} reply ${await ask(socket, arg, message)}`)
@@ -142,7 +146,7 @@ async function main () {
         try { [rid, key, payload] = JSON.parse(chunk.toString()) } catch (e) {
           return console.log(`ERR_REQUEST_PARSE: ${chunk}`)
         }
-        console.log(`request ${key} ${JSON.stringify(payload)} in ${chunk.length} bytes`)
+        if (!flags.quiet) console.log(`request ${key} ${JSON.stringify(payload)} in ${chunk.length} bytes`)
         const result = payload.replyBytes ? padFor(rid, payload.replyBytes) : fibonacci(payload.length)
         conn.write(Buffer.from(JSON.stringify([rid, null, result])))
       })
@@ -179,6 +183,9 @@ async function main () {
         setInterval(punchPeers, 1000)
       }
     }
+  } else if (mode === 'echo') {
+    socket.on('connection', (conn) => conn.on('data', (chunk) => conn.write(chunk)))
+    console.log(`listening on ${socket.address().port}`)
   } else if (mode === 'consume') {
     if (!flags.grape) fail('consume needs --grape <url>')
     const port = socket.address().port

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
+
 const WASM_TARGET: &str = "wasm32-wasip2";
 /// Cargo profile for plugins (see the workspace Cargo.toml).
 const PLUGIN_PROFILE: &str = "plugin";
@@ -60,6 +62,14 @@ tasks:
   bench-sessions
             what encrypted sessions cost: the first request on a new connection, and
             requests/s at 1 and 8 in flight, encrypted and plaintext side by side
+  bench     the host against Node Grenache on 127.0.0.1, side by side and interleaved:
+            this build's host serving plugins/fibonacci.wasm (release), the Node peer
+            (tests/node/peer.js, utp-native, the same envelope), a utp-native echo (the
+            transport floor) and store + instantiate + call + drop alone (the plugin floor);
+            prints requests/s, p50/p99 at 1, 8, 32 in flight, server CPU per request, a
+            size sweep 1 B..1 MiB, start-up, memory, issue 11's goals and the load average;
+            --quick: a short pass; --baseline PATH: another grenache-host binary measured
+            the same way, taking turns (figures in BENCHMARKS.md)
   help      print this text (so does --help after any task)
 
 `test` also cross-compiles the gateway host for aarch64 and runs it under qemu-aarch64
@@ -87,6 +97,8 @@ enum Task {
     },
     /// The secure-session benchmark.
     BenchSessions,
+    /// The comparison with Node Grenache.
+    Bench(bench::Options),
     /// Fuzz one target (or every one) for this many seconds each.
     Fuzz {
         target: Option<String>,
@@ -157,6 +169,29 @@ fn parse_args(args: &[String]) -> std::result::Result<Task, String> {
             [arg, ..] if is_help(arg) => Ok(Task::Help),
             [arg, ..] => unknown(arg),
         },
+        "bench" => {
+            let mut bench = bench::Options {
+                quick: false,
+                baseline: None,
+            };
+            let mut options = options.iter();
+            while let Some(arg) = options.next() {
+                match arg.as_str() {
+                    "--quick" => bench.quick = true,
+                    "--baseline" => {
+                        bench.baseline = Some(
+                            options
+                                .next()
+                                .ok_or("--baseline takes a grenache-host binary, e.g. --baseline /tmp/grenache-host-main")?
+                                .clone(),
+                        );
+                    }
+                    arg if is_help(arg) => return Ok(Task::Help),
+                    arg => return unknown(arg),
+                }
+            }
+            Ok(Task::Bench(bench))
+        }
         "fuzz" => {
             let (mut target, mut seconds) = (None, FUZZ_SECONDS);
             let mut options = options.iter();
@@ -207,6 +242,7 @@ fn main() -> ExitCode {
                 "bench_secure_sessions_against_plaintext",
             )
         }),
+        Ok(Task::Bench(options)) => bench::bench(options),
         Err(e) => {
             eprintln!("xtask: {e}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -627,7 +663,8 @@ fn test(extra: &[String]) -> Result<()> {
 struct Child {
     name: &'static str,
     process: std::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Each line with the time it was read.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
 }
 
 impl Child {
@@ -652,7 +689,10 @@ impl Child {
                     .map_while(Result::ok)
                 {
                     println!("{name:>14} | {line}");
-                    lines.lock().unwrap().push(line);
+                    lines
+                        .lock()
+                        .unwrap()
+                        .push((std::time::Instant::now(), line));
                 }
             });
         }
@@ -665,6 +705,16 @@ impl Child {
 
     /// Waits for a line containing `needle`; returns it.
     fn wait_for(&self, needle: &str, timeout: std::time::Duration) -> Result<String> {
+        self.wait_for_at(needle, timeout).map(|(_, line)| line)
+    }
+
+    /// Waits for a line containing `needle`; returns it with the time it
+    /// was read.
+    fn wait_for_at(
+        &self,
+        needle: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(std::time::Instant, String)> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(l) = self
@@ -672,14 +722,14 @@ impl Child {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|l| l.contains(needle))
+                .find(|(_, l)| l.contains(needle))
             {
                 return Ok(l.clone());
             }
             if std::time::Instant::now() > deadline {
                 bail!("{} did not print {needle:?} within {timeout:?}", self.name);
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
@@ -940,6 +990,19 @@ mod tests {
         );
         assert!(parse(&["fuzz", "nope"]).is_err());
         assert!(parse(&["fuzz", "--seconds", "0"]).is_err());
+    }
+
+    #[test]
+    fn bench_takes_quick_and_a_baseline() {
+        assert_eq!(
+            parse(&["bench", "--quick", "--baseline", "/tmp/old"]),
+            Ok(Task::Bench(bench::Options {
+                quick: true,
+                baseline: Some("/tmp/old".into())
+            }))
+        );
+        assert!(parse(&["bench", "--baseline"]).is_err());
+        assert!(parse(&["bench", "--fast"]).is_err());
     }
 
     #[test]

@@ -436,6 +436,15 @@ pub enum Command {
         /// Warm-up requests, not counted.
         #[arg(long, default_value_t = 20)]
         warmup: u64,
+        /// Send to this peer directly instead of looking the service up (no
+        /// --bootstrap or --grape needed), as `call --peer` does. IPv4 only.
+        #[arg(long, value_name = "IP:PORT", value_parser = ipv4_only)]
+        peer: Option<SocketAddr>,
+        /// The peer echoes each request back unchanged (a transport floor,
+        /// e.g. `node tests/node/peer.js echo`): count a reply that is the
+        /// request itself as answered. Needs --peer.
+        #[arg(long, requires = "peer")]
+        echo: bool,
     },
 }
 

@@ -64,6 +64,11 @@ pub struct BenchConfig {
     pub payload: String,
     pub client: ClientConfig,
     pub plan: BenchPlan,
+    /// Send to this peer directly instead of looking the service up.
+    pub peer: Option<SocketAddr>,
+    /// The peer echoes requests (a transport floor): a reply that is the
+    /// request itself counts as answered.
+    pub echo: bool,
 }
 
 /// How many requests `bench` sends and how.
@@ -105,6 +110,63 @@ async fn client(config: &ClientConfig) -> Result<ClientParts, ExitCode> {
     Ok(parts)
 }
 
+/// Where a one-shot client's requests go: the service looked up through
+/// the network, or one peer (`--peer`).
+/// Requests go only to the identities in `pins` (`--peer-key`), if any.
+struct Sender {
+    to: SendTo,
+    pins: PinnedKeys,
+}
+
+enum SendTo {
+    Lookup(ClientParts),
+    Peer(RpcClient, SocketAddr),
+}
+
+impl Sender {
+    async fn start(config: &ClientConfig, peer: Option<SocketAddr>) -> Result<Sender, ExitCode> {
+        let to = match peer {
+            Some(peer) => {
+                let (endpoint, _introductions) = Endpoint::bind(config.listen)
+                    .await
+                    .map_err(|e| usage_error(format!("{e:#}")))?;
+                let mut client = RpcClient::new(endpoint, None, DEFAULT_MAX_MESSAGE);
+                if let Some(keys) = config.session_keys() {
+                    client = client.with_session_keys(keys);
+                }
+                SendTo::Peer(client, peer)
+            }
+            None => SendTo::Lookup(client(config).await?),
+        };
+        Ok(Sender {
+            to,
+            pins: config.pins.clone(),
+        })
+    }
+
+    async fn request(
+        &self,
+        service: &str,
+        payload: &str,
+        timeout: Duration,
+    ) -> Result<String, RpcError> {
+        let pins = &self.pins;
+        match &self.to {
+            SendTo::Lookup(parts) => {
+                parts
+                    .client
+                    .request_pinned(service, payload, timeout, pins)
+                    .await
+            }
+            SendTo::Peer(client, peer) => {
+                client
+                    .request_peer_pinned(*peer, service, payload, timeout, pins)
+                    .await
+            }
+        }
+    }
+}
+
 /// `grenache-host call`: one request, its reply printed as compact JSON.
 pub async fn call(config: CallConfig) -> ExitCode {
     let CallConfig {
@@ -116,31 +178,13 @@ pub async fn call(config: CallConfig) -> ExitCode {
     if let Err(code) = check_payload(&payload) {
         return code;
     }
-    let timeout = client_config.timeout;
-    let reply = if let Some(peer) = peer {
-        let (endpoint, _introductions) = match Endpoint::bind(client_config.listen).await {
-            Ok(e) => e,
-            Err(e) => return usage_error(format!("{e:#}")),
-        };
-        let mut client = RpcClient::new(endpoint, None, DEFAULT_MAX_MESSAGE);
-        if let Some(keys) = client_config.session_keys() {
-            client = client.with_session_keys(keys);
-        }
-        let pins = &client_config.pins;
-        client
-            .request_peer_pinned(peer, &service, &payload, timeout, pins)
-            .await
-    } else {
-        let parts = match client(&client_config).await {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
-        let pins = &client_config.pins;
-        parts
-            .client
-            .request_pinned(&service, &payload, timeout, pins)
-            .await
+    let sender = match Sender::start(&client_config, peer).await {
+        Ok(s) => s,
+        Err(code) => return code,
     };
+    let reply = sender
+        .request(&service, &payload, client_config.timeout)
+        .await;
     match reply {
         Ok(reply) => match print_compact(&reply) {
             Ok(()) => ExitCode::SUCCESS,
@@ -162,6 +206,8 @@ pub async fn bench(config: BenchConfig) -> ExitCode {
         payload,
         client: client_config,
         plan,
+        peer,
+        echo,
     } = config;
     if let Err(code) = check_payload(&payload) {
         return code;
@@ -169,26 +215,23 @@ pub async fn bench(config: BenchConfig) -> ExitCode {
     if plan.requests == 0 || plan.concurrency == 0 {
         return usage_error("--requests and --concurrency must be at least 1");
     }
-    let parts = match client(&client_config).await {
-        Ok(p) => p,
+    let sender = match Sender::start(&client_config, peer).await {
+        Ok(s) => s,
         Err(code) => return code,
     };
     let timeout = client_config.timeout;
+    let (sender, service, payload) = (&sender, service.as_str(), payload.as_str());
     let send_all = |count: u64| {
-        let client = parts.client.clone();
-        let (service, payload) = (service.clone(), payload.clone());
-        let pins = client_config.pins.clone();
         futures::stream::iter(0..count)
-            .map(move |_| {
-                let (client, service, payload) = (client.clone(), service.clone(), payload.clone());
-                let pins = pins.clone();
-                async move {
-                    let started = Instant::now();
-                    let result = client
-                        .request_pinned(&service, &payload, timeout, &pins)
-                        .await;
-                    (result, started.elapsed())
-                }
+            .map(move |_| async move {
+                let started = Instant::now();
+                let result = match sender.request(service, payload, timeout).await {
+                    // An echo's reply is the request: its `err` is the
+                    // service name, its result the payload.
+                    Err(RpcError::Remote(key)) if echo && key == service => Ok(String::new()),
+                    other => other,
+                };
+                (result, started.elapsed())
             })
             .buffer_unordered(plan.concurrency)
             .collect::<Vec<_>>()

@@ -326,6 +326,8 @@ async fn dispatch(command: Command) -> ExitCode {
             requests,
             concurrency,
             warmup,
+            peer,
+            echo,
         } => {
             let (client, payload) = match client_config(dht, client, &request) {
                 Ok(c) => c,
@@ -340,6 +342,8 @@ async fn dispatch(command: Command) -> ExitCode {
                     concurrency,
                     warmup,
                 },
+                peer,
+                echo,
             };
             client::bench(bench).await
         }
