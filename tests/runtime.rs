@@ -146,6 +146,35 @@ async fn concurrent_requests_each_get_their_own_instance() {
     }
 }
 
+/// Nothing a request writes survives it, however the engine recycles
+/// instances' memory: every request finds the plugin's globals and 256 KiB
+/// of its zeroed data as a fresh instance has them, although each request
+/// counted itself and scribbled over all of those bytes. One request at a
+/// time reuses the same memory slot; 16 at once spread over several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_request_leaves_in_memory_reaches_the_next() {
+    let plugin = Arc::new(faulty(test_limits()).await);
+    let fresh = r#"{"calls":1,"dirty":0}"#;
+    for i in 0..20 {
+        assert_eq!(
+            plugin.handle("residue", "1").await.as_deref(),
+            Ok(fresh),
+            "request {i}"
+        );
+    }
+    for round in 0..5 {
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let plugin = plugin.clone();
+                tokio::spawn(async move { plugin.handle("residue", "1").await })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().as_deref(), Ok(fresh), "round {round}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handler_error_string_passes_through_unchanged() {
     let runtime = Runtime::new(Limits::default()).unwrap();

@@ -25,7 +25,31 @@ const SERVICES: &[&str] = &[
     "slow_host_call",
     "sandbox_probe",
     "sleep",
+    "residue",
 ];
+
+/// Bytes the `residue` service scribbles over: in the module's zeroed data
+/// (.bss), so a fresh instance always starts with them all zero.
+const RESIDUE_BYTES: usize = 256 << 10;
+static mut RESIDUE: [u8; RESIDUE_BYTES] = [0; RESIDUE_BYTES];
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `residue`: what this instance inherited from earlier requests, as
+/// `{"calls":n,"dirty":bytes}` (a fresh instance: 1 and 0); then leaves its
+/// own marks (every byte 0xAB) for the next request to find.
+fn residue() -> String {
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    // SAFETY: one request runs at a time in an instance (wasm has one
+    // thread); no reference to RESIDUE outlives this block.
+    let dirty = unsafe {
+        let bytes = &mut *std::ptr::addr_of_mut!(RESIDUE);
+        let dirty = bytes.iter().filter(|b| **b != 0).count();
+        bytes.fill(0xAB);
+        std::hint::black_box(&bytes);
+        dirty
+    };
+    format!(r#"{{"calls":{calls},"dirty":{dirty}}}"#)
+}
 
 struct Faulty;
 
@@ -46,6 +70,7 @@ impl Guest for Faulty {
     ) -> Result<String, String> {
         match service.as_str() {
             "echo" => Ok(payload),
+            "residue" => Ok(residue()),
             "panic" => panic!("faulty plugin panicked on purpose"),
             "unreachable" => std::process::abort(),
             "loop" => {
