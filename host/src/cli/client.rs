@@ -269,7 +269,7 @@ pub async fn bench(config: BenchConfig) -> ExitCode {
         latencies[i].as_secs_f64() * 1e3
     };
     print_line(format_args!(
-        "requests ok={} failed={failed} rps={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms elapsed={:.2}s",
+        "requests ok={} failed={failed} rps={:.0} p50={:.3}ms p90={:.3}ms p99={:.3}ms elapsed={:.2}s",
         latencies.len(),
         latencies.len() as f64 / elapsed.as_secs_f64(),
         percentile(0.50),
