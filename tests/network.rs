@@ -582,6 +582,36 @@ fn a_call_made_as_a_worker_restarts_on_another_port_finds_the_new_one() {
     );
 }
 
+/// As above with a deadline shorter than a lookup answer is cached
+/// (`LOOKUP_CACHE_TTL`, 2 s): the call's first lookup names only the dead
+/// predecessor, and the lookups after every peer failed must ask the DHT
+/// again, not take that answer back from the cache until the deadline. The
+/// successor runs a precompiled plugin, so it announces well before the
+/// call's last lookup (1.75 s in) even on a busy machine.
+#[test]
+fn a_call_as_a_worker_restarts_asks_the_dht_again_rather_than_its_cache() {
+    let (_dht, bootstrap) = start_dht();
+    let dir = tempfile::tempdir().unwrap();
+    let cwasm = common::precompiled(&plugin("fibonacci"), dir.path(), &[]);
+    let (mut old, _) = start_host("old worker", &[&plugin("fibonacci")], &bootstrap, &[]);
+    old.kill();
+    let args = common::run_args(&cwasm, &bootstrap);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _new = HostProcess::spawn("new worker", &args);
+    let r = call(
+        &bootstrap,
+        "fibonacci_worker",
+        r#"{"length":3}"#,
+        &["--timeout-ms", "1900"],
+    );
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "[1,1,2]\n"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn a_call_through_a_dht_node_that_is_down_says_so() {
     let closed = UdpSocket::bind("127.0.0.1:0")

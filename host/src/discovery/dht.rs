@@ -228,6 +228,10 @@ impl Discovery for DhtDiscovery {
         Box::pin(async move { format!("DHT node {}", self.local_addr().await) })
     }
 
+    fn forget(&self, service: &str) {
+        self.cache.forget(service);
+    }
+
     fn nobody_announces(&self, service: &str) -> String {
         format!(
             "no host announces {service:?} on the DHT (is one running and bootstrapped from the same node?)"

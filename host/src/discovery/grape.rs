@@ -703,6 +703,10 @@ impl Discovery for GrapeDiscovery {
         Box::pin(async move { format!("{noun} {}", self.names()) })
     }
 
+    fn forget(&self, service: &str) {
+        self.cache.forget(service);
+    }
+
     fn nobody_announces(&self, service: &str) -> String {
         if let Some((_, answered)) = self
             .unusable

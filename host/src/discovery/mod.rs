@@ -76,6 +76,12 @@ pub trait Discovery: Send + Sync + 'static {
     /// was asked and what to check, e.g. `no host announces "x" on the DHT
     /// (is one running and bootstrapped from the same node?)`.
     fn nobody_announces(&self, service: &str) -> String;
+
+    /// Drops the cached answer for `service`, if any: every peer in it
+    /// failed, so the next lookup asks the directory again instead of
+    /// handing back the same dead peers until the cache expires (a
+    /// restarted host's successor would stay hidden that long).
+    fn forget(&self, service: &str);
 }
 
 /// Which directory a host uses.
@@ -150,6 +156,11 @@ impl LookupCache {
             crate::units::evict_oldest(&mut answers, MAX_CACHED_LOOKUPS, |(at, _)| *at);
         }
         answers.insert(service.to_string(), (Instant::now(), peers.to_vec()));
+    }
+
+    /// Drops the answer for `service`, if any.
+    pub fn forget(&self, service: &str) {
+        self.lock().remove(service);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Vec<SocketAddr>)>> {

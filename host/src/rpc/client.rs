@@ -285,6 +285,8 @@ impl RpcClient {
                         "all {} peers of {service} failed ({e}); looking it up again in {wait:?}",
                         peers.len()
                     );
+                    // The same dead peers from the cache would fail again.
+                    discovery.forget(service);
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(MAX_RELOOKUP_WAIT);
                 }
