@@ -184,7 +184,10 @@ async function main () {
       }
     }
   } else if (mode === 'echo') {
-    socket.on('connection', (conn) => conn.on('data', (chunk) => conn.write(chunk)))
+    socket.on('connection', (conn) => {
+      conn.on('error', (e) => console.log(`connection error: ${e.message}`))
+      conn.on('data', (chunk) => conn.write(chunk))
+    })
     console.log(`listening on ${socket.address().port}`)
   } else if (mode === 'consume') {
     if (!flags.grape) fail('consume needs --grape <url>')

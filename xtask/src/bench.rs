@@ -283,9 +283,11 @@ fn start_node(name: &'static str, mode: &str) -> Result<Stack> {
 }
 
 /// From starting `run` to its first announce confirmed (its log line) and
-/// to the first `call` through the DHT that it answers (calls started one
-/// after another from the same moment, each its own process, as a user's).
-fn startup(binary: &Path, client: &Path, bootstrap: &str) -> Result<(f64, f64)> {
+/// to the first `call` through the DHT that it answers (calls by the same
+/// binary, started one after another from the same moment, each its own
+/// process, as a user's; the DHT still names the hosts of earlier rounds,
+/// as after a restart).
+fn startup(binary: &Path, bootstrap: &str) -> Result<(f64, f64)> {
     let plugin = root().join("plugins/fibonacci.wasm");
     let plugin = plugin.to_str().context("paths are UTF-8")?;
     let started = Instant::now();
@@ -307,7 +309,7 @@ fn startup(binary: &Path, client: &Path, bootstrap: &str) -> Result<(f64, f64)> 
     )?;
     let deadline = started + Duration::from_secs(30);
     let called = loop {
-        let out = Command::new(client)
+        let out = Command::new(binary)
             .args([
                 "call",
                 FIBONACCI,
@@ -407,7 +409,7 @@ pub fn bench(options: Options) -> Result<()> {
     let mut startups: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); binaries.len()];
     for _ in 0..plan.startups {
         for (i, (_, binary)) in binaries.iter().enumerate() {
-            let (announced, called) = startup(binary, &client, &bootstrap)?;
+            let (announced, called) = startup(binary, &bootstrap)?;
             startups[i].0.push(announced);
             startups[i].1.push(called);
         }
