@@ -12,7 +12,8 @@
 //! - *echo*: a utp-native echo, every chunk written back (the transport floor).
 //!
 //! The client is always this build's `grenache-host bench --peer` (the
-//! echo with `--echo`). A round measures every stack in turn, the order
+//! echo with `--echo`), with its defaults against our hosts (secure
+//! sessions) and `--plaintext` against Node's stack, which has none. A round measures every stack in turn, the order
 //! rotating from round to round; the figures are the medians of the rounds.
 //! The plugin floor is `plugin_floor` (host/examples): store, instantiate,
 //! call, drop with the host's own loader, no network.
@@ -107,6 +108,8 @@ struct Stack {
     addr: SocketAddr,
     /// Replies are the requests echoed.
     echo: bool,
+    /// One of our hosts (which speak secure sessions by default), not Node.
+    host: bool,
     /// Requests it has served (warm-ups included).
     served: u64,
 }
@@ -202,6 +205,10 @@ fn bench_once(
     if stack.echo {
         args.push("--echo");
     }
+    if !stack.host {
+        // Node's stack has no secure sessions: no handshake to offer.
+        args.push("--plaintext");
+    }
     let cpu_before = cpu_time(stack.pid())?;
     let out = Command::new(client)
         .args(&args)
@@ -262,6 +269,7 @@ fn start_host(name: &'static str, binary: &Path, plugin: &Path, bootstrap: &str)
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         echo: plugin.ends_with("faulty.wasm"),
+        host: true,
         served: 0,
     })
 }
@@ -278,6 +286,7 @@ fn start_node(name: &'static str, mode: &str) -> Result<Stack> {
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         echo: mode == "echo",
+        host: false,
         served: 0,
     })
 }
