@@ -172,10 +172,11 @@ pub enum Command {
         /// use state.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
-        /// The host's identity: an Ed25519 secret key file (owner-only, as
-        /// `keygen` writes them). Its public key names the host in the log,
-        /// `status` and `grenache-host id`. Default: identity.key in the
-        /// state directory, created at the first start.
+        /// The host's identity: an existing Ed25519 secret key file
+        /// (owner-only, in a directory only its owner may write; `grenache-host
+        /// id --identity FILE` or `keygen` makes one). Its public key names the
+        /// host in the log, `status` and `grenache-host id`. Default:
+        /// identity.key in the state directory, created at the first start.
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
         /// Plugin instances alive at once across all plugins: each request

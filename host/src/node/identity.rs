@@ -170,6 +170,19 @@ impl Identity {
                 "readable or writable by others (mode {mode:o}); run `chmod 600 {shown}`"
             )));
         }
+        // In a directory others may write, the key could be swapped.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = dir.unwrap_or(Path::new("."));
+        if let Ok(dir_meta) = std::fs::metadata(dir) {
+            let dir_mode = dir_meta.permissions().mode() & 0o7777;
+            if dir_mode & 0o022 != 0 {
+                return Err(unsafe_because(format!(
+                    "its directory {} is writable by others (mode {dir_mode:o}), who could replace the key; run `chmod go-w {}` or keep the identity elsewhere",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+        }
         let text = std::fs::read_to_string(path).map_err(|e| IdentityError::Unusable {
             path: shown.clone(),
             problem: format!("cannot read it: {e}"),
@@ -254,6 +267,14 @@ mod tests {
 
         let err = Identity::load(&dir).unwrap_err().to_string();
         assert!(err.contains("not a regular file"), "{err}");
+
+        // A directory others may write: the key could be swapped.
+        std::fs::write(&path, &secret).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Identity::load(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod go-w"), "{err}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(Identity::load(&path).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

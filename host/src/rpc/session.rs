@@ -213,10 +213,13 @@ impl PinnedKeys {
         if self.0.is_empty() {
             return Ok(());
         }
+        // Pinned keys are named by their first 16 hex digits: enough to tell
+        // them apart, and never a whole secret seed pasted by mistake as a
+        // key (a seed and a public key are both 32 bytes).
         let pinned = || {
             self.0
                 .iter()
-                .map(|k| hex(k.as_bytes()))
+                .map(|k| format!("{}…", &hex(k.as_bytes())[..16]))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
