@@ -38,13 +38,7 @@ pub async fn control(socket: Option<PathBuf>, request: ControlRequest) -> ExitCo
 /// `grenache-host id`: prints the host's public key, creating the identity
 /// (and saying so on stderr) if there is none.
 pub fn id(identity: Option<&Path>, state_dir: Option<&Path>) -> ExitCode {
-    let state_dir = state_dir
-        .map(Path::to_path_buf)
-        .or_else(crate::node::default_state_dir);
-    let Some(path) = identity
-        .map(Path::to_path_buf)
-        .or_else(|| state_dir.map(|d| d.join(crate::node::identity::FILE_NAME)))
-    else {
+    let Some(path) = crate::node::identity::Identity::path(identity, state_dir) else {
         return usage_error(crate::node::identity::IdentityError::NoPlace.to_string());
     };
     match crate::node::identity::Identity::load_or_create(&path) {

@@ -96,17 +96,15 @@ pub fn load_identity(
         );
         Identity::from_key(ed25519_dalek::SigningKey::from_bytes(&rand::random()))
     };
-    let path = match (explicit, state_dir) {
-        (Some(path), _) if !path.exists() => {
-            return Err(usage_error(format!(
-                "--identity {}: no such file; make one with `grenache-host id --identity {}` (or `grenache-host keygen --out NAME`, then pass NAME.secret), or leave --identity out to keep identity.key in the state directory",
-                path.display(),
-                path.display()
-            )))
-        }
-        (Some(path), _) => path.to_path_buf(),
-        (None, Some(dir)) => dir.join(crate::node::identity::FILE_NAME),
-        (None, None) => return Ok(for_this_run("no state directory")),
+    if let Some(path) = explicit.filter(|path| !path.exists()) {
+        return Err(usage_error(format!(
+            "--identity {}: no such file; make one with `grenache-host id --identity {}` (or `grenache-host keygen --out NAME`, then pass NAME.secret), or leave --identity out to keep identity.key in the state directory",
+            path.display(),
+            path.display()
+        )));
+    }
+    let Some(path) = Identity::path(explicit, state_dir) else {
+        return Ok(for_this_run("no state directory"));
     };
     match Identity::load_or_create(&path) {
         Ok((identity, created)) => {

@@ -75,14 +75,15 @@ impl Identity {
     }
 
     /// Where the identity lives: `explicit` (`--identity`), else
-    /// [`FILE_NAME`] in the default state directory.
-    pub fn default_path(explicit: Option<&Path>) -> Result<PathBuf, IdentityError> {
-        match explicit {
-            Some(path) => Ok(path.to_path_buf()),
-            None => super::default_state_dir()
+    /// [`FILE_NAME`] in `state_dir` (`--state-dir`), else in the default
+    /// state directory ([`super::default_state_dir`]); `None` without any.
+    pub fn path(explicit: Option<&Path>, state_dir: Option<&Path>) -> Option<PathBuf> {
+        explicit.map(Path::to_path_buf).or_else(|| {
+            state_dir
+                .map(Path::to_path_buf)
+                .or_else(super::default_state_dir)
                 .map(|dir| dir.join(FILE_NAME))
-                .ok_or(IdentityError::NoPlace),
-        }
+        })
     }
 
     /// Loads the identity at `path`, creating it (and its directory) if
