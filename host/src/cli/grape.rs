@@ -123,7 +123,7 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
     signals.next().await;
     tracing::info!(
         "stopping the grape; its DHT node: {}",
-        grape.counters().summary()
+        grape.server().counters().summary()
     );
     http.abort();
     if let Some(task) = introducer {

@@ -162,10 +162,7 @@ impl GrapeNode {
         let query_port = client.info().await.local_addr().port();
         server
             .stores()
-            .local_announcers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(SocketAddrV4::new(own_ip, query_port));
+            .add_local_announcer(SocketAddrV4::new(own_ip, query_port));
         // Every value put through the HTTP API is kept as this grape's own:
         // never given up for another IP's newcomers.
         server.stores().items().protect(own_ip);
@@ -186,11 +183,6 @@ impl GrapeNode {
     /// The server node's address (the DHT port).
     pub fn dht_addr(&self) -> SocketAddrV4 {
         self.server.local_addr()
-    }
-
-    /// What the server node did so far.
-    pub fn counters(&self) -> &crate::discovery::server::ServerCounters {
-        self.server.counters()
     }
 
     /// The server node (the DHT port).

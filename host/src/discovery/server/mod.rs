@@ -258,7 +258,8 @@ impl DhtServer {
         }
         let counters = self.counters.clone();
         let named = bootstrap.join(", ");
-        let task = tokio::spawn(async move {
+        // Detached: it ends on its own after `wait`.
+        tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             if counters.nodes.load(Relaxed) == 0 {
                 tracing::warn!(
@@ -266,7 +267,6 @@ impl DhtServer {
                 );
             }
         });
-        drop(task);
     }
 }
 

@@ -25,7 +25,7 @@ pub struct Stores {
     /// Addresses whose `announce_peer`s are answered but not stored: a
     /// grape's own query node, whose announces the grape stores here
     /// itself under the address it answers lookups with.
-    pub local_announcers: Mutex<std::collections::HashSet<SocketAddrV4>>,
+    local_announcers: Mutex<std::collections::HashSet<SocketAddrV4>>,
 }
 
 impl Stores {
@@ -49,11 +49,22 @@ impl Stores {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn is_local_announcer(&self, addr: SocketAddrV4) -> bool {
+    fn local_announcers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<SocketAddrV4>> {
         self.local_announcers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&addr)
+    }
+
+    /// Answers `announce_peer`s from `addr` without storing them (see
+    /// the field of that name).
+    pub fn add_local_announcer(&self, addr: SocketAddrV4) {
+        self.local_announcers().insert(addr);
+    }
+
+    fn is_local_announcer(&self, addr: SocketAddrV4) -> bool {
+        self.local_announcers().contains(&addr)
     }
 }
 
