@@ -563,23 +563,28 @@ fn a_request_whose_id_is_not_a_string_gets_it_echoed() {
     });
 }
 
-#[test]
-fn a_call_made_as_a_worker_restarts_on_another_port_finds_the_new_one() {
+/// A fibonacci worker is killed and `successor` (its plugin file) starts
+/// on another port; a `call` with `call_args` starts at once, while the DHT
+/// still names only the dead predecessor, and must reach the successor.
+fn call_as_the_worker_restarts(successor: &std::path::Path, call_args: &[&str]) {
     let (_dht, bootstrap) = start_dht();
     let (mut old, _) = start_host("old worker", &[&plugin("fibonacci")], &bootstrap, &[]);
     old.kill();
-    // The successor starts on another port; the call starts at once, while
-    // the DHT still names only the dead predecessor.
-    let args = common::run_args(&plugin("fibonacci"), &bootstrap);
+    let args = common::run_args(successor, &bootstrap);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _new = HostProcess::spawn("new worker", &args);
-    let r = call(&bootstrap, "fibonacci_worker", r#"{"length":3}"#, &[]);
+    let r = call(&bootstrap, "fibonacci_worker", r#"{"length":3}"#, call_args);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (0, "[1,1,2]\n"),
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn a_call_made_as_a_worker_restarts_on_another_port_finds_the_new_one() {
+    call_as_the_worker_restarts(&plugin("fibonacci"), &[]);
 }
 
 /// As above with a deadline shorter than a lookup answer is cached
@@ -590,26 +595,9 @@ fn a_call_made_as_a_worker_restarts_on_another_port_finds_the_new_one() {
 /// call's last lookup (1.75 s in) even on a busy machine.
 #[test]
 fn a_call_as_a_worker_restarts_asks_the_dht_again_rather_than_its_cache() {
-    let (_dht, bootstrap) = start_dht();
     let dir = tempfile::tempdir().unwrap();
     let cwasm = common::precompiled(&plugin("fibonacci"), dir.path(), &[]);
-    let (mut old, _) = start_host("old worker", &[&plugin("fibonacci")], &bootstrap, &[]);
-    old.kill();
-    let args = common::run_args(&cwasm, &bootstrap);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _new = HostProcess::spawn("new worker", &args);
-    let r = call(
-        &bootstrap,
-        "fibonacci_worker",
-        r#"{"length":3}"#,
-        &["--timeout-ms", "1900"],
-    );
-    assert_eq!(
-        (r.code, r.stdout.as_str()),
-        (0, "[1,1,2]\n"),
-        "{}",
-        r.stderr
-    );
+    call_as_the_worker_restarts(&cwasm, &["--timeout-ms", "1900"]);
 }
 
 #[test]

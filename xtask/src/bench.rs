@@ -243,25 +243,27 @@ fn bench_once(
     })
 }
 
+/// `run <plugin>` on 127.0.0.1 (any port), joined to `bootstrap`, no
+/// control socket, logging at `level`.
+fn run_args<'a>(plugin: &'a str, bootstrap: &'a str, level: &'a str) -> [&'a str; 10] {
+    [
+        "run",
+        plugin,
+        "--listen",
+        "127.0.0.1:0",
+        "--bootstrap",
+        bootstrap,
+        "--control",
+        "off",
+        "--log-level",
+        level,
+    ]
+}
+
 /// A host serving `plugin` on 127.0.0.1, joined to `bootstrap`.
 fn start_host(name: &'static str, binary: &Path, plugin: &Path, bootstrap: &str) -> Result<Stack> {
     let plugin = plugin.to_str().context("paths are UTF-8")?;
-    let child = Child::spawn(
-        name,
-        binary,
-        &[
-            "run",
-            plugin,
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap",
-            bootstrap,
-            "--control",
-            "off",
-            "--log-level",
-            "warn",
-        ],
-    )?;
+    let child = Child::spawn(name, binary, &run_args(plugin, bootstrap, "warn"))?;
     let line = child.wait_for("listening on ", Duration::from_secs(60))?;
     let port: u16 = line.rsplit(' ').next().unwrap_or_default().parse()?;
     Ok(Stack {
@@ -300,22 +302,7 @@ fn startup(binary: &Path, bootstrap: &str) -> Result<(f64, f64)> {
     let plugin = root().join("plugins/fibonacci.wasm");
     let plugin = plugin.to_str().context("paths are UTF-8")?;
     let started = Instant::now();
-    let mut host = Child::spawn(
-        "startup host",
-        binary,
-        &[
-            "run",
-            plugin,
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap",
-            bootstrap,
-            "--control",
-            "off",
-            "--log-level",
-            "info",
-        ],
-    )?;
+    let mut host = Child::spawn("startup host", binary, &run_args(plugin, bootstrap, "info"))?;
     let deadline = started + Duration::from_secs(30);
     let called = loop {
         let out = Command::new(binary)
