@@ -155,10 +155,15 @@ impl PeerStore {
         let ttl = self.ttl;
         let mut expired = 0;
         if let Some(swarm) = self.swarms.get_mut(&info_hash) {
-            let (gone, kept): (Vec<Entry>, Vec<Entry>) = swarm
-                .drain(..)
-                .partition(|(_, at, _)| now.saturating_duration_since(*at) >= ttl);
-            *swarm = kept;
+            // Expired entries leave (no allocation unless some do).
+            let mut gone = Vec::new();
+            swarm.retain(|&(p, at, _)| {
+                let live = now.saturating_duration_since(at) < ttl;
+                if !live {
+                    gone.push((p, at));
+                }
+                live
+            });
             let position = swarm.iter().position(|(p, _, _)| *p == peer);
             let refreshed = position.map(|i| {
                 let old = swarm[i].1;
@@ -175,7 +180,7 @@ impl PeerStore {
                 None => None,
             }
             .map(|i| swarm.remove(i));
-            for (p, at, _) in gone {
+            for (p, at) in gone {
                 expired += 1;
                 self.unindex(info_hash, p, at);
             }
