@@ -22,9 +22,10 @@ pub struct Stores {
     pub peers: Mutex<PeerStore>,
     /// BEP 44 items.
     pub items: Mutex<ItemStore>,
-    /// Addresses whose `announce_peer`s are answered but not stored: a
-    /// grape's own query node, whose announces the grape stores here
-    /// itself under the address it answers lookups with.
+    /// Addresses whose `announce_peer`s and `put`s are answered but not
+    /// stored: a grape's own query node, whose announces and values the
+    /// grape stores here itself (announces under the address it answers
+    /// lookups with).
     local_announcers: Mutex<std::collections::HashSet<SocketAddrV4>>,
 }
 
@@ -57,8 +58,8 @@ impl Stores {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Answers `announce_peer`s from `addr` without storing them (see
-    /// the field of that name).
+    /// Answers `announce_peer`s and `put`s from `addr` without storing
+    /// them (see the field of that name).
     pub fn add_local_announcer(&self, addr: SocketAddrV4) {
         self.local_announcers().insert(addr);
     }
@@ -88,7 +89,8 @@ pub const REJOIN_INTERVAL: Duration = Duration::from_secs(60);
 /// BEP 44 puts taken from one IP per second, and at once: a put may cost a
 /// signature verification (15–60 µs, measured), so one IP can take at most
 /// about 1% of a core this way. Another grape's query node puts what its
-/// HTTP clients put; this grape's own is not limited.
+/// HTTP clients put; this grape's own is answered without storing (the
+/// grape stored the value already).
 pub const PUTS_PER_SECOND_PER_IP: u32 = 200;
 /// See [`PUTS_PER_SECOND_PER_IP`].
 pub const PUT_BURST_PER_IP: u32 = 1000;
@@ -311,6 +313,10 @@ impl KrpcNode {
             }
             Query::Put(put) => {
                 c.put.fetch_add(1, Relaxed);
+                // A grape's own query node: the grape put it here already.
+                if self.stores.is_local_announcer(from) {
+                    return krpc::response(t, from, body);
+                }
                 if !self.tokens.accepts(*from.ip(), &put.token) {
                     c.refused_token.fetch_add(1, Relaxed);
                     return krpc::error(
@@ -319,7 +325,7 @@ impl KrpcNode {
                         "bad token; get a fresh one with get",
                     );
                 }
-                if let Err((code, message)) = self.store(now, from, put) {
+                if let Err((code, message)) = self.store(now, *from.ip(), put) {
                     c.refused_item.fetch_add(1, Relaxed);
                     return krpc::error(t, code, &message);
                 }
@@ -362,7 +368,7 @@ impl KrpcNode {
 
     /// Checks a `put` (BEP 44: sizes, signature, `seq` and `cas`) and keeps
     /// its item; the KRPC error code and message when refused.
-    fn store(&mut self, now: Instant, from: SocketAddrV4, put: Put) -> Result<(), (i64, String)> {
+    fn store(&mut self, now: Instant, from: Ipv4Addr, put: Put) -> Result<(), (i64, String)> {
         let Put {
             v,
             mutable,
@@ -379,9 +385,7 @@ impl KrpcNode {
         {
             return Err((207, "salt (salt field) too big".into()));
         }
-        let local = self.stores.is_local_announcer(from);
-        let from = *from.ip();
-        if !local && !self.puts.take(from, now) {
+        if !self.puts.take(from, now) {
             self.counters.rate_limited.fetch_add(1, Relaxed);
             return Err((krpc::GENERIC_ERROR, "too many puts; slow down".into()));
         }
