@@ -1,11 +1,12 @@
 //! Any datagram on the shared socket, as the demultiplexer sorts it: what
 //! it calls uTP decodes as a uTP header (it checked length, version and
 //! type), what it calls an introduction decodes or is refused without a
-//! panic, and what the host sends encodes and decodes back.
+//! panic, a relay frame that parses is rebuilt byte for byte, and what the
+//! host sends encodes and decodes back.
 #![no_main]
 
 use grenache_host_fuzz::nat::wire;
-use grenache_host_fuzz::transport::{classify, Datagram};
+use grenache_host_fuzz::transport::{classify, parse_relay_frame, relay_frame, Datagram};
 use grenache_host_fuzz::utp::packet::{DecodeError, Packet};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +24,12 @@ fuzz_target!(|data: &[u8]| {
                 if again.len() <= wire::MAX_DATAGRAM {
                     assert_eq!(wire::decode(&again), Ok(message));
                 }
+            }
+        }
+        Datagram::Relay => {
+            // A frame that parses is rebuilt byte for byte from its parts.
+            if let Some(frame) = parse_relay_frame(data) {
+                assert_eq!(relay_frame(frame.token, frame.addr, frame.payload), data);
             }
         }
         Datagram::Punch => assert_eq!(data, [0xC3, 0xBF]),

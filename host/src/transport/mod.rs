@@ -11,7 +11,10 @@
 //! reaches the uTP parser).
 //!
 //! The socket's one task receives, sorts, runs uTP's timers and sends what
-//! uTP hands back; streams wake it when they queue data.
+//! uTP hands back; streams wake it when they queue data. A peer reached
+//! through birthday punching or a relay has a [`Route`] (see [`routes`]):
+//! its datagrams leave by that route, and what comes back by it is sorted
+//! as if it came straight from the peer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +28,13 @@ use tokio::sync::{broadcast, mpsc};
 use crate::utp::{Utp, UtpStream};
 
 mod datagram;
-pub use datagram::{classify, Datagram, INTRODUCTION_MAGIC, MAX_INTRODUCTION_DATAGRAM, PUNCH};
+mod routes;
+pub use datagram::{
+    classify, parse_relay_frame, relay_frame, relay_overhead, Datagram, RelayFrame,
+    INTRODUCTION_MAGIC, MAX_INTRODUCTION_DATAGRAM, PUNCH, RELAY_MAGIC, RELAY_TOKEN_LEN,
+};
+use routes::Routes;
+pub use routes::{PathKind, Route, MAX_ROUTES};
 
 /// Receive buffer for the shared socket; uTP throughput suffers badly with
 /// the kernel default.
@@ -59,6 +68,23 @@ pub struct TransportStats {
     pub punches_sent: AtomicU64,
     /// Datagrams dropped unread: neither punch, introduction nor uTP.
     pub garbage_datagrams: AtomicU64,
+    /// Relay frames dropped: not from the relay of a relayed peer, with
+    /// another token, or carrying neither uTP nor a punch.
+    pub refused_relay_frames: AtomicU64,
+    /// Relay routes cleared because the peer punched us directly: its
+    /// traffic moved to the direct path.
+    pub relay_to_direct: AtomicU64,
+}
+
+/// Which socket, or which relay, a datagram came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The host's RPC socket, straight from the sender.
+    Main,
+    /// An adopted extra socket (birthday punching).
+    Extra,
+    /// A relay, on behalf of the peer.
+    Relay,
 }
 
 /// Where the socket's task sends what it sorts out.
@@ -68,11 +94,58 @@ struct Demux {
     punches: broadcast::Sender<SocketAddr>,
     introductions: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     stats: Arc<TransportStats>,
+    routes: Routes,
 }
 
 impl Demux {
+    /// Sends `bytes` to `to` by its route: from the main socket, from an
+    /// adopted socket, or in a relay frame to its relay.
+    async fn send(&self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<usize> {
+        match self.routes.get(to) {
+            None => self.socket.send_to(bytes, to).await,
+            Some(Route::Socket(socket)) => socket.send_to(bytes, to).await,
+            Some(Route::Relay { relay, token }) => {
+                let frame = relay_frame(token, to, bytes);
+                self.socket.send_to(&frame, relay).await
+            }
+        }
+    }
+
+    /// [`send`](Self::send) without waiting (the endpoint is going away).
+    fn try_send(&self, to: SocketAddr, bytes: &[u8]) {
+        let _ = match self.routes.get(to) {
+            None => self.socket.try_send_to(bytes, to),
+            Some(Route::Socket(socket)) => socket.try_send_to(bytes, to),
+            Some(Route::Relay { relay, token }) => self
+                .socket
+                .try_send_to(&relay_frame(token, to, bytes), relay),
+        };
+    }
+
+    /// Reads an adopted socket until no route sends from it any more (checked
+    /// every [`ADOPTED_CHECK`]) and sorts what it reads.
+    async fn read_adopted(self: Arc<Self>, socket: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            tokio::select! {
+                received = socket.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => {
+                        self.sort(Instant::now(), Via::Extra, from, &buf[..n]);
+                        self.utp.wake();
+                    }
+                    Err(e) => tracing::debug!("receive error on an adopted socket (ignored): {e}"),
+                },
+                _ = tokio::time::sleep(ADOPTED_CHECK) => {
+                    if !self.routes.uses_socket(&socket) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// Receives, sorts and sends until the task is aborted.
-    async fn run(self) {
+    async fn run(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut out = Vec::new();
         let mut next_timer: Option<Instant> = None;
@@ -99,11 +172,7 @@ impl Demux {
             }
             next_timer = self.utp.poll(Instant::now(), &mut out);
             for transmit in out.drain(..) {
-                if let Err(e) = self
-                    .socket
-                    .send_to(&transmit.contents, transmit.destination)
-                    .await
-                {
+                if let Err(e) = self.send(transmit.destination, &transmit.contents).await {
                     tracing::debug!(to = %transmit.destination, "uTP packet not sent: {e}");
                 }
             }
@@ -136,7 +205,7 @@ impl Demux {
         let now = Instant::now();
         for _ in 0..RECV_BATCH {
             match self.socket.try_recv_from(buf) {
-                Ok((n, from)) => self.sort(now, from, &buf[..n]),
+                Ok((n, from)) => self.sort(now, Via::Main, from, &buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 // ICMP errors (port unreachable after a peer died) are
                 // reported on the next receive: they concern one peer,
@@ -146,21 +215,35 @@ impl Demux {
         }
     }
 
-    fn sort(&self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    fn sort(&self, now: Instant, via: Via, from: SocketAddr, datagram: &[u8]) {
         let n = datagram.len();
         match classify(datagram) {
             Datagram::Utp => self.utp.handle_datagram(now, from, datagram),
             Datagram::Punch => {
+                // A relayed peer that reaches us directly: its traffic moves
+                // to the direct path (its address stays, so its uTP
+                // connections do not notice).
+                if via == Via::Main && self.routes.clear_relay(from) {
+                    self.stats.relay_to_direct.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %from, "the path to {from} is direct now (it was relayed)");
+                }
                 self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
                 self.utp.note_punch(now, from);
                 let _ = self.punches.send(from);
             }
-            Datagram::Introduction if n <= MAX_INTRODUCTION_DATAGRAM => {
+            Datagram::Relay if via == Via::Main => self.sort_relayed(now, from, datagram),
+            Datagram::Introduction if via == Via::Main && n <= MAX_INTRODUCTION_DATAGRAM => {
                 let _ = self.introductions.try_send((from, datagram.to_vec()));
             }
             Datagram::Introduction => {
                 self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%from, len = n, "dropped an oversized introduction datagram");
+                tracing::debug!(%from, len = n, ?via, "dropped an oversized or misplaced introduction datagram");
+            }
+            Datagram::Relay => {
+                self.stats
+                    .refused_relay_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, len = n, ?via, "dropped a relay frame that came in by a relay or an adopted socket");
             }
             Datagram::Garbage => {
                 self.stats.garbage_datagrams.fetch_add(1, Ordering::Relaxed);
@@ -169,6 +252,32 @@ impl Demux {
         }
     }
 }
+
+impl Demux {
+    /// A relay frame from `relay`: its payload is sorted as if it came from
+    /// the frame's address if that peer's route is through `relay` with the
+    /// frame's token, and carries uTP or a punch; anything else is dropped
+    /// and counted.
+    fn sort_relayed(&self, now: Instant, relay: SocketAddr, datagram: &[u8]) {
+        let frame = parse_relay_frame(datagram).filter(|f| {
+            matches!(self.routes.get(f.addr), Some(Route::Relay { relay: r, token }) if r == relay && token == f.token)
+                && matches!(classify(f.payload), Datagram::Utp | Datagram::Punch)
+        });
+        match frame {
+            Some(frame) => self.sort(now, Via::Relay, frame.addr, frame.payload),
+            None => {
+                self.stats
+                    .refused_relay_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(from = %relay, len = datagram.len(), "dropped a relay frame");
+            }
+        }
+    }
+}
+
+/// An adopted socket's reader checks this often whether a route still
+/// sends from it, and stops when none does.
+const ADOPTED_CHECK: Duration = Duration::from_secs(1);
 
 /// Why a uTP connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -191,22 +300,21 @@ pub enum ConnectError {
 /// Stops the socket's task when the last [`Endpoint`] clone goes.
 struct Task {
     handle: tokio::task::JoinHandle<()>,
-    utp: Arc<Utp>,
-    socket: Arc<UdpSocket>,
+    demux: Arc<Demux>,
 }
 
 impl Drop for Task {
     fn drop(&mut self) {
         self.handle.abort();
+        self.demux.routes.abort_readers();
         // Tell the peers, as far as the socket takes it without waiting: a
         // `call` that exits ends its connection at once instead of leaving
         // the server to time it out.
-        for transmit in self.utp.shutdown_all(Instant::now()) {
-            let _ = self
-                .socket
-                .try_send_to(&transmit.contents, transmit.destination);
+        for transmit in self.demux.utp.shutdown_all(Instant::now()) {
+            self.demux
+                .try_send(transmit.destination, &transmit.contents);
         }
-        self.utp.stop();
+        self.demux.utp.stop();
     }
 }
 
@@ -219,6 +327,7 @@ pub struct Endpoint {
     punches: broadcast::Sender<SocketAddr>,
     /// What the demultiplexer counted.
     pub stats: Arc<TransportStats>,
+    demux: Arc<Demux>,
     _task: Arc<Task>,
 }
 
@@ -247,17 +356,17 @@ impl Endpoint {
         let (punches, _) = broadcast::channel(PUNCH_BACKLOG);
         let stats = Arc::new(TransportStats::default());
         let utp = Utp::new();
-        let demux = Demux {
+        let demux = Arc::new(Demux {
             socket: socket.clone(),
             utp: utp.clone(),
             punches: punches.clone(),
             introductions,
             stats: stats.clone(),
-        };
+            routes: Routes::default(),
+        });
         let task = Task {
-            handle: tokio::spawn(demux.run()),
-            utp: utp.clone(),
-            socket: socket.clone(),
+            handle: tokio::spawn(demux.clone().run()),
+            demux: demux.clone(),
         };
         let endpoint = Endpoint {
             socket,
@@ -265,6 +374,7 @@ impl Endpoint {
             utp,
             punches,
             stats,
+            demux,
             _task: Arc::new(task),
         };
         Ok((endpoint, introductions_rx))
@@ -305,11 +415,59 @@ impl Endpoint {
     }
 
     /// Sends one punch to `peer` and counts it, or says why the socket
-    /// could not.
+    /// could not. It leaves from the peer's adopted socket if it has one,
+    /// else from the main socket, never through a relay: a punch is how a
+    /// direct path is found (again).
     pub async fn try_punch(&self, peer: SocketAddr) -> std::io::Result<()> {
-        self.socket.send_to(&PUNCH, peer).await?;
+        match self.demux.routes.get(peer) {
+            Some(Route::Socket(socket)) => socket.send_to(&PUNCH, peer).await?,
+            _ => self.socket.send_to(&PUNCH, peer).await?,
+        };
         self.stats.punches_sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// From now on, datagrams to `peer` leave by `route` (uTP always,
+    /// punches only by a [`Route::Socket`]); `false` when [`MAX_ROUTES`]
+    /// other peers have a route. Use [`adopt`](Self::adopt) for a socket
+    /// whose datagrams must be read too.
+    pub fn set_route(&self, peer: SocketAddr, route: Route) -> bool {
+        self.demux.routes.set(peer, route)
+    }
+
+    /// Datagrams to `peer` leave from the main socket again; an adopted
+    /// socket no route uses any more stops being read within a second.
+    pub fn clear_route(&self, peer: SocketAddr) {
+        self.demux.routes.clear(peer);
+    }
+
+    /// The kind of path to `peer` now.
+    pub fn path_kind(&self, peer: SocketAddr) -> PathKind {
+        self.demux
+            .routes
+            .get(peer)
+            .map_or(PathKind::Direct, |r| r.kind())
+    }
+
+    /// Every peer with a route (birthday or relayed), by address; peers
+    /// without one are direct.
+    pub fn paths(&self) -> Vec<(SocketAddr, PathKind)> {
+        self.demux.routes.list()
+    }
+
+    /// Makes `socket` (an extra socket of this host, e.g. birthday
+    /// punching's winner) the path to `peer`: datagrams to `peer` leave from
+    /// it, and everything it receives is sorted like the main socket's
+    /// datagrams (uTP, punches; never introductions or relay frames) until
+    /// no route uses it. `false` (and nothing changes) when the route table
+    /// is full.
+    pub fn adopt(&self, socket: Arc<UdpSocket>, peer: SocketAddr) -> bool {
+        if !self.set_route(peer, Route::Socket(socket.clone())) {
+            return false;
+        }
+        let reader = tokio::spawn(self.demux.clone().read_adopted(socket));
+        self.demux.routes.add_reader(reader.abort_handle());
+        true
     }
 
     /// Waits for the next incoming uTP connection; fails only once the
@@ -578,6 +736,159 @@ mod tests {
             syns += 1;
         }
         assert_eq!(syns, 3);
+    }
+
+    /// Waits until `check` holds, for at most 5 s.
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !check() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Writes `message` on `from` and reads it whole on `to`.
+    async fn carries(
+        from: &mut crate::utp::UtpWriteHalf,
+        to: &mut crate::utp::UtpReadHalf,
+        message: &[u8],
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        from.write_all(message).await.unwrap();
+        let mut got = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), to.read_exact(&mut got))
+            .await
+            .expect("the message arrives")
+            .unwrap();
+        assert_eq!(got, message);
+    }
+
+    /// A relay for two endpoints, as the relay frame says one works: a frame
+    /// from `a` with `a`'s token goes to `b` with `b`'s token and `a`'s
+    /// address, and back. Returns its address and the frames it forwarded.
+    fn forwarder(
+        a: (SocketAddr, [u8; 8]),
+        b: (SocketAddr, [u8; 8]),
+    ) -> (SocketAddr, Arc<AtomicU64>) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let count = forwarded.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let Some(frame) = parse_relay_frame(&buf[..n]) else {
+                    continue;
+                };
+                let (to, token) = match (from, frame.addr) {
+                    (f, t) if f == a.0 && t == b.0 && frame.token == a.1 => (b.0, b.1),
+                    (f, t) if f == b.0 && t == a.0 && frame.token == b.1 => (a.0, a.1),
+                    _ => continue,
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let _ = socket.send_to(&relay_frame(token, from, frame.payload), to);
+            }
+        });
+        (addr, forwarded)
+    }
+
+    #[tokio::test]
+    async fn a_relayed_session_runs_through_the_relay_and_moves_to_a_direct_punch() {
+        let (a, b) = two_endpoints().await;
+        let (ta, tb) = ([1u8; 8], [2u8; 8]);
+        let (relay, forwarded) = forwarder((a.local_addr(), ta), (b.local_addr(), tb));
+        assert!(a.set_route(b.local_addr(), Route::Relay { relay, token: ta }));
+        assert!(b.set_route(a.local_addr(), Route::Relay { relay, token: tb }));
+        assert_eq!(a.path_kind(b.local_addr()), PathKind::Relayed);
+        assert_eq!(a.paths(), vec![(b.local_addr(), PathKind::Relayed)]);
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (client, server) = tokio::join!(a.connect(b.local_addr(), deadline), b.accept());
+        let (client, server) = (client.unwrap(), server.unwrap());
+        // The relay is invisible to uTP: the peer keeps its own address.
+        assert_eq!(server.remote_addr(), a.local_addr());
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, mut server_write) = server.split();
+        carries(&mut client_write, &mut server_read, &[7u8; 5000]).await;
+        carries(&mut server_write, &mut client_read, b"reply").await;
+        let relayed = forwarded.load(Ordering::Relaxed);
+        assert!(
+            relayed >= 6,
+            "handshake, data and acks went through the relay: {relayed}"
+        );
+
+        // A frame from the relay's address with another token, and one
+        // naming a peer without a relay route, are dropped and counted.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let forged = relay_frame([9u8; 8], b.local_addr(), &PUNCH);
+        other.send_to(&forged, a.local_addr()).unwrap();
+        eventually("the forged frame is counted", || {
+            a.stats.refused_relay_frames.load(Ordering::Relaxed) == 1
+        })
+        .await;
+
+        // B punches A directly: A's traffic to B moves to the direct path,
+        // the session goes on, and the relay carries no more of it.
+        b.punch(a.local_addr()).await;
+        eventually("A's route to B is cleared", || {
+            a.path_kind(b.local_addr()) == PathKind::Direct
+        })
+        .await;
+        assert_eq!(a.stats.relay_to_direct.load(Ordering::Relaxed), 1);
+        a.punch(b.local_addr()).await;
+        eventually("B's route to A is cleared", || {
+            b.path_kind(a.local_addr()) == PathKind::Direct
+        })
+        .await;
+        let before = forwarded.load(Ordering::Relaxed);
+        carries(&mut client_write, &mut server_read, &[8u8; 5000]).await;
+        carries(&mut server_write, &mut client_read, b"direct").await;
+        assert_eq!(
+            forwarded.load(Ordering::Relaxed),
+            before,
+            "nothing more through the relay"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_adopted_socket_carries_the_peers_session_and_punches() {
+        let (a, b) = two_endpoints().await;
+        // A's extra socket is A's address as far as B is concerned.
+        let extra = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let extra_addr = extra.local_addr().unwrap();
+        assert!(a.adopt(extra.clone(), b.local_addr()));
+        assert_eq!(a.path_kind(b.local_addr()), PathKind::Birthday);
+
+        let mut punches = b.punches();
+        a.punch(b.local_addr()).await;
+        let from = tokio::time::timeout(Duration::from_secs(5), punches.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from, extra_addr, "the punch left from the adopted socket");
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (client, server) = tokio::join!(b.connect(extra_addr, deadline), a.accept());
+        let (client, server) = (client.unwrap(), server.unwrap());
+        assert_eq!(server.remote_addr(), b.local_addr());
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, mut server_write) = server.split();
+        carries(&mut client_write, &mut server_read, &[3u8; 4000]).await;
+        carries(
+            &mut server_write,
+            &mut client_read,
+            b"from the extra socket",
+        )
+        .await;
+
+        // Without a route the reader lets the socket go: its port is free
+        // again.
+        a.clear_route(b.local_addr());
+        drop(extra);
+        eventually("the adopted socket is closed", || {
+            std::net::UdpSocket::bind(extra_addr).is_ok()
+        })
+        .await;
     }
 
     #[test]

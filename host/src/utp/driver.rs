@@ -169,6 +169,12 @@ impl Utp {
         next
     }
 
+    /// Wakes the socket's task to [`poll`](Self::poll) (a datagram was
+    /// handled outside it, e.g. from an adopted socket).
+    pub fn wake(&self) {
+        self.wakeup.notify_one();
+    }
+
     /// Resolves when a stream left something to send.
     pub async fn wakeup(&self) {
         self.wakeup.notified().await
