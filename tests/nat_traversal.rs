@@ -167,6 +167,19 @@ macro_rules! refused {
     )*};
 }
 
+// A host without NAT (open) and every kind of NAT, both ways.
+reaches! {
+    o_o: Open => Open;
+    o_fc: Open => FullCone;
+    fc_o: FullCone => Open;
+    o_ar: Open => AddressRestricted;
+    ar_o: AddressRestricted => Open;
+    o_pr: Open => PortRestricted;
+    pr_o: PortRestricted => Open;
+    o_sym: Open => Symmetric;
+    sym_o: Symmetric => Open;
+}
+
 // Every ordered pair of cone NATs (both directions of each pair).
 reaches! {
     fc_fc: FullCone => FullCone;

@@ -20,6 +20,9 @@ use super::{host_bin, shown, HostProcess, Shown, SOON};
 /// The NAT behaviour of a home router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatType {
+    /// No NAT and no firewall: the host sits on the internet with the
+    /// home's public address (there is no router).
+    Open,
     FullCone,
     AddressRestricted,
     PortRestricted,
@@ -28,13 +31,14 @@ pub enum NatType {
 
 /// One home behind a router.
 pub struct Home {
-    /// The router's namespace.
+    /// The router's namespace (the host's own for an [`NatType::Open`] home).
     pub router: String,
     /// The host's namespace.
     pub host: String,
     /// The host's address.
     pub host_ip: &'static str,
-    /// The router's public address.
+    /// The router's public address (the host's for an [`NatType::Open`]
+    /// home).
     pub wan_ip: &'static str,
     /// What the router does.
     pub nat: NatType,
@@ -158,6 +162,7 @@ fn ruleset(nat: NatType, wan: &str) -> String {
                 ""
             }
         ),
+        NatType::Open => unreachable!("an open home has no router"),
         NatType::FullCone | NatType::AddressRestricted => {
             let (key_type, lookup, store) = if nat == NatType::FullCone {
                 ("inet_service", "udp dport", "udp sport")
@@ -260,6 +265,31 @@ impl Lab {
 
         for (&nat, &(r, h, wan, n)) in nats.iter().zip(HOMES.iter()) {
             let (router, host) = (ns(r), ns(h));
+            if nat == NatType::Open {
+                // The host itself on the internet, with the public address.
+                add_ns(&mut lab, host.clone());
+                run(
+                    &[
+                        "ip", "link", "add", "eth0", "netns", &host, "type", "veth", "peer",
+                        "name", r, "netns", &inet,
+                    ],
+                    None,
+                );
+                in_ns(&inet, &["ip", "link", "set", r, "master", "br0", "up"]);
+                in_ns(
+                    &host,
+                    &["ip", "addr", "add", &format!("{wan}/24"), "dev", "eth0"],
+                );
+                in_ns(&host, &["ip", "link", "set", "eth0", "up"]);
+                lab.homes.push(Home {
+                    router: host.clone(),
+                    host,
+                    host_ip: wan,
+                    wan_ip: wan,
+                    nat,
+                });
+                continue;
+            }
             add_ns(&mut lab, router.clone());
             add_ns(&mut lab, host.clone());
             run(
