@@ -36,9 +36,14 @@
 //!   window and [`MAX_IN_FLIGHT`] packets. BEP 29's LEDBAT is not used: it
 //!   yields to other traffic by measuring queueing delay, which RPC traffic
 //!   does not need (docs/wire.md §4.1).
-//! - ACKs go out promptly: every received DATA or FIN makes an ACK due at
-//!   the next transmit (no delayed-ACK timer), carried by our next DATA or
-//!   sent as a STATE, with a selective ACK while packets are missing.
+//! - ACKs ride on our data where they can: one in-order DATA packet may
+//!   wait up to [`ACK_DELAY`] for our next DATA (a request's ACK leaves with
+//!   its reply, a reply's with the next request), else it goes as a STATE.
+//!   A second unacknowledged packet, a packet out of order or repeated, a
+//!   FIN, the handshake and a window update are acknowledged at the next
+//!   transmit, with a selective ACK while packets are missing. (TCP's
+//!   delayed ACK, RFC 1122 §4.2.3.2, with a much shorter delay: nothing in
+//!   RPC traffic waits for the ACK of a lone packet.)
 //!
 //! # Liveness
 //!
@@ -104,6 +109,11 @@ pub const MAX_RTO: Duration = Duration::from_secs(1);
 /// A connection whose peer sends nothing for this long while our data is
 /// unacknowledged is closed, so requests to a host that died fail fast.
 pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
+/// How long the ACK of one in-order DATA packet may wait for our next DATA
+/// to carry it. Measured (`cargo xtask bench`): a fibonacci reply leaves
+/// 10–100 µs after its request arrives, so the request's ACK rides on it and
+/// the server sends one datagram per request instead of two.
+pub const ACK_DELAY: Duration = Duration::from_millis(5);
 /// A STATE is sent after this long without sending anything (libutp's
 /// keep-alive interval, docs/wire.md §3), which also keeps NAT mappings.
 pub const KEEPALIVE: Duration = Duration::from_secs(29);
@@ -268,8 +278,10 @@ pub struct Connection {
     eof: bool,
     /// The application will not read any more: received data is dropped.
     read_closed: bool,
-    /// An ACK must go out with the next transmit.
+    /// An ACK must go out with the next transmit...
     ack_due: bool,
+    /// ...or, if set, may wait until then for our next DATA to carry it.
+    ack_delay_until: Option<Instant>,
     /// The window in our last packet.
     advertised: usize,
     /// Our clock minus the peer's timestamp at its last packet, in µs.
@@ -344,6 +356,7 @@ impl Connection {
             eof: false,
             read_closed: false,
             ack_due: false,
+            ack_delay_until: None,
             advertised: RECV_WINDOW,
             reply_micro: 0,
             last_received: now,
@@ -411,7 +424,7 @@ impl Connection {
         c.last_ack = initial_seq.wrapping_sub(1);
         c.peer_window = syn.wnd_size as usize;
         c.reply_micro = c.micros(now).wrapping_sub(syn.timestamp_us);
-        c.ack_due = true;
+        c.ack_at_once();
         c.peer_bits = peer_bits;
         c
     }
@@ -582,7 +595,7 @@ impl Connection {
             && (window >= self.advertised + WINDOW_UPDATE
                 || (self.advertised < PACKET_SIZE && window >= PACKET_SIZE));
         if update {
-            self.ack_due = true;
+            self.ack_at_once();
         }
         Ok((n, update))
     }
@@ -639,6 +652,7 @@ impl Connection {
         self.rto_deadline = None;
         self.outstanding_since = None;
         self.ack_due = false;
+        self.ack_delay_until = None;
         self.syn_due = false;
         if why.is_some() {
             self.received.clear();
@@ -700,7 +714,7 @@ impl Connection {
             // a while (a connection opened ahead of its first request).
             // Our first DATA, if it leaves at the same transmit, carries
             // the ACK instead.
-            self.ack_due = true;
+            self.ack_at_once();
             if let (1, Some(at)) = (self.syn_count, self.syn_sent_at) {
                 self.rtt_sample(now.saturating_duration_since(at));
             }
@@ -708,13 +722,13 @@ impl Connection {
         if h.packet_type == PacketType::Syn {
             // A repeated SYN (our STATE was lost): answer it again.
             if self.is_repeated_syn(h) {
-                self.ack_due = true;
+                self.ack_at_once();
             }
             return;
         }
         self.on_ack(now, packet);
         match h.packet_type {
-            PacketType::Data => self.on_data(h.seq_nr, packet.payload),
+            PacketType::Data => self.on_data(now, h.seq_nr, packet.payload),
             PacketType::Fin => self.on_fin(h.seq_nr),
             _ => {}
         }
@@ -878,9 +892,13 @@ impl Connection {
         self.rto = (srtt + self.rttvar * 4).clamp(MIN_RTO, MAX_RTO);
     }
 
-    fn on_data(&mut self, seq: u16, payload: &[u8]) {
-        self.ack_due = true;
+    fn on_data(&mut self, now: Instant, seq: u16, payload: &[u8]) {
         let offset = seq.wrapping_sub(self.ack_nr.wrapping_add(1)) as i16;
+        if offset == 0 && self.reorder.is_empty() && !self.eof {
+            self.ack_soon(now);
+        } else {
+            self.ack_at_once();
+        }
         if offset < 0 || self.eof {
             return; // a duplicate: the ACK just goes out again
         }
@@ -925,6 +943,25 @@ impl Connection {
         }
     }
 
+    /// An ACK goes out with the next transmit.
+    fn ack_at_once(&mut self) {
+        self.ack_due = true;
+        self.ack_delay_until = None;
+    }
+
+    /// An in-order packet arrived: its ACK may wait [`ACK_DELAY`] for our
+    /// next DATA, unless an earlier packet's ACK is waiting already (then
+    /// both go at once: every second packet is acknowledged promptly, so a
+    /// bulk sender's window keeps opening).
+    fn ack_soon(&mut self, now: Instant) {
+        if !self.ack_due {
+            self.ack_due = true;
+            self.ack_delay_until = Some(now + ACK_DELAY);
+        } else {
+            self.ack_delay_until = None;
+        }
+    }
+
     fn has_room(&self, len: usize) -> bool {
         self.received_bytes + self.reorder_bytes + len <= RECV_WINDOW
     }
@@ -937,7 +974,7 @@ impl Connection {
     }
 
     fn on_fin(&mut self, seq: u16) {
-        self.ack_due = true;
+        self.ack_at_once();
         let offset = seq.wrapping_sub(self.ack_nr.wrapping_add(1)) as i16;
         if offset < 0 || offset as usize >= REORDER_LIMIT || self.fin_seq.is_some() {
             return;
@@ -988,7 +1025,9 @@ impl Connection {
         let silence = self
             .outstanding_since
             .map(|since| since.max(self.last_received) + PEER_SILENCE_LIMIT);
+        let ack = self.ack_delay_until.filter(|_| self.ack_due);
         [
+            ack,
             self.rto_deadline,
             silence,
             Some(self.last_sent + KEEPALIVE),
@@ -1182,6 +1221,7 @@ impl Connection {
         // The packet carries our ACK; a selective ACK still needs a STATE.
         if self.reorder.is_empty() {
             self.ack_due = false;
+            self.ack_delay_until = None;
         }
     }
 
@@ -1189,10 +1229,12 @@ impl Connection {
     fn write_ack(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
         // No keep-alive to a peer that never showed it receives.
         let keepalive = self.verified && now >= self.last_sent + KEEPALIVE;
-        if !self.ack_due && !keepalive {
+        let ack_waits = self.ack_delay_until.is_some_and(|until| now < until);
+        if !keepalive && (!self.ack_due || ack_waits) {
             return false;
         }
         self.ack_due = false;
+        self.ack_delay_until = None;
         let header = self.header(now, PacketType::State, self.next_seq);
         let selective_ack = (!self.reorder.is_empty()).then(|| {
             SelectiveAck::from_offsets(

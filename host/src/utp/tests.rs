@@ -11,8 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::connection::{
-    ConnectionError, RecvError, SendError, State, IDLE_TIMEOUT, LINGER, MAX_PAYLOAD, MIN_RTO,
-    PEER_SILENCE_LIMIT, RECV_WINDOW, REORDER_LIMIT, SEND_BUFFER, SYN_RETRY,
+    ConnectionError, RecvError, SendError, State, ACK_DELAY, IDLE_TIMEOUT, LINGER, MAX_PAYLOAD,
+    MIN_RTO, PEER_SILENCE_LIMIT, RECV_WINDOW, REORDER_LIMIT, SEND_BUFFER, SYN_RETRY,
 };
 use super::packet::{Header, Packet, PacketType, CAP_SECURE_SESSION_V1};
 use super::socket::{
@@ -543,8 +543,12 @@ fn tv9_our_initiator_takes_a_libutp_state_and_its_first_data() {
     let mut buf = [0u8; 256];
     let n = ours.recv(client, &mut buf).unwrap();
     assert_eq!(&buf[..n], TV3);
-    // Acknowledged at once, with a STATE.
-    let out = drain(&mut ours, now);
+    // Its ACK waits for our next DATA to carry it; with none by then it
+    // goes as a STATE.
+    assert!(drain(&mut ours, now).is_empty(), "nothing at once");
+    let later = now + ACK_DELAY;
+    ours.handle_timeout(later);
+    let out = drain(&mut ours, later);
     assert_eq!(out.len(), 1);
     let ack = Packet::decode(&out[0]).unwrap().header;
     assert_eq!((ack.packet_type, ack.ack_nr), (PacketType::State, 17767));
@@ -888,6 +892,8 @@ fn a_peer_that_stops_acknowledging_is_given_up_after_the_silence_limit() {
     let (client, server) = net.connect();
     net.node(A).send(client, b"[1]").unwrap();
     net.read_exactly(B, server, 3);
+    // B's ACK of [1] (delayed, waiting for data of B's) reaches A.
+    net.run_for(ACK_DELAY + LATENCY * 2);
     // B dies: nothing reaches it or leaves it any more.
     net.set_filter(|_| Fate::Drop);
     let sent = net.now;
@@ -910,6 +916,49 @@ fn a_peer_that_stops_acknowledging_is_given_up_after_the_silence_limit() {
         "{}",
         net.data_sent_by(A).len()
     );
+}
+
+#[test]
+fn acks_ride_on_replies_and_requests_and_a_lone_packet_is_acked_after_the_delay() {
+    let mut net = Net::new();
+    let (client, server) = net.connect();
+    let before = net.log.len();
+    // Three request/reply rounds: the server's ACK of each request leaves
+    // with its reply, the client's ACK of each reply with its next request.
+    for i in 0..3u8 {
+        net.node(A).send(client, &[b'q', i]).unwrap();
+        net.read_exactly(B, server, 2);
+        net.node(B).send(server, &[b'r', i]).unwrap();
+        net.read_exactly(A, client, 2);
+    }
+    let states_from = |net: &Net, from: &str| {
+        net.log[before..]
+            .iter()
+            .filter(|w| w.from == addr(from) && is_type(w, PacketType::State))
+            .count()
+    };
+    assert_eq!(states_from(&net, B), 0, "the server sent only replies");
+    assert_eq!(states_from(&net, A), 0, "the client sent only requests");
+    // The last reply has no request after it: its ACK goes alone, after
+    // the delay, and the server's data is all acknowledged.
+    let last = net.now;
+    net.run_for(ACK_DELAY + LATENCY * 2);
+    assert_eq!(states_from(&net, A), 1);
+    let ack = net.log[before..]
+        .iter()
+        .find(|w| w.from == addr(A) && is_type(w, PacketType::State))
+        .unwrap();
+    assert_eq!(ack.at - last, ACK_DELAY, "sent when the delay ran out");
+    // Two packets in a row are acknowledged at once, without the delay.
+    let mark = net.log.len();
+    net.node(A).send(client, &vec![7u8; 2 * MAX_PAYLOAD]).unwrap();
+    net.read_exactly(B, server, 2 * MAX_PAYLOAD);
+    net.run_for(LATENCY * 2);
+    let prompt = net.log[mark..]
+        .iter()
+        .filter(|w| w.from == addr(B) && is_type(w, PacketType::State))
+        .count();
+    assert_eq!(prompt, 1, "every second packet is acknowledged at once");
 }
 
 #[test]
