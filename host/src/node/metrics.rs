@@ -404,6 +404,12 @@ impl Collector for PartsCollector {
         )?;
         counters(
             e,
+            "grenache_host_rpc_rate_limited_handshakes",
+            "Secure handshakes this host's server dropped unanswered: their source IP was over 50 per second (burst 100).",
+            [(NoLabels::default(), load(&sessions.rate_limited_handshakes))],
+        )?;
+        counters(
+            e,
             "grenache_host_rpc_rejected_frames",
             "Secure-session frames that did not decrypt (tampered or corrupted); each closed its connection.",
             [(NoLabels::default(), load(&sessions.rejected_frames))],

@@ -480,6 +480,7 @@ fn session_counts(stats: &SessionStats) -> serde_json::Value {
         "plaintext": load(&stats.plaintext),
         "failed_handshakes": load(&stats.failed_handshakes),
         "rejected_frames": load(&stats.rejected_frames),
+        "rate_limited_handshakes": load(&stats.rate_limited_handshakes),
     })
 }
 

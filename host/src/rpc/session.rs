@@ -76,6 +76,9 @@ pub struct SessionStats {
     /// Transport frames that did not decrypt (tampered or corrupted); each
     /// closed its connection.
     pub rejected_frames: AtomicU64,
+    /// Incoming handshakes refused unanswered because their source IP was
+    /// over [`crate::rpc::server::HANDSHAKES_PER_IP_PER_SECOND`].
+    pub rate_limited_handshakes: AtomicU64,
 }
 
 /// Why a handshake failed.

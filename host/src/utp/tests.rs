@@ -951,7 +951,9 @@ fn acks_ride_on_replies_and_requests_and_a_lone_packet_is_acked_after_the_delay(
     assert_eq!(ack.at - last, ACK_DELAY, "sent when the delay ran out");
     // Two packets in a row are acknowledged at once, without the delay.
     let mark = net.log.len();
-    net.node(A).send(client, &vec![7u8; 2 * MAX_PAYLOAD]).unwrap();
+    net.node(A)
+        .send(client, &vec![7u8; 2 * MAX_PAYLOAD])
+        .unwrap();
     net.read_exactly(B, server, 2 * MAX_PAYLOAD);
     net.run_for(LATENCY * 2);
     let prompt = net.log[mark..]
