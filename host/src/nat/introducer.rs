@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::kind::{direct_path_possible, NatKind};
+use super::kind::{method, BirthdayRole, Method, NatKind};
 use super::wire::{Message, Outcome};
 use crate::units::TokenBuckets;
 
@@ -79,6 +79,17 @@ pub const PUNCH_REQUEST_BURST: u32 = 200;
 pub const PUNCH_REQUESTS_PER_CALLER_PER_SECOND: u32 = 10;
 /// See [`PUNCH_REQUESTS_PER_CALLER_PER_SECOND`].
 pub const PUNCH_REQUEST_PER_CALLER_BURST: u32 = 20;
+/// Birthday attempts (`docs/wire.md §5.5`) one registered host is asked to
+/// take part in, per 10 s and in all callers together: one attempt makes it
+/// open [`super::birthday::SOCKETS`] sockets or send up to
+/// [`super::birthday::MAX_PROBES`] probes, so it costs a hundred times what
+/// a punch request costs. One at once (an attempt lasts
+/// [`super::birthday::ATTEMPT_TIME`], 4 s), then one per 10 s /
+/// `BIRTHDAYS_PER_10S`.
+pub const BIRTHDAYS_PER_10S: u32 = 3;
+/// A token bucket counts attempts in tenths of one: it refills
+/// [`BIRTHDAYS_PER_10S`] tokens a second and an attempt takes this many.
+const BIRTHDAY_COST: u32 = 10;
 /// Most rate-limit buckets kept (per source IP, per target); the least
 /// recently used is forgotten first.
 const MAX_BUCKETS: usize = 4_096;
@@ -108,6 +119,9 @@ pub struct IntroducerStats {
     pub bad_signatures: u64,
     /// Introductions and punch requests over their rate.
     pub rate_limited: u64,
+    /// Birthday introductions refused: over [`BIRTHDAYS_PER_10S`] for the
+    /// target, or over its punch request rates (answered `impossible`).
+    pub birthdays_refused: u64,
 }
 
 /// Which of the introducer's sockets (`docs/wire.md §5.2`).
@@ -273,6 +287,8 @@ pub struct Introducer {
     punch_requests_by_caller: TokenBuckets<(SocketAddr, std::net::IpAddr)>,
     /// Registration signatures checked, per source IP.
     signature_checks: TokenBuckets<std::net::IpAddr>,
+    /// Birthday attempts asked of each registered host, in tenths.
+    birthdays: TokenBuckets<SocketAddr>,
     stats: IntroducerStats,
 }
 
@@ -311,6 +327,7 @@ impl Introducer {
                 SIGNATURE_CHECK_BURST,
                 MAX_BUCKETS,
             ),
+            birthdays: TokenBuckets::new(BIRTHDAYS_PER_10S, BIRTHDAY_COST, MAX_BUCKETS),
             stats: IntroducerStats::default(),
         }
     }
@@ -526,53 +543,95 @@ impl Introducer {
                 // The DHT knows the peer by its public IP and its *local* RPC
                 // port; behind a symmetric NAT the observed port differs.
                 let found = self.hosts.find_peer(peer).filter(|(_, r)| r.expires > now);
-                let outcome = match found {
-                    None => Outcome::Unknown,
-                    Some((_, r)) if !direct_path_possible(nat, r.nat) => Outcome::Impossible {
-                        reason: format!(
+                let Some((addr, r)) = found else {
+                    return vec![reply(Message::Introduced {
+                        id,
+                        outcome: Outcome::Unknown,
+                    })];
+                };
+                let (peer_nat, cookie) = (r.nat, r.cookie.clone());
+                let impossible = |reason: String| {
+                    vec![reply(Message::Introduced {
+                        id,
+                        outcome: Outcome::Impossible { reason },
+                    })]
+                };
+                let birthday = match method(nat, peer_nat) {
+                    Method::Relay => {
+                        return impossible(format!(
                             "a direct path is impossible between this host ({}) and {peer} ({}); a relay is needed",
                             nat.describe(),
-                            r.nat.describe()
-                        ),
-                    },
-                    Some((addr, r)) => Outcome::Peer { addr, nat: r.nat },
+                            peer_nat.describe()
+                        ))
+                    }
+                    Method::Punch => None,
+                    Method::Birthday(role) => Some(role),
                 };
-                let peer_addr = match (&outcome, found) {
-                    (Outcome::Peer { addr, .. }, Some((_, r))) => Some((*addr, r.cookie.clone())),
-                    _ => None,
+                let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
+                let may = caller_may && self.punch_requests.take(addr, now);
+                if birthday.is_some()
+                    && !(may && self.birthdays.take_many(addr, now, BIRTHDAY_COST))
+                {
+                    // Without the peer's half a birthday attempt is only
+                    // cost: the caller does not start one.
+                    self.stats.birthdays_refused += 1;
+                    return impossible(format!(
+                        "{peer} ({}) is reachable from this host ({}) only by birthday punching, and it is being asked for that more often than {BIRTHDAYS_PER_10S} times in 10 s; try again in a few seconds",
+                        peer_nat.describe(),
+                        nat.describe()
+                    ));
+                }
+                let outcome = match birthday {
+                    None => Outcome::Peer {
+                        addr,
+                        nat: peer_nat,
+                    },
+                    Some(role) => Outcome::Birthday {
+                        addr,
+                        nat: peer_nat,
+                        role,
+                    },
                 };
                 let mut out = vec![reply(Message::Introduced { id, outcome })];
-                if let Some((addr, cookie)) = peer_addr {
-                    let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
-                    if !caller_may || !self.punch_requests.take(addr, now) {
-                        // The caller hears where the peer is; the peer is
-                        // not bothered beyond its rate.
-                        self.stats.rate_limited += 1;
-                        return out;
-                    }
-                    let ask = Message::PunchRequest {
-                        peer: from,
-                        nat,
-                        cookie,
-                    };
+                if !may {
+                    // The caller hears where the peer is; the peer is not
+                    // bothered beyond its rate.
+                    self.stats.rate_limited += 1;
+                    return out;
+                }
+                let ask = Message::PunchRequest {
+                    peer: from,
+                    nat,
+                    cookie,
+                    birthday: birthday.map(BirthdayRole::other),
+                };
+                // A birthday attempt lasts seconds: a request re-sent at the
+                // peer's next registration would find the caller's half over.
+                if birthday.is_none() {
                     self.pending
                         .retain(|(to, _, m)| !(*to == addr && *m == ask));
                     if self.pending.len() < MAX_PENDING {
                         self.pending.push((addr, now + PENDING_TTL, ask.clone()));
                     }
-                    let ask = Outgoing {
-                        via: Port::Main,
-                        to: addr,
-                        message: ask,
-                    };
-                    // Whoever is behind a symmetric NAT punches from a port
-                    // nobody knows yet, so the other side's NAT must already
-                    // have sent toward its address: tell the other side first.
-                    if nat == NatKind::Symmetric {
-                        out.insert(0, ask);
-                    } else {
-                        out.push(ask);
-                    }
+                }
+                let ask = Outgoing {
+                    via: Port::Main,
+                    to: addr,
+                    message: ask,
+                };
+                // Whoever is behind a symmetric NAT punches from a port
+                // nobody knows yet, so the other side's NAT must already
+                // have sent toward its address: tell the other side first.
+                // In a birthday attempt the side with the sockets starts
+                // first, so that the probes find its mappings open.
+                let ask_first = match birthday {
+                    None => nat == NatKind::Symmetric,
+                    Some(role) => role == BirthdayRole::Probe,
+                };
+                if ask_first {
+                    out.insert(0, ask);
+                } else {
+                    out.push(ask);
                 }
                 out
             }
@@ -752,7 +811,8 @@ mod tests {
                 == Message::PunchRequest {
                     peer: caller,
                     nat: NatKind::PortRestricted,
-                    cookie: host_cookie.clone()
+                    cookie: host_cookie.clone(),
+                    birthday: None,
                 }));
     }
 
@@ -974,6 +1034,140 @@ mod tests {
         let later = now + Duration::from_secs(1);
         let out = verified(&mut introducer, later, caller, |c| introduce(c, peer));
         assert!(!out.is_empty());
+    }
+
+    /// Registers the host called `name` at `from` (local port `port`) behind
+    /// `nat`.
+    fn register_behind(
+        introducer: &mut Introducer,
+        now: Instant,
+        from: SocketAddr,
+        name: &str,
+        port: u16,
+        nat: NatKind,
+    ) {
+        verified(introducer, now, from, |c| {
+            let Message::Register {
+                id,
+                port,
+                key,
+                sig,
+                cookie,
+                ..
+            } = register(c, name, port)
+            else {
+                unreachable!()
+            };
+            Message::Register {
+                id,
+                port,
+                nat,
+                key,
+                sig,
+                cookie,
+            }
+        });
+    }
+
+    #[test]
+    fn a_symmetric_and_a_port_restricted_nat_are_told_to_birthday_punch_within_a_rate() {
+        let now = Instant::now();
+        let introduce_from = |nat| {
+            move |cookie, peer| Message::Introduce {
+                id: 2,
+                peer,
+                nat,
+                cookie,
+            }
+        };
+        for (caller_nat, peer_nat, caller_role) in [
+            (
+                NatKind::PortRestricted,
+                NatKind::Symmetric,
+                BirthdayRole::Probe,
+            ),
+            (
+                NatKind::Symmetric,
+                NatKind::PortRestricted,
+                BirthdayRole::Sockets,
+            ),
+        ] {
+            let mut introducer = Introducer::new();
+            let host = SocketAddr::new(ip(198, 51, 100, 2), 4000);
+            register_behind(&mut introducer, now, host, "k", 5000, peer_nat);
+            let peer = SocketAddr::new(host.ip(), 5000);
+            let caller = SocketAddr::new(ip(203, 0, 113, 99), 6000);
+            let ask = introduce_from(caller_nat);
+            let out = verified(&mut introducer, now, caller, |c| ask(c, peer));
+            // Both hear their roles; the side with the sockets first.
+            let roles: Vec<(SocketAddr, BirthdayRole)> = out
+                .iter()
+                .map(|o| match &o.message {
+                    Message::Introduced {
+                        outcome: Outcome::Birthday { addr, role, .. },
+                        ..
+                    } => {
+                        assert_eq!(*addr, host);
+                        (o.to, *role)
+                    }
+                    Message::PunchRequest {
+                        birthday: Some(role),
+                        peer: p,
+                        ..
+                    } => {
+                        assert_eq!(*p, caller);
+                        (o.to, *role)
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            let mut expected = vec![(caller, caller_role), (host, caller_role.other())];
+            if caller_role == BirthdayRole::Probe {
+                expected.reverse();
+            }
+            assert_eq!(roles, expected);
+            // A second attempt at the same host at once, even from another
+            // caller, is refused (the host would refuse it too): answered
+            // impossible, with what to do, and counted.
+            let other = SocketAddr::new(ip(203, 0, 113, 98), 6000);
+            let out = verified(&mut introducer, now, other, |c| ask(c, peer));
+            let [Outgoing {
+                message:
+                    Message::Introduced {
+                        outcome: Outcome::Impossible { reason },
+                        ..
+                    },
+                ..
+            }] = &out[..]
+            else {
+                panic!("{out:?}");
+            };
+            assert!(reason.contains("try again in a few seconds"), "{reason}");
+            assert_eq!(introducer.stats().birthdays_refused, 1);
+            // One per 10 s / BIRTHDAYS_PER_10S after that.
+            let later = now + Duration::from_millis(10_000 / u64::from(BIRTHDAYS_PER_10S) + 1);
+            let out = verified(&mut introducer, later, other, |c| ask(c, peer));
+            assert_eq!(out.len(), 2, "{out:?}");
+        }
+        // Two symmetric NATs stay impossible (a relay's business).
+        let mut introducer = Introducer::new();
+        let host = SocketAddr::new(ip(198, 51, 100, 2), 4000);
+        register_behind(&mut introducer, now, host, "k", 5000, NatKind::Symmetric);
+        let caller = SocketAddr::new(ip(203, 0, 113, 99), 6000);
+        let ask = introduce_from(NatKind::Symmetric);
+        let out = verified(&mut introducer, now, caller, |c| {
+            ask(c, SocketAddr::new(host.ip(), 5000))
+        });
+        assert!(matches!(
+            &out[..],
+            [Outgoing {
+                message: Message::Introduced {
+                    outcome: Outcome::Impossible { .. },
+                    ..
+                },
+                ..
+            }]
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::kind::NatKind;
+use super::kind::{BirthdayRole, NatKind};
 
 /// Every introduction datagram starts with these bytes; the socket's
 /// demultiplexer sorts datagrams by them.
@@ -29,6 +29,13 @@ pub enum Outcome {
     Unknown,
     /// Theory rules out a direct path between the two NATs.
     Impossible { reason: String },
+    /// The peer is registered behind a NAT that only birthday punching
+    /// meets (`docs/wire.md §5.6`); it has been asked to play the other role.
+    Birthday {
+        addr: SocketAddr,
+        nat: NatKind,
+        role: BirthdayRole,
+    },
 }
 
 /// One introduction datagram (after [`MAGIC`], JSON; trailing spaces pad
@@ -92,6 +99,11 @@ pub enum Message {
         /// The cookie the host's registration carried.
         #[serde(default)]
         cookie: String,
+        /// Set when the pair needs birthday punching: the role this host
+        /// plays (`docs/wire.md §5.6`). Hosts that predate it ignore it and
+        /// punch as for any introduction.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        birthday: Option<BirthdayRole>,
     },
     /// Host → introducer: got the punch request for `peer`; do not re-send it.
     PunchAck { peer: SocketAddr },
@@ -202,6 +214,28 @@ mod tests {
         let bytes = encode(&message);
         assert!(is_introduction(&bytes));
         assert_eq!(decode(&bytes), Ok(message));
+        // A birthday punch request names its role; an old one (without the
+        // field) still parses, and a plain one is encoded as before.
+        let ask = Message::PunchRequest {
+            peer: "203.0.113.2:4000".parse().unwrap(),
+            nat: NatKind::PortRestricted,
+            cookie: "c".into(),
+            birthday: Some(BirthdayRole::Sockets),
+        };
+        assert!(String::from_utf8_lossy(&encode(&ask)).contains(r#""birthday":"sockets""#));
+        assert_eq!(decode(&encode(&ask)), Ok(ask));
+        let old = br#"GRI1{"type":"punch-request","peer":"203.0.113.2:4000","nat":"symmetric","cookie":"c"}"#;
+        let Ok(Message::PunchRequest { birthday, .. }) = decode(old) else {
+            panic!("an old punch request does not parse");
+        };
+        assert_eq!(birthday, None);
+        let plain = Message::PunchRequest {
+            peer: "203.0.113.2:4000".parse().unwrap(),
+            nat: NatKind::PortRestricted,
+            cookie: "c".into(),
+            birthday: None,
+        };
+        assert!(!String::from_utf8_lossy(&encode(&plain)).contains("birthday"));
         assert!(decode(b"GRI1{\"type\":\"nope\"}").is_err());
         assert!(decode(b"GRI1").is_err());
         let mut huge = MAGIC.to_vec();
