@@ -11,8 +11,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::birthday::{self, Attempt, ATTEMPTS_PER_10S, ATTEMPT_COST};
 use super::config::NatConfig;
-use super::kind::NatKind;
+use super::kind::{BirthdayRole, NatKind};
 use super::wire::{IntroducerAddr, Message, Outcome};
 
 /// How often a host behind a NAT re-registers with its introducer. It also
@@ -75,6 +76,27 @@ pub enum Action {
     },
     /// The introducer asked us to punch a peer.
     PunchRequested(SocketAddr),
+    /// A birthday attempt (`docs/wire.md §5.6`) toward `peer` started.
+    BirthdayStarted {
+        peer: SocketAddr,
+        role: BirthdayRole,
+    },
+    /// Open `count` extra UDP sockets (on the RPC socket's local IP, any
+    /// port) for the birthday attempt toward `peer`; closed by
+    /// [`Action::AdoptSocket`] or [`Action::CloseSockets`].
+    OpenSockets { peer: SocketAddr, count: usize },
+    /// Send one punch to this address from every extra socket.
+    PunchFromSockets(SocketAddr),
+    /// Extra socket `index` met `peer`: from now on datagrams to `peer`
+    /// leave from it and what it receives is sorted like the RPC socket's
+    /// (`Endpoint::adopt`); close the other extra sockets.
+    AdoptSocket { index: usize, peer: SocketAddr },
+    /// Close every extra socket: the attempt gave up.
+    CloseSockets,
+    /// A birthday attempt met its peer or gave up.
+    BirthdayEnded(birthday::Report),
+    /// A birthday attempt the introducer asked for was refused, and why.
+    BirthdayRefused { peer: SocketAddr, reason: String },
 }
 
 /// How to reach a peer found on the DHT.
@@ -85,6 +107,15 @@ pub enum IntroResult {
     /// Connect to `addr`; both sides are punching. Behind a symmetric NAT the
     /// peer's punches come from another port: follow them.
     Punched { addr: SocketAddr, nat: NatKind },
+    /// Connect to `addr`; both sides take part in a birthday attempt
+    /// (`docs/wire.md §5.6`), this host in `role`, for up to
+    /// [`birthday::ATTEMPT_TIME`]. In [`BirthdayRole::Probe`] the peer
+    /// answers from another port: follow it.
+    Birthday {
+        addr: SocketAddr,
+        nat: NatKind,
+        role: BirthdayRole,
+    },
     /// No direct path can exist.
     Impossible(String),
 }
@@ -95,6 +126,9 @@ pub enum IntroResult {
 pub enum IntroOutcome {
     /// The introducer named the peer's address; both sides punch.
     Punched,
+    /// The introducer named the peer's address; both sides take part in a
+    /// birthday attempt.
+    Birthday,
     /// The introducer answered that no direct path can exist.
     Impossible,
     /// The introducer does not know the peer (not registered: a public
@@ -109,7 +143,7 @@ pub enum IntroOutcome {
 
 impl IntroOutcome {
     /// The outcome's name in metrics: `punched`, `impossible`,
-    /// `unknown_peer`, `no_answer`, `no_introducer`.
+    /// `unknown_peer`, `no_answer`, `no_introducer`, `birthday`.
     pub fn as_str(self) -> &'static str {
         match self {
             IntroOutcome::Punched => "punched",
@@ -117,6 +151,7 @@ impl IntroOutcome {
             IntroOutcome::UnknownPeer => "unknown_peer",
             IntroOutcome::NoAnswer => "no_answer",
             IntroOutcome::NoIntroducer => "no_introducer",
+            IntroOutcome::Birthday => "birthday",
         }
     }
 }
@@ -203,6 +238,14 @@ pub struct HostIntroductions {
     handshakes: HashMap<SocketAddr, Handshake>,
     paths: HashMap<SocketAddr, Path>,
     next_id: u64,
+    /// The birthday attempt under way (one at a time).
+    birthday: Option<Attempt>,
+    /// Birthday attempts started, in tenths ([`ATTEMPTS_PER_10S`]).
+    birthday_budget: crate::units::TokenBucket,
+    /// Birthday attempts refused: one was under way, or over the rate.
+    birthdays_refused: u64,
+    /// Seeds each birthday attempt's random ports.
+    rng: rand::rngs::StdRng,
 }
 
 impl HostIntroductions {
@@ -242,6 +285,10 @@ impl HostIntroductions {
             handshakes: HashMap::new(),
             paths: HashMap::new(),
             next_id: probe_id + 1,
+            birthday: None,
+            birthday_budget: crate::units::TokenBucket::new(now, ATTEMPTS_PER_10S, ATTEMPT_COST),
+            birthdays_refused: 0,
+            rng: rand::SeedableRng::from_os_rng(),
         }
     }
 
@@ -249,6 +296,13 @@ impl HostIntroductions {
     /// key made for this run.
     pub fn with_identity(mut self, identity: ed25519_dalek::SigningKey) -> Self {
         self.identity = identity;
+        self
+    }
+
+    /// Draws its birthday attempts' random ports from `seed` (reproducible
+    /// simulations) instead of the OS's randomness.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.rng = rand::SeedableRng::seed_from_u64(seed);
         self
     }
 
@@ -339,7 +393,8 @@ impl HostIntroductions {
                 false => p.handshake_until,
             })
             .min();
-        [probe, register, intros, handshakes, paths]
+        let birthday = self.birthday.as_ref().and_then(Attempt::next_wakeup);
+        [probe, register, intros, handshakes, paths, birthday]
             .into_iter()
             .flatten()
             .min()
@@ -350,6 +405,10 @@ impl HostIntroductions {
         let mut out = vec![];
         self.poll_probe(now, &mut out);
         self.poll_punches(now, &mut out);
+        if let Some(attempt) = self.birthday.as_mut() {
+            out.extend(attempt.poll(now));
+        }
+        self.drop_ended_birthday();
         // Registering and introducing need our NAT's kind.
         if let Some(introducer) = self.ready() {
             self.poll_introducer(now, introducer, &mut out);
@@ -563,6 +622,7 @@ impl HostIntroductions {
                 if self.intros.remove(&id).is_none() {
                     return vec![]; // A late duplicate.
                 }
+                let mut birthday_actions = vec![];
                 let (result, outcome) = match outcome {
                     Outcome::Unknown => (IntroResult::Direct, IntroOutcome::UnknownPeer),
                     Outcome::Impossible { reason } => {
@@ -572,12 +632,29 @@ impl HostIntroductions {
                         self.start_handshake(now, addr, nat);
                         (IntroResult::Punched { addr, nat }, IntroOutcome::Punched)
                     }
+                    Outcome::Birthday { addr, nat, role } => {
+                        match self.start_birthday(now, addr, role) {
+                            Ok(started) => {
+                                birthday_actions = started;
+                                self.start_handshake(now, addr, nat);
+                                (IntroResult::Birthday { addr, nat, role }, IntroOutcome::Birthday)
+                            }
+                            Err(why) => (
+                                IntroResult::Impossible(format!(
+                                    "{addr} ({}) is reachable only by birthday punching, and {why}; try again in a few seconds",
+                                    nat.describe()
+                                )),
+                                IntroOutcome::Impossible,
+                            ),
+                        }
+                    }
                 };
                 let mut out = vec![Action::Introduced {
                     id,
                     result,
                     outcome,
                 }];
+                out.append(&mut birthday_actions);
                 out.extend(self.poll(now));
                 out
             }
@@ -591,7 +668,12 @@ impl HostIntroductions {
             // Over the rate: dropped unacknowledged (the introducer re-sends
             // a real one at our next registration, for a while).
             Message::PunchRequest { .. } if !self.punch_requests.take(now) => vec![],
-            Message::PunchRequest { peer, nat, .. } => {
+            Message::PunchRequest {
+                peer,
+                nat,
+                birthday,
+                ..
+            } => {
                 self.start_handshake(now, peer, nat);
                 let mut out = vec![
                     Action::Send {
@@ -600,11 +682,70 @@ impl HostIntroductions {
                     },
                     Action::PunchRequested(peer),
                 ];
+                if let Some(role) = birthday {
+                    match self.start_birthday(now, peer, role) {
+                        Ok(started) => out.extend(started),
+                        Err(reason) => out.push(Action::BirthdayRefused { peer, reason }),
+                    }
+                }
                 out.extend(self.poll(now));
                 out
             }
             _ => vec![],
         }
+    }
+
+    /// Starts a birthday attempt toward `peer` in `role`, unless one is under
+    /// way (a repeated introduction to the same peer and role joins it) or
+    /// [`ATTEMPTS_PER_10S`] started in the last 10 s; `Err` says why not
+    /// (and is counted).
+    fn start_birthday(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        role: BirthdayRole,
+    ) -> Result<Vec<Action>, String> {
+        let refused = match &self.birthday {
+            Some(a) if a.peer() == peer && a.role() == role => return Ok(vec![]),
+            Some(a) => format!(
+                "this host takes part in one birthday attempt at a time (one toward {} is under way)",
+                a.peer()
+            ),
+            None if !self.birthday_budget.take_many(now, ATTEMPT_COST) => format!(
+                "this host takes part in at most {ATTEMPTS_PER_10S} birthday attempts per 10 s"
+            ),
+            None => {
+                let seed = rand::Rng::random(&mut self.rng);
+                let (attempt, out) = Attempt::with_seed(now, peer, role, seed);
+                self.birthday = Some(attempt);
+                return Ok(out);
+            }
+        };
+        self.birthdays_refused += 1;
+        Err(refused)
+    }
+
+    fn drop_ended_birthday(&mut self) {
+        if self.birthday.as_ref().is_some_and(Attempt::ended) {
+            self.birthday = None;
+        }
+    }
+
+    /// Birthday attempts refused so far (one was under way, or over
+    /// [`ATTEMPTS_PER_10S`]).
+    pub fn birthdays_refused(&self) -> u64 {
+        self.birthdays_refused
+    }
+
+    /// Extra socket `index` of the birthday attempt received a punch from
+    /// `from`.
+    pub fn on_socket_punch(&mut self, now: Instant, index: usize, from: SocketAddr) -> Vec<Action> {
+        let Some(attempt) = self.birthday.as_mut() else {
+            return vec![];
+        };
+        let out = attempt.on_socket_punch(now, index, from);
+        self.drop_ended_birthday();
+        out
     }
 
     /// Starts punching `peer` until it answers, unless a handshake with it
@@ -650,6 +791,10 @@ impl HostIntroductions {
     /// then on it is punched (and kept alive) there.
     pub fn on_punch(&mut self, now: Instant, from: SocketAddr) -> Vec<Action> {
         let mut out = vec![];
+        if let Some(attempt) = self.birthday.as_mut() {
+            out.extend(attempt.on_punch(now, from));
+            self.drop_ended_birthday();
+        }
         let moved = self
             .handshakes
             .iter()

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::birthday::{self, Report};
 use super::host::{Action, HostIntroductions, IntroOutcome, IntroResult};
-use super::kind::NatKind;
+use super::kind::{BirthdayRole, NatKind};
 use super::wire;
-use crate::transport::{Endpoint, Introductions};
+use crate::transport::{Endpoint, Introductions, PUNCH};
 
 /// How long the driver sleeps when the state machine has nothing scheduled
 /// (no introducer, no paths): only a command, a datagram or a punch wakes it.
@@ -49,6 +50,11 @@ pub struct IntroductionStats {
     pub unknown_peer: AtomicU64,
     /// [`IntroOutcome::NoAnswer`].
     pub no_answer: AtomicU64,
+    /// [`IntroOutcome::Birthday`].
+    pub birthday: AtomicU64,
+    /// Birthday attempts this host refused (its own or asked for by the
+    /// introducer): one was under way, or over the rate.
+    pub birthdays_refused: AtomicU64,
 }
 
 impl IntroductionStats {
@@ -58,16 +64,18 @@ impl IntroductionStats {
             IntroOutcome::Impossible => &self.impossible,
             IntroOutcome::UnknownPeer => &self.unknown_peer,
             IntroOutcome::NoAnswer => &self.no_answer,
+            IntroOutcome::Birthday => &self.birthday,
             IntroOutcome::NoIntroducer => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Every counted outcome with its count.
-    pub fn counts(&self) -> [(IntroOutcome, u64); 4] {
+    pub fn counts(&self) -> [(IntroOutcome, u64); 5] {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (IntroOutcome::Punched, load(&self.punched)),
+            (IntroOutcome::Birthday, load(&self.birthday)),
             (IntroOutcome::Impossible, load(&self.impossible)),
             (IntroOutcome::UnknownPeer, load(&self.unknown_peer)),
             (IntroOutcome::NoAnswer, load(&self.no_answer)),
@@ -115,6 +123,8 @@ async fn drive(
 ) {
     let mut punches = endpoint.punches();
     let mut waiting: HashMap<u64, oneshot::Sender<IntroResult>> = HashMap::new();
+    let (socket_punches, mut socket_punched) = mpsc::channel(SOCKET_PUNCH_BACKLOG);
+    let mut extra = ExtraSockets::new(socket_punches);
     let mut actions = state.poll(Instant::now());
     // A serving host reports its NAT in its log; a one-shot `call` keeps quiet.
     let loud = state.registers();
@@ -123,8 +133,11 @@ async fn drive(
             if let Action::Introduced { outcome, .. } = &action {
                 stats.count(*outcome);
             }
-            execute(&endpoint, &mut waiting, action, loud).await;
+            execute(&endpoint, &mut waiting, &mut extra, action, loud).await;
         }
+        stats
+            .birthdays_refused
+            .store(state.birthdays_refused(), Ordering::Relaxed);
         let wake = state.next_wakeup().unwrap_or_else(|| Instant::now() + IDLE);
         tokio::select! {
             command = commands.recv() => match command {
@@ -151,14 +164,109 @@ async fn drive(
                     actions = state.on_punch(Instant::now(), from);
                 }
             }
+            Some((generation, index, from)) = socket_punched.recv() => {
+                if generation == extra.generation {
+                    actions = state.on_socket_punch(Instant::now(), index, from);
+                }
+            }
             _ = tokio::time::sleep_until(wake.into()) => actions = state.poll(Instant::now()),
         }
+    }
+}
+
+/// Punches the extra sockets received, waiting for the driver; more are
+/// dropped (the peer punches again).
+const SOCKET_PUNCH_BACKLOG: usize = 64;
+
+/// The extra sockets of the birthday attempt under way
+/// ([`Action::OpenSockets`]), each read by a task that passes on the
+/// punches it receives, tagged with the attempt's generation and the
+/// socket's index.
+struct ExtraSockets {
+    sockets: Vec<Arc<tokio::net::UdpSocket>>,
+    readers: tokio::task::JoinSet<()>,
+    generation: u64,
+    punched: mpsc::Sender<(u64, usize, SocketAddr)>,
+}
+
+impl ExtraSockets {
+    fn new(punched: mpsc::Sender<(u64, usize, SocketAddr)>) -> Self {
+        ExtraSockets {
+            sockets: vec![],
+            readers: tokio::task::JoinSet::new(),
+            generation: 0,
+            punched,
+        }
+    }
+
+    /// Opens up to `count` sockets on `ip`, any port; returns how many
+    /// opened and the first error, if any stopped it.
+    fn open(&mut self, ip: std::net::IpAddr, count: usize) -> (usize, Option<std::io::Error>) {
+        self.close();
+        self.generation += 1;
+        let mut error = None;
+        for index in 0..count {
+            let socket = std::net::UdpSocket::bind((ip, 0))
+                .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                .and_then(tokio::net::UdpSocket::from_std);
+            let socket = match socket {
+                Ok(socket) => Arc::new(socket),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            };
+            let (reader, punched, generation) =
+                (socket.clone(), self.punched.clone(), self.generation);
+            self.readers.spawn(async move {
+                let mut buf = [0u8; 64];
+                loop {
+                    match reader.recv_from(&mut buf).await {
+                        Ok((n, from)) if buf[..n] == PUNCH => {
+                            let _ = punched.try_send((generation, index, from));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(
+                                "birthday socket {index}: receive error (ignored): {e}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            });
+            self.sockets.push(socket);
+        }
+        (self.sockets.len(), error)
+    }
+
+    /// One punch to `peer` from every socket; returns how many left.
+    fn punch_all(&self, peer: SocketAddr) -> u64 {
+        let sent = self
+            .sockets
+            .iter()
+            .filter(|s| s.try_send_to(&PUNCH, peer).is_ok());
+        sent.count() as u64
+    }
+
+    /// Takes socket `index` out and closes the others.
+    fn take(&mut self, index: usize) -> Option<Arc<tokio::net::UdpSocket>> {
+        let socket = self.sockets.get(index).cloned();
+        self.close();
+        socket
+    }
+
+    fn close(&mut self) {
+        // Dropping the set aborts the readers, and with them the sockets.
+        self.readers = tokio::task::JoinSet::new();
+        self.sockets.clear();
     }
 }
 
 async fn execute(
     endpoint: &Endpoint,
     waiting: &mut HashMap<u64, oneshot::Sender<IntroResult>>,
+    extra: &mut ExtraSockets,
     action: Action,
     loud: bool,
 ) {
@@ -190,6 +298,71 @@ async fn execute(
         }
         Action::PunchRequested(peer) => {
             tracing::info!(%peer, "introduced to a peer that wants to connect; punching it")
+        }
+        Action::BirthdayStarted { peer, role } => match role {
+            BirthdayRole::Sockets => tracing::info!(
+                %peer,
+                "birthday punching started: {} extra sockets punch it every {:?} for up to {:?}",
+                birthday::SOCKETS,
+                birthday::SOCKET_ROUND,
+                birthday::ATTEMPT_TIME
+            ),
+            BirthdayRole::Probe => tracing::info!(
+                %peer,
+                "birthday punching started: probing random ports of its IP, {}/s, at most {}, for up to {:?}",
+                birthday::PROBES_PER_SECOND,
+                birthday::MAX_PROBES,
+                birthday::ATTEMPT_TIME
+            ),
+        },
+        Action::OpenSockets { peer, count } => {
+            let (opened, error) = extra.open(endpoint.local_addr().ip(), count);
+            if let Some(e) = error {
+                tracing::warn!(%peer, "birthday punching opened only {opened} of {count} sockets: {e} (raise the open-files limit, `ulimit -n`)");
+            }
+        }
+        Action::PunchFromSockets(peer) => {
+            let sent = extra.punch_all(peer);
+            endpoint
+                .stats
+                .punches_sent
+                .fetch_add(sent, Ordering::Relaxed);
+        }
+        Action::AdoptSocket { index, peer } => {
+            if let Some(socket) = extra.take(index) {
+                if !endpoint.adopt(socket, peer) {
+                    tracing::warn!(%peer, "birthday punching met the peer, but the route table is full; the path is not used");
+                }
+            }
+        }
+        Action::CloseSockets => extra.close(),
+        Action::BirthdayEnded(report) => log_birthday(&report),
+        Action::BirthdayRefused { peer, reason } => {
+            tracing::info!(%peer, "birthday punching refused: {reason}")
+        }
+    }
+}
+
+/// Says how a birthday attempt ended.
+fn log_birthday(report: &Report) {
+    let Report {
+        peer,
+        role,
+        met,
+        took,
+        punches,
+    } = report;
+    let sent = match role {
+        BirthdayRole::Sockets => format!("{punches} punches from {} sockets", birthday::SOCKETS),
+        BirthdayRole::Probe => format!("{punches} probes"),
+    };
+    let took = took.as_secs_f64() * 1e3;
+    match met {
+        Some(at) => {
+            tracing::info!(%peer, "birthday punching met the peer at {at} after {took:.0} ms ({sent})")
+        }
+        None => {
+            tracing::info!(%peer, "birthday punching gave up after {took:.0} ms: no punch came back ({sent}); the extra sockets are closed")
         }
     }
 }

@@ -33,9 +33,10 @@
 //!    Both sides then punch each other at once, again after
 //!    [`HANDSHAKE_PUNCH_INTERVAL`](host::HANDSHAKE_PUNCH_INTERVAL) and at
 //!    doubling intervals, until each has heard the other, and the caller's
-//!    uTP connect goes through. When theory rules a direct path out (a
-//!    symmetric NAT facing a port-restricted or symmetric one), the
-//!    introducer says so at once.
+//!    uTP connect goes through. A symmetric NAT facing a port-restricted
+//!    one needs birthday punching ([`birthday`]): the introducer tells both
+//!    sides their roles. When theory rules a direct path out (two symmetric
+//!    NATs), the introducer says so at once.
 //! 4. **Keep alive.** Paths made this way are punched every keepalive
 //!    interval while they have been used recently, so the NATs keep them.
 //!
@@ -50,7 +51,9 @@
 //!   the clock; the node says how plugins hear of a punch.
 //! - [`wire`]: the introduction datagrams ([`wire::Message`]) and the
 //!   introducer's ports ([`IntroducerAddr`]).
-//! - [`kind`]: [`NatKind`] and which kinds can meet on a direct path.
+//! - [`kind`]: [`NatKind`] and how two kinds can meet ([`kind::method`]).
+//! - [`birthday`]: birthday punching, for a symmetric NAT facing a
+//!   port-restricted one.
 //! - [`introducer`]: the public side, [`introducer::Introducer`].
 //! - [`host`]: a host's side, [`HostIntroductions`].
 //! - [`introducer_driver`]: the introducer's sockets, [`IntroducerSockets`].
@@ -60,6 +63,7 @@
 //! The state machines are tested against simulated NATs in simulated time
 //! (`nat/tests.rs`); the NAT lab (`tests/nat*.rs`) proves the real thing.
 
+pub mod birthday;
 pub mod config;
 pub mod host;
 pub mod host_driver;

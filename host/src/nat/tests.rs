@@ -49,6 +49,10 @@ struct Nat {
     kind: Kind,
     public: IpAddr,
     next_port: u16,
+    /// A symmetric NAT with this picks each new port at random in
+    /// 1024–65535 (as the lab's `fully-random` masquerade does), not in
+    /// steps of 7.
+    random_ports: Option<rand::rngs::StdRng>,
     /// (inside socket, destination for symmetric NATs) → public port.
     mappings: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
     /// Public port → inside socket.
@@ -63,6 +67,7 @@ impl Nat {
             kind,
             public,
             next_port: 40_000,
+            random_ports: None,
             mappings: HashMap::new(),
             inside: HashMap::new(),
             sent: HashSet::new(),
@@ -76,11 +81,18 @@ impl Nat {
             None => {
                 // Cone NATs keep the port (as Linux SNAT does when it can);
                 // symmetric ones pick a new one per destination.
-                let p = if self.kind == Kind::Symmetric {
-                    self.next_port += 7;
-                    self.next_port
-                } else {
-                    src.port()
+                let p = match (&mut self.random_ports, self.kind) {
+                    (Some(rng), Kind::Symmetric) => loop {
+                        let p = rand::Rng::random_range(rng, 1024..=u16::MAX);
+                        if !self.inside.contains_key(&p) {
+                            break p;
+                        }
+                    },
+                    (None, Kind::Symmetric) => {
+                        self.next_port += 7;
+                        self.next_port
+                    }
+                    _ => src.port(),
                 };
                 self.mappings.insert(key, p);
                 self.inside.insert(p, src);
@@ -116,6 +128,14 @@ struct Host {
     state: HostIntroductions,
     local: SocketAddr,
     nat: Nat,
+    /// The birthday attempt's extra sockets (their local addresses).
+    extra: Vec<SocketAddr>,
+    /// Adopted extra sockets: peer → the socket datagrams to it leave from.
+    routes: HashMap<SocketAddr, SocketAddr>,
+    /// Birthday attempts that ended.
+    birthdays: Vec<super::birthday::Report>,
+    /// Punches sent (from any socket).
+    punches_sent: usize,
     /// Addresses this host received punches from.
     punched_by: Vec<(Instant, SocketAddr)>,
     results: Vec<(Instant, u64, IntroResult)>,
@@ -185,6 +205,10 @@ impl Sim {
                     state: serving_host(t0, local),
                     local,
                     nat: Nat::new(kind, public),
+                    extra: vec![],
+                    routes: HashMap::new(),
+                    birthdays: vec![],
+                    punches_sent: 0,
                     punched_by: vec![],
                     results: vec![],
                     outcomes: HashMap::new(),
@@ -240,9 +264,44 @@ impl Sim {
                     host.detected = Some(kind);
                     continue;
                 }
-                Action::PunchRequested(_) => continue,
+                Action::PunchRequested(_)
+                | Action::BirthdayStarted { .. }
+                | Action::BirthdayRefused { .. } => continue,
+                Action::OpenSockets { count, .. } => {
+                    host.extra = (0..count)
+                        .map(|k| SocketAddr::new(host.local.ip(), 30_000 + k as u16))
+                        .collect();
+                    continue;
+                }
+                Action::PunchFromSockets(to) => {
+                    for local in host.extra.clone() {
+                        let host = &mut self.hosts[i];
+                        host.punches_sent += 1;
+                        let from = host.nat.outbound(local, to);
+                        self.send(from, to, Payload::Punch, Duration::ZERO);
+                    }
+                    continue;
+                }
+                Action::AdoptSocket { index, peer } => {
+                    host.routes.insert(peer, host.extra[index]);
+                    host.extra.clear();
+                    continue;
+                }
+                Action::CloseSockets => {
+                    host.extra.clear();
+                    continue;
+                }
+                Action::BirthdayEnded(report) => {
+                    host.birthdays.push(report);
+                    continue;
+                }
             };
-            let from = host.nat.outbound(host.local, to);
+            if matches!(payload, Payload::Punch) {
+                host.punches_sent += 1;
+            }
+            // A routed peer's datagrams leave from its adopted socket.
+            let local = host.routes.get(&to).copied().unwrap_or(host.local);
+            let from = host.nat.outbound(local, to);
             self.send(from, to, payload, Duration::ZERO);
         }
     }
@@ -340,15 +399,24 @@ impl Sim {
             return;
         }
         let host = &mut self.hosts[i];
-        if host.nat.inbound(to.port(), from).is_none() {
+        let Some(inside) = host.nat.inbound(to.port(), from) else {
             return; // The NAT dropped it.
+        };
+        // An extra socket only passes on punches (to the attempt); an
+        // adopted one is read like the main socket; a closed one drops all.
+        let extra = host.extra.iter().position(|s| *s == inside);
+        let adopted = host.routes.values().any(|s| *s == inside);
+        if inside != host.local && extra.is_none() && !adopted {
+            return;
         }
-        let actions = match payload {
-            Payload::Punch => {
+        let actions = match (payload, extra) {
+            (Payload::Punch, Some(index)) => host.state.on_socket_punch(self.now, index, from),
+            (Payload::Message(_), Some(_)) => return,
+            (Payload::Punch, None) => {
                 host.punched_by.push((self.now, from));
                 host.state.on_punch(self.now, from)
             }
-            Payload::Message(m) => host.state.on_message(self.now, from, m),
+            (Payload::Message(m), None) => host.state.on_message(self.now, from, m),
         };
         self.apply(i, actions);
     }
@@ -461,23 +529,17 @@ fn every_pair_theory_allows_opens_within_two_round_trips_of_the_introduction() {
 }
 
 #[test]
-fn pairs_theory_rules_out_are_refused_at_once_and_the_peer_is_left_alone() {
-    for (a, b) in [
-        (Kind::PortRestricted, Kind::Symmetric),
-        (Kind::Symmetric, Kind::PortRestricted),
-        (Kind::Symmetric, Kind::Symmetric),
-    ] {
-        let (mut sim, id) = introduce_after_registration([a, b]);
-        sim.run_until(1_000, &[]);
-        let (answered, result) = sim.result(0, id).expect("an answer");
-        let IntroResult::Impossible(reason) = result else {
-            panic!("{a:?}→{b:?}: {result:?}");
-        };
-        assert!(reason.contains("direct path is impossible"), "{reason}");
-        assert_eq!(sim.hosts[0].outcomes[&id], IntroOutcome::Impossible);
-        assert!(answered <= sim.at(500) + 2 * LATENCY + STEP);
-        assert!(sim.hosts[1].punched_by.is_empty(), "{a:?}→{b:?}");
-    }
+fn two_symmetric_nats_are_refused_at_once_and_the_peer_is_left_alone() {
+    let (mut sim, id) = introduce_after_registration([Kind::Symmetric, Kind::Symmetric]);
+    sim.run_until(1_000, &[]);
+    let (answered, result) = sim.result(0, id).expect("an answer");
+    let IntroResult::Impossible(reason) = result else {
+        panic!("{result:?}");
+    };
+    assert!(reason.contains("direct path is impossible"), "{reason}");
+    assert_eq!(sim.hosts[0].outcomes[&id], IntroOutcome::Impossible);
+    assert!(answered <= sim.at(500) + 2 * LATENCY + STEP);
+    assert!(sim.hosts[1].punched_by.is_empty());
 }
 
 #[test]
@@ -538,6 +600,7 @@ fn a_punch_request_without_the_hosts_registration_cookie_is_ignored() {
             peer: victim,
             nat: NatKind::PortRestricted,
             cookie: cookie.into(),
+            birthday: Some(super::kind::BirthdayRole::Sockets),
         };
         let actions = sim.hosts[1]
             .state
@@ -729,5 +792,145 @@ fn without_an_introducer_configured_nothing_is_asked() {
             result: IntroResult::Direct,
             outcome: IntroOutcome::NoIntroducer,
         }]
+    );
+}
+
+/// Host 0 (behind `a`) asks to be introduced to host 1 (behind `b`), where
+/// every symmetric NAT picks random ports from `seed` and each host draws
+/// its probes from its own seed. Returns the simulation after the attempt,
+/// the introduction's id, and how long after the introducer's answer the
+/// path was open both ways, if it opened.
+fn birthday_attempt(a: Kind, b: Kind, seed: u64) -> (Sim, u64, Option<Duration>) {
+    use rand::SeedableRng;
+    let mut sim = Sim::new([a, b]);
+    for (k, host) in sim.hosts.iter_mut().enumerate() {
+        let seed = seed * 2 + k as u64;
+        host.state = serving_host(sim.t0, host.local).with_seed(seed);
+        if host.nat.kind == Kind::Symmetric {
+            host.nat.random_ports = Some(rand::rngs::StdRng::seed_from_u64(seed));
+        }
+    }
+    sim.run_until(500, &[]);
+    assert_eq!(sim.introducer.registered(), 2);
+    let peer = sim.announced(1);
+    let id = sim.introduce(0, peer);
+    sim.run_until(
+        500 + super::birthday::ATTEMPT_TIME.as_millis() as u64 + 500,
+        &[],
+    );
+    let (answered, _) = sim.result(0, id).expect("an answer");
+    let open = sim.path_open_at().map(|t| t - answered);
+    (sim, id, open)
+}
+
+#[test]
+fn birthday_punching_meets_a_random_port_symmetric_nat_in_both_directions() {
+    use super::birthday::{Report, ATTEMPT_TIME, MAX_PROBES, SOCKETS};
+    use super::kind::BirthdayRole;
+    let goal = Duration::from_secs(3);
+    for (a, b) in [
+        (Kind::PortRestricted, Kind::Symmetric),
+        (Kind::Symmetric, Kind::PortRestricted),
+    ] {
+        let sym = usize::from(a == Kind::PortRestricted);
+        let mut times = vec![];
+        for seed in 0..20 {
+            let (sim, id, open) = birthday_attempt(a, b, seed);
+            let Some((_, IntroResult::Birthday { role, .. })) = sim.result(0, id) else {
+                panic!("{a:?}→{b:?}: {:?}", sim.result(0, id));
+            };
+            let expected = match a {
+                Kind::Symmetric => BirthdayRole::Sockets,
+                _ => BirthdayRole::Probe,
+            };
+            assert_eq!(role, expected);
+            assert_eq!(sim.hosts[0].outcomes[&id], IntroOutcome::Birthday);
+            // Bounded, whatever the outcome: one attempt per side, no more
+            // sockets and probes than documented.
+            for host in &sim.hosts {
+                assert_eq!(host.birthdays.len(), 1, "{a:?}→{b:?}");
+                assert!(host.extra.is_empty(), "extra sockets left open");
+            }
+            let rounds = ATTEMPT_TIME.as_secs() as usize;
+            assert!(sim.hosts[sym].punches_sent <= rounds * SOCKETS + 20);
+            assert!(sim.hosts[1 - sym].punches_sent <= MAX_PROBES + 20);
+            let Some(open) = open else {
+                continue;
+            };
+            // The side behind the symmetric NAT adopted the winning socket
+            // (or met on its main socket, one more mapping) for the peer.
+            let peer_of_sym = sim.hosts[1 - sym].nat.public;
+            let report: &Report = &sim.hosts[sym].birthdays[0];
+            assert_eq!(report.met.map(|m| m.ip()), Some(peer_of_sym));
+            times.push(open);
+        }
+        times.sort();
+        let within = times.iter().filter(|t| **t <= goal).count();
+        eprintln!(
+            "{a:?}→{b:?}: {within}/20 within {goal:?}, p50 {:?}, max {:?}",
+            times[times.len() / 2],
+            times.last().unwrap()
+        );
+        assert!(
+            within >= 19,
+            "{a:?}→{b:?}: {within}/20 within {goal:?}: {times:?}"
+        );
+    }
+}
+
+#[test]
+fn repeated_birthday_requests_start_one_attempt_at_a_time_and_few_per_10_s() {
+    use super::birthday::{ATTEMPTS_PER_10S, ATTEMPT_TIME, SOCKETS};
+    use super::kind::BirthdayRole;
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::Symmetric]);
+    sim.run_until(500, &[]);
+    // Punch requests as real as they come: the host's registration cookie,
+    // from the introducer's address (a compromised introducer, or someone
+    // who learnt the cookie), each naming another victim, ten per second.
+    let local = sim.hosts[1].local;
+    let observed = sim.hosts[1].nat.outbound(local, introducer_addr().main);
+    let cookie = sim.introducer.cookie(observed);
+    let (mut opened, mut most_at_once) = (vec![], 0usize);
+    for k in 0..100u64 {
+        sim.run_until(500 + k * 100, &[]);
+        let victim = SocketAddr::new(ip(192, 0, 2, k as u8), 4000);
+        let forged = Message::PunchRequest {
+            peer: victim,
+            nat: NatKind::PortRestricted,
+            cookie: cookie.clone(),
+            birthday: Some(BirthdayRole::Sockets),
+        };
+        let now = sim.now;
+        let actions = sim.hosts[1]
+            .state
+            .on_message(now, introducer_addr().main, forged);
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::OpenSockets { .. }))
+        {
+            opened.push(now - sim.at(500));
+        }
+        sim.apply(1, actions);
+        most_at_once = most_at_once.max(opened.len() - sim.hosts[1].birthdays.len());
+    }
+    // Ten seconds of requests: one attempt at a time (each lasts 4 s, so
+    // they start 4 s apart) and no more than the rate allows.
+    assert!(opened.len() <= ATTEMPTS_PER_10S as usize, "{opened:?}");
+    assert!(opened.len() >= 2, "{opened:?}");
+    for pair in opened.windows(2) {
+        assert!(pair[1] - pair[0] >= ATTEMPT_TIME, "{opened:?}");
+    }
+    assert_eq!(most_at_once, 1);
+    assert_eq!(
+        sim.hosts[1].state.birthdays_refused(),
+        100 - opened.len() as u64
+    );
+    // What the host sent in all: a few attempts' punches, plus the
+    // handful each punch request's handshake costs (as without birthday).
+    let bound = opened.len() * ATTEMPT_TIME.as_secs() as usize * SOCKETS + 100 * 12;
+    assert!(
+        sim.hosts[1].punches_sent <= bound,
+        "{}",
+        sim.hosts[1].punches_sent
     );
 }
