@@ -41,6 +41,8 @@ use super::pending::Pending;
 use super::session::{self, PinnedKeys, SessionKeys, SessionReader, SessionStats, SessionWriter};
 use super::RpcError;
 use crate::discovery::Discovery;
+use crate::nat::birthday;
+use crate::nat::kind::BirthdayRole;
 use crate::nat::{IntroResult, IntroductionHandle, IntroductionStats, NatKind};
 use crate::transport::{ConnectError, Endpoint};
 
@@ -593,24 +595,49 @@ impl RpcClient {
             }
             None => (IntroResult::Direct, Instant::now()),
         };
-        match introduced {
-            (IntroResult::Direct, _) => Ok((self.endpoint.connect(peer, connect_by).await?, None)),
-            (IntroResult::Impossible(reason), _) => Err(ConnectError::Impossible(reason)),
-            (IntroResult::Punched { addr, nat }, started) => {
-                let answered = started.elapsed();
-                let (stream, at) = self
-                    .endpoint
-                    .connect_punched(addr, connect_by, nat == NatKind::Symmetric)
-                    .await?;
-                tracing::info!(
-                    %peer,
-                    "direct path to {at} opened by an introduction: introducer answered in {:.1} ms, connected {:.1} ms later",
-                    answered.as_secs_f64() * 1e3,
-                    (started.elapsed() - answered).as_secs_f64() * 1e3
-                );
-                Ok((stream, Some((at, started + answered))))
+        let (started, answered) = (introduced.1, introduced.1.elapsed());
+        let (addr, follow_port, deadline, how) = match introduced.0 {
+            IntroResult::Direct => {
+                return Ok((self.endpoint.connect(peer, connect_by).await?, None))
             }
-        }
+            IntroResult::Impossible(reason) => return Err(ConnectError::Impossible(reason)),
+            IntroResult::Punched { addr, nat } => (
+                addr,
+                nat == NatKind::Symmetric,
+                connect_by,
+                "an introduction",
+            ),
+            // No path opens once the attempt is over: the connect gives up
+            // with it, not at the request's deadline.
+            IntroResult::Birthday { addr, role, .. } => (
+                addr,
+                role == BirthdayRole::Probe,
+                connect_by.min(started + answered + birthday::ATTEMPT_TIME),
+                "an introduction and birthday punching",
+            ),
+        };
+        let connected = self
+            .endpoint
+            .connect_punched(addr, deadline, follow_port)
+            .await;
+        let (stream, at) = connected.map_err(|e| match e {
+            ConnectError::Timeout { peer, waited, .. } if deadline < connect_by => {
+                ConnectError::Failed {
+                    peer,
+                    reason: format!(
+                        "birthday punching found no direct path within {waited:.1?} (one of the two NATs is symmetric, the other port-restricted); a relay is needed"
+                    ),
+                }
+            }
+            e => e,
+        })?;
+        tracing::info!(
+            %peer,
+            "direct path to {at} opened by {how}: introducer answered in {:.1} ms, connected {:.1} ms later",
+            answered.as_secs_f64() * 1e3,
+            (started.elapsed() - answered).as_secs_f64() * 1e3
+        );
+        Ok((stream, Some((at, started + answered))))
     }
 
     /// The open connection to `peer`, connecting if there is none, if it
