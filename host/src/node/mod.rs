@@ -364,13 +364,23 @@ impl Node {
         let (listener, file) = control::bind(path)?;
         let (rpc, identity) = (self.endpoint.local_addr(), self.identity.public_hex());
         let (server, client) = (self.stats.sessions.clone(), self.client_sessions.clone());
+        let endpoint = self.endpoint.clone();
         let host: control::HostStatus = Arc::new(move || {
+            // Peers reached other than straight from the RPC socket:
+            // `birthday` (an extra socket birthday punching opened) or
+            // `relayed`; every other peer is direct.
+            let paths: Vec<serde_json::Value> = endpoint
+                .paths()
+                .into_iter()
+                .map(|(peer, kind)| serde_json::json!({"peer": peer.to_string(), "path": kind.as_str()}))
+                .collect();
             serde_json::json!({
                 "pid": std::process::id(),
                 "rpc": rpc.to_string(),
                 "identity": identity,
                 "version": env!("CARGO_PKG_VERSION"),
                 "sessions": {"served": session_counts(&server), "opened": session_counts(&client)},
+                "paths": paths,
             })
         });
         self.tasks
