@@ -32,9 +32,10 @@
 //!   (3 s), ≈ 45 KB on the wire, all to the one IP the introducer named.
 //!
 //! A host takes part in one attempt at a time and in at most
-//! [`ATTEMPTS_PER_10S`] per 10 s, whoever asks (its own calls or punch
-//! requests): a forged or repeated introduction cannot make it open sockets
-//! or spray probes at will.
+//! [`ATTEMPTS_PER_10S`] per 10 s (after a burst of [`ATTEMPT_BURST`]),
+//! whoever asks (its own calls or punch requests), and its introducer asks
+//! no more of it: a forged or repeated introduction cannot make it open
+//! sockets or spray probes at will.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -60,13 +61,22 @@ pub const MAX_PROBES: usize = 1_500;
 pub const PROBE_TICK: Duration = Duration::from_millis(10);
 /// How long an attempt lasts before it gives up and closes its sockets.
 pub const ATTEMPT_TIME: Duration = Duration::from_secs(4);
-/// Birthday attempts a host takes part in per 10 s (one at a time).
+/// Birthday attempts a host takes part in, and a registered host is asked
+/// to take part in by its introducer, per 10 s on average...
 pub const ATTEMPTS_PER_10S: u32 = 3;
+/// ... and in a quick series (a call, then a plugin's request): a few
+/// attempts cost a few seconds of sockets or probes; the host still takes
+/// part in one at a time.
+pub const ATTEMPT_BURST: u32 = 3;
 /// Rate limits count attempts in tenths: a bucket refilling
-/// [`ATTEMPTS_PER_10S`] tokens per second, of which an attempt takes this
-/// many (and which holds no more), allows one at once and
-/// [`ATTEMPTS_PER_10S`] per 10 s.
+/// [`ATTEMPTS_PER_10S`] tokens per second and holding [`ATTEMPT_BURST`]
+/// attempts' worth, of which an attempt takes this many.
 pub const ATTEMPT_COST: u32 = 10;
+/// The token bucket that enforces [`ATTEMPTS_PER_10S`] and
+/// [`ATTEMPT_BURST`] (in tenths of an attempt, [`ATTEMPT_COST`]).
+pub fn attempt_budget(now: Instant) -> crate::units::TokenBucket {
+    crate::units::TokenBucket::new(now, ATTEMPTS_PER_10S, ATTEMPT_BURST * ATTEMPT_COST)
+}
 /// The lowest port probed: below it lie the privileged ports, which NATs
 /// do not hand out.
 pub const FIRST_PORT: u16 = 1024;

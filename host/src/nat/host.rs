@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::birthday::{self, Attempt, ATTEMPTS_PER_10S, ATTEMPT_COST};
+use super::birthday::{self, Attempt, ATTEMPTS_PER_10S, ATTEMPT_BURST, ATTEMPT_COST};
 use super::config::NatConfig;
 use super::kind::{BirthdayRole, NatKind};
 use super::wire::{IntroducerAddr, Message, Outcome};
@@ -286,7 +286,7 @@ impl HostIntroductions {
             paths: HashMap::new(),
             next_id: probe_id + 1,
             birthday: None,
-            birthday_budget: crate::units::TokenBucket::new(now, ATTEMPTS_PER_10S, ATTEMPT_COST),
+            birthday_budget: birthday::attempt_budget(now),
             birthdays_refused: 0,
             rng: rand::SeedableRng::from_os_rng(),
         }
@@ -697,7 +697,7 @@ impl HostIntroductions {
 
     /// Starts a birthday attempt toward `peer` in `role`, unless one is under
     /// way (a repeated introduction to the same peer and role joins it) or
-    /// [`ATTEMPTS_PER_10S`] started in the last 10 s; `Err` says why not
+    /// over [`ATTEMPTS_PER_10S`] (after a burst); `Err` says why not
     /// (and is counted).
     fn start_birthday(
         &mut self,
@@ -712,7 +712,7 @@ impl HostIntroductions {
                 a.peer()
             ),
             None if !self.birthday_budget.take_many(now, ATTEMPT_COST) => format!(
-                "this host takes part in at most {ATTEMPTS_PER_10S} birthday attempts per 10 s"
+                "this host takes part in at most {ATTEMPTS_PER_10S} birthday attempts per 10 s (after {ATTEMPT_BURST} in a row)"
             ),
             None => {
                 let seed = rand::Rng::random(&mut self.rng);

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::birthday::{ATTEMPTS_PER_10S, ATTEMPT_BURST, ATTEMPT_COST};
 use super::kind::{method, BirthdayRole, Method, NatKind};
 use super::wire::{Message, Outcome};
 use crate::units::TokenBuckets;
@@ -79,17 +80,6 @@ pub const PUNCH_REQUEST_BURST: u32 = 200;
 pub const PUNCH_REQUESTS_PER_CALLER_PER_SECOND: u32 = 10;
 /// See [`PUNCH_REQUESTS_PER_CALLER_PER_SECOND`].
 pub const PUNCH_REQUEST_PER_CALLER_BURST: u32 = 20;
-/// Birthday attempts (`docs/wire.md §5.5`) one registered host is asked to
-/// take part in, per 10 s and in all callers together: one attempt makes it
-/// open [`super::birthday::SOCKETS`] sockets or send up to
-/// [`super::birthday::MAX_PROBES`] probes, so it costs a hundred times what
-/// a punch request costs. One at once (an attempt lasts
-/// [`super::birthday::ATTEMPT_TIME`], 4 s), then one per 10 s /
-/// `BIRTHDAYS_PER_10S`.
-pub const BIRTHDAYS_PER_10S: u32 = 3;
-/// A token bucket counts attempts in tenths of one: it refills
-/// [`BIRTHDAYS_PER_10S`] tokens a second and an attempt takes this many.
-const BIRTHDAY_COST: u32 = 10;
 /// Most rate-limit buckets kept (per source IP, per target); the least
 /// recently used is forgotten first.
 const MAX_BUCKETS: usize = 4_096;
@@ -119,7 +109,7 @@ pub struct IntroducerStats {
     pub bad_signatures: u64,
     /// Introductions and punch requests over their rate.
     pub rate_limited: u64,
-    /// Birthday introductions refused: over [`BIRTHDAYS_PER_10S`] for the
+    /// Birthday introductions refused: over [`ATTEMPTS_PER_10S`] for the
     /// target, or over its punch request rates (answered `impossible`).
     pub birthdays_refused: u64,
 }
@@ -287,7 +277,10 @@ pub struct Introducer {
     punch_requests_by_caller: TokenBuckets<(SocketAddr, std::net::IpAddr)>,
     /// Registration signatures checked, per source IP.
     signature_checks: TokenBuckets<std::net::IpAddr>,
-    /// Birthday attempts asked of each registered host, in tenths.
+    /// Birthday attempts asked of each registered host, in tenths
+    /// ([`super::birthday::attempt_budget`]): one attempt makes it open
+    /// hundreds of sockets or send up to 1,500 probes, a hundred times what
+    /// a punch request costs.
     birthdays: TokenBuckets<SocketAddr>,
     stats: IntroducerStats,
 }
@@ -327,7 +320,11 @@ impl Introducer {
                 SIGNATURE_CHECK_BURST,
                 MAX_BUCKETS,
             ),
-            birthdays: TokenBuckets::new(BIRTHDAYS_PER_10S, BIRTHDAY_COST, MAX_BUCKETS),
+            birthdays: TokenBuckets::new(
+                ATTEMPTS_PER_10S,
+                ATTEMPT_BURST * ATTEMPT_COST,
+                MAX_BUCKETS,
+            ),
             stats: IntroducerStats::default(),
         }
     }
@@ -569,14 +566,13 @@ impl Introducer {
                 };
                 let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
                 let may = caller_may && self.punch_requests.take(addr, now);
-                if birthday.is_some()
-                    && !(may && self.birthdays.take_many(addr, now, BIRTHDAY_COST))
+                if birthday.is_some() && !(may && self.birthdays.take_many(addr, now, ATTEMPT_COST))
                 {
                     // Without the peer's half a birthday attempt is only
                     // cost: the caller does not start one.
                     self.stats.birthdays_refused += 1;
                     return impossible(format!(
-                        "{peer} ({}) is reachable from this host ({}) only by birthday punching, and it is being asked for that more often than {BIRTHDAYS_PER_10S} times in 10 s; try again in a few seconds",
+                        "{peer} ({}) is reachable from this host ({}) only by birthday punching, and it is being asked for that more often than {ATTEMPTS_PER_10S} times in 10 s; try again in a few seconds",
                         peer_nat.describe(),
                         nat.describe()
                     ));
@@ -1126,9 +1122,16 @@ mod tests {
                 expected.reverse();
             }
             assert_eq!(roles, expected);
-            // A second attempt at the same host at once, even from another
-            // caller, is refused (the host would refuse it too): answered
-            // impossible, with what to do, and counted.
+            // A few more at once pass (a call and a plugin's request); then
+            // the next one at that host, even from another caller, is
+            // refused: answered impossible, with what to do, and counted.
+            for k in 1..ATTEMPT_BURST {
+                let caller = SocketAddr::new(ip(203, 0, 114, k as u8), 6000);
+                assert_eq!(
+                    verified(&mut introducer, now, caller, |c| ask(c, peer)).len(),
+                    2
+                );
+            }
             let other = SocketAddr::new(ip(203, 0, 113, 98), 6000);
             let out = verified(&mut introducer, now, other, |c| ask(c, peer));
             let [Outgoing {
@@ -1144,8 +1147,8 @@ mod tests {
             };
             assert!(reason.contains("try again in a few seconds"), "{reason}");
             assert_eq!(introducer.stats().birthdays_refused, 1);
-            // One per 10 s / BIRTHDAYS_PER_10S after that.
-            let later = now + Duration::from_millis(10_000 / u64::from(BIRTHDAYS_PER_10S) + 1);
+            // One per 10 s / ATTEMPTS_PER_10S after that.
+            let later = now + Duration::from_millis(10_000 / u64::from(ATTEMPTS_PER_10S) + 1);
             let out = verified(&mut introducer, later, other, |c| ask(c, peer));
             assert_eq!(out.len(), 2, "{out:?}");
         }
