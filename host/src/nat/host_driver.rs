@@ -241,11 +241,16 @@ impl ExtraSockets {
     }
 
     /// One punch to `peer` from every socket; returns how many left.
+    /// Straight to the kernel: tokio's `try_send_to` answers `WouldBlock`
+    /// on a socket the reactor has not yet seen writable (every new one),
+    /// which silently lost the whole first round.
     fn punch_all(&self, peer: SocketAddr) -> u64 {
-        let sent = self
-            .sockets
-            .iter()
-            .filter(|s| s.try_send_to(&PUNCH, peer).is_ok());
+        let peer = socket2::SockAddr::from(peer);
+        let sent = self.sockets.iter().filter(|s| {
+            socket2::SockRef::from(s.as_ref())
+                .send_to(&PUNCH, &peer)
+                .is_ok()
+        });
         sent.count() as u64
     }
 
