@@ -449,6 +449,21 @@ impl Lab {
         }
     }
 
+    /// The nftables ruleset `home`'s router runs, as `nft list ruleset`
+    /// prints it (to check the lab is what a test assumes).
+    pub fn ruleset_of(&self, home: &Home) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &home.router, "nft", "list", "ruleset"])
+            .output()
+            .expect("nft runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Makes `home`'s router forget every flow and mapping it has, as a
     /// router reboot or a NAT rebinding does.
     pub fn forget_mappings(&self, home: &Home) {
