@@ -424,6 +424,12 @@ impl Collector for PartsCollector {
         )?;
         counters(
             e,
+            "grenache_host_birthdays_refused",
+            "Birthday punching attempts this host refused, its own or asked for by the introducer: one was under way, or over 3 in a row / 3 per 10 s.",
+            [(NoLabels::default(), load(&self.introductions.birthdays_refused))],
+        )?;
+        counters(
+            e,
             "grenache_host_paths_opened",
             "Connections this host's requests opened, by path: direct (to the announced address), punched (through an introduction), relayed (through a relay; this host has none yet, so always 0).",
             [
