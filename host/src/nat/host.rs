@@ -93,6 +93,10 @@ pub enum Action {
     AdoptSocket { index: usize, peer: SocketAddr },
     /// Close every extra socket: the attempt gave up.
     CloseSockets,
+    /// The path to `peer` that an adopted socket carried is let go (unused
+    /// for [`PATH_TTL`], or evicted): clear its route, which closes the
+    /// socket.
+    ReleaseSocket(SocketAddr),
     /// A birthday attempt met its peer or gave up.
     BirthdayEnded(birthday::Report),
     /// A birthday attempt the introducer asked for was refused, and why.
@@ -246,6 +250,9 @@ pub struct HostIntroductions {
     birthdays_refused: u64,
     /// Seeds each birthday attempt's random ports.
     rng: rand::rngs::StdRng,
+    /// Peers whose path leaves from an adopted socket (at most one per
+    /// path): released with their path.
+    adopted: std::collections::HashSet<SocketAddr>,
 }
 
 impl HostIntroductions {
@@ -289,6 +296,7 @@ impl HostIntroductions {
             birthday_budget: birthday::attempt_budget(now),
             birthdays_refused: 0,
             rng: rand::SeedableRng::from_os_rng(),
+            adopted: std::collections::HashSet::new(),
         }
     }
 
@@ -480,6 +488,14 @@ impl HostIntroductions {
         self.paths.retain(|_, p| match p.answered {
             true => now.duration_since(p.last_used) < PATH_TTL,
             false => now < p.handshake_until,
+        });
+        let paths = &self.paths;
+        self.adopted.retain(|peer| {
+            let kept = paths.contains_key(peer);
+            if !kept {
+                out.push(Action::ReleaseSocket(*peer));
+            }
+            kept
         });
         for (&peer, path) in self.paths.iter_mut() {
             if path.answered && now >= path.next_keepalive {
@@ -744,6 +760,11 @@ impl HostIntroductions {
             return vec![];
         };
         let out = attempt.on_socket_punch(now, index, from);
+        for action in &out {
+            if let Action::AdoptSocket { peer, .. } = action {
+                self.adopted.insert(*peer);
+            }
+        }
         self.drop_ended_birthday();
         out
     }

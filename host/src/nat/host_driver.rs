@@ -341,6 +341,12 @@ async fn execute(
             }
         }
         Action::CloseSockets => extra.close(),
+        Action::ReleaseSocket(peer) => {
+            if endpoint.path_kind(peer) == crate::transport::PathKind::Birthday {
+                tracing::info!(%peer, "the birthday path is no longer used; its socket is closed");
+                endpoint.clear_route(peer);
+            }
+        }
         Action::BirthdayEnded(report) => log_birthday(&report),
         Action::BirthdayRefused { peer, reason } => {
             tracing::info!(%peer, "birthday punching refused: {reason}")

@@ -291,6 +291,10 @@ impl Sim {
                     host.extra.clear();
                     continue;
                 }
+                Action::ReleaseSocket(peer) => {
+                    host.routes.remove(&peer);
+                    continue;
+                }
                 Action::BirthdayEnded(report) => {
                     host.birthdays.push(report);
                     continue;
@@ -933,4 +937,23 @@ fn repeated_birthday_requests_start_one_attempt_at_a_time_and_few_per_10_s() {
         "{}",
         sim.hosts[1].punches_sent
     );
+}
+
+#[test]
+fn a_birthday_path_keeps_its_socket_while_used_and_releases_it_after() {
+    let (mut sim, _, open) = birthday_attempt(Kind::PortRestricted, Kind::Symmetric, 3);
+    assert!(open.is_some(), "the attempt met");
+    let prober = sim.hosts[0].nat.public;
+    let adopted = |sim: &Sim| {
+        let routes = &sim.hosts[1].routes;
+        routes.len() == 1 && routes.keys().all(|peer| peer.ip() == prober)
+    };
+    assert!(adopted(&sim));
+    // Kept alive (keepalives go through it) while the path lives...
+    let t = 5_000 + PATH_TTL.as_millis() as u64 / 2;
+    sim.run_until(t, &[]);
+    assert!(adopted(&sim));
+    // ... and closed once the path is let go: no socket is kept forever.
+    sim.run_until(5_000 + PATH_TTL.as_millis() as u64 + 60_000, &[]);
+    assert!(sim.hosts[1].routes.is_empty(), "{:?}", sim.hosts[1].routes);
 }
