@@ -5,8 +5,10 @@
 # punches the consumer, and the consumer calls it back through the hole.
 # Then a caller in a second home, behind a second NAT, reaches the same worker:
 # the DHT node's introducer tells both sides about each other and they punch
-# at once. Last, the second router turns symmetric, a pair no punching can
-# join, and the call says so at once.
+# at once. Last, the second router turns symmetric (random ports), a pair plain
+# punching cannot join: the introducer has both sides birthday-punch (256
+# sockets on one side, random-port probes on the other) and the call gets
+# through all the same.
 #
 # Needs root, iproute2 and nftables (apt-get install -y nftables iproute2).
 # Build first: cargo xtask plugins && cargo build -p grenache-host
@@ -117,10 +119,10 @@ firewall router2; snat router2 203.0.113.3 ""
 echo "== a call from the second home: both sides are behind NATs, the DHT node's introducer introduces them"
 inns home2 "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 2>&1 | sed 's/^/   call | /'
 
-echo "== the second router turns symmetric (a new port per destination): no punching can meet a port-restricted NAT"
+echo "== the second router turns symmetric (a new random port per destination): plain punching cannot meet a port-restricted NAT, birthday punching can"
 inns router2 nft delete table ip nat; inns router2 conntrack -F 2>/dev/null || true
 snat router2 203.0.113.3 fully-random
-if inns home2 "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 2>&1 | sed 's/^/   call | /'; then
-  echo "!! the call got through a pair of NATs theory rules out"; exit 1
+if ! inns home2 "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 --log-level info 2>&1 | sed 's/^/   call | /'; then
+  echo "!! birthday punching did not get the call through"; exit 1
 fi
-echo "== done; a relay would be needed for the last pair"
+echo "== done"
