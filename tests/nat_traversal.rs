@@ -23,7 +23,10 @@ fn serve_behind_nat(
     plugin_name: &str,
     extra: &[&str],
 ) -> (HostProcess, u16) {
-    let mut args = vec!["--behind-nat", "--control", "off"];
+    let mut args = vec!["--behind-nat"];
+    if !extra.contains(&"--control") {
+        args.extend_from_slice(&["--control", "off"]);
+    }
     args.extend_from_slice(&LOG_REQUESTS);
     args.extend_from_slice(extra);
     let host = lab.run_plugin(home.host_at(), plugin_name, bootstrap, &args);
@@ -471,4 +474,42 @@ fn bench_birthday_punching_20_fresh_calls_each_way() {
             walls.last(),
         );
     }
+}
+
+/// The worker behind the symmetric NAT keeps the birthday path to a caller
+/// behind a port-restricted one on the socket that won, and `status` says so
+/// (`host.paths`); a call over it carries on.
+#[test]
+fn a_birthday_path_shows_in_status() {
+    let Some(lab) = Lab::build("bdstatus", &[NatType::PortRestricted, NatType::Symmetric]) else {
+        return;
+    };
+    let (_dht, bootstrap) = lab.public_dht();
+    let control = lab.scratch.path().join("worker.sock");
+    let control = control.to_str().unwrap();
+    let (worker, _) = serve_behind_nat(
+        &lab,
+        &lab.homes[1],
+        &bootstrap,
+        "fibonacci",
+        &["--control", control],
+    );
+    let a = &lab.homes[0];
+    let (r, _) = call_worker_from(&lab, a, &bootstrap);
+    assert_eq!((r.code, r.stdout.as_str()), (0, SEQUENCE), "{}", r.stderr);
+    let status = lab.run_host(&lab.homes[1].host, &["status", "--control", control]);
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let paths = status["host"]["paths"]
+        .as_array()
+        .expect("host.paths")
+        .clone();
+    let birthday: Vec<&serde_json::Value> =
+        paths.iter().filter(|p| p["path"] == "birthday").collect();
+    assert_eq!(birthday.len(), 1, "{status}\nworker:\n{}", worker.output());
+    let peer = birthday[0]["peer"].as_str().unwrap();
+    assert!(peer.starts_with(&format!("{}:", a.wan_ip)), "{peer}");
+    // The path is the caller's router's address: the worker's log says it
+    // met it there.
+    worker.wait_for(&format!("birthday punching met the peer at {peer}"), SOON);
 }
