@@ -147,8 +147,13 @@ impl TokenBucket {
 
     /// Whether a token is there at `now` (without taking it).
     pub fn has(&mut self, now: std::time::Instant) -> bool {
+        self.has_many(now, 1)
+    }
+
+    /// Whether `n` tokens are there at `now` (without taking them).
+    pub fn has_many(&mut self, now: std::time::Instant, n: u32) -> bool {
         self.refill(now);
-        self.tokens >= 1.0
+        self.tokens >= f64::from(n)
     }
 
     /// Takes a token at `now`; `false` (and nothing taken) when empty.
@@ -190,23 +195,27 @@ pub fn from_hex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// Removes the entry with the oldest time while `map` has `limit` entries
-/// or more, so one more fits. Shared by the bounded tables of discovery,
-/// the RPC client's peer health and [`TokenBuckets`].
+/// or more, so one more fits; returns the keys removed. Shared by the
+/// bounded tables of discovery, the RPC client's peer health, a host's
+/// introduced and relayed paths and [`TokenBuckets`].
 pub fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
     map: &mut std::collections::HashMap<K, V>,
     limit: usize,
     time: impl Fn(&V) -> std::time::Instant,
-) {
+) -> Vec<K> {
+    let mut removed = vec![];
     while map.len() >= limit {
         let Some(oldest) = map
             .iter()
             .min_by_key(|(_, v)| time(v))
             .map(|(k, _)| k.clone())
         else {
-            return;
+            break;
         };
         map.remove(&oldest);
+        removed.push(oldest);
     }
+    removed
 }
 
 /// A [`TokenBucket`] per key (a source IP, a target), all with one rate and

@@ -55,6 +55,8 @@
 //! - [`birthday`]: birthday punching, for a symmetric NAT facing a
 //!   port-restricted one.
 //! - [`introducer`]: the public side, [`introducer::Introducer`].
+//! - [`relay`]: the introducer's relay for hosts no direct path joins,
+//!   [`relay::Relay`].
 //! - [`host`]: a host's side, [`HostIntroductions`].
 //! - [`introducer_driver`]: the introducer's sockets, [`IntroducerSockets`].
 //! - [`host_driver`]: a host's introduction driver and its
@@ -72,6 +74,7 @@ pub mod introducer_driver;
 pub mod kind;
 pub mod punch;
 pub mod punch_driver;
+pub mod relay;
 pub mod wire;
 
 pub use config::{NatConfig, DEFAULT_KEEPALIVE};
