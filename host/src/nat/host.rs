@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::birthday::{self, Attempt, ATTEMPTS_PER_10S, ATTEMPT_BURST, ATTEMPT_COST};
 use super::config::NatConfig;
 use super::kind::{BirthdayRole, NatKind};
+use super::relay::Token;
 use super::wire::{IntroducerAddr, Message, Outcome};
 
 /// How often a host behind a NAT re-registers with its introducer. It also
@@ -54,6 +55,14 @@ const HANDSHAKE_MAX_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
 /// A path not used for this long is no longer kept alive.
 pub(super) const PATH_TTL: Duration = Duration::from_secs(600);
+/// While a path is relayed, each side punches the other directly this
+/// often (one punch: `docs/wire.md §5.5`), so that the traffic moves to a
+/// direct path as soon as one opens (a firewall lifted, a NAT rebooted);
+/// it stops [`PATH_TTL`] after the path was last used.
+pub const RELAYED_PUNCH_INTERVAL: Duration = Duration::from_secs(5);
+/// Most relayed paths a host keeps; the one punched longest ago goes
+/// first (its route with it).
+const MAX_RELAYED: usize = 256;
 
 /// What a host's driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +85,17 @@ pub enum Action {
     },
     /// The introducer asked us to punch a peer.
     PunchRequested(SocketAddr),
+    /// Send what goes to `peer` through the relay at `relay` with `token`
+    /// (`crate::transport::Route::Relay`), from now on.
+    Relay {
+        peer: SocketAddr,
+        relay: SocketAddr,
+        token: Token,
+    },
+    /// `peer`'s relayed path ended: `direct` when its direct punch arrived
+    /// (the transport has moved the traffic already), else forgotten (the
+    /// route must be cleared).
+    Unrelay { peer: SocketAddr, direct: bool },
     /// A birthday attempt (`docs/wire.md §5.6`) toward `peer` started.
     BirthdayStarted {
         peer: SocketAddr,
@@ -111,6 +131,13 @@ pub enum IntroResult {
     /// Connect to `addr`; both sides are punching. Behind a symmetric NAT the
     /// peer's punches come from another port: follow them.
     Punched { addr: SocketAddr, nat: NatKind },
+    /// Connect to `addr` through the relay at `relay`; the route is set
+    /// (the action [`Action::Relay`] comes before this answer).
+    Relayed {
+        addr: SocketAddr,
+        relay: SocketAddr,
+        nat: NatKind,
+    },
     /// Connect to `addr`; both sides take part in a birthday attempt
     /// (`docs/wire.md §5.6`), this host in `role`, for up to
     /// [`birthday::ATTEMPT_TIME`]. In [`BirthdayRole::Probe`] the peer
@@ -120,7 +147,7 @@ pub enum IntroResult {
         nat: NatKind,
         role: BirthdayRole,
     },
-    /// No direct path can exist.
+    /// No direct path can exist, and no relay (the reason says why).
     Impossible(String),
 }
 
@@ -130,10 +157,13 @@ pub enum IntroResult {
 pub enum IntroOutcome {
     /// The introducer named the peer's address; both sides punch.
     Punched,
+    /// The introducer relays between the two.
+    Relayed,
     /// The introducer named the peer's address; both sides take part in a
     /// birthday attempt.
     Birthday,
-    /// The introducer answered that no direct path can exist.
+    /// The introducer answered that no direct path can exist (and refused
+    /// to relay).
     Impossible,
     /// The introducer does not know the peer (not registered: a public
     /// host, or one that stopped); the caller connects as announced.
@@ -146,11 +176,12 @@ pub enum IntroOutcome {
 }
 
 impl IntroOutcome {
-    /// The outcome's name in metrics: `punched`, `impossible`,
+    /// The outcome's name in metrics: `punched`, `relayed`, `impossible`,
     /// `unknown_peer`, `no_answer`, `no_introducer`, `birthday`.
     pub fn as_str(self) -> &'static str {
         match self {
             IntroOutcome::Punched => "punched",
+            IntroOutcome::Relayed => "relayed",
             IntroOutcome::Impossible => "impossible",
             IntroOutcome::UnknownPeer => "unknown_peer",
             IntroOutcome::NoAnswer => "no_answer",
@@ -183,6 +214,16 @@ struct PendingIntro {
     peer: SocketAddr,
     deadline: Instant,
     next_send: Instant,
+    /// Asks for the relay (a punched path failed).
+    relay: bool,
+}
+
+/// A path through the relay: punched directly every
+/// [`RELAYED_PUNCH_INTERVAL`] until `punch_until`.
+#[derive(Debug)]
+struct RelayedPath {
+    next_punch: Instant,
+    punch_until: Instant,
 }
 
 /// A peer this host punches until it hears it (`docs/wire.md §5.3` step 4).
@@ -241,6 +282,15 @@ pub struct HostIntroductions {
     intros: HashMap<u64, PendingIntro>,
     handshakes: HashMap<SocketAddr, Handshake>,
     paths: HashMap<SocketAddr, Path>,
+    /// Peers reached through the relay.
+    relayed: HashMap<SocketAddr, RelayedPath>,
+    /// Registers because the introducer registered it for its relay,
+    /// though it does not serve behind a NAT (a `call`): the relay serves
+    /// registered hosts only.
+    registers_for_relay: bool,
+    /// The signature of a registration of our port with this cookie, as
+    /// introductions carry it (made once per cookie).
+    introduce_sig: (String, String),
     next_id: u64,
     /// The birthday attempt under way (one at a time).
     birthday: Option<Attempt>,
@@ -291,6 +341,9 @@ impl HostIntroductions {
             intros: HashMap::new(),
             handshakes: HashMap::new(),
             paths: HashMap::new(),
+            relayed: HashMap::new(),
+            registers_for_relay: false,
+            introduce_sig: Default::default(),
             next_id: probe_id + 1,
             birthday: None,
             birthday_budget: birthday::attempt_budget(now),
@@ -338,6 +391,16 @@ impl HostIntroductions {
     /// Asks for an introduction to `peer`; the answer comes back as
     /// [`Action::Introduced`] with the returned id.
     pub fn introduce(&mut self, now: Instant, peer: SocketAddr) -> (u64, Vec<Action>) {
+        self.ask(now, peer, false)
+    }
+
+    /// Asks the introducer to relay to `peer` (a punched path failed: UDP
+    /// between the two is blocked); answered as [`Self::introduce`] is.
+    pub fn introduce_relayed(&mut self, now: Instant, peer: SocketAddr) -> (u64, Vec<Action>) {
+        self.ask(now, peer, true)
+    }
+
+    fn ask(&mut self, now: Instant, peer: SocketAddr, relay: bool) -> (u64, Vec<Action>) {
         let id = self.id();
         let unasked = if self.config.introducer.is_none() {
             Some(IntroOutcome::NoIntroducer)
@@ -361,6 +424,7 @@ impl HostIntroductions {
                 peer,
                 deadline: now + INTRODUCE_DEADLINE,
                 next_send: now,
+                relay,
             },
         );
         (id, self.poll(now))
@@ -373,6 +437,15 @@ impl HostIntroductions {
             path.last_used = now;
             path.answered = true;
         }
+        if let Some(path) = self.relayed.get_mut(&addr) {
+            path.punch_until = now + PATH_TTL;
+        }
+    }
+
+    /// Whether this host registers now (serving behind a NAT, or for the
+    /// relay).
+    fn registering(&self) -> bool {
+        self.config.behind_nat || self.registers_for_relay
     }
 
     /// When [`poll`](Self::poll) has work next.
@@ -384,8 +457,7 @@ impl HostIntroductions {
             Probe::Grace { alt_at, .. } => Some(*alt_at),
             Probe::Done => self.retry_probe_at,
         };
-        let register =
-            (self.config.behind_nat && self.ready().is_some()).then_some(self.next_register);
+        let register = (self.registering() && self.ready().is_some()).then_some(self.next_register);
         let intros = self
             .intros
             .values()
@@ -401,11 +473,19 @@ impl HostIntroductions {
                 false => p.handshake_until,
             })
             .min();
+        let relayed = self
+            .relayed
+            .values()
+            .filter(|p| p.next_punch < p.punch_until)
+            .map(|p| p.next_punch)
+            .min();
         let birthday = self.birthday.as_ref().and_then(Attempt::next_wakeup);
-        [probe, register, intros, handshakes, paths, birthday]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            probe, register, intros, handshakes, paths, relayed, birthday,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Does whatever is due at `now`.
@@ -425,7 +505,7 @@ impl HostIntroductions {
     }
 
     fn poll_introducer(&mut self, now: Instant, introducer: IntroducerAddr, out: &mut Vec<Action>) {
-        if self.config.behind_nat && now >= self.next_register {
+        if self.registering() && now >= self.next_register {
             self.next_register = now + REGISTER_INTERVAL;
             let id = self.id();
             self.registered_with = (id, self.cookie.clone());
@@ -454,6 +534,12 @@ impl HostIntroductions {
                 expired.push(id);
             } else if now >= intro.next_send {
                 intro.next_send = now + RETRY;
+                if self.introduce_sig.0 != self.cookie {
+                    use ed25519_dalek::Signer;
+                    let signed = super::wire::registration_signed_bytes(&self.cookie, self.port);
+                    let sig = crate::units::hex(&self.identity.sign(&signed).to_bytes());
+                    self.introduce_sig = (self.cookie.clone(), sig);
+                }
                 out.push(Action::Send {
                     to: introducer.main,
                     message: Message::Introduce {
@@ -461,6 +547,10 @@ impl HostIntroductions {
                         peer: intro.peer,
                         nat: self.nat,
                         cookie: self.cookie.clone(),
+                        relay: intro.relay,
+                        port: self.port,
+                        key: crate::units::hex(self.identity.verifying_key().as_bytes()),
+                        sig: self.introduce_sig.1.clone(),
                     },
                 });
             }
@@ -503,6 +593,51 @@ impl HostIntroductions {
                 out.push(Action::Punch(peer));
             }
         }
+        for (&peer, path) in self.relayed.iter_mut() {
+            if now >= path.next_punch && now < path.punch_until {
+                path.next_punch = now + RELAYED_PUNCH_INTERVAL;
+                out.push(Action::Punch(peer));
+            }
+        }
+    }
+
+    /// Stops relaying to `peer`, if it was: the introducer now says the two
+    /// punch (a NAT changed), so its route goes.
+    fn end_relay(&mut self, peer: SocketAddr, out: &mut Vec<Action>) {
+        if self.relayed.remove(&peer).is_some() {
+            out.push(Action::Unrelay {
+                peer,
+                direct: false,
+            });
+        }
+    }
+
+    /// Starts relaying to `peer` through the introducer's main port with
+    /// `token` (its first direct punch at once), making room if need be.
+    fn start_relay(&mut self, now: Instant, peer: SocketAddr, token: Token, out: &mut Vec<Action>) {
+        let Some(introducer) = self.config.introducer else {
+            return;
+        };
+        if !self.relayed.contains_key(&peer) {
+            let evicted =
+                crate::units::evict_oldest(&mut self.relayed, MAX_RELAYED, |p| p.punch_until);
+            out.extend(evicted.into_iter().map(|peer| Action::Unrelay {
+                peer,
+                direct: false,
+            }));
+        }
+        self.relayed.insert(
+            peer,
+            RelayedPath {
+                next_punch: now,
+                punch_until: now + PATH_TTL,
+            },
+        );
+        out.push(Action::Relay {
+            peer,
+            relay: introducer.main,
+            token,
+        });
     }
 
     fn poll_probe(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -635,19 +770,48 @@ impl HostIntroductions {
                 _ => vec![],
             },
             Message::Introduced { id, outcome } => {
-                if self.intros.remove(&id).is_none() {
+                let Some(asked) = self.intros.remove(&id) else {
                     return vec![]; // A late duplicate.
-                }
+                };
+                let mut out = vec![];
                 let mut birthday_actions = vec![];
                 let (result, outcome) = match outcome {
                     Outcome::Unknown => (IntroResult::Direct, IntroOutcome::UnknownPeer),
                     Outcome::Impossible { reason } => {
                         (IntroResult::Impossible(reason), IntroOutcome::Impossible)
                     }
+                    Outcome::RelayRefused { reason } => (
+                        IntroResult::Impossible(format!(
+                            "no direct path to {}, and the relay at {} refused: {reason}",
+                            asked.peer, introducer.main
+                        )),
+                        IntroOutcome::Impossible,
+                    ),
                     Outcome::Peer { addr, nat } => {
+                        self.end_relay(addr, &mut out);
                         self.start_handshake(now, addr, nat);
                         (IntroResult::Punched { addr, nat }, IntroOutcome::Punched)
                     }
+                    Outcome::Relay { addr, nat, token } => match parse_token(&token) {
+                        Some(token) => {
+                            // The introducer registered us for its relay:
+                            // keep the registration alive from now on.
+                            if !self.registers_for_relay && !self.config.behind_nat {
+                                self.registers_for_relay = true;
+                                self.next_register = now + REGISTER_INTERVAL;
+                            }
+                            self.start_relay(now, addr, token, &mut out);
+                            let relay = introducer.main;
+                            (IntroResult::Relayed { addr, relay, nat }, IntroOutcome::Relayed)
+                        }
+                        None => (
+                            IntroResult::Impossible(format!(
+                                "the introducer at {} answered a relay token that is not 16 hex digits",
+                                introducer.main
+                            )),
+                            IntroOutcome::Impossible,
+                        ),
+                    },
                     Outcome::Birthday { addr, nat, role } => {
                         match self.start_birthday(now, addr, role) {
                             Ok(started) => {
@@ -665,11 +829,11 @@ impl HostIntroductions {
                         }
                     }
                 };
-                let mut out = vec![Action::Introduced {
+                out.push(Action::Introduced {
                     id,
                     result,
                     outcome,
-                }];
+                });
                 out.append(&mut birthday_actions);
                 out.extend(self.poll(now));
                 out
@@ -687,17 +851,24 @@ impl HostIntroductions {
             Message::PunchRequest {
                 peer,
                 nat,
+                relay_token,
                 birthday,
                 ..
             } => {
-                self.start_handshake(now, peer, nat);
-                let mut out = vec![
-                    Action::Send {
-                        to: introducer.main,
-                        message: Message::PunchAck { peer },
-                    },
-                    Action::PunchRequested(peer),
-                ];
+                let mut out = vec![Action::Send {
+                    to: introducer.main,
+                    message: Message::PunchAck { peer },
+                }];
+                match parse_token(&relay_token) {
+                    // Relayed: no handshake (a direct path is ruled out or
+                    // failed); the relayed path's own punches look for one.
+                    Some(token) => self.start_relay(now, peer, token, &mut out),
+                    None => {
+                        self.end_relay(peer, &mut out);
+                        self.start_handshake(now, peer, nat);
+                        out.push(Action::PunchRequested(peer));
+                    }
+                }
                 if let Some(role) = birthday {
                     match self.start_birthday(now, peer, role) {
                         Ok(started) => out.extend(started),
@@ -776,15 +947,8 @@ impl HostIntroductions {
         if self.handshakes.contains_key(&peer) || self.handshakes.len() >= MAX_HANDSHAKES {
             return;
         }
-        if self.paths.len() >= MAX_PATHS && !self.paths.contains_key(&peer) {
-            let oldest = self
-                .paths
-                .iter()
-                .min_by_key(|(_, p)| p.last_used)
-                .map(|(a, _)| *a);
-            if let Some(oldest) = oldest {
-                self.paths.remove(&oldest);
-            }
+        if !self.paths.contains_key(&peer) {
+            crate::units::evict_oldest(&mut self.paths, MAX_PATHS, |p| p.last_used);
         }
         self.handshakes.insert(
             peer,
@@ -832,6 +996,21 @@ impl HostIntroductions {
         } else if self.handshakes.remove(&from).is_some() {
             out.push(Action::Punch(from));
         }
+        if self.relayed.remove(&from).is_some() {
+            // A direct punch on a relayed path: the way is open. Answer it
+            // so the peer moves too, and keep the path alive from now on.
+            out.push(Action::Punch(from));
+            out.push(Action::Unrelay {
+                peer: from,
+                direct: true,
+            });
+            self.paths.entry(from).or_insert(Path {
+                last_used: now,
+                next_keepalive: now,
+                answered: true,
+                handshake_until: now,
+            });
+        }
         if let Some(path) = self.paths.get_mut(&from) {
             // The peer's punch refreshed our NAT's mapping as well as an own
             // keepalive would (our answer refreshes the peer's).
@@ -840,4 +1019,10 @@ impl HostIntroductions {
         }
         out
     }
+}
+
+/// A relay token from its 16 hex digits; `None` for anything else (an
+/// empty field: no relay).
+fn parse_token(text: &str) -> Option<Token> {
+    crate::units::from_hex(text).and_then(|t| Token::try_from(t).ok())
 }

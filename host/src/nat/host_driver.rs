@@ -18,7 +18,7 @@ use super::birthday::{self, Report};
 use super::host::{Action, HostIntroductions, IntroOutcome, IntroResult};
 use super::kind::{BirthdayRole, NatKind};
 use super::wire;
-use crate::transport::{Endpoint, Introductions, PUNCH};
+use crate::transport::{Endpoint, Introductions, PathKind, Route, PUNCH};
 
 /// How long the driver sleeps when the state machine has nothing scheduled
 /// (no introducer, no paths): only a command, a datagram or a punch wakes it.
@@ -26,7 +26,8 @@ const IDLE: Duration = Duration::from_secs(3600);
 
 /// What an [`IntroductionHandle`] asks of the driver.
 enum Command {
-    Introduce(SocketAddr, oneshot::Sender<IntroResult>),
+    /// Introduce us to the peer; `true`: ask for the relay at once.
+    Introduce(SocketAddr, bool, oneshot::Sender<IntroResult>),
     Used(SocketAddr),
 }
 
@@ -44,6 +45,8 @@ pub struct IntroductionHandle {
 pub struct IntroductionStats {
     /// [`IntroOutcome::Punched`].
     pub punched: AtomicU64,
+    /// [`IntroOutcome::Relayed`].
+    pub relayed: AtomicU64,
     /// [`IntroOutcome::Impossible`].
     pub impossible: AtomicU64,
     /// [`IntroOutcome::UnknownPeer`].
@@ -61,6 +64,7 @@ impl IntroductionStats {
     fn count(&self, outcome: IntroOutcome) {
         let counter = match outcome {
             IntroOutcome::Punched => &self.punched,
+            IntroOutcome::Relayed => &self.relayed,
             IntroOutcome::Impossible => &self.impossible,
             IntroOutcome::UnknownPeer => &self.unknown_peer,
             IntroOutcome::NoAnswer => &self.no_answer,
@@ -71,10 +75,11 @@ impl IntroductionStats {
     }
 
     /// Every counted outcome with its count.
-    pub fn counts(&self) -> [(IntroOutcome, u64); 5] {
+    pub fn counts(&self) -> [(IntroOutcome, u64); 6] {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (IntroOutcome::Punched, load(&self.punched)),
+            (IntroOutcome::Relayed, load(&self.relayed)),
             (IntroOutcome::Birthday, load(&self.birthday)),
             (IntroOutcome::Impossible, load(&self.impossible)),
             (IntroOutcome::UnknownPeer, load(&self.unknown_peer)),
@@ -87,8 +92,23 @@ impl IntroductionHandle {
     /// Asks the introducer to introduce this host to `peer` (as found on the
     /// DHT) and starts punching it if it is behind a NAT.
     pub async fn introduce(&self, peer: SocketAddr) -> IntroResult {
+        self.ask(peer, false).await
+    }
+
+    /// Asks the introducer to relay between this host and `peer` (a
+    /// punched connect failed); [`IntroResult::Relayed`] when it does, with
+    /// the route set.
+    pub async fn introduce_relayed(&self, peer: SocketAddr) -> IntroResult {
+        self.ask(peer, true).await
+    }
+
+    async fn ask(&self, peer: SocketAddr, relay: bool) -> IntroResult {
         let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Introduce(peer, tx)).is_err() {
+        if self
+            .commands
+            .send(Command::Introduce(peer, relay, tx))
+            .is_err()
+        {
             return IntroResult::Direct;
         }
         rx.await.unwrap_or(IntroResult::Direct)
@@ -141,8 +161,11 @@ async fn drive(
         let wake = state.next_wakeup().unwrap_or_else(|| Instant::now() + IDLE);
         tokio::select! {
             command = commands.recv() => match command {
-                Some(Command::Introduce(peer, reply)) => {
-                    let (id, more) = state.introduce(Instant::now(), peer);
+                Some(Command::Introduce(peer, relay, reply)) => {
+                    let (id, more) = match relay {
+                        true => state.introduce_relayed(Instant::now(), peer),
+                        false => state.introduce(Instant::now(), peer),
+                    };
                     waiting.insert(id, reply);
                     actions = more;
                 }
@@ -303,6 +326,21 @@ async fn execute(
         }
         Action::PunchRequested(peer) => {
             tracing::info!(%peer, "introduced to a peer that wants to connect; punching it")
+        }
+        Action::Relay { peer, relay, token } => {
+            if endpoint.set_route(peer, Route::Relay { relay, token }) {
+                tracing::info!(%peer, "the path to {peer} is relayed by {relay} (no direct path)");
+            } else {
+                tracing::warn!(%peer, "no room for a relayed path to {peer}: {} peers have routes already", crate::transport::MAX_ROUTES);
+            }
+        }
+        Action::Unrelay { peer, direct } => {
+            // A direct punch cleared the route already, and the transport
+            // said so; a forgotten path's route goes now.
+            if !direct && endpoint.path_kind(peer) == PathKind::Relayed {
+                endpoint.clear_route(peer);
+                tracing::debug!(%peer, "forgot the relayed path to {peer}");
+            }
         }
         Action::BirthdayStarted { peer, role } => match role {
             BirthdayRole::Sockets => tracing::info!(

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use super::birthday::{ATTEMPTS_PER_10S, ATTEMPT_BURST, ATTEMPT_COST};
 use super::kind::{method, BirthdayRole, Method, NatKind};
+use super::relay::{Relay, RelayLimits, RelayStats, Token};
 use super::wire::{Message, Outcome};
 use crate::units::TokenBuckets;
 
@@ -256,6 +257,15 @@ impl Registrations {
     }
 }
 
+/// A registration as its host signs it (`docs/wire.md §5.1`): its local
+/// RPC port, its identity's public key, the cookie and the signature.
+struct SignedRegistration {
+    port: u16,
+    key: String,
+    cookie: String,
+    sig: String,
+}
+
 /// The public side: registrations and introductions.
 #[derive(Debug)]
 pub struct Introducer {
@@ -283,6 +293,8 @@ pub struct Introducer {
     /// a punch request costs.
     birthdays: TokenBuckets<SocketAddr>,
     stats: IntroducerStats,
+    /// Sessions between registered hosts no direct path joins.
+    relay: Relay,
 }
 
 impl Default for Introducer {
@@ -292,9 +304,16 @@ impl Default for Introducer {
 }
 
 impl Introducer {
-    /// An introducer that knows nobody yet, with fresh random cookie secrets.
+    /// An introducer that knows nobody yet, with fresh random cookie
+    /// secrets and a relay with the default quotas.
     pub fn new() -> Self {
+        Self::with_relay(RelayLimits::default())
+    }
+
+    /// [`Self::new`] with the relay's quotas `limits`.
+    pub fn with_relay(limits: RelayLimits) -> Self {
         Introducer {
+            relay: Relay::new(limits),
             hosts: Registrations::default(),
             pending: Vec::new(),
             next_sweep: None,
@@ -417,6 +436,127 @@ impl Introducer {
         true
     }
 
+    /// Registers the verified sender `from` (its cookie checked) behind
+    /// `nat` as `signed` says, unless the signature does not hold or is
+    /// over its rate, or [`Self::may_register`] refuses (each counted).
+    /// Returns whether it is registered now.
+    fn register(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        nat: NatKind,
+        signed: SignedRegistration,
+    ) -> bool {
+        let SignedRegistration {
+            port,
+            key,
+            cookie,
+            sig,
+        } = signed;
+        let repeated = self
+            .hosts
+            .get(&from)
+            .is_some_and(|r| r.key == key && r.cookie == cookie && r.sig == sig && r.port == port);
+        if !repeated {
+            if !self.signature_checks.take(from.ip(), now) {
+                self.stats.rate_limited += 1;
+                return false;
+            }
+            if !signature_holds(&key, &sig, &cookie, port) {
+                self.stats.bad_signatures += 1;
+                return false;
+            }
+        }
+        if !self.may_register(from, port, &key) {
+            self.stats.refused_registrations += 1;
+            return false;
+        }
+        // The same host from a new address (its NAT rebound): the old
+        // registration goes (`insert` drops it).
+        self.hosts.insert(
+            from,
+            Registration {
+                port,
+                nat,
+                expires: now + REGISTRATION_TTL,
+                key,
+                cookie,
+                sig,
+            },
+        );
+        true
+    }
+
+    /// Whether a live host is registered at the observed address `addr`.
+    fn is_registered(hosts: &Registrations, addr: SocketAddr, now: Instant) -> bool {
+        hosts.get(&addr).is_some_and(|r| r.expires > now)
+    }
+
+    /// The outcome for a caller at `from` (behind `nat`) that needs the
+    /// relay toward the registered host at `addr` (behind `peer_nat`,
+    /// announced as `peer`): the caller is registered on the spot with the
+    /// registration its introduction carries (`signed`) if need be, and a
+    /// session is opened. Returns the caller's token and the peer's (16 hex
+    /// digits each), or the outcome that says why not.
+    fn relay(
+        &mut self,
+        now: Instant,
+        (from, nat): (SocketAddr, NatKind),
+        peer: SocketAddr,
+        (addr, peer_nat): (SocketAddr, NatKind),
+        signed: SignedRegistration,
+    ) -> Result<(String, String), Outcome> {
+        let registered = Self::is_registered(&self.hosts, from, now)
+            || (!signed.key.is_empty() && self.register(now, from, nat, signed));
+        if !registered {
+            return Err(Outcome::Impossible {
+                reason: format!(
+                    "no direct path to {peer} ({}) from this host ({}), and the introducer could not register this host for its relay (a bad signature, or its address is claimed by another host); a relay is needed",
+                    peer_nat.describe(),
+                    nat.describe()
+                ),
+            });
+        }
+        let hosts = &self.hosts;
+        match self
+            .relay
+            .open(now, from, addr, |a| Self::is_registered(hosts, a, now))
+        {
+            Ok((caller, peer)) => Ok((crate::units::hex(&caller), crate::units::hex(&peer))),
+            Err(refusal) => Err(Outcome::RelayRefused {
+                reason: refusal.describe(),
+            }),
+        }
+    }
+
+    /// A relay frame of `len` bytes from `from` with `token`, for the host
+    /// at `to`: the receiver's token if it is to be forwarded (see
+    /// [`Relay::forward`]).
+    pub fn relay_frame(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        token: &Token,
+        to: SocketAddr,
+        len: usize,
+    ) -> Option<Token> {
+        let hosts = &self.hosts;
+        self.relay.forward(now, from, token, to, len, |a| {
+            Self::is_registered(hosts, a, now)
+        })
+    }
+
+    /// Counts a datagram on the main port that looked like a relay frame
+    /// but did not parse.
+    pub fn malformed_relay_frame(&mut self) {
+        self.relay.malformed();
+    }
+
+    /// What the relay did so far.
+    pub fn relay_stats(&self) -> RelayStats {
+        self.relay.stats()
+    }
+
     /// Handles one message of `received` bytes (the whole datagram) that
     /// arrived on `via` from `from`.
     pub fn on_message(
@@ -489,36 +629,15 @@ impl Introducer {
                 cookie,
                 sig,
             } => {
-                let repeated = self.hosts.get(&from).is_some_and(|r| {
-                    r.key == key && r.cookie == cookie && r.sig == sig && r.port == port
-                });
-                if !repeated {
-                    if !self.signature_checks.take(from.ip(), now) {
-                        self.stats.rate_limited += 1;
-                        return vec![];
-                    }
-                    if !signature_holds(&key, &sig, &cookie, port) {
-                        self.stats.bad_signatures += 1;
-                        return vec![];
-                    }
-                }
-                if !self.may_register(from, port, &key) {
-                    self.stats.refused_registrations += 1;
+                let signed = SignedRegistration {
+                    port,
+                    key,
+                    cookie,
+                    sig,
+                };
+                if !self.register(now, from, nat, signed) {
                     return vec![]; // The host retries at its next registration.
                 }
-                // The same host from a new address (its NAT rebound): the
-                // old registration goes (`insert` drops it).
-                self.hosts.insert(
-                    from,
-                    Registration {
-                        port,
-                        nat,
-                        expires: now + REGISTRATION_TTL,
-                        key,
-                        cookie,
-                        sig,
-                    },
-                );
                 let mut out = vec![reply(observed(id))];
                 out.extend(
                     self.pending
@@ -532,7 +651,16 @@ impl Introducer {
                 );
                 out
             }
-            Message::Introduce { id, peer, nat, .. } => {
+            Message::Introduce {
+                id,
+                peer,
+                nat,
+                cookie,
+                relay,
+                port,
+                key,
+                sig,
+            } => {
                 if !self.introductions.take(from.ip(), now) {
                     self.stats.rate_limited += 1;
                     return vec![];
@@ -546,23 +674,28 @@ impl Introducer {
                         outcome: Outcome::Unknown,
                     })];
                 };
-                let (peer_nat, cookie) = (r.nat, r.cookie.clone());
-                let impossible = |reason: String| {
-                    vec![reply(Message::Introduced {
-                        id,
-                        outcome: Outcome::Impossible { reason },
-                    })]
+                let (peer_nat, peer_cookie) = (r.nat, r.cookie.clone());
+                let answer = |outcome| vec![reply(Message::Introduced { id, outcome })];
+                // A caller whose punch failed asks for the relay at once.
+                let method = match relay {
+                    true => Method::Relay,
+                    false => method(nat, peer_nat),
                 };
-                let birthday = match method(nat, peer_nat) {
+                let (birthday, relay_token) = match method {
                     Method::Relay => {
-                        return impossible(format!(
-                            "a direct path is impossible between this host ({}) and {peer} ({}); a relay is needed",
-                            nat.describe(),
-                            peer_nat.describe()
-                        ))
+                        let signed = SignedRegistration {
+                            port,
+                            key,
+                            cookie,
+                            sig,
+                        };
+                        match self.relay(now, (from, nat), peer, (addr, peer_nat), signed) {
+                            Ok(tokens) => (None, Some(tokens)),
+                            Err(refused) => return answer(refused),
+                        }
                     }
-                    Method::Punch => None,
-                    Method::Birthday(role) => Some(role),
+                    Method::Punch => (None, None),
+                    Method::Birthday(role) => (Some(role), None),
                 };
                 let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
                 let may = caller_may && self.punch_requests.take(addr, now);
@@ -571,35 +704,44 @@ impl Introducer {
                     // Without the peer's half a birthday attempt is only
                     // cost: the caller does not start one.
                     self.stats.birthdays_refused += 1;
-                    return impossible(format!(
-                        "{peer} ({}) is reachable from this host ({}) only by birthday punching, and it is being asked for that more often than {ATTEMPTS_PER_10S} times in 10 s; try again in a few seconds",
-                        peer_nat.describe(),
-                        nat.describe()
-                    ));
+                    return answer(Outcome::Impossible {
+                        reason: format!(
+                            "{peer} ({}) is reachable from this host ({}) only by birthday punching, and it is being asked for that more often than {ATTEMPTS_PER_10S} times in 10 s; try again in a few seconds",
+                            peer_nat.describe(),
+                            nat.describe()
+                        ),
+                    });
                 }
-                let outcome = match birthday {
-                    None => Outcome::Peer {
-                        addr,
-                        nat: peer_nat,
-                    },
-                    Some(role) => Outcome::Birthday {
+                let outcome = match (birthday, &relay_token) {
+                    (Some(role), _) => Outcome::Birthday {
                         addr,
                         nat: peer_nat,
                         role,
                     },
+                    (None, Some(token)) => Outcome::Relay {
+                        addr,
+                        nat: peer_nat,
+                        token: token.0.clone(),
+                    },
+                    (None, None) => Outcome::Peer {
+                        addr,
+                        nat: peer_nat,
+                    },
                 };
-                let mut out = vec![reply(Message::Introduced { id, outcome })];
+                let mut out = answer(outcome);
                 if !may {
                     // The caller hears where the peer is; the peer is not
                     // bothered beyond its rate.
                     self.stats.rate_limited += 1;
                     return out;
                 }
+                let relayed = relay_token.is_some();
                 let ask = Message::PunchRequest {
                     peer: from,
                     nat,
-                    cookie,
+                    cookie: peer_cookie,
                     birthday: birthday.map(BirthdayRole::other),
+                    relay_token: relay_token.map(|t| t.1).unwrap_or_default(),
                 };
                 // A birthday attempt lasts seconds: a request re-sent at the
                 // peer's next registration would find the caller's half over.
@@ -619,9 +761,11 @@ impl Introducer {
                 // nobody knows yet, so the other side's NAT must already
                 // have sent toward its address: tell the other side first.
                 // In a birthday attempt the side with the sockets starts
-                // first, so that the probes find its mappings open.
+                // first, so that the probes find its mappings open. A
+                // relayed peer must know its token before the caller's first
+                // frame arrives.
                 let ask_first = match birthday {
-                    None => nat == NatKind::Symmetric,
+                    None => nat == NatKind::Symmetric || relayed,
                     Some(role) => role == BirthdayRole::Probe,
                 };
                 if ask_first {
@@ -733,6 +877,10 @@ mod tests {
             peer,
             nat: NatKind::PortRestricted,
             cookie,
+            relay: false,
+            port: 0,
+            key: String::new(),
+            sig: String::new(),
         }
     }
 
@@ -808,6 +956,7 @@ mod tests {
                     peer: caller,
                     nat: NatKind::PortRestricted,
                     cookie: host_cookie.clone(),
+                    relay_token: String::new(),
                     birthday: None,
                 }));
     }
@@ -1074,6 +1223,10 @@ mod tests {
                 peer,
                 nat,
                 cookie,
+                relay: false,
+                port: 0,
+                key: String::new(),
+                sig: String::new(),
             }
         };
         for (caller_nat, peer_nat, caller_role) in [

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::config::{NatConfig, DEFAULT_KEEPALIVE};
 use super::host::{
     Action, HostIntroductions, IntroOutcome, IntroResult, HANDSHAKE_PUNCH_INTERVAL, HANDSHAKE_TIME,
-    PATH_TTL, PROBE_DEADLINE, PROBE_RETRY, REGISTER_INTERVAL, RETRY,
+    PATH_TTL, PROBE_DEADLINE, PROBE_RETRY, REGISTER_INTERVAL, RELAYED_PUNCH_INTERVAL, RETRY,
 };
 use super::introducer::{Introducer, Port};
 use super::kind::{direct_path_possible, NatKind};
@@ -142,6 +142,11 @@ struct Host {
     /// How each introduction ended, by id.
     outcomes: HashMap<u64, IntroOutcome>,
     detected: Option<NatKind>,
+    /// Peers whose path goes through the relay (with this host's token),
+    /// as the transport's route table would have them.
+    relayed: HashMap<SocketAddr, [u8; 8]>,
+    /// Relayed paths that moved to a direct one.
+    direct_again: Vec<SocketAddr>,
 }
 
 const INTRODUCER: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
@@ -213,6 +218,8 @@ impl Sim {
                     results: vec![],
                     outcomes: HashMap::new(),
                     detected: None,
+                    relayed: HashMap::new(),
+                    direct_again: vec![],
                 }
             })
             .collect();
@@ -297,6 +304,18 @@ impl Sim {
                 }
                 Action::BirthdayEnded(report) => {
                     host.birthdays.push(report);
+                    continue;
+                }
+                Action::Relay { peer, relay, token } => {
+                    assert_eq!(relay, introducer_addr().main);
+                    host.relayed.insert(peer, token);
+                    continue;
+                }
+                Action::Unrelay { peer, direct } => {
+                    host.relayed.remove(&peer);
+                    if direct {
+                        host.direct_again.push(peer);
+                    }
                     continue;
                 }
             };
@@ -533,17 +552,118 @@ fn every_pair_theory_allows_opens_within_two_round_trips_of_the_introduction() {
 }
 
 #[test]
-fn two_symmetric_nats_are_refused_at_once_and_the_peer_is_left_alone() {
-    let (mut sim, id) = introduce_after_registration([Kind::Symmetric, Kind::Symmetric]);
+fn two_symmetric_nats_are_relayed_at_once_with_a_token_each() {
+    // (Port-restricted ↔ symmetric gets birthday punching.)
+    let (a, b) = (Kind::Symmetric, Kind::Symmetric);
+    let (mut sim, id) = introduce_after_registration([a, b]);
     sim.run_until(1_000, &[]);
     let (answered, result) = sim.result(0, id).expect("an answer");
-    let IntroResult::Impossible(reason) = result else {
-        panic!("{result:?}");
+    let IntroResult::Relayed { addr, relay, .. } = result else {
+        panic!("{a:?}→{b:?}: {result:?}");
     };
-    assert!(reason.contains("direct path is impossible"), "{reason}");
-    assert_eq!(sim.hosts[0].outcomes[&id], IntroOutcome::Impossible);
+    assert_eq!(relay, introducer_addr().main);
+    assert_eq!(sim.hosts[0].outcomes[&id], IntroOutcome::Relayed);
     assert!(answered <= sim.at(500) + 2 * LATENCY + STEP);
-    assert!(sim.hosts[1].punched_by.is_empty());
+    // Each side routes the other's observed address through the relay,
+    // with a token of its own.
+    let caller_token = sim.hosts[0].relayed[&addr];
+    assert_eq!(sim.hosts[1].relayed.len(), 1, "{a:?}→{b:?}");
+    let (_, peer_token) = sim.hosts[1].relayed.iter().next().unwrap();
+    assert_ne!(caller_token, *peer_token);
+    // The relay forwards between the two, and only with their tokens.
+    let (&caller_seen, _) = sim.hosts[1].relayed.iter().next().unwrap();
+    let now = sim.now;
+    assert_eq!(
+        sim.introducer
+            .relay_frame(now, caller_seen, &caller_token, addr, 1200),
+        Some(*peer_token)
+    );
+    assert_eq!(
+        sim.introducer
+            .relay_frame(now, caller_seen, peer_token, addr, 1200),
+        None
+    );
+}
+
+#[test]
+fn a_caller_that_is_not_registered_is_registered_for_the_relay_and_stays_so() {
+    let mut sim = Sim::new([Kind::Symmetric, Kind::Symmetric]);
+    // The caller is a one-shot `call`: it does not register.
+    let config = NatConfig {
+        introducer: Some(introducer_addr()),
+        keepalive: DEFAULT_KEEPALIVE,
+        behind_nat: false,
+    };
+    sim.hosts[0].state = HostIntroductions::new(sim.now, &config, sim.hosts[0].local.port());
+    sim.run_until(500, &[]);
+    assert_eq!(sim.introducer.registered(), 1);
+    let peer = sim.announced(1);
+    let id = sim.introduce(0, peer);
+    sim.run_until(1_000, &[]);
+    assert!(matches!(
+        sim.result(0, id),
+        Some((_, IntroResult::Relayed { .. }))
+    ));
+    assert_eq!(sim.introducer.registered(), 2, "registered on the spot");
+    // Its registration is kept alive past the introducer's TTL.
+    sim.run_until(30_000, &[]);
+    assert_eq!(sim.introducer.registered(), 2);
+    assert_eq!(sim.introducer.relay_stats().sessions, 1);
+}
+
+#[test]
+fn a_relay_asked_for_after_a_failed_punch_moves_to_a_direct_punch() {
+    // A pair that can punch, asking for the relay (its punched connect
+    // failed: a firewall between the two, since lifted).
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(500, &[]);
+    let peer = sim.announced(1);
+    let (id, actions) = sim.hosts[0].state.introduce_relayed(sim.now, peer);
+    sim.apply(0, actions);
+    sim.run_until(1_000, &[]);
+    assert!(matches!(
+        sim.result(0, id),
+        Some((_, IntroResult::Relayed { .. }))
+    ));
+    // Both sides punch directly on their relayed path at once and every
+    // RELAYED_PUNCH_INTERVAL; the punches meet and both paths are direct.
+    sim.run_until(1_000 + 2 * RELAYED_PUNCH_INTERVAL.as_millis() as u64, &[]);
+    for host in &sim.hosts {
+        assert!(host.relayed.is_empty(), "{:?}", host.relayed);
+        assert_eq!(host.direct_again.len(), 1);
+    }
+}
+
+#[test]
+fn an_introduction_that_says_punch_ends_a_relayed_path() {
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(500, &[]);
+    let peer = sim.announced(1);
+    let (id, actions) = sim.hosts[0].state.introduce_relayed(sim.now, peer);
+    sim.apply(0, actions);
+    // Every punch is lost (a firewall between the two): relayed it stays.
+    sim.loss = Box::new(|_, _, p| matches!(p, Payload::Punch));
+    sim.run_until(1_000, &[]);
+    assert!(matches!(
+        sim.result(0, id),
+        Some((_, IntroResult::Relayed { .. }))
+    ));
+    assert_eq!(
+        (sim.hosts[0].relayed.len(), sim.hosts[1].relayed.len()),
+        (1, 1)
+    );
+    // A new introduction (the connection was lost) says punch: the relay
+    // routes go on both sides, and the two punch again.
+    let again = sim.introduce(0, peer);
+    sim.run_until(1_500, &[]);
+    assert!(matches!(
+        sim.result(0, again),
+        Some((_, IntroResult::Punched { .. }))
+    ));
+    for host in &sim.hosts {
+        assert!(host.relayed.is_empty(), "{:?}", host.relayed);
+        assert!(host.direct_again.is_empty());
+    }
 }
 
 #[test]
@@ -604,6 +724,7 @@ fn a_punch_request_without_the_hosts_registration_cookie_is_ignored() {
             peer: victim,
             nat: NatKind::PortRestricted,
             cookie: cookie.into(),
+            relay_token: "0102030405060708".into(),
             birthday: Some(super::kind::BirthdayRole::Sockets),
         };
         let actions = sim.hosts[1]
@@ -903,6 +1024,7 @@ fn repeated_birthday_requests_start_one_attempt_at_a_time_and_few_per_10_s() {
             nat: NatKind::PortRestricted,
             cookie: cookie.clone(),
             birthday: Some(BirthdayRole::Sockets),
+            relay_token: String::new(),
         };
         let now = sim.now;
         let actions = sim.hosts[1]

@@ -27,8 +27,21 @@ pub enum Outcome {
     Peer { addr: SocketAddr, nat: NatKind },
     /// The peer is not registered here (not behind a NAT, or not ours).
     Unknown,
-    /// Theory rules out a direct path between the two NATs.
+    /// Theory rules out a direct path between the two NATs, and the
+    /// introducer cannot relay (see `reason`).
     Impossible { reason: String },
+    /// No direct path (theory rules it out, or the caller asked after a
+    /// failed punch): the introducer's main port relays between the caller
+    /// and the peer at `addr` (`docs/wire.md §5.5`). `token` is the
+    /// caller's for this session, 16 hex digits; the peer has been sent its
+    /// own.
+    Relay {
+        addr: SocketAddr,
+        nat: NatKind,
+        token: String,
+    },
+    /// A relay was needed and refused: `reason` names the quota.
+    RelayRefused { reason: String },
     /// The peer is registered behind a NAT that only birthday punching
     /// meets (`docs/wire.md §5.6`); it has been asked to play the other role.
     Birthday {
@@ -72,12 +85,25 @@ pub enum Message {
         sig: String,
     },
     /// Host → introducer: introduce me to `peer` (as announced on the DHT).
+    ///
+    /// `port`, `key` and `sig` are a registration's (see `register`): a
+    /// host that is not registered (a `call`) is registered with them on
+    /// the spot when it needs the relay. `relay` asks for the relay at once
+    /// (a punched path failed).
     Introduce {
         id: u64,
         peer: SocketAddr,
         nat: NatKind,
         #[serde(default)]
         cookie: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        relay: bool,
+        #[serde(default)]
+        port: u16,
+        #[serde(default)]
+        key: String,
+        #[serde(default)]
+        sig: String,
     },
     /// Introducer → host: the answer to a probe or registration, or to a
     /// `register` / `introduce` whose cookie was missing or stale (then the
@@ -99,6 +125,11 @@ pub enum Message {
         /// The cookie the host's registration carried.
         #[serde(default)]
         cookie: String,
+        /// Set when the introducer relays between the two: the host's
+        /// token for the session (16 hex digits); the relay is the
+        /// introducer's main port.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        relay_token: String,
         /// Set when the pair needs birthday punching: the role this host
         /// plays (`docs/wire.md §5.6`). Hosts that predate it ignore it and
         /// punch as for any introduction.
@@ -124,6 +155,10 @@ impl Message {
             Message::PunchAck { .. } => "punch-ack",
         }
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// What a registration's signature covers: a fixed context, the cookie
@@ -221,6 +256,7 @@ mod tests {
             nat: NatKind::PortRestricted,
             cookie: "c".into(),
             birthday: Some(BirthdayRole::Sockets),
+            relay_token: String::new(),
         };
         assert!(String::from_utf8_lossy(&encode(&ask)).contains(r#""birthday":"sockets""#));
         assert_eq!(decode(&encode(&ask)), Ok(ask));
@@ -234,6 +270,7 @@ mod tests {
             nat: NatKind::PortRestricted,
             cookie: "c".into(),
             birthday: None,
+            relay_token: String::new(),
         };
         assert!(!String::from_utf8_lossy(&encode(&plain)).contains("birthday"));
         assert!(decode(b"GRI1{\"type\":\"nope\"}").is_err());

@@ -69,6 +69,12 @@ const MAX_RELOOKUP_WAIT: Duration = Duration::from_secs(1);
 const MAX_WARMING: u64 = 2;
 /// How long a lookup may take out of a request's deadline.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connect to a punched path may take (at most half the time
+/// left) before it counts as failed and the introducer is asked to relay:
+/// punches that can meet do so within milliseconds of the introduction, and
+/// a punch request lost on its way is re-sent at the peer's next
+/// registration.
+pub const PUNCHED_CONNECT_BUDGET: Duration = Duration::from_secs(2);
 
 /// How long a new secure connection holds message 3 of its handshake for
 /// a first request to carry; then it is sent alone.
@@ -158,8 +164,7 @@ pub struct RpcClient {
         Arc<std::sync::Mutex<HashMap<SocketAddr, (ed25519_dalek::VerifyingKey, Instant)>>>,
 }
 
-/// The connections a client opened, by the kind of path they took. Both
-/// kinds are direct UDP paths; there is no relay yet.
+/// The connections a client opened, by the kind of path they took.
 #[derive(Debug, Default)]
 pub struct PathStats {
     /// Connected to the peer's address as announced.
@@ -167,6 +172,20 @@ pub struct PathStats {
     /// Connected to the address an introduction named, through the hole
     /// both sides punched.
     pub punched: AtomicU64,
+    /// Connected through the introducer's relay.
+    pub relayed: AtomicU64,
+}
+
+/// How a connection opened through an introduction goes.
+#[derive(Clone, Copy)]
+struct Introduced {
+    /// The peer's address on the path (as its NAT maps it).
+    addr: SocketAddr,
+    /// When the introducer answered; for a relayed path, when this host
+    /// learnt that it needs the relay.
+    at: Instant,
+    /// Through the introducer's relay.
+    relayed: bool,
 }
 
 impl RpcClient {
@@ -578,35 +597,40 @@ impl RpcClient {
     }
 
     /// A new uTP stream to `peer`: through an introduction when there is an
-    /// introducer, returning the introduced address too.
+    /// introducer (punched, or through the introducer's relay when no
+    /// direct path can exist or the punched one failed), returning how.
     async fn open(
         &self,
         peer: SocketAddr,
         connect_by: Instant,
-    ) -> Result<(crate::utp::UtpStream, Option<(SocketAddr, Instant)>), ConnectError> {
-        let introduced = match &self.introductions {
-            Some(introductions) => {
-                let started = Instant::now();
-                let result =
-                    tokio::time::timeout_at(connect_by.into(), introductions.introduce(peer))
-                        .await
-                        .unwrap_or(IntroResult::Direct);
-                (result, started)
-            }
-            None => (IntroResult::Direct, Instant::now()),
+    ) -> Result<(crate::utp::UtpStream, Option<Introduced>), ConnectError> {
+        let Some(introductions) = &self.introductions else {
+            return Ok((self.endpoint.connect(peer, connect_by).await?, None));
         };
-        let (started, answered) = (introduced.1, introduced.1.elapsed());
-        let (addr, follow_port, deadline, how) = match introduced.0 {
+        let started = Instant::now();
+        let result = tokio::time::timeout_at(connect_by.into(), introductions.introduce(peer))
+            .await
+            .unwrap_or(IntroResult::Direct);
+        let answered = started.elapsed();
+        // Punches meet within milliseconds when they can: past its budget
+        // (half the time left at most) a punched connect has failed, and the
+        // relay gets the rest.
+        let left = connect_by.saturating_duration_since(Instant::now());
+        let punch_by = Instant::now() + PUNCHED_CONNECT_BUDGET.min(left / 2);
+        let (addr, follow_port, deadline, how) = match result {
             IntroResult::Direct => {
                 return Ok((self.endpoint.connect(peer, connect_by).await?, None))
             }
             IntroResult::Impossible(reason) => return Err(ConnectError::Impossible(reason)),
-            IntroResult::Punched { addr, nat } => (
-                addr,
-                nat == NatKind::Symmetric,
-                connect_by,
-                "an introduction",
-            ),
+            IntroResult::Relayed { addr, relay, .. } => {
+                let why = "the introducer ruled a direct path out";
+                return self
+                    .open_relayed(peer, addr, relay, Instant::now(), why, connect_by)
+                    .await;
+            }
+            IntroResult::Punched { addr, nat } => {
+                (addr, nat == NatKind::Symmetric, punch_by, "an introduction")
+            }
             // No path opens once the attempt is over: the connect gives up
             // with it, not at the request's deadline.
             IntroResult::Birthday { addr, role, .. } => (
@@ -616,28 +640,70 @@ impl RpcClient {
                 "an introduction and birthday punching",
             ),
         };
-        let connected = self
+        let punched = self
             .endpoint
             .connect_punched(addr, deadline, follow_port)
             .await;
-        let (stream, at) = connected.map_err(|e| match e {
-            ConnectError::Timeout { peer, waited, .. } if deadline < connect_by => {
-                ConnectError::Failed {
-                    peer,
-                    reason: format!(
-                        "birthday punching found no direct path within {waited:.1?} (one of the two NATs is symmetric, the other port-restricted); a relay is needed"
-                    ),
-                }
+        let (stream, at) = match punched {
+            Ok(opened) => opened,
+            Err(e @ ConnectError::Timeout { .. }) => {
+                let failed = Instant::now();
+                tracing::info!(%peer, "the punched path to {addr} failed ({e}); asking the introducer to relay");
+                let relayed = tokio::time::timeout_at(
+                    connect_by.into(),
+                    introductions.introduce_relayed(peer),
+                )
+                .await;
+                return match relayed {
+                    Ok(IntroResult::Relayed { addr, relay, .. }) => {
+                        let why = "the punched path failed";
+                        self.open_relayed(peer, addr, relay, failed, why, connect_by)
+                            .await
+                    }
+                    Ok(IntroResult::Impossible(reason)) => Err(ConnectError::Impossible(reason)),
+                    _ => Err(e),
+                };
             }
-            e => e,
-        })?;
+            Err(e) => return Err(e),
+        };
         tracing::info!(
             %peer,
             "direct path to {at} opened by {how}: introducer answered in {:.1} ms, connected {:.1} ms later",
             answered.as_secs_f64() * 1e3,
             (started.elapsed() - answered).as_secs_f64() * 1e3
         );
-        Ok((stream, Some((at, started + answered))))
+        let path = Introduced {
+            addr: at,
+            at: started + answered,
+            relayed: false,
+        };
+        Ok((stream, Some(path)))
+    }
+
+    /// Connects to `addr` (the peer announced as `peer`) through the relay
+    /// at `relay`, whose route the introductions set; `learned` is when this
+    /// host learnt that it needs the relay (`why`).
+    async fn open_relayed(
+        &self,
+        peer: SocketAddr,
+        addr: SocketAddr,
+        relay: SocketAddr,
+        learned: Instant,
+        why: &str,
+        connect_by: Instant,
+    ) -> Result<(crate::utp::UtpStream, Option<Introduced>), ConnectError> {
+        let stream = self.endpoint.connect(addr, connect_by).await?;
+        tracing::info!(
+            %peer,
+            "relayed path to {addr} through {relay} opened {:.1} ms after {why}",
+            learned.elapsed().as_secs_f64() * 1e3
+        );
+        let path = Introduced {
+            addr,
+            at: learned,
+            relayed: true,
+        };
+        Ok((stream, Some(path)))
     }
 
     /// The open connection to `peer`, connecting if there is none, if it
@@ -674,6 +740,7 @@ impl RpcClient {
         }
         let (stream, introduced) = self.open(peer, connect_by).await?;
         let kind = match introduced {
+            Some(Introduced { relayed: true, .. }) => &self.paths.relayed,
             Some(_) => &self.paths.punched,
             None => &self.paths.direct,
         };
@@ -685,7 +752,7 @@ impl RpcClient {
             peer_key,
             pending: Mutex::default(),
             deadline_added: tokio::sync::Notify::new(),
-            introduced: introduced.map(|(addr, _)| addr),
+            introduced: introduced.map(|i| i.addr),
             reads: reader.reads(),
             // The introduction itself counts as use.
             opened: Instant::now(),
@@ -754,7 +821,7 @@ impl RpcClient {
             tracing::debug!(%peer, "connection {why}; {} waiting request(s) fail", failed.len());
         });
         *slot = Some(connection.clone());
-        Ok((connection, introduced.map(|(_, at)| at)))
+        Ok((connection, introduced.map(|i| i.at)))
     }
 
     /// The halves of a new connection: a secure session when the peer's
