@@ -318,6 +318,8 @@ pub enum Command {
         /// 30 s re-announces, with 15 s to spare.
         #[arg(long, value_name = "SECONDS", default_value_t = crate::discovery::server::PEER_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
         peer_ttl: u64,
+        #[command(flatten)]
+        relay: RelayArgs,
     },
     /// Run a Grape-compatible node: grenache-grape's HTTP API (`/announce`,
     /// `/lookup`, `/put`, `/get`) for Node services' links, on our DHT, with an
@@ -370,6 +372,8 @@ pub enum Command {
         /// Default: the DHT port + 1.
         #[arg(long, value_name = "PORT|off", value_parser = parse_introducer_port)]
         introducer_port: Option<IntroducerPort>,
+        #[command(flatten)]
+        relay: RelayArgs,
         /// grenache-grape's DHT concurrency: accepted so its command lines
         /// run as written; no effect here (a warning says so).
         #[arg(long = "dc", visible_alias = "dht_concurrency", value_name = "N")]
@@ -609,6 +613,53 @@ impl LimitArgs {
         .expect("flags were checked by the parser")
         .limits
     }
+}
+
+/// The introducer's relay quotas (`dht`, `grape`): the relay carries uTP
+/// sessions between two registered hosts behind NATs that no direct path
+/// joins (docs/wire.md §5.5).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayArgs {
+    /// Most relayed sessions one host may take part in; a host over it is
+    /// told so.
+    #[arg(long, value_name = "N", default_value_t = crate::nat::relay::SESSIONS_PER_HOST)]
+    pub relay_sessions_per_host: usize,
+    /// Most relayed sessions at once in all; 0 turns the relay off.
+    #[arg(long, value_name = "N", default_value_t = crate::nat::relay::SESSIONS)]
+    pub relay_sessions: usize,
+    /// Bytes per second one host may send through the relay (bursts of 4×
+    /// that); frames over it are dropped and uTP backs off.
+    #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_rate)]
+    pub relay_host_rate: u32,
+    /// Bytes per second the relay forwards in all (bursts of as much).
+    #[arg(long, value_name = "BYTES", default_value = "8MiB", value_parser = parse_rate)]
+    pub relay_rate: u32,
+    /// Serve the relay's Prometheus metrics on GET http://IP:PORT/metrics
+    /// (sessions, frames and bytes forwarded, frames dropped by reason;
+    /// listed in the README), e.g. 127.0.0.1:9101. Plain HTTP, no
+    /// authentication: bind a local or private address. Default: none.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics: Option<SocketAddr>,
+}
+
+impl RelayArgs {
+    /// The quotas these flags give.
+    pub fn limits(&self) -> crate::nat::relay::RelayLimits {
+        crate::nat::relay::RelayLimits {
+            sessions_per_host: self.relay_sessions_per_host,
+            sessions: self.relay_sessions,
+            host_bytes_per_second: self.relay_host_rate,
+            host_burst_bytes: self.relay_host_rate.saturating_mul(4),
+            bytes_per_second: self.relay_rate,
+            burst_bytes: self.relay_rate,
+        }
+    }
+}
+
+/// Parses a byte rate such as `256KiB` (per second), at most 4 GiB.
+fn parse_rate(text: &str) -> Result<u32, String> {
+    let bytes = crate::units::parse_size(text)?;
+    u32::try_from(bytes).map_err(|_| format!("{text:?} is over the most, 4095MiB"))
 }
 
 /// Parses `dht --introducer-port`: a port number or `off`.

@@ -22,6 +22,10 @@ pub struct GrapeNodeConfig {
     pub max_body: usize,
     /// `None`: the introducer goes beside the DHT port.
     pub introducer_port: Option<IntroducerPort>,
+    /// The introducer's relay quotas.
+    pub relay: crate::nat::relay::RelayLimits,
+    /// Where to serve the relay's metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// grenache-grape's flags taken and ignored (`--dc`, …), and whether
     /// each was given: a warning names those given.
     pub ignored: Vec<(&'static str, bool)>,
@@ -52,6 +56,8 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         api_port,
         max_body,
         introducer_port,
+        relay,
+        metrics,
         ignored,
     } = config;
     // The query node binds -b first; a failure there is -b's, not --dp's.
@@ -87,11 +93,21 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         .local_addr()
         .unwrap_or(SocketAddr::from((http_ip, api_port)));
     let dht_addr = grape.dht_addr();
-    let introducer =
-        match start_introducer(Ipv4Addr::UNSPECIFIED.into(), dht_addr, introducer_port).await {
-            Ok(task) => task,
-            Err(code) => return code,
-        };
+    let introducer = match start_introducer(
+        Ipv4Addr::UNSPECIFIED.into(),
+        dht_addr,
+        introducer_port,
+        relay,
+    )
+    .await
+    {
+        Ok(task) => task,
+        Err(code) => return code,
+    };
+    let metrics = match super::run::serve_relay_metrics(metrics, introducer.as_ref()).await {
+        Ok(task) => task,
+        Err(code) => return code,
+    };
     let backend: Arc<dyn GrapeBackend> = grape.clone();
     let http = tokio::spawn(crate::grape::http::serve(listener, backend, max_body));
     grape
@@ -126,7 +142,11 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
         grape.server().counters().summary()
     );
     http.abort();
-    if let Some(task) = introducer {
+    if let Some((task, relay)) = introducer {
+        task.abort();
+        super::run::log_relay(&relay);
+    }
+    if let Some(task) = metrics {
         task.abort();
     }
     ExitCode::SUCCESS

@@ -256,12 +256,15 @@ async fn dispatch(command: Command) -> ExitCode {
             bootstrap,
             introducer_port,
             peer_ttl,
+            relay,
         } => {
             let config = run::DhtNodeConfig {
                 listen,
                 bootstrap,
                 introducer_port,
                 peer_ttl: std::time::Duration::from_secs(peer_ttl),
+                relay: relay.limits(),
+                metrics: relay.metrics,
             };
             run::dht(config).await
         }
@@ -273,6 +276,7 @@ async fn dispatch(command: Command) -> ExitCode {
             peer_max_age_ms,
             max_payload,
             introducer_port,
+            relay,
             dht_concurrency,
             dht_max_tables,
             dht_max_values,
@@ -297,6 +301,8 @@ async fn dispatch(command: Command) -> ExitCode {
                 api_port,
                 max_body: usize::try_from(max_payload).unwrap_or(usize::MAX),
                 introducer_port,
+                relay: relay.limits(),
+                metrics: relay.metrics,
                 ignored,
             };
             grape::grape(config).await

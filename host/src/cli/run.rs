@@ -4,7 +4,7 @@
 //! at once. Under systemd (`Type=notify`), `run` says READY=1 once it serves
 //! and has announced, and STOPPING=1 when it starts draining.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -300,6 +300,10 @@ pub struct DhtNodeConfig {
     pub introducer_port: Option<IntroducerPort>,
     /// How long announced peers are kept after their last announce.
     pub peer_ttl: Duration,
+    /// The introducer's relay quotas.
+    pub relay: crate::nat::relay::RelayLimits,
+    /// Where to serve the relay's metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `grenache-host dht`: our BEP 5 server node ([`crate::discovery::server`])
@@ -312,6 +316,8 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
         bootstrap,
         introducer_port,
         peer_ttl,
+        relay,
+        metrics,
     } = config;
     let config = ServerConfig {
         listen,
@@ -327,18 +333,61 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
     };
     let dht_addr = server.local_addr();
     server.warn_if_alone(&bootstrap, "--bootstrap", super::grape::BOOTSTRAP_WAIT);
-    let introducer = match start_introducer((*listen.ip()).into(), dht_addr, introducer_port).await
-    {
+    let introducer =
+        match start_introducer((*listen.ip()).into(), dht_addr, introducer_port, relay).await {
+            Ok(task) => task,
+            Err(code) => return code,
+        };
+    let metrics = match serve_relay_metrics(metrics, introducer.as_ref()).await {
         Ok(task) => task,
         Err(code) => return code,
     };
     print_line(format_args!("dht listening on {dht_addr}"));
     signals.next().await;
     tracing::info!("stopping the DHT node: {}", server.counters().summary());
-    if let Some(task) = introducer {
+    if let Some((task, relay)) = introducer {
+        task.abort();
+        log_relay(&relay);
+    }
+    if let Some(task) = metrics {
         task.abort();
     }
     ExitCode::SUCCESS
+}
+
+/// Serves the relay's metrics at `addr` (`dht`/`grape --metrics`) and logs
+/// where; `Ok(None)` without `--metrics`.
+pub(super) async fn serve_relay_metrics(
+    addr: Option<SocketAddr>,
+    introducer: Option<&(tokio::task::JoinHandle<()>, RelayCounters)>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ExitCode> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let Some((_, relay)) = introducer else {
+        return Err(usage_error(
+            "--metrics serves the relay's counters, and --introducer-port off runs no introducer (nor relay); leave one of them out",
+        ));
+    };
+    let listener = crate::node::metrics::bind(addr)
+        .await
+        .map_err(|e| usage_error(format!("{e:#}")))?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    let registry =
+        crate::node::metrics::relay_registry(crate::node::metrics::RelayCollector(relay.clone()));
+    tracing::info!("metrics on http://{bound}/metrics");
+    Ok(Some(tokio::spawn(crate::node::metrics::serve(
+        listener, registry,
+    ))))
+}
+
+/// The relay's counters and where they live while it runs.
+pub(super) type RelayCounters = std::sync::Arc<std::sync::Mutex<crate::nat::relay::RelayStats>>;
+
+/// Logs what the relay did, on exit.
+pub(super) fn log_relay(relay: &RelayCounters) {
+    let stats = *relay.lock().unwrap_or_else(|p| p.into_inner());
+    tracing::info!("relay: {}", stats.summary());
 }
 
 /// Starts the introducer on `ip` at `port`, or beside the DHT node at
@@ -348,7 +397,8 @@ pub(super) async fn start_introducer(
     ip: std::net::IpAddr,
     dht_addr: SocketAddrV4,
     port: Option<IntroducerPort>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, ExitCode> {
+    relay: crate::nat::relay::RelayLimits,
+) -> Result<Option<(tokio::task::JoinHandle<()>, RelayCounters)>, ExitCode> {
     let port = match port {
         Some(IntroducerPort::Off) => return Ok(None),
         Some(IntroducerPort::Port(port)) => port,
@@ -370,5 +420,7 @@ pub(super) async fn start_introducer(
         "introducer listening on {addr} (probe port {})",
         addr.port() + 1
     ));
-    Ok(Some(tokio::spawn(sockets.serve())))
+    let counters = RelayCounters::default();
+    let task = tokio::spawn(sockets.serve(relay, counters.clone()));
+    Ok(Some((task, counters)))
 }

@@ -3,15 +3,27 @@
 //!
 //! Each datagram is decoded ([`wire::decode`]), handed to the state machine
 //! with the current time, and its answers are encoded and sent from the
-//! socket they name (a filter test from a fresh one).
+//! socket they name (a filter test from a fresh one). A relay frame on the
+//! main port takes the fast path: parsed in place, decided by
+//! [`Introducer::relay_frame`] and sent on rewritten, with no allocation but
+//! the frame out.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::net::UdpSocket;
 
 use super::introducer::{Introducer, Port};
+use super::relay::{RelayLimits, RelayStats};
 use super::wire::{self, MAX_DATAGRAM};
+use crate::transport::{parse_relay_frame, relay_frame, RELAY_MAGIC};
+
+/// The largest datagram the main port reads: a relay frame carries a whole
+/// uTP packet (about 1.4 KB); anything longer is cut and then dropped.
+const MAX_MAIN_DATAGRAM: usize = 2048;
+/// How often the relay's counters are logged while they change.
+const RELAY_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The introducer's two sockets.
 pub struct IntroducerSockets {
@@ -45,11 +57,24 @@ impl IntroducerSockets {
             .expect("a bound socket has an address")
     }
 
-    /// Answers probes, registrations and introductions forever.
-    pub async fn serve(self) {
-        let mut state = Introducer::new();
-        let (mut main_buf, mut alt_buf) = ([0u8; MAX_DATAGRAM + 1], [0u8; MAX_DATAGRAM + 1]);
+    /// Answers probes, registrations and introductions and relays between
+    /// registered hosts within `limits`, forever; `stats` gets the relay's
+    /// counters after every relay frame and introduction.
+    pub async fn serve(self, limits: RelayLimits, stats: Arc<Mutex<RelayStats>>) {
+        let mut state = Introducer::with_relay(limits);
+        let (mut main_buf, mut alt_buf) = ([0u8; MAX_MAIN_DATAGRAM], [0u8; MAX_DATAGRAM + 1]);
+        let mut next_log = Instant::now() + RELAY_LOG_INTERVAL;
+        let mut logged = RelayStats::default();
         loop {
+            let now = Instant::now();
+            if now >= next_log {
+                next_log = now + RELAY_LOG_INTERVAL;
+                let current = state.relay_stats();
+                if current != logged {
+                    tracing::info!("relay: {}", current.summary());
+                    logged = current;
+                }
+            }
             let (via, received) = tokio::select! {
                 r = self.main.recv_from(&mut main_buf) => (Port::Main, r),
                 r = self.alt.recv_from(&mut alt_buf) => (Port::Alt, r),
@@ -67,6 +92,27 @@ impl IntroducerSockets {
             } else {
                 &alt_buf[..n]
             };
+            if via == Port::Main && bytes.starts_with(&RELAY_MAGIC) {
+                match parse_relay_frame(bytes).filter(|_| n < MAX_MAIN_DATAGRAM) {
+                    Some(frame) => {
+                        let to = frame.addr;
+                        if let Some(token) =
+                            state.relay_frame(Instant::now(), from, &frame.token, to, n)
+                        {
+                            // Same family both ways: exactly as long as
+                            // the frame in.
+                            let out = relay_frame(token, from, frame.payload);
+                            debug_assert_eq!(out.len(), n);
+                            if let Err(e) = self.main.send_to(&out, to).await {
+                                tracing::debug!(%to, "relay send failed: {e}");
+                            }
+                        }
+                    }
+                    None => state.malformed_relay_frame(),
+                }
+                *stats.lock().unwrap_or_else(|p| p.into_inner()) = state.relay_stats();
+                continue;
+            }
             let message = match wire::decode(bytes) {
                 Ok(m) => m,
                 Err(e) => {
@@ -81,6 +127,7 @@ impl IntroducerSockets {
             if state.stats().refused_registrations > refused {
                 tracing::debug!(%from, "refused a registration: its address or claimed port belongs to another live host, or its IP's share of the table is full");
             }
+            *stats.lock().unwrap_or_else(|p| p.into_inner()) = state.relay_stats();
             for out in out {
                 let fresh;
                 let socket = match out.via {

@@ -431,11 +431,11 @@ impl Collector for PartsCollector {
         counters(
             e,
             "grenache_host_paths_opened",
-            "Connections this host's requests opened, by path: direct (to the announced address), punched (through an introduction), relayed (through a relay; this host has none yet, so always 0).",
+            "Connections this host's requests opened, by path: direct (to the announced address), punched (through an introduction), relayed (through the introducer's relay).",
             [
                 ([("kind", "direct")], load(&self.paths.direct)),
                 ([("kind", "punched")], load(&self.paths.punched)),
-                ([("kind", "relayed")], 0),
+                ([("kind", "relayed")], load(&self.paths.relayed)),
             ],
         )?;
         let utp = self.endpoint.utp_stats();
@@ -598,6 +598,70 @@ impl NodeMetrics {
             self.failures.clone(),
         );
     }
+}
+
+/// The counters of a `dht` or `grape` node's relay (`docs/wire.md §5.5`),
+/// read at each scrape.
+#[derive(Debug)]
+pub struct RelayCollector(pub Arc<std::sync::Mutex<crate::nat::relay::RelayStats>>);
+
+impl Collector for RelayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let e = &mut encoder;
+        gauge(
+            e,
+            "grenache_host_relay_sessions",
+            "Relay sessions open now.",
+            None,
+            i64::try_from(r.sessions).unwrap_or(i64::MAX),
+        )?;
+        counters(
+            e,
+            "grenache_host_relay_sessions_opened",
+            "Relay sessions opened between two registered hosts.",
+            [(NoLabels::default(), r.opened)],
+        )?;
+        counters(
+            e,
+            "grenache_host_relay_sessions_refused",
+            "Relay sessions refused over a quota (sessions per host, in all) or between address families.",
+            [(NoLabels::default(), r.refused)],
+        )?;
+        counters(
+            e,
+            "grenache_host_relay_frames",
+            "Relay frames forwarded.",
+            [(NoLabels::default(), r.frames)],
+        )?;
+        counters(
+            e,
+            "grenache_host_relay_forwarded_bytes",
+            "Bytes of relay frames forwarded (as sent; each as long as the frame received).",
+            [(NoLabels::default(), r.bytes)],
+        )?;
+        counters(
+            e,
+            "grenache_host_relay_dropped_frames",
+            "Relay frames dropped, by reason: malformed, unknown_session (no session between the sender and the address), bad_token, unregistered (a side is no longer registered), over_rate (a host's or the relay's byte rate).",
+            [
+                ([("reason", "malformed")], r.malformed),
+                ([("reason", "unknown_session")], r.unknown_session),
+                ([("reason", "bad_token")], r.bad_token),
+                ([("reason", "unregistered")], r.unregistered),
+                ([("reason", "over_rate")], r.over_rate),
+            ],
+        )
+    }
+}
+
+/// The registry a `dht` or `grape` node's endpoint serves: its relay's
+/// counters and the process's memory.
+pub fn relay_registry(relay: RelayCollector) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(relay));
+    registry.register_collector(Box::new(ProcessCollector));
+    registry
 }
 
 /// Binds the metrics endpoint at `addr`.
