@@ -6,6 +6,7 @@ pub mod grape;
 pub mod grape_node;
 pub mod krpc;
 pub mod lab;
+pub mod scrape;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -284,8 +285,15 @@ pub const SOON: std::time::Duration = std::time::Duration::from_secs(20);
 /// Its introducer takes the two ports after the one the kernel picked, and
 /// another test's socket may hold one of them: then it starts again.
 pub fn start_dht() -> (HostProcess, String) {
+    start_dht_with(&[])
+}
+
+/// [`start_dht`] with `extra` flags (e.g. `--metrics 127.0.0.1:0`).
+pub fn start_dht_with(extra: &[&str]) -> (HostProcess, String) {
+    let mut args = vec!["dht", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
     for _ in 0..3 {
-        let mut dht = HostProcess::spawn("dht", &["dht", "--listen", "127.0.0.1:0"]);
+        let mut dht = HostProcess::spawn("dht", &args);
         let deadline = std::time::Instant::now() + SOON;
         while dht.is_running() {
             let listening = dht
