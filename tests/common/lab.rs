@@ -449,6 +449,37 @@ impl Lab {
         }
     }
 
+    /// Drops every packet between the two homes' routers on "the internet"
+    /// (a firewall between them: each still reaches the public host), or
+    /// lets them through again with `blocked` false.
+    pub fn block_between_homes(&self, blocked: bool) {
+        // Every namespace is the test's prefix and a name: "pub", "inet", …
+        let prefix = self.public.strip_suffix("pub").expect("named <prefix>pub");
+        let inet = format!("{prefix}inet");
+        if !blocked {
+            in_ns(
+                &inet,
+                &["nft", "delete", "table", "bridge", "between_homes"],
+            );
+            return;
+        }
+        let (a, b) = (HOMES[0].2, HOMES[1].2);
+        let rules = format!(
+            r#"table bridge between_homes {{
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    ip saddr {a} ip daddr {b} drop
+    ip saddr {b} ip daddr {a} drop
+  }}
+}}
+"#
+        );
+        run(
+            &["ip", "netns", "exec", &inet, "nft", "-f", "-"],
+            Some(&rules),
+        );
+    }
+
     /// The nftables ruleset `home`'s router runs, as `nft list ruleset`
     /// prints it (to check the lab is what a test assumes).
     pub fn ruleset_of(&self, home: &Home) -> String {
