@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::lab::{Home, Lab, NatType};
+use common::lab::{Home, Lab, NatType, PUBLIC_IP};
 use common::{policy_file, HostProcess, Shown, LOG_REQUESTS, SOON};
 
 const SEQUENCE: &str = "[1,1,2,3,5,8,13,21,34,55]\n";
@@ -351,6 +351,27 @@ fn a_pair_whose_udp_is_blocked_is_relayed_then_moves_to_direct() {
     );
     // The session went on: no new introduction after the move.
     assert_eq!(consumer.count("went silent"), 0, "{}", consumer.output());
+}
+
+#[test]
+fn a_grape_relays_too() {
+    let Some(lab) = Lab::build("grape", &[NatType::Symmetric, NatType::Symmetric]) else {
+        return;
+    };
+    // A grape instead of `dht` on the public host: its DHT port is the
+    // bootstrap, its introducer (and relay) beside it.
+    let grape = lab.host(
+        &lab.public,
+        "grape",
+        &["grape", "--dp", "20001", "--aph", "30001", "-b", PUBLIC_IP],
+    );
+    grape.wait_for("grape dht listening on", SOON);
+    let bootstrap = format!("{PUBLIC_IP}:20001");
+    let (worker, _) = serve_behind_nat(&lab, &lab.homes[1], &bootstrap, "fibonacci", &[]);
+    let (r, _) = call_worker_from(&lab, &lab.homes[0], &bootstrap);
+    assert_eq!((r.code, r.stdout.as_str()), (0, SEQUENCE), "{}", r.stderr);
+    assert!(r.stderr.contains("relayed path to"), "{}", r.stderr);
+    worker.wait_for("is relayed by", SOON);
 }
 
 #[test]
