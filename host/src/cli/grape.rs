@@ -41,9 +41,6 @@ pub fn bootstrap_list(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// How long after start a grape or `dht` node warns that none of its
-/// bootstrap nodes answered.
-pub const BOOTSTRAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The shortest `--dpa` that keeps our hosts (re-announcing every 30 s)
 /// in lookups through a lost announce: `dht`'s default peer TTL.
 const MIN_HOST_FRIENDLY_AGE: std::time::Duration = std::time::Duration::from_secs(75);
@@ -112,7 +109,7 @@ pub async fn grape(config: GrapeNodeConfig) -> ExitCode {
     let http = tokio::spawn(crate::grape::http::serve(listener, backend, max_body));
     grape
         .server()
-        .warn_if_alone(&node.bootstrap, "--bn", BOOTSTRAP_WAIT);
+        .warn_if_alone(&node.bootstrap, "--bn", super::run::BOOTSTRAP_WAIT);
     if let Some(age) = node.peer_max_age.filter(|age| *age < MIN_HOST_FRIENDLY_AGE) {
         tracing::warn!(
             "--dpa {} ms is shorter than our hosts' re-announce interval (30 s) and its slack: hosts that announce on this grape's DHT port (run --bootstrap) drop out of lookups between their announces; use --dpa {} or more (Node services announcing through the HTTP API every second are not affected)",

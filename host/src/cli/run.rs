@@ -280,6 +280,10 @@ async fn stop(node: Node, mut signals: Signals) -> ExitCode {
     }
 }
 
+/// How long after start a grape or `dht` node warns that none of its
+/// bootstrap nodes answered.
+pub const BOOTSTRAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where `dht` runs its introducer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntroducerPort {
@@ -332,7 +336,7 @@ pub async fn dht(config: DhtNodeConfig) -> ExitCode {
         Err(e) => return usage_error(format!("{e}; is another node already listening there?")),
     };
     let dht_addr = server.local_addr();
-    server.warn_if_alone(&bootstrap, "--bootstrap", super::grape::BOOTSTRAP_WAIT);
+    server.warn_if_alone(&bootstrap, "--bootstrap", BOOTSTRAP_WAIT);
     let introducer =
         match start_introducer((*listen.ip()).into(), dht_addr, introducer_port, relay).await {
             Ok(task) => task,

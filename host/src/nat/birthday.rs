@@ -43,9 +43,30 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use super::host::Action;
 use super::kind::BirthdayRole;
 
+/// What an [`Attempt`] asks of its host; the host's state machine passes
+/// each on as its own action (`super::host::Action`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The attempt toward `peer` started, this host in `role`.
+    Started {
+        peer: SocketAddr,
+        role: BirthdayRole,
+    },
+    /// Open `count` extra UDP sockets for the attempt toward `peer`.
+    OpenSockets { peer: SocketAddr, count: usize },
+    /// Send one punch to this address from every extra socket.
+    PunchFromSockets(SocketAddr),
+    /// Send one punch to this address from the RPC socket.
+    Punch(SocketAddr),
+    /// Extra socket `index` met `peer`: adopt it, close the others.
+    AdoptSocket { index: usize, peer: SocketAddr },
+    /// Close every extra socket: the attempt gave up.
+    CloseSockets,
+    /// The attempt met its peer or gave up.
+    Ended(Report),
+}
 /// Extra sockets the side behind the symmetric NAT opens per attempt.
 pub const SOCKETS: usize = 256;
 /// Each extra socket punches the peer this often while the attempt lasts:
@@ -119,7 +140,7 @@ impl Attempt {
         peer: SocketAddr,
         role: BirthdayRole,
         seed: u64,
-    ) -> (Self, Vec<Action>) {
+    ) -> (Self, Vec<Step>) {
         let mut attempt = Attempt {
             peer,
             role,
@@ -130,9 +151,9 @@ impl Attempt {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             ended: false,
         };
-        let mut out = vec![Action::BirthdayStarted { peer, role }];
+        let mut out = vec![Step::Started { peer, role }];
         if role == BirthdayRole::Sockets {
-            out.push(Action::OpenSockets {
+            out.push(Step::OpenSockets {
                 peer,
                 count: SOCKETS,
             });
@@ -169,7 +190,7 @@ impl Attempt {
     }
 
     /// Punches what is due; gives up at the attempt's end.
-    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+    pub fn poll(&mut self, now: Instant) -> Vec<Step> {
         if self.ended {
             return vec![];
         }
@@ -183,7 +204,7 @@ impl Attempt {
             BirthdayRole::Sockets => {
                 self.next = now + SOCKET_ROUND;
                 self.punches += SOCKETS;
-                vec![Action::PunchFromSockets(self.peer)]
+                vec![Step::PunchFromSockets(self.peer)]
             }
             BirthdayRole::Probe => {
                 // A late wakeup does not make a burst: the rate holds.
@@ -193,7 +214,7 @@ impl Attempt {
                     .map(|_| {
                         let port = self.fresh_port();
                         self.punches += 1;
-                        Action::Punch(SocketAddr::new(self.peer.ip(), port))
+                        Step::Punch(SocketAddr::new(self.peer.ip(), port))
                     })
                     .collect()
             }
@@ -212,18 +233,18 @@ impl Attempt {
 
     /// Extra socket `index` received a punch from `from`: the peer's exact
     /// address makes it the winner.
-    pub fn on_socket_punch(&mut self, now: Instant, index: usize, from: SocketAddr) -> Vec<Action> {
+    pub fn on_socket_punch(&mut self, now: Instant, index: usize, from: SocketAddr) -> Vec<Step> {
         if self.ended || self.role != BirthdayRole::Sockets || from != self.peer {
             return vec![];
         }
         let mut out = vec![
-            Action::AdoptSocket {
+            Step::AdoptSocket {
                 index,
                 peer: self.peer,
             },
             // From the adopted socket (its route) at once: the prober is
             // waiting for it.
-            Action::Punch(self.peer),
+            Step::Punch(self.peer),
         ];
         out.extend(self.end(now, Some(from)));
         out
@@ -236,7 +257,7 @@ impl Attempt {
     /// sockets side the main socket is one more mapping the peer may probe:
     /// a punch from the peer's exact address there ends the attempt too,
     /// with the main socket as the path.
-    pub fn on_punch(&mut self, now: Instant, from: SocketAddr) -> Vec<Action> {
+    pub fn on_punch(&mut self, now: Instant, from: SocketAddr) -> Vec<Step> {
         let met = match self.role {
             BirthdayRole::Probe => from.ip() == self.peer.ip(),
             BirthdayRole::Sockets => from == self.peer,
@@ -246,13 +267,13 @@ impl Attempt {
         }
         let mut out = vec![];
         if self.role == BirthdayRole::Sockets {
-            out.push(Action::CloseSockets);
+            out.push(Step::CloseSockets);
         }
         out.extend(self.end(now, Some(from)));
         out
     }
 
-    fn end(&mut self, now: Instant, met: Option<SocketAddr>) -> Vec<Action> {
+    fn end(&mut self, now: Instant, met: Option<SocketAddr>) -> Vec<Step> {
         self.ended = true;
         let report = Report {
             peer: self.peer,
@@ -263,9 +284,9 @@ impl Attempt {
         };
         let mut out = vec![];
         if self.role == BirthdayRole::Sockets && met.is_none() {
-            out.push(Action::CloseSockets);
+            out.push(Step::CloseSockets);
         }
-        out.push(Action::BirthdayEnded(report));
+        out.push(Step::Ended(report));
         out
     }
 }
@@ -280,7 +301,7 @@ mod tests {
 
     /// Polls `attempt` at each wakeup until it has none; returns the
     /// actions with their times.
-    fn run(mut attempt: Attempt, first: Vec<Action>, t0: Instant) -> Vec<(Duration, Action)> {
+    fn run(mut attempt: Attempt, first: Vec<Step>, t0: Instant) -> Vec<(Duration, Step)> {
         let mut all: Vec<_> = first.into_iter().map(|a| (Duration::ZERO, a)).collect();
         while let Some(at) = attempt.next_wakeup() {
             let actions = attempt.poll(at);
@@ -297,7 +318,7 @@ mod tests {
         let probes: Vec<(Duration, SocketAddr)> = all
             .iter()
             .filter_map(|(t, a)| match a {
-                Action::Punch(to) => Some((*t, *to)),
+                Step::Punch(to) => Some((*t, *to)),
                 _ => None,
             })
             .collect();
@@ -316,7 +337,7 @@ mod tests {
         }
         // The last probe leaves within 3 s; the attempt gives up at its end.
         assert!(probes.last().unwrap().0 < Duration::from_secs(3));
-        let Some((at, Action::BirthdayEnded(report))) = all.last() else {
+        let Some((at, Step::Ended(report))) = all.last() else {
             panic!("{:?}", all.last());
         };
         assert_eq!(*at, ATTEMPT_TIME);
@@ -331,33 +352,30 @@ mod tests {
         assert_eq!(
             first[..3],
             [
-                Action::BirthdayStarted {
+                Step::Started {
                     peer: peer(),
                     role: BirthdayRole::Sockets
                 },
-                Action::OpenSockets {
+                Step::OpenSockets {
                     peer: peer(),
                     count: SOCKETS
                 },
-                Action::PunchFromSockets(peer()),
+                Step::PunchFromSockets(peer()),
             ]
         );
         let all = run(attempt, first, t0);
         let rounds: Vec<Duration> = all
             .iter()
-            .filter(|(_, a)| matches!(a, Action::PunchFromSockets(_)))
+            .filter(|(_, a)| matches!(a, Step::PunchFromSockets(_)))
             .map(|(t, _)| *t)
             .collect();
         assert_eq!(rounds, (0..4).map(|s| SOCKET_ROUND * s).collect::<Vec<_>>());
-        let ends: Vec<&Action> = all
+        let ends: Vec<&Step> = all
             .iter()
             .filter(|(t, _)| *t == ATTEMPT_TIME)
             .map(|(_, a)| a)
             .collect();
-        assert!(matches!(
-            ends[..],
-            [Action::CloseSockets, Action::BirthdayEnded(_)]
-        ));
+        assert!(matches!(ends[..], [Step::CloseSockets, Step::Ended(_)]));
     }
 
     #[test]
@@ -372,14 +390,14 @@ mod tests {
         assert_eq!(
             out[..2],
             [
-                Action::AdoptSocket {
+                Step::AdoptSocket {
                     index: 3,
                     peer: peer()
                 },
-                Action::Punch(peer())
+                Step::Punch(peer())
             ]
         );
-        let Some(Action::BirthdayEnded(report)) = out.last() else {
+        let Some(Step::Ended(report)) = out.last() else {
             panic!("{out:?}");
         };
         assert_eq!(report.took, Duration::from_millis(300));
@@ -397,7 +415,7 @@ mod tests {
         assert!(attempt.on_punch(later, other_ip).is_empty());
         let mapping: SocketAddr = "198.51.100.7:51234".parse().unwrap();
         let out = attempt.on_punch(later, mapping);
-        assert!(matches!(&out[..], [Action::BirthdayEnded(r)] if r.met == Some(mapping)));
+        assert!(matches!(&out[..], [Step::Ended(r)] if r.met == Some(mapping)));
         assert!(attempt.poll(later + PROBE_TICK).is_empty());
     }
 }

@@ -123,6 +123,26 @@ pub enum Action {
     BirthdayRefused { peer: SocketAddr, reason: String },
 }
 
+impl From<birthday::Step> for Action {
+    fn from(step: birthday::Step) -> Action {
+        use birthday::Step;
+        match step {
+            Step::Started { peer, role } => Action::BirthdayStarted { peer, role },
+            Step::OpenSockets { peer, count } => Action::OpenSockets { peer, count },
+            Step::PunchFromSockets(to) => Action::PunchFromSockets(to),
+            Step::Punch(to) => Action::Punch(to),
+            Step::AdoptSocket { index, peer } => Action::AdoptSocket { index, peer },
+            Step::CloseSockets => Action::CloseSockets,
+            Step::Ended(report) => Action::BirthdayEnded(report),
+        }
+    }
+}
+
+/// Converts an [`Attempt`]'s steps into actions.
+fn actions(steps: Vec<birthday::Step>) -> Vec<Action> {
+    steps.into_iter().map(Action::from).collect()
+}
+
 /// How to reach a peer found on the DHT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IntroResult {
@@ -494,7 +514,7 @@ impl HostIntroductions {
         self.poll_probe(now, &mut out);
         self.poll_punches(now, &mut out);
         if let Some(attempt) = self.birthday.as_mut() {
-            out.extend(attempt.poll(now));
+            out.extend(actions(attempt.poll(now)));
         }
         self.drop_ended_birthday();
         // Registering and introducing need our NAT's kind.
@@ -905,7 +925,7 @@ impl HostIntroductions {
                 let seed = rand::Rng::random(&mut self.rng);
                 let (attempt, out) = Attempt::with_seed(now, peer, role, seed);
                 self.birthday = Some(attempt);
-                return Ok(out);
+                return Ok(actions(out));
             }
         };
         self.birthdays_refused += 1;
@@ -930,7 +950,7 @@ impl HostIntroductions {
         let Some(attempt) = self.birthday.as_mut() else {
             return vec![];
         };
-        let out = attempt.on_socket_punch(now, index, from);
+        let out = actions(attempt.on_socket_punch(now, index, from));
         for action in &out {
             if let Action::AdoptSocket { peer, .. } = action {
                 self.adopted.insert(*peer);
@@ -977,7 +997,7 @@ impl HostIntroductions {
     pub fn on_punch(&mut self, now: Instant, from: SocketAddr) -> Vec<Action> {
         let mut out = vec![];
         if let Some(attempt) = self.birthday.as_mut() {
-            out.extend(attempt.on_punch(now, from));
+            out.extend(actions(attempt.on_punch(now, from)));
             self.drop_ended_birthday();
         }
         let moved = self
