@@ -713,3 +713,78 @@ fn a_birthday_path_shows_in_status() {
     // met it there.
     worker.wait_for(&format!("birthday punching met the peer at {peer}"), SOON);
 }
+
+/// Not a test: a benchmark (`cargo test -p grenache-host --test nat_traversal
+/// bench_every_pair -- --ignored --nocapture`, as root). For every ordered
+/// pair of home kinds (open, full cone, address-restricted, port-restricted,
+/// symmetric), a worker behind the second and `ROUNDS` fresh `call`
+/// processes from behind the first: how the path was made (direct, birthday,
+/// relayed: from the caller's log) and the wall time of each call (process
+/// start, lookup, introduction, the path, the handshake and the request),
+/// printed as the table README.md and BENCHMARKS.md show.
+#[test]
+#[ignore = "a benchmark: prints figures, asserts only that calls succeed"]
+fn bench_every_pair_time_to_first_reply() {
+    use NatType::*;
+    const ROUNDS: usize = 5;
+    let kinds = [Open, FullCone, AddressRestricted, PortRestricted, Symmetric];
+    let mut rows = Vec::new();
+    for caller in kinds {
+        for server in kinds {
+            let name = format!("m{}{}", caller as u8, server as u8);
+            let Some((lab, _dht, _worker, bootstrap)) = worker_across_nats(&name, caller, server)
+            else {
+                return;
+            };
+            let a = &lab.homes[0];
+            let (mut times, mut how) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                let started = Instant::now();
+                let r = lab.run_host(
+                    &a.host,
+                    &[
+                        "call",
+                        "fibonacci_worker",
+                        r#"{"length":10}"#,
+                        "--bootstrap",
+                        &bootstrap,
+                        "--log-level",
+                        "info",
+                    ],
+                );
+                let took = started.elapsed();
+                assert_eq!(
+                    (r.code, r.stdout.as_str()),
+                    (0, SEQUENCE),
+                    "{caller:?} → {server:?}: {}",
+                    r.stderr
+                );
+                times.push(took);
+                how.push(if r.stderr.contains("relayed path to") {
+                    "relay"
+                } else if r.stderr.contains("birthday punching met") {
+                    "birthday"
+                } else {
+                    "direct"
+                });
+            }
+            times.sort();
+            how.sort();
+            how.dedup();
+            let row = format!(
+                "| {caller:?} | {server:?} | {} | {:.0} | {:.0} |",
+                how.join(", "),
+                times[ROUNDS / 2].as_secs_f64() * 1e3,
+                times[ROUNDS - 1].as_secs_f64() * 1e3
+            );
+            eprintln!("{row}");
+            rows.push(row);
+        }
+    }
+    println!("{ROUNDS} fresh `call`s per pair, wall time (ms) from process start to the reply:");
+    println!("| caller behind | worker behind | path | p50 | max |");
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+}

@@ -677,10 +677,22 @@ impl Introducer {
                 let (peer_nat, peer_cookie) = (r.nat, r.cookie.clone());
                 let answer = |outcome| vec![reply(Message::Introduced { id, outcome })];
                 // A caller whose punch failed asks for the relay at once.
-                let method = match relay {
+                let mut method = match relay {
                     true => Method::Relay,
                     false => method(nat, peer_nat),
                 };
+                let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
+                let may = caller_may && self.punch_requests.take(addr, now);
+                if matches!(method, Method::Birthday(_))
+                    && !(may && self.birthdays.take_many(addr, now, ATTEMPT_COST))
+                {
+                    // The peer has taken part in as many birthday attempts
+                    // as it may for now: the relay carries this caller
+                    // instead (a script's fresh calls every second are not
+                    // refused), or says why it cannot.
+                    self.stats.birthdays_refused += 1;
+                    method = Method::Relay;
+                }
                 let (birthday, relay_token) = match method {
                     Method::Relay => {
                         let signed = SignedRegistration {
@@ -697,21 +709,6 @@ impl Introducer {
                     Method::Punch => (None, None),
                     Method::Birthday(role) => (Some(role), None),
                 };
-                let caller_may = self.punch_requests_by_caller.take((addr, from.ip()), now);
-                let may = caller_may && self.punch_requests.take(addr, now);
-                if birthday.is_some() && !(may && self.birthdays.take_many(addr, now, ATTEMPT_COST))
-                {
-                    // Without the peer's half a birthday attempt is only
-                    // cost: the caller does not start one.
-                    self.stats.birthdays_refused += 1;
-                    return answer(Outcome::Impossible {
-                        reason: format!(
-                            "{peer} ({}) is reachable from this host ({}) only by birthday punching, and it is being asked for that more often than {ATTEMPTS_PER_10S} times in 10 s; try again in a few seconds",
-                            peer_nat.describe(),
-                            nat.describe()
-                        ),
-                    });
-                }
                 let outcome = match (birthday, &relay_token) {
                     (Some(role), _) => Outcome::Birthday {
                         addr,
@@ -729,13 +726,14 @@ impl Introducer {
                     },
                 };
                 let mut out = answer(outcome);
-                if !may {
-                    // The caller hears where the peer is; the peer is not
-                    // bothered beyond its rate.
+                let relayed = relay_token.is_some();
+                // The caller hears where the peer is; the peer is not
+                // bothered beyond its rate, except to learn its token for a
+                // relay session (the relay's own quotas bound those).
+                if !may && !relayed {
                     self.stats.rate_limited += 1;
                     return out;
                 }
-                let relayed = relay_token.is_some();
                 let ask = Message::PunchRequest {
                     peer: from,
                     nat,
@@ -1276,8 +1274,9 @@ mod tests {
             }
             assert_eq!(roles, expected);
             // A few more at once pass (a call and a plugin's request); then
-            // the next one at that host, even from another caller, is
-            // refused: answered impossible, with what to do, and counted.
+            // the next one at that host, even from another caller, is not a
+            // birthday attempt: the relay carries it (counted as a refused
+            // birthday).
             for k in 1..ATTEMPT_BURST {
                 let caller = SocketAddr::new(ip(203, 0, 114, k as u8), 6000);
                 assert_eq!(
@@ -1286,19 +1285,23 @@ mod tests {
                 );
             }
             let other = SocketAddr::new(ip(203, 0, 113, 98), 6000);
+            register_behind(&mut introducer, now, other, "other", 6000, caller_nat);
             let out = verified(&mut introducer, now, other, |c| ask(c, peer));
-            let [Outgoing {
-                message:
-                    Message::Introduced {
-                        outcome: Outcome::Impossible { reason },
-                        ..
-                    },
-                ..
-            }] = &out[..]
-            else {
-                panic!("{out:?}");
-            };
-            assert!(reason.contains("try again in a few seconds"), "{reason}");
+            let relayed = out.iter().any(|o| {
+                o.to == other
+                    && matches!(
+                        &o.message,
+                        Message::Introduced {
+                            outcome: Outcome::Relay { addr, .. },
+                            ..
+                        } if *addr == host
+                    )
+            });
+            let token_to_host = out.iter().any(|o| {
+                o.to == host
+                    && matches!(&o.message, Message::PunchRequest { birthday: None, relay_token, .. } if !relay_token.is_empty())
+            });
+            assert!(relayed && token_to_host, "{out:?}");
             assert_eq!(introducer.stats().birthdays_refused, 1);
             // One per 10 s / ATTEMPTS_PER_10S after that.
             let later = now + Duration::from_millis(10_000 / u64::from(ATTEMPTS_PER_10S) + 1);
