@@ -67,7 +67,8 @@ const MAX_RELAYED: usize = 256;
 /// What a host's driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Send this message to this address from the RPC socket.
+    /// Send this message to this address straight from the RPC socket
+    /// (never through a relay or an adopted socket).
     Send { to: SocketAddr, message: Message },
     /// Send one punch to this address from the RPC socket.
     Punch(SocketAddr),
@@ -92,9 +93,9 @@ pub enum Action {
         relay: SocketAddr,
         token: Token,
     },
-    /// `peer`'s relayed path ended: `direct` when its direct punch arrived
-    /// (the transport has moved the traffic already), else forgotten (the
-    /// route must be cleared).
+    /// `peer`'s relayed path ended: `direct` when the peer answered a
+    /// direct [`Message::PathCheck`] (the traffic moves to the direct
+    /// path), else forgotten; either way its relay route goes.
     Unrelay { peer: SocketAddr, direct: bool },
     /// A birthday attempt (`docs/wire.md §5.6`) toward `peer` started.
     BirthdayStarted {
@@ -244,6 +245,12 @@ struct PendingIntro {
 struct RelayedPath {
     next_punch: Instant,
     punch_until: Instant,
+    /// The nonce of the last direct [`Message::PathCheck`] sent to the
+    /// peer, while its answer may come.
+    check: Option<(u64, Instant)>,
+    /// When a direct `PathCheck` from the peer was last answered (at most
+    /// one answer per [`RELAYED_PUNCH_INTERVAL`]).
+    answered_check: Option<Instant>,
 }
 
 /// A peer this host punches until it hears it (`docs/wire.md §5.3` step 4).
@@ -651,6 +658,8 @@ impl HostIntroductions {
             RelayedPath {
                 next_punch: now,
                 punch_until: now + PATH_TTL,
+                check: None,
+                answered_check: None,
             },
         );
         out.push(Action::Relay {
@@ -726,6 +735,9 @@ impl HostIntroductions {
 
     /// Handles an introduction datagram from `from`.
     pub fn on_message(&mut self, now: Instant, from: SocketAddr, message: Message) -> Vec<Action> {
+        if let Message::PathCheck { .. } | Message::PathOk { .. } = message {
+            return self.on_path_message(now, from, message);
+        }
         let Some(introducer) = self.config.introducer else {
             return vec![];
         };
@@ -991,6 +1003,62 @@ impl HostIntroductions {
         );
     }
 
+    /// A direct [`Message::PathCheck`] or [`Message::PathOk`] from `from`:
+    /// only a peer whose path is relayed counts. A check is answered
+    /// directly (at most once per [`RELAYED_PUNCH_INTERVAL`]: a forged
+    /// source gets no more than it sent), and checked back if no check of
+    /// ours is waiting; an answer carrying our check's nonce moves the path
+    /// to direct.
+    fn on_path_message(&mut self, now: Instant, from: SocketAddr, message: Message) -> Vec<Action> {
+        let Some(path) = self.relayed.get_mut(&from) else {
+            return vec![];
+        };
+        match message {
+            Message::PathCheck { nonce } => {
+                if path
+                    .answered_check
+                    .is_some_and(|at| now < at + RELAYED_PUNCH_INTERVAL)
+                {
+                    return vec![];
+                }
+                path.answered_check = Some(now);
+                let mut out = vec![Action::Send {
+                    to: from,
+                    message: Message::PathOk { nonce },
+                }];
+                if path
+                    .check
+                    .is_none_or(|(_, at)| now >= at + RELAYED_PUNCH_INTERVAL)
+                {
+                    let mine = rand::Rng::random(&mut self.rng);
+                    path.check = Some((mine, now));
+                    out.push(Action::Send {
+                        to: from,
+                        message: Message::PathCheck { nonce: mine },
+                    });
+                }
+                out
+            }
+            Message::PathOk { nonce } if path.check.is_some_and(|(n, _)| n == nonce) => {
+                self.relayed.remove(&from);
+                self.paths.entry(from).or_insert(Path {
+                    last_used: now,
+                    next_keepalive: now,
+                    answered: true,
+                    handshake_until: now,
+                });
+                vec![
+                    Action::Punch(from),
+                    Action::Unrelay {
+                        peer: from,
+                        direct: true,
+                    },
+                ]
+            }
+            _ => vec![],
+        }
+    }
+
     /// `from` punched us. A handshake with it is done once we answer. A
     /// peer behind a symmetric NAT punches from a port we did not know: from
     /// then on it is punched (and kept alive) there.
@@ -1016,20 +1084,23 @@ impl HostIntroductions {
         } else if self.handshakes.remove(&from).is_some() {
             out.push(Action::Punch(from));
         }
-        if self.relayed.remove(&from).is_some() {
-            // A direct punch on a relayed path: the way is open. Answer it
-            // so the peer moves too, and keep the path alive from now on.
+        if let Some(path) = self.relayed.get_mut(&from) {
+            // A direct punch on a relayed path: the way may be open, or the
+            // punch forged. Answer it (the peer checks too) and check the
+            // way with a nonce only the peer can send back; the traffic
+            // moves when the answer arrives.
             out.push(Action::Punch(from));
-            out.push(Action::Unrelay {
-                peer: from,
-                direct: true,
-            });
-            self.paths.entry(from).or_insert(Path {
-                last_used: now,
-                next_keepalive: now,
-                answered: true,
-                handshake_until: now,
-            });
+            let fresh = path
+                .check
+                .is_none_or(|(_, at)| now >= at + RELAYED_PUNCH_INTERVAL);
+            if fresh {
+                let nonce = rand::Rng::random(&mut self.rng);
+                path.check = Some((nonce, now));
+                out.push(Action::Send {
+                    to: from,
+                    message: Message::PathCheck { nonce },
+                });
+            }
         }
         if let Some(path) = self.paths.get_mut(&from) {
             // The peer's punch refreshed our NAT's mapping as well as an own

@@ -334,10 +334,12 @@ async fn execute(
                 tracing::warn!(%peer, "no room for a relayed path to {peer}: {} peers have routes already", crate::transport::MAX_ROUTES);
             }
         }
-        Action::Unrelay { peer, direct } => {
-            // A direct punch cleared the route already, and the transport
-            // said so; a forgotten path's route goes now.
-            if !direct && endpoint.path_kind(peer) == PathKind::Relayed {
+        Action::Unrelay { peer, direct: true } => endpoint.move_to_direct(peer),
+        Action::Unrelay {
+            peer,
+            direct: false,
+        } => {
+            if endpoint.path_kind(peer) == PathKind::Relayed {
                 endpoint.clear_route(peer);
                 tracing::debug!(%peer, "forgot the relayed path to {peer}");
             }

@@ -784,7 +784,9 @@ impl Introducer {
             Message::Observed { .. }
             | Message::FilterTest { .. }
             | Message::Introduced { .. }
-            | Message::PunchRequest { .. } => vec![],
+            | Message::PunchRequest { .. }
+            | Message::PathCheck { .. }
+            | Message::PathOk { .. } => vec![],
         }
     }
 }

@@ -635,6 +635,37 @@ fn a_relay_asked_for_after_a_failed_punch_moves_to_a_direct_punch() {
 }
 
 #[test]
+fn a_forged_direct_punch_does_not_move_a_relayed_path() {
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(500, &[]);
+    let peer = sim.announced(1);
+    let (id, actions) = sim.hosts[0].state.introduce_relayed(sim.now, peer);
+    sim.apply(0, actions);
+    // Nothing goes directly between the two (a firewall): relayed it stays.
+    let introducer = introducer_addr().main.ip();
+    sim.loss = Box::new(move |from, to, _| from.ip() != introducer && to.ip() != introducer);
+    sim.run_until(1_000, &[]);
+    let Some((_, IntroResult::Relayed { addr, .. })) = sim.result(0, id) else {
+        panic!("{:?}", sim.result(0, id));
+    };
+    // Someone who knows both addresses forges the peer's punch, again and
+    // again: host 0 checks the way with a nonce that never comes back, and
+    // its path stays relayed.
+    for k in 0..20u64 {
+        let now = sim.at(1_000 + k * 500);
+        let actions = sim.hosts[0].state.on_punch(now, addr);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Unrelay { .. })),
+            "{actions:?}"
+        );
+        sim.apply(0, actions);
+        sim.run_until(1_000 + (k + 1) * 500, &[]);
+    }
+    assert_eq!(sim.hosts[0].relayed.len(), 1);
+    assert!(sim.hosts[0].direct_again.is_empty());
+}
+
+#[test]
 fn an_introduction_that_says_punch_ends_a_relayed_path() {
     let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(500, &[]);

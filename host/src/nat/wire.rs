@@ -138,6 +138,15 @@ pub enum Message {
     },
     /// Host → introducer: got the punch request for `peer`; do not re-send it.
     PunchAck { peer: SocketAddr },
+    /// Host → relayed peer, sent directly (never through the relay): can
+    /// you hear me here? Answered by [`Message::PathOk`] with the same
+    /// `nonce`, directly. Only that answer moves a relayed path to the
+    /// direct one (`docs/wire.md §5.5`): a punch can be forged by anyone
+    /// who knows the two addresses, the nonce only by someone who received
+    /// the check.
+    PathCheck { nonce: u64 },
+    /// Relayed peer → host, directly: the answer to [`Message::PathCheck`].
+    PathOk { nonce: u64 },
 }
 
 impl Message {
@@ -153,6 +162,8 @@ impl Message {
             Message::Introduced { .. } => "introduced",
             Message::PunchRequest { .. } => "punch-request",
             Message::PunchAck { .. } => "punch-ack",
+            Message::PathCheck { .. } => "path-check",
+            Message::PathOk { .. } => "path-ok",
         }
     }
 }

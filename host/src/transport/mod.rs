@@ -71,8 +71,8 @@ pub struct TransportStats {
     /// Relay frames dropped: not from the relay of a relayed peer, with
     /// another token, or carrying neither uTP nor a punch.
     pub refused_relay_frames: AtomicU64,
-    /// Relay routes cleared because the peer punched us directly: its
-    /// traffic moved to the direct path.
+    /// Relay routes cleared because the peer proved a direct path
+    /// ([`Endpoint::move_to_direct`]): its traffic moved there.
     pub relay_to_direct: AtomicU64,
 }
 
@@ -220,13 +220,6 @@ impl Demux {
         match classify(datagram) {
             Datagram::Utp => self.utp.handle_datagram(now, from, datagram),
             Datagram::Punch => {
-                // A relayed peer that reaches us directly: its traffic moves
-                // to the direct path (its address stays, so its uTP
-                // connections do not notice).
-                if via == Via::Main && self.routes.clear_relay(from) {
-                    self.stats.relay_to_direct.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(peer = %from, "the path to {from} is direct now (it was relayed)");
-                }
                 self.stats.punches_received.fetch_add(1, Ordering::Relaxed);
                 self.utp.note_punch(now, from);
                 let _ = self.punches.send(from);
@@ -439,6 +432,17 @@ impl Endpoint {
     /// socket no route uses any more stops being read within a second.
     pub fn clear_route(&self, peer: SocketAddr) {
         self.demux.routes.clear(peer);
+    }
+
+    /// `peer` proved it hears us directly and we hear it (a nonce sent
+    /// directly came back, `crate::nat`): if its path was relayed, its
+    /// traffic moves to the direct path now. The address stays, so its uTP
+    /// connections do not notice.
+    pub fn move_to_direct(&self, peer: SocketAddr) {
+        if self.demux.routes.clear_relay(peer) {
+            self.stats.relay_to_direct.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, "the path to {peer} is direct now (it was relayed)");
+        }
     }
 
     /// The kind of path to `peer` now.
@@ -793,7 +797,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_relayed_session_runs_through_the_relay_and_moves_to_a_direct_punch() {
+    async fn a_relayed_session_runs_through_the_relay_and_moves_to_the_direct_path() {
         let (a, b) = two_endpoints().await;
         let (ta, tb) = ([1u8; 8], [2u8; 8]);
         let (relay, forwarded) = forwarder((a.local_addr(), ta), (b.local_addr(), tb));
@@ -827,19 +831,20 @@ mod tests {
         })
         .await;
 
-        // B punches A directly: A's traffic to B moves to the direct path,
-        // the session goes on, and the relay carries no more of it.
+        // A punch straight from B (or forged with B's address) does not move
+        // anything: only the host's check (crate::nat) does.
         b.punch(a.local_addr()).await;
-        eventually("A's route to B is cleared", || {
-            a.path_kind(b.local_addr()) == PathKind::Direct
+        eventually("the punch arrived", || {
+            a.stats.punches_received.load(Ordering::Relaxed) == 1
         })
         .await;
+        assert_eq!(a.path_kind(b.local_addr()), PathKind::Relayed);
+        // Both moved to direct: the session goes on, and the relay carries
+        // no more of it.
+        a.move_to_direct(b.local_addr());
+        b.move_to_direct(a.local_addr());
+        assert_eq!(a.path_kind(b.local_addr()), PathKind::Direct);
         assert_eq!(a.stats.relay_to_direct.load(Ordering::Relaxed), 1);
-        a.punch(b.local_addr()).await;
-        eventually("B's route to A is cleared", || {
-            b.path_kind(a.local_addr()) == PathKind::Direct
-        })
-        .await;
         let before = forwarded.load(Ordering::Relaxed);
         carries(&mut client_write, &mut server_read, &[8u8; 5000]).await;
         carries(&mut server_write, &mut client_read, b"direct").await;
