@@ -63,6 +63,9 @@ pub const RELAYED_PUNCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Most relayed paths a host keeps; the one punched longest ago goes
 /// first (its route with it).
 const MAX_RELAYED: usize = 256;
+/// How long after a relayed path moved to direct the host still answers
+/// the peer's `path-check` (two of the peer's punch intervals).
+const MOVED_GRACE: Duration = Duration::from_secs(10);
 
 /// What a host's driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,6 +314,10 @@ pub struct HostIntroductions {
     paths: HashMap<SocketAddr, Path>,
     /// Peers reached through the relay.
     relayed: HashMap<SocketAddr, RelayedPath>,
+    /// Peers whose relayed path moved to direct within [`MOVED_GRACE`]:
+    /// when it moved, and when we last answered its `path-check` (it may
+    /// check after we moved, and must hear back to move too).
+    moved: HashMap<SocketAddr, (Instant, Option<Instant>)>,
     /// Registers because the introducer registered it for its relay,
     /// though it does not serve behind a NAT (a `call`): the relay serves
     /// registered hosts only.
@@ -369,6 +376,7 @@ impl HostIntroductions {
             handshakes: HashMap::new(),
             paths: HashMap::new(),
             relayed: HashMap::new(),
+            moved: HashMap::new(),
             registers_for_relay: false,
             introduce_sig: Default::default(),
             next_id: probe_id + 1,
@@ -1010,8 +1018,21 @@ impl HostIntroductions {
     /// ours is waiting; an answer carrying our check's nonce moves the path
     /// to direct.
     fn on_path_message(&mut self, now: Instant, from: SocketAddr, message: Message) -> Vec<Action> {
+        self.moved.retain(|_, (at, _)| now < *at + MOVED_GRACE);
         let Some(path) = self.relayed.get_mut(&from) else {
-            return vec![];
+            // Moved already: the peer's check still gets its answer.
+            return match (message, self.moved.get_mut(&from)) {
+                (Message::PathCheck { nonce }, Some((_, answered)))
+                    if answered.is_none_or(|at| now >= at + RELAYED_PUNCH_INTERVAL) =>
+                {
+                    *answered = Some(now);
+                    vec![Action::Send {
+                        to: from,
+                        message: Message::PathOk { nonce },
+                    }]
+                }
+                _ => vec![],
+            };
         };
         match message {
             Message::PathCheck { nonce } => {
@@ -1040,7 +1061,10 @@ impl HostIntroductions {
                 out
             }
             Message::PathOk { nonce } if path.check.is_some_and(|(n, _)| n == nonce) => {
+                let answered = path.answered_check;
                 self.relayed.remove(&from);
+                crate::units::evict_oldest(&mut self.moved, MAX_RELAYED, |(at, _)| *at);
+                self.moved.insert(from, (now, answered));
                 self.paths.entry(from).or_insert(Path {
                     last_used: now,
                     next_keepalive: now,

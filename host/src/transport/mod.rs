@@ -248,12 +248,13 @@ impl Demux {
 
 impl Demux {
     /// A relay frame from `relay`: its payload is sorted as if it came from
-    /// the frame's address if that peer's route is through `relay` with the
-    /// frame's token, and carries uTP or a punch; anything else is dropped
-    /// and counted.
+    /// the frame's address if this host has a relay session with that peer
+    /// through `relay` with the frame's token (sending through it, or moved
+    /// to the direct path while the peer may not have yet), and carries uTP
+    /// or a punch; anything else is dropped and counted.
     fn sort_relayed(&self, now: Instant, relay: SocketAddr, datagram: &[u8]) {
         let frame = parse_relay_frame(datagram).filter(|f| {
-            matches!(self.routes.get(f.addr), Some(Route::Relay { relay: r, token }) if r == relay && token == f.token)
+            self.routes.accepts_relayed(f.addr, relay, &f.token)
                 && matches!(classify(f.payload), Datagram::Utp | Datagram::Punch)
         });
         match frame {
@@ -853,6 +854,20 @@ mod tests {
             before,
             "nothing more through the relay"
         );
+        // A side that moved still takes what its peer sends through the
+        // relay (the peer may not have moved yet); a cleared route's session
+        // is forgotten.
+        a.set_route(b.local_addr(), Route::Relay { relay, token: ta });
+        carries(&mut client_write, &mut server_read, b"relayed again").await;
+        carries(&mut server_write, &mut client_read, b"direct reply").await;
+        assert!(
+            forwarded.load(Ordering::Relaxed) > before,
+            "A sent through the relay"
+        );
+        let routes = &b.demux.routes;
+        assert!(routes.accepts_relayed(a.local_addr(), relay, &tb));
+        b.clear_route(a.local_addr());
+        assert!(!routes.accepts_relayed(a.local_addr(), relay, &tb));
     }
 
     #[tokio::test]

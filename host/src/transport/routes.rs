@@ -86,6 +86,12 @@ pub(super) struct Routes {
     /// Whether any route exists: the common case (none) costs no lock.
     any: AtomicBool,
     table: Mutex<HashMap<SocketAddr, Route>>,
+    /// The relay sessions whose frames are accepted, by peer: a session's
+    /// relay and this host's token. Kept when the peer's traffic moves to
+    /// the direct path ([`Routes::clear_relay`]), since the peer may still
+    /// send through the relay until it moves too; gone with
+    /// [`Routes::clear`]. At most [`MAX_ROUTES`].
+    relayed_in: Mutex<HashMap<SocketAddr, (SocketAddr, [u8; RELAY_TOKEN_LEN])>>,
     /// The readers of adopted sockets, aborted when the endpoint stops.
     readers: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -110,6 +116,13 @@ impl Routes {
         if table.len() >= MAX_ROUTES && !table.contains_key(&peer) {
             return false;
         }
+        if let Route::Relay { relay, token } = route {
+            let mut relayed_in = self.relayed_in();
+            if relayed_in.len() >= MAX_ROUTES && !relayed_in.contains_key(&peer) {
+                return false;
+            }
+            relayed_in.insert(peer, (relay, token));
+        }
         table.insert(peer, route);
         self.any.store(true, Ordering::Relaxed);
         true
@@ -117,13 +130,34 @@ impl Routes {
 
     /// Sends `peer`'s datagrams direct again; returns the route it had.
     pub fn clear(&self, peer: SocketAddr) -> Option<Route> {
+        self.relayed_in().remove(&peer);
         let mut table = self.lock();
         let old = table.remove(&peer);
         self.any.store(!table.is_empty(), Ordering::Relaxed);
         old
     }
 
-    /// Clears `peer`'s route if it is a relay route; returns whether it was.
+    fn relayed_in(
+        &self,
+    ) -> MutexGuard<'_, HashMap<SocketAddr, (SocketAddr, [u8; RELAY_TOKEN_LEN])>> {
+        self.relayed_in.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a relay frame from `relay` with `token` may carry `peer`'s
+    /// datagrams: its session is this host's, sending through it or not.
+    pub fn accepts_relayed(
+        &self,
+        peer: SocketAddr,
+        relay: SocketAddr,
+        token: &[u8; RELAY_TOKEN_LEN],
+    ) -> bool {
+        self.relayed_in()
+            .get(&peer)
+            .is_some_and(|(r, t)| *r == relay && t == token)
+    }
+
+    /// Clears `peer`'s route if it is a relay route (its frames are still
+    /// accepted until [`clear`](Self::clear)); returns whether it was.
     pub fn clear_relay(&self, peer: SocketAddr) -> bool {
         if !self.any.load(Ordering::Relaxed) {
             return false;
