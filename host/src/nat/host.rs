@@ -63,6 +63,12 @@ pub const RELAYED_PUNCH_INTERVAL: Duration = Duration::from_secs(5);
 /// Most relayed paths a host keeps; the one punched longest ago goes
 /// first (its route with it).
 const MAX_RELAYED: usize = 256;
+/// Most paths that hold an adopted socket (birthday punching's winner, one
+/// file descriptor each); the least recently used lets its socket go.
+const MAX_ADOPTED: usize = 64;
+/// Most such paths to one peer IP: a caller (or many callers behind one
+/// address) cannot take the host's whole share.
+const MAX_ADOPTED_PER_IP: usize = 4;
 /// How long after a relayed path moved to direct the host still answers
 /// the peer's `path-check` (two of the peer's punch intervals).
 const MOVED_GRACE: Duration = Duration::from_secs(10);
@@ -400,6 +406,12 @@ impl HostIntroductions {
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.rng = rand::SeedableRng::seed_from_u64(seed);
         self
+    }
+
+    /// The cookie our latest registration carried (empty before the first).
+    #[cfg(test)]
+    pub fn registration_cookie(&self) -> &str {
+        &self.registered_cookies[0]
     }
 
     /// Whether this host registers with the introducer (serves behind a NAT).
@@ -764,8 +776,15 @@ impl HostIntroductions {
                 }
                 vec![]
             }
+            // Only the answer to a registration or introduction of ours (ids
+            // start at a random value below 2^52): a forged `observed`
+            // must not plant a cookie that a forged punch request could
+            // then carry.
             Message::Observed { id, cookie, .. }
-                if from == introducer.main && !cookie.is_empty() && !self.probing() =>
+                if from == introducer.main
+                    && !cookie.is_empty()
+                    && !self.probing()
+                    && (id == self.registered_with.0 || self.intros.contains_key(&id)) =>
             {
                 // A registration's answer, or a cookie for a registration
                 // or introduction whose own was stale: renew it and resend
@@ -932,7 +951,18 @@ impl HostIntroductions {
         peer: SocketAddr,
         role: BirthdayRole,
     ) -> Result<Vec<Action>, String> {
+        let fits = match role {
+            BirthdayRole::Sockets => self.nat == NatKind::Symmetric,
+            BirthdayRole::Probe => self.nat == NatKind::PortRestricted,
+        };
         let refused = match &self.birthday {
+            // Whoever asks, a role that does not fit this host's own NAT is
+            // no birthday attempt of ours (a forged or confused request).
+            _ if !fits => format!(
+                "the {} role does not fit this host's NAT ({})",
+                role.as_str(),
+                self.nat.describe()
+            ),
             Some(a) if a.peer() == peer && a.role() == role => return Ok(vec![]),
             Some(a) => format!(
                 "this host takes part in one birthday attempt at a time (one toward {} is under way)",
@@ -970,14 +1000,45 @@ impl HostIntroductions {
         let Some(attempt) = self.birthday.as_mut() else {
             return vec![];
         };
-        let out = actions(attempt.on_socket_punch(now, index, from));
-        for action in &out {
-            if let Action::AdoptSocket { peer, .. } = action {
-                self.adopted.insert(*peer);
-            }
+        let mut out = actions(attempt.on_socket_punch(now, index, from));
+        let adopted: Vec<SocketAddr> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::AdoptSocket { peer, .. } => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        for peer in adopted {
+            self.make_room_to_adopt(peer, &mut out);
+            self.adopted.insert(peer);
         }
         self.drop_ended_birthday();
         out
+    }
+
+    /// Before `peer`'s path takes an adopted socket: at most
+    /// [`MAX_ADOPTED_PER_IP`] per peer IP and [`MAX_ADOPTED`] in all (each
+    /// holds a file descriptor); the least recently used path (of that IP
+    /// first) lets its socket go.
+    fn make_room_to_adopt(&mut self, peer: SocketAddr, out: &mut Vec<Action>) {
+        for (same_ip, limit) in [(true, MAX_ADOPTED_PER_IP), (false, MAX_ADOPTED)] {
+            let held = |a: &&SocketAddr| !same_ip || a.ip() == peer.ip();
+            while self.adopted.iter().filter(held).count() >= limit {
+                let paths = &self.paths;
+                let Some(oldest) = self
+                    .adopted
+                    .iter()
+                    .filter(held)
+                    .min_by_key(|a| paths.get(a).map(|p| p.last_used))
+                    .copied()
+                else {
+                    break;
+                };
+                self.adopted.remove(&oldest);
+                self.paths.remove(&oldest);
+                out.push(Action::ReleaseSocket(oldest));
+            }
+        }
     }
 
     /// Starts punching `peer` until it answers, unless a handshake with it

@@ -58,6 +58,14 @@ pub enum BirthdayRole {
 }
 
 impl BirthdayRole {
+    /// The role's name, as on the wire: `sockets` or `probe`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BirthdayRole::Sockets => "sockets",
+            BirthdayRole::Probe => "probe",
+        }
+    }
+
     /// The role of the other side.
     pub fn other(self) -> Self {
         match self {

@@ -766,6 +766,72 @@ fn a_punch_request_without_the_hosts_registration_cookie_is_ignored() {
 }
 
 #[test]
+fn a_forged_observed_plants_no_cookie_for_a_forged_punch_request() {
+    // The attack of the review: an `observed` spoofed from the introducer's
+    // address with a cookie of the attacker's, then (after the host's next
+    // registration) a punch request carrying that cookie that makes the host
+    // probe a victim.
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(500, &[]);
+    let planted = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_string();
+    let now = sim.now;
+    for id in [0, 1, 12_345, u64::MAX >> 12] {
+        let forged = Message::Observed {
+            id,
+            addr: "198.51.100.7:4000".parse().unwrap(),
+            cookie: planted.clone(),
+        };
+        let actions = sim.hosts[1]
+            .state
+            .on_message(now, introducer_addr().main, forged);
+        sim.apply(1, actions);
+    }
+    // Two registrations later...
+    sim.run_until(500 + 2 * REGISTER_INTERVAL.as_millis() as u64 + 100, &[]);
+    let victim: SocketAddr = "192.0.2.9:80".parse().unwrap();
+    let forged = Message::PunchRequest {
+        peer: victim,
+        nat: NatKind::Symmetric,
+        cookie: planted,
+        relay_token: String::new(),
+        birthday: Some(super::kind::BirthdayRole::Probe),
+    };
+    let actions = sim.hosts[1]
+        .state
+        .on_message(sim.now, introducer_addr().main, forged);
+    assert!(actions.is_empty(), "{actions:?}");
+}
+
+#[test]
+fn a_birthday_role_that_does_not_fit_the_hosts_nat_is_refused() {
+    // A port-restricted host asked (with its real cookie, as a confused or
+    // compromised introducer could) to open the symmetric side's sockets.
+    let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
+    sim.run_until(500, &[]);
+    let cookie = sim.hosts[1].state.registration_cookie().to_string();
+    assert!(!cookie.is_empty());
+    let asked = Message::PunchRequest {
+        peer: "192.0.2.9:80".parse().unwrap(),
+        nat: NatKind::PortRestricted,
+        cookie,
+        relay_token: String::new(),
+        birthday: Some(super::kind::BirthdayRole::Sockets),
+    };
+    let actions = sim.hosts[1]
+        .state
+        .on_message(sim.now, introducer_addr().main, asked);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::OpenSockets { .. })),
+        "{actions:?}"
+    );
+    assert!(actions.iter().any(
+        |a| matches!(a, Action::BirthdayRefused { reason, .. } if reason.contains("does not fit"))
+    ));
+}
+
+#[test]
 fn a_lost_introduce_and_a_late_answer_are_retried() {
     let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(500, &[]);
