@@ -620,18 +620,23 @@ impl LimitArgs {
 /// joins (docs/wire.md §5.5).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayArgs {
-    /// Most relayed sessions one host may take part in; a host over it is
-    /// told so.
-    #[arg(long, value_name = "N", default_value_t = crate::nat::relay::SESSIONS_PER_HOST)]
+    /// Most relayed sessions one host may take part in (at least 1; turn
+    /// the relay off with --relay-sessions 0). A caller over it, or over
+    /// the worker's, is told which quota refused it.
+    #[arg(long, value_name = "N", default_value_t = crate::nat::relay::SESSIONS_PER_HOST,
+          value_parser = parse_sessions_per_host)]
     pub relay_sessions_per_host: usize,
     /// Most relayed sessions at once in all; 0 turns the relay off.
     #[arg(long, value_name = "N", default_value_t = crate::nat::relay::SESSIONS)]
     pub relay_sessions: usize,
     /// Bytes per second one host may send through the relay (bursts of 4×
-    /// that); frames over it are dropped and uTP backs off.
+    /// that; units as for --relay-rate); frames over it are dropped and
+    /// uTP backs off.
     #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_rate)]
     pub relay_host_rate: u32,
-    /// Bytes per second the relay forwards in all (bursts of as much).
+    /// Bytes per second the relay forwards in all, with bursts of one
+    /// second's worth, e.g. 8MiB (a bare number is bytes; K, M, G are
+    /// powers of 1024, with or without iB/B, any case).
     #[arg(long, value_name = "BYTES", default_value = "8MiB", value_parser = parse_rate)]
     pub relay_rate: u32,
     /// Serve the relay's Prometheus metrics on GET http://IP:PORT/metrics
@@ -653,6 +658,15 @@ impl RelayArgs {
             bytes_per_second: self.relay_rate,
             burst_bytes: self.relay_rate,
         }
+    }
+}
+
+/// Parses `--relay-sessions-per-host`: at least 1.
+fn parse_sessions_per_host(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("0 would refuse every relayed session; give at least 1, or turn the relay off with --relay-sessions 0".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a number of sessions")),
     }
 }
 

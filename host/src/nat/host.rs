@@ -69,6 +69,10 @@ const MAX_ADOPTED: usize = 64;
 /// Most such paths to one peer IP: a caller (or many callers behind one
 /// address) cannot take the host's whole share.
 const MAX_ADOPTED_PER_IP: usize = 4;
+/// A relayed path nothing went over for this long (no request of ours,
+/// no frame from the peer) is forgotten, its route with it: the relay ends
+/// a session idle for as long (`relay::SESSION_IDLE`).
+pub const RELAYED_TTL: Duration = Duration::from_secs(60);
 /// How long after a relayed path moved to direct the host still answers
 /// the peer's `path-check` (two of the peer's punch intervals).
 const MOVED_GRACE: Duration = Duration::from_secs(10);
@@ -485,7 +489,7 @@ impl HostIntroductions {
             path.answered = true;
         }
         if let Some(path) = self.relayed.get_mut(&addr) {
-            path.punch_until = now + PATH_TTL;
+            path.punch_until = now + RELAYED_TTL;
         }
     }
 
@@ -523,8 +527,7 @@ impl HostIntroductions {
         let relayed = self
             .relayed
             .values()
-            .filter(|p| p.next_punch < p.punch_until)
-            .map(|p| p.next_punch)
+            .map(|p| p.next_punch.min(p.punch_until))
             .min();
         let birthday = self.birthday.as_ref().and_then(Attempt::next_wakeup);
         [
@@ -640,6 +643,16 @@ impl HostIntroductions {
                 out.push(Action::Punch(peer));
             }
         }
+        self.relayed.retain(|&peer, path| {
+            let live = now < path.punch_until;
+            if !live {
+                out.push(Action::Unrelay {
+                    peer,
+                    direct: false,
+                });
+            }
+            live
+        });
         for (&peer, path) in self.relayed.iter_mut() {
             if now >= path.next_punch && now < path.punch_until {
                 path.next_punch = now + RELAYED_PUNCH_INTERVAL;
@@ -677,7 +690,7 @@ impl HostIntroductions {
             peer,
             RelayedPath {
                 next_punch: now,
-                punch_until: now + PATH_TTL,
+                punch_until: now + RELAYED_TTL,
                 check: None,
                 answered_check: None,
             },

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::birthday::{self, Report};
-use super::host::{Action, HostIntroductions, IntroOutcome, IntroResult};
+use super::host::{Action, HostIntroductions, IntroOutcome, IntroResult, RELAYED_PUNCH_INTERVAL};
 use super::kind::{BirthdayRole, NatKind};
 use super::wire;
 use crate::transport::{Endpoint, Introductions, PathKind, Route, PUNCH};
@@ -192,7 +192,16 @@ async fn drive(
                     actions = state.on_socket_punch(Instant::now(), index, from);
                 }
             }
-            _ = tokio::time::sleep_until(wake.into()) => actions = state.poll(Instant::now()),
+            _ = tokio::time::sleep_until(wake.into()) => {
+                // Relayed paths the peer sends on are in use (a serving
+                // host sees no other sign of it); the rest expire.
+                let now = Instant::now();
+                let since = now.checked_sub(RELAYED_PUNCH_INTERVAL * 2).unwrap_or(now);
+                for peer in endpoint.relayed_heard_since(since) {
+                    state.used(now, peer);
+                }
+                actions = state.poll(now);
+            }
         }
     }
 }

@@ -149,7 +149,7 @@ impl IntroducerSockets {
                     }
                 };
                 if let wire::Message::Introduced { outcome, .. } = &out.message {
-                    tracing::info!(%from, ?outcome, "introduction");
+                    tracing::debug!(%from, "introduction: {outcome}");
                 }
                 if let Err(e) = socket.send_to(&wire::encode(&out.message), out.to).await {
                     tracing::debug!(to = %out.to, "introducer send failed: {e}");

@@ -49,6 +49,13 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(60);
 pub const EVICTABLE_IDLE: Duration = Duration::from_secs(10);
 /// Default of [`RelayLimits::sessions_per_host`].
 pub const SESSIONS_PER_HOST: usize = 16;
+/// Most sessions the hosts on one IP take part in: one address (many
+/// registrations on it) cannot fill the relay. A carrier-grade NAT's
+/// customers share it.
+pub const SESSIONS_PER_IP: usize = 64;
+/// Most sessions one host has with hosts on one other IP: callers on one
+/// address cannot take all of a worker's [`SESSIONS_PER_HOST`].
+pub const SESSIONS_PER_PEER_PER_IP: usize = 4;
 /// Default of [`RelayLimits::sessions`].
 pub const SESSIONS: usize = 4_096;
 /// Default of [`RelayLimits::host_bytes_per_second`]: 256 KiB/s.
@@ -113,6 +120,19 @@ pub enum Refusal {
     /// One host is on IPv4, the other on IPv6 (their frames would differ
     /// in size).
     Family,
+    /// The hosts on the caller's IP have [`SESSIONS_PER_IP`] sessions.
+    IpQuota(usize),
+    /// The peer has [`SESSIONS_PER_PEER_PER_IP`] sessions with hosts on the
+    /// caller's IP already.
+    PeerIpQuota(usize),
+}
+
+/// `n` relayed session(s), in words.
+fn sessions(n: usize) -> String {
+    match n {
+        1 => "1 relayed session".to_string(),
+        n => format!("{n} relayed sessions"),
+    }
 }
 
 impl Refusal {
@@ -120,10 +140,10 @@ impl Refusal {
     pub fn describe(self) -> String {
         match self {
             Refusal::HostQuota(n) => format!(
-                "this host already has {n} relayed sessions (the most per host), none idle for 10 s; close some connections, or try again when one is idle"
+                "this host already has {} (the most per host), none idle for 10 s; close some connections, or try again when one is idle", sessions(n)
             ),
             Refusal::PeerQuota(n) => format!(
-                "the peer already has {n} relayed sessions (the most per host), none idle for 10 s; try another peer of the service, or later"
+                "the peer already has {} (the most per host), none idle for 10 s; try another peer of the service, or later", sessions(n)
             ),
             Refusal::TotalQuota(0) => {
                 "relaying is turned off on this introducer".to_string()
@@ -134,6 +154,12 @@ impl Refusal {
             Refusal::Family => {
                 "one host is on IPv4 and the other on IPv6; the relay joins hosts of one address family only".to_string()
             }
+            Refusal::IpQuota(n) => format!(
+                "the hosts on this host's IP already have {} (the most per IP); try again when some end", sessions(n)
+            ),
+            Refusal::PeerIpQuota(n) => format!(
+                "the peer already has {} with hosts on this host's IP (the most per peer and IP); try again when one ends", sessions(n)
+            ),
         }
     }
 }
@@ -265,8 +291,10 @@ impl Relay {
     ) -> Result<(Token, Token), Refusal> {
         self.sweep(now, &registered);
         let (k, side) = key(caller, peer);
-        if let Some(s) = self.sessions.get_mut(&k) {
-            s.last_used = now;
+        // A repeated introduction gets the same tokens but does not count
+        // as use: only forwarded frames keep a session from being idle, so
+        // introductions alone cannot hold a host's sessions.
+        if let Some(s) = self.sessions.get(&k) {
             return Ok((s.tokens[side], s.tokens[1 - side]));
         }
         // A full host (or relay) makes room by ending its session idle the
@@ -289,6 +317,10 @@ impl Relay {
             Some(Refusal::HostQuota(self.limits.sessions_per_host))
         } else if self.count(peer) >= self.limits.sessions_per_host {
             Some(Refusal::PeerQuota(self.limits.sessions_per_host))
+        } else if self.on_ip(caller.ip()) >= SESSIONS_PER_IP {
+            Some(Refusal::IpQuota(SESSIONS_PER_IP))
+        } else if self.between(peer, caller.ip()) >= SESSIONS_PER_PEER_PER_IP {
+            Some(Refusal::PeerIpQuota(SESSIONS_PER_PEER_PER_IP))
         } else {
             None
         };
@@ -324,6 +356,22 @@ impl Relay {
         if let Some(k) = idlest {
             self.remove(k);
         }
+    }
+
+    /// Sessions with a side on `ip`. O(sessions), only when one opens.
+    fn on_ip(&self, ip: std::net::IpAddr) -> usize {
+        self.sessions
+            .keys()
+            .filter(|(a, b)| a.ip() == ip || b.ip() == ip)
+            .count()
+    }
+
+    /// Sessions of `host` with a host on `ip`.
+    fn between(&self, host: SocketAddr, ip: std::net::IpAddr) -> usize {
+        self.sessions
+            .keys()
+            .filter(|(a, b)| (*a == host && b.ip() == ip) || (*b == host && a.ip() == ip))
+            .count()
     }
 
     fn count(&self, host: SocketAddr) -> usize {
@@ -435,6 +483,51 @@ mod tests {
         let a = addr("198.51.100.2:40001");
         let b = addr("203.0.113.3:50002");
         (a, b, HashSet::from([a, b]))
+    }
+
+    #[test]
+    fn callers_on_one_ip_neither_take_a_peers_sessions_nor_hold_them_by_introductions() {
+        let worker = addr("203.0.113.3:50002");
+        let callers: Vec<SocketAddr> = (0..8)
+            .map(|i| addr(&format!("198.51.100.9:{}", 40_000 + i)))
+            .collect();
+        let is = |_| true;
+        let mut relay = Relay::new(RelayLimits::default());
+        let now = Instant::now();
+        for c in &callers[..SESSIONS_PER_PEER_PER_IP] {
+            relay.open(now, *c, worker, is).unwrap();
+        }
+        let over = callers[SESSIONS_PER_PEER_PER_IP];
+        assert_eq!(
+            relay.open(now, over, worker, is),
+            Err(Refusal::PeerIpQuota(SESSIONS_PER_PEER_PER_IP))
+        );
+        // A caller on another IP still gets one.
+        assert!(relay.open(now, addr("192.0.2.5:1"), worker, is).is_ok());
+        // Re-sent introductions do not keep the first four from being idle:
+        // once they are, they make room.
+        let later = now + EVICTABLE_IDLE;
+        for c in &callers[..SESSIONS_PER_PEER_PER_IP] {
+            relay.open(later, *c, worker, is).unwrap();
+        }
+        let fuller = RelayLimits {
+            sessions_per_host: SESSIONS_PER_PEER_PER_IP + 1,
+            ..RelayLimits::default()
+        };
+        let mut small = Relay::new(fuller);
+        for c in &callers[..SESSIONS_PER_PEER_PER_IP + 1] {
+            let c = SocketAddr::new(std::net::IpAddr::from([192, 0, 2, c.port() as u8]), 1);
+            small.open(now, c, worker, is).unwrap();
+        }
+        for c in &callers[..SESSIONS_PER_PEER_PER_IP + 1] {
+            let c = SocketAddr::new(std::net::IpAddr::from([192, 0, 2, c.port() as u8]), 1);
+            small.open(later, c, worker, is).unwrap();
+        }
+        let newcomer = addr("192.0.2.200:1");
+        assert!(
+            small.open(later, newcomer, worker, is).is_ok(),
+            "an idle session made room although it was introduced again"
+        );
     }
 
     #[test]

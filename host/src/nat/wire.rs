@@ -51,6 +51,26 @@ pub enum Outcome {
     },
 }
 
+impl std::fmt::Display for Outcome {
+    /// For logs: the kind, the peer's address, its NAT and the reason;
+    /// never a relay token (a session's secret).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Peer { addr, nat } => write!(f, "punch {addr} ({})", nat.describe()),
+            Outcome::Unknown => f.write_str("unknown peer (not registered here)"),
+            Outcome::Impossible { reason } => write!(f, "impossible: {reason}"),
+            Outcome::Relay { addr, nat, .. } => write!(f, "relay to {addr} ({})", nat.describe()),
+            Outcome::RelayRefused { reason } => write!(f, "relay refused: {reason}"),
+            Outcome::Birthday { addr, nat, role } => write!(
+                f,
+                "birthday punching with {addr} ({}), the caller in the {} role",
+                nat.describe(),
+                role.as_str()
+            ),
+        }
+    }
+}
+
 /// One introduction datagram (after [`MAGIC`], JSON; trailing spaces pad
 /// it, see [`encode_padded`]).
 ///

@@ -254,7 +254,7 @@ impl Demux {
     /// or a punch; anything else is dropped and counted.
     fn sort_relayed(&self, now: Instant, relay: SocketAddr, datagram: &[u8]) {
         let frame = parse_relay_frame(datagram).filter(|f| {
-            self.routes.accepts_relayed(f.addr, relay, &f.token)
+            self.routes.accept_relayed(f.addr, relay, &f.token, now)
                 && matches!(classify(f.payload), Datagram::Utp | Datagram::Punch)
         });
         match frame {
@@ -444,6 +444,12 @@ impl Endpoint {
             self.stats.relay_to_direct.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, "the path to {peer} is direct now (it was relayed)");
         }
+    }
+
+    /// The peers whose relay sessions brought a frame since `since` (for
+    /// the host's introductions: a relayed path in use is kept).
+    pub fn relayed_heard_since(&self, since: Instant) -> Vec<SocketAddr> {
+        self.demux.routes.relayed_heard_since(since)
     }
 
     /// The kind of path to `peer` now.
@@ -865,9 +871,12 @@ mod tests {
             "A sent through the relay"
         );
         let routes = &b.demux.routes;
-        assert!(routes.accepts_relayed(a.local_addr(), relay, &tb));
+        let now = Instant::now();
+        assert!(routes.accept_relayed(a.local_addr(), relay, &tb, now));
+        assert_eq!(b.relayed_heard_since(now), vec![a.local_addr()]);
         b.clear_route(a.local_addr());
-        assert!(!routes.accepts_relayed(a.local_addr(), relay, &tb));
+        assert!(!routes.accept_relayed(a.local_addr(), relay, &tb, now));
+        assert!(b.relayed_heard_since(now).is_empty());
     }
 
     #[tokio::test]

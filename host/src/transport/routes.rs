@@ -79,6 +79,15 @@ impl PathKind {
     }
 }
 
+/// A relay session whose frames this host accepts.
+#[derive(Debug, Clone, Copy)]
+struct RelayedIn {
+    relay: SocketAddr,
+    token: [u8; RELAY_TOKEN_LEN],
+    /// When a frame of the session was last accepted.
+    heard: Option<std::time::Instant>,
+}
+
 /// The route table, shared by the socket's task, the readers of adopted
 /// sockets and the endpoint's handles.
 #[derive(Debug, Default)]
@@ -91,7 +100,7 @@ pub(super) struct Routes {
     /// the direct path ([`Routes::clear_relay`]), since the peer may still
     /// send through the relay until it moves too; gone with
     /// [`Routes::clear`]. At most [`MAX_ROUTES`].
-    relayed_in: Mutex<HashMap<SocketAddr, (SocketAddr, [u8; RELAY_TOKEN_LEN])>>,
+    relayed_in: Mutex<HashMap<SocketAddr, RelayedIn>>,
     /// The readers of adopted sockets, aborted when the endpoint stops.
     readers: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -121,7 +130,14 @@ impl Routes {
             if relayed_in.len() >= MAX_ROUTES && !relayed_in.contains_key(&peer) {
                 return false;
             }
-            relayed_in.insert(peer, (relay, token));
+            relayed_in.insert(
+                peer,
+                RelayedIn {
+                    relay,
+                    token,
+                    heard: None,
+                },
+            );
         }
         table.insert(peer, route);
         self.any.store(true, Ordering::Relaxed);
@@ -137,23 +153,36 @@ impl Routes {
         old
     }
 
-    fn relayed_in(
-        &self,
-    ) -> MutexGuard<'_, HashMap<SocketAddr, (SocketAddr, [u8; RELAY_TOKEN_LEN])>> {
+    fn relayed_in(&self) -> MutexGuard<'_, HashMap<SocketAddr, RelayedIn>> {
         self.relayed_in.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a relay frame from `relay` with `token` may carry `peer`'s
-    /// datagrams: its session is this host's, sending through it or not.
-    pub fn accepts_relayed(
+    /// datagrams (its session is this host's, sending through it or not);
+    /// if so, notes that the session was heard at `now`.
+    pub fn accept_relayed(
         &self,
         peer: SocketAddr,
         relay: SocketAddr,
         token: &[u8; RELAY_TOKEN_LEN],
+        now: std::time::Instant,
     ) -> bool {
+        match self.relayed_in().get_mut(&peer) {
+            Some(s) if s.relay == relay && &s.token == token => {
+                s.heard = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The peers whose relay sessions carried a frame since `since`.
+    pub fn relayed_heard_since(&self, since: std::time::Instant) -> Vec<SocketAddr> {
         self.relayed_in()
-            .get(&peer)
-            .is_some_and(|(r, t)| *r == relay && t == token)
+            .iter()
+            .filter(|(_, s)| s.heard.is_some_and(|at| at >= since))
+            .map(|(peer, _)| *peer)
+            .collect()
     }
 
     /// Clears `peer`'s route if it is a relay route (its frames are still
