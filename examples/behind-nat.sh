@@ -8,7 +8,9 @@
 # at once. Last, the second router turns symmetric (random ports), a pair plain
 # punching cannot join: the introducer has both sides birthday-punch (256
 # sockets on one side, random-port probes on the other) and the call gets
-# through all the same.
+# through all the same. Last of all the worker's router turns symmetric too,
+# a pair no punching can join, and the introducer relays the call (the relay
+# sees only the encrypted session).
 #
 # Needs root, iproute2 and nftables (apt-get install -y nftables iproute2).
 # Build first: cargo xtask plugins && cargo build -p grenache-host
@@ -26,8 +28,11 @@ cleanup() {
   for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for ns in home2 router2 home router pub inet; do ip netns del "$P$ns" 2>/dev/null || true; done
+  # The logs stay when something failed (the message names them).
+  if [ "$OK" = 1 ] && [ -n "$LOG" ]; then rm -rf "$LOG"; fi
 }
 trap cleanup EXIT
+LOG=; OK=0
 inns() { local ns=$1; shift; ip netns exec "$P$ns" "$@"; }
 # Starts a program in a namespace in the background; `ip netns exec` execs it,
 # so $! is the program itself and cleanup can stop it.
@@ -95,6 +100,7 @@ kill "$QUIET"
 echo "== the worker behind NAT, with --behind-nat: it punches fibonacci_consumer every second"
 wait "$QUIET" 2>/dev/null || true
 bg_in home "$LOG/worker" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --behind-nat --control off --log-level info,requests=debug
+WORKER_PID=$!
 sleep "$SECONDS_TO_WATCH"
 echo "-- consumer (public):"; grep -E "punch from|got data reply|failed" "$LOG/consumer" | sed 's/^/   /' | head -8
 echo "-- worker (behind NAT, seen from outside as 203.0.113.2):"; grep -E "request for" "$LOG/worker" | sed 's/^/   /' | head -4
@@ -125,4 +131,18 @@ snat router2 203.0.113.3 fully-random
 if ! inns home2 "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 --log-level info 2>&1 | sed 's/^/   call | /'; then
   echo "!! birthday punching did not get the call through"; exit 1
 fi
+
+echo "== the worker's router turns symmetric too: no punch can meet; the DHT node's introducer relays the call (encrypted end to end)"
+inns router nft delete table ip nat; inns router conntrack -F 2>/dev/null || true
+snat router 203.0.113.2 fully-random
+# A host measures its NAT at start: the worker starts again to learn the new one.
+kill "$WORKER_PID"; wait "$WORKER_PID" 2>/dev/null || true
+bg_in home "$LOG/worker2" "$HOST" run plugins/fibonacci.wasm --listen $WORKER --bootstrap 203.0.113.10:20001 --behind-nat --control off --log-level info,requests=debug
+wait_for "$LOG/worker2" "announced fibonacci_worker"
+wait_for "$LOG/worker2" "behind a symmetric NAT"
+if ! inns home2 "$HOST" call fibonacci_worker '{"length":10}' --bootstrap 203.0.113.10:20001 --log-level info 2>&1 | sed 's/^/   call | /'; then
+  echo "!! the relay did not get the call through"; exit 1
+fi
+echo "-- worker:"; grep -E "relayed by|request for" "$LOG/worker2" | sed 's/^/   /' | head -4
+OK=1
 echo "== done"
