@@ -120,11 +120,6 @@ pub enum Refusal {
     /// One host is on IPv4, the other on IPv6 (their frames would differ
     /// in size).
     Family,
-    /// The hosts on the caller's IP have [`SESSIONS_PER_IP`] sessions.
-    IpQuota(usize),
-    /// The peer has [`SESSIONS_PER_PEER_PER_IP`] sessions with hosts on the
-    /// caller's IP already.
-    PeerIpQuota(usize),
 }
 
 /// `n` relayed session(s), in words.
@@ -154,12 +149,6 @@ impl Refusal {
             Refusal::Family => {
                 "one host is on IPv4 and the other on IPv6; the relay joins hosts of one address family only".to_string()
             }
-            Refusal::IpQuota(n) => format!(
-                "the hosts on this host's IP already have {} (the most per IP); try again when some end", sessions(n)
-            ),
-            Refusal::PeerIpQuota(n) => format!(
-                "the peer already has {} with hosts on this host's IP (the most per peer and IP); try again when one ends", sessions(n)
-            ),
         }
     }
 }
@@ -297,6 +286,18 @@ impl Relay {
         if let Some(s) = self.sessions.get(&k) {
             return Ok((s.tokens[side], s.tokens[1 - side]));
         }
+        // The hosts on one IP have a share of their own: over it, their
+        // least recently used session ends (whatever its age), so a
+        // script's fresh `call`s each get one, and an address can only
+        // crowd out itself.
+        self.end_lru_where(
+            |a, b| (a == peer && b.ip() == caller.ip()) || (b == peer && a.ip() == caller.ip()),
+            SESSIONS_PER_PEER_PER_IP,
+        );
+        self.end_lru_where(
+            |a, b| a.ip() == caller.ip() || b.ip() == caller.ip(),
+            SESSIONS_PER_IP,
+        );
         // A full host (or relay) makes room by ending its session idle the
         // longest, if that one is idle enough: a script's `call`s, each a
         // new host and session, do not lock a worker out for a minute.
@@ -317,10 +318,6 @@ impl Relay {
             Some(Refusal::HostQuota(self.limits.sessions_per_host))
         } else if self.count(peer) >= self.limits.sessions_per_host {
             Some(Refusal::PeerQuota(self.limits.sessions_per_host))
-        } else if self.on_ip(caller.ip()) >= SESSIONS_PER_IP {
-            Some(Refusal::IpQuota(SESSIONS_PER_IP))
-        } else if self.between(peer, caller.ip()) >= SESSIONS_PER_PEER_PER_IP {
-            Some(Refusal::PeerIpQuota(SESSIONS_PER_PEER_PER_IP))
         } else {
             None
         };
@@ -358,20 +355,23 @@ impl Relay {
         }
     }
 
-    /// Sessions with a side on `ip`. O(sessions), only when one opens.
-    fn on_ip(&self, ip: std::net::IpAddr) -> usize {
-        self.sessions
-            .keys()
-            .filter(|(a, b)| a.ip() == ip || b.ip() == ip)
-            .count()
-    }
-
-    /// Sessions of `host` with a host on `ip`.
-    fn between(&self, host: SocketAddr, ip: std::net::IpAddr) -> usize {
-        self.sessions
-            .keys()
-            .filter(|(a, b)| (*a == host && b.ip() == ip) || (*b == host && a.ip() == ip))
-            .count()
+    /// While at least `limit` sessions match `share`, ends the least
+    /// recently used of them. O(sessions), only when a session opens.
+    fn end_lru_where(&mut self, share: impl Fn(SocketAddr, SocketAddr) -> bool, limit: usize) {
+        loop {
+            let matching = self.sessions.iter().filter(|((a, b), _)| share(*a, *b));
+            let (count, lru) = matching.fold(
+                (0, None),
+                |(n, lru): (usize, Option<(Instant, (SocketAddr, SocketAddr))>), (k, s)| {
+                    let older = lru.is_none_or(|(at, _)| s.last_used < at);
+                    (n + 1, if older { Some((s.last_used, *k)) } else { lru })
+                },
+            );
+            match lru {
+                Some((_, k)) if count >= limit => self.remove(k),
+                _ => return,
+            }
+        }
     }
 
     fn count(&self, host: SocketAddr) -> usize {
@@ -486,46 +486,58 @@ mod tests {
     }
 
     #[test]
-    fn callers_on_one_ip_neither_take_a_peers_sessions_nor_hold_them_by_introductions() {
+    fn callers_on_one_ip_share_a_few_of_a_peers_sessions_and_introductions_do_not_hold_them() {
         let worker = addr("203.0.113.3:50002");
         let callers: Vec<SocketAddr> = (0..8)
             .map(|i| addr(&format!("198.51.100.9:{}", 40_000 + i)))
             .collect();
         let is = |_| true;
         let mut relay = Relay::new(RelayLimits::default());
-        let now = Instant::now();
-        for c in &callers[..SESSIONS_PER_PEER_PER_IP] {
+        let t0 = Instant::now();
+        let other = addr("192.0.2.5:1");
+        let (other_token, _) = relay.open(t0, other, worker, is).unwrap();
+        // Fresh callers on one IP, one a second (a script's `call`s): each
+        // gets a session, and the IP's oldest gives way beyond its share.
+        for (i, c) in callers.iter().enumerate() {
+            let now = t0 + Duration::from_secs(i as u64 + 1);
             relay.open(now, *c, worker, is).unwrap();
         }
-        let over = callers[SESSIONS_PER_PEER_PER_IP];
-        assert_eq!(
-            relay.open(now, over, worker, is),
-            Err(Refusal::PeerIpQuota(SESSIONS_PER_PEER_PER_IP))
+        let with_ip = |r: &Relay| {
+            r.sessions
+                .keys()
+                .filter(|(a, b)| a.ip() == callers[0].ip() || b.ip() == callers[0].ip())
+                .count()
+        };
+        assert_eq!(with_ip(&relay), SESSIONS_PER_PEER_PER_IP);
+        assert!(
+            relay.sessions.contains_key(&key(callers[7], worker).0),
+            "the newest is kept"
         );
-        // A caller on another IP still gets one.
-        assert!(relay.open(now, addr("192.0.2.5:1"), worker, is).is_ok());
-        // Re-sent introductions do not keep the first four from being idle:
-        // once they are, they make room.
-        let later = now + EVICTABLE_IDLE;
-        for c in &callers[..SESSIONS_PER_PEER_PER_IP] {
-            relay.open(later, *c, worker, is).unwrap();
-        }
-        let fuller = RelayLimits {
-            sessions_per_host: SESSIONS_PER_PEER_PER_IP + 1,
+        assert!(
+            !relay.sessions.contains_key(&key(callers[0], worker).0),
+            "the oldest gave way"
+        );
+        // The caller on another IP kept its session.
+        assert_eq!(
+            relay.open(t0, other, worker, is).map(|t| t.0),
+            Ok(other_token)
+        );
+
+        // Re-sent introductions do not keep sessions from being idle: once
+        // they are, they make room for a newcomer on another IP.
+        let limits = RelayLimits {
+            sessions_per_host: 2,
             ..RelayLimits::default()
         };
-        let mut small = Relay::new(fuller);
-        for c in &callers[..SESSIONS_PER_PEER_PER_IP + 1] {
-            let c = SocketAddr::new(std::net::IpAddr::from([192, 0, 2, c.port() as u8]), 1);
-            small.open(now, c, worker, is).unwrap();
-        }
-        for c in &callers[..SESSIONS_PER_PEER_PER_IP + 1] {
-            let c = SocketAddr::new(std::net::IpAddr::from([192, 0, 2, c.port() as u8]), 1);
-            small.open(later, c, worker, is).unwrap();
-        }
-        let newcomer = addr("192.0.2.200:1");
+        let mut small = Relay::new(limits);
+        let (a, b) = (addr("192.0.2.1:1"), addr("192.0.2.2:1"));
+        small.open(t0, a, worker, is).unwrap();
+        small.open(t0, b, worker, is).unwrap();
+        let later = t0 + EVICTABLE_IDLE;
+        small.open(later, a, worker, is).unwrap();
+        small.open(later, b, worker, is).unwrap();
         assert!(
-            small.open(later, newcomer, worker, is).is_ok(),
+            small.open(later, addr("192.0.2.3:1"), worker, is).is_ok(),
             "an idle session made room although it was introduced again"
         );
     }
