@@ -359,16 +359,14 @@ impl Relay {
     /// recently used of them. O(sessions), only when a session opens.
     fn end_lru_where(&mut self, share: impl Fn(SocketAddr, SocketAddr) -> bool, limit: usize) {
         loop {
-            let matching = self.sessions.iter().filter(|((a, b), _)| share(*a, *b));
-            let (count, lru) = matching.fold(
-                (0, None),
-                |(n, lru): (usize, Option<(Instant, (SocketAddr, SocketAddr))>), (k, s)| {
-                    let older = lru.is_none_or(|(at, _)| s.last_used < at);
-                    (n + 1, if older { Some((s.last_used, *k)) } else { lru })
-                },
-            );
-            match lru {
-                Some((_, k)) if count >= limit => self.remove(k),
+            let matching: Vec<_> = self
+                .sessions
+                .iter()
+                .filter(|((a, b), _)| share(*a, *b))
+                .map(|(k, s)| (s.last_used, *k))
+                .collect();
+            match matching.iter().min() {
+                Some(&(_, k)) if matching.len() >= limit => self.remove(k),
                 _ => return,
             }
         }
