@@ -739,20 +739,7 @@ fn bench_every_pair_time_to_first_reply() {
             let a = &lab.homes[0];
             let (mut times, mut how) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
-                let started = Instant::now();
-                let r = lab.run_host(
-                    &a.host,
-                    &[
-                        "call",
-                        "fibonacci_worker",
-                        r#"{"length":10}"#,
-                        "--bootstrap",
-                        &bootstrap,
-                        "--log-level",
-                        "info",
-                    ],
-                );
-                let took = started.elapsed();
+                let (r, took) = call_worker_from(&lab, a, &bootstrap);
                 assert_eq!(
                     (r.code, r.stdout.as_str()),
                     (0, SEQUENCE),

@@ -659,16 +659,29 @@ mod tests {
         (a, b)
     }
 
+    /// A uTP stream from `a` to `b` (accepted by `b`), both split: the
+    /// client's halves, then the server's.
+    async fn connected(
+        a: &Endpoint,
+        b: &Endpoint,
+    ) -> (
+        (crate::utp::UtpReadHalf, crate::utp::UtpWriteHalf),
+        (crate::utp::UtpReadHalf, crate::utp::UtpWriteHalf),
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (client, server) = tokio::join!(a.connect(b.local_addr(), deadline), b.accept());
+        let (client, server) = (client.unwrap(), server.unwrap());
+        // On every path the peer keeps its own address.
+        assert_eq!(server.remote_addr(), a.local_addr());
+        (client.split(), server.split())
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn streams_carry_messages_and_a_large_transfer_between_two_sockets() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (a, b) = two_endpoints().await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let (client, server) = tokio::join!(a.connect(b.local_addr(), deadline), b.accept());
-        let (client, server) = (client.unwrap(), server.unwrap());
-        assert_eq!(server.remote_addr(), a.local_addr());
-        let (mut client_read, mut client_write) = client.split();
-        let (mut server_read, mut server_write) = server.split();
+        let ((mut client_read, mut client_write), (mut server_read, mut server_write)) =
+            connected(&a, &b).await;
 
         // Eight messages written at once arrive in order.
         let messages: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'a' + i; 1300]).collect();
@@ -813,13 +826,9 @@ mod tests {
         assert_eq!(a.path_kind(b.local_addr()), PathKind::Relayed);
         assert_eq!(a.paths(), vec![(b.local_addr(), PathKind::Relayed)]);
 
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let (client, server) = tokio::join!(a.connect(b.local_addr(), deadline), b.accept());
-        let (client, server) = (client.unwrap(), server.unwrap());
-        // The relay is invisible to uTP: the peer keeps its own address.
-        assert_eq!(server.remote_addr(), a.local_addr());
-        let (mut client_read, mut client_write) = client.split();
-        let (mut server_read, mut server_write) = server.split();
+        // The relay is invisible to uTP.
+        let ((mut client_read, mut client_write), (mut server_read, mut server_write)) =
+            connected(&a, &b).await;
         carries(&mut client_write, &mut server_read, &[7u8; 5000]).await;
         carries(&mut server_write, &mut client_read, b"reply").await;
         let relayed = forwarded.load(Ordering::Relaxed);
