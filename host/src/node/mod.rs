@@ -366,11 +366,11 @@ impl Node {
         let (server, client) = (self.stats.sessions.clone(), self.client_sessions.clone());
         let endpoint = self.endpoint.clone();
         let host: control::HostStatus = Arc::new(move || {
-            // Peers reached other than straight from the RPC socket:
+            // Every peer with an open connection or a route: `direct`,
             // `birthday` (an extra socket birthday punching opened) or
-            // `relayed`; every other peer is direct.
+            // `relayed`.
             let paths: Vec<serde_json::Value> = endpoint
-                .paths()
+                .peer_paths()
                 .into_iter()
                 .map(|(peer, kind)| serde_json::json!({"peer": peer.to_string(), "path": kind.as_str()}))
                 .collect();

@@ -452,6 +452,22 @@ impl Endpoint {
         self.demux.routes.relayed_heard_since(since)
     }
 
+    /// Every peer with an open uTP connection or a route, by address, and
+    /// the kind of path to it (for `status`).
+    pub fn peer_paths(&self) -> Vec<(SocketAddr, PathKind)> {
+        let mut all = self.paths();
+        let routed: std::collections::HashSet<SocketAddr> = all.iter().map(|(a, _)| *a).collect();
+        all.extend(
+            self.utp
+                .remotes()
+                .into_iter()
+                .filter(|a| !routed.contains(a))
+                .map(|a| (a, PathKind::Direct)),
+        );
+        all.sort_by_key(|(a, _)| *a);
+        all
+    }
+
     /// The kind of path to `peer` now.
     pub fn path_kind(&self, peer: SocketAddr) -> PathKind {
         self.demux

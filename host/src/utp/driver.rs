@@ -211,6 +211,11 @@ impl Utp {
         self.lock().socket.open_connections()
     }
 
+    /// The remote addresses of the open connections, each once.
+    pub fn remotes(&self) -> Vec<SocketAddr> {
+        self.lock().socket.remotes()
+    }
+
     /// What the socket counted so far.
     pub fn stats(&self) -> super::SocketStats {
         self.lock().socket.stats()

@@ -206,6 +206,14 @@ impl Socket {
         self.routes.len()
     }
 
+    /// The remote addresses of the open connections, each once.
+    pub fn remotes(&self) -> Vec<SocketAddr> {
+        let mut remotes: Vec<SocketAddr> = self.routes.keys().map(|(addr, _)| *addr).collect();
+        remotes.sort();
+        remotes.dedup();
+        remotes
+    }
+
     /// Connections held in memory, including closed ones whose handle the
     /// application still holds.
     pub fn held_connections(&self) -> usize {
