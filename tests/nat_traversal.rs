@@ -397,7 +397,7 @@ fn a_host_over_the_relays_session_quota_is_told_which_quota() {
     assert!(
         r.stderr.contains("the relay at")
             && r.stderr
-                .contains("refused: the peer already has 1 relayed sessions (the most per host)"),
+                .contains("refused: the peer already has 1 relayed session (the most per host)"),
         "{}",
         r.stderr
     );
