@@ -160,8 +160,11 @@ fn actions(steps: Vec<birthday::Step>) -> Vec<Action> {
 /// How to reach a peer found on the DHT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IntroResult {
-    /// Connect to it as announced (no introducer knows it, or none answers).
+    /// Connect to it as announced (no introducer, or none answers).
     Direct,
+    /// Connect to it as announced: the introducer does not know it (a
+    /// public host, or one serving behind a NAT without registering).
+    Unregistered,
     /// Connect to `addr`; both sides are punching. Behind a symmetric NAT the
     /// peer's punches come from another port: follow them.
     Punched { addr: SocketAddr, nat: NatKind },
@@ -848,7 +851,7 @@ impl HostIntroductions {
                 let mut out = vec![];
                 let mut birthday_actions = vec![];
                 let (result, outcome) = match outcome {
-                    Outcome::Unknown => (IntroResult::Direct, IntroOutcome::UnknownPeer),
+                    Outcome::Unknown => (IntroResult::Unregistered, IntroOutcome::UnknownPeer),
                     Outcome::Impossible { reason } => {
                         (IntroResult::Impossible(reason), IntroOutcome::Impossible)
                     }

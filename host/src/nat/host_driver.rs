@@ -320,17 +320,23 @@ async fn execute(
             }
         }
         Action::NatDetected { kind, observed } => {
-            let message = match (kind, observed) {
-                (NatKind::Unknown, _) | (_, None) => "no introducer answered; peers behind NATs are reachable only if they punch this host (start `grenache-host dht`, or pass --introducer)".to_string(),
-                (kind, Some(observed)) => format!(
-                    "the introducer sees this host at {observed}, behind {}",
-                    kind.describe()
+            match (kind, observed) {
+                // Worth a warning for a one-shot `call` too: its calls to
+                // hosts behind NATs will time out.
+                (NatKind::Unknown, _) | (_, None) => tracing::warn!(
+                    "no introducer answered (the one given by --introducer, or beside the first --bootstrap node: is `grenache-host dht` or `grape` running there?); peers behind NATs are reachable only if they punch this host"
                 ),
-            };
-            if loud {
-                tracing::info!("{message}");
-            } else {
-                tracing::debug!("{message}");
+                (kind, Some(observed)) => {
+                    let message = format!(
+                        "the introducer sees this host at {observed}, behind {}",
+                        kind.describe()
+                    );
+                    if loud {
+                        tracing::info!("{message}");
+                    } else {
+                        tracing::debug!("{message}");
+                    }
+                }
             }
         }
         Action::PunchRequested(peer) => {

@@ -860,7 +860,10 @@ fn a_peer_that_starts_later_is_unknown_until_it_registers() {
     let peer = sim.announced(1);
     let early = sim.introduce(0, peer);
     sim.run_until(1_000, &[1]);
-    assert_eq!(sim.result(0, early).map(|r| r.1), Some(IntroResult::Direct));
+    assert_eq!(
+        sim.result(0, early).map(|r| r.1),
+        Some(IntroResult::Unregistered)
+    );
     assert_eq!(sim.hosts[0].outcomes[&early], IntroOutcome::UnknownPeer);
     // It starts at 1 s and registers; the next introduction works.
     sim.hosts[1].state = serving_host(sim.now, sim.hosts[1].local);

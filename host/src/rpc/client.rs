@@ -621,6 +621,15 @@ impl RpcClient {
             IntroResult::Direct => {
                 return Ok((self.endpoint.connect(peer, connect_by).await?, None))
             }
+            // A host behind a NAT that does not register cannot be
+            // introduced: if it does not answer, say what it needs.
+            IntroResult::Unregistered => {
+                let connected = self.endpoint.connect(peer, connect_by).await;
+                if let Err(ConnectError::Timeout { .. }) = &connected {
+                    tracing::warn!(%peer, "no answer from {peer}, which the introducer does not know: if it serves behind a NAT, it must run with --behind-nat (and the same introducer) to be reachable");
+                }
+                return Ok((connected?, None));
+            }
             IntroResult::Impossible(reason) => return Err(ConnectError::Impossible(reason)),
             IntroResult::Relayed { addr, relay, .. } => {
                 let why = "the introducer ruled a direct path out";
