@@ -557,6 +557,16 @@ impl Introducer {
         self.relay.stats()
     }
 
+    /// Forgets expired registrations and ends the relay sessions that are
+    /// idle or lost a registered host: for a driver's timer, so what it
+    /// reports stays current while no datagram arrives.
+    pub fn tick(&mut self, now: Instant) {
+        self.hosts.expire(now);
+        let hosts = &self.hosts;
+        self.relay
+            .sweep(now, &|a| Self::is_registered(hosts, a, now));
+    }
+
     /// Handles one message of `received` bytes (the whole datagram) that
     /// arrived on `via` from `from`.
     pub fn on_message(
@@ -882,6 +892,20 @@ mod tests {
             key: String::new(),
             sig: String::new(),
         }
+    }
+
+    #[test]
+    fn a_tick_forgets_expired_registrations_without_any_message() {
+        let mut introducer = Introducer::new();
+        let now = Instant::now();
+        let from = SocketAddr::new(ip(10, 0, 0, 1), 9);
+        let message = register(introducer.cookie(from), "k", 9);
+        send(&mut introducer, now, from, message);
+        assert_eq!(introducer.registered(), 1);
+        introducer.tick(now + REGISTRATION_TTL / 2);
+        assert_eq!(introducer.registered(), 1);
+        introducer.tick(now + REGISTRATION_TTL + Duration::from_secs(1));
+        assert_eq!(introducer.registered(), 0);
     }
 
     #[test]

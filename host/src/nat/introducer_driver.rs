@@ -24,6 +24,9 @@ use crate::transport::{parse_relay_frame, relay_frame, RELAY_MAGIC};
 const MAX_MAIN_DATAGRAM: usize = 2048;
 /// How often the relay's counters are logged while they change.
 const RELAY_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the introducer forgets expired registrations and ends idle
+/// relay sessions while no datagram arrives (so its metrics stay current).
+const TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The introducer's two sockets.
 pub struct IntroducerSockets {
@@ -65,6 +68,8 @@ impl IntroducerSockets {
         let (mut main_buf, mut alt_buf) = ([0u8; MAX_MAIN_DATAGRAM], [0u8; MAX_DATAGRAM + 1]);
         let mut next_log = Instant::now() + RELAY_LOG_INTERVAL;
         let mut logged = RelayStats::default();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let now = Instant::now();
             if now >= next_log {
@@ -78,6 +83,11 @@ impl IntroducerSockets {
             let (via, received) = tokio::select! {
                 r = self.main.recv_from(&mut main_buf) => (Port::Main, r),
                 r = self.alt.recv_from(&mut alt_buf) => (Port::Alt, r),
+                _ = tick.tick() => {
+                    state.tick(Instant::now());
+                    *stats.lock().unwrap_or_else(|p| p.into_inner()) = state.relay_stats();
+                    continue;
+                }
             };
             let (n, from) = match received {
                 Ok(r) => r,

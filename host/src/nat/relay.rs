@@ -392,7 +392,10 @@ impl Relay {
 
     /// Drops idle sessions and those of hosts no longer registered, at
     /// most every [`SWEEP_INTERVAL`].
-    fn sweep(&mut self, now: Instant, registered: &impl Fn(SocketAddr) -> bool) {
+    /// Ends idle sessions and those of hosts no longer registered (at most
+    /// every [`SWEEP_INTERVAL`]); a driver calls it on a timer too, so the
+    /// session count is current while nothing arrives.
+    pub fn sweep(&mut self, now: Instant, registered: &impl Fn(SocketAddr) -> bool) {
         if self.next_sweep.is_some_and(|at| now < at) {
             return;
         }
