@@ -655,9 +655,9 @@ impl RelayArgs {
             sessions: self.relay_sessions,
             host_bytes_per_second: self.relay_host_rate,
             host_burst_bytes: self.relay_host_rate.saturating_mul(4),
-            bytes_per_second: self.relay_rate,
-            burst_bytes: self.relay_rate,
+            ..crate::nat::relay::RelayLimits::default()
         }
+        .with_total_rate(self.relay_rate, self.relay_rate)
     }
 }
 

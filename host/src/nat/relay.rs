@@ -49,6 +49,10 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(60);
 pub const EVICTABLE_IDLE: Duration = Duration::from_secs(10);
 /// Default of [`RelayLimits::sessions_per_host`].
 pub const SESSIONS_PER_HOST: usize = 16;
+/// The hosts on one IP may send at most 1/`IP_BYTES_SHARE` of the relay's
+/// total byte rate (and burst) together: with the defaults 1 MiB/s, four
+/// hosts' worth, so at least eight addresses are needed to use up the relay.
+pub const IP_BYTES_SHARE: u32 = 8;
 /// Most sessions the hosts on one IP take part in: one address (many
 /// registrations on it) cannot fill the relay. A carrier-grade NAT's
 /// customers share it.
@@ -89,6 +93,25 @@ pub struct RelayLimits {
     pub bytes_per_second: u32,
     /// What the relay forwards at once beyond its rate.
     pub burst_bytes: u32,
+    /// Bytes per second the hosts on one IP may send together (by default
+    /// 1/[`IP_BYTES_SHARE`] of `bytes_per_second`).
+    pub ip_bytes_per_second: u32,
+    /// What they may send at once beyond it.
+    pub ip_burst_bytes: u32,
+}
+
+impl RelayLimits {
+    /// Sets the relay's total rate and burst, and the per-IP share of them
+    /// (1/[`IP_BYTES_SHARE`]).
+    pub fn with_total_rate(self, bytes_per_second: u32, burst_bytes: u32) -> Self {
+        RelayLimits {
+            bytes_per_second,
+            burst_bytes,
+            ip_bytes_per_second: (bytes_per_second / IP_BYTES_SHARE).max(1),
+            ip_burst_bytes: (burst_bytes / IP_BYTES_SHARE).max(1),
+            ..self
+        }
+    }
 }
 
 impl Default for RelayLimits {
@@ -103,6 +126,8 @@ impl Default for RelayLimits {
             host_burst_bytes: HOST_BURST_BYTES,
             bytes_per_second: BYTES_PER_SECOND,
             burst_bytes: BURST_BYTES,
+            ip_bytes_per_second: BYTES_PER_SECOND / IP_BYTES_SHARE,
+            ip_burst_bytes: BURST_BYTES / IP_BYTES_SHARE,
         }
     }
 }
@@ -214,6 +239,9 @@ pub struct Relay {
     per_host: HashMap<SocketAddr, usize>,
     /// Bytes each host sent through the relay.
     host_bytes: TokenBuckets<SocketAddr>,
+    /// Bytes the hosts on each IP sent through the relay, together: many
+    /// registrations on one address share [`IP_BYTES_SHARE`] of the total.
+    ip_bytes: TokenBuckets<std::net::IpAddr>,
     /// Bytes forwarded in all; created at the first frame.
     all_bytes: Option<TokenBucket>,
     next_sweep: Option<Instant>,
@@ -246,6 +274,11 @@ impl Relay {
                 limits.host_bytes_per_second,
                 limits.host_burst_bytes,
                 // Every host of a full relay has a bucket.
+                limits.sessions.saturating_mul(2).max(1),
+            ),
+            ip_bytes: TokenBuckets::new(
+                limits.ip_bytes_per_second,
+                limits.ip_burst_bytes,
                 limits.sessions.saturating_mul(2).max(1),
             ),
             all_bytes: None,
@@ -455,8 +488,12 @@ impl Relay {
             TokenBucket::new(now, self.limits.bytes_per_second, self.limits.burst_bytes)
         });
         // The relay's own rate first: a host is not charged for a frame
-        // the relay drops anyway.
-        if !all.has_many(now, bytes) || !self.host_bytes.take_many(from, now, bytes) {
+        // the relay drops anyway. The hosts on one IP share a part of the
+        // total, so a few addresses cannot take all of it.
+        if !all.has_many(now, bytes)
+            || !self.ip_bytes.take_many(from.ip(), now, bytes)
+            || !self.host_bytes.take_many(from, now, bytes)
+        {
             self.stats.over_rate += 1;
             return None;
         }
@@ -661,6 +698,37 @@ mod tests {
             relay.open(now, a, addr("[2001:db8::1]:4000"), all),
             Err(Refusal::Family)
         );
+    }
+
+    #[test]
+    fn the_hosts_on_one_ip_share_a_part_of_the_relays_rate() {
+        let limits = RelayLimits::default().with_total_rate(80_000, 80_000);
+        assert_eq!(limits.ip_burst_bytes, 10_000);
+        let mut relay = Relay::new(limits);
+        let now = Instant::now();
+        let all = |_| true;
+        let worker = addr("192.0.2.1:1");
+        // Four hosts on one IP, each well within its own rate: together
+        // they get the IP's 10,000 bytes, and no more.
+        let mut sent = 0;
+        for port in 1..=4u16 {
+            let host = SocketAddr::new(std::net::IpAddr::from([198, 51, 100, 9]), port);
+            let (token, _) = relay.open(now, host, worker, all).unwrap();
+            sent += (0..10)
+                .filter(|_| {
+                    relay
+                        .forward(now, host, &token, worker, 1_000, all)
+                        .is_some()
+                })
+                .count();
+        }
+        assert_eq!(sent, 10);
+        // A host on another IP still gets through.
+        let other = addr("203.0.113.7:1");
+        let (token, _) = relay.open(now, other, worker, all).unwrap();
+        assert!(relay
+            .forward(now, other, &token, worker, 1_000, all)
+            .is_some());
     }
 
     #[test]
