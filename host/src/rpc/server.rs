@@ -298,20 +298,16 @@ async fn serve_connection(
                     SessionWriter::Secure(s.writer),
                 )
             }
-            Ok(Err(e)) => {
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e,
+                    _ => session::HandshakeError::Timeout,
+                };
                 stats
                     .sessions
                     .failed_handshakes
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, "secure handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                stats
-                    .sessions
-                    .failed_handshakes
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, "{}", session::HandshakeError::Timeout);
+                tracing::debug!(%peer, "secure handshake failed: {why}");
                 return;
             }
         }
