@@ -269,6 +269,30 @@ struct RelayedPath {
     answered_check: Option<Instant>,
 }
 
+impl RelayedPath {
+    /// A direct [`Message::PathCheck`] to `peer` with a fresh nonce, unless
+    /// one went within [`RELAYED_PUNCH_INTERVAL`].
+    fn check_again(
+        &mut self,
+        now: Instant,
+        rng: &mut rand::rngs::StdRng,
+        peer: SocketAddr,
+    ) -> Option<Action> {
+        if self
+            .check
+            .is_some_and(|(_, at)| now < at + RELAYED_PUNCH_INTERVAL)
+        {
+            return None;
+        }
+        let nonce = rand::Rng::random(rng);
+        self.check = Some((nonce, now));
+        Some(Action::Send {
+            to: peer,
+            message: Message::PathCheck { nonce },
+        })
+    }
+}
+
 /// A peer this host punches until it hears it (`docs/wire.md §5.3` step 4).
 #[derive(Debug)]
 struct Handshake {
@@ -1124,17 +1148,7 @@ impl HostIntroductions {
                     to: from,
                     message: Message::PathOk { nonce },
                 }];
-                if path
-                    .check
-                    .is_none_or(|(_, at)| now >= at + RELAYED_PUNCH_INTERVAL)
-                {
-                    let mine = rand::Rng::random(&mut self.rng);
-                    path.check = Some((mine, now));
-                    out.push(Action::Send {
-                        to: from,
-                        message: Message::PathCheck { nonce: mine },
-                    });
-                }
+                out.extend(path.check_again(now, &mut self.rng, from));
                 out
             }
             Message::PathOk { nonce } if path.check.is_some_and(|(n, _)| n == nonce) => {
@@ -1191,17 +1205,7 @@ impl HostIntroductions {
             // way with a nonce only the peer can send back; the traffic
             // moves when the answer arrives.
             out.push(Action::Punch(from));
-            let fresh = path
-                .check
-                .is_none_or(|(_, at)| now >= at + RELAYED_PUNCH_INTERVAL);
-            if fresh {
-                let nonce = rand::Rng::random(&mut self.rng);
-                path.check = Some((nonce, now));
-                out.push(Action::Send {
-                    to: from,
-                    message: Message::PathCheck { nonce },
-                });
-            }
+            out.extend(path.check_again(now, &mut self.rng, from));
         }
         if let Some(path) = self.paths.get_mut(&from) {
             // The peer's punch refreshed our NAT's mapping as well as an own
