@@ -521,29 +521,25 @@ pub fn bench(options: Options) -> Result<()> {
     if let Some(b) = &baseline {
         println!("baseline: {}", b.display());
     }
-    println!("\n{{\"length\":10}}, requests/s, p50 and p99 (ms), server CPU per request (us):");
-    for (c, in_flight) in in_flights.iter().enumerate() {
-        for (s, name) in stack_names.iter().enumerate() {
-            let r = &runs[s][c];
-            println!(
-                "  {in_flight:>2} in flight  {name:<9} {:>8.0}/s  p50 {:>6.3}  p99 {:>7.3}  cpu {:>6.1}",
-                med(r, |f| f.rps),
-                med(r, |f| f.p50_ms),
-                med(r, |f| f.p99_ms),
-                med(r, |f| f.cpu_us),
-            );
-        }
-    }
-    println!("\n{{\"length\":78}}, 8 in flight:");
-    for (s, name) in stack_names.iter().take(hosts + 1).enumerate() {
-        let r = &runs_78[s];
-        println!(
-            "  {name:<9} {:>8.0}/s  p50 {:>6.3}  p99 {:>7.3}  cpu {:>6.1}",
+    // One stack's medians: requests/s, p50, p99, server CPU per request.
+    let row = |r: &[Figures]| {
+        format!(
+            "{:>8.0}/s  p50 {:>6.3}  p99 {:>7.3}  cpu {:>6.1}",
             med(r, |f| f.rps),
             med(r, |f| f.p50_ms),
             med(r, |f| f.p99_ms),
             med(r, |f| f.cpu_us),
-        );
+        )
+    };
+    println!("\n{{\"length\":10}}, requests/s, p50 and p99 (ms), server CPU per request (us):");
+    for (c, in_flight) in in_flights.iter().enumerate() {
+        for (s, name) in stack_names.iter().enumerate() {
+            println!("  {in_flight:>2} in flight  {name:<9} {}", row(&runs[s][c]));
+        }
+    }
+    println!("\n{{\"length\":78}}, 8 in flight:");
+    for (s, name) in stack_names.iter().take(hosts + 1).enumerate() {
+        println!("  {name:<9} {}", row(&runs_78[s]));
     }
     println!("\nround trip p50 (ms) by request = reply size, 1 in flight (hosts serve `echo` of target/test-plugins/faulty.wasm):");
     let sweep_names: Vec<&str> = binaries.iter().map(|(n, _)| *n).chain(["echo"]).collect();
