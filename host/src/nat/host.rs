@@ -817,14 +817,16 @@ impl HostIntroductions {
                 vec![]
             }
             // Only the answer to a registration or introduction of ours (ids
-            // start at a random value below 2^52): a forged `observed`
+            // start at a random value below 2^52; 0 stands for "no
+            // registration yet", never an id sent): a forged `observed`
             // must not plant a cookie that a forged punch request could
             // then carry.
             Message::Observed { id, cookie, .. }
                 if from == introducer.main
                     && !cookie.is_empty()
                     && !self.probing()
-                    && (id == self.registered_with.0 || self.intros.contains_key(&id)) =>
+                    && ((id != 0 && id == self.registered_with.0)
+                        || self.intros.contains_key(&id)) =>
             {
                 // A registration's answer, or a cookie for a registration
                 // or introduction whose own was stale: renew it and resend
