@@ -27,11 +27,13 @@
 //! `Node::shutdown`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
@@ -104,14 +106,18 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct Drain {
     phase: watch::Sender<Phase>,
-    in_flight: watch::Sender<usize>,
+    /// A counter, not a channel: every request passes here twice, and only
+    /// [`settled`](Drain::settled) waits on it (woken when it reaches 0).
+    in_flight: AtomicUsize,
+    settled: tokio::sync::Notify,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Drain {
             phase: watch::Sender::new(Phase::Serving),
-            in_flight: watch::Sender::new(0),
+            in_flight: AtomicUsize::new(0),
+            settled: tokio::sync::Notify::new(),
         }
     }
 }
@@ -119,7 +125,7 @@ impl Default for Drain {
 impl Drain {
     /// Requests decoded and not yet answered.
     pub fn in_flight(&self) -> usize {
-        *self.in_flight.borrow()
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// The phase now.
@@ -142,14 +148,26 @@ impl Drain {
     /// Waits until no request is in flight or `limit` has passed; returns
     /// how many are still in flight.
     pub async fn settled(&self, limit: std::time::Duration) -> usize {
-        let mut in_flight = self.in_flight.subscribe();
-        let _ = tokio::time::timeout(limit, in_flight.wait_for(|n| *n == 0)).await;
+        let none_left = async {
+            loop {
+                let settled = self.settled.notified();
+                tokio::pin!(settled);
+                // Registered before the check: a last request that ends
+                // between the two still wakes us.
+                settled.as_mut().enable();
+                if self.in_flight() == 0 {
+                    return;
+                }
+                settled.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, none_left).await;
         self.in_flight()
     }
 
     /// Counts a request in flight until the returned guard is dropped.
     fn track(self: &Arc<Self>) -> InFlight {
-        self.in_flight.send_modify(|n| *n += 1);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
 
@@ -166,7 +184,9 @@ struct InFlight(Arc<Drain>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n -= 1);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.settled.notify_waiters();
+        }
     }
 }
 
@@ -322,7 +342,7 @@ async fn serve_connection(
     }
     // Requests in flight on this connection; they finish even after the
     // peer stops sending.
-    let mut requests = tokio::task::JoinSet::new();
+    let mut requests = FuturesUnordered::new();
     // When the connection last had something to do: opened, a request
     // read or answered. With nothing in flight and no bytes of a new
     // request it must bring one within IDLE_CONNECTION_TIMEOUT from then.
@@ -332,7 +352,7 @@ async fn serve_connection(
     let mut partial_since: Option<tokio::time::Instant> = None;
     let mut partial_bytes: u64 = 0;
     let problem = loop {
-        while requests.try_join_next().is_some() {
+        while let Some(Some(())) = requests.next().now_or_never() {
             active_since = tokio::time::Instant::now();
         }
         // A peer that pipelines requests faster than they are answered (or
@@ -340,7 +360,7 @@ async fn serve_connection(
         // not read further until one finishes: its bytes wait in uTP's
         // window instead of as tasks in our memory.
         while requests.len() >= MAX_IN_FLIGHT_PER_CONNECTION {
-            requests.join_next().await;
+            requests.next().await;
             active_since = tokio::time::Instant::now();
         }
         let next = match reader.next_buffered() {
@@ -373,14 +393,14 @@ async fn serve_connection(
                         }
                         Err(e) => Err(ReadError::Io(e)),
                     },
-                    Some(_) = requests.join_next(), if !requests.is_empty() => {
+                    Some(()) = requests.next(), if !requests.is_empty() => {
                         active_since = tokio::time::Instant::now();
                         continue;
                     }
                     () = sleep_until_some(deadline) => {
                         stats.timed_out_connections.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%peer, "closing a connection that brought no whole request for {limit:?}");
-                        requests.join_all().await;
+                        while requests.next().await.is_some() {}
                         return;
                     }
                 }
@@ -395,7 +415,7 @@ async fn serve_connection(
                 Err(e) => break e,
             },
             Ok(None) | Err(ReadError::Io(_)) => {
-                requests.join_all().await;
+                while requests.next().await.is_some() {}
                 return;
             }
             Err(ReadError::Decode(e)) => break e,
@@ -421,7 +441,7 @@ async fn serve_connection(
         let in_flight = drain.track();
         let (services, writer, stats) = (services.clone(), writer.clone(), stats.clone());
         let drain = drain.clone();
-        requests.spawn(async move {
+        requests.push(async move {
             // However long the answer takes, the connection waits: our uTP
             // gives up on a silent peer only while our own data is
             // unacknowledged (docs/wire.md §4.1). Only closing the server
@@ -453,7 +473,7 @@ async fn serve_connection(
         let _ = writer.lock().await.write_message(&reply).await;
     }
     tracing::warn!(%peer, "closing a connection that {problem}", problem = describe(&problem));
-    requests.join_all().await;
+    while requests.next().await.is_some() {}
 }
 
 /// Sleeps until `deadline`, forever without one.
@@ -562,6 +582,19 @@ mod tests {
         }
     }
 
+    /// Waits (10 s at most) until the requests in flight satisfy `enough`.
+    async fn in_flight_reaches(drain: &Drain, enough: impl Fn(usize) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !enough(drain.in_flight()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} requests in flight after 10 s",
+                drain.in_flight()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_ip_over_its_handshake_rate_is_dropped_and_another_ip_is_not() {
         let (server, _) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
@@ -642,14 +675,7 @@ mod tests {
             burst.extend(codec::encode_request(&codec::new_rid(), "slow", "1"));
         }
         write.write_all(&burst).await.unwrap();
-        let mut in_flight = drain.in_flight.subscribe();
-        tokio::time::timeout_at(
-            deadline,
-            in_flight.wait_for(|n| *n >= MAX_IN_FLIGHT_PER_CONNECTION),
-        )
-        .await
-        .expect("the pipelined requests reach the server")
-        .unwrap();
+        in_flight_reaches(&drain, |n| n >= MAX_IN_FLIGHT_PER_CONNECTION).await;
         // Another caller is served meanwhile; by then the flood's bytes
         // have long arrived, and the server still holds only the cap.
         let (client, _) = Endpoint::bind(any).await.unwrap();
@@ -660,7 +686,7 @@ mod tests {
                 .await;
             assert_eq!(reply.unwrap(), "7");
         }
-        assert_eq!(*drain.in_flight.borrow(), MAX_IN_FLIGHT_PER_CONNECTION);
+        assert_eq!(drain.in_flight(), MAX_IN_FLIGHT_PER_CONNECTION);
         serving.abort();
     }
 
@@ -688,8 +714,7 @@ mod tests {
         // Two requests in flight, then draining: a new one is refused at once.
         let first = tokio::spawn(ask("slow"));
         let second = tokio::spawn(ask("slow"));
-        let mut in_flight = drain.in_flight.subscribe();
-        in_flight.wait_for(|n| *n == 2).await.unwrap();
+        in_flight_reaches(&drain, |n| n == 2).await;
         assert_eq!(drain.enter(Phase::Draining), 2);
         match ask("fast").await {
             Err(RpcError::Remote(m)) => assert!(m.starts_with(ERR_SHUTTING_DOWN), "{m}"),
@@ -698,7 +723,7 @@ mod tests {
         // One finishes within the drain and gets its answer; the other is
         // still running when the server closes and gets the error.
         gate.0.notify_one();
-        in_flight.wait_for(|n| *n == 1).await.unwrap();
+        in_flight_reaches(&drain, |n| n == 1).await;
         drain.enter(Phase::Closed);
         let mut replies = [first.await.unwrap(), second.await.unwrap()];
         replies.sort_by_key(|r| r.is_err());
