@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc};
 
@@ -29,12 +28,15 @@ use crate::utp::{Utp, UtpStream};
 
 mod datagram;
 mod routes;
+mod socket;
 pub use datagram::{
     classify, parse_relay_frame, relay_frame, relay_overhead, Datagram, RelayFrame,
     INTRODUCTION_MAGIC, MAX_INTRODUCTION_DATAGRAM, PUNCH, RELAY_MAGIC, RELAY_TOKEN_LEN,
 };
 use routes::Routes;
 pub use routes::{PathKind, Route, MAX_ROUTES};
+use socket::{Received, RpcSocket, RECV_AT_ONCE};
+use tokio::io::unix::AsyncFdReadyGuard;
 
 /// Receive buffer for the shared socket; uTP throughput suffers badly with
 /// the kernel default.
@@ -89,7 +91,7 @@ enum Via {
 
 /// Where the socket's task sends what it sorts out.
 struct Demux {
-    socket: Arc<UdpSocket>,
+    socket: Arc<RpcSocket>,
     utp: Arc<Utp>,
     punches: broadcast::Sender<SocketAddr>,
     introductions: mpsc::Sender<(SocketAddr, Vec<u8>)>,
@@ -146,31 +148,43 @@ impl Demux {
 
     /// Receives, sorts and sends until the task is aborted.
     async fn run(self: Arc<Self>) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut received = Received::new(MAX_DATAGRAM);
         let mut out = Vec::new();
-        let mut next_timer: Option<Instant> = None;
+        // One timer for the task's life, set to uTP's next deadline rounded
+        // up to the TIMER_GRID: moving a tokio timer earlier than the
+        // runtime's next planned wake-up wakes the runtime's I/O driver (an
+        // eventfd write and one more epoll_wait), and every request's
+        // delayed ACK would do that once; on the grid, the requests of one
+        // 5 ms share one deadline.
+        let grid = Instant::now();
+        let timer = tokio::time::sleep_until(grid.into());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
-            let timer = async {
-                match next_timer {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                ready = self.socket.ready(Interest::READABLE | Interest::ERROR) => {
-                    if let Ok(ready) = ready {
-                        if ready.is_error() {
+                ready = self.socket.ready() => {
+                    if let Ok(mut ready) = ready {
+                        if ready.ready().is_error() {
                             self.receive_errors();
                         }
-                        if ready.is_readable() {
-                            self.receive_batch(&mut buf);
+                        if ready.ready().is_readable() {
+                            self.receive_batch(&mut ready, &mut received);
                         }
                     }
                 }
                 _ = self.utp.wakeup() => {}
-                _ = timer => {}
+                () = &mut timer, if armed.is_some() => armed = None,
             }
-            next_timer = self.utp.poll(Instant::now(), &mut out);
+            let next = self
+                .utp
+                .poll(Instant::now(), &mut out)
+                .map(|at| on_grid(grid, at));
+            if next != armed {
+                if let Some(at) = next {
+                    timer.as_mut().reset(at.into());
+                }
+                armed = next;
+            }
             for transmit in out.drain(..) {
                 if let Err(e) = self.send(transmit.destination, &transmit.contents).await {
                     tracing::debug!(to = %transmit.destination, "uTP packet not sent: {e}");
@@ -184,9 +198,9 @@ impl Demux {
     /// datagram we sent fails the connects waiting on that peer
     /// ([`Utp::peer_unreachable`]); anything else is only logged.
     fn receive_errors(&self) {
-        let drained = self.socket.try_io(Interest::ERROR, || {
+        let drained = self.socket.try_read_errors(|socket| {
             for _ in 0..RECV_BATCH {
-                if let Some(icmp::Unreachable(peer)) = icmp::next_error(&self.socket)? {
+                if let Some(icmp::Unreachable(peer)) = icmp::next_error(socket)? {
                     tracing::debug!(%peer, "ICMP: destination unreachable");
                     self.utp.peer_unreachable(peer);
                 }
@@ -201,12 +215,24 @@ impl Demux {
     }
 
     /// Reads what is waiting, up to [`RECV_BATCH`] datagrams.
-    fn receive_batch(&self, buf: &mut [u8]) {
+    fn receive_batch(
+        &self,
+        ready: &mut AsyncFdReadyGuard<'_, std::net::UdpSocket>,
+        received: &mut Received,
+    ) {
         let now = Instant::now();
-        for _ in 0..RECV_BATCH {
-            match self.socket.try_recv_from(buf) {
-                Ok((n, from)) => self.sort(now, Via::Main, from, &buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+        for _ in 0..RECV_BATCH / RECV_AT_ONCE {
+            match self.socket.recv_many(ready, received) {
+                Ok(n) => {
+                    for i in 0..n {
+                        if let (Some(from), datagram) = received.get(i) {
+                            self.sort(now, Via::Main, from, datagram);
+                        }
+                    }
+                    if n < RECV_AT_ONCE {
+                        return;
+                    }
+                }
                 // ICMP errors (port unreachable after a peer died) are
                 // reported on the next receive: they concern one peer,
                 // never the socket.
@@ -269,6 +295,19 @@ impl Demux {
     }
 }
 
+/// The socket's task runs uTP's timers on this grid: a deadline waits for
+/// the next grid point, at most this long. No longer than uTP's shortest
+/// timer (the delayed ACK, `utp::ACK_DELAY`, whose STATE thus leaves 5–10 ms
+/// after a lone packet) and far below its RTO (at least 200 ms).
+pub const TIMER_GRID: Duration = Duration::from_millis(5);
+
+/// `at` rounded up to the next [`TIMER_GRID`] point counted from `grid`.
+fn on_grid(grid: Instant, at: Instant) -> Instant {
+    let step = TIMER_GRID.as_nanos();
+    let steps = at.saturating_duration_since(grid).as_nanos().div_ceil(step);
+    grid + Duration::from_nanos(u64::try_from(steps * step).unwrap_or(u64::MAX))
+}
+
 /// An adopted socket's reader checks this often whether a route still
 /// sends from it, and stops when none does.
 const ADOPTED_CHECK: Duration = Duration::from_secs(1);
@@ -315,7 +354,7 @@ impl Drop for Task {
 /// The host's socket: uTP in both directions plus punches.
 #[derive(Clone)]
 pub struct Endpoint {
-    socket: Arc<UdpSocket>,
+    socket: Arc<RpcSocket>,
     local: SocketAddr,
     utp: Arc<Utp>,
     punches: broadcast::Sender<SocketAddr>,
@@ -344,8 +383,8 @@ impl Endpoint {
         if let Err(e) = socket2::SockRef::from(&std_socket).set_recv_buffer_size(RECV_BUFFER) {
             tracing::debug!("cannot raise SO_RCVBUF: {e}");
         }
-        let socket = Arc::new(UdpSocket::from_std(std_socket)?);
-        let local = socket.local_addr()?;
+        let socket = Arc::new(RpcSocket::new(std_socket)?);
+        let local = socket.get_ref().local_addr()?;
         let (introductions, introductions_rx) = mpsc::channel(INTRODUCTION_BACKLOG);
         let (punches, _) = broadcast::channel(PUNCH_BACKLOG);
         let stats = Arc::new(TransportStats::default());
@@ -946,6 +985,26 @@ mod tests {
     }
 
     #[test]
+    fn timer_deadlines_move_up_to_the_next_grid_point_never_earlier() {
+        let grid = Instant::now();
+        for ms in [0u64, 1, 4, 5, 6, 9, 10, 11, 1234] {
+            let at = grid + Duration::from_millis(ms) + Duration::from_micros(300);
+            let on = on_grid(grid, at);
+            assert!(on >= at && on - at <= TIMER_GRID, "{ms} ms");
+            assert_eq!(
+                on.duration_since(grid).as_nanos() % TIMER_GRID.as_nanos(),
+                0
+            );
+        }
+        // Deadlines in one grid step share one wake-up.
+        let step = grid + TIMER_GRID * 7;
+        assert_eq!(on_grid(grid, step - Duration::from_millis(4)), step);
+        assert_eq!(on_grid(grid, step), step);
+        // A deadline already past runs at the next point from the start.
+        assert_eq!(on_grid(grid + TIMER_GRID, grid), grid + TIMER_GRID);
+    }
+
+    #[test]
     fn utp_packets_go_to_utp() {
         for first in [0x01u8, 0x11, 0x21, 0x31, 0x41] {
             let mut packet = [0u8; 20];
@@ -995,7 +1054,7 @@ mod icmp {
     }
 
     /// The address in `name`, if it is IPv4 or IPv6.
-    fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    pub(super) fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
         match libc::c_int::from(name.ss_family) {
             libc::AF_INET => {
                 // SAFETY: the family says it is a sockaddr_in, which fits.
