@@ -77,8 +77,27 @@ impl RpcSocket {
 
     /// Hands `datagram` to the kernel without waiting: `WouldBlock` when the
     /// send buffer is full.
+    ///
+    /// With `IP_RECVERR` (set at bind) an ICMP error for an earlier datagram
+    /// (a peer's closed port) is also left pending on the socket, and Linux
+    /// reports it on the next send, whatever its destination, without sending
+    /// that datagram (`sock_alloc_send_pskb` returns the pending `sk_err`). A
+    /// host whose old callers went away would then drop replies to live ones
+    /// (seen in the fault test: "uTP packet not sent: Connection refused" to
+    /// a caller that was waiting). Such an error is therefore taken as
+    /// consumed and the datagram sent again, up to [`SEND_ATTEMPTS`] times; the
+    /// error itself still reaches the host through the error queue.
     pub fn try_send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.fd.get_ref().send_to(datagram, to)
+        let mut attempt = 1;
+        loop {
+            match self.fd.get_ref().send_to(datagram, to) {
+                Err(e) if attempt < SEND_ATTEMPTS && reports_an_earlier_datagram(&e) => {
+                    tracing::trace!(%to, "a pending error of an earlier datagram ({e}) took a send; sending again");
+                    attempt += 1;
+                }
+                sent => return sent,
+            }
+        }
     }
 
     /// Sends `datagram`, waiting for room in the send buffer if it is full.
@@ -98,6 +117,27 @@ impl RpcSocket {
         let _ready = watch.writable().await?;
         Ok(())
     }
+}
+
+/// Sends one datagram tries at most when pending errors of earlier
+/// datagrams take the first ones (each such error is reported once).
+pub(super) const SEND_ATTEMPTS: u32 = 8;
+
+/// Whether a send failed with an asynchronous error, one that an ICMP
+/// message about an earlier datagram left on the socket (an unconnected UDP
+/// socket learns nothing about the datagram it is sending until later).
+fn reports_an_earlier_datagram(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENETDOWN
+                | libc::EPROTO
+        )
+    )
 }
 
 /// `socket` registered with the runtime for `interest`.
@@ -223,6 +263,46 @@ mod tests {
         // Nothing waiting: no readiness.
         let idle = tokio::time::timeout(Duration::from_millis(100), socket.ready()).await;
         assert!(idle.is_err(), "ready with nothing to read");
+    }
+
+    #[tokio::test]
+    async fn a_closed_ports_icmp_error_does_not_take_the_next_datagram_to_a_live_peer() {
+        let socket = RpcSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        super::super::icmp::enable(socket.get_ref()).unwrap();
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let live = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 16];
+        for round in 0..3u8 {
+            // The port is closed: the kernel answers with ICMP port
+            // unreachable, which leaves an error pending on the socket.
+            socket.try_send_to(b"to nobody", closed).unwrap();
+            let ready = tokio::time::timeout(Duration::from_secs(2), socket.ready())
+                .await
+                .expect("the ICMP error arrives")
+                .unwrap();
+            assert!(ready.ready().is_error(), "round {round}");
+            drop(ready);
+            // Not read from the error queue: the next send meets it.
+            assert_eq!(
+                socket
+                    .try_send_to(&[round; 5], live.local_addr().unwrap())
+                    .unwrap(),
+                5
+            );
+            let (n, _) = live
+                .recv_from(&mut buf)
+                .expect("the live peer gets its datagram");
+            assert_eq!(&buf[..n], &[round; 5]);
+            // The error still reaches the host through the error queue.
+            let unreachable = socket
+                .try_read_errors(super::super::icmp::next_error)
+                .expect("queued");
+            assert_eq!(unreachable.map(|u| u.0), Some(closed));
+        }
     }
 
     #[tokio::test]
