@@ -297,7 +297,7 @@ impl Demux {
 
 /// The socket's task runs uTP's timers on this grid: a deadline waits for
 /// the next grid point, at most this long. No longer than uTP's shortest
-/// timer (the delayed ACK, `utp::ACK_DELAY`, whose STATE thus leaves 5–10 ms
+/// timer (the delayed ACK, `utp::ACK_DELAY`, whose STATE thus leaves 5–11 ms
 /// after a lone packet) and far below its RTO (at least 200 ms).
 pub const TIMER_GRID: Duration = Duration::from_millis(5);
 

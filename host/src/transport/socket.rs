@@ -84,15 +84,21 @@ impl RpcSocket {
     /// that datagram (`sock_alloc_send_pskb` returns the pending `sk_err`). A
     /// host whose old callers went away would then drop replies to live ones
     /// (seen in the fault test: "uTP packet not sent: Connection refused" to
-    /// a caller that was waiting). Such an error is therefore taken as
-    /// consumed and the datagram sent again, up to [`SEND_ATTEMPTS`] times; the
-    /// error itself still reaches the host through the error queue.
+    /// a caller that was waiting), and anyone who knows the host's address
+    /// could drop its next datagram with one forged ICMP message (the kernel
+    /// matches the quoted header, not the sender): every ICMP code maps to
+    /// some errno (port unreachable `ECONNREFUSED`, protocol unreachable
+    /// `ENOPROTOOPT`, source route failed `EOPNOTSUPP`, …). So any error but
+    /// `WouldBlock` is taken as consumed and the datagram sent again, up to
+    /// [`SEND_ATTEMPTS`] times: a pending error is reported once, while an
+    /// error about this datagram itself comes back each time and is returned.
+    /// The ICMP errors still reach the host through the error queue.
     pub fn try_send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
         let mut attempt = 1;
         loop {
             match self.fd.get_ref().send_to(datagram, to) {
-                Err(e) if attempt < SEND_ATTEMPTS && reports_an_earlier_datagram(&e) => {
-                    tracing::trace!(%to, "a pending error of an earlier datagram ({e}) took a send; sending again");
+                Err(e) if attempt < SEND_ATTEMPTS && e.kind() != io::ErrorKind::WouldBlock => {
+                    tracing::trace!(%to, "a send failed ({e}), maybe with an earlier datagram's error; sending again");
                     attempt += 1;
                 }
                 sent => return sent,
@@ -119,26 +125,9 @@ impl RpcSocket {
     }
 }
 
-/// Sends one datagram tries at most when pending errors of earlier
-/// datagrams take the first ones (each such error is reported once).
+/// Sends one datagram tries at most when its sends fail (pending errors of
+/// earlier datagrams are reported once each; see [`RpcSocket::try_send_to`]).
 pub(super) const SEND_ATTEMPTS: u32 = 8;
-
-/// Whether a send failed with an asynchronous error, one that an ICMP
-/// message about an earlier datagram left on the socket (an unconnected UDP
-/// socket learns nothing about the datagram it is sending until later).
-fn reports_an_earlier_datagram(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNREFUSED
-                | libc::EHOSTUNREACH
-                | libc::ENETUNREACH
-                | libc::EHOSTDOWN
-                | libc::ENETDOWN
-                | libc::EPROTO
-        )
-    )
-}
 
 /// `socket` registered with the runtime for `interest`.
 fn register(
@@ -302,6 +291,104 @@ mod tests {
                 .try_read_errors(super::super::icmp::next_error)
                 .expect("queued");
             assert_eq!(unreachable.map(|u| u.0), Some(closed));
+        }
+    }
+
+    /// The Internet checksum (RFC 1071) of `bytes`.
+    fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// An ICMP destination unreachable with `code`, quoting a UDP datagram
+    /// from 127.0.0.1:`port` to 127.0.0.1:9, as anyone could send it.
+    fn forged_unreachable(port: u16, code: u8) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 48, 0x12, 0x34, 0, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
+        let sum = checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut icmp = vec![3, code, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&ip);
+        icmp.extend_from_slice(&port.to_be_bytes());
+        icmp.extend_from_slice(&[0, 9, 0, 28, 0, 0]);
+        icmp.extend_from_slice(&[0; 20]);
+        let sum = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        icmp
+    }
+
+    #[tokio::test]
+    async fn no_forged_icmp_code_takes_the_next_datagram() {
+        // A raw ICMP socket needs root (CI runs as root and must run this).
+        // SAFETY: plain socket(2); the descriptor is owned and closed below.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        if raw < 0 {
+            assert!(
+                std::env::var_os("GRENACHE_REQUIRE_NAT_LAB").is_none(),
+                "a raw socket is refused: run as root"
+            );
+            eprintln!("skipped: forging ICMP needs root");
+            return;
+        }
+        // SAFETY: `raw` is a descriptor we own from here on.
+        let raw = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let socket = RpcSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        super::super::icmp::enable(socket.get_ref()).unwrap();
+        let port = socket.get_ref().local_addr().unwrap().port();
+        let live = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let loopback = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let mut buf = [0u8; 16];
+        // Network, host, protocol, port unreachable, source route failed,
+        // source host isolated, administratively prohibited.
+        for code in [0u8, 1, 2, 3, 5, 8, 13] {
+            let icmp = forged_unreachable(port, code);
+            // SAFETY: a valid descriptor, buffer and address of the sizes given.
+            let sent = unsafe {
+                libc::sendto(
+                    raw.as_raw_fd(),
+                    icmp.as_ptr().cast(),
+                    icmp.len(),
+                    0,
+                    (&loopback as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(sent, icmp.len() as isize, "code {code}");
+            let ready = tokio::time::timeout(Duration::from_secs(2), socket.ready())
+                .await
+                .expect("the forged error arrives")
+                .unwrap();
+            assert!(ready.ready().is_error(), "code {code}");
+            drop(ready);
+            assert_eq!(
+                socket
+                    .try_send_to(&[code; 3], live.local_addr().unwrap())
+                    .unwrap(),
+                3,
+                "code {code}"
+            );
+            let (n, _) = live
+                .recv_from(&mut buf)
+                .expect("the live peer gets its datagram");
+            assert_eq!(&buf[..n], &[code; 3], "code {code}");
+            while socket
+                .try_read_errors(super::super::icmp::next_error)
+                .is_ok()
+            {}
         }
     }
 

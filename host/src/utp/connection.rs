@@ -114,7 +114,8 @@ pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(2);
 /// 10–100 µs after its request arrives, so the request's ACK rides on it and
 /// the server sends one datagram per request instead of two. The host's
 /// socket task runs timers on a 5 ms grid (`transport::TIMER_GRID`), so
-/// the STATE leaves 5–10 ms after the packet when nothing carried it.
+/// the STATE leaves 5–11 ms after the packet when nothing carried it
+/// (measured: median 9.1 ms, max 11.4 ms; tokio adds its 1 ms timer tick).
 pub const ACK_DELAY: Duration = Duration::from_millis(5);
 /// A STATE is sent after this long without sending anything (libutp's
 /// keep-alive interval, docs/wire.md §3), which also keeps NAT mappings.
