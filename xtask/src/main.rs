@@ -826,6 +826,13 @@ impl DemoDir {
         let path = self.0.join(format!("{plugin}.sock"));
         path.to_str().expect("paths are UTF-8").to_string()
     }
+
+    /// The state directory (identity, plugin state) of the host serving
+    /// `plugin`.
+    fn state(&self, plugin: &str) -> String {
+        let path = self.0.join(format!("{plugin}-state"));
+        path.to_str().expect("paths are UTF-8").to_string()
+    }
 }
 
 impl Drop for DemoDir {
@@ -842,9 +849,10 @@ fn demo(keep_running: bool) -> Result<()> {
     let root = root();
     let host = root.join("target/debug/grenache-host");
     let secs = std::time::Duration::from_secs;
-    // The demo's hosts get control sockets of their own: the default one is
-    // the user's (their own host may be using it), and two hosts on one
-    // socket would fight over it.
+    // The demo's hosts get control sockets and state directories of their
+    // own: the defaults are the user's (their own host may be using them),
+    // two hosts on one socket would fight over it, and two hosts sharing
+    // one state directory would share one identity.
     let control_dir = DemoDir::create()?;
 
     println!("\n== 1. A DHT node for the hosts to find each other (grenache-host dht) ==");
@@ -857,7 +865,7 @@ fn demo(keep_running: bool) -> Result<()> {
     let run_host = |name: &'static str, plugin: &str, extra: &[&str]| {
         let wasm = root.join("plugins").join(format!("{plugin}.wasm"));
         let wasm = wasm.to_str().expect("paths are UTF-8").to_string();
-        let control = control_dir.socket(plugin);
+        let (control, state) = (control_dir.socket(plugin), control_dir.state(plugin));
         let mut args = vec![
             "run",
             &wasm,
@@ -867,6 +875,8 @@ fn demo(keep_running: bool) -> Result<()> {
             &bootstrap,
             "--control",
             &control,
+            "--state-dir",
+            &state,
         ];
         args.extend_from_slice(extra);
         Child::spawn(name, &host, &args)
