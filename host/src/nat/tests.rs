@@ -335,6 +335,14 @@ impl Sim {
         id
     }
 
+    /// [`introduce`](Self::introduce), asking for the relay at once (as a
+    /// host does after its punched connect failed).
+    fn introduce_relayed(&mut self, i: usize, peer: SocketAddr) -> u64 {
+        let (id, actions) = self.hosts[i].state.introduce_relayed(self.now, peer);
+        self.apply(i, actions);
+        id
+    }
+
     /// Runs until `until_ms` (ms after start), moving time the way the real
     /// driver does: to the earliest of the next datagram's arrival and each
     /// running host's [`HostIntroductions::next_wakeup`]; only hosts whose
@@ -618,8 +626,7 @@ fn a_relay_asked_for_after_a_failed_punch_moves_to_a_direct_punch() {
     let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(500, &[]);
     let peer = sim.announced(1);
-    let (id, actions) = sim.hosts[0].state.introduce_relayed(sim.now, peer);
-    sim.apply(0, actions);
+    let id = sim.introduce_relayed(0, peer);
     sim.run_until(1_000, &[]);
     assert!(matches!(
         sim.result(0, id),
@@ -639,8 +646,7 @@ fn a_forged_direct_punch_does_not_move_a_relayed_path() {
     let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(500, &[]);
     let peer = sim.announced(1);
-    let (id, actions) = sim.hosts[0].state.introduce_relayed(sim.now, peer);
-    sim.apply(0, actions);
+    let id = sim.introduce_relayed(0, peer);
     // Nothing goes directly between the two (a firewall): relayed it stays.
     let introducer = introducer_addr().main.ip();
     sim.loss = Box::new(move |from, to, _| from.ip() != introducer && to.ip() != introducer);
@@ -670,8 +676,7 @@ fn an_introduction_that_says_punch_ends_a_relayed_path() {
     let mut sim = Sim::new([Kind::PortRestricted, Kind::PortRestricted]);
     sim.run_until(500, &[]);
     let peer = sim.announced(1);
-    let (id, actions) = sim.hosts[0].state.introduce_relayed(sim.now, peer);
-    sim.apply(0, actions);
+    let id = sim.introduce_relayed(0, peer);
     // Every punch is lost (a firewall between the two): relayed it stays.
     sim.loss = Box::new(|_, _, p| matches!(p, Payload::Punch));
     sim.run_until(1_000, &[]);
