@@ -79,6 +79,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Waits until `check` holds, polling every 10 ms, and fails the test
+/// naming `what` if it does not within `within` (tests wait for conditions,
+/// never a bare sleep).
+#[cfg(test)]
+pub async fn eventually(what: &str, within: Duration, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

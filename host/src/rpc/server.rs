@@ -592,15 +592,8 @@ mod tests {
 
     /// Waits (10 s at most) until the requests in flight satisfy `enough`.
     async fn in_flight_reaches(drain: &Drain, enough: impl Fn(usize) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !enough(drain.in_flight()) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} requests in flight after 10 s",
-                drain.in_flight()
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let what = "the requests in flight reach the count";
+        crate::units::eventually(what, Duration::from_secs(10), || enough(drain.in_flight())).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

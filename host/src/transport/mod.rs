@@ -819,11 +819,7 @@ mod tests {
 
     /// Waits until `check` holds, for at most 5 s.
     async fn eventually(what: &str, check: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !check() {
-            assert!(Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::units::eventually(what, Duration::from_secs(5), check).await
     }
 
     /// Writes `message` on `from` and reads it whole on `to`.
