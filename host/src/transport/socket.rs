@@ -254,38 +254,57 @@ mod tests {
         assert!(idle.is_err(), "ready with nothing to read");
     }
 
-    #[tokio::test]
-    async fn a_closed_ports_icmp_error_does_not_take_the_next_datagram_to_a_live_peer() {
+    /// A host-like socket (`IP_RECVERR` on) and a live peer reading with a
+    /// 2 s limit.
+    fn socket_and_live_peer() -> (RpcSocket, std::net::UdpSocket) {
         let socket = RpcSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
         super::super::icmp::enable(socket.get_ref()).unwrap();
+        let live = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        (socket, live)
+    }
+
+    /// Waits for the error an ICMP message left on `socket` (`case` names
+    /// it), then checks that the next datagram, `payload` to `live`, is not
+    /// taken by it and arrives.
+    async fn the_next_send_arrives(
+        socket: &RpcSocket,
+        live: &std::net::UdpSocket,
+        payload: &[u8],
+        case: &str,
+    ) {
+        let ready = tokio::time::timeout(Duration::from_secs(2), socket.ready())
+            .await
+            .expect("the ICMP error arrives")
+            .unwrap();
+        assert!(ready.ready().is_error(), "{case}");
+        drop(ready);
+        // Not read from the error queue: the next send meets it.
+        let to = live.local_addr().unwrap();
+        assert_eq!(
+            socket.try_send_to(payload, to).unwrap(),
+            payload.len(),
+            "{case}"
+        );
+        let mut buf = [0u8; 16];
+        let (n, _) = live
+            .recv_from(&mut buf)
+            .expect("the live peer gets its datagram");
+        assert_eq!(&buf[..n], payload, "{case}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_ports_icmp_error_does_not_take_the_next_datagram_to_a_live_peer() {
+        let (socket, live) = socket_and_live_peer();
         let closed = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
-        let live = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 16];
         for round in 0..3u8 {
             // The port is closed: the kernel answers with ICMP port
             // unreachable, which leaves an error pending on the socket.
             socket.try_send_to(b"to nobody", closed).unwrap();
-            let ready = tokio::time::timeout(Duration::from_secs(2), socket.ready())
-                .await
-                .expect("the ICMP error arrives")
-                .unwrap();
-            assert!(ready.ready().is_error(), "round {round}");
-            drop(ready);
-            // Not read from the error queue: the next send meets it.
-            assert_eq!(
-                socket
-                    .try_send_to(&[round; 5], live.local_addr().unwrap())
-                    .unwrap(),
-                5
-            );
-            let (n, _) = live
-                .recv_from(&mut buf)
-                .expect("the live peer gets its datagram");
-            assert_eq!(&buf[..n], &[round; 5]);
+            the_next_send_arrives(&socket, &live, &[round; 5], &format!("round {round}")).await;
             // The error still reaches the host through the error queue.
             let unreachable = socket
                 .try_read_errors(super::super::icmp::next_error)
@@ -338,11 +357,8 @@ mod tests {
         }
         // SAFETY: `raw` is a descriptor we own from here on.
         let raw = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        let socket = RpcSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        super::super::icmp::enable(socket.get_ref()).unwrap();
+        let (socket, live) = socket_and_live_peer();
         let port = socket.get_ref().local_addr().unwrap().port();
-        let live = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let loopback = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
@@ -351,7 +367,6 @@ mod tests {
             },
             sin_zero: [0; 8],
         };
-        let mut buf = [0u8; 16];
         // Network, host, protocol, port unreachable, source route failed,
         // source host isolated, administratively prohibited.
         for code in [0u8, 1, 2, 3, 5, 8, 13] {
@@ -368,23 +383,7 @@ mod tests {
                 )
             };
             assert_eq!(sent, icmp.len() as isize, "code {code}");
-            let ready = tokio::time::timeout(Duration::from_secs(2), socket.ready())
-                .await
-                .expect("the forged error arrives")
-                .unwrap();
-            assert!(ready.ready().is_error(), "code {code}");
-            drop(ready);
-            assert_eq!(
-                socket
-                    .try_send_to(&[code; 3], live.local_addr().unwrap())
-                    .unwrap(),
-                3,
-                "code {code}"
-            );
-            let (n, _) = live
-                .recv_from(&mut buf)
-                .expect("the live peer gets its datagram");
-            assert_eq!(&buf[..n], &[code; 3], "code {code}");
+            the_next_send_arrives(&socket, &live, &[code; 3], &format!("code {code}")).await;
             while socket
                 .try_read_errors(super::super::icmp::next_error)
                 .is_ok()
